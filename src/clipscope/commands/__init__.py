@@ -1,0 +1,1 @@
+"""Sub-commands of the ``clipscope`` CLI, one module each (found by :mod:`clipscope.cli`)."""
