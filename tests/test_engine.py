@@ -1,3 +1,7 @@
+import json
+import math
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -5,10 +9,13 @@ from torch import nn
 from cases import CASE_IDS, CASES, TinyLM, by_id, lm_loss, mlp
 from clipscope.components import Components
 from clipscope.engine import (
+    MultiProbeResult,
     batch_coupled_modules,
     component_losses,
     dropout_modules,
     model_guard,
+    probe,
+    reference_probe,
     trainable_params,
 )
 
@@ -134,3 +141,234 @@ def test_cases_build(case):
     model, comps = case.build()
     assert 5 <= comps.m <= 30
     assert bool(batch_coupled_modules(model)) == case.batch_coupled
+
+
+# -- probe routes vs the brute force ---------------------------------------------
+ETAS = (0.05, 0.3, 2.0, math.inf)
+
+
+def brute_force_stats(model, loss_fn, comps, etas=ETAS):
+    """Independent float64 reference: explicit g_i, sums, dots, clipped sums."""
+    params = trainable_params(model)
+    G = brute_force_grads(model, loss_fn, comps, params)
+    full = G.mean(0)
+    norms = G.norm(dim=1)
+    clipped = {}
+    for eta in etas:
+        total = sum(min(1.0, eta / float(n)) * g for g, n in zip(G, norms, strict=True))
+        clipped[eta] = (float(total.norm()), float(total @ full / (total.norm() * full.norm())))
+    return {
+        "G": G,
+        "full": full,
+        "norms": norms.numpy(),
+        "dots": (G @ full).numpy(),
+        "grad_norm": float(full.norm()),
+        "clipped": clipped,
+    }
+
+
+def assert_matches(result, ref, rtol):
+    atol = rtol * float(np.max(ref["norms"])) * ref["grad_norm"]
+    np.testing.assert_allclose(result.norms, ref["norms"], rtol=rtol)
+    np.testing.assert_allclose(result.dots, ref["dots"], rtol=rtol, atol=atol)
+    assert result.grad_norm == pytest.approx(ref["grad_norm"], rel=rtol)
+    assert set(result.clipped) == set(ref["clipped"])
+    for eta, (norm, cos) in ref["clipped"].items():
+        assert result.clipped[eta][0] == pytest.approx(norm, rel=rtol)
+        assert result.clipped[eta][1] == pytest.approx(cos, rel=rtol, abs=rtol)
+
+
+def routes_for(case):
+    routes = ["two-pass", "keep", "auto"]
+    if not case.batch_coupled and case.per_sample_ok:
+        routes.append("dyadic")
+    return routes
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_routes_match_brute_force(case):
+    model, comps = case.build()
+    if not comps.sequential:
+        with torch.no_grad():
+            model(comps.batch(0)[0])  # moves BatchNorm running stats off their init
+    first = next(model.parameters())
+    first.grad = torch.full_like(first, 7.0)  # a stale .grad the probe must not touch
+    before = snapshot(model)
+    ref = brute_force_stats(model, case.loss_fn, comps)
+    for route in [*routes_for(case), "reference"]:
+        if route == "reference":
+            result = reference_probe(model, case.loss_fn, comps, ETAS)
+        else:
+            result = probe(model, case.loss_fn, comps, ETAS, route=route, keep_full_grad=True)
+        if route == "dyadic":
+            assert isinstance(result, MultiProbeResult) and result.batch_sizes == [comps.batch_size]
+            result = result[comps.batch_size]
+        assert result.route == ("keep" if route == "auto" else route)
+        assert_matches(result, ref, case.rtol)
+        # invariants: Σβ = m, (1/m)Σ g_i = ∇f, D(∞) = m‖∇f‖²
+        assert result.beta.sum() == pytest.approx(comps.m, rel=case.rtol)
+        full = torch.cat([t.reshape(-1) for t in result.full_grad])
+        torch.testing.assert_close(full, ref["G"].mean(0), rtol=case.rtol, atol=0)
+        assert result.stats.descent(math.inf) == pytest.approx(
+            comps.m * result.grad_norm**2, rel=case.rtol
+        )
+        assert result.clipped[math.inf][0] == pytest.approx(comps.m * result.grad_norm, rel=1e-9)
+        assert_same(before, snapshot(model))
+
+
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if not c.batch_coupled and c.per_sample_ok], ids=lambda c: c.id
+)
+def test_dyadic_levels_match_partitions(case):
+    model, comps = case.build()
+    result = probe(model, case.loss_fn, comps, ETAS, levels=3)
+    assert result.route == "dyadic" and len(result) == 3
+    X, Y = comps._source
+    for b, level in result.items():
+        coarse = Components.from_tensors(X, Y, batch_size=b, seed=comps.seed)
+        assert level.m == coarse.m and list(level.sizes) == coarse.sizes
+        assert_matches(level, brute_force_stats(model, case.loss_fn, coarse), case.rtol)
+        np.testing.assert_allclose(
+            level.losses, reference_probe(model, case.loss_fn, coarse).losses, rtol=case.rtol
+        )
+
+
+def test_dyadic_drop_last_matches_partitions():
+    case = by_id("mlp-unequal-last")
+    model, comps0 = case.build()
+    X, Y = comps0._source
+    comps = Components.from_tensors(X, Y, batch_size=2, seed=5, drop_last=True)  # 23 -> 11 x 2
+    result = probe(model, case.loss_fn, comps, ETAS, batch_sizes=[2, 4, 8])
+    for b, level in result.items():
+        coarse = Components.from_tensors(X, Y, batch_size=b, seed=5, drop_last=True)
+        assert level.m == coarse.m
+        assert_matches(level, brute_force_stats(model, case.loss_fn, coarse), case.rtol)
+
+
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if not c.batch_coupled and c.per_sample_ok], ids=lambda c: c.id
+)
+def test_per_sample_route(case):
+    model, comps = case.build()
+    X, Y = comps._source
+    singles = Components.from_tensors(X, Y, batch_size=1, seed=comps.seed)
+    before = snapshot(model)
+    result = probe(model, case.loss_fn, comps, ETAS, batch_sizes=[1], keep_full_grad=True)
+    assert result.route == "per-sample" and result.batch_size == 1
+    assert result.m == len(X)
+    ref = brute_force_stats(model, case.loss_fn, singles)
+    assert_matches(result, ref, case.rtol)
+    np.testing.assert_allclose(
+        result.losses, reference_probe(model, case.loss_fn, singles).losses, rtol=case.rtol
+    )
+    assert_same(before, snapshot(model))
+
+
+@pytest.mark.parametrize("route", ["dyadic", "per-sample"])
+def test_refusals_with_train_mode_batchnorm(route):
+    case = by_id("cnn-bn-train")
+    model, comps = case.build()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="BatchNorm"):
+        probe(model, case.loss_fn, comps, route=route, levels=2 if route == "dyadic" else None)
+    assert_same(before, snapshot(model))
+    model.eval()  # eval-mode BatchNorm is per-sample: allowed
+    probe(model, case.loss_fn, comps, route=route, levels=2 if route == "dyadic" else None)
+
+
+def test_refusals_bad_arguments():
+    case = by_id("mlp")
+    model, comps = case.build()
+    with pytest.raises(ValueError, match="route"):
+        probe(model, case.loss_fn, comps, route="fast")
+    with pytest.raises(ValueError, match="eta"):
+        probe(model, case.loss_fn, comps, etas=[0.0])
+    with pytest.raises(ValueError, match="dropout"):
+        probe(model, case.loss_fn, comps, dropout="on")
+    with pytest.raises(ValueError, match="batch_sizes"):
+        probe(model, case.loss_fn, comps, batch_sizes=[4, 12])
+    with pytest.raises(ValueError, match="memory_budget"):
+        probe(model, case.loss_fn, comps, route="keep", memory_budget=10)
+    lm = by_id("lstm-lm-tied")
+    lm_model, lm_comps = lm.build()
+    with pytest.raises(ValueError, match="sequential"):
+        probe(lm_model, lm.loss_fn, lm_comps, levels=2)
+
+
+def test_nonfinite_gradient_names_component_and_parameter():
+    case = by_id("mlp")
+    model, comps = case.build()
+
+    def loss_fn(out, y):
+        loss = nn.functional.cross_entropy(out, y)
+        return loss * torch.inf if torch.equal(y, comps.batch(2)[1]) else loss
+
+    before = snapshot(model)
+    with pytest.raises(
+        ValueError, match=r"component 2: non-finite gradient in parameter\(s\) 0.weight"
+    ):
+        probe(model, loss_fn, comps, route="two-pass")
+    assert_same(before, snapshot(model))
+
+
+def test_m_equals_one():
+    case = by_id("mlp")
+    model, _ = case.build()
+    X, Y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    comps = Components.from_tensors(X, Y, batch_size=8)
+    for route in ("two-pass", "keep"):
+        result = probe(model, case.loss_fn, comps, ETAS, route=route)
+        assert result.m == 1
+        assert result.cos[0] == pytest.approx(1.0, rel=1e-12)
+        assert result.beta.sum() == pytest.approx(1.0, rel=1e-12)
+        assert math.isnan(result.noise["trace_sigma"])
+
+
+@pytest.mark.parametrize("route", ["two-pass", "keep", "per-sample"])
+def test_probe_dropout_fixed_is_repeatable(route):
+    torch.manual_seed(0)
+    model = mlp(torch.float64, dropout=0.5)
+    X, Y = torch.randn(12, 5, dtype=torch.float64), torch.randint(0, 3, (12,))
+    comps = Components.from_tensors(X, Y, batch_size=3)
+    kwargs = {"batch_sizes": [1]} if route == "per-sample" else {}
+    a = probe(
+        model,
+        nn.functional.cross_entropy,
+        comps,
+        ETAS,
+        route=route,
+        dropout="fixed",
+        seed=3,
+        **kwargs,
+    )
+    b = probe(
+        model,
+        nn.functional.cross_entropy,
+        comps,
+        ETAS,
+        route=route,
+        dropout="fixed",
+        seed=3,
+        **kwargs,
+    )
+    np.testing.assert_array_equal(a.norms, b.norms)
+    assert a.info["max_pass_mismatch"] == 0.0
+    if route != "per-sample":
+        ref = reference_probe(
+            model, nn.functional.cross_entropy, comps, ETAS, dropout="fixed", seed=3
+        )
+        np.testing.assert_allclose(a.norms, ref.norms, rtol=1e-12)
+        np.testing.assert_allclose(a.dots, ref.dots, rtol=1e-10)
+
+
+def test_result_records_are_json_safe():
+    case = by_id("mlp-unequal-last")
+    model, comps = case.build()
+    result = probe(model, case.loss_fn, comps, ETAS)
+    text = json.dumps(result.to_dict())
+    assert "noise" in text and result.summary()["m"] == comps.m
+    rows = result.table()
+    assert [r["size"] for r in rows] == comps.sizes
+    assert result.noise["heuristic"] is True
+    multi = probe(model, case.loss_fn, comps, ETAS, levels=2)
+    json.dumps(multi.to_dict())

@@ -6,6 +6,9 @@ Utilities shared with the runner and the smoothness code:
 * :func:`component_losses` -- iterate ``(i, f_i)`` with the dropout policy and
   the sequential state chain;
 * :func:`dropout_modules`, :func:`batch_coupled_modules`, :func:`trainable_params`.
+
+The probe itself: :func:`probe` -> :class:`ProbeResult` (or :class:`MultiProbeResult`
+for several batch sizes), and its brute-force twin :func:`reference_probe`.
 """
 
 from clipscope.engine.guard import (
@@ -18,16 +21,24 @@ from clipscope.engine.guard import (
     rng_for_component,
 )
 from clipscope.engine.losses import component_losses, param_names, trainable_params
+from clipscope.engine.probe import ROUTES, probe, reference_probe
+from clipscope.engine.result import MultiProbeResult, ProbeResult, noise_scale
 
 __all__ = [
     "DROPOUT_POLICIES",
+    "ROUTES",
+    "MultiProbeResult",
+    "ProbeResult",
     "batch_coupled_modules",
     "component_losses",
     "component_seed",
     "dropout_modules",
     "dropout_policy",
     "model_guard",
+    "noise_scale",
     "param_names",
+    "probe",
+    "reference_probe",
     "rng_for_component",
     "trainable_params",
 ]
