@@ -1,0 +1,40 @@
+"""``clipscope train CONFIG.toml [--out DIR] [--resume] [--force]``: one crash-safe run."""
+
+from __future__ import annotations
+
+import argparse
+
+from clipscope.runner import train
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``train``."""
+    parser = subparsers.add_parser(
+        "train",
+        help="train with a clipped incremental method, probing every epoch, into a run directory",
+        description=(
+            "Train with SGD-/IGC-/RR-clip (or shuffle-once, Zhang et al.) as the TOML config says, "
+            "probing the clipping statistics at the start of every epoch. Exit codes: 0 done, "
+            "2 bad config or refused directory, 3 non-finite loss/gradient (last good checkpoint "
+            "kept), 4 I/O error (e.g. disk full), 130/143 interrupted by SIGINT/SIGTERM "
+            "(checkpointed; continue with --resume)."
+        ),
+    )
+    parser.add_argument("config", help="TOML config file (see clipscope.config.TrainConfig)")
+    parser.add_argument("--out", default=None, help="run directory (default: runs/<config name>)")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="with --resume: accept a config that differs from the stored one (logged)",
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the config; the exit code says how it ended."""
+    if args.force and not args.resume:
+        raise ValueError("--force only applies together with --resume")
+    return train(args.config, args.out, resume=args.resume, force=args.force)
