@@ -379,7 +379,7 @@ class ComponentStats:
         n, d = self._n[pos], self._d[pos]
         for sl in _blocks(flat, n.size):
             e = flat[sl, None]
-            out[sl] = np.where(n > e, (e / n) * d, d).sum(axis=1)
+            out[sl] = (np.minimum(e, n) / n * d).sum(axis=1)  # γ_i = 1 exactly when n_i ≤ η
         return float(out[0]) if scalar else out.reshape(etas.shape)
 
     def ratio(self, eta: Any) -> np.ndarray | float:
