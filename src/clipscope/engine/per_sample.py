@@ -1,0 +1,600 @@
+"""Per-sample components (batch size 1): norms by the ghost technique, dots by one JVP.
+
+Route 4 of the engine (DESIGN §4). Inside a batch of B independent samples
+(``model(x)`` with samples along dim 0, ``loss_fn(output, target)`` the batch's
+**mean** loss), sample j's component is ``ℓ_j(θ) = loss_fn(model(x_j), y_j)``
+and its gradient is ``g_j = ∇ℓ_j``. Two quantities per sample, without ever
+holding the B gradients:
+
+* ``‖g_j‖²`` -- :func:`per_sample_sq_norms`. One forward + backward of the
+  **summed** loss ``Σ_j ℓ_j`` with hooks that keep every layer's input ``a``
+  and output gradient ``b = ∂(Σ_k ℓ_k)/∂(output)``; since sample j's output
+  depends on sample j only, ``b_j = ∂ℓ_j/∂(output_j)`` (the sum, not the mean:
+  with the mean every ``b_j`` would carry a factor 1/B). Then, per layer:
+
+  - Linear, input ``(B, F)``: ``g_j(W) = b_j a_jᵀ`` has
+    ``‖g_j(W)‖² = ‖a_j‖² ‖b_j‖²`` and ``‖g_j(bias)‖² = ‖b_j‖²``
+    (Goodfellow 2015, "Efficient per-example gradient computations");
+  - Linear on sequences ``(B, T, F)``: ``g_j(W) = Σ_t b_jt a_jtᵀ`` and
+    ``‖g_j(W)‖² = Σ_{t,s} (a_jt·a_js)(b_jt·b_js)`` (Li et al. 2021, "Large
+    language models can be strong differentially private learners", ghost
+    clipping), or ``‖Σ_t b_jt a_jtᵀ‖²`` materialized, whichever costs less
+    (``T(F_in + F_out)`` against ``F_in F_out``); ``‖g_j(bias)‖² = ‖Σ_t b_jt‖²``;
+  - Conv1d/Conv2d: the same after ``unfold`` (im2col): a convolution is a
+    Linear on the ``L`` patches, one group at a time;
+  - Embedding: ``g_j(E) = Σ_t e_{i_jt} b_jtᵀ``, so
+    ``‖g_j(E)‖² = Σ_{t,s: i_jt = i_js} b_jt·b_js`` (padding tokens excluded);
+  - LayerNorm, GroupNorm, eval-mode BatchNorm: the affine gradients
+    ``Σ b_j ⊙ x̂_j`` and ``Σ b_j`` are small, so they are materialized.
+
+  A module called several times in one forward (a shared layer) contributes
+  all its calls: their tokens are concatenated before the Gram sums. A
+  parameter registered in two modules (tied weights) breaks the layer-wise sum
+  (``‖g_1 + g_2‖² ≠ ‖g_1‖² + ‖g_2‖²``), so it goes, like every parameter of a
+  module type not listed above (``nn.LSTM`` included), to the fallback:
+  ``torch.func.vmap(grad)`` over single samples with
+  ``torch.func.functional_call``, in chunks. Norms of disjoint parameter sets
+  add up.
+
+* ``⟨g_j, v⟩`` -- :func:`per_sample_dots`: one forward-mode JVP of the
+  per-sample loss vector ``L(θ) = (ℓ_1, …, ℓ_B)`` along v, since
+  ``∂L/∂θ · v = (⟨g_1, v⟩, …, ⟨g_B, v⟩)``; about the cost of one forward.
+
+Every sum of squares and every Gram product is accumulated in float64.
+
+Limits: samples must sit along dim 0 of the input, the output and every
+hooked layer's input (a layer whose input does not start with the batch
+dimension raises ``ValueError``); train-mode BatchNorm couples the samples of a
+batch and raises ``ValueError``; a parameter of a supported module must be
+used only through that module's ``forward`` (``F.linear(h, emb.weight)``
+outside the module is not seen by the hooks; tie by assigning the Parameter to
+both modules instead, which is detected). The loss must average equally
+weighted samples (``reduction="mean"`` with no class weights), so that the
+batch loss is the mean of the per-sample losses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, jvp, vmap
+from torch.nn import functional as F
+
+from clipscope.engine.guard import batch_coupled_modules, dropout_modules
+from clipscope.engine.losses import trainable_params
+
+__all__ = [
+    "GhostPass",
+    "ghost_pass",
+    "per_sample_dots",
+    "per_sample_grads_reference",
+    "per_sample_losses",
+    "per_sample_sq_norms",
+]
+
+# Largest number of float elements one chunk of materialized per-sample
+# gradients may hold (about 256 MiB in float32).
+_CHUNK_ELEMENTS = 1 << 26
+
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+
+
+class GhostPass(NamedTuple):
+    """What one hooked forward + backward of the summed loss gives.
+
+    Attributes
+    ----------
+    sq_norms : torch.Tensor
+        ``(B,)`` float64, ``‖∇ℓ_j‖²`` over ``params``.
+    losses : torch.Tensor
+        ``(B,)`` detached per-sample losses ``ℓ_j`` (the model's dtype).
+    grad_sum : list of torch.Tensor
+        ``∇ Σ_j ℓ_j`` for each parameter (divide by B for the batch's mean-loss gradient).
+    """
+
+    sq_norms: torch.Tensor
+    losses: torch.Tensor
+    grad_sum: list[torch.Tensor]
+
+
+def _check_inputs(model: Any, loss_fn: Any, x: Any) -> int:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model)!r}")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn)!r}")
+    if not isinstance(x, torch.Tensor) or x.dim() == 0:
+        raise ValueError(
+            f"x must be a tensor with the samples along dim 0, got {getattr(x, 'shape', x)!r}"
+        )
+    if x.shape[0] == 0:
+        raise ValueError("x holds no samples (batch size 0)")
+    coupled = batch_coupled_modules(model)
+    if coupled:
+        raise ValueError(
+            f"per-sample components need eval-mode BatchNorm or GroupNorm: modules {coupled} "
+            "normalize with batch statistics (train mode or no running stats), which couples "
+            "the samples of a batch"
+        )
+    return int(x.shape[0])
+
+
+def _per_sample_from_output(loss_fn: Callable, out: torch.Tensor, y: Any) -> torch.Tensor:
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(
+            f"model(x) must return a tensor for per-sample components, got {type(out)!r}"
+        )
+
+    def one(o: torch.Tensor, t: Any) -> torch.Tensor:
+        return loss_fn(o.unsqueeze(0), t.unsqueeze(0))
+
+    losses = vmap(one)(out, y)
+    if losses.dim() != 1:
+        raise ValueError(
+            f"loss_fn must return a scalar (the batch's mean loss), got shape "
+            f"{tuple(losses.shape[1:])} per sample"
+        )
+    return losses
+
+
+def per_sample_losses(
+    model: nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor], x: torch.Tensor, y: Any
+) -> torch.Tensor:
+    """Per-sample losses ``ℓ_j = loss_fn(model(x)[j:j+1], y[j:j+1])``, shape ``(B,)``.
+
+    The model runs once on the whole batch; ``loss_fn`` (the mean loss of a
+    batch) is applied to each sample's output by ``torch.func.vmap``. Valid
+    only when the samples do not interact (no train-mode BatchNorm: that
+    raises ``ValueError``). Differentiable.
+
+    >>> import torch.nn.functional as F
+    >>> m = nn.Linear(3, 2)
+    >>> x, y = torch.randn(4, 3), torch.tensor([0, 1, 1, 0])
+    >>> L = per_sample_losses(m, F.cross_entropy, x, y)
+    >>> L.shape, bool(torch.allclose(L.mean(), F.cross_entropy(m(x), y)))
+    (torch.Size([4]), True)
+    """
+    _check_inputs(model, loss_fn, x)
+    return _per_sample_from_output(loss_fn, model(x), y)
+
+
+# ----------------------------------------------------------------------------- ghost norms
+
+
+def _gram_sq_norm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``‖Σ_t b_t a_tᵀ‖²`` for every sample: a ``(B, T, P)``, b ``(B, T, Q)`` -> ``(B,)`` f64."""
+    B, T, P = a.shape
+    Q = b.shape[2]
+    if T == 1:
+        return a.double().square().sum((1, 2)) * b.double().square().sum((1, 2))
+    if T * (P + Q) <= P * Q:  # ghost: Σ_{t,s} (a_t·a_s)(b_t·b_s)
+        ga = torch.bmm(a, a.transpose(1, 2)).double()
+        gb = torch.bmm(b, b.transpose(1, 2)).double()
+        return (ga * gb).sum((1, 2))
+    out = torch.empty(B, dtype=torch.float64, device=a.device)
+    step = max(1, _CHUNK_ELEMENTS // max(1, P * Q))
+    for s in range(0, B, step):
+        g = torch.bmm(b[s : s + step].transpose(1, 2), a[s : s + step])  # (chunk, Q, P)
+        out[s : s + step] = g.double().square().sum((1, 2))
+    return out
+
+
+def _bias_sq_norm(b: torch.Tensor) -> torch.Tensor:
+    """``‖Σ_t b_t‖²`` for every sample, b ``(B, T, Q)``."""
+    return b.double().sum(1).square().sum(1)
+
+
+def _linear_tokens(mod: nn.Linear, a: torch.Tensor, b: torch.Tensor):
+    B = a.shape[0]
+    return a.reshape(B, -1, a.shape[-1]), b.reshape(B, -1, b.shape[-1])
+
+
+def _conv_tokens(mod: nn.Module, a: torch.Tensor, b: torch.Tensor):
+    """Patches ``(B, L, C_in k / groups)`` per group and output grads ``(B, L, C_out / groups)``."""
+    one_d = isinstance(mod, nn.Conv1d)
+    if mod.padding_mode != "zeros":
+        a = F.pad(a, mod._reversed_padding_repeated_twice, mode=mod.padding_mode)
+        padding = (0,) * len(mod.kernel_size)
+    else:
+        padding = mod.padding
+    ks, dil, st = mod.kernel_size, mod.dilation, mod.stride
+    if one_d:
+        a, b = a.unsqueeze(2), b.unsqueeze(2)
+        ks, dil, padding, st = (1, *ks), (1, *dil), (0, *padding), (1, *st)
+    B = a.shape[0]
+    patches = F.unfold(a, ks, dilation=dil, padding=padding, stride=st)  # (B, C k, L)
+    g = mod.groups
+    patches = patches.reshape(B, g, -1, patches.shape[-1]).transpose(2, 3)  # (B, g, L, C k/g)
+    bb = b.reshape(B, g, b.shape[1] // g, -1).transpose(2, 3)  # (B, g, L, C_out/g)
+    return [(patches[:, k], bb[:, k]) for k in range(g)]
+
+
+def _supported(mod: nn.Module) -> bool:
+    if isinstance(mod, nn.Linear):
+        return True
+    if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
+        return not isinstance(mod.padding, str) or mod.padding == "valid"
+    if isinstance(mod, nn.Embedding):
+        return mod.max_norm is None and not mod.scale_grad_by_freq
+    if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+        return not mod.training and mod.running_mean is not None
+    return isinstance(mod, (nn.LayerNorm, nn.GroupNorm))
+
+
+def _normalized(mod: nn.Module, a: torch.Tensor) -> torch.Tensor:
+    """``x̂``: the input normalized exactly as ``mod`` does before its affine map."""
+    if isinstance(mod, nn.LayerNorm):
+        return F.layer_norm(a, mod.normalized_shape, None, None, mod.eps)
+    if isinstance(mod, nn.GroupNorm):
+        return F.group_norm(a, mod.num_groups, None, None, mod.eps)
+    shape = (1, -1) + (1,) * (a.dim() - 2)
+    mean, var = mod.running_mean.view(shape), mod.running_var.view(shape)
+    return (a - mean) / torch.sqrt(var + mod.eps)
+
+
+def _norm_layer_grads(mod: nn.Module, a: torch.Tensor, b: torch.Tensor):
+    """Per-sample ``(∂/∂weight, ∂/∂bias)`` of a normalization layer, both ``(B, *affine)``."""
+    B = a.shape[0]
+    prod = b * _normalized(mod, a)
+    if isinstance(mod, nn.LayerNorm):
+        k = len(mod.normalized_shape)
+        dims = tuple(range(1, a.dim() - k))
+        return prod.sum(dims) if dims else prod, b.sum(dims) if dims else b
+    prod, bb = prod.reshape(B, a.shape[1], -1), b.reshape(B, a.shape[1], -1)
+    return prod.sum(2), bb.sum(2)
+
+
+class _Recorder:
+    """Forward hooks that keep ``(input, output grad)`` of every call of the hooked modules."""
+
+    def __init__(self, modules: Sequence[nn.Module], batch: int) -> None:
+        self.batch = batch
+        self.calls: dict[int, list[list[torch.Tensor | None]]] = {id(m): [] for m in modules}
+        self.names: dict[int, str] = {}
+        self.handles = [m.register_forward_hook(self._forward) for m in modules]
+
+    def _forward(self, mod: nn.Module, inputs: tuple, output: Any) -> None:
+        a = inputs[0]
+        if not isinstance(output, torch.Tensor) or not output.requires_grad:
+            return
+        if a.dim() == 0 or a.shape[0] != self.batch or output.shape[0] != self.batch:
+            raise ValueError(
+                f"per-sample norms need the samples along dim 0 of every layer's input: "
+                f"{type(mod).__name__} got input {tuple(a.shape)} for a batch of {self.batch}"
+            )
+        slot: list[torch.Tensor | None] = [a.detach(), None]
+        self.calls[id(mod)].append(slot)
+
+        def keep(g: torch.Tensor) -> None:
+            slot[1] = g.detach()
+
+        output.register_hook(keep)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _module_sq_norms(
+    mod: nn.Module, calls: list, wanted: set[int], batch: int, device: Any
+) -> torch.Tensor:
+    out = torch.zeros(batch, dtype=torch.float64, device=device)
+    calls = [(a, b) for a, b in calls if b is not None]
+    if not calls:
+        return out
+    w = getattr(mod, "weight", None)
+    bias = getattr(mod, "bias", None)
+    use_w = isinstance(w, torch.Tensor) and id(w) in wanted
+    use_b = isinstance(bias, torch.Tensor) and id(bias) in wanted
+    if isinstance(mod, _NORMS):
+        gw = gb = None
+        for a, b in calls:
+            cw, cb = _norm_layer_grads(mod, a, b)
+            gw = cw if gw is None else gw + cw
+            gb = cb if gb is None else gb + cb
+        if use_w:
+            out += gw.double().reshape(batch, -1).square().sum(1)
+        if use_b:
+            out += gb.double().reshape(batch, -1).square().sum(1)
+        return out
+    if isinstance(mod, nn.Embedding):
+        idx = torch.cat([a.reshape(batch, -1) for a, _ in calls], 1)
+        b = torch.cat([b.reshape(batch, -1, b.shape[-1]) for _, b in calls], 1)
+        if mod.padding_idx is not None:
+            b = b * (idx != mod.padding_idx).unsqueeze(-1).to(b.dtype)
+        same = (idx.unsqueeze(2) == idx.unsqueeze(1)).double()
+        gb_ = torch.bmm(b, b.transpose(1, 2)).double()
+        return out + (gb_ * same).sum((1, 2))
+    if isinstance(mod, nn.Linear):
+        groups = [[_linear_tokens(mod, a, b)] for a, b in calls]
+    else:
+        groups = [_conv_tokens(mod, a, b) for a, b in calls]
+    for k in range(len(groups[0])):
+        a = torch.cat([g[k][0] for g in groups], 1)
+        b = torch.cat([g[k][1] for g in groups], 1)
+        if use_w:
+            out += _gram_sq_norm(a, b)
+        if use_b:
+            out += _bias_sq_norm(b)
+    return out
+
+
+def _tied(model: nn.Module) -> set[int]:
+    seen: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        seen[id(p)] = seen.get(id(p), 0) + 1
+    return {k for k, v in seen.items() if v > 1}
+
+
+def _plan(model: nn.Module, params: list[torch.Tensor]) -> tuple[list[nn.Module], list]:
+    """Split ``params`` into modules handled by ghost norms and parameters left to vmap."""
+    wanted = {id(p) for p in params}
+    tied = _tied(model)
+    ghost_mods, ghost_ids = [], set()
+    for mod in model.modules():
+        own = [p for p in mod.parameters(recurse=False) if id(p) in wanted and id(p) not in tied]
+        if not own or not _supported(mod):
+            continue
+        names = {id(getattr(mod, n, None)) for n in ("weight", "bias")}
+        own = [p for p in own if id(p) in names]
+        if own:
+            ghost_mods.append(mod)
+            ghost_ids.update(id(p) for p in own)
+    rest = [p for p in params if id(p) not in ghost_ids]
+    return ghost_mods, rest
+
+
+@contextlib.contextmanager
+def _forward_ad_ok(model: nn.Module) -> Iterator[None]:
+    """CPU ``nn.LSTM`` under oneDNN has no forward-AD / vmap rule: turn oneDNN off locally."""
+    if any(isinstance(m, nn.RNNBase) for m in model.modules()):
+        with warnings.catch_warnings():
+            # torch 2.x warns about TF32 on Intel GPUs whenever the flags are set
+            warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
+            ctx = torch.backends.mkldnn.flags(enabled=False)
+            ctx.__enter__()
+        try:
+            yield
+        finally:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
+                ctx.__exit__(None, None, None)
+    else:
+        yield
+
+
+def _names(model: nn.Module, params: Sequence[torch.Tensor]) -> list[str]:
+    names = {}
+    for n, p in model.named_parameters():
+        names.setdefault(id(p), n)
+    missing = [k for k, p in enumerate(params) if id(p) not in names]
+    if missing:
+        raise ValueError(f"params {missing} are not parameters of the model")
+    return [names[id(p)] for p in params]
+
+
+def _vmap_sq_norms(
+    model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: Any, params: list[torch.Tensor]
+) -> torch.Tensor:
+    """``‖∇ℓ_j‖²`` over ``params`` by ``vmap(grad)`` of single-sample losses, in chunks."""
+    if any(m.training for m in dropout_modules(model)):
+        raise ValueError(
+            "per-sample gradients by vmap need dropout off (eval mode): the batch forward and "
+            "the per-sample forwards would draw different masks"
+        )
+    names = _names(model, params)
+    batch = x.shape[0]
+
+    def loss_one(ps: dict, xj: torch.Tensor, yj: Any) -> torch.Tensor:
+        out = functional_call(model, ps, (xj.unsqueeze(0),))
+        return loss_fn(out, yj.unsqueeze(0))
+
+    out = torch.zeros(batch, dtype=torch.float64, device=x.device)
+    if any(isinstance(m, nn.RNNBase) for m in model.modules()):
+        # torch.func has no batching rule for the fused LSTM/GRU kernels; a loop of
+        # batch-1 backward passes is also the fastest per-sample method there
+        # (measured-facts.md: 2.8 E against 10.7 E for vmap on the LSTM LM)
+        with torch.enable_grad():
+            for j in range(batch):
+                loss = loss_fn(model(x[j : j + 1]), y[j : j + 1])
+                gs = torch.autograd.grad(loss, params, allow_unused=True)
+                out[j] = sum(float(g.double().square().sum()) for g in gs if g is not None)
+        return out
+    per = vmap(grad(loss_one), in_dims=(None, 0, 0))
+    primals = {n: p.detach() for n, p in zip(names, params, strict=True)}
+    n_el = sum(p.numel() for p in params)
+    step = max(1, _CHUNK_ELEMENTS // max(1, n_el))
+    for s in range(0, batch, step):
+        g = per(primals, x[s : s + step], y[s : s + step])
+        for t in g.values():
+            out[s : s + step] += t.double().reshape(t.shape[0], -1).square().sum(1)
+    return out
+
+
+def ghost_pass(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    x: torch.Tensor,
+    y: Any,
+    params: Sequence[torch.Tensor] | None = None,
+) -> GhostPass:
+    """One hooked forward + backward: per-sample ``‖∇ℓ_j‖²``, losses ``ℓ_j`` and ``∇Σ_j ℓ_j``.
+
+    See the module docstring for the per-layer formulas; parameters of
+    unsupported or tied modules get their share of the norm from
+    ``vmap(grad)``. ``params`` defaults to every trainable parameter (a tied
+    one counted once). Leaves the model's parameters, ``.grad``, buffers and
+    flags unchanged (the backward uses ``torch.autograd.grad``).
+    """
+    batch = _check_inputs(model, loss_fn, x)
+    params = trainable_params(model, params)
+    ghost_mods, rest = _plan(model, params)
+    wanted = {id(p) for p in params} - {id(p) for p in rest}
+    rec = _Recorder(ghost_mods, batch)
+    try:
+        with torch.enable_grad():
+            losses = per_sample_losses(model, loss_fn, x, y)
+            grads = torch.autograd.grad(losses.sum(), params, allow_unused=True)
+    finally:
+        rec.remove()
+    sq = torch.zeros(batch, dtype=torch.float64, device=x.device)
+    for mod in ghost_mods:
+        sq += _module_sq_norms(mod, rec.calls[id(mod)], wanted, batch, x.device)
+    if rest:
+        sq += _vmap_sq_norms(model, loss_fn, x, y, rest)
+    grad_sum = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+    return GhostPass(sq, losses.detach(), grad_sum)
+
+
+def per_sample_sq_norms(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    x: torch.Tensor,
+    y: Any,
+    params: Sequence[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``‖∇ℓ_j‖²`` for every sample j of the batch, float64 ``(B,)``, by ghost norms.
+
+    ``ℓ_j = loss_fn(model(x_j), y_j)``; the norm runs over ``params`` (default:
+    every trainable parameter, tied ones once). Linear, Conv1d/2d, Embedding,
+    LayerNorm, GroupNorm and eval-mode BatchNorm layers never materialize
+    per-sample gradients (Goodfellow 2015; Li et al. 2021); other parameters
+    fall back to ``torch.func.vmap(grad)`` in chunks. Train-mode BatchNorm
+    raises ``ValueError``.
+
+    >>> import torch.nn.functional as F
+    >>> m = nn.Linear(3, 2)
+    >>> x, y = torch.randn(4, 3), torch.tensor([0, 1, 1, 0])
+    >>> sq = per_sample_sq_norms(m, F.cross_entropy, x, y)
+    >>> g1 = torch.autograd.grad(F.cross_entropy(m(x[1:2]), y[1:2]), list(m.parameters()))
+    >>> bool(torch.isclose(sq[1], sum(g.double().square().sum() for g in g1)))
+    True
+    """
+    return ghost_pass(model, loss_fn, x, y, params).sq_norms
+
+
+# ----------------------------------------------------------------------------- JVP dots
+
+
+def _split_vector(vector: Any, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    if isinstance(vector, torch.Tensor):
+        n = sum(p.numel() for p in params)
+        if vector.dim() != 1 or vector.numel() != n:
+            raise ValueError(
+                f"vector must be flat with {n} entries (the params concatenated), got "
+                f"shape {tuple(vector.shape)}"
+            )
+        parts = list(torch.split(vector, [p.numel() for p in params]))
+        parts = [v.reshape(p.shape) for v, p in zip(parts, params, strict=True)]
+    else:
+        parts = list(vector)
+        if len(parts) != len(params) or any(
+            not isinstance(v, torch.Tensor) or v.shape != p.shape
+            for v, p in zip(parts, params, strict=True)
+        ):
+            raise ValueError(
+                "vector must be a flat tensor or one tensor per parameter with the "
+                "parameter's shape"
+            )
+    return [
+        v.detach().to(dtype=p.dtype, device=p.device) for v, p in zip(parts, params, strict=True)
+    ]
+
+
+def per_sample_dots(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    x: torch.Tensor,
+    y: Any,
+    vector: torch.Tensor | Sequence[torch.Tensor],
+    params: Sequence[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``⟨∇ℓ_j, v⟩`` for every sample j, float64 ``(B,)``, as one forward-mode JVP.
+
+    With ``L(θ) = (ℓ_1(θ), …, ℓ_B(θ))`` the per-sample loss vector of one
+    batch forward, ``J_L(θ) v = (⟨∇ℓ_1, v⟩, …, ⟨∇ℓ_B, v⟩)``: one
+    ``torch.func.jvp`` of ``functional_call(model, θ)`` along v gives all B
+    dots at about the cost of a forward. ``vector`` is a flat tensor (the
+    ``params`` concatenated in order) or one tensor per parameter; an
+    Embedding's ``padding_idx`` row of v is ignored, as its gradient is 0 by
+    convention. CPU
+    ``nn.LSTM`` runs with oneDNN off (it has no forward-AD rule).
+
+    >>> import torch.nn.functional as F
+    >>> m = nn.Linear(3, 2)
+    >>> x, y = torch.randn(4, 3), torch.tensor([0, 1, 1, 0])
+    >>> v = torch.randn(8)
+    >>> d = per_sample_dots(m, F.cross_entropy, x, y, v)
+    >>> g2 = torch.autograd.grad(F.cross_entropy(m(x[2:3]), y[2:3]), list(m.parameters()))
+    >>> bool(torch.isclose(d[2], torch.cat([g.flatten() for g in g2]).double() @ v.double()))
+    True
+    """
+    _check_inputs(model, loss_fn, x)
+    params = trainable_params(model, params)
+    tangents = _split_vector(vector, params)
+    names = _names(model, params)
+    # reverse mode defines the padding row's gradient as 0; forward mode sees the lookup
+    position = {id(p): k for k, p in enumerate(params)}
+    for mod in model.modules():
+        if isinstance(mod, nn.Embedding) and mod.padding_idx is not None:
+            k = position.get(id(mod.weight))
+            if k is not None:
+                tangents[k] = tangents[k].clone()
+                tangents[k][mod.padding_idx] = 0
+
+    def losses_of(*ps: torch.Tensor) -> torch.Tensor:
+        out = functional_call(model, dict(zip(names, ps, strict=True)), (x,))
+        return _per_sample_from_output(loss_fn, out, y)
+
+    primals = tuple(p.detach() for p in params)
+    with _forward_ad_ok(model):
+        _, dots = jvp(losses_of, primals, tuple(tangents))
+    return dots.detach().double()
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def per_sample_grads_reference(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    x: torch.Tensor,
+    y: Any,
+    params: Sequence[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Brute-force twin: every ``∇ℓ_j`` by its own float64 autograd call, ``(B, n)``.
+
+    The model is copied and cast to float64 (floating inputs too); row j is
+    ``∇_θ loss_fn(model(x[j:j+1]), y[j:j+1])`` flattened over ``params`` in
+    order. For tests only: B backward passes and B·n memory.
+    """
+    _check_inputs(model, loss_fn, x)
+    params = trainable_params(model, params)
+    index = {id(p): k for k, p in enumerate(model.parameters())}
+    missing = [k for k, p in enumerate(params) if id(p) not in index]
+    if missing:
+        raise ValueError(f"params {missing} are not parameters of the model")
+    twin = copy.deepcopy(model).double()
+    twin_params = list(twin.parameters())
+    chosen = [twin_params[index[id(p)]] for p in params]
+    x64 = x.double() if x.is_floating_point() else x
+    y64 = y.double() if isinstance(y, torch.Tensor) and y.is_floating_point() else y
+    rows = []
+    with torch.enable_grad():
+        for j in range(x.shape[0]):
+            loss = loss_fn(twin(x64[j : j + 1]), y64[j : j + 1])
+            gs = torch.autograd.grad(loss, chosen, allow_unused=True)
+            rows.append(
+                torch.cat(
+                    [
+                        (torch.zeros_like(p) if g is None else g).reshape(-1)
+                        for p, g in zip(chosen, gs, strict=True)
+                    ]
+                )
+            )
+    return torch.stack(rows)
