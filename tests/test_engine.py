@@ -1,5 +1,8 @@
+import csv
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -7,6 +10,7 @@ import torch
 from torch import nn
 
 from cases import CASE_IDS, CASES, TinyLM, by_id, lm_loss, mlp
+from clipscope.cli import main as cli_main
 from clipscope.components import Components
 from clipscope.engine import (
     MultiProbeResult,
@@ -372,3 +376,53 @@ def test_result_records_are_json_safe():
     assert result.noise["heuristic"] is True
     multi = probe(model, case.loss_fn, comps, ETAS, levels=2)
     json.dumps(multi.to_dict())
+
+
+# -- the CLI, as a real subprocess ---------------------------------------------------
+def _cli(*args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "clipscope", "probe", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def _check_table(summary, path):
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == sum(res["m"] for res in summary["results"].values())
+    for b, res in summary["results"].items():
+        mine = [r for r in rows if r["batch_size"] == b]
+        assert len(mine) == res["m"]
+        assert sum(float(r["beta"]) for r in mine) == pytest.approx(res["m"], rel=1e-6)  # float32
+        assert "0.5" in res["clipped"]
+
+
+def test_cli_probe_subprocess(tmp_path):
+    args = ("--samples", "96", "--eta", "0.5", "--levels", "2", "--json", "--out", "t.csv")
+    proc = _cli(*args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert sorted(summary["results"]) == ["16", "32"]
+    _check_table(summary, tmp_path / "t.csv")
+    again = _cli("--samples", "96", "--out", "t.csv", cwd=tmp_path)
+    assert again.returncode == 2 and "exists" in again.stderr
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["--task", "lstm", "--samples", "400"], ["--per-sample", "--samples", "32"]],
+    ids=["mlp", "lstm", "per-sample"],
+)
+def test_cli_probe_in_process(tmp_path, capsys, extra):
+    out = tmp_path / "t.csv"
+    code = cli_main(
+        ["probe", "--samples", "96", "--eta", "0.5", "--json", "--out", str(out), *extra]
+    )
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    _check_table(summary, out)
+    code = cli_main(["probe", "--out", str(out), "--force"])
+    assert code == 0 and "table:" in capsys.readouterr().out

@@ -454,76 +454,52 @@ def _keep(model, loss_fn, components, flat, etas, dropout, seed, progress):
     ]
 
 
-def _per_sample_losses(out: torch.Tensor, y: Any, loss_fn: Callable) -> torch.Tensor:
-    """``ℓ_j = loss_fn(out[j:j+1], y[j:j+1])``: sample j's loss, from one batched forward."""
-    return torch.stack([loss_fn(out[j : j + 1], y[j : j + 1]) for j in range(len(out))])
-
-
-def _per_sample_backend() -> Any:
-    try:
-        from clipscope.engine import per_sample
-    except ImportError:
-        return None
-    if hasattr(per_sample, "per_sample_sq_norms") and hasattr(per_sample, "per_sample_dots"):
-        return per_sample
-    return None  # pragma: no cover
-
-
-def _loop_sq_norms_and_dots(flat, losses, vector):
-    """Fallback twin: each per-sample gradient by its own autograd call."""
-    sq, dots = [], []
-    for j in range(len(losses)):
-        g = flat.grad(losses[j], j, retain_graph=True).double()
-        sq.append(float(g @ g))
-        dots.append(float(g @ vector) if vector is not None else math.nan)
-    return np.array(sq), np.array(dots)
-
-
 def _per_sample(model, loss_fn, components, flat, etas, dropout, seed, progress):
-    """Batch-size-1 components, processed in the given components as chunks."""
-    backend = _per_sample_backend()
+    """Batch-size-1 components; the given components are processed as chunks.
+
+    Pass 1 per chunk: :func:`~clipscope.engine.per_sample.ghost_pass` (per-sample
+    ``‖∇ℓ_j‖²`` by ghost norms, ``ℓ_j``, and ``∇Σ_j ℓ_j``), so ``∇f = (1/N) Σ_j ∇ℓ_j``.
+    Pass 2 per chunk: :func:`~clipscope.engine.per_sample.per_sample_dots` (one
+    forward-mode JVP along ∇f), and ``Σ_j γ_j(η) ∇ℓ_j = ∇ Σ_j γ_j(η) ℓ_j`` by one
+    backward per η. Chunk ``c`` runs under the ``"fixed"`` dropout seed ``(seed, c)``
+    in both passes.
+    """
+    from clipscope.engine import per_sample
+
     m_chunks = len(components)
     n_samples = int(sum(components.sizes))
-    sq_norms = np.zeros(n_samples)
-    losses = np.zeros(n_samples)
+    sq_norms, losses = np.zeros(n_samples), np.zeros(n_samples)
     sum_grad = torch.zeros(flat.n, dtype=torch.float64, device=flat.device)
     offsets = np.concatenate([[0], np.cumsum(components.sizes)]).astype(int)
-
-    def chunk(c):
-        x, y = components.batch(c)
-        with rng_for_component(dropout, seed, c):
-            out = model(x)
-        return x, y, out
-
+    params = flat.params
     with dropout_policy(model, dropout):
         for c in _progress(range(m_chunks), m_chunks, progress, "per-sample pass 1"):
-            x, y, out = chunk(c)
-            ell = _per_sample_losses(out, y, loss_fn)
+            x, y = components.batch(c)
+            with rng_for_component(dropout, seed, c):
+                ghost = per_sample.ghost_pass(model, loss_fn, x, y, params=params)
             a, b = offsets[c], offsets[c + 1]
-            losses[a:b] = ell.detach().double().cpu().numpy()
-            sum_grad += flat.grad(ell.sum(), c, retain_graph=backend is None).double()
-            if backend is not None:
-                with rng_for_component(dropout, seed, c):
-                    sq = backend.per_sample_sq_norms(model, loss_fn, x, y, flat.params)
-                sq_norms[a:b] = sq.detach().double().cpu().numpy()
-            else:
-                sq_norms[a:b], _ = _loop_sq_norms_and_dots(flat, ell, None)
+            sq_norms[a:b] = ghost.sq_norms.detach().double().cpu().numpy()
+            losses[a:b] = ghost.losses.detach().double().cpu().numpy()
+            chunk_sum = torch.cat([g.detach().reshape(-1).double() for g in ghost.grad_sum])
+            if not bool(torch.isfinite(chunk_sum).all()) or not np.isfinite(sq_norms[a:b]).all():
+                raise ValueError(f"chunk {c}: non-finite per-sample gradient; nothing was changed")
+            sum_grad += chunk_sum
         full = sum_grad / n_samples
         norms = np.sqrt(sq_norms)
         gam = torch.from_numpy(_gammas(norms, etas)).to(flat.device)
         clip_acc = torch.zeros(len(etas), flat.n, dtype=torch.float64, device=flat.device)
         dots = np.zeros(n_samples)
-        vector = [t.to(p.dtype) for t, p in zip(flat.unflatten(full), flat.params, strict=True)]
+        vector = [t.to(p.dtype) for t, p in zip(flat.unflatten(full), params, strict=True)]
         for c in _progress(range(m_chunks), m_chunks, progress, "per-sample pass 2"):
-            x, y, out = chunk(c)
-            ell = _per_sample_losses(out, y, loss_fn)
+            x, y = components.batch(c)
             a, b = offsets[c], offsets[c + 1]
-            if backend is not None:
-                with rng_for_component(dropout, seed, c):
-                    d = backend.per_sample_dots(model, loss_fn, x, y, flat.params, vector)
-                dots[a:b] = d.detach().double().cpu().numpy()
-            else:
-                _, dots[a:b] = _loop_sq_norms_and_dots(flat, ell, full)
+            with rng_for_component(dropout, seed, c):
+                d = per_sample.per_sample_dots(model, loss_fn, x, y, vector, params=params)
+            dots[a:b] = d.detach().double().cpu().numpy()
+            if not etas:
+                continue
+            with rng_for_component(dropout, seed, c):
+                ell = per_sample.per_sample_losses(model, loss_fn, x, y)
             for k in range(len(etas)):
                 weights = gam[k, a:b].to(ell.dtype)
                 g = flat.grad((weights * ell).sum(), c, retain_graph=k + 1 < len(etas))
@@ -539,7 +515,6 @@ def _per_sample(model, loss_fn, components, flat, etas, dropout, seed, progress)
             "clipped": clipped,
             "batch_size": 1,
             "mismatch": 0.0,
-            "backend": "engine.per_sample" if backend is not None else "autograd loop",
         }
     ]
 
@@ -549,8 +524,6 @@ def _package(results, route, info, flat, keep_full_grad, components):
     for r in results:
         full = r.pop("full")
         level_info = {**info, "max_pass_mismatch": r.pop("mismatch")}
-        if "backend" in r:
-            level_info["per_sample_backend"] = r.pop("backend")
         level_info["n_samples"] = int(np.sum(r["sizes"]))
         packed[r["batch_size"]] = ProbeResult(
             norms=r["norms"],
