@@ -1,0 +1,470 @@
+"""Orders, the clipped step and ``fit``, against hand-written float64 loops."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from clipscope.clipping import grad_norm
+from clipscope.components import Components, SequentialComponents
+from clipscope.methods import (
+    METHODS,
+    NonFiniteError,
+    clipped_step,
+    fit,
+    make_order,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny float64 problems: intra-op threads only add contention on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# -- problems (test cases are data) --------------------------------------------
+
+
+def least_squares(n=40, d=5, batch=8, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    Y = X @ torch.randn(d, generator=gen, dtype=torch.float64) + 0.3 * torch.randn(
+        n, generator=gen, dtype=torch.float64
+    )
+    comps = Components.from_tensors(X, Y, batch, seed=seed)
+    torch.manual_seed(seed)
+    model = nn.Linear(d, 1, bias=False).double()
+
+    def loss_fn(out, y):
+        return 0.5 * ((out.squeeze(-1) - y) ** 2).mean()
+
+    return model, loss_fn, comps
+
+
+def mlp(n=30, d=4, batch=7, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    Y = torch.randint(3, (n,), generator=gen)
+    comps = Components.from_tensors(X, Y, batch, seed=seed)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(d, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    return model, nn.functional.cross_entropy, comps
+
+
+PROBLEMS = [
+    pytest.param(least_squares, id="least-squares"),
+    pytest.param(mlp, id="mlp-unequal-last-batch"),
+]
+
+
+def hand_order(method, m, seed, epochs):
+    """Yield the documented order protocol, written out: one generator seeded with ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(m, generator=gen).tolist() if method == "shuffle_once" else None
+    for _ in range(epochs):
+        if method == "igc":
+            yield list(range(m))
+        elif method in ("sgd", "zhang"):
+            yield torch.randint(m, (m,), generator=gen).tolist()
+        elif method == "rr":
+            yield torch.randperm(m, generator=gen).tolist()
+        else:
+            yield list(perm)
+
+
+def hand_loop(model, loss_fn, comps, method, lr, eta, epochs, seed, gamma=None):
+    """X ← x − α·min{1, η/‖g‖}·g (zhang: x ← x − min{α, γ/‖g‖}·g), no optimizer object."""
+    params = list(model.parameters())
+    for order in hand_order(method, comps.m, seed, epochs):
+        for i in order:
+            x, y = comps.batch(i)
+            grads = torch.autograd.grad(loss_fn(model(x), y), params)
+            n = float(grad_norm(grads))
+            with torch.no_grad():
+                for p, g in zip(params, grads, strict=True):
+                    if method == "zhang":
+                        p.sub_(min(lr, gamma / n) * g)
+                    else:
+                        if n > eta:
+                            g = g * (eta / n)
+                        p.add_(g, alpha=-lr)
+    return model
+
+
+def flat(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+# -- orders --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("m", [1, 2, 7])
+def test_cyclic_visits_each_component_once_per_epoch(m):
+    order = make_order("igc", m, seed=3)
+    for _ in range(3):
+        assert order.next_epoch() == list(range(m))
+    assert order.counts.tolist() == [3] * m
+
+
+@pytest.mark.parametrize("method", ["rr", "shuffle_once"])
+def test_permutation_orders(method):
+    order = make_order(method, 9, seed=0)
+    epochs = [order.next_epoch() for _ in range(4)]
+    assert all(sorted(e) == list(range(9)) for e in epochs)
+    distinct = len({tuple(e) for e in epochs})
+    assert distinct == (1 if method == "shuffle_once" else 4)
+
+
+def test_with_replacement_counts_recorded():
+    order = make_order("sgd", 5, seed=2)
+    draws = [order.next_epoch() for _ in range(20)]
+    flat_draws = [i for e in draws for i in e]
+    assert len(flat_draws) == 100
+    assert order.counts.tolist() == np.bincount(flat_draws, minlength=5).tolist()
+    assert any(len(set(e)) < 5 for e in draws)  # repeats happen: with replacement
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_order_state_dict_continues_exactly(method):
+    a = make_order(method, 6, seed=4)
+    a.next_epoch()
+    state = a.state_dict()
+    expected = [a.next_epoch() for _ in range(3)]
+    b = make_order(method, 6, seed=99)
+    b.load_state_dict(state)
+    assert [b.next_epoch() for _ in range(3)] == expected
+    assert torch.equal(a.counts, b.counts)
+
+
+def test_order_is_a_sampler():
+    order = make_order("rr", 4, seed=0)
+    assert len(order) == 4 and sorted(order) == [0, 1, 2, 3]
+
+
+def test_unknown_method_lists_choices():
+    with pytest.raises(ValueError, match="valid choices: sgd, igc, rr, shuffle_once, zhang"):
+        make_order("adam", 3)
+    model, loss_fn, comps = least_squares()
+    with pytest.raises(ValueError, match="'cyclic'"):
+        fit(model, loss_fn, comps, "cyclic", lr=0.1, progress=False)
+
+
+# -- the step ------------------------------------------------------------------
+
+
+def test_clipped_step_matches_formula_and_returns_preclip_norm():
+    w = nn.Parameter(torch.tensor([3.0, 4.0, 0.0], dtype=torch.float64))
+    opt = torch.optim.SGD([w], lr=0.5)
+    norm = clipped_step(opt, lambda: (w * torch.tensor([1.0, 2.0, 3.0]).double()).sum(), 2.0)
+    g = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    assert norm == pytest.approx(math.sqrt(14), rel=1e-15)
+    expected = torch.tensor([3.0, 4.0, 0.0], dtype=torch.float64) - 0.5 * (2.0 / norm) * g
+    torch.testing.assert_close(w.detach(), expected, rtol=0, atol=1e-15)
+
+
+def test_clipped_step_infinite_eta_is_plain_sgd_bitwise():
+    torch.manual_seed(0)
+    a = nn.Linear(4, 2).double()
+    b = copy.deepcopy(a)
+    x = torch.randn(5, 4, dtype=torch.float64) * 100
+    opt_a, opt_b = torch.optim.SGD(a.parameters(), lr=0.3), torch.optim.SGD(b.parameters(), lr=0.3)
+    for _ in range(3):
+        clipped_step(opt_a, lambda: (a(x) ** 2).mean(), math.inf)
+        opt_b.zero_grad()
+        (b(x) ** 2).mean().backward()
+        opt_b.step()
+    assert torch.equal(flat(a), flat(b))
+
+
+def test_clipped_step_nonfinite_changes_nothing():
+    w = nn.Parameter(torch.tensor([1.0, 2.0]))
+    opt = torch.optim.SGD([w], lr=1.0, momentum=0.9)
+    clipped_step(opt, lambda: (w**2).sum(), 1.0)
+    before, buf = w.detach().clone(), opt.state[w]["momentum_buffer"].clone()
+    with pytest.raises(NonFiniteError, match="nan"):
+        clipped_step(opt, lambda: (w * float("nan")).sum(), 1.0)
+    with pytest.raises(NonFiniteError):
+        clipped_step(opt, lambda: (w * torch.tensor([float("inf"), 0.0])).sum() * 0 + w.sum(), 1.0)
+    assert torch.equal(w.detach(), before)
+    assert torch.equal(opt.state[w]["momentum_buffer"], buf)
+
+
+# -- fit vs the hand-written loop -------------------------------------------------
+
+
+@pytest.mark.parametrize("problem", PROBLEMS)
+@pytest.mark.parametrize("method", ["sgd", "igc", "rr", "shuffle_once"])
+@pytest.mark.parametrize("eta", [0.3, math.inf], ids=["eta0.3", "eta-inf"])
+def test_fit_equals_hand_loop_bitwise(problem, method, eta):
+    model, loss_fn, comps = problem()
+    ref = hand_loop(copy.deepcopy(model), loss_fn, comps, method, 0.05, eta, 3, seed=5)
+    hist = fit(model, loss_fn, comps, method, lr=0.05, eta=eta, epochs=3, seed=5, progress=False)
+    assert torch.equal(flat(model), flat(ref))
+    assert hist.steps == 3 * comps.m and sum(hist.counts) == 3 * comps.m
+    assert len(hist.rows) == 4 and hist.status == "completed"
+
+
+def test_fit_zhang_step():
+    model, loss_fn, comps = least_squares()
+    ref = hand_loop(copy.deepcopy(model), loss_fn, comps, "zhang", 0.5, None, 2, seed=1, gamma=0.2)
+    fit(model, loss_fn, comps, "zhang", lr=0.5, eta=0.2, epochs=2, seed=1, progress=False)
+    torch.testing.assert_close(flat(model), flat(ref), rtol=1e-13, atol=0)
+
+
+def test_fit_momentum_weight_decay_equal_torch_sgd_on_clipped_grads():
+    model, _, comps = mlp()
+    ref = copy.deepcopy(model)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+    for order in hand_order("rr", comps.m, 0, 2):
+        for i in order:
+            opt.zero_grad()
+            x, y = comps.batch(i)
+            nn.functional.cross_entropy(ref(x), y).backward()
+            grads = [p.grad for p in ref.parameters()]
+            n = float(grad_norm(grads))
+            if n > 0.5:
+                for g in grads:
+                    g.mul_(0.5 / n)
+            opt.step()
+    hist = fit(
+        model,
+        nn.functional.cross_entropy,
+        comps,
+        "rr",
+        lr=0.1,
+        eta=0.5,
+        epochs=2,
+        momentum=0.9,
+        weight_decay=0.01,
+        progress=False,
+    )
+    assert torch.equal(flat(model), flat(ref))
+    assert hist.rows[0]["lr"] == 0.1
+
+
+@pytest.mark.parametrize("method", ["sgd", "igc", "rr"])
+def test_probing_does_not_disturb_training(method):
+    """Probes every epoch vs never: identical parameters (dropout draws included)."""
+    gen = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(24, 4, generator=gen), torch.randint(2, (24,), generator=gen)
+    comps = Components.from_tensors(X, Y, 6, seed=0)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.3), nn.Tanh(), nn.Linear(8, 2))
+    other = copy.deepcopy(net)
+    loss = nn.functional.cross_entropy
+    kw = dict(lr=0.1, eta=0.5, epochs=3, seed=2, progress=False)
+    torch.manual_seed(7)
+    a = fit(net, loss, comps, method, probe_every=1, etas=(0.1, 1.0), heldout=lambda m: 0.0, **kw)
+    torch.manual_seed(7)
+    b = fit(other, loss, comps, method, probe_every=0, **kw)
+    assert torch.equal(flat(net), flat(other))
+    assert len(a.rows) == 4 and b.rows == []
+
+
+def test_eta_inf_equals_unclipped_and_huge_eta():
+    model, loss_fn, comps = least_squares()
+    twin = copy.deepcopy(model)
+    fit(model, loss_fn, comps, "igc", lr=0.05, eta=math.inf, epochs=2, progress=False)
+    fit(twin, loss_fn, comps, "igc", lr=0.05, eta=1e300, epochs=2, progress=False)
+    assert torch.equal(flat(model), flat(twin))
+
+
+def test_m_equal_one_all_orders_identical():
+    model, loss_fn, comps = least_squares(n=5, batch=8)
+    finals = []
+    for method in ("sgd", "igc", "rr", "shuffle_once"):
+        m = copy.deepcopy(model)
+        fit(
+            m,
+            loss_fn,
+            comps,
+            method,
+            lr=0.1,
+            eta=0.5,
+            epochs=3,
+            seed=method.__len__(),
+            progress=False,
+        )
+        finals.append(flat(m))
+    assert all(torch.equal(finals[0], f) for f in finals[1:])
+
+
+def test_epochs_zero_gives_epoch0_diagnostics_only():
+    model, loss_fn, comps = least_squares()
+    before = flat(model).clone()
+    hist = fit(model, loss_fn, comps, "igc", lr=0.1, eta=0.5, epochs=0, progress=False)
+    assert hist.steps == 0 and len(hist.rows) == 1 and hist.rows[0]["epoch"] == 0
+    assert torch.equal(flat(model), before)
+
+
+def test_rows_match_brute_force_statistics():
+    model, loss_fn, comps = least_squares()
+    hist = fit(
+        model,
+        loss_fn,
+        comps,
+        "igc",
+        lr=0.05,
+        eta=0.4,
+        epochs=1,
+        etas=(0.1, math.inf),
+        progress=False,
+    )
+    row = hist.rows[-1]
+    params = list(model.parameters())
+    gs = []
+    for i in range(comps.m):
+        x, y = comps.batch(i)
+        gs.append(
+            torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss_fn(model(x), y), params)])
+        )
+    G = torch.stack(gs)
+    full = G.mean(0)
+    n, d = G.norm(dim=1), G @ full
+    cos = d / (n * full.norm())
+    clipped = torch.minimum(n, torch.tensor(0.4, dtype=torch.float64)) * cos * full.norm()
+    assert row["grad_norm"] == pytest.approx(float(full.norm()), rel=1e-12)
+    assert row["c1"] == pytest.approx(float(cos.mean()), rel=1e-12)
+    assert row["c2"] == pytest.approx(float(n.min() / n.max()), rel=1e-12)
+    assert row["min_cos"] == pytest.approx(float(cos.min()), rel=1e-12)
+    assert row["rho"] == pytest.approx(
+        float(clipped.sum() / (comps.m * full.norm() ** 2)), rel=1e-12
+    )
+    assert row["rho@inf"] == pytest.approx(1.0, rel=1e-12)
+    assert row["clipped_fraction"] == float((n > 0.4).double().mean())
+
+
+def test_igc_drift_matches_brute_force():
+    """igc_drift = Σ_i ⟨C(∇f_i(x_{k,i−1}); η) − C(∇f_i(x_k); η), ∇f_k⟩ (39), by hand."""
+    model, loss_fn, comps = mlp()
+    ref = copy.deepcopy(model)
+    lr, eta = 0.2, 0.3
+    hist = fit(model, loss_fn, comps, "igc", lr=lr, eta=eta, epochs=2, progress=False)
+    params = list(ref.parameters())
+
+    def grad(i):
+        x, y = comps.batch(i)
+        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss_fn(ref(x), y), params)])
+
+    def C(g):
+        n = g.norm()
+        return g * min(1.0, eta / float(n)) if n > 0 else g
+
+    for k in range(2):
+        start = [grad(i) for i in range(comps.m)]
+        full = torch.stack(start).mean(0)
+        descent = sum(float(C(g) @ full) for g in start)
+        moving = 0.0
+        for i in range(comps.m):
+            g = C(grad(i))
+            moving += float(g @ full)
+            with torch.no_grad():
+                offset = 0
+                for p in params:
+                    p.sub_(lr * g[offset : offset + p.numel()].view_as(p))
+                    offset += p.numel()
+        assert hist.rows[k]["igc_drift"] == pytest.approx(moving - descent, rel=1e-9, abs=1e-12)
+    assert math.isnan(hist.rows[2]["igc_drift"])
+    assert torch.allclose(flat(model), flat(ref), rtol=1e-12, atol=1e-14)
+
+
+class TinyLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 4)
+        self.rnn = nn.RNN(4, 5)
+        self.out = nn.Linear(5, 11)
+
+    def forward(self, inp, state):
+        h, state = self.rnn(self.emb(inp), state)
+        return self.out(h), state
+
+
+def lm_loss(out, y):
+    return nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+
+@pytest.mark.parametrize("method", ["igc", "rr"])
+def test_sequential_state_flows_under_igc_only(method):
+    tokens = torch.randint(11, (60,), generator=torch.Generator().manual_seed(0))
+    comps = SequentialComponents.from_tokens(tokens, batch_size=2, bptt=5)
+    torch.manual_seed(0)
+    model = TinyLM().double()
+    ref = copy.deepcopy(model)
+    params = list(ref.parameters())
+    for order in hand_order(method, comps.m, 3, 2):
+        state = None
+        for i in order:
+            x, y = comps.batch(i)
+            out, new_state = ref(x, state if method == "igc" else None)
+            grads = torch.autograd.grad(lm_loss(out, y), params)
+            state = new_state.detach()
+            n = float(grad_norm(grads))
+            with torch.no_grad():
+                for p, g in zip(params, grads, strict=True):
+                    p.add_(g * (0.5 / n) if n > 0.5 else g, alpha=-0.3)
+    fit(model, lm_loss, comps, method, lr=0.3, eta=0.5, epochs=2, seed=3, progress=False)
+    assert torch.equal(flat(model), flat(ref))
+
+
+def test_nonfinite_stops_fit():
+    model, loss_fn, comps = least_squares()
+    with pytest.raises(NonFiniteError, match="non-finite value at epoch"):
+        fit(
+            model,
+            loss_fn,
+            comps,
+            "igc",
+            lr=50.0,
+            eta=math.inf,
+            epochs=200,
+            probe_every=0,
+            progress=False,
+        )
+    assert torch.isfinite(flat(model)).all()
+
+
+def test_step_schedule_recorded():
+    model, loss_fn, comps = least_squares()
+    hist = fit(
+        model,
+        loss_fn,
+        comps,
+        "igc",
+        lr=0.1,
+        epochs=3,
+        schedule="step",
+        milestones=(1, 2, 3),
+        schedule_gamma=0.5,
+        progress=False,
+    )
+    assert [r["lr"] for r in hist.rows] == [0.1, 0.05, 0.025, 0.0125]
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"eta": 0.0}, "eta"),
+        ({"eta": float("nan")}, "eta"),
+        ({"epochs": -1}, "epochs"),
+        ({"probe_every": 1.5}, "probe_every"),
+        ({"checkpoint_every": -2}, "checkpoint_every"),
+        ({"lr": -1.0}, "lr"),
+        ({"schedule": "linear"}, "schedule"),
+        ({"etas": (0.1, -1.0)}, "eta"),
+    ],
+)
+def test_bad_arguments_raise_before_training(kwargs, match):
+    model, loss_fn, comps = least_squares()
+    before = flat(model).clone()
+    with pytest.raises(ValueError, match=match):
+        fit(model, loss_fn, comps, "igc", **{"lr": 0.1, **kwargs}, progress=False)
+    assert torch.equal(flat(model), before)
