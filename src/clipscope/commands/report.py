@@ -1,0 +1,31 @@
+"""``clipscope report DIR``: rebuild figures and the HTML report from stored records."""
+
+from __future__ import annotations
+
+import argparse
+
+from clipscope.report import build_report
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``report``."""
+    parser = subparsers.add_parser(
+        "report",
+        help="rebuild figures and report.html from a run or study directory (no gradients)",
+        description=(
+            "Rebuild the figures and the self-contained HTML report of a run directory "
+            "(from `clipscope train`) or a study directory (from `clipscope reproduce`) "
+            "from its stored records only; never recomputes gradients."
+        ),
+    )
+    parser.add_argument("directory", help="run or study directory")
+    parser.add_argument("--out", default=None, help="report path (default: DIRECTORY/report.html)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the report and say where it is."""
+    path = build_report(args.directory, args.out)
+    print(f"report: {path}")
+    print(f"figures: {path.parent / 'figures'}")
+    return 0

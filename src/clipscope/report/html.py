@@ -1,0 +1,226 @@
+"""The self-contained HTML report: figures embedded as base64 PNG, one table per task.
+
+Built only from stored records (:mod:`clipscope.report.records`); the per-epoch
+checks (A3, A4, bound (33), ρ at the run's η) are re-derived from the stored
+per-component ``(n_i, d_i, ‖∇f‖)`` with :class:`clipscope.stats.ComponentStats`,
+which is pure arithmetic on those numbers.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from clipscope import __version__
+from clipscope.atomic import atomic_write_bytes
+from clipscope.report import plots
+from clipscope.report.records import RunRecord, TaskRecord, load_study
+from clipscope.stats import ComponentStats
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+h1 { font-size: 1.6em; }
+h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 2em; }
+table { border-collapse: collapse; margin: 1em 0; font-size: .9em; }
+th, td { border: 1px solid #ccc; padding: .3em .6em; text-align: right; }
+th { background: #f3f3f3; } td.l, th.l { text-align: left; }
+.ok { color: #176317; } .bad { color: #a01010; } .na { color: #888; }
+.figs { display: flex; flex-wrap: wrap; gap: 1em; }
+.figs img { width: 520px; border: 1px solid #eee; }
+.note { color: #555; font-size: .9em; }
+"""
+
+
+@dataclass
+class RunSummary:
+    """Checks of one run, derived from its stored records."""
+
+    label: str
+    epochs: int
+    eta: float
+    a3_share: float
+    c1_min: float
+    c2_min: float
+    bound33_checked: int
+    bound33_held: int
+    rho_last: float
+    clipped_last: float
+    b_noise_last: float
+    loss_last: float
+
+    def cells(self) -> list[str]:
+        """Table cells, formatted."""
+        bound = (
+            '<span class="na">A3 never held</span>'
+            if self.bound33_checked == 0
+            else _verdict(
+                self.bound33_held == self.bound33_checked,
+                f"{self.bound33_held}/{self.bound33_checked}",
+            )
+        )
+        return [
+            html.escape(self.label),
+            str(self.epochs),
+            _num(self.eta),
+            _verdict(self.a3_share == 1.0, _pct(self.a3_share)),
+            _num(self.c1_min),
+            _num(self.c2_min),
+            bound,
+            _verdict(self.rho_last > 0, _num(self.rho_last))
+            if math.isfinite(self.rho_last)
+            else _na(),
+            _pct(self.clipped_last),
+            _num(self.b_noise_last),
+            _num(self.loss_last),
+        ]
+
+
+_HEADERS = [
+    "run",
+    "probes",
+    "η",
+    "A3 held (share of probes)",
+    "min c1",
+    "min c2 (A4)",
+    "bound (33) held",
+    "ρ(η) last",
+    "clipped fraction last",
+    "B_noise last",
+    "f(x_k) last",
+]
+
+
+def _na() -> str:
+    return '<span class="na">–</span>'
+
+
+def _num(value: float) -> str:
+    if value is None or not math.isfinite(value):
+        return "∞" if value == math.inf else _na()
+    return f"{value:.4g}"
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.0f}%" if math.isfinite(value) else _na()
+
+
+def _verdict(good: bool, text: str) -> str:
+    return f'<span class="{"ok" if good else "bad"}">{text}</span>'
+
+
+def _last_finite(values: np.ndarray) -> float:
+    finite = values[np.isfinite(values)]
+    return float(finite[-1]) if finite.size else math.nan
+
+
+def _nanmin(values: list[float] | np.ndarray) -> float:
+    array = np.asarray(values, dtype=float)
+    array = array[np.isfinite(array)]
+    return float(array.min()) if array.size else math.nan
+
+
+def summarize_run(entry: dict, run: RunRecord) -> RunSummary:
+    """Derive the report's checks for one run from its stored records."""
+    eta = run.eta
+    a3, c1, c2, rho, clipped = [], [], [], [], []
+    checked = held = 0
+    for epoch in sorted(run.component_files):
+        arrays = run.components(epoch)
+        grad_norm = float(np.asarray(arrays.get("grad_norm", math.nan)).reshape(-1)[0])
+        if not math.isfinite(grad_norm):
+            continue
+        stats = ComponentStats(arrays["norms"], arrays["dots"], grad_norm)
+        a3.append(bool(stats.a3_holds))
+        c1.append(stats.c1)
+        c2.append(stats.c2)
+        rho.append(float(stats.ratio(eta)))
+        clipped.append(float(stats.clipped_fraction(eta)))
+        if stats.a3_holds:
+            checked += 1
+            bound = float(stats.bound33(eta))
+            held += float(stats.descent(eta)) >= bound - 1e-9 * abs(bound)
+    if not a3:  # no component arrays: fall back on the stored rows
+        c1 = list(run.column("c1"))
+        c2 = list(run.column("c2"))
+    method = entry.get("method") or run.method
+    batch = entry.get("batch_size") or run.batch_size
+    return RunSummary(
+        label=f"{method.upper()} B={batch}",
+        epochs=run.n_rows,
+        eta=eta,
+        a3_share=float(np.mean(a3)) if a3 else math.nan,
+        c1_min=_nanmin(c1),
+        c2_min=_nanmin(c2),
+        bound33_checked=checked,
+        bound33_held=int(held),
+        rho_last=rho[-1] if rho else math.nan,
+        clipped_last=clipped[-1] if clipped else math.nan,
+        b_noise_last=_last_finite(run.column("b_noise")),
+        loss_last=_last_finite(run.column("loss")),
+    )
+
+
+def _img(png: bytes, alt: str) -> str:
+    data = base64.b64encode(png).decode("ascii")
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def render_task(task: TaskRecord, figure_dir: Path | None = None) -> str:
+    """HTML section of one task: its table and its figures (also saved as PNG files)."""
+    rows = [summarize_run(entry, run) for entry, run in task.runs]
+    head = "".join(f'<th class="{"l" if i == 0 else ""}">{h}</th>' for i, h in enumerate(_HEADERS))
+    body = "".join(
+        "<tr>"
+        + "".join(f'<td class="{"l" if i == 0 else ""}">{c}</td>' for i, c in enumerate(r.cells()))
+        + "</tr>"
+        for r in rows
+    )
+    images = []
+    for stem, fig in plots.task_figures(task).items():
+        png = plots.figure_png(fig)
+        if figure_dir is not None:
+            figure_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(figure_dir / f"{task.name}-{stem}.png", png)
+        images.append(_img(png, f"{task.name} {stem}"))
+    notes = "".join(
+        f"<li>{html.escape(k)}: {html.escape(str(v))}</li>" for k, v in task.notes.items()
+    )
+    return (
+        f'<section class="task"><h2>{html.escape(task.name)}</h2>'
+        f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+        + (f'<ul class="note">{notes}</ul>' if notes else "")
+        + f'<div class="figs">{"".join(images)}</div></section>'
+    )
+
+
+def build_report(path: str | Path, out: str | Path | None = None) -> Path:
+    """Rebuild figures and ``report.html`` for a study or run directory from its records.
+
+    Returns the path of the written report. Never recomputes gradients.
+    """
+    path = Path(path)
+    tasks = load_study(path)
+    out = Path(out) if out is not None else path / "report.html"
+    sections = "".join(render_task(task, out.parent / "figures") for task in tasks)
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>clipscope report</title>
+<style>{_CSS}</style></head>
+<body><h1>clipscope report</h1>
+<p class="note">Built {stamp} by clipscope {__version__} from the records in
+<code>{html.escape(str(path))}</code>.
+Mean cos θ_ki is c1 (assumption A3 needs every cos ≥ 0 and c1 &gt; 0); m_g/M_g is c2 (A4).
+Bound (33): D(η) ≥ m·min(η c1, c2‖∇f‖)·‖∇f‖, checked at every probe where A3 held.
+ρ(η) = D(η)/(m‖∇f‖²): 1 without clipping, negative when clipping reverses descent.
+B_noise = tr(Σ)/‖∇f‖² is the gradient-noise-scale heuristic.</p>
+{sections}
+</body></html>
+"""
+    atomic_write_bytes(out, page.encode("utf-8"))
+    return out
