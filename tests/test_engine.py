@@ -1,4 +1,5 @@
 import csv
+import itertools
 import json
 import math
 import subprocess
@@ -7,6 +8,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 from torch import nn
 
 from cases import CASE_IDS, CASES, TinyLM, by_id, lm_loss, mlp
@@ -18,6 +22,7 @@ from clipscope.engine import (
     component_losses,
     dropout_modules,
     model_guard,
+    noise_scale,
     probe,
     reference_probe,
     trainable_params,
@@ -407,8 +412,6 @@ def test_cli_probe_subprocess(tmp_path):
     summary = json.loads(proc.stdout)
     assert sorted(summary["results"]) == ["16", "32"]
     _check_table(summary, tmp_path / "t.csv")
-    again = _cli("--samples", "96", "--out", "t.csv", cwd=tmp_path)
-    assert again.returncode == 2 and "exists" in again.stderr
 
 
 @pytest.mark.parametrize(
@@ -424,5 +427,58 @@ def test_cli_probe_in_process(tmp_path, capsys, extra):
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     _check_table(summary, out)
+    assert cli_main(["probe", "--out", str(out)]) == 2  # exists, no --force
+    assert "exists" in capsys.readouterr().err
     code = cli_main(["probe", "--out", str(out), "--force"])
     assert code == 0 and "table:" in capsys.readouterr().out
+
+
+# -- properties ---------------------------------------------------------------------
+@settings(max_examples=8, deadline=None)
+@given(
+    n=st.integers(1, 20),
+    b=st.integers(1, 4),
+    levels=st.integers(1, 4),
+    drop=st.booleans(),
+    seed=st.one_of(st.none(), st.integers(0, 3)),
+)
+def test_dyadic_property_every_level_is_its_partition(n, b, levels, drop, seed):
+    assume(n >= b or not drop)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    gen = torch.Generator().manual_seed(n)
+    X, Y = torch.randn(n, 3, generator=gen, dtype=torch.float64), torch.randint(0, 2, (n,))
+    comps = Components.from_tensors(X, Y, batch_size=b, seed=seed, drop_last=drop)
+    sizes = [b << k for k in range(levels)]
+    if drop and n < sizes[-1]:
+        with pytest.raises(ValueError, match="no full batch"):
+            probe(model, nn.functional.cross_entropy, comps, levels=levels, route="dyadic")
+        return
+    result = probe(
+        model, nn.functional.cross_entropy, comps, (0.1, 1.0), levels=levels, route="dyadic"
+    )
+    assert result.batch_sizes == sizes
+    for size, level in result.items():
+        coarse = Components.from_tensors(X, Y, batch_size=size, seed=seed, drop_last=drop)
+        assert level.m == coarse.m and list(level.sizes) == coarse.sizes
+        ref = brute_force_stats(model, nn.functional.cross_entropy, coarse, (0.1, 1.0))
+        assert_matches(level, ref, 1e-10)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    data=arrays(
+        np.float64, st.tuples(st.integers(2, 7), st.integers(1, 3)), elements=st.floats(-5, 5)
+    ),
+    b=st.integers(1, 6),
+)
+def test_noise_scale_trace_is_per_sample_variance(data, b):
+    """Over all B-subsets (each a sample without replacement), the estimate is exact."""
+    n_samples = len(data)
+    assume(b < n_samples)
+    subsets = np.array([data[list(s)].mean(0) for s in itertools.combinations(range(n_samples), b)])
+    full = subsets.mean(0)
+    np.testing.assert_allclose(full, data.mean(0), atol=1e-12)
+    out = noise_scale(np.linalg.norm(subsets, axis=1), np.linalg.norm(full), b, n_samples)
+    sigma2 = np.mean(np.sum((data - full) ** 2, axis=1))
+    assert out["trace_sigma"] == pytest.approx(sigma2, rel=1e-9, abs=1e-9)

@@ -271,6 +271,13 @@ def probe(
                 "batch statistics (train-mode BatchNorm couples the samples of a batch); "
                 "use route='two-pass' or 'keep', or put BatchNorm in eval mode"
             )
+    if route == "dyadic" and getattr(components, "drop_last", False):
+        empty = [b for k, b in enumerate(sizes_dyadic) if m >> k == 0]
+        if empty:
+            raise ValueError(
+                f"batch size(s) {empty} leave no full batch of the {sum(components.sizes)} "
+                "kept samples with drop_last=True"
+            )
     info = {
         "dropout": dropout,
         "seed": seed,
