@@ -482,3 +482,57 @@ def test_noise_scale_trace_is_per_sample_variance(data, b):
     out = noise_scale(np.linalg.norm(subsets, axis=1), np.linalg.norm(full), b, n_samples)
     sigma2 = np.mean(np.sum((data - full) ** 2, axis=1))
     assert out["trace_sigma"] == pytest.approx(sigma2, rel=1e-9, abs=1e-9)
+
+
+# -- more edge cases ------------------------------------------------------------------
+def test_auto_falls_back_to_two_pass_when_keep_does_not_fit():
+    case = by_id("mlp")
+    model, comps = case.build()
+    result = probe(model, case.loss_fn, comps, ETAS, memory_budget=1000)
+    assert result.route == "two-pass"
+    assert_matches(result, brute_force_stats(model, case.loss_fn, comps), case.rtol)
+    with pytest.raises(TypeError, match="components"):
+        probe(model, case.loss_fn, [comps.batch(0)])
+
+
+def test_sequential_with_fixed_dropout():
+    torch.manual_seed(0)
+    model = TinyLM(dropout=0.3).double()
+    _, comps = by_id("lstm-lm-tied").build()
+    a = probe(model, lm_loss, comps, ETAS, route="two-pass", dropout="fixed", seed=5)
+    b = probe(model, lm_loss, comps, ETAS, route="keep", dropout="fixed", seed=5)
+    ref = reference_probe(model, lm_loss, comps, ETAS, dropout="fixed", seed=5)
+    for res in (a, b):
+        np.testing.assert_allclose(res.norms, ref.norms, rtol=1e-10)
+        np.testing.assert_allclose(res.dots, ref.dots, rtol=1e-10)
+        assert res.beta.sum() == pytest.approx(comps.m, rel=1e-10)
+    assert a.info["max_pass_mismatch"] == 0.0
+    off = probe(model, lm_loss, comps, route="keep", dropout="off")
+    assert not np.array_equal(off.norms, a.norms)
+
+
+def test_zero_gradients_give_nan_cosines_not_errors():
+    model = nn.Linear(2, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.zero_()
+    X = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 0.0]], dtype=torch.float64)
+    Y = torch.tensor([[1.0], [1.0], [0.0]], dtype=torch.float64)
+    comps = Components.from_tensors(X, Y, batch_size=1)
+    # g_1 = -g_2, g_3 = 0: ∇f = 0
+    result = probe(model, nn.functional.mse_loss, comps, (0.5,), route="two-pass")
+    assert result.grad_norm == 0.0 and result.norms[2] == 0.0
+    assert np.isnan(result.cos).all() and np.isnan(result.beta).all()
+    assert result.clipped[0.5][0] == pytest.approx(0.0, abs=1e-15)
+    json.dumps(result.to_dict())
+
+
+def test_multi_result_noise_table():
+    case = by_id("mlp")
+    model, comps = case.build()
+    multi = probe(model, case.loss_fn, comps, levels=3)
+    rows = multi.noise_table()
+    assert [r["batch_size"] for r in rows] == multi.batch_sizes
+    base = multi[multi.batch_sizes[0]]
+    assert rows[0]["predicted_cos"] == base.noise["predicted_cos"]
+    # the prediction rises with the batch size
+    assert rows[0]["predicted_cos"] < rows[1]["predicted_cos"] < rows[2]["predicted_cos"]

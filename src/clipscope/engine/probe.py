@@ -235,6 +235,7 @@ def probe(
         raise TypeError(f"model must be an nn.Module, got {type(model)!r}")
     if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 0:
         raise ValueError(f"memory_budget must be a non-negative int (bytes), got {memory_budget!r}")
+    _check_components(components)
     params = trainable_params(model, params)
     flat = _Flat(model, params)
     m = len(components)
@@ -297,6 +298,16 @@ def probe(
                 model, loss_fn, components, flat, etas, dropout, seed, progress, levels_
             )
     return _package(result, route, info, flat, keep_full_grad, components)
+
+
+def _check_components(components: Any) -> None:
+    needed = ("batch", "sizes", "batch_size", "describe", "__len__")
+    missing = [name for name in needed if not hasattr(components, name)]
+    if missing:
+        raise TypeError(
+            "components must be clipscope.Components or SequentialComponents (missing "
+            f"{', '.join(missing)}), got {type(components).__name__}"
+        )
 
 
 def _dyadic_sizes(b: int, batch_sizes: Sequence[int] | None, levels: int | None) -> list[int]:

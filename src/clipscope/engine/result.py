@@ -239,6 +239,27 @@ class MultiProbeResult(Mapping):
         """The batch sizes, ascending."""
         return list(self._results)
 
+    def noise_table(self) -> list[dict[str, Any]]:
+        """Predicted mean cosine at every batch size from the smallest one's ``B_noise``.
+
+        One row per batch size: ``predicted_cos`` and ``predicted_cos_fpc`` from the
+        noise scale measured at the smallest batch size (:func:`noise_scale`, a
+        heuristic), next to the ``measured_mean_cos`` of that level.
+        """
+        base = self._results[self.batch_sizes[0]]
+        b_noise = base.noise.get("B_noise", math.nan)
+        n_samples = base.noise.get("n_samples")
+        return [
+            {
+                "batch_size": b,
+                "B_noise": b_noise,
+                "predicted_cos": predicted_cos(b_noise, b),
+                "predicted_cos_fpc": predicted_cos(b_noise, b, n_samples),
+                "measured_mean_cos": r.noise["measured_mean_cos"],
+            }
+            for b, r in self._results.items()
+        ]
+
     def summary(self) -> dict[str, Any]:
         """``{str(batch size): ProbeResult.summary()}``."""
         return {str(b): r.summary() for b, r in self._results.items()}
