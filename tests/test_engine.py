@@ -296,6 +296,8 @@ def test_refusals_bad_arguments():
         probe(model, case.loss_fn, comps, dropout="on")
     with pytest.raises(ValueError, match="batch_sizes"):
         probe(model, case.loss_fn, comps, batch_sizes=[4, 12])
+    with pytest.raises(ValueError, match="per-sample"):
+        probe(model, case.loss_fn, comps, batch_sizes=[1], route="keep")
     with pytest.raises(ValueError, match="memory_budget"):
         probe(model, case.loss_fn, comps, route="keep", memory_budget=10)
     lm = by_id("lstm-lm-tied")

@@ -250,8 +250,9 @@ def probe(
             route = "keep"
         else:
             route = "two-pass"
-    if route == "dyadic" and len(sizes_dyadic) < 1:
-        raise ValueError("the dyadic route needs batch_sizes or levels")  # pragma: no cover
+    wants_single = batch_sizes is not None and list(batch_sizes) == [1] and base_b != 1
+    if wants_single and route != "per-sample":
+        raise ValueError(f"batch_sizes=[1] needs route='per-sample' (or 'auto'), got {route!r}")
     if route not in ("dyadic",) and len(sizes_dyadic) > 1:
         raise ValueError(f"several batch sizes {sizes_dyadic} need route='dyadic' (or 'auto')")
     if route == "keep" and m * flat.n * flat.dtype.itemsize > memory_budget:
