@@ -120,16 +120,17 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def checkpoint_path(directory: str | os.PathLike, step: int) -> Path:
-    """``directory/ckpt_{step:010d}.pt``: names sort in step order."""
-    return Path(directory) / f"ckpt_{int(step):010d}.pt"
+def checkpoint_path(directory: str | os.PathLike, seq: int) -> Path:
+    """Return ``directory/ckpt_{seq:010d}.pt``: names sort in the order they were written."""
+    return Path(directory) / f"ckpt_{int(seq):010d}.pt"
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> str:
     """``torch.save`` ``state`` to ``path`` atomically, then its digest to ``path.sha256``.
 
     Returns the hex digest. The sidecar is written last: a payload without one
-    is an unfinished checkpoint and :func:`load_checkpoint` refuses it.
+    is an unfinished checkpoint (removed here when the sidecar write fails, and
+    refused by :func:`load_checkpoint` when a kill left it behind).
     """
     path = Path(path)
     buffer = io.BytesIO()
@@ -137,7 +138,11 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> str:
     data = buffer.getvalue()
     digest = sha256_bytes(data)
     atomic_write_bytes(path, data)
-    atomic_write_text(path.with_name(path.name + ".sha256"), f"{digest}  {path.name}\n")
+    try:
+        atomic_write_text(path.with_name(path.name + ".sha256"), f"{digest}  {path.name}\n")
+    except BaseException:
+        path.unlink(missing_ok=True)  # a payload without its checksum is no checkpoint
+        raise
     return digest
 
 

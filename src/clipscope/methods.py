@@ -330,7 +330,7 @@ def clipped_step(
     optimizer.zero_grad(set_to_none=True)
     loss = closure()
     if not bool(torch.isfinite(loss.detach()).all()):
-        raise NonFiniteError(f"the component loss is {float(loss)}")
+        raise NonFiniteError(f"the component loss is {float(loss.detach())}")
     loss.backward()
     try:
         norm = clip_grads_(params, eta)
@@ -560,6 +560,7 @@ def fit(
         "step_norms_sum": 0.0,
         "step_loss_sum": 0.0,
         "step_clipped": 0,
+        "ckpt_seq": 0,  # checkpoints written so far (names them; never overwritten)
     }
     history = History(method=method)
     rd = None
@@ -581,6 +582,7 @@ def fit(
     def checkpoint() -> None:
         if rd is None:
             return
+        st["ckpt_seq"] += 1
         rd.save(
             {
                 "setting": setting,
@@ -591,7 +593,7 @@ def fit(
                 "torch_rng": torch.random.get_rng_state(),
                 "loop": st,
             },
-            step=st["step"],
+            seq=st["ckpt_seq"],
             rows=st["rows"],
             keep=keep_checkpoints,
         )

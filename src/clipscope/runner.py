@@ -6,8 +6,9 @@ Run directory layout (every file written atomically, :mod:`clipscope.atomic`)::
     env.json                    versions, device, seed, threads, determinism flags
     epochs.csv                  one row per probe (columns below)
     components/epoch_XXXX.npz   per-component arrays at x_k: norms, dots, losses, grad_norm
-    checkpoints/ckpt_S.pt       model, optimizer, schedule, order generator, torch RNG,
-                                loop position (epoch, step), rows; + ckpt_S.pt.sha256
+    checkpoints/ckpt_N.pt       model, optimizer, schedule, order generator, torch RNG,
+                                loop position (epoch, step), rows; + ckpt_N.pt.sha256
+                                (N counts checkpoints; the newest ``keep_checkpoints`` kept)
     summary.json                status (running / completed / interrupted / nonfinite),
                                 last row, component draw counts, messages
     train.log                   what was printed, resumes and forced overrides included
@@ -238,6 +239,10 @@ class RunDirectory:
             self.log(f"--resume: no checkpoint in {self.path} yet; starting from the beginning")
             return None
         path, state = found
+        for newer in list_checkpoints(self.checkpoints):
+            if newer.name > path.name:  # failed its checksum: keep it aside, out of the way
+                newer.rename(newer.with_name(newer.name + ".corrupt"))
+                self.log(f"moved invalid checkpoint aside: {newer.name}.corrupt")
         self.log(f"resuming from {path}")
         return state
 
@@ -258,11 +263,14 @@ class RunDirectory:
             raise ValueError(f"the run in {self.path} was started with other settings: {text}")
         self.log(f"--force: resuming despite changed settings: {text}")
 
-    def save(
-        self, state: dict[str, Any], *, step: int, rows: Sequence[dict], keep: int = 3
-    ) -> None:
-        """Checkpoint, then rewrite ``epochs.csv`` from the rows it holds, then prune."""
-        save_checkpoint(checkpoint_path(self.checkpoints, step), state)
+    def save(self, state: dict[str, Any], *, seq: int, rows: Sequence[dict], keep: int = 3) -> None:
+        """Checkpoint number ``seq``, then rewrite ``epochs.csv`` from its rows, then prune.
+
+        Checkpoints are numbered by a counter kept in the loop state, so a new
+        one never overwrites an existing file (a failed write cannot damage the
+        previous checkpoint).
+        """
+        save_checkpoint(checkpoint_path(self.checkpoints, seq), state)
         self.write_rows(rows)
         prune_checkpoints(self.checkpoints, keep)
 

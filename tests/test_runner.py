@@ -1,0 +1,398 @@
+"""Run directories: config checks, CLI, crash safety (kill, corrupt checkpoint, ENOSPC)."""
+
+from __future__ import annotations
+
+import csv
+import errno
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover
+    import tomli as tomllib
+
+from clipscope import atomic
+from clipscope.atomic import latest_checkpoint, list_checkpoints, load_checkpoint
+from clipscope.config import TrainConfig, config_diff, dump_config, load_config, parse_config
+from clipscope.runner import COLUMNS, train
+
+ROOT = Path(__file__).resolve().parents[1]
+EPOCHS, M = 4, 8
+CONFIG = f"""
+task = "least_squares"
+n_samples = 64
+dim = 4
+batch_size = 8
+method = "{{method}}"
+lr = 0.05
+eta = 1.0
+epochs = {EPOCHS}
+seed = 3
+etas = [0.5, inf]
+dtype = "float64"
+threads = 1
+checkpoint_every = {{every}}
+progress = false
+"""
+TOTAL_STEPS = EPOCHS * M
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_config(tmp_path: Path, method="sgd", every=3, name="run.toml", **extra) -> Path:
+    text = CONFIG.format(method=method, every=every)
+    for key, value in extra.items():
+        text = "\n".join(ln for ln in text.splitlines() if not ln.startswith(f"{key} ="))
+        text += f"\n{key} = {value}\n"
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def quiet(text: str) -> None:
+    pass
+
+
+def read_rows(run: Path) -> list[dict[str, str]]:
+    with open(run / "epochs.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def final_params(run: Path) -> dict[str, torch.Tensor]:
+    _, state = latest_checkpoint(run / "checkpoints")
+    return state["model"]
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Bitwise equal parameters and rows (wall time aside), no duplicated rows."""
+    pa, pb = final_params(a), final_params(b)
+    assert pa.keys() == pb.keys()
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    ra, rb = read_rows(a), read_rows(b)
+    assert [r["epoch"] for r in rb] == [str(k) for k in range(EPOCHS + 1)]
+    for x, y in zip(ra, rb, strict=True):
+        x.pop("wall_time"), y.pop("wall_time")
+        assert x == y
+    for k in range(EPOCHS + 1):
+        with (
+            np.load(a / f"components/epoch_{k:04d}.npz") as za,
+            np.load(b / f"components/epoch_{k:04d}.npz") as zb,
+        ):
+            assert all(np.array_equal(za[n], zb[n]) for n in za.files)
+    assert json.loads((b / "summary.json").read_text())["status"] == "completed"
+
+
+@pytest.fixture(scope="module")
+def golden(tmp_path_factory):
+    """Uninterrupted runs, one per method used below."""
+    runs = {}
+    base = tmp_path_factory.mktemp("golden")
+    for method in ("sgd", "igc"):
+        cfg = write_config(base, method=method, name=f"{method}.toml")
+        assert train(cfg, base / method, echo=quiet) == 0
+        runs[method] = (cfg, base / method)
+    return runs
+
+
+SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    from clipscope.runner import train
+
+    config, out, at, sig = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+
+    def on_step(step, i, norm):
+        if step == at:
+            os.kill(os.getpid(), getattr(signal, sig))
+
+    sys.exit(train(config, out, on_step=on_step, echo=lambda t: None))
+    """
+)
+
+
+def run_and_signal(tmp_path: Path, config: Path, out: Path, at: int, sig: str):
+    script = tmp_path / "victim.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    return subprocess.run(
+        [sys.executable, str(script), str(config), str(out), str(at), sig],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+
+
+# -- config ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw,key",
+    [
+        ({"epoch": 3}, "epoch"),
+        ({"eta": 0}, "eta"),
+        ({"eta": -1.0}, "eta"),
+        ({"eta": math.nan}, "eta"),
+        ({"eta": "big"}, "eta"),
+        ({"etas": [0.1, 0.0]}, "etas"),
+        ({"etas": 0.1}, "etas"),
+        ({"lr": 0}, "lr"),
+        ({"lr": "0.1"}, "lr"),
+        ({"method": "adam"}, "method"),
+        ({"epochs": -1}, "epochs"),
+        ({"epochs": 2.5}, "epochs"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"batch_size": True}, "batch_size"),
+        ({"momentum": 1.0}, "momentum"),
+        ({"dropout": "random"}, "dropout"),
+        ({"last_batch": "pad"}, "last_batch"),
+        ({"milestones": [1, "x"]}, "milestones"),
+        ({"heldout": 1}, "heldout"),
+        ({"device": ""}, "device"),
+        ({"task": "gan"}, "task"),
+    ],
+    ids=lambda v: str(v) if not isinstance(v, dict) else "-".join(map(str, v.items())),
+)
+def test_bad_config_names_the_key(raw, key):
+    with pytest.raises(ValueError, match=f"'{key}'"):
+        parse_config(raw)
+
+
+def test_bad_config_file_refused_before_anything_runs(tmp_path):
+    cfg = write_config(tmp_path, eta="0.0")
+    with pytest.raises(ValueError, match="'eta'"):
+        train(cfg, tmp_path / "out", echo=quiet)
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "broken.toml").write_text("eta = = 1")
+    with pytest.raises(ValueError, match="not valid TOML"):
+        load_config(tmp_path / "broken.toml")
+
+
+def test_eta_inf_spellings_and_roundtrip():
+    assert parse_config({"eta": "inf"}).eta == math.inf
+    assert parse_config({"eta": math.inf, "etas": [0.5, "inf"]}).etas == (0.5, math.inf)
+    cfg = TrainConfig(eta=0.25, etas=(0.1, math.inf), milestones=(2, 5), method="rr")
+    assert parse_config(tomllib.loads(dump_config(cfg))) == cfg
+    assert config_diff(cfg, cfg) == []
+
+
+def test_example_config_is_valid():
+    cfg = load_config(ROOT / "configs" / "least_squares_igc.toml")
+    assert cfg.task == "least_squares" and cfg.epochs > 0
+
+
+# -- run directory ------------------------------------------------------------------
+
+
+def test_run_directory_contents(golden):
+    cfg_path, run = golden["igc"]
+    resolved = load_config(run / "config.toml")
+    assert resolved == load_config(cfg_path)
+    env = json.loads((run / "env.json").read_text())
+    assert env["torch"] == torch.__version__ and env["seed"] == 3
+    assert env["deterministic_algorithms"] is True and env["components"]["m"] == M
+    rows = read_rows(run)
+    assert len(rows) == EPOCHS + 1
+    header = list(rows[0])
+    assert header[: len(COLUMNS)] == list(COLUMNS) and "rho@0.5" in header
+    assert "rho@inf" in header
+    assert all(float(r["rho@inf"]) == pytest.approx(1.0) for r in rows)
+    drift = [float(r["igc_drift"]) for r in rows]
+    assert all(math.isfinite(d) for d in drift[:-1]) and math.isnan(drift[-1])
+    with np.load(run / "components/epoch_0002.npz") as z:
+        assert z["norms"].shape == (M,) and z["dots"].shape == (M,)
+        assert float(z["grad_norm"]) == pytest.approx(float(rows[2]["grad_norm"]), rel=1e-15)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["step"] == TOTAL_STEPS
+    assert sum(summary["counts"]) == TOTAL_STEPS
+    # the report module reads the same records
+    from clipscope.report.records import load_run
+
+    record = load_run(run)
+    assert record.eta == 1.0 and record.method == "igc" and record.batch_size == 8
+    assert record.n_rows == EPOCHS + 1
+
+
+def test_epochs_zero_writes_metadata_and_epoch0_only(tmp_path):
+    cfg = write_config(tmp_path, epochs=0)
+    assert train(cfg, tmp_path / "run", echo=quiet) == 0
+    rows = read_rows(tmp_path / "run")
+    assert [r["epoch"] for r in rows] == ["0"] and rows[0]["step"] == "0"
+    assert sorted(p.name for p in (tmp_path / "run/components").iterdir()) == ["epoch_0000.npz"]
+    assert (tmp_path / "run/config.toml").is_file() and (tmp_path / "run/env.json").is_file()
+
+
+def test_cli_train_and_existing_directory_refused(tmp_path, capsys):
+    cfg = write_config(tmp_path, epochs=1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["train", str(cfg), "--out", str(tmp_path / "r")]
+    first = subprocess.run(
+        [sys.executable, "-m", "clipscope", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert first.returncode == 0, first.stderr
+    assert "epoch    1" in first.stdout + first.stderr
+    from clipscope.cli import main
+
+    assert main(args) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main([*args, "--force"]) == 2
+
+
+def test_resume_with_different_config_refused_with_diff(golden, tmp_path):
+    _, run = golden["sgd"]
+    changed = write_config(tmp_path, lr=0.1, eta="inf")
+    with pytest.raises(ValueError) as info:
+        train(changed, run, resume=True, echo=quiet)
+    assert "lr: 0.05 -> 0.1" in str(info.value) and "eta: 1.0 -> inf" in str(info.value)
+    assert "--force" in str(info.value)
+
+
+def test_resume_with_force_is_logged(tmp_path):
+    cfg = write_config(tmp_path, epochs=1)
+    assert train(cfg, tmp_path / "r", echo=quiet) == 0
+    longer = write_config(tmp_path, epochs=2, name="longer.toml")
+    assert train(longer, tmp_path / "r", resume=True, force=True, echo=quiet) == 0
+    assert "epochs: 1 -> 2" in (tmp_path / "r/train.log").read_text()
+    assert len(read_rows(tmp_path / "r")) == 3
+
+
+def test_resume_of_completed_run_changes_nothing(golden, tmp_path):
+    cfg_path, run = golden["sgd"]
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    assert train(cfg_path, copy, resume=True, echo=quiet) == 0
+    assert_same_run(run, copy)
+
+
+# -- crash safety -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def killed(golden, tmp_path_factory):
+    """Per method: a run killed by SIGKILL at a random step (after the first checkpoints)."""
+    out = {}
+    base = tmp_path_factory.mktemp("killed")
+    for method in ("sgd", "igc"):
+        at = random.Random(f"kill-{method}").randrange(8, TOTAL_STEPS)
+        run = base / method
+        proc = run_and_signal(base, golden[method][0], run, at, "SIGKILL")
+        assert proc.returncode == -signal.SIGKILL, proc.stderr
+        out[method] = (run, at)
+    return out
+
+
+@pytest.mark.parametrize("method", ["sgd", "igc"])
+def test_sigkill_at_random_step_then_resume_is_bitwise_equal(golden, killed, tmp_path, method):
+    cfg_path, gold = golden[method]
+    killed_run, at = killed[method]
+    run = tmp_path / "run"
+    shutil.copytree(killed_run, run)
+    rows_before = read_rows(run)
+    assert 1 <= len(rows_before) <= at // M + 1  # nothing beyond the last checkpoint
+    assert train(cfg_path, run, resume=True, echo=quiet) == 0
+    assert_same_run(gold, run)
+
+
+def test_sigterm_checkpoints_at_component_boundary_and_exits_143(golden, tmp_path):
+    cfg_path, gold = golden["sgd"]
+    run = tmp_path / "run"
+    at = 13  # not a multiple of checkpoint_every nor of m
+    proc = run_and_signal(tmp_path, cfg_path, run, at, "SIGTERM")
+    assert proc.returncode == 143, proc.stderr
+    _, state = latest_checkpoint(run / "checkpoints")
+    assert state["loop"]["step"] == at
+    assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
+    assert train(cfg_path, run, resume=True, echo=quiet) == 0
+    assert_same_run(gold, run)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "corrupt", "stray-tmp"])
+def test_damaged_newest_checkpoint_falls_back_and_still_matches(golden, killed, tmp_path, damage):
+    cfg_path, gold = golden["igc"]
+    run = tmp_path / "run"
+    shutil.copytree(killed["igc"][0], run)
+    assert len(list_checkpoints(run / "checkpoints")) >= 2
+    newest = list_checkpoints(run / "checkpoints")[-1]
+    data = newest.read_bytes()
+    if damage == "truncate":
+        newest.write_bytes(data[: len(data) // 3])
+    elif damage == "corrupt":
+        newest.write_bytes(data[:100] + bytes([data[100] ^ 0xFF]) + data[101:])
+    else:  # the writer died mid-write: a half temporary file next to the real ones
+        (run / "checkpoints" / ".ckpt_0000000099.pt.123.tmp").write_bytes(data[:50])
+    messages = []
+    assert train(cfg_path, run, resume=True, echo=messages.append) == 0
+    if damage != "stray-tmp":
+        assert any(newest.name in m and "previous" in m for m in messages)
+    assert not list((run / "checkpoints").glob("*.tmp"))
+    assert_same_run(gold, run)
+
+
+def test_nonfinite_loss_exits_3_and_keeps_last_good_checkpoint(tmp_path):
+    cfg = write_config(tmp_path, lr=60.0, eta="inf", epochs=40, every=0)
+    messages = []
+    assert train(cfg, tmp_path / "run", echo=messages.append) == 3
+    assert any("non-finite" in m and "last good checkpoint" in m for m in messages)
+    _, state = latest_checkpoint(tmp_path / "run/checkpoints")
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert json.loads((tmp_path / "run/summary.json").read_text())["status"] == "nonfinite"
+
+
+def _parse_everything(run: Path) -> None:
+    tomllib.loads((run / "config.toml").read_text())
+    json.loads((run / "env.json").read_text())
+    if (run / "summary.json").exists():
+        json.loads((run / "summary.json").read_text())
+    if (run / "epochs.csv").exists():
+        rows = read_rows(run)
+        assert all(len(r) == len(rows[0]) and None not in r.values() for r in rows)
+    for item in (run / "components").glob("*.npz"):
+        with np.load(item) as z:
+            [z[n] for n in z.files]
+    for item in list_checkpoints(run / "checkpoints"):
+        load_checkpoint(item)
+
+
+@pytest.mark.parametrize("fail_after", [3, 9, 17])
+def test_disk_full_exits_nonzero_and_leaves_files_parseable(tmp_path, monkeypatch, fail_after):
+    cfg = write_config(tmp_path)
+    run = tmp_path / "run"
+    calls = {"n": 0}
+    real_open = open
+
+    def full_disk_open(path, mode="r", *args, **kwargs):
+        if "w" in mode:
+            calls["n"] += 1
+            if calls["n"] > fail_after:
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(atomic, "open", full_disk_open, raising=False)
+    messages = []
+    assert train(cfg, run, echo=messages.append) == 4
+    assert any("No space left" in m for m in messages)
+    monkeypatch.undo()
+    _parse_everything(run)
+    assert not list(run.rglob("*.tmp"))
