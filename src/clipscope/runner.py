@@ -373,7 +373,8 @@ def _least_squares(cfg: Any, dtype: torch.dtype):
     Xh, Yh = X[n:], Y[n:]
 
     def heldout(model: torch.nn.Module) -> float:
-        return float(loss_fn(model(Xh), Yh))
+        device = next(model.parameters()).device
+        return float(loss_fn(model(Xh.to(device)), Yh.to(device)))
 
     return model, loss_fn, comps, heldout
 
@@ -458,7 +459,6 @@ def train(
     directories raise ValueError / FileExistsError (exit 2 through the CLI).
     """
     from clipscope.config import config_diff, dump_config, load_config
-    from clipscope.methods import Interrupted, NonFiniteError, fit
 
     if echo is None:
         from tqdm.auto import tqdm
@@ -497,9 +497,22 @@ def train(
             out.mkdir(parents=True, exist_ok=True)
             log(f"--force: resuming {out} with a changed config:\n  {shown}")
         _check_env(out, log)
+    # Global torch settings for this run, restored afterwards (train() may run in-process).
+    saved_threads = torch.get_num_threads()
+    saved_det = torch.are_deterministic_algorithms_enabled()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.use_deterministic_algorithms(cfg.deterministic)
+    try:
+        return _train(cfg, out, resolved, resume, force, on_step, echo, log)
+    finally:
+        torch.set_num_threads(saved_threads)
+        torch.use_deterministic_algorithms(saved_det)
+
+
+def _train(cfg, out, resolved, resume, force, on_step, echo, log) -> int:
+    from clipscope.methods import Interrupted, NonFiniteError, fit
+
     model, loss_fn, comps, heldout = build_task(cfg)
     try:
         out.mkdir(parents=True, exist_ok=True)
