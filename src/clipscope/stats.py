@@ -354,8 +354,8 @@ class ComponentStats:
         """``γ_i(η) = min{1, η/n_i}`` (21), 1 where ``n_i = 0``; shape ``eta.shape + (m,)``."""
         etas, _ = _check_etas(eta)
         e = etas[..., None]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(self._n > e, e / np.where(self._n > 0, self._n, 1.0), 1.0)
+        n = self._n
+        return np.where(n > 0, np.minimum(e, n) / np.where(n > 0, n, 1.0), 1.0)
 
     def descent(self, eta: Any) -> np.ndarray | float:
         """``D(η) = Σ_i min{n_i, η}·d_i/n_i = Σ_i γ_i(η) d_i`` (23), zero components giving 0.
@@ -403,7 +403,7 @@ class ComponentStats:
         whatever A3 says. NaN when ``c1`` or ``c2`` is NaN.
         """
         etas, scalar = _check_etas(eta)
-        with np.errstate(invalid="ignore"):
+        with np.errstate(invalid="ignore", over="ignore"):
             ec1 = np.where(self._c1 == 0, 0.0, etas * self._c1)
             out = self._m * np.minimum(ec1, self._c2 * self._g) * self._g
         return float(out) if scalar else out
@@ -494,7 +494,8 @@ class EtaProfile:
         b, start = np.unique(ns, return_index=True)
         if b.size:
             gd = np.add.reduceat(ds, start)
-            gw = np.add.reduceat(ds / ns, start)
+            with np.errstate(over="ignore"):  # only inconsistent inputs (|d_i| ≫ n_i) overflow
+                gw = np.add.reduceat(ds / ns, start)
         else:
             gd = gw = np.zeros(0)
         self._b = b
