@@ -199,3 +199,14 @@ def test_no_clipping_converges_from_one():
     for method in example1.METHODS:
         r = example1.simulate(method, x0=1.0, alpha=0.01, eta=math.inf, epochs=150, runs=100)
         assert r.summary()["fraction_toward"] == 1.0
+
+
+def test_unclipped_overflow_is_reported_not_hidden():
+    """With η = ∞ and a large step the iterates overflow; the summary says so."""
+    r = example1.simulate("igc", x0=1.0, alpha=5.0, eta=math.inf, epochs=300)
+    s = r.summary()
+    assert s["fraction_overflow"] == 1.0
+    assert s["fraction_away"] == s["fraction_toward"] == 0.0
+    assert s["median_abs_final"] is None
+    clipped = example1.simulate("igc", x0=1.0, alpha=5.0, eta=2.0, epochs=300).summary()
+    assert clipped["fraction_overflow"] == 0.0  # |x_T| <= |x_0| + 3Tαη

@@ -40,6 +40,7 @@ from clipscope.stats import check_eta
 __all__ = ["METHODS", "Example1Run", "component_orders", "plot", "run_orders", "simulate"]
 
 METHODS = ("sgd", "igc", "rr")
+_PLOT_MIN, _PLOT_MAX = 1e-300, 1e100  # |x| drawn on a log axis; outside: a gap
 _A = np.asarray(theory.EXAMPLE1_COEFFICIENTS, dtype=np.float64)
 
 
@@ -149,8 +150,10 @@ class Example1Run:
         """Return final-iterate statistics as a JSON-safe dict.
 
         ``fraction_away``: share of runs with ``|x_T| > |x_0|``;
-        ``fraction_toward``: share with ``|x_T| < |x_0|``; ``median_abs_final``,
-        ``min_abs_final``, ``max_abs_final`` of ``|x_T|`` (``None`` if not finite).
+        ``fraction_toward``: share with ``|x_T| < |x_0|``; ``fraction_overflow``:
+        share whose ``x_T`` is not finite (possible only with η = ∞);
+        ``median_abs_final``, ``min_abs_final``, ``max_abs_final`` of ``|x_T|``
+        (``None`` if not finite).
         """
         final = np.abs(self.trajectory[-1])
         start = abs(self.x0)
@@ -166,6 +169,7 @@ class Example1Run:
                 "deterministic": self.deterministic,
                 "fraction_away": float(np.mean(final > start)),
                 "fraction_toward": float(np.mean(final < start)),
+                "fraction_overflow": float(np.mean(~np.isfinite(final))),
                 "median_abs_final": num(float(np.median(final))),
                 "min_abs_final": num(float(np.min(final))),
                 "max_abs_final": num(float(np.max(final))),
@@ -222,6 +226,7 @@ def plot(results: list[Example1Run], eta: float, path: str | Path, *, max_lines:
     up to ``max_lines`` runs per method drawn thin, the median thick), and a
     last panel with ``E[C](x)`` (:func:`clipscope.theory.expected_clipped_step`)
     against x, the unclipped ``∇f(x) = 2x`` and the watershed ``|x| = η/4``.
+    Values of ``|x_k|`` that are 0, above 1e100 or not finite are drawn as gaps.
     """
     import matplotlib
 
@@ -236,9 +241,12 @@ def plot(results: list[Example1Run], eta: float, path: str | Path, *, max_lines:
     for ax, start in zip(axes, starts, strict=False):
         for r in (r for r in results if r.x0 == start):
             k = np.arange(r.epochs + 1)
-            traj = np.abs(r.trajectory)
-            ax.plot(k, traj[:, :max_lines], color=colors[r.method], lw=0.4, alpha=0.3)
-            median = np.median(traj, axis=1)
+            # overflowed (only possible with η = ∞) or zero values leave gaps on the log axis
+            traj = np.ma.masked_outside(np.abs(r.trajectory), _PLOT_MIN, _PLOT_MAX)
+            ax.plot(
+                k, traj[:, :max_lines].filled(np.nan), color=colors[r.method], lw=0.4, alpha=0.3
+            )
+            median = np.ma.median(traj, axis=1).filled(np.nan)
             ax.plot(k, median, styles[r.method], color=colors[r.method], lw=2, label=r.method)
         ax.axhline(theory.example1_watershed(eta), color="k", ls=":", lw=1, label="|x| = η/4")
         ax.set_yscale("log")

@@ -135,6 +135,8 @@ def run(args: argparse.Namespace) -> int:
             f"  {s['x0']:8g} {s['method']:>6} {s['fraction_away']:11.3f} "
             f"{s['fraction_toward']:11.3f} {median_text}"
         )
+    if any(s["fraction_overflow"] > 0 for s in summaries):
+        print("  (some runs overflowed: only possible without clipping, eta = inf)")
     print()
     print(f"plot: {path}")
     return 0
