@@ -8,6 +8,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from clipscope.clipping import grad_norm
@@ -142,6 +144,24 @@ def test_order_state_dict_continues_exactly(method):
     b.load_state_dict(state)
     assert [b.next_epoch() for _ in range(3)] == expected
     assert torch.equal(a.counts, b.counts)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    method=st.sampled_from(METHODS),
+    m=st.integers(1, 12),
+    seed=st.integers(0, 2**31),
+    epochs=st.integers(1, 4),
+)
+def test_order_invariants(method, m, seed, epochs):
+    """Every epoch has m indices in range; permutation orders visit each index once."""
+    order = make_order(method, m, seed)
+    drawn = [order.next_epoch() for _ in range(epochs)]
+    assert all(len(e) == m and all(0 <= i < m for i in e) for e in drawn)
+    if method not in ("sgd", "zhang"):
+        assert all(sorted(e) == list(range(m)) for e in drawn)
+    assert order.counts.sum() == m * epochs and order.epoch == epochs
+    assert order.counts.tolist() == np.bincount([i for e in drawn for i in e], minlength=m).tolist()
 
 
 def test_order_is_a_sampler():
@@ -430,6 +450,14 @@ def test_nonfinite_stops_fit():
             progress=False,
         )
     assert torch.isfinite(flat(model)).all()
+
+
+def test_nonfinite_parameters_stop_at_the_probe():
+    model, loss_fn, comps = least_squares()
+    with torch.no_grad():
+        model.weight[0, 1] = float("nan")
+    with pytest.raises(NonFiniteError, match="probe"):
+        fit(model, loss_fn, comps, "igc", lr=0.1, eta=1.0, epochs=1, progress=False)
 
 
 def test_step_schedule_recorded():

@@ -385,6 +385,14 @@ class _StopFlag:
     def __init__(self) -> None:
         self.signum: int | None = None
 
+    def raise_if_set(self, st: dict[str, Any]) -> None:
+        """Raise :class:`Interrupted` when a signal arrived (call right after a checkpoint)."""
+        if self.signum is not None:
+            raise Interrupted(
+                self.signum,
+                f"signal {self.signum}: checkpointed at epoch {st['epoch']}, step {st['step']}",
+            )
+
     @contextlib.contextmanager
     def installed(self, enabled: bool):
         if not enabled or threading.current_thread() is not threading.main_thread():
@@ -649,6 +657,7 @@ def fit(
                         _summary_line(say, row)
                     st["probed"] = True
                     checkpoint()
+                    stop.raise_if_set(st)  # a signal during a long probe: stop now
                 if k >= epochs:
                     break
                 if st["pos"] == 0:
@@ -687,10 +696,7 @@ def fit(
                         on_step(st["step"], i, norm)
                     if stop.signum is not None:
                         checkpoint()
-                        raise Interrupted(
-                            stop.signum,
-                            f"signal {stop.signum}: checkpointed at epoch {k}, step {st['step']}",
-                        )
+                        stop.raise_if_set(st)
                     if checkpoint_every and st["step"] % checkpoint_every == 0 and st["pos"] < m:
                         checkpoint()
                 _end_epoch(st, m)
@@ -698,6 +704,7 @@ def fit(
                     scheduler.step()
                 bar.update(1)
                 checkpoint()
+                stop.raise_if_set(st)
     except NonFiniteError as exc:
         history.status = "nonfinite"
         if rd is not None:

@@ -143,18 +143,24 @@ def probe_row(
     D(η) for the IGC drift. Call it inside :func:`~clipscope.engine.model_guard`.
     """
     from clipscope.engine import model_guard, probe
+    from clipscope.methods import NonFiniteError
 
-    result = probe(
-        model,
-        loss_fn,
-        components,
-        etas=(),
-        route=route,
-        dropout=dropout,
-        seed=seed,
-        keep_full_grad=keep_full_grad,
-        progress=progress,
-    )
+    try:
+        result = probe(
+            model,
+            loss_fn,
+            components,
+            etas=(),
+            route=route,
+            dropout=dropout,
+            seed=seed,
+            keep_full_grad=keep_full_grad,
+            progress=progress,
+        )
+    except ValueError as exc:
+        if "finite" in str(exc):  # the engine's and the statistics' non-finite errors
+            raise NonFiniteError(f"probe: {exc}") from exc
+        raise
     stats = result.stats
     cos = stats.cos
     defined = cos[np.isfinite(cos)]
