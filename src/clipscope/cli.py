@@ -2,7 +2,8 @@
 
 Each sub-command lives in its own module under :mod:`clipscope.commands` and
 defines ``add_parser(subparsers)`` and ``run(args) -> int``. Modules are found
-by name, so adding a command never touches this file.
+by name, so adding a command never touches this file, and only the chosen
+command's module is imported (``clipscope bounds`` never loads torch).
 """
 
 from __future__ import annotations
@@ -15,35 +16,40 @@ import sys
 from clipscope import __version__, commands
 
 
-def _command_modules() -> list:
-    names = sorted(
+def command_names() -> list[str]:
+    """Names of the available sub-commands (module names, nothing imported)."""
+    return sorted(
         m.name for m in pkgutil.iter_modules(commands.__path__) if not m.name.startswith("_")
     )
-    return [importlib.import_module(f"clipscope.commands.{name}") for name in names]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Return the top-level parser with every sub-command registered."""
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """Return the top-level parser; with ``only``, register just that sub-command."""
     parser = argparse.ArgumentParser(
         prog="clipscope",
         description="Gradient clipping in incremental gradient methods: train, probe, reproduce.",
     )
     parser.add_argument("--version", action="version", version=f"clipscope {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in _command_modules():
-        module.add_parser(sub)
+    for name in [only] if only else command_names():
+        importlib.import_module(f"clipscope.commands.{name}").add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` and run the chosen sub-command; return its exit code."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    first = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(first if first in command_names() else None)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"clipscope {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head`: not an error of ours
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover
