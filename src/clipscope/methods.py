@@ -471,7 +471,8 @@ def fit(
     epoch k, next to ``grad_norm`` = ‖∇f_k‖, so ``|igc_drift| ≤ αηm²G‖∇f_k‖``
     (42) can be checked. Training steps use the model's own dropout; the probe
     uses the ``dropout`` policy, so with active dropout the drift includes the
-    mask noise.
+    mask noise. The model trains in the mode the caller left it in (``fit``
+    never calls ``model.train()``; BatchNorm-in-eval policies stay in force).
 
     Parameters
     ----------
@@ -663,7 +664,6 @@ def fit(
                 if st["pos"] == 0:
                     st["indices"] = order.next_epoch()
                     st["rnn_state"] = None
-                model.train()
                 while st["pos"] < m:
                     i = st["indices"][st["pos"]]
                     box: dict[str, Any] = {}
