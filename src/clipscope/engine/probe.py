@@ -336,13 +336,13 @@ def _dyadic_sizes(b: int, batch_sizes: Sequence[int] | None, levels: int | None)
 class _Level:
     """Sum-reducible accumulators of one batch-size level."""
 
-    def __init__(self, n: int, device: torch.device) -> None:
+    def __init__(self, n: int, device: torch.device, merges: bool) -> None:
         self.sum_grad = torch.zeros(n, dtype=torch.float64, device=device)
         self.norms: list[float] = []
         self.losses: list[float] = []
         self.sizes: list[int] = []
-        # pending parent being merged from children
-        self.pending = torch.zeros(n, dtype=torch.float64, device=device)
+        # the parent being merged from consecutive children (levels above the base)
+        self.pending = torch.zeros(n if merges else 0, dtype=torch.float64, device=device)
         self.pending_loss = 0.0
         self.pending_w = 0
         self.pending_count = 0
@@ -361,7 +361,7 @@ def _sweep(model, loss_fn, components, flat, etas, dropout, seed, progress, n_le
     """Two passes at the base batch size; levels > 1 are the dyadic parents."""
     sizes = [int(s) for s in components.sizes]
     drop_last = bool(getattr(components, "drop_last", False))
-    levels = [_Level(flat.n, flat.device) for _ in range(n_levels)]
+    levels = [_Level(flat.n, flat.device, merges=level > 0) for level in range(n_levels)]
     m = len(components)
     # pass 1: norms, losses, Σ g (and the dyadic carry)
     stream = component_losses(model, loss_fn, components, dropout=dropout, seed=seed)
