@@ -332,8 +332,11 @@ def test_gram_identity(B, T, P, Q, seed):
     gen = torch.Generator().manual_seed(seed)
     a = torch.randn(B, T, P, generator=gen, dtype=torch.float64)
     b = torch.randn(B, T, Q, generator=gen, dtype=torch.float64)
-    explicit = torch.einsum("btq,btp->bqp", b, a).square().sum((1, 2))
-    torch.testing.assert_close(_gram_sq_norm(a, b), explicit, rtol=1e-12, atol=0)
+    per = torch.einsum("btq,btp->bqp", b, a)
+    explicit = per.square().sum((1, 2))
+    sq, total = _gram_sq_norm(a, b)
+    torch.testing.assert_close(sq, explicit, rtol=1e-12, atol=0)
+    torch.testing.assert_close(total, per.sum(0), rtol=1e-12, atol=1e-12)
     ghost = (a @ a.transpose(1, 2) * (b @ b.transpose(1, 2))).sum((1, 2))
     torch.testing.assert_close(ghost, explicit, rtol=1e-12, atol=1e-12)
 

@@ -166,27 +166,40 @@ def per_sample_losses(
 # ----------------------------------------------------------------------------- ghost norms
 
 
-def _gram_sq_norm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``‖Σ_t b_t a_tᵀ‖²`` for every sample: a ``(B, T, P)``, b ``(B, T, Q)`` -> ``(B,)`` f64."""
+def _sq_sum(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """``Σ t²`` over ``dims``, accumulated in float64 (the squares in the tensor's dtype)."""
+    return (t * t).sum(dims, dtype=torch.float64)
+
+
+def _gram_sq_norm(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``‖Σ_t b_t a_tᵀ‖²`` per sample, and ``Σ_j Σ_t b_jt a_jtᵀ`` (the summed gradient).
+
+    a ``(B, T, P)``, b ``(B, T, Q)`` -> ``(B,)`` float64 and ``(Q, P)``. ``a`` and
+    ``b`` may be transposed views (conv patches); ``bmm`` reads them in place.
+    """
     B, T, P = a.shape
     Q = b.shape[2]
-    if T == 1:
-        return a.double().square().sum((1, 2)) * b.double().square().sum((1, 2))
-    if T * (P + Q) <= P * Q:  # ghost: Σ_{t,s} (a_t·a_s)(b_t·b_s)
-        ga = torch.bmm(a, a.transpose(1, 2)).double()
-        gb = torch.bmm(b, b.transpose(1, 2)).double()
-        return (ga * gb).sum((1, 2))
+    if T == 1 or T * (P + Q) <= P * Q:
+        total = torch.mm(b.reshape(B * T, Q).t(), a.reshape(B * T, P))
+        if T == 1:
+            return _sq_sum(a, (1, 2)) * _sq_sum(b, (1, 2)), total
+        # ghost: Σ_{t,s} (a_t·a_s)(b_t·b_s)
+        ga = torch.bmm(a, a.transpose(1, 2))
+        gb = torch.bmm(b, b.transpose(1, 2))
+        return (ga * gb).sum((1, 2), dtype=torch.float64), total
     out = torch.empty(B, dtype=torch.float64, device=a.device)
+    total = torch.zeros(Q, P, dtype=a.dtype, device=a.device)
     step = max(1, _CHUNK_ELEMENTS // max(1, P * Q))
     for s in range(0, B, step):
         g = torch.bmm(b[s : s + step].transpose(1, 2), a[s : s + step])  # (chunk, Q, P)
-        out[s : s + step] = g.double().square().sum((1, 2))
-    return out
+        out[s : s + step] = _sq_sum(g, (1, 2))
+        total += g.sum(0)
+    return out, total
 
 
 def _bias_sq_norm(b: torch.Tensor) -> torch.Tensor:
     """``‖Σ_t b_t‖²`` for every sample, b ``(B, T, Q)``."""
-    return b.double().sum(1).square().sum(1)
+    return _sq_sum(b.sum(1, dtype=torch.float64), (1,))
 
 
 def _linear_tokens(mod: nn.Linear, a: torch.Tensor, b: torch.Tensor):
@@ -267,7 +280,7 @@ class _Recorder:
                 f"per-sample norms need the samples along dim 0 of every layer's input: "
                 f"{type(mod).__name__} got input {tuple(a.shape)} for a batch of {self.batch}"
             )
-        slot: list[torch.Tensor | None] = [a.detach(), None]
+        slot: list[Any] = [a.detach(), None, (output, output._version)]
         self.calls[id(mod)].append(slot)
 
         def keep(g: torch.Tensor) -> None:
@@ -280,17 +293,23 @@ class _Recorder:
             h.remove()
 
 
+def _cat1(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, 1)
+
+
 def _module_sq_norms(
     mod: nn.Module, calls: list, wanted: set[int], batch: int, device: Any
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """Per-sample ``‖g_j‖²`` over the module's wanted parameters, and their summed gradients."""
     out = torch.zeros(batch, dtype=torch.float64, device=device)
-    calls = [(a, b) for a, b in calls if b is not None]
-    if not calls:
-        return out
     w = getattr(mod, "weight", None)
     bias = getattr(mod, "bias", None)
     use_w = isinstance(w, torch.Tensor) and id(w) in wanted
     use_b = isinstance(bias, torch.Tensor) and id(bias) in wanted
+    sums: dict[int, torch.Tensor] = {}
+    calls = [(a, b) for a, b, _ in calls if b is not None]
+    if not calls:
+        return out, sums
     if isinstance(mod, _NORMS):
         gw = gb = None
         for a, b in calls:
@@ -298,30 +317,42 @@ def _module_sq_norms(
             gw = cw if gw is None else gw + cw
             gb = cb if gb is None else gb + cb
         if use_w:
-            out += gw.double().reshape(batch, -1).square().sum(1)
+            out += _sq_sum(gw.reshape(batch, -1), (1,))
+            sums[id(w)] = gw.sum(0).reshape(w.shape)
         if use_b:
-            out += gb.double().reshape(batch, -1).square().sum(1)
-        return out
+            out += _sq_sum(gb.reshape(batch, -1), (1,))
+            sums[id(bias)] = gb.sum(0).reshape(bias.shape)
+        return out, sums
     if isinstance(mod, nn.Embedding):
-        idx = torch.cat([a.reshape(batch, -1) for a, _ in calls], 1)
-        b = torch.cat([b.reshape(batch, -1, b.shape[-1]) for _, b in calls], 1)
+        idx = _cat1([a.reshape(batch, -1) for a, _ in calls])
+        b = _cat1([b.reshape(batch, -1, b.shape[-1]) for _, b in calls])
         if mod.padding_idx is not None:
             b = b * (idx != mod.padding_idx).unsqueeze(-1).to(b.dtype)
-        same = (idx.unsqueeze(2) == idx.unsqueeze(1)).double()
-        gb_ = torch.bmm(b, b.transpose(1, 2)).double()
-        return out + (gb_ * same).sum((1, 2))
+        same = idx.unsqueeze(2) == idx.unsqueeze(1)
+        gb_ = torch.bmm(b, b.transpose(1, 2))
+        sums[id(w)] = torch.zeros_like(w).index_add_(0, idx.reshape(-1), b.reshape(-1, w.shape[1]))
+        return out + (gb_ * same).sum((1, 2), dtype=torch.float64), sums
     if isinstance(mod, nn.Linear):
         groups = [[_linear_tokens(mod, a, b)] for a, b in calls]
     else:
         groups = [_conv_tokens(mod, a, b) for a, b in calls]
+    w_parts, b_parts = [], []
     for k in range(len(groups[0])):
-        a = torch.cat([g[k][0] for g in groups], 1)
-        b = torch.cat([g[k][1] for g in groups], 1)
+        # a shared module's calls are more tokens of one sum (no copy for one call)
+        a = _cat1([g[k][0] for g in groups])
+        b = _cat1([g[k][1] for g in groups])
         if use_w:
-            out += _gram_sq_norm(a, b)
+            sq, total = _gram_sq_norm(a, b)
+            out += sq
+            w_parts.append(total)
         if use_b:
             out += _bias_sq_norm(b)
-    return out
+            b_parts.append(b.sum((0, 1)))
+    if use_w:
+        sums[id(w)] = torch.cat(w_parts).reshape(w.shape)
+    if use_b:
+        sums[id(bias)] = torch.cat(b_parts).reshape(bias.shape)
+    return out, sums
 
 
 def _tied(model: nn.Module) -> set[int]:
@@ -439,15 +470,31 @@ def ghost_pass(
     try:
         with torch.enable_grad():
             losses = per_sample_losses(model, loss_fn, x, y)
-            grads = torch.autograd.grad(losses.sum(), params, allow_unused=True)
+            outputs = [slot[2] for calls in rec.calls.values() for slot in calls]
+            if all(o._version == v for o, v in outputs):
+                # differentiate w.r.t. the layer outputs: the hooks get every b, and
+                # the ghost layers' weight gradients are never formed by autograd
+                inputs = [o for o, _ in outputs] + rest
+            else:
+                # an in-place op changed a layer output after its hook: the hooks still
+                # see the gradient of the version they were registered on
+                inputs = list(params)
+            grads = torch.autograd.grad(losses.sum(), inputs, allow_unused=True)
     finally:
         rec.remove()
+    found = dict(zip(map(id, inputs), grads, strict=True))
     sq = torch.zeros(batch, dtype=torch.float64, device=x.device)
     for mod in ghost_mods:
-        sq += _module_sq_norms(mod, rec.calls[id(mod)], wanted, batch, x.device)
+        mod_sq, sums = _module_sq_norms(mod, rec.calls[id(mod)], wanted, batch, x.device)
+        sq += mod_sq
+        found.update(sums)
     if rest:
         sq += _vmap_sq_norms(model, loss_fn, x, y, rest)
-    grad_sum = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+    grad_sum = [found.get(id(p)) for p in params]
+    grad_sum = [
+        torch.zeros_like(p) if g is None else g.detach()
+        for p, g in zip(params, grad_sum, strict=True)
+    ]
     return GhostPass(sq, losses.detach(), grad_sum)
 
 
