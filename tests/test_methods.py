@@ -270,6 +270,25 @@ def test_fit_momentum_weight_decay_equal_torch_sgd_on_clipped_grads():
     assert hist.rows[0]["lr"] == 0.1
 
 
+def test_fit_with_any_optimizer_clips_before_its_step():
+    model, loss_fn, comps = least_squares()
+    ref = copy.deepcopy(model)
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=0.01)
+    for order in hand_order("igc", comps.m, 0, 2):
+        for i in order:
+            ref_opt.zero_grad()
+            x, y = comps.batch(i)
+            loss_fn(ref(x), y).backward()
+            n = float(grad_norm([p.grad for p in ref.parameters()]))
+            if n > 0.2:
+                for p in ref.parameters():
+                    p.grad.mul_(0.2 / n)
+            ref_opt.step()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    fit(model, loss_fn, comps, "igc", lr=0.01, eta=0.2, epochs=2, optimizer=opt, progress=False)
+    assert torch.equal(flat(model), flat(ref))
+
+
 @pytest.mark.parametrize("method", ["sgd", "igc", "rr"])
 def test_probing_does_not_disturb_training(method):
     """Probes every epoch vs never: identical parameters (dropout draws included)."""

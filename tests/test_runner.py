@@ -282,8 +282,12 @@ def test_resume_of_completed_run_changes_nothing(golden, tmp_path):
     cfg_path, run = golden["sgd"]
     copy = tmp_path / "copy"
     shutil.copytree(run, copy)
-    assert train(cfg_path, copy, resume=True, echo=quiet) == 0
+    env = json.loads((copy / "env.json").read_text())
+    (copy / "env.json").write_text(json.dumps({**env, "torch": "0.0.1"}))
+    messages = []
+    assert train(cfg_path, copy, resume=True, echo=messages.append) == 0
     assert_same_run(run, copy)
+    assert any("torch (0.0.1 ->" in m and "not promised" in m for m in messages)
 
 
 # -- crash safety -------------------------------------------------------------------
