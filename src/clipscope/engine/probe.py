@@ -41,6 +41,8 @@ Reductions are sums (``Σ g_i``, ``Σ γ_i g_i``, per-component scalars placed b
 index), so components could later be split across processes with one
 all-reduce of the vectors and a gather of the scalars; nothing here does that.
 
+Batches are moved to the device of the first parameter.
+
 The probe leaves the model exactly as found (:func:`~clipscope.engine.guard.model_guard`):
 parameters, buffers, ``.grad``, train/eval flags and the global RNG. It uses
 ``torch.autograd.grad`` and never writes ``.grad``.
@@ -364,7 +366,9 @@ def _sweep(model, loss_fn, components, flat, etas, dropout, seed, progress, n_le
     levels = [_Level(flat.n, flat.device, merges=level > 0) for level in range(n_levels)]
     m = len(components)
     # pass 1: norms, losses, Σ g (and the dyadic carry)
-    stream = component_losses(model, loss_fn, components, dropout=dropout, seed=seed)
+    stream = component_losses(
+        model, loss_fn, components, dropout=dropout, seed=seed, device=flat.device
+    )
     for i, loss in _progress(stream, m, progress, "probe pass 1"):
         g = flat.grad(loss, i).double()
         s = sizes[i]
@@ -392,7 +396,9 @@ def _sweep(model, loss_fn, components, flat, etas, dropout, seed, progress, n_le
     clip_acc = torch.zeros(n_levels * len(etas), flat.n, dtype=torch.float64, device=flat.device)
     mismatch = 0.0
     # pass 2: dots with each level's ∇f, clipped sums
-    stream = component_losses(model, loss_fn, components, dropout=dropout, seed=seed)
+    stream = component_losses(
+        model, loss_fn, components, dropout=dropout, seed=seed, device=flat.device
+    )
     for i, loss in _progress(stream, m, progress, "probe pass 2"):
         g = flat.grad(loss, i).double()
         n1 = levels[0].norms[i]
@@ -441,7 +447,9 @@ def _keep(model, loss_fn, components, flat, etas, dropout, seed, progress):
     G = torch.empty(m, flat.n, dtype=flat.dtype, device=flat.device)
     sum_grad = torch.zeros(flat.n, dtype=torch.float64, device=flat.device)
     norms, losses = np.zeros(m), np.zeros(m)
-    stream = component_losses(model, loss_fn, components, dropout=dropout, seed=seed)
+    stream = component_losses(
+        model, loss_fn, components, dropout=dropout, seed=seed, device=flat.device
+    )
     for i, loss in _progress(stream, m, progress, "probe (keep)"):
         g = flat.grad(loss, i)
         G[i] = g
@@ -493,7 +501,7 @@ def _per_sample(model, loss_fn, components, flat, etas, dropout, seed, progress)
     params = flat.params
     with dropout_policy(model, dropout):
         for c in _progress(range(m_chunks), m_chunks, progress, "per-sample pass 1"):
-            x, y = components.batch(c)
+            x, y = components.batch(c, flat.device)
             with rng_for_component(dropout, seed, c):
                 ghost = per_sample.ghost_pass(model, loss_fn, x, y, params=params)
             a, b = offsets[c], offsets[c + 1]
@@ -510,7 +518,7 @@ def _per_sample(model, loss_fn, components, flat, etas, dropout, seed, progress)
         dots = np.zeros(n_samples)
         vector = [t.to(p.dtype) for t, p in zip(flat.unflatten(full), params, strict=True)]
         for c in _progress(range(m_chunks), m_chunks, progress, "per-sample pass 2"):
-            x, y = components.batch(c)
+            x, y = components.batch(c, flat.device)
             a, b = offsets[c], offsets[c + 1]
             with rng_for_component(dropout, seed, c):
                 d = per_sample.per_sample_dots(model, loss_fn, x, y, vector, params=params)
@@ -582,7 +590,9 @@ def reference_probe(
     flat = _Flat(model, params)
     rows, losses = [], []
     with model_guard(model), torch.enable_grad():
-        for i, loss in component_losses(model, loss_fn, components, dropout=dropout, seed=seed):
+        for i, loss in component_losses(
+            model, loss_fn, components, dropout=dropout, seed=seed, device=flat.device
+        ):
             rows.append(flat.grad(loss, i).double())
             losses.append(float(loss.detach()))
     G = torch.stack(rows)
