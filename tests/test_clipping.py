@@ -396,3 +396,33 @@ def test_agrees_with_torch_up_to_its_epsilon(g, eta):
     # torch's factor min(1, η/(n+1e-6)) differs from ours by at most a factor 1e-6/η·...
     tol = 1e-6 / max(n, 1e-300) + 1e-14
     np.testing.assert_allclose(theirs.numpy(), ours.numpy(), rtol=tol, atol=1e-300)
+
+
+def test_torch_double_counts_a_tied_parameter_we_count_it_once():
+    g = torch.tensor([3.0, 4.0], dtype=torch.float64)
+    p = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    p.grad = g.clone()
+    theirs = torch.nn.utils.clip_grad_norm_([p, p], 1.0)
+    assert float(theirs) == pytest.approx(5 * math.sqrt(2))
+    assert float(p.grad.norm()) < 0.2  # scaled twice
+    p.grad = g.clone()
+    assert float(clip_grads_([p, p], 1.0)) == 5.0
+    assert float(p.grad.norm()) == pytest.approx(1.0, rel=1e-15)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    ps = make_params(3)
+    cpu = [p.grad.clone() for p in ps]
+    flat = torch.cat([g.ravel() for g in cpu])
+    qs = [torch.nn.Parameter(p.detach().cuda()) for p in ps]
+    for q, g in zip(qs, cpu, strict=True):
+        q.grad = g.cuda()
+    norm = clip_grads_(qs, 1.0)
+    assert norm.device.type == "cuda" and norm.dtype == torch.float64
+    assert float(norm) == pytest.approx(float(flat.norm()), rel=1e-14)
+    after = torch.cat([q.grad.cpu().ravel() for q in qs])
+    np.testing.assert_allclose(after.numpy(), brute_clip(flat.numpy(), 1.0), rtol=1e-14)
+    big = torch.tensor([2e22, 2e22], device="cuda")
+    assert torch.isfinite(clip(big, 1.0)).all()
+    assert clip(big, 1.0).device.type == "cuda"

@@ -34,7 +34,8 @@ How this differs from :func:`torch.nn.utils.clip_grad_norm_`
    ``error_if_nonfinite=False`` the result is NaN-filled (never silently zero).
 6. **No gradients.** torch returns ``0`` for parameters without gradients;
    here that is a :class:`ValueError` (an empty model is a configuration bug).
-7. **Tied parameters** listed twice are counted once in the norm and scaled once.
+7. **Tied parameters.** A tensor listed twice is counted twice in torch's norm
+   and scaled twice; here it is counted and scaled once.
 8. **Return value.** Both return the norm before clipping; here it is always
    float64 (0-d tensor on the first gradient's device).
 """
