@@ -62,6 +62,26 @@ class LSTMClassifier(nn.Module):
         return self.out(h[:, -1])
 
 
+class RNNState(nn.Module):
+    """Sequence-first GRU or LSTM fed an initial state; the classifier reads h_n."""
+
+    def __init__(self, kind: str = "lstm") -> None:
+        super().__init__()
+        self.emb = nn.Embedding(9, 4)
+        self.h0 = nn.Parameter(torch.randn(2, 1, 3))
+        rnn = nn.LSTM if kind == "lstm" else nn.GRU
+        self.rnn = rnn(4, 3, num_layers=2)
+        self.out = nn.Linear(3, 3)
+        self.kind = kind
+
+    def forward(self, x):
+        h0 = self.h0.expand(2, x.shape[0], 3).contiguous()
+        hx = (h0, torch.zeros_like(h0)) if self.kind == "lstm" else h0
+        seq, state = self.rnn(self.emb(x).transpose(0, 1), hx)
+        h = state[0] if self.kind == "lstm" else state
+        return self.out(h[-1] + seq[0])
+
+
 class Tied(nn.Module):
     """Embedding and decoder share one weight; output (B, T, V)."""
 
@@ -161,7 +181,10 @@ CASES = [
     Case("conv1d-bn-eval", conv1d_bn, _feats(4, 3, 8), _ints(2, 4), seed=3),
     Case("embedding-bag", Bag, _ints(7, 5, 6), _ints(3, 5), seed=4),
     Case("sequence-linear", SeqLinear, _feats(4, 3, 5), _ints(3, 4), seed=5),
-    Case("lstm-fallback", LSTMClassifier, _ints(9, 3, 4), _ints(3, 3), seed=6),
+    Case("lstm", LSTMClassifier, _ints(9, 3, 4), _ints(3, 3), seed=6),
+    Case("lstm-float32", LSTMClassifier, _ints(9, 3, 4), _ints(3, 3), dtype=torch.float32, seed=6),
+    Case("lstm-seq-first-state", RNNState, _ints(9, 3, 4), _ints(3, 3), seed=10),
+    Case("gru-state", lambda: RNNState("gru"), _ints(9, 3, 4), _ints(3, 3), seed=11),
     Case("tied", Tied, _ints(6, 3, 5), _ints(6, 3, 5), loss_fn=lm_loss, seed=7),
     Case("shared-inplace", Shared, _feats(4, 4), _ints(2, 4), seed=8),
     Case("mse", lambda: nn.Linear(3, 2), _feats(5, 3), _feats(5, 2), loss_fn=F.mse_loss, seed=9),
@@ -239,7 +262,7 @@ def test_single_sample_batch():
 # ----------------------------------------------------------------------------- model untouched
 
 
-@pytest.mark.parametrize("case_id", ["conv1d-bn-eval", "lstm-fallback", "tied"])
+@pytest.mark.parametrize("case_id", ["conv1d-bn-eval", "lstm-seq-first-state", "tied"])
 def test_model_untouched(case_id):
     case = next(c for c in CASES if c.id == case_id)
     model, x, y = case.build()

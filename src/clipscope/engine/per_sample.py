@@ -27,11 +27,17 @@ holding the B gradients:
   - LayerNorm, GroupNorm, eval-mode BatchNorm: the affine gradients
     ``Σ b_j ⊙ x̂_j`` and ``Σ b_j`` are small, so they are materialized.
 
+  - nn.LSTM / GRU / RNN: no ghost formula; the recurrent module alone runs
+    again on each sample j with its captured input, initial state and output
+    gradients, ``g_j = ∂/∂θ Σ_k ⟨o^k_j(θ), b^k_j⟩`` (a loop: the fused kernels
+    have no ``vmap`` rule), so the rest of the model (a 10k-way decoder) is
+    not re-run per sample.
+
   A module called several times in one forward (a shared layer) contributes
   all its calls: their tokens are concatenated before the Gram sums. A
   parameter registered in two modules (tied weights) breaks the layer-wise sum
   (``‖g_1 + g_2‖² ≠ ‖g_1‖² + ‖g_2‖²``), so it goes, like every parameter of a
-  module type not listed above (``nn.LSTM`` included), to the fallback:
+  module type not listed above, to the fallback:
   ``torch.func.vmap(grad)`` over single samples with
   ``torch.func.functional_call``, in chunks. Norms of disjoint parameter sets
   add up.
@@ -57,6 +63,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
@@ -362,22 +369,117 @@ def _tied(model: nn.Module) -> set[int]:
     return {k for k, v in seen.items() if v > 1}
 
 
-def _plan(model: nn.Module, params: list[torch.Tensor]) -> tuple[list[nn.Module], list]:
-    """Split ``params`` into modules handled by ghost norms and parameters left to vmap."""
+def _plan(model: nn.Module, params: list[torch.Tensor]) -> tuple[list, list, list]:
+    """Split ``params``: ghost-norm modules, recurrent modules (local loop), the rest (vmap)."""
     wanted = {id(p) for p in params}
     tied = _tied(model)
-    ghost_mods, ghost_ids = [], set()
+    ghost_mods, rnn_mods, done = [], [], set()
     for mod in model.modules():
         own = [p for p in mod.parameters(recurse=False) if id(p) in wanted and id(p) not in tied]
-        if not own or not _supported(mod):
+        if not own:
+            continue
+        if isinstance(mod, nn.RNNBase):
+            rnn_mods.append((mod, own))
+            done.update(id(p) for p in own)
+            continue
+        if not _supported(mod):
             continue
         names = {id(getattr(mod, n, None)) for n in ("weight", "bias")}
         own = [p for p in own if id(p) in names]
         if own:
             ghost_mods.append(mod)
-            ghost_ids.update(id(p) for p in own)
-    rest = [p for p in params if id(p) not in ghost_ids]
-    return ghost_mods, rest
+            done.update(id(p) for p in own)
+    rest = [p for p in params if id(p) not in done]
+    return ghost_mods, rnn_mods, rest
+
+
+class _RNNRecorder:
+    """Keep each call's ``(input, hx)`` and the gradients of its outputs ``out, h_n(, c_n)``."""
+
+    def __init__(self, modules: Sequence[nn.Module], batch: int) -> None:
+        self.batch = batch
+        self.calls: dict[int, list[dict[str, Any]]] = {id(m): [] for m in modules}
+        self.handles = [m.register_forward_hook(self._forward) for m in modules]
+
+    def _forward(self, mod: nn.Module, inputs: tuple, output: Any) -> None:
+        inp = inputs[0]
+        bd = 0 if mod.batch_first else 1
+        if not isinstance(inp, torch.Tensor) or inp.dim() != 3 or inp.shape[bd] != self.batch:
+            raise ValueError(
+                f"per-sample norms of {type(mod).__name__} need a batched (not packed) input "
+                f"with the samples along dim {bd}, got {getattr(inp, 'shape', type(inp))}"
+            )
+        if mod.training and mod.dropout > 0:
+            raise ValueError(
+                f"per-sample norms of {type(mod).__name__} need its inter-layer dropout off "
+                "(eval mode): a per-sample re-run would draw other masks"
+            )
+        hx = inputs[1] if len(inputs) > 1 else None
+        hx = (hx,) if isinstance(hx, torch.Tensor) else hx
+        out, state = output
+        state = (state,) if isinstance(state, torch.Tensor) else tuple(state)
+        tensors = (out, *state)
+        slot: dict[str, Any] = {
+            "input": inp.detach(),
+            "hx": None if hx is None else tuple(h.detach() for h in hx),
+            "grads": [None] * len(tensors),
+            "outputs": [(t, t._version) for t in tensors if t.requires_grad],
+        }
+        self.calls[id(mod)].append(slot)
+        for k, t in enumerate(tensors):
+            if t.requires_grad:
+                t.register_hook(functools.partial(_keep_grad, slot["grads"], k))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _keep_grad(store: list, k: int, g: torch.Tensor) -> None:
+    store[k] = g.detach()
+
+
+def _rnn_sq_norms(
+    mod: nn.RNNBase, own: list[torch.Tensor], calls: list[dict[str, Any]], batch: int, device: Any
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """Per-sample gradients of a recurrent module's own parameters, one sample at a time.
+
+    ``g_j(θ_rnn) = ∂/∂θ Σ_k ⟨o^k(θ; a_j, h0_j), b^k_j⟩`` over the outputs ``o^k``
+    (sequence, ``h_n``, ``c_n``) with their captured gradients ``b^k``: only
+    the recurrent module runs again, on one sample, not the whole model. The
+    fused LSTM/GRU kernels have no ``vmap`` rule, hence the loop.
+    """
+    bd = 0 if mod.batch_first else 1
+    out = torch.zeros(batch, dtype=torch.float64, device=device)
+    sums = [torch.zeros_like(p) for p in own]
+    with torch.enable_grad():
+        for j in range(batch):
+            acc = [None] * len(own)
+            for call in calls:
+                if all(g is None for g in call["grads"]):
+                    continue
+                a = call["input"].narrow(bd, j, 1)
+                hx = call["hx"]
+                if hx is not None:
+                    hx = tuple(h.narrow(1, j, 1) for h in hx)
+                    hx = hx[0] if len(hx) == 1 else hx
+                o, st = mod(a, hx)
+                st = (st,) if isinstance(st, torch.Tensor) else tuple(st)
+                total = sum(
+                    (t * g.narrow(bd if k == 0 else 1, j, 1)).sum()
+                    for k, (t, g) in enumerate(zip((o, *st), call["grads"], strict=True))
+                    if g is not None
+                )
+                gs = torch.autograd.grad(total, own, allow_unused=True)
+                acc = [
+                    g if a_ is None else (a_ if g is None else a_ + g)
+                    for a_, g in zip(acc, gs, strict=True)
+                ]
+            for k, g in enumerate(acc):
+                if g is not None:
+                    out[j] += _sq_sum(g.reshape(1, -1), (1,))[0]
+                    sums[k] += g
+    return out, {id(p): s for p, s in zip(own, sums, strict=True)}
 
 
 @contextlib.contextmanager
@@ -464,13 +566,15 @@ def ghost_pass(
     """
     batch = _check_inputs(model, loss_fn, x)
     params = trainable_params(model, params)
-    ghost_mods, rest = _plan(model, params)
+    ghost_mods, rnn_mods, rest = _plan(model, params)
     wanted = {id(p) for p in params} - {id(p) for p in rest}
     rec = _Recorder(ghost_mods, batch)
+    rnn_rec = _RNNRecorder([m for m, _ in rnn_mods], batch)
     try:
         with torch.enable_grad():
             losses = per_sample_losses(model, loss_fn, x, y)
             outputs = [slot[2] for calls in rec.calls.values() for slot in calls]
+            outputs += [o for calls in rnn_rec.calls.values() for c in calls for o in c["outputs"]]
             if all(o._version == v for o, v in outputs):
                 # differentiate w.r.t. the layer outputs: the hooks get every b, and
                 # the ghost layers' weight gradients are never formed by autograd
@@ -482,10 +586,15 @@ def ghost_pass(
             grads = torch.autograd.grad(losses.sum(), inputs, allow_unused=True)
     finally:
         rec.remove()
+        rnn_rec.remove()
     found = dict(zip(map(id, inputs), grads, strict=True))
     sq = torch.zeros(batch, dtype=torch.float64, device=x.device)
     for mod in ghost_mods:
         mod_sq, sums = _module_sq_norms(mod, rec.calls[id(mod)], wanted, batch, x.device)
+        sq += mod_sq
+        found.update(sums)
+    for mod, own in rnn_mods:
+        mod_sq, sums = _rnn_sq_norms(mod, own, rnn_rec.calls[id(mod)], batch, x.device)
         sq += mod_sq
         found.update(sums)
     if rest:
