@@ -584,6 +584,8 @@ def fit(
                 scheduler.load_state_dict(saved["scheduler"])
             order.load_state_dict(saved["order"])
             torch.random.set_rng_state(saved["torch_rng"])
+            if saved.get("cuda_rng") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(saved["cuda_rng"])
             st.update(saved["loop"])
             rd.restore_rows(st["rows"])
             say(f"resumed at epoch {st['epoch']}, step {st['step']} of {rd.path}")
@@ -600,6 +602,7 @@ def fit(
                 "scheduler": None if scheduler is None else scheduler.state_dict(),
                 "order": order.state_dict(),
                 "torch_rng": torch.random.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if _cuda_in_use() else None,
                 "loop": st,
             },
             seq=st["ckpt_seq"],
@@ -699,6 +702,11 @@ def fit(
                         stop.raise_if_set(st)
                     if checkpoint_every and st["step"] % checkpoint_every == 0 and st["pos"] < m:
                         checkpoint()
+                if not any(r.get("epoch") == k for r in st["rows"]):
+                    say(
+                        f"epoch {k:4d}  (no probe)  mean step loss={st['step_loss_sum'] / m:.6g}  "
+                        f"clipped steps={st['step_clipped'] / m:.2f}"
+                    )
                 _end_epoch(st, m)
                 if scheduler is not None:
                     scheduler.step()
@@ -754,6 +762,10 @@ def _end_epoch(st: dict[str, Any], m: int) -> None:
         step_loss_sum=0.0,
         step_clipped=0,
     )
+
+
+def _cuda_in_use() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
 
 
 def _lr(optimizer: torch.optim.Optimizer) -> float:
