@@ -22,7 +22,6 @@ ValueError: config: unknown key 'methd' (did you mean 'method'?)
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import math
 from dataclasses import dataclass, fields
@@ -253,8 +252,3 @@ def config_diff(old: TrainConfig, new: TrainConfig) -> list[str]:
         if a != b:
             out.append(f"{f.name}: {_toml_value(a)} -> {_toml_value(b)}")
     return out
-
-
-def replace(config: TrainConfig, **changes: Any) -> TrainConfig:
-    """Return a validated copy with ``changes`` applied."""
-    return parse_config({**config.to_dict(), **changes}) if changes else dataclasses.replace(config)
