@@ -50,7 +50,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "method": ("sgd", "igc", "rr", "shuffle_once", "zhang"),
     "schedule": ("constant", "step", "cosine"),
     "last_batch": ("keep", "drop"),
-    "route": ("auto", "two-pass", "keep", "dyadic", "per-sample"),
+    # dyadic / per-sample probe other batch sizes than the run's components: not per-run rows
+    "route": ("auto", "two-pass", "keep"),
     "dropout": ("off", "fixed"),
     "dtype": ("float32", "float64"),
 }
@@ -85,7 +86,7 @@ class TrainConfig:
     # -- probes -------------------------------------------------------------
     probe_every: int = 1  # probe at the start of every k-th epoch (and at the end); 0 = never
     etas: tuple[float, ...] = ()  # extra thresholds for the rho@η columns
-    route: str = "auto"  # engine route: auto | two-pass | keep | dyadic | per-sample
+    route: str = "auto"  # engine route for the run's own components: auto | two-pass | keep
     dropout: str = "off"  # dropout policy of the probes: off | fixed masks
     heldout: bool = True  # evaluate the held-out metric at each probe
     # -- runtime ------------------------------------------------------------
