@@ -335,6 +335,8 @@ def test_profile_matches_descent(params, etas):
         p.ratio_curve(pts), s.ratio(pts), rtol=1e-9, atol=1e-10 * b.scale(math.inf) / b.fn**2
     )
     assert np.array_equal(p.breakpoints, np.unique(b.n[b.n > 0]))
+    assert np.array_equal(p.descent(pts), fast, equal_nan=True)
+    assert np.array_equal(p.ratio(pts), p.ratio_curve(pts), equal_nan=True)
 
 
 def _dense_grid(p: EtaProfile, b: Brute) -> np.ndarray:

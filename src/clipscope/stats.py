@@ -534,6 +534,15 @@ class EtaProfile:
         """``ρ(η) = D(η)/(m‖∇f‖²)`` at the given ``η`` (NaN if ``‖∇f‖ = 0``)."""
         return _ratio(self(eta), self._m, self._g)
 
+    # The same names as the direct (slow) evaluations of :class:`ComponentStats`.
+    def descent(self, eta: Any) -> np.ndarray | float:
+        """``D(η)``, the fast twin of :meth:`ComponentStats.descent`."""
+        return self(eta)
+
+    def ratio(self, eta: Any) -> np.ndarray | float:
+        """``ρ(η)``, the fast twin of :meth:`ComponentStats.ratio`."""
+        return self.ratio_curve(eta)
+
     def negative_intervals(self) -> list[tuple[float, float]]:
         """Return the closed intervals ``[lo, hi]`` of ``η > 0`` on which ``D(η) ≤ 0``.
 
