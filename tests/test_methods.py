@@ -507,6 +507,8 @@ def test_step_schedule_recorded():
         ({"lr": -1.0}, "lr"),
         ({"schedule": "linear"}, "schedule"),
         ({"etas": (0.1, -1.0)}, "eta"),
+        ({"route": "dyadic"}, "route"),
+        ({"dropout": "sometimes"}, "dropout"),
     ],
 )
 def test_bad_arguments_raise_before_training(kwargs, match):

@@ -517,6 +517,7 @@ def fit(
         After SIGTERM/SIGINT (with ``run_dir``): checkpointed, then raised.
     """
     from clipscope.engine import model_guard, trainable_params
+    from clipscope.engine.guard import check_dropout_policy
     from clipscope.runner import RunDirectory, probe_row
 
     method = check_method(method)
@@ -529,6 +530,11 @@ def fit(
         raise ValueError(f"checkpoint_every must be an int >= 0, got {checkpoint_every!r}")
     if checkpoint_every < 0:
         raise ValueError(f"checkpoint_every must be an int >= 0, got {checkpoint_every!r}")
+    if route not in ("auto", "two-pass", "keep"):
+        raise ValueError(
+            f"route must be 'auto', 'two-pass' or 'keep' (the run's own components), got {route!r}"
+        )
+    check_dropout_policy(dropout)
     gamma_z = eta if zhang_gamma is None else check_eta(zhang_gamma)
     params = trainable_params(model)
     m = len(components)
