@@ -228,6 +228,17 @@ def probe(
     -------
     ProbeResult or MultiProbeResult
         ``MultiProbeResult`` (``{batch size: ProbeResult}``) for the dyadic route.
+
+    Examples
+    --------
+    >>> from clipscope.components import Components
+    >>> X, Y = torch.randn(12, 3), torch.randint(0, 2, (12,))
+    >>> comps = Components.from_tensors(X, Y, batch_size=4)
+    >>> r = probe(nn.Linear(3, 2), nn.functional.cross_entropy, comps, etas=[1.0])
+    >>> r.route, r.m, round(float(r.beta.sum()), 6)  # Σβ = m (20)
+    ('keep', 3, 3.0)
+    >>> sorted(probe(nn.Linear(3, 2), nn.functional.cross_entropy, comps, levels=2))
+    [4, 8]
     """
     if route not in ROUTES:
         raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
