@@ -64,6 +64,7 @@ class TrainConfig:
     # -- task ---------------------------------------------------------------
     task: str = "least_squares"  # least_squares (built in) | classification | language_model
     model: str = "linear"  # clipscope.models.build_model name (ignored by least_squares)
+    model_kwargs: tuple[tuple[str, Any], ...] = ()  # TOML inline table of build_model kwargs
     data: str = "synthetic"  # clipscope.data loader name (ignored by least_squares)
     n_samples: int = 256  # least_squares: number of samples N (0: the loader's full set)
     dim: int = 8  # least_squares: number of features
@@ -99,11 +100,15 @@ class TrainConfig:
     progress: bool = True  # tqdm progress bars
 
     def to_dict(self) -> dict[str, Any]:
-        """All fields as plain values (tuples become lists)."""
-        return {
+        """Return all fields as plain values (tuples become lists, ``model_kwargs`` a dict)."""
+        out = {
             f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
             for f in fields(self)
         }
+        out["model_kwargs"] = {
+            k: list(v) if isinstance(v, tuple) else v for k, v in self.model_kwargs
+        }
+        return out
 
 
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
@@ -181,6 +186,12 @@ def parse_config(raw: dict[str, Any]) -> TrainConfig:
             if not isinstance(value, list):
                 raise _bad(key, value, "expected a list of thresholds")
             values[key] = tuple(_eta(key, v) for v in value)
+        elif key == "model_kwargs":
+            if not isinstance(value, dict):
+                raise _bad(key, value, "expected an inline table such as {hidden = [32]}")
+            values[key] = tuple(
+                sorted((str(k), tuple(v) if isinstance(v, list) else v) for k, v in value.items())
+            )
         elif key == "milestones":
             if not isinstance(value, list):
                 raise _bad(key, value, "expected a list of epochs")
@@ -225,17 +236,21 @@ def _toml_value(value: Any) -> str:
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"cannot write {value!r} to TOML")  # pragma: no cover
 
 
 def dump_config(config: TrainConfig) -> str:
     """Return the resolved config as TOML (every field), readable back by :func:`load_config`.
 
-    >>> parse_config(tomllib.loads(dump_config(TrainConfig(eta=0.5)))) == TrainConfig(eta=0.5)
+    >>> cfg = parse_config({"eta": 0.5, "model_kwargs": {"hidden": [8, 4]}})
+    >>> parse_config(tomllib.loads(dump_config(cfg))) == cfg
     True
     """
     lines = ["# clipscope resolved training config (every field; see clipscope.config)"]
-    lines += [f"{f.name} = {_toml_value(getattr(config, f.name))}" for f in fields(config)]
+    values = config.to_dict()
+    lines += [f"{f.name} = {_toml_value(values[f.name])}" for f in fields(config)]
     return "\n".join(lines) + "\n"
 
 

@@ -420,7 +420,9 @@ def _library_task(cfg: Any, dtype: torch.dtype):
         comps = SequentialComponents.from_tokens(
             train, cfg.batch_size, cfg.bptt, drop_last=cfg.last_batch == "drop"
         )
-        model = build_model(cfg.model).to(dtype)
+        kwargs = dict(cfg.model_kwargs)
+        kwargs.setdefault("vocab", int(train.max()) + 1)
+        model = build_model(cfg.model, **kwargs).to(dtype)
 
         def loss_fn(out, y):
             return torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
@@ -433,7 +435,7 @@ def _library_task(cfg: Any, dtype: torch.dtype):
     comps = Components.from_tensors(
         X, Y, cfg.batch_size, seed=cfg.data_seed, drop_last=cfg.last_batch == "drop"
     )
-    model = build_model(cfg.model).to(dtype)
+    model = build_model(cfg.model, **dict(cfg.model_kwargs)).to(dtype)
     loss_fn = torch.nn.functional.cross_entropy
     heldout = None
     if test is not None:
