@@ -168,6 +168,7 @@ def run_and_signal(tmp_path: Path, config: Path, out: Path, at: int, sig: str):
         ({"heldout": 1}, "heldout"),
         ({"device": ""}, "device"),
         ({"task": "gan"}, "task"),
+        ({"model_kwargs": [1, 2]}, "model_kwargs"),
     ],
     ids=lambda v: str(v) if not isinstance(v, dict) else "-".join(map(str, v.items())),
 )
