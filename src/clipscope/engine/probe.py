@@ -12,7 +12,9 @@ Routes (DESIGN §4), all exact, all compared in the tests with
 ``"two-pass"``
     pass 1: ``g_i`` → ``n_i``, ``f_i`` and ``Σ g_i``; pass 2: ``g_i`` again → ``d_i``
     and ``Σ_i γ_i(η) g_i`` (``γ_i(η) = min{1, η/n_i}`` needs ``n_i`` from pass 1).
-    Memory O(n·|η|); about two epochs of forward+backward.
+    Memory O(n·|η|); about two epochs of forward+backward (measured 1.76 E on
+    the bench's small CNN, 2 CPU cores), plus one float64 axpy of length n per
+    component for each η.
 ``"keep"``
     one pass that stores every ``g_i`` (the parameters' dtype) when
     ``m·n·itemsize ≤ memory_budget``; dots and clipped sums are then chunked
