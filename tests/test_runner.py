@@ -401,3 +401,32 @@ def test_disk_full_exits_nonzero_and_leaves_files_parseable(tmp_path, monkeypatc
     monkeypatch.undo()
     _parse_everything(run)
     assert not list(run.rglob("*.tmp"))
+
+
+def test_classification_task_through_the_library_hooks(tmp_path, monkeypatch):
+    """Classification: build_model(model, **model_kwargs) and clipscope.data.load_<data>."""
+    import clipscope.data
+
+    gen = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(40, 4, generator=gen), torch.randint(3, (40,), generator=gen)
+    monkeypatch.setattr(
+        clipscope.data,
+        "load_toy",
+        lambda: {"train": (X[:30], Y[:30]), "test": (X[30:], Y[30:])},
+        raising=False,
+    )
+    cfg = tmp_path / "cls.toml"
+    cfg.write_text(
+        'task = "classification"\ndata = "toy"\nmodel = "mlp"\n'
+        "model_kwargs = {in_features = 4, hidden = [5], out_features = 3}\n"
+        'n_samples = 0\nbatch_size = 10\nmethod = "rr"\nlr = 0.1\neta = 0.5\nepochs = 2\n'
+        "progress = false\n"
+    )
+    assert train(cfg, tmp_path / "run", echo=quiet) == 0
+    rows = read_rows(tmp_path / "run")
+    assert len(rows) == 3
+    assert all(0.0 <= float(r["heldout"]) <= 1.0 for r in rows)  # accuracy on the test split
+    bad = tmp_path / "bad.toml"
+    bad.write_text('task = "classification"\ndata = "nope"\nmodel = "mlp"\n')
+    with pytest.raises(ValueError, match="'data'"):
+        train(bad, tmp_path / "run2", echo=quiet)
