@@ -409,15 +409,15 @@ def test_classification_task_through_the_library_hooks(tmp_path, monkeypatch):
 
     gen = torch.Generator().manual_seed(0)
     X, Y = torch.randn(40, 4, generator=gen), torch.randint(3, (40,), generator=gen)
-    monkeypatch.setattr(
-        clipscope.data,
-        "load_toy",
-        lambda: {"train": (X[:30], Y[:30]), "test": (X[30:], Y[30:])},
-        raising=False,
-    )
+
+    def load_toy(data_dir, train=True):  # the shape of clipscope.data.load_cifar10
+        assert data_dir == "somewhere"
+        return (X[:30], Y[:30]) if train else (X[30:], Y[30:])
+
+    monkeypatch.setattr(clipscope.data, "load_toy", load_toy, raising=False)
     cfg = tmp_path / "cls.toml"
     cfg.write_text(
-        'task = "classification"\ndata = "toy"\nmodel = "mlp"\n'
+        'task = "classification"\ndata = "toy"\ndata_dir = "somewhere"\nmodel = "mlp"\n'
         "model_kwargs = {in_features = 4, hidden = [5], out_features = 3}\n"
         'n_samples = 0\nbatch_size = 10\nmethod = "rr"\nlr = 0.1\neta = 0.5\nepochs = 2\n'
         "progress = false\n"

@@ -65,7 +65,8 @@ class TrainConfig:
     task: str = "least_squares"  # least_squares (built in) | classification | language_model
     model: str = "linear"  # clipscope.models.build_model name (ignored by least_squares)
     model_kwargs: tuple[tuple[str, Any], ...] = ()  # TOML inline table of build_model kwargs
-    data: str = "synthetic"  # clipscope.data loader name (ignored by least_squares)
+    data: str = "synthetic"  # clipscope.data.load_<data> (ignored by least_squares)
+    data_dir: str = "data"  # folder handed to loaders that read files (CIFAR-10, PTB)
     n_samples: int = 256  # least_squares: number of samples N (0: the loader's full set)
     dim: int = 8  # least_squares: number of features
     noise: float = 0.5  # least_squares: std of the label noise
