@@ -1,0 +1,508 @@
+"""Gradient-engine benchmark: time and peak memory as ratios to one plain epoch.
+
+Every method runs over the same components as the baseline "one plain
+forward+backward epoch" (``torch.autograd.grad`` of each batch's mean loss);
+the methods are interleaved within each repeat and the printed ratio is the
+median over repeats of ``method / baseline`` in that repeat. Never a test.
+
+Peak memory: the resident set size (``/proc/self/statm``) sampled every
+0.5 ms by a thread while the method runs, minus the RSS just before it, after
+``gc.collect()`` and glibc ``malloc_trim(0)``; glibc's mmap threshold is pinned
+at 128 KiB so that freed tensors go back to the OS between methods. It counts
+everything the process touches (autograd graph, activations, kept gradients).
+
+Usage::
+
+    python bench/engine.py            # full run (several minutes on 2 cores)
+    python bench/engine.py --quick    # smaller epochs, 3 repeats
+    python bench/engine.py --many     # 50,000 per-sample components, streaming
+
+Targets (issue 3): keep ≤ 1.1×, two-pass ≤ 2.05×, dyadic with 6 sizes ≤ 2.2×
+(naive 12×), per-sample norms + cosines ≤ 2.5× (torch.func vmap ≈ 4.3×).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import os
+import resource
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+from torch.nn import functional as F
+
+from clipscope.components import Components, SequentialComponents
+from clipscope.engine.per_sample import ghost_pass, per_sample_dots
+
+try:
+    from clipscope.engine import probe
+except ImportError:  # the routes are written in parallel
+    probe = None
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+try:
+    _LIBC = ctypes.CDLL("libc.so.6")
+    _LIBC.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: fixed, so big frees return to the OS
+except OSError:  # pragma: no cover - not glibc
+    _LIBC = None
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * _PAGE
+
+
+class PeakRSS:
+    """Sample RSS in a thread while the block runs; ``.delta`` = peak − start (bytes)."""
+
+    def __enter__(self) -> PeakRSS:
+        gc.collect()
+        if _LIBC is not None:
+            _LIBC.malloc_trim(0)
+        self.start = self.peak = rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss())
+            time.sleep(0.0005)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.peak = max(self.peak, rss())
+        self._stop.set()
+        self._thread.join()
+        self.delta = self.peak - self.start
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def small_cnn() -> nn.Module:
+    """Conv 3→32, pool, conv 32→64, pool, fc 4096→128, fc 10 (545k parameters)."""
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * 8 * 8, 128),
+        nn.ReLU(),
+        nn.Linear(128, 10),
+    )
+
+
+class LSTMLM(nn.Module):
+    """Embedding 10k×200, 1-layer LSTM 200, untied decoder (4.33M parameters).
+
+    ``model(x)`` on ``(B, T)`` token rows (samples along dim 0) for per-sample
+    components; ``model(inp, state)`` on ``(T, B)`` windows for sequential ones.
+    """
+
+    def __init__(self, vocab: int = 10_000, dim: int = 200, batch_first: bool = True) -> None:
+        super().__init__()
+        self.encoder = nn.Embedding(vocab, dim)
+        self.rnn = nn.LSTM(dim, dim, batch_first=batch_first)
+        self.decoder = nn.Linear(dim, vocab)
+        self.stateful = not batch_first
+
+    def forward(self, inp, state=None):  # noqa: D102
+        out, state = self.rnn(self.encoder(inp), state)
+        out = self.decoder(out)
+        return (out, state) if self.stateful else out
+
+
+def lm_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(output.reshape(-1, output.shape[-1]), target.reshape(-1))
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+def plain_epoch(model, loss_fn, batches, params) -> None:
+    for x, y in batches:
+        torch.autograd.grad(loss_fn(model(x), y), params)
+
+
+def full_grad(model, loss_fn, batches, params) -> list[torch.Tensor]:
+    acc = [torch.zeros_like(p) for p in params]
+    for x, y in batches:
+        for a, g in zip(acc, torch.autograd.grad(loss_fn(model(x), y), params), strict=True):
+            a += g / len(batches)
+    return acc
+
+
+def ghost_norms(model, loss_fn, batches, params) -> list[torch.Tensor]:
+    """Pass 1: per-sample norms by ghost norms; returns ∇f (from the same backward)."""
+    acc = [torch.zeros_like(p) for p in params]
+    n = sum(x.shape[0] for x, _ in batches)
+    for x, y in batches:
+        out = ghost_pass(model, loss_fn, x, y, params)
+        for a, g in zip(acc, out.grad_sum, strict=True):
+            a += g / n
+    return acc
+
+
+def jvp_dots(model, loss_fn, batches, params, v) -> None:
+    for x, y in batches:
+        per_sample_dots(model, loss_fn, x, y, v, params)
+
+
+def ghost_then_jvp(model, loss_fn, batches, params) -> None:
+    v = ghost_norms(model, loss_fn, batches, params)
+    jvp_dots(model, loss_fn, batches, params, v)
+
+
+def vmap_norms_dots(model, loss_fn, batches, params, v) -> None:
+    """torch.func vmap(grad) per-sample gradients, then norms and dots with a given v."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    primals = {names[id(p)]: p.detach() for p in params}
+
+    def one(ps, xj, yj):
+        return loss_fn(functional_call(model, ps, (xj.unsqueeze(0),)), yj.unsqueeze(0))
+
+    per = vmap(grad(one), in_dims=(None, 0, 0))
+    for x, y in batches:
+        g = per(primals, x, y)
+        sq = sum(t.reshape(t.shape[0], -1).double().square().sum(1) for t in g.values())
+        dots = sum(
+            t.reshape(t.shape[0], -1).double() @ w.reshape(-1).double()
+            for t, w in zip(g.values(), v, strict=True)
+        )
+        del sq, dots
+
+
+def loop_norms_dots(model, loss_fn, batches, params, v) -> None:
+    """Run a loop of batch-1 backward passes, then norms and dots with a given v."""
+    for x, y in batches:
+        for j in range(x.shape[0]):
+            gs = torch.autograd.grad(loss_fn(model(x[j : j + 1]), y[j : j + 1]), params)
+            sum(float(g.double().square().sum()) for g in gs)
+            sum(float((g.double() * w.double()).sum()) for g, w in zip(gs, v, strict=True))
+
+
+# ----------------------------------------------------------------------------- harness
+
+
+@dataclass
+class Table:
+    """Ratios of one benchmark table, one entry per repeat."""
+
+    title: str
+    rows: dict[str, tuple[list[float], list[float]]] = field(default_factory=dict)
+    base_time: list[float] = field(default_factory=list)
+    base_mem: list[float] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, name: str, t: float, mem: float, tb: float, mb: float) -> None:  # noqa: D102
+        rt, rm = self.rows.setdefault(name, ([], []))
+        rt.append(t / tb)
+        rm.append(mem / mb if mb > 0 else float("nan"))
+
+    def render(self) -> str:  # noqa: D102
+        tb = statistics.median(self.base_time)
+        mb = statistics.median(self.base_mem) / 2**20
+        lines = [
+            f"\n### {self.title}",
+            f"baseline: one plain forward+backward epoch = {tb:.3f} s, "
+            f"peak RSS increment {mb:.1f} MiB (medians)",
+            "",
+            "| method | time / E | peak memory / E | repeats |",
+            "|---|---|---|---|",
+        ]
+        for name, (rt, rm) in self.rows.items():
+            lines.append(
+                f"| {name} | {statistics.median(rt):.2f} | {statistics.median(rm):.2f} "
+                f"| {len(rt)} |"
+            )
+        lines += [f"- {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def measure(fn: Callable[[], Any]) -> tuple[float, float]:
+    with PeakRSS() as m:
+        t0 = time.perf_counter()
+        fn()
+        t = time.perf_counter() - t0
+    return t, float(m.delta)
+
+
+def run_table(title: str, methods: dict[str, Callable[[], Any]], base, repeats: int) -> Table:
+    table = Table(title)
+    for fn in [base, *methods.values()]:  # warm-up (allocator, oneDNN kernels)
+        fn()
+    for r in range(repeats):
+        tb, mb = measure(base)
+        table.base_time.append(tb)
+        table.base_mem.append(mb)
+        for name, fn in methods.items():
+            t, mem = measure(fn)
+            table.add(name, t, mem, tb, mb)
+        print(f"  {title}: repeat {r + 1}/{repeats} done", file=sys.stderr, flush=True)
+    return table
+
+
+def per_sample_tables(args) -> list[Table]:
+    tables = []
+    gen = torch.Generator().manual_seed(0)
+    nb = args.batches
+    # --- CNN
+    torch.manual_seed(0)
+    cnn = small_cnn()
+    params = list(cnn.parameters())
+    batches = [
+        (torch.randn(64, 3, 32, 32, generator=gen), torch.randint(0, 10, (64,), generator=gen))
+        for _ in range(nb)
+    ]
+    v = full_grad(cnn, F.cross_entropy, batches, params)
+    methods = {
+        "per-sample norms, ghost (pass 1, also gives ∇f)": lambda: ghost_norms(
+            cnn, F.cross_entropy, batches, params
+        ),
+        "per-sample dots, one JVP per batch (pass 2)": lambda: jvp_dots(
+            cnn, F.cross_entropy, batches, params, v
+        ),
+        "**per-sample norms + dots: ghost + JVP, end to end**": lambda: ghost_then_jvp(
+            cnn, F.cross_entropy, batches, params
+        ),
+        "per-sample grads by torch.func vmap(grad) + norms + dots (∇f given)": lambda: (
+            vmap_norms_dots(cnn, F.cross_entropy, batches, params, v)
+        ),
+        "per-sample grads by a loop of batch-1 backward + norms + dots (∇f given)": lambda: (
+            loop_norms_dots(cnn, F.cross_entropy, batches, params, v)
+        ),
+    }
+    if probe is not None:
+        X = torch.cat([x for x, _ in batches])
+        Y = torch.cat([y for _, y in batches])
+        comps = Components.from_tensors(X, Y, batch_size=64)
+        methods["clipscope.probe(route='per-sample'), end to end"] = lambda: probe(
+            cnn, F.cross_entropy, comps, route="per-sample"
+        )
+    t = run_table(
+        f"per-sample components, small CNN (545k params), {nb} batches of 64, 32×32×3",
+        methods,
+        lambda: plain_epoch(cnn, F.cross_entropy, batches, params),
+        args.repeats,
+    )
+    t.notes.append(
+        "vmap and loop rows get ∇f for free; end to end they need one more pass (+1 E) "
+        "or O(N·n) memory"
+    )
+    tables.append(t)
+    # --- LSTM LM, samples = token rows
+    if not args.no_lstm:
+        torch.manual_seed(0)
+        lm = LSTMLM()
+        params = list(lm.parameters())
+        lb = max(1, nb // 2)
+        batches = [
+            (
+                torch.randint(0, 10_000, (64, 35), generator=gen),
+                torch.randint(0, 10_000, (64, 35), generator=gen),
+            )
+            for _ in range(lb)
+        ]
+        v = full_grad(lm, lm_loss, batches, params)
+        with torch.backends.mkldnn.flags(enabled=False):
+            t = run_table(
+                f"per-sample components, LSTM LM (4.33M params), {lb} batches of 64 rows × 35 "
+                "tokens",
+                {
+                    "per-sample norms: ghost + module-local loop for nn.LSTM (pass 1)": lambda: (
+                        ghost_norms(lm, lm_loss, batches, params)
+                    ),
+                    "per-sample dots, one JVP per batch (pass 2)": lambda: jvp_dots(
+                        lm, lm_loss, batches, params, v
+                    ),
+                    "**per-sample norms + dots, end to end**": lambda: ghost_then_jvp(
+                        lm, lm_loss, batches, params
+                    ),
+                    "per-sample grads by a loop of batch-1 backward + norms + dots (∇f given)": (
+                        lambda: loop_norms_dots(lm, lm_loss, batches, params, v)
+                    ),
+                },
+                lambda: plain_epoch(lm, lm_loss, batches, params),
+                max(1, args.repeats - 1),
+            )
+        t.notes.append(
+            "the whole LSTM table runs with oneDNN off (forward-mode AD needs it), baseline too"
+        )
+        t.notes.append(
+            "torch.func vmap(grad) fails on nn.LSTM here (no batching rule for the fused "
+            "kernel), so there is no vmap row; the nn.LSTM parameters' per-sample norms come "
+            "from re-running the LSTM alone on each sample (module-local loop)"
+        )
+        tables.append(t)
+    return tables
+
+
+def route_tables(args) -> list[Table]:
+    if probe is None:
+        return []
+    gen = torch.Generator().manual_seed(1)
+    torch.manual_seed(0)
+    cnn = small_cnn()
+    params = list(cnn.parameters())
+    n = 64 * args.batches
+    X = torch.randn(n, 3, 32, 32, generator=gen)
+    Y = torch.randint(0, 10, (n,), generator=gen)
+    comps = Components.from_tensors(X, Y, batch_size=64)
+    batches = list(comps)
+    sizes = [64 * 2**k for k in range(6)]
+
+    def naive():
+        for s in sizes:
+            probe(
+                cnn, F.cross_entropy, Components.from_tensors(X, Y, batch_size=s), route="two-pass"
+            )
+
+    methods = {
+        "route='keep'": lambda: probe(cnn, F.cross_entropy, comps, route="keep"),
+        "route='two-pass'": lambda: probe(cnn, F.cross_entropy, comps, route="two-pass"),
+        "route='dyadic', 6 sizes 64…2048": lambda: probe(
+            cnn, F.cross_entropy, comps, route="dyadic", batch_sizes=sizes
+        ),
+        "naive: route='two-pass' at each of the 6 sizes": naive,
+    }
+    t = run_table(
+        f"mini-batch components, small CNN, m = {len(comps)} components of 64",
+        methods,
+        lambda: plain_epoch(cnn, F.cross_entropy, batches, params),
+        args.repeats,
+    )
+    t.notes.append(
+        f"N = {n} samples: sizes above {n} give one component (the whole set); "
+        "the baseline is one epoch at batch 64"
+    )
+    tables = [t]
+    if not args.no_lstm:
+        torch.manual_seed(0)
+        lm = LSTMLM(batch_first=False)
+        params = list(lm.parameters())
+        bptt, b = 35, 64
+        windows = max(2, args.batches // 2)
+        tokens = torch.randint(0, 10_000, (b * bptt * windows + 1,), generator=gen)
+        seq = SequentialComponents.from_tokens(tokens, batch_size=b, bptt=bptt)
+
+        def plain_seq():
+            state = None
+            for inp, tgt in seq:
+                out, state = lm(inp, state)
+                state = tuple(s.detach() for s in state)
+                torch.autograd.grad(lm_loss(out, tgt), params)
+
+        with torch.backends.mkldnn.flags(enabled=False):
+            t = run_table(
+                f"mini-batch components, LSTM LM, m = {len(seq)} BPTT windows (35 × 64)",
+                {
+                    "route='keep'": lambda: probe(lm, lm_loss, seq, route="keep"),
+                    "route='two-pass'": lambda: probe(lm, lm_loss, seq, route="two-pass"),
+                },
+                plain_seq,
+                max(1, args.repeats - 1),
+            )
+        t.notes.append("dyadic and per-sample routes refuse sequential components (state chain)")
+        tables.append(t)
+    return tables
+
+
+def many(args) -> None:
+    """Per-sample norms and dots for 50,000 components, streaming over batches."""
+    n, b, feats = args.many_n, 500, 784
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(feats, 256), nn.ReLU(), nn.Linear(256, 10))
+    params = list(model.parameters())
+    n_par = sum(p.numel() for p in params)
+    gen = torch.Generator().manual_seed(0)
+
+    def batches():  # generated on the fly: the data set itself is never held
+        g = torch.Generator().manual_seed(0)
+        for s in range(0, n, b):
+            k = min(b, n - s)
+            yield torch.randn(k, feats, generator=g), torch.randint(0, 10, (k,), generator=g)
+
+    del gen
+    rss0 = rss()
+    t0 = time.perf_counter()
+    sq = torch.empty(n, dtype=torch.float64)
+    dots = torch.empty(n, dtype=torch.float64)
+    full = [torch.zeros_like(p) for p in params]
+    s = 0
+    for x, y in batches():
+        out = ghost_pass(model, F.cross_entropy, x, y, params)
+        sq[s : s + len(x)] = out.sq_norms
+        for a, g in zip(full, out.grad_sum, strict=True):
+            a += g / n
+        s += len(x)
+    s = 0
+    for x, y in batches():
+        dots[s : s + len(x)] = per_sample_dots(model, F.cross_entropy, x, y, full, params)
+        s += len(x)
+    wall = time.perf_counter() - t0
+    gnorm = float(torch.sqrt(sum(f.double().square().sum() for f in full)))
+    cos = dots / (sq.sqrt() * gnorm)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(f"\n### --many: {n:,} per-sample components (MLP 784-256-10, {n_par:,} params)")
+    print(f"- wall time {wall:.1f} s for both passes (batches of {b}, data generated on the fly)")
+    print(f"- RSS before {rss0 / 2**20:.0f} MiB, peak RSS (ru_maxrss) {peak / 2**20:.0f} MiB")
+    print(
+        f"- stored per-sample gradients would need {n * n_par * 4 / 2**30:.1f} GiB (float32); "
+        f"the results are 2 × {n:,} float64 = {2 * n * 8 / 2**20:.1f} MiB"
+    )
+    print(
+        f"- mean cosine to ∇f {float(cos.mean()):.4f}, share of negative cosines "
+        f"{float((cos < 0).double().mean()):.3f}, ‖∇f‖ = {gnorm:.4f}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small epochs, 3 repeats")
+    ap.add_argument("--many", action="store_true", help="only the 50,000-component run")
+    ap.add_argument("--many-n", type=int, default=50_000)
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--batches", type=int, default=None, help="batches of 64 per epoch")
+    ap.add_argument("--no-lstm", action="store_true", help="skip the LSTM LM tables")
+    ap.add_argument("--only", choices=("per-sample", "routes"), default=None)
+    args = ap.parse_args(argv)
+    if args.many:
+        many(args)
+        return 0
+    args.repeats = args.repeats or (3 if args.quick else 5)
+    args.batches = args.batches or (4 if args.quick else 16)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
+        f"command: {' '.join(sys.argv)}"
+    )
+    print("ratios: median over interleaved repeats of (method / plain epoch in that repeat)")
+    print("memory: sampled peak RSS increment (see the module docstring)")
+    tables: list[Table] = []
+    if args.only in (None, "per-sample"):
+        tables += per_sample_tables(args)
+    if args.only in (None, "routes"):
+        if probe is None:
+            print("clipscope.probe is not importable yet: route tables skipped")
+        tables += route_tables(args)
+    for t in tables:
+        print(t.render())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
