@@ -1,0 +1,54 @@
+"""Data: CIFAR-10 and PTB from user directories, and embedded defaults that need no download.
+
+* :func:`load_cifar10`, :func:`augment`, :func:`normalize`,
+  :class:`Cifar10Transform` — the official python-pickle CIFAR-10;
+* :func:`load_ptb`, :func:`tokenize_file`, :class:`Vocabulary`,
+  :class:`Corpus` — Mikolov's PTB text files;
+* :func:`load_digits_tensors` — scikit-learn's 8×8 digits;
+* :func:`load_embedded_text` — Python's own language reference (``pydoc_data``).
+
+Every loader or transform has a ``describe()`` dict of the conventions that
+change a component's gradient (augmentation, normalization, tokenization,
+vocabulary, split) so a run can record them.
+"""
+
+from __future__ import annotations
+
+from clipscope.data.cifar10 import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    Cifar10Transform,
+    augment,
+    find_cifar10_dir,
+    load_cifar10,
+    normalize,
+)
+from clipscope.data.embedded import (
+    DigitsData,
+    embedded_text_source,
+    load_digits_tensors,
+    load_embedded_text,
+)
+from clipscope.data.ptb import PTB_SPLITS, load_ptb
+from clipscope.data.text import EOS, UNK, Corpus, Vocabulary, tokenize_file
+
+__all__ = [
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "EOS",
+    "PTB_SPLITS",
+    "UNK",
+    "Cifar10Transform",
+    "Corpus",
+    "DigitsData",
+    "Vocabulary",
+    "augment",
+    "embedded_text_source",
+    "find_cifar10_dir",
+    "load_cifar10",
+    "load_digits_tensors",
+    "load_embedded_text",
+    "load_ptb",
+    "normalize",
+    "tokenize_file",
+]
