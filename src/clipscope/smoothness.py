@@ -64,6 +64,7 @@ __all__ = [
     "SmoothnessFit",
     "TrajectoryStep",
     "component_hessian_norms",
+    "fit_components",
     "fit_l0_l1",
     "full_gradient",
     "hessian_norm",
@@ -1091,3 +1092,31 @@ def fit_l0_l1(
         line = L0 + L1 * x
     n_above = int(np.sum(y > line * (1 + ABOVE_RTOL)))
     return result(L0, L1, n_above)
+
+
+def fit_components(
+    grad_norms: Any,
+    hess_norms: Any,
+    method: str = "hull",
+    *,
+    quantile: float = 0.95,
+) -> list[SmoothnessFit]:
+    r"""One (A5) fit per component: ``(L0i, L1i)`` from ``(‖∇f_i(x_k)‖, ‖∇²f_i(x_k)‖)``.
+
+    ``grad_norms[k, i]`` and ``hess_norms[k, i]`` hold component ``i`` at the
+    ``k``-th probe point (shape ``(K, m)``); column ``i`` goes to
+    :func:`fit_l0_l1`. The theorems use ``max_i L0i`` and ``max_i L1i``
+    (:func:`clipscope.theory.igc_G`).
+
+    >>> fits = fit_components([[1.0, 2.0], [2.0, 4.0]], [[1.0, 1.0], [2.0, 1.0]])
+    >>> [(f.L0, f.L1) for f in fits]
+    [(0.0, 1.0), (1.0, 0.0)]
+    """
+    x = np.asarray(grad_norms, dtype=np.float64)
+    y = np.asarray(hess_norms, dtype=np.float64)
+    if x.ndim != 2 or x.shape != y.shape:
+        raise ValueError(
+            f"grad_norms and hess_norms must be 2-D (points × components) of the same shape, "
+            f"got {x.shape} and {y.shape}"
+        )
+    return [fit_l0_l1(x[:, i], y[:, i], method, quantile=quantile) for i in range(x.shape[1])]
