@@ -648,7 +648,7 @@ def trajectory_smoothness(x0: Any, g0: Any, x1: Any, g1: Any) -> float:
     For an ``(L0, L1)``-smooth ``f`` and a short step it is at most about
     ``L0 + L1 ‖∇f(x_0)‖``, so it pairs with ``‖∇f(x_0)‖`` (J. Zhang, T. He,
     S. Sra, A. Jadbabaie, "Why gradient clipping accelerates training", ICLR
-    2020, Fig. 1 and Lemma 9 of its appendix).
+    2020, Fig. 1). It never exceeds the largest ``‖∇²f‖`` on the segment.
 
     >>> trajectory_smoothness([0.0, 0.0], [0.0, 0.0], [1.0, 0.0], [3.0, 4.0])
     5.0
