@@ -6,6 +6,7 @@ import copy
 import io
 import pickle
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -411,3 +412,32 @@ def test_build_model_unknown_name_lists_the_choices():
 def test_constructors_reject_bad_arguments(fn, exc):
     with pytest.raises(exc):
         fn()
+
+
+# ---------------------------------------------------------------- with the engine
+
+
+def test_awd_lstm_components_are_repeatable_under_both_engine_dropout_policies():
+    """probe: "fixed" masks give the same g_i on every call and route; "off" equals eval mode."""
+    from clipscope import probe
+    from clipscope.components import SequentialComponents
+
+    torch.manual_seed(0)
+    comps = SequentialComponents.from_tokens(torch.randint(0, 30, (120,)), batch_size=4, bptt=6)
+    model = AWDLSTM(30, 6, 8).double()
+    loss_fn = awd_lstm_loss(model)
+    fixed = [
+        probe(model, loss_fn, comps, route=r, dropout="fixed", seed=1)
+        for r in ("two-pass",) * 2 + ("keep",)
+    ]
+    for other in fixed[1:]:
+        np.testing.assert_allclose(other.norms, fixed[0].norms, rtol=1e-12, atol=0)
+        np.testing.assert_allclose(other.dots, fixed[0].dots, rtol=1e-12, atol=1e-300)
+    other_seed = probe(model, loss_fn, comps, route="two-pass", dropout="fixed", seed=2)
+    assert not np.allclose(other_seed.norms, fixed[0].norms)
+    off = probe(model, loss_fn, comps, route="two-pass", dropout="off")
+    assert model.training  # the probe restores the mode
+    model.eval()
+    in_eval = probe(model, loss_fn, comps, route="two-pass", dropout="off")
+    np.testing.assert_allclose(off.norms, in_eval.norms, rtol=1e-12, atol=0)
+    assert not np.allclose(off.norms, fixed[0].norms)
