@@ -35,15 +35,15 @@ F64 = torch.float64
 
 # -- small problems as data ----------------------------------------------------
 def _mlp_case(batchnorm=False):
-    def build():
+    def build(dtype=F64):
         torch.manual_seed(0)
         layers = [nn.Linear(4, 5)]
         if batchnorm:
             layers.append(nn.BatchNorm1d(5))
         layers += [nn.Tanh(), nn.Linear(5, 3)]
-        model = nn.Sequential(*layers).to(F64)
+        model = nn.Sequential(*layers).to(dtype)
         gen = torch.Generator().manual_seed(1)
-        X = torch.randn(18, 4, generator=gen, dtype=F64)
+        X = torch.randn(18, 4, generator=gen, dtype=F64).to(dtype)
         Y = torch.randint(0, 3, (18,), generator=gen)
         comps = Components.from_tensors(X, Y, batch_size=4, seed=0)  # sizes 4,4,4,4,2
         return model, comps, nn.functional.cross_entropy
@@ -602,3 +602,14 @@ def test_fit_components_is_one_fit_per_column():
         assert fit == fit_l0_l1(G[:, i], Hn[:, i], "quantile", quantile=0.8)
     with pytest.raises(ValueError, match="2-D"):
         fit_components(G[0], Hn[0])
+
+
+def test_float32_model_hvp_is_accumulated_in_float64_and_close_to_the_float64_answer():
+    model, comps, loss_fn = CASES["mlp"]()
+    H = dense_hessian(model, loss_fn, comps)
+    v = torch.randn(H.shape[0], generator=torch.Generator().manual_seed(9), dtype=F64)
+    model32, comps32, _ = CASES["mlp"](torch.float32)
+    assert torch.equal(model32[0].weight, model[0].weight.float())
+    hv = hvp(model32, loss_fn, comps32, v)
+    assert hv.dtype == F64
+    torch.testing.assert_close(hv, H @ v, rtol=1e-5, atol=1e-6)
