@@ -277,6 +277,8 @@ def test_load_ptb_real_files(split):
     assert corpus[split].numel() == sum(len(line.split()) + 1 for line in lines)
     assert corpus[split].numel() == {"valid": 73_760, "test": 82_430}[split]
     assert len(corpus.vocab) <= 10_000 and UNK in corpus.vocab and EOS in corpus.vocab
+    n_unk = sum(line.split().count(UNK) for line in lines)
+    assert corpus.describe()["unk_rate"][split] == round(n_unk / corpus[split].numel(), 6)
     first = corpus.vocab.decode(corpus[split][: len(lines[0].split()) + 1])
     assert first == [*lines[0].split(), EOS]
 

@@ -113,6 +113,17 @@ def test_tied_decoder_is_one_parameter(model_fn, enc, dec):
     assert w.grad is not None and torch.isfinite(w.grad).all()
 
 
+@pytest.mark.parametrize(
+    ("emb", "hidden", "tied"), [(64, 128, True), (16, 16, True), (8, 12, False)]
+)
+def test_small_lm_parameter_count(emb, hidden, tied):
+    vocab = 50
+    proj = hidden * emb if tied and emb != hidden else 0
+    decoder = vocab + (0 if tied else vocab * hidden)
+    expected = vocab * emb + lstm_params(emb, hidden) + proj + decoder
+    assert n_params(SmallLSTMLM(vocab, emb, hidden, tied)) == expected
+
+
 def test_small_lm_untied_has_its_own_decoder():
     model = SmallLSTMLM(60, emb=16, hidden=32, tied=False)
     assert model.decoder.weight is not model.embedding.weight
@@ -441,3 +452,12 @@ def test_awd_lstm_components_are_repeatable_under_both_engine_dropout_policies()
     in_eval = probe(model, loss_fn, comps, route="two-pass", dropout="off")
     np.testing.assert_allclose(off.norms, in_eval.norms, rtol=1e-12, atol=0)
     assert not np.allclose(off.norms, fixed[0].norms)
+
+
+def test_awd_lstm_does_not_keep_the_logits_alive():
+    model = AWDLSTM(40, 6, 10)
+    logits, _ = model(torch.zeros(2, 1, dtype=torch.long), None)
+    assert model.last_activations()[0] is logits
+    del logits
+    with pytest.raises(RuntimeError, match="no longer exist"):
+        model.last_activations()

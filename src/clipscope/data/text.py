@@ -169,8 +169,9 @@ class Corpus(Mapping[str, torch.Tensor]):
         out = dict(self.meta)
         out["vocab_size"] = len(self.vocab)
         out["n_tokens"] = {k: int(v.numel()) for k, v in self._splits.items()}
-        if self.vocab.unk is not None and self.vocab.unk in self.vocab:
-            unk = self.vocab.index(self.vocab.unk)
+        unk_token = self.vocab.unk or UNK  # PTB's text carries <unk> as an ordinary word
+        if unk_token in self.vocab:
+            unk = self.vocab.index(unk_token)
             out["unk_rate"] = {
                 k: round(float((v == unk).double().mean()), 6) for k, v in self._splits.items()
             }

@@ -40,6 +40,7 @@ not only on its logits, so it cannot be computed from ``output`` alone.
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -245,7 +246,7 @@ class AWDLSTM(nn.Module):
             self.decoder.weight = self.encoder.weight
         else:
             nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
-        self._activations: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._activations: tuple[Any, torch.Tensor, torch.Tensor] | None = None
 
     def forward(
         self, inp: torch.Tensor, state: list[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -264,14 +265,19 @@ class AWDLSTM(nn.Module):
         raw = x
         dropped = self.output_dropout(raw)
         logits = self.decoder(dropped)
-        self._activations = (logits, raw, dropped)
+        # A weak reference to the logits: the (T, B, V) tensor is not kept alive by the model.
+        self._activations = (weakref.ref(logits), raw, dropped)
         return logits, new_state
 
     def last_activations(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(logits, raw_last_layer_output, dropped_last_layer_output)`` of the latest forward."""
         if self._activations is None:
             raise RuntimeError("no forward has run since construction or copy")
-        return self._activations
+        ref, raw, dropped = self._activations
+        logits = ref()
+        if logits is None:
+            raise RuntimeError("the logits of the latest forward no longer exist")
+        return logits, raw, dropped
 
     def _check_state(self, state: Any, batch: int) -> Any:
         if state is None:
