@@ -55,7 +55,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from clipscope.engine import component_losses, model_guard, trainable_params
+from clipscope.engine import component_losses, model_guard, param_names, trainable_params
+from clipscope.engine.guard import check_dropout_policy
 
 __all__ = [
     "FIT_FLAGS",
@@ -319,10 +320,19 @@ def _unflatten(vec: torch.Tensor, params: list) -> list[torch.Tensor]:
     return out
 
 
-def _check_finite(vec: torch.Tensor, what: str, i: int) -> torch.Tensor:
-    if not bool(torch.isfinite(vec).all()):
-        raise ValueError(f"component {i}: non-finite {what}; the model was left unchanged")
-    return vec
+def _check_finite(vec: torch.Tensor, what: str, i: int, model: nn.Module, params: list) -> Any:
+    """Return ``vec``; a NaN/inf entry is a ValueError naming the component and parameter(s)."""
+    if bool(torch.isfinite(vec).all()):
+        return vec
+    bad, start = [], 0
+    for name, p in zip(param_names(model, params), params, strict=True):
+        if not bool(torch.isfinite(vec[start : start + p.numel()]).all()):
+            bad.append(name)
+        start += p.numel()
+    raise ValueError(
+        f"component {i}: non-finite {what} in parameter(s) {', '.join(bad)}; "
+        "the model was left unchanged"
+    )
 
 
 def _hv_from_grads(grads: Sequence, v: torch.Tensor, params: list, retain: bool) -> torch.Tensor:
@@ -338,9 +348,12 @@ def _hv_from_grads(grads: Sequence, v: torch.Tensor, params: list, retain: bool)
     return _flatten(hv, params)
 
 
-def _check_common(model: Any, method: str | None = None, tol: Any = DEFAULT_TOL) -> None:
+def _check_common(
+    model: Any, method: str | None = None, tol: Any = DEFAULT_TOL, dropout: Any = "off"
+) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model)!r}")
+    check_dropout_policy(dropout)
     if method is not None and method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     _check_solver_args(1, 1, tol)
@@ -375,9 +388,10 @@ class _FullObjective:
             for i, loss in losses:
                 grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
                 if gacc is not None:
-                    gacc += _check_finite(_flatten(grads, self.params), "gradient", i)
+                    g = _flatten(grads, self.params)
+                    gacc += _check_finite(g, "gradient", i, self.args[0], self.params)
                 hv = _hv_from_grads(grads, v, self.params, retain=False)
-                acc += _check_finite(hv, "Hessian-vector product", i)
+                acc += _check_finite(hv, "Hessian-vector product", i, self.args[0], self.params)
         if gacc is not None:
             self.grad = gacc / self.m
         return acc / self.m
@@ -438,7 +452,7 @@ def hvp(
     Tensor
         Flat float64 vector on the parameters' device.
     """
-    _check_common(model)
+    _check_common(model, dropout=dropout)
     params, _, vec = _prepare(model, components, params, vector)
     if component is not None:
         component = _check_index(component, len(components))
@@ -452,7 +466,7 @@ def hvp(
             i, loss = next(losses)
             grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
             out = _hv_from_grads(grads, vec, params, retain=False)
-            return _check_finite(out, "Hessian-vector product", i)
+            return _check_finite(out, "Hessian-vector product", i, model, params)
 
 
 @dataclass(frozen=True)
@@ -544,7 +558,7 @@ def hessian_norm(
     -------
     HessianNorm
     """
-    _check_common(model, method, tol)
+    _check_common(model, method, tol, dropout)
     params, n, _ = _prepare(model, components, params)
     if component is not None:
         i = _check_index(component, len(components))
@@ -592,7 +606,7 @@ def component_hessian_norms(
     through it. Memory: one component's double-backward graph at a time.
     Arguments as :func:`hessian_norm`; the results are in component order.
     """
-    _check_common(model, method, tol)
+    _check_common(model, method, tol, dropout)
     params, n, _ = _prepare(model, components, params)
     wanted = None
     if only is not None:
@@ -607,12 +621,14 @@ def component_hessian_norms(
             for i, loss in losses:
                 grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
                 grad_norm = float(
-                    torch.linalg.vector_norm(_check_finite(_flatten(grads, params), "gradient", i))
+                    torch.linalg.vector_norm(
+                        _check_finite(_flatten(grads, params), "gradient", i, model, params)
+                    )
                 )
 
                 def matvec(v, grads=grads, i=i):
                     hv = _hv_from_grads(grads, v, params, retain=True)
-                    return _check_finite(hv, "Hessian-vector product", i)
+                    return _check_finite(hv, "Hessian-vector product", i, model, params)
 
                 est = _solve(method, matvec, n, max_iter, tol, start_seed, device)
                 del grads, matvec  # frees this component's graph before the next forward
@@ -693,7 +709,7 @@ def full_gradient(
     params: Iterable[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``∇f(x) = (1/m) Σ_i ∇f_i(x)`` as one float64 vector (one pass; the model untouched)."""
-    _check_common(model)
+    _check_common(model, dropout=dropout)
     params, _, _ = _prepare(model, components, params)
     with model_guard(model), _double_backward_backend(model), torch.enable_grad():
         return _full_gradient(model, loss_fn, components, params, dropout, seed)
@@ -705,7 +721,7 @@ def _full_gradient(model, loss_fn, components, params, dropout, seed) -> torch.T
     with contextlib.closing(losses):
         for i, loss in losses:
             g = torch.autograd.grad(loss, params, allow_unused=True)
-            g = _check_finite(_flatten(g, params), "gradient", i)
+            g = _check_finite(_flatten(g, params), "gradient", i, model, params)
             acc = g if acc is None else acc + g
     return acc / len(components)
 
@@ -767,7 +783,7 @@ def trajectory_smoothness_from_states(
     is loaded into ``model`` in turn (buffers included) and ``∇f`` computed in
     one pass; the model is restored afterwards, also on an exception.
     """
-    _check_common(model)
+    _check_common(model, dropout=dropout)
     sa, sb = _model_state(state_a), _model_state(state_b)
     params, _, _ = _prepare(model, components, params)
     points = []
