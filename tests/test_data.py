@@ -78,6 +78,17 @@ def test_load_cifar10_reads_the_official_layout(tmp_path, protocol):
     assert np.array_equal(x_test.numpy(), images[15:]) and y_test.tolist() == labels[15:]
 
 
+def test_load_cifar10_reads_numpy_1_module_names(tmp_path):
+    """The official files (Python 2 / numpy 1) name ``numpy.core.multiarray._reconstruct``."""
+    images, labels = _fake_cifar(tmp_path)
+    path = tmp_path / "cifar-10-batches-py" / "test_batch"
+    legacy = path.read_bytes().replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+    assert b"numpy.core.multiarray" in legacy
+    path.write_bytes(legacy)
+    x, y = load_cifar10(tmp_path, train=False)
+    assert np.array_equal(x.numpy(), images[15:]) and y.tolist() == labels[15:]
+
+
 def test_load_cifar10_names_missing_files(tmp_path):
     _fake_cifar(tmp_path)
     (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
