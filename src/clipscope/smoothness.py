@@ -38,7 +38,7 @@ module (LSTM, GRU, RNN), cuDNN is switched off for the duration of the call
 is touched, unlike ``torch.backends.cudnn.flags(...)`` which would also reset
 ``deterministic`` and ``benchmark``). On CPU, double backward through
 ``nn.LSTM`` with oneDNN enabled was checked against the dense float64 Hessian
-(torch 2.13; agreement to 1e-15 in float64, 3e-7 in float32), so oneDNN is
+(torch 2.13; agreement to 1e-15 in float64, 3e-7 absolute in float32), so oneDNN is
 left on.
 """
 
