@@ -78,8 +78,21 @@ class RNNState(nn.Module):
         h0 = self.h0.expand(2, x.shape[0], 3).contiguous()
         hx = (h0, torch.zeros_like(h0)) if self.kind == "lstm" else h0
         seq, state = self.rnn(self.emb(x).transpose(0, 1), hx)
-        h = state[0] if self.kind == "lstm" else state
+        h = state[0] + state[1] if self.kind == "lstm" else state  # h_n and c_n
         return self.out(h[-1] + seq[0])
+
+
+class BiLSTM(nn.Module):
+    """Bidirectional LSTM (no ghost formula: the module-local loop)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(9, 4)
+        self.rnn = nn.LSTM(4, 3, batch_first=True, bidirectional=True)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.out(self.rnn(self.emb(x))[0].mean(1))
 
 
 class Tied(nn.Module):
@@ -184,6 +197,7 @@ CASES = [
     Case("lstm", LSTMClassifier, _ints(9, 3, 4), _ints(3, 3), seed=6),
     Case("lstm-float32", LSTMClassifier, _ints(9, 3, 4), _ints(3, 3), dtype=torch.float32, seed=6),
     Case("lstm-seq-first-state", RNNState, _ints(9, 3, 4), _ints(3, 3), seed=10),
+    Case("bilstm-loop", BiLSTM, _ints(9, 3, 4), _ints(3, 3), seed=12),
     Case("gru-state", lambda: RNNState("gru"), _ints(9, 3, 4), _ints(3, 3), seed=11),
     Case("tied", Tied, _ints(6, 3, 5), _ints(6, 3, 5), loss_fn=lm_loss, seed=7),
     Case("shared-inplace", Shared, _feats(4, 4), _ints(2, 4), seed=8),

@@ -27,7 +27,11 @@ holding the B gradients:
   - LayerNorm, GroupNorm, eval-mode BatchNorm: the affine gradients
     ``Σ b_j ⊙ x̂_j`` and ``Σ b_j`` are small, so they are materialized.
 
-  - nn.LSTM / GRU / RNN: no ghost formula; the recurrent module alone runs
+  - nn.LSTM (unidirectional, no projection): the LSTM is unrolled again in
+    Python at the captured input and initial state to get the gate gradients
+    ``δ_t``; then ``W_ih`` is a sequence Linear with inputs ``x_t``, ``W_hh``
+    one with inputs ``h_{t-1}``, and both biases get ``Σ_t δ_t``;
+  - GRU / RNN / bidirectional LSTM: the recurrent module alone runs
     again on each sample j with its captured input, initial state and output
     gradients, ``g_j = ∂/∂θ Σ_k ⟨o^k_j(θ), b^k_j⟩`` (a loop: the fused kernels
     have no ``vmap`` rule), so the rest of the model (a 10k-way decoder) is
@@ -439,6 +443,98 @@ def _keep_grad(store: list, k: int, g: torch.Tensor) -> None:
     store[k] = g.detach()
 
 
+def _lstm_ghost_ok(mod: nn.Module) -> bool:
+    return type(mod) is nn.LSTM and not mod.bidirectional and mod.proj_size == 0
+
+
+def _lstm_tokens(mod: nn.LSTM, call: dict[str, Any]) -> list[tuple]:
+    """Per layer: inputs ``x_t``, previous states ``h_{t-1}`` and gate gradients ``δ_t``.
+
+    The LSTM is unrolled again in Python at the captured input and initial
+    state (gate order i, f, g, o as in ``nn.LSTM``), with the weights as
+    constants, and ``Σ_k ⟨o^k, b^k⟩`` is differentiated w.r.t. the gate
+    pre-activations; then ``∂/∂W_ih = Σ_t δ_t x_tᵀ``, ``∂/∂W_hh = Σ_t δ_t h_{t-1}ᵀ``
+    and both biases get ``Σ_t δ_t``: the sequence-Linear ghost formula applies.
+    Returns ``[(x (B,T,in), h_prev (B,T,H), δ (B,T,4H))]`` for each layer.
+    """
+    x = call["input"] if mod.batch_first else call["input"].transpose(0, 1)
+    B, T = x.shape[0], x.shape[1]
+    L, H = mod.num_layers, mod.hidden_size
+    if call["hx"] is None:
+        h0 = c0 = x.new_zeros(L, B, H)
+    else:
+        h0, c0 = call["hx"]
+    per_layer, gates, finals_h, finals_c = [], [], [], []
+    layer_in = x
+    with torch.enable_grad():
+        for layer in range(L):
+            w_ih = getattr(mod, f"weight_ih_l{layer}").detach()
+            w_hh = getattr(mod, f"weight_hh_l{layer}").detach()
+            xw = layer_in @ w_ih.t()
+            if mod.bias:
+                xw = xw + getattr(mod, f"bias_ih_l{layer}").detach()
+                xw = xw + getattr(mod, f"bias_hh_l{layer}").detach()
+            if not xw.requires_grad:  # layer 0: all constants; the gates need a graph
+                xw.requires_grad_()
+            h, c = h0[layer], c0[layer]
+            hs, prev, gl = [], [], []
+            for t in range(T):
+                prev.append(h)
+                g = xw[:, t] + h @ w_hh.t()
+                gl.append(g)
+                i, f, gg, o = g.chunk(4, 1)
+                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(gg)
+                h = torch.sigmoid(o) * torch.tanh(c)
+                hs.append(h)
+            per_layer.append((layer_in, torch.stack(prev, 1).detach()))
+            gates.append(gl)
+            finals_h.append(h)
+            finals_c.append(c)
+            layer_in = torch.stack(hs, 1)
+        out = layer_in if mod.batch_first else layer_in.transpose(0, 1)
+        outs = (out, torch.stack(finals_h), torch.stack(finals_c))
+        total = sum(
+            (o * g).sum() for o, g in zip(outs, call["grads"], strict=True) if g is not None
+        )
+        flat = [g for gl in gates for g in gl]
+        deltas = torch.autograd.grad(total, flat, allow_unused=True)
+    deltas = [torch.zeros_like(g) if d is None else d for g, d in zip(flat, deltas, strict=True)]
+    result = []
+    for layer, (a_in, h_prev) in enumerate(per_layer):
+        d = torch.stack(deltas[layer * T : (layer + 1) * T], 1)
+        result.append((a_in.detach(), h_prev, d))
+    return result
+
+
+def _lstm_sq_norms(
+    mod: nn.LSTM, own: list[torch.Tensor], calls: list[dict[str, Any]], batch: int, device: Any
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """Ghost norms of ``nn.LSTM`` parameters from its gate gradients (see :func:`_lstm_tokens`)."""
+    out = torch.zeros(batch, dtype=torch.float64, device=device)
+    sums: dict[int, torch.Tensor] = {}
+    wanted = {id(p) for p in own}
+    calls = [c for c in calls if any(g is not None for g in c["grads"])]
+    if not calls:
+        return out, {id(p): torch.zeros_like(p) for p in own}
+    tokens = [_lstm_tokens(mod, c) for c in calls]
+    for layer in range(mod.num_layers):
+        a_in = _cat1([tk[layer][0] for tk in tokens])
+        h_prev = _cat1([tk[layer][1] for tk in tokens])
+        d = _cat1([tk[layer][2] for tk in tokens])
+        for name, a in (("weight_ih", a_in), ("weight_hh", h_prev)):
+            w = getattr(mod, f"{name}_l{layer}")
+            if id(w) in wanted:
+                sq, total = _gram_sq_norm(a, d)
+                out += sq
+                sums[id(w)] = total
+        for name in ("bias_ih", "bias_hh"):
+            bias = getattr(mod, f"{name}_l{layer}", None)
+            if bias is not None and id(bias) in wanted:
+                out += _bias_sq_norm(d)
+                sums[id(bias)] = d.sum((0, 1))
+    return out, sums
+
+
 def _rnn_sq_norms(
     mod: nn.RNNBase, own: list[torch.Tensor], calls: list[dict[str, Any]], batch: int, device: Any
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
@@ -594,7 +690,8 @@ def ghost_pass(
         sq += mod_sq
         found.update(sums)
     for mod, own in rnn_mods:
-        mod_sq, sums = _rnn_sq_norms(mod, own, rnn_rec.calls[id(mod)], batch, x.device)
+        ghost = _lstm_sq_norms if _lstm_ghost_ok(mod) else _rnn_sq_norms
+        mod_sq, sums = ghost(mod, own, rnn_rec.calls[id(mod)], batch, x.device)
         sq += mod_sq
         found.update(sums)
     if rest:
