@@ -67,7 +67,7 @@ class TrainConfig:
     model_kwargs: tuple[tuple[str, Any], ...] = ()  # TOML inline table of build_model kwargs
     data: str = "synthetic"  # clipscope.data.load_<data> (ignored by least_squares)
     data_dir: str = "data"  # folder handed to loaders that read files (CIFAR-10, PTB)
-    n_samples: int = 256  # least_squares: number of samples N (0: the loader's full set)
+    n_samples: int = 256  # first N training samples (tokens for LMs); 0 = all
     dim: int = 8  # least_squares: number of features
     noise: float = 0.5  # least_squares: std of the label noise
     batch_size: int = 16  # component batch size B; m = ceil(N/B) components

@@ -401,27 +401,6 @@ def build_task(cfg: Any) -> tuple[torch.nn.Module, Callable, Any, Callable | Non
     return model, loss_fn, comps, heldout if cfg.heldout else None
 
 
-def _load_splits(loader: Callable, data_dir: str) -> tuple[Any, Any]:
-    """Call ``clipscope.data.load_<name>`` in whichever of its known shapes it has.
-
-    Accepted: ``load(data_dir=..., train=bool)``, ``load(data_dir=..., split="train"|"test")``,
-    or ``load(...)`` returning ``{"train": ..., "test": ...}`` or ``(train, test)``;
-    ``data_dir`` is passed when the loader takes it.
-    """
-    import inspect
-
-    params = inspect.signature(loader).parameters
-    kw = {"data_dir": data_dir} if "data_dir" in params else {}
-    if "train" in params:
-        return loader(**kw, train=True), loader(**kw, train=False)
-    if "split" in params:
-        return loader(**kw, split="train"), loader(**kw, split="test")
-    out = loader(**kw)
-    if isinstance(out, dict):
-        return out["train"], out.get("test")
-    return out
-
-
 def _library_task(cfg: Any, dtype: torch.dtype):
     try:
         from clipscope import data as data_mod
@@ -431,17 +410,21 @@ def _library_task(cfg: Any, dtype: torch.dtype):
         raise ValueError(msg) from exc
     from clipscope.components import Components, SequentialComponents
 
-    loader = getattr(data_mod, f"load_{cfg.data}", None)
-    if loader is None:
-        raise ValueError(f"config: bad value for 'data': {cfg.data!r} (no clipscope.data loader)")
-    train, test = _load_splits(loader, cfg.data_dir)
+    if cfg.data not in data_mod.DATASETS:
+        raise ValueError(
+            f"config: bad value for 'data': {cfg.data!r} (valid: {list(data_mod.DATASETS)})"
+        )
+    splits = data_mod.load_splits(cfg.data, cfg.data_dir)
+    train, test = splits.train, splits.test
     torch.manual_seed(cfg.seed)
     if cfg.task == "language_model":
+        if cfg.n_samples:  # samples are tokens here
+            train = train[: cfg.n_samples]
         comps = SequentialComponents.from_tokens(
             train, cfg.batch_size, cfg.bptt, drop_last=cfg.last_batch == "drop"
         )
         kwargs = dict(cfg.model_kwargs)
-        kwargs.setdefault("vocab", int(train.max()) + 1)
+        kwargs.setdefault("vocab", splits.vocab_size or int(train.max()) + 1)
         model = build_model(cfg.model, **kwargs).to(dtype)
 
         def loss_fn(out, y):

@@ -5,7 +5,8 @@
 * :func:`load_ptb`, :func:`tokenize_file`, :class:`Vocabulary`,
   :class:`Corpus` — Mikolov's PTB text files;
 * :func:`load_digits_tensors` — scikit-learn's 8×8 digits;
-* :func:`load_embedded_text` — Python's own language reference (``pydoc_data``).
+* :func:`load_embedded_text` — Python's own language reference (``pydoc_data``);
+* :func:`load_splits` — a config's ``data`` name to train / held-out splits.
 
 Every loader or transform has a ``describe()`` dict of the conventions that
 change a component's gradient (augmentation, normalization, tokenization,
@@ -30,9 +31,13 @@ from clipscope.data.embedded import (
     load_embedded_text,
 )
 from clipscope.data.ptb import PTB_SPLITS, load_ptb
+from clipscope.data.splits import DATASETS, Splits, load_splits
 from clipscope.data.text import EOS, UNK, Corpus, Vocabulary, tokenize_file
 
 __all__ = [
+    "DATASETS",
+    "Splits",
+    "load_splits",
     "CIFAR10_MEAN",
     "CIFAR10_STD",
     "EOS",
