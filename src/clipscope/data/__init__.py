@@ -35,17 +35,16 @@ from clipscope.data.splits import DATASETS, Splits, load_splits
 from clipscope.data.text import EOS, UNK, Corpus, Vocabulary, tokenize_file
 
 __all__ = [
-    "DATASETS",
-    "Splits",
-    "load_splits",
     "CIFAR10_MEAN",
     "CIFAR10_STD",
+    "DATASETS",
     "EOS",
     "PTB_SPLITS",
     "UNK",
     "Cifar10Transform",
     "Corpus",
     "DigitsData",
+    "Splits",
     "Vocabulary",
     "augment",
     "embedded_text_source",
@@ -54,6 +53,7 @@ __all__ = [
     "load_digits_tensors",
     "load_embedded_text",
     "load_ptb",
+    "load_splits",
     "normalize",
     "tokenize_file",
 ]
