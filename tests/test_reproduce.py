@@ -1,0 +1,67 @@
+"""`clipscope reproduce` end to end on the embedded digits, at tiny scale."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from clipscope.reproduce import reproduce
+
+
+def quiet(_text: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    report = reproduce(
+        ["digits-cnn"], out, epochs=1, batch_sizes=[128, 256], progress=False, echo=quiet
+    )
+    return out, report
+
+
+def test_study_layout_and_report(study):
+    out, report = study
+    assert report == out / "report.html" and report.is_file()
+    meta = json.loads((out / "study.json").read_text())
+    runs = meta["tasks"]["digits-cnn"]["runs"]
+    assert {(r["method"], r["batch_size"]) for r in runs} == {
+        (m, b) for m in ("igc", "sgd") for b in (128, 256)
+    }
+    for r in runs:
+        rows = (out / r["dir"] / "epochs.csv").read_text().splitlines()
+        assert len(rows) == 3  # header + epoch 0 + epoch 1
+        assert json.loads((out / r["dir"] / "summary.json").read_text())["status"] == "completed"
+    cross = json.loads((out / meta["tasks"]["digits-cnn"]["cross_section"]).read_text())
+    assert cross["batch_sizes"] == [128, 256, 512]
+    assert all(-1 <= c <= 1 for c in cross["c1"])
+    assert len(cross["predicted_cos"]) == 3
+    assert report.read_text().count("<img") >= 5
+
+
+def test_resume_keeps_finished_runs_and_refuses_without_it(study):
+    out, _ = study
+    csv = out / "runs/digits-cnn/igc-B128/epochs.csv"
+    before = csv.stat().st_mtime_ns
+    reproduce(
+        ["digits-cnn"],
+        out,
+        epochs=1,
+        batch_sizes=[128, 256],
+        resume=True,
+        progress=False,
+        echo=quiet,
+    )
+    assert csv.stat().st_mtime_ns == before
+    with pytest.raises(FileExistsError, match="--resume"):
+        reproduce(["digits-cnn"], out, epochs=1, batch_sizes=[128], progress=False, echo=quiet)
+
+
+def test_cli_rejects_bad_input_before_running(tmp_path):
+    cmd = [sys.executable, "-m", "clipscope", "reproduce", "--task", "cifar10-resnet18", "--out"]
+    done = subprocess.run([*cmd, str(tmp_path / "o")], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "--data-dir" in done.stderr
+    assert not (tmp_path / "o").exists()
