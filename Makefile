@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/clipscope example1
+	$(BIN)/clipscope reproduce --resume
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
