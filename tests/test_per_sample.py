@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -395,3 +396,18 @@ def test_linear_any_shape(B, lead, P, Q, bias, seed):
     rows = per_sample_grads_reference(model, F.mse_loss, x, y)
     got = per_sample_sq_norms(model, F.mse_loss, x, y)
     torch.testing.assert_close(got, rows.square().sum(1), rtol=1e-10, atol=1e-300)
+
+
+@pytest.mark.parametrize("case_id", ["mlp", "lstm-seq-first-state"])
+def test_activations_freed(case_id):
+    """No reference cycle (output -> grad_fn -> hook -> slot -> output) keeps a batch alive."""
+    case = next(c for c in CASES if c.id == case_id)
+    model, x, y = case.build()
+    refs = []
+    for mod in model.modules():
+        if isinstance(mod, (nn.Linear, nn.LSTM)):
+            mod.register_forward_hook(
+                lambda m, i, o: refs.append(weakref.ref(o if torch.is_tensor(o) else o[0]))
+            )
+    per_sample_sq_norms(model, case.loss_fn, x, y)
+    assert refs and all(r() is None for r in refs)

@@ -280,6 +280,7 @@ class _Recorder:
         self.batch = batch
         self.calls: dict[int, list[list[torch.Tensor | None]]] = {id(m): [] for m in modules}
         self.names: dict[int, str] = {}
+        self.outputs: list[tuple[torch.Tensor, int]] = []
         self.handles = [m.register_forward_hook(self._forward) for m in modules]
 
     def _forward(self, mod: nn.Module, inputs: tuple, output: Any) -> None:
@@ -291,8 +292,11 @@ class _Recorder:
                 f"per-sample norms need the samples along dim 0 of every layer's input: "
                 f"{type(mod).__name__} got input {tuple(a.shape)} for a batch of {self.batch}"
             )
-        slot: list[Any] = [a.detach(), None, (output, output._version)]
+        slot: list[Any] = [a.detach(), None]
         self.calls[id(mod)].append(slot)
+        # kept apart from the slot: output -> its grad_fn -> hook -> slot -> output would
+        # be a cycle through C++ that Python's garbage collector cannot free
+        self.outputs.append((output, output._version))
 
         def keep(g: torch.Tensor) -> None:
             slot[1] = g.detach()
@@ -302,6 +306,7 @@ class _Recorder:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+        self.outputs = []
 
 
 def _cat1(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -318,7 +323,7 @@ def _module_sq_norms(
     use_w = isinstance(w, torch.Tensor) and id(w) in wanted
     use_b = isinstance(bias, torch.Tensor) and id(bias) in wanted
     sums: dict[int, torch.Tensor] = {}
-    calls = [(a, b) for a, b, _ in calls if b is not None]
+    calls = [(a, b) for a, b in calls if b is not None]
     if not calls:
         return out, sums
     if isinstance(mod, _NORMS):
@@ -403,6 +408,7 @@ class _RNNRecorder:
     def __init__(self, modules: Sequence[nn.Module], batch: int) -> None:
         self.batch = batch
         self.calls: dict[int, list[dict[str, Any]]] = {id(m): [] for m in modules}
+        self.outputs: list[tuple[torch.Tensor, int]] = []
         self.handles = [m.register_forward_hook(self._forward) for m in modules]
 
     def _forward(self, mod: nn.Module, inputs: tuple, output: Any) -> None:
@@ -427,9 +433,9 @@ class _RNNRecorder:
             "input": inp.detach(),
             "hx": None if hx is None else tuple(h.detach() for h in hx),
             "grads": [None] * len(tensors),
-            "outputs": [(t, t._version) for t in tensors if t.requires_grad],
         }
         self.calls[id(mod)].append(slot)
+        self.outputs += [(t, t._version) for t in tensors if t.requires_grad]
         for k, t in enumerate(tensors):
             if t.requires_grad:
                 t.register_hook(functools.partial(_keep_grad, slot["grads"], k))
@@ -437,6 +443,7 @@ class _RNNRecorder:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+        self.outputs = []
 
 
 def _keep_grad(store: list, k: int, g: torch.Tensor) -> None:
@@ -669,8 +676,7 @@ def ghost_pass(
     try:
         with torch.enable_grad():
             losses = per_sample_losses(model, loss_fn, x, y)
-            outputs = [slot[2] for calls in rec.calls.values() for slot in calls]
-            outputs += [o for calls in rnn_rec.calls.values() for c in calls for o in c["outputs"]]
+            outputs = rec.outputs + rnn_rec.outputs
             if all(o._version == v for o, v in outputs):
                 # differentiate w.r.t. the layer outputs: the hooks get every b, and
                 # the ghost layers' weight gradients are never formed by autograd
