@@ -261,6 +261,8 @@ def per_sample_tables(args) -> list[Table]:
     gen = torch.Generator().manual_seed(0)
     nb = args.batches
     # --- CNN
+    if args.no_cnn:
+        return per_sample_lstm(args, gen, nb)
     torch.manual_seed(0)
     cnn = small_cnn()
     params = list(cnn.parameters())
@@ -304,6 +306,11 @@ def per_sample_tables(args) -> list[Table]:
         "or O(N·n) memory"
     )
     tables.append(t)
+    return tables + per_sample_lstm(args, gen, nb)
+
+
+def per_sample_lstm(args, gen, nb) -> list[Table]:
+    tables = []
     # --- LSTM LM, samples = token rows
     if not args.no_lstm:
         torch.manual_seed(0)
@@ -323,7 +330,7 @@ def per_sample_tables(args) -> list[Table]:
                 f"per-sample components, LSTM LM (4.33M params), {lb} batches of 64 rows × 35 "
                 "tokens",
                 {
-                    "per-sample norms: ghost + module-local loop for nn.LSTM (pass 1)": lambda: (
+                    "per-sample norms, ghost (nn.LSTM by its gate gradients) (pass 1)": lambda: (
                         ghost_norms(lm, lm_loss, batches, params)
                     ),
                     "per-sample dots, one JVP per batch (pass 2)": lambda: jvp_dots(
@@ -344,8 +351,7 @@ def per_sample_tables(args) -> list[Table]:
         )
         t.notes.append(
             "torch.func vmap(grad) fails on nn.LSTM here (no batching rule for the fused "
-            "kernel), so there is no vmap row; the nn.LSTM parameters' per-sample norms come "
-            "from re-running the LSTM alone on each sample (module-local loop)"
+            "kernel), so there is no vmap row"
         )
         tables.append(t)
     return tables
@@ -478,6 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--batches", type=int, default=None, help="batches of 64 per epoch")
     ap.add_argument("--no-lstm", action="store_true", help="skip the LSTM LM tables")
+    ap.add_argument("--no-cnn", action="store_true", help="skip the per-sample CNN table")
     ap.add_argument("--only", choices=("per-sample", "routes"), default=None)
     args = ap.parse_args(argv)
     if args.many:
