@@ -91,6 +91,11 @@ class TrainConfig:
     route: str = "auto"  # engine route for the run's own components: auto | two-pass | keep
     dropout: str = "off"  # dropout policy of the probes: off | fixed masks
     heldout: bool = True  # evaluate the held-out metric at each probe
+    # -- smoothness (clipscope.smoothness; columns hess_norm, traj_smoothness) ------
+    smoothness_every: int = 0  # Lanczos ‖∇²f(x_k)‖ at every k-th probe (and the last); 0 = never
+    smoothness_components: bool = False  # also ‖∇²f_i(x_k)‖ per component (A5), in the .npz
+    smoothness_tol: float = 1e-4  # relative tolerance of the Lanczos stopping rule, in (0, 1)
+    smoothness_max_iter: int = 30  # most Hessian-vector products per Lanczos solve
     # -- runtime ------------------------------------------------------------
     device: str = "cpu"  # torch device
     dtype: str = "float32"  # float32 | float64 parameters and data
@@ -114,11 +119,13 @@ class TrainConfig:
 
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
 _INT = {"n_samples", "dim", "batch_size", "bptt", "data_seed", "epochs", "seed", "probe_every"}
-_INT |= {"threads", "checkpoint_every", "keep_checkpoints"}
-_FLOAT = {"noise", "lr", "momentum", "weight_decay", "schedule_gamma"}
-_BOOL = {"heldout", "deterministic", "progress"}
+_INT |= {"threads", "checkpoint_every", "keep_checkpoints", "smoothness_every"}
+_INT |= {"smoothness_max_iter"}
+_FLOAT = {"noise", "lr", "momentum", "weight_decay", "schedule_gamma", "smoothness_tol"}
+_BOOL = {"heldout", "deterministic", "progress", "smoothness_components"}
 _MIN = {"n_samples": 0, "dim": 1, "batch_size": 1, "bptt": 1, "epochs": 0, "probe_every": 0}
 _MIN |= {"threads": 0, "checkpoint_every": 0, "keep_checkpoints": 1, "data_seed": 0, "seed": 0}
+_MIN |= {"smoothness_every": 0, "smoothness_max_iter": 1}
 
 
 def _bad(key: str, value: Any, why: str) -> ValueError:
@@ -145,6 +152,8 @@ def _float(key: str, value: Any) -> float:
         raise _bad(key, value, "must be >= 0")
     if key == "momentum" and not 0 <= value < 1:
         raise _bad(key, value, "must be in [0, 1)")
+    if key == "smoothness_tol" and not 0 < value < 1:
+        raise _bad(key, value, "must be in (0, 1)")
     return value
 
 

@@ -450,6 +450,7 @@ def fit(
     route: str = "auto",
     checkpoint_every: int = 0,
     keep_checkpoints: int = 3,
+    smoothness: Any = None,
     on_step: Callable[[int, int, float], None] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> History:
@@ -473,6 +474,18 @@ def fit(
     uses the ``dropout`` policy, so with active dropout the drift includes the
     mask noise. The model trains in the mode the caller left it in (``fit``
     never calls ``model.train()``; BatchNorm-in-eval policies stay in force).
+
+    Smoothness (with ``smoothness``, a
+    :class:`~clipscope.smoothness.SmoothnessProbe`): at the probes it
+    selects, the row gets ``hess_norm`` = Lanczos ``‖∇²f(x_k)‖`` and
+    ``hess_converged``, and (with ``components=True``) the component file gets
+    ``hess_norms[i] = ‖∇²f_i(x_k)‖``. At *every* probe the run keeps ``x_k``
+    and the probe's ``∇f(x_k)`` (float64, also in the checkpoints, so a
+    resumed run is bitwise equal) and, at the next probe ``x_{k'}``, writes
+    Zhang et al.'s secant ``‖∇f(x_{k'}) − ∇f(x_k)‖ / ‖x_{k'} − x_k‖`` into
+    the row of epoch k as ``traj_smoothness`` (paired with that row's
+    ``grad_norm``; NaN in the last row). All of it runs under ``model_guard``:
+    training is bitwise the same with or without it.
 
     Parameters
     ----------
@@ -502,6 +515,8 @@ def fit(
         Per-epoch learning-rate schedule (see :func:`make_schedule`).
     checkpoint_every : int
         Also checkpoint every this many steps (0: only at epoch boundaries).
+    smoothness : clipscope.smoothness.SmoothnessProbe, optional
+        Relaxed-smoothness measurements at the probe points (see above).
     on_step : callable, optional
         ``on_step(step, i, norm)`` after each step (tests inject faults here).
 
@@ -559,6 +574,8 @@ def fit(
         "etas": list(etas),
         "epochs": epochs,
     }
+    if smoothness is not None:  # only then: runs from before the option still resume
+        setting["smoothness"] = smoothness.to_dict()
 
     # Loop state: everything here goes into checkpoints.
     st: dict[str, Any] = {
@@ -576,6 +593,7 @@ def fit(
         "step_loss_sum": 0.0,
         "step_clipped": 0,
         "ckpt_seq": 0,  # checkpoints written so far (names them; never overwritten)
+        "traj_prev": None,  # smoothness: {"epoch", "x", "g"} of the last probe point (float64)
     }
     history = History(method=method)
     rd = None
@@ -649,14 +667,23 @@ def fit(
                                 route=route,
                                 seed=seed,
                                 heldout=heldout,
-                                keep_full_grad=method == "igc" and k < epochs,
+                                keep_full_grad=(method == "igc" and k < epochs)
+                                or smoothness is not None,
                                 progress=progress,
                             )
+                        extra: dict[str, np.ndarray] = {}
+                        if smoothness is not None:
+                            extra = _record_smoothness(
+                                st, row, result, smoothness, params, k, k == epochs, say,
+                                lambda: smoothness.measure(
+                                    model, loss_fn, components, dropout=dropout, seed=seed
+                                ),
+                            )  # fmt: skip
                         row.update(epoch=k, step=st["step"], lr=_lr(optimizer))
                         row["wall_time"] = time.perf_counter() - t0
                         st["rows"].append(row)
                         if rd is not None:
-                            rd.write_components(k, result)
+                            rd.write_components(k, result, extra)
                         if method == "igc" and result.full_grad is not None and k < epochs:
                             st["full_grad"] = [
                                 g.detach().double().clone() for g in result.full_grad
@@ -743,6 +770,49 @@ def fit(
     if rd is not None:
         rd.finish(history.status, st, counts=history.counts)
     return history
+
+
+def _record_smoothness(
+    st: dict[str, Any],
+    row: dict[str, float],
+    result: Any,
+    smoothness: Any,
+    params: Sequence[torch.Tensor],
+    k: int,
+    last: bool,
+    say: Callable[[str], None],
+    measure: Callable[[], tuple[dict[str, float], dict[str, np.ndarray]]],
+) -> dict[str, np.ndarray]:
+    """Fill the smoothness entries of the new probe row of epoch ``k``; return component arrays.
+
+    ``hess_norm``/``hess_converged`` when this probe is due (NaN otherwise);
+    ``traj_smoothness`` of the *previous* probe row from its ``(x, ∇f)`` and
+    this one's; then this point becomes the previous one. A non-finite
+    Hessian-vector product is recorded as NaN with a message, not raised: the
+    probe already found f and ∇f finite, and the measurement is a diagnostic.
+    """
+    from clipscope.smoothness import trajectory_smoothness
+
+    row.update(hess_norm=math.nan, hess_converged=math.nan, traj_smoothness=math.nan)
+    arrays: dict[str, np.ndarray] = {}
+    if smoothness.due(len(st["rows"]), last):
+        try:
+            entries, arrays = measure()
+            row.update(entries)
+        except ValueError as exc:
+            if "finite" not in str(exc):
+                raise
+            say(f"warning: Hessian norm not measured at epoch {k}: {exc}")
+    with torch.no_grad():
+        x = torch.cat([p.detach().reshape(-1).to(torch.float64) for p in params]).clone()
+    g = torch.cat([t.reshape(-1).to(torch.float64) for t in result.full_grad]).clone()
+    prev = st["traj_prev"]
+    if prev is not None:
+        before = next((r for r in reversed(st["rows"]) if r.get("epoch") == prev["epoch"]), None)
+        if before is not None:
+            before["traj_smoothness"] = trajectory_smoothness(prev["x"], prev["g"], x, g)
+    st["traj_prev"] = None if last else {"epoch": k, "x": x, "g": g}
+    return arrays
 
 
 def _end_epoch(st: dict[str, Any], m: int) -> None:

@@ -25,6 +25,15 @@ heuristic), ``train_loss`` / ``train_norm`` / ``train_clipped_share`` (means ove
 the epoch's steps, starting at x_k), ``lr``, ``wall_time`` (seconds since the
 process started training; the only column that differs after a resume).
 
+With ``smoothness_every = k > 0`` (:class:`clipscope.smoothness.SmoothnessProbe`)
+three more columns follow: ``hess_norm`` (Lanczos ‖∇²f(x_k)‖ at every k-th
+probe and the last, NaN at the others), ``hess_converged`` (1/0) and
+``traj_smoothness`` (Zhang et al.'s ‖∇f(x_{k'}) − ∇f(x_k)‖/‖x_{k'} − x_k‖ to the
+next probe point x_{k'}, in the row of x_k; NaN in the last row); with
+``smoothness_components = true`` the component files also hold ``hess_norms``
+(‖∇²f_i(x_k)‖) and ``hess_converged``. The previous probe's x and ∇f (float64)
+then travel in the checkpoints, which grow by 16 bytes per parameter.
+
 Consistency under ``kill -9``: the rows live in the checkpoint; ``epochs.csv`` is
 rewritten from them right *after* each checkpoint, and on resume it is
 rewritten from the checkpoint that is loaded (rows the crashed process wrote
@@ -292,8 +301,13 @@ class RunDirectory:
             if int(item.stem.split("_")[1]) not in kept:
                 item.unlink()
 
-    def write_components(self, epoch: int, result: Any) -> None:
-        """``components/epoch_XXXX.npz`` with norms, dots, losses, grad_norm (and sizes)."""
+    def write_components(
+        self, epoch: int, result: Any, extra: dict[str, np.ndarray] | None = None
+    ) -> None:
+        """``components/epoch_XXXX.npz``: norms, dots, losses, grad_norm, sizes, and ``extra``.
+
+        ``extra`` holds further per-component arrays, e.g. ``hess_norms`` (‖∇²f_i‖).
+        """
         buffer = io.BytesIO()
         np.savez(
             buffer,
@@ -302,6 +316,7 @@ class RunDirectory:
             losses=result.losses,
             grad_norm=np.float64(result.grad_norm),
             sizes=result.sizes,
+            **(extra or {}),
         )
         atomic_write_bytes(self.components / f"epoch_{epoch:04d}.npz", buffer.getvalue())
 
@@ -557,6 +572,7 @@ def _train(cfg, out, resolved, resume, force, on_step, echo, log) -> int:
             route=cfg.route,
             checkpoint_every=cfg.checkpoint_every,
             keep_checkpoints=cfg.keep_checkpoints,
+            smoothness=_smoothness_probe(cfg),
             on_step=on_step,
             log=log,
         )
@@ -575,6 +591,20 @@ def _train(cfg, out, resolved, resume, force, on_step, echo, log) -> int:
         + (f"; f(x)={last['loss']:.6g}, ‖∇f‖={last['grad_norm']:.4g}" if last else "")
     )
     return EXIT_OK
+
+
+def _smoothness_probe(cfg: Any) -> Any:
+    """Return the run's :class:`~clipscope.smoothness.SmoothnessProbe` (None when off)."""
+    if not cfg.smoothness_every:
+        return None
+    from clipscope.smoothness import SmoothnessProbe
+
+    return SmoothnessProbe(
+        every=cfg.smoothness_every,
+        components=cfg.smoothness_components,
+        tol=cfg.smoothness_tol,
+        max_iter=cfg.smoothness_max_iter,
+    )
 
 
 def _check_env(out: Path, log: Callable[[str], None]) -> None:

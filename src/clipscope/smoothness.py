@@ -63,6 +63,7 @@ __all__ = [
     "EigenEstimate",
     "HessianNorm",
     "SmoothnessFit",
+    "SmoothnessProbe",
     "TrajectoryStep",
     "component_hessian_norms",
     "fit_components",
@@ -1136,3 +1137,79 @@ def fit_components(
             f"got {x.shape} and {y.shape}"
         )
     return [fit_l0_l1(x[:, i], y[:, i], method, quantile=quantile) for i in range(x.shape[1])]
+
+
+# -- the smoothness probe of a training run ------------------------------------
+@dataclass(frozen=True)
+class SmoothnessProbe:
+    r"""When and how a run measures ``‖∇²f(x_k)‖`` (and ``‖∇²f_i(x_k)‖``) at its probe points.
+
+    :func:`clipscope.methods.fit` takes one of these (``smoothness=``): at
+    probe number ``p`` (0-based, counting the rows of ``epochs.csv``) it calls
+    :meth:`measure` when :meth:`due` says so — every ``every``-th probe and
+    the last one. Along the run it also records Zhang et al.'s secant
+    estimate between consecutive probe points (:func:`trajectory_smoothness`),
+    from the ``∇f`` the probe already computes.
+
+    Attributes
+    ----------
+    every : int
+        Measure at every ``every``-th probe (≥ 1).
+    components : bool
+        Also ``‖∇²f_i(x_k)‖`` for every component (A5): one Lanczos solve per
+        component, so about ``m`` times the cost of the full one.
+    tol : float
+        Relative tolerance of the Lanczos stopping rule, in (0, 1).
+    max_iter : int
+        Most Hessian-vector products per solve.
+
+    >>> SmoothnessProbe(every=2).due(4, last=False), SmoothnessProbe(every=2).due(3, last=True)
+    (True, True)
+    """
+
+    every: int = 1
+    components: bool = False
+    tol: float = DEFAULT_TOL
+    max_iter: int = DEFAULT_MAX_ITER["lanczos"]
+
+    def __post_init__(self) -> None:
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
+            raise ValueError(f"every must be an int >= 1, got {self.every!r}")
+        if not isinstance(self.components, bool):
+            raise TypeError(f"components must be a bool, got {self.components!r}")
+        _check_solver_args(1, self.max_iter, self.tol)
+
+    def due(self, probe_index: int, last: bool) -> bool:
+        """Whether probe number ``probe_index`` (0-based) measures the Hessian norm."""
+        return probe_index % self.every == 0 or last
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (part of the run's settings that a resume must match)."""
+        return asdict(self)
+
+    def measure(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Any, Any], torch.Tensor],
+        components: Any,
+        *,
+        dropout: str = "off",
+        seed: int = 0,
+    ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+        """Measure at the current parameters; return ``(row entries, component arrays)``.
+
+        Row entries: ``hess_norm`` (Lanczos ``‖∇²f(x)‖``) and ``hess_converged``
+        (1/0). Arrays (only with ``components``): ``hess_norms[i] = ‖∇²f_i(x)‖``
+        and ``hess_converged[i]``. The model is left untouched (every solve
+        runs under :func:`clipscope.engine.model_guard`; the start vector has a
+        private generator).
+        """
+        kw = {"tol": self.tol, "max_iter": self.max_iter, "dropout": dropout, "seed": seed}
+        full = hessian_norm(model, loss_fn, components, method="lanczos", **kw)
+        row = {"hess_norm": float(full.hess_norm), "hess_converged": float(full.converged)}
+        arrays: dict[str, np.ndarray] = {}
+        if self.components:
+            per = component_hessian_norms(model, loss_fn, components, method="lanczos", **kw)
+            arrays["hess_norms"] = np.array([r.hess_norm for r in per], dtype=np.float64)
+            arrays["hess_converged"] = np.array([r.converged for r in per], dtype=bool)
+        return row, arrays
