@@ -166,6 +166,112 @@ def summarize_run(entry: dict, run: RunRecord) -> RunSummary:
     )
 
 
+def _opt(value: float | None) -> float:
+    return math.nan if value is None else value
+
+
+def _theory_rows(res: dict) -> list[tuple[str, str]]:
+    """(quantity, value) rows of one run's theory check."""
+    from clipscope.theory_check import ESTIMATES
+
+    fit = res.get("fit") or {}
+    rows = [
+        ("theorem", html.escape(res.get("theorem") or "none for this method")),
+        ("estimate used", html.escape(ESTIMATES.get(res["estimate"], "none"))),
+        (
+            "L0, L1 (A2)",
+            f"{_num(res['L0'])}, {_num(res['L1'])} ({html.escape(str(fit.get('method')))} fit, "
+            f"{fit.get('n_points', 0)} points, {fit.get('n_above', 0)} above; flags: "
+            f"{html.escape(', '.join(fit.get('flags', [])) or 'none')})",
+        ),
+    ]
+    traj = res.get("trajectory_fit")
+    if traj:
+        rows.append(
+            (
+                "L0, L1 from the secants",
+                f"{_num(_opt(traj['L0']))}, {_num(_opt(traj['L1']))}",
+            )
+        )
+    if "L0i" in res:
+        rows.append(
+            (
+                "max_i L0i, max_i L1i (A5)",
+                f"{_num(res['L0i'])}, {_num(res['L1i'])} "
+                f"({html.escape(str(res.get('component_estimate') or 'not recorded'))})",
+            )
+        )
+    rows += [
+        ("min c1, min c2", f"{_num(res['c1'])}, {_num(res['c2'])}"),
+        (
+            "f(x0) − f*",
+            f"≤ {_num(res['gap'])} (lower bound used: f* ≥ {_num(res['f_star_lower_bound'])})",
+        ),
+    ]
+    bound = res.get("bound")
+    if bound:
+        cond = bound["condition"]
+        rhs = math.inf if bound["rhs"] is None else bound["rhs"]
+        alpha_max = math.inf if cond["alpha_max"] is None else cond["alpha_max"]
+        rows += [
+            (
+                f"condition {cond['equation']}",
+                _verdict(cond["holds"], f"α = {_num(res['alpha'])} vs α_max = {_num(alpha_max)}"),
+            ),
+            (
+                f"bound {bound['equation']}",
+                _verdict(bound["holds"], f"{_num(bound['lhs'])} ≤ {_num(rhs)}"),
+            ),
+        ]
+    drift = res.get("drift")
+    if drift and drift["epochs"]:
+        rows.append(
+            (
+                "IGC drift |(39)| vs (42)",
+                _verdict(
+                    drift["violations"] == 0,
+                    f"{drift['epochs'] - drift['violations']}/{drift['epochs']} epochs within; "
+                    f"max ratio {_num(drift['max_ratio'])}",
+                ),
+            )
+        )
+    rows.append(("verdict", html.escape(res["verdict"])))
+    return rows
+
+
+def render_theory(entry: dict, run: RunRecord) -> str:
+    """HTML theory check of one run from its recorded values only (never computes gradients).
+
+    :func:`clipscope.theory_check.theory_check` with ``measure=False``: a run
+    without recorded smoothness values gets a sentence saying so, no table.
+    """
+    from clipscope.theory_check import theory_check
+
+    method = entry.get("method") or run.method
+    batch = entry.get("batch_size") or run.batch_size
+    label = html.escape(f"{method.upper()} B={batch}")
+    try:
+        res = theory_check(run.path, measure=False)
+    except (FileNotFoundError, ValueError) as exc:
+        return (
+            f'<p class="note">Theory check of {label}: not possible ({html.escape(str(exc))}).</p>'
+        )
+    if res["estimate"] is None:
+        return (
+            f'<p class="note">Theory check of {label}: no smoothness values recorded in this run '
+            "(train with <code>smoothness_every</code> &gt; 0); nothing is computed here.</p>"
+        )
+    body = "".join(
+        f'<tr><td class="l">{html.escape(name)}</td><td class="l">{value}</td></tr>'
+        for name, value in _theory_rows(res)
+    )
+    return (
+        f'<h3>Theory check: {label}</h3><table class="theory"><thead><tr>'
+        f'<th class="l">quantity</th><th class="l">value</th></tr></thead>'
+        f"<tbody>{body}</tbody></table>"
+    )
+
+
 def _img(png: bytes, alt: str) -> str:
     data = base64.b64encode(png).decode("ascii")
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
@@ -191,11 +297,12 @@ def render_task(task: TaskRecord, figure_dir: Path | None = None) -> str:
     notes = "".join(
         f"<li>{html.escape(k)}: {html.escape(str(v))}</li>" for k, v in task.notes.items()
     )
+    theory = "".join(render_theory(entry, run) for entry, run in task.runs)
     return (
         f'<section class="task"><h2>{html.escape(task.name)}</h2>'
         f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
         + (f'<ul class="note">{notes}</ul>' if notes else "")
-        + f'<div class="figs">{"".join(images)}</div></section>'
+        + f'<div class="figs">{"".join(images)}</div>{theory}</section>'
     )
 
 
@@ -218,7 +325,8 @@ def build_report(path: str | Path, out: str | Path | None = None) -> Path:
 Mean cos θ_ki is c1 (assumption A3 needs every cos ≥ 0 and c1 &gt; 0); m_g/M_g is c2 (A4).
 Bound (33): D(η) ≥ m·min(η c1, c2‖∇f‖)·‖∇f‖, checked at every probe where A3 held.
 ρ(η) = D(η)/(m‖∇f‖²): 1 without clipping, negative when clipping reverses descent.
-B_noise = tr(Σ)/‖∇f‖² is the gradient-noise-scale heuristic.</p>
+B_noise = tr(Σ)/‖∇f‖² is the gradient-noise-scale heuristic.
+The theory checks (Theorem 3.1/3.2) use only smoothness values the runs recorded.</p>
 {sections}
 </body></html>
 """

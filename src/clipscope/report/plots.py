@@ -170,6 +170,106 @@ def noise_prediction(task: TaskRecord) -> plt.Figure:
     return fig
 
 
+SMOOTHNESS_FIELDS = ("hess_norm", "traj_smoothness")
+
+
+def has_smoothness(task: TaskRecord) -> bool:
+    """Return whether a run of the task recorded ``hess_norm`` or ``traj_smoothness``."""
+    return any(name in run.rows for _, run in task.runs for name in SMOOTHNESS_FIELDS)
+
+
+def _fit_line(ax, x: np.ndarray, y: np.ndarray, color, style: str, label: str) -> bool:
+    from clipscope.smoothness import fit_l0_l1  # pure arithmetic on the stored pairs
+
+    fit = fit_l0_l1(np.abs(x), np.abs(y))
+    if not fit.ok:
+        return False
+    lo, hi = fit.x_range
+    xs = np.linspace(lo, hi, 50)
+    ax.plot(xs, fit.bound(xs), style, color=color, lw=1.2,
+            label=f"{label}: L0={fit.L0:.3g}, L1={fit.L1:.3g}")  # fmt: skip
+    return True
+
+
+def _component_pairs(run: RunRecord) -> tuple[np.ndarray, np.ndarray]:
+    xs, ys = [], []
+    for epoch in sorted(run.component_files):
+        arrays = run.components(epoch) or {}
+        if "hess_norms" in arrays and "norms" in arrays:
+            n = np.asarray(arrays["norms"], float).reshape(-1)
+            h = np.asarray(arrays["hess_norms"], float).reshape(-1)
+            if n.shape == h.shape:
+                xs.append(n)
+                ys.append(h)
+    if not xs:
+        return np.empty(0), np.empty(0)
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def smoothness(task: TaskRecord) -> plt.Figure:
+    """‖∇²f(x_k)‖ against ‖∇f(x_k)‖ along each run, with the fitted (A2) line L0 + L1‖∇f‖.
+
+    Reads: ``grad_norm``, ``hess_norm`` (Lanczos, dots) and ``traj_smoothness``
+    (Zhang et al.'s secant, crosses) of ``epochs.csv``; ``norms`` and
+    ``hess_norms`` of the component files (the (A5) pairs ‖∇f_i‖, ‖∇²f_i‖:
+    small faint dots, and the line through ``max_i L0i``, ``max_i L1i``).
+    The lines are :func:`clipscope.smoothness.fit_l0_l1` hull fits of the
+    stored pairs (arithmetic only; nothing is differentiated). NaN pairs are
+    skipped.
+    """
+    from clipscope.smoothness import fit_components
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    drawn = False
+    for entry, run in task.runs:
+        label = _label(entry, run)
+        g = run.column("grad_norm")
+        h, t = run.column("hess_norm"), run.column("traj_smoothness")
+        color = None
+        ok = np.isfinite(g) & np.isfinite(h)
+        if ok.any():
+            (pts,) = ax.plot(g[ok], h[ok], "o", ms=4, label=f"{label} ‖∇²f‖ (Lanczos)")
+            color = pts.get_color()
+            _fit_line(ax, g[ok], h[ok], color, "-", f"{label} fit")
+            drawn = True
+        ok_t = np.isfinite(g) & np.isfinite(t)
+        if ok_t.any():
+            (pts,) = ax.plot(g[ok_t], t[ok_t], "x", ms=5, color=color,
+                             label=f"{label} secant (Zhang et al.)")  # fmt: skip
+            color = pts.get_color()
+            if not ok.any():
+                _fit_line(ax, g[ok_t], t[ok_t], color, "-", f"{label} secant fit")
+            drawn = True
+        cx, cy = _component_pairs(run)
+        keep = np.isfinite(cx) & np.isfinite(cy)
+        if keep.any():
+            (pts,) = ax.plot(cx[keep], cy[keep], ".", ms=3, alpha=0.35, color=color,
+                             label=f"{label} components ‖∇²f_i‖")  # fmt: skip
+            arrays = [run.components(e) or {} for e in sorted(run.component_files)]
+            arrays = [a for a in arrays if "hess_norms" in a and "norms" in a]
+            if len({np.size(a["norms"]) for a in arrays}) == 1:
+                fits = fit_components(
+                    np.abs([a["norms"] for a in arrays]), np.abs([a["hess_norms"] for a in arrays])
+                )
+                L0i = max((f.L0 for f in fits if f.ok), default=math.nan)
+                L1i = max((f.L1 for f in fits if f.ok), default=math.nan)
+                if math.isfinite(L0i) and math.isfinite(L1i):
+                    xs = np.linspace(cx[keep].min(), cx[keep].max(), 50)
+                    ax.plot(xs, L0i + L1i * xs, "--", color=pts.get_color(), lw=1,
+                            label=f"{label} max_i L0i={L0i:.3g}, L1i={L1i:.3g}")  # fmt: skip
+            drawn = True
+    ax.set_xlabel("‖∇f(x_k)‖  (components: ‖∇f_i(x_k)‖)")
+    ax.set_ylabel("‖∇²f(x_k)‖")
+    ax.set_title(f"{task.name}: relaxed smoothness (A2) along the run")
+    ax.grid(alpha=0.3)
+    if drawn:
+        ax.legend(fontsize=6)
+    else:
+        _empty_note(ax, "no finite smoothness values recorded")
+    fig.tight_layout()
+    return fig
+
+
 def figure_png(fig: plt.Figure) -> bytes:
     """Render a figure to PNG bytes and close it."""
     buffer = io.BytesIO()
@@ -179,7 +279,10 @@ def figure_png(fig: plt.Figure) -> bytes:
 
 
 def task_figures(task: TaskRecord) -> dict[str, plt.Figure]:
-    """Every figure of one task, keyed by a file-name stem."""
+    """Every figure of one task, keyed by a file-name stem.
+
+    ``smoothness`` only when a run of the task recorded smoothness columns.
+    """
     return {
         "mean_cos": per_epoch(
             task, "c1", "mean cos θ_ki  (c1, A3)", f"{task.name}: mean cos θ per epoch"
@@ -188,4 +291,4 @@ def task_figures(task: TaskRecord) -> dict[str, plt.Figure]:
         "cos_hist": cos_histogram(task),
         "eta_profile": eta_profile(task),
         "noise": noise_prediction(task),
-    }
+    } | ({"smoothness": smoothness(task)} if has_smoothness(task) else {})
