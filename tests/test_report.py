@@ -162,3 +162,79 @@ def test_report_renders_in_headless_chromium(tmp_path):
     for colour in ((31, 119, 180), (255, 127, 14)):  # tab:blue, tab:orange
         close = np.abs(rgb - np.array(colour)).sum(axis=-1) < 40
         assert close.sum() > 500, f"no plotted lines of colour {colour} in the screenshot"
+
+
+# -- smoothness records: the figure and the theory section ---------------------------
+
+
+def add_smoothness(run: Path, *, columns=("hess_norm", "traj_smoothness"), nan_rows=()) -> None:
+    """Add recorded smoothness to a written run: ‖∇²f‖ = 1 + 2‖∇f‖ exactly, ‖∇²f_i‖ likewise."""
+    with open(run / "epochs.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for k, row in enumerate(rows):
+        gn = float(row["grad_norm"])
+        bad = k in nan_rows
+        if "hess_norm" in columns:
+            row["hess_norm"] = "nan" if bad else repr(1.0 + 2.0 * gn)
+            row["hess_converged"] = "nan" if bad else "1.0"
+        if "traj_smoothness" in columns:
+            row["traj_smoothness"] = "nan" if bad or k == len(rows) - 1 else repr(0.5 + gn)
+        path = run / "components" / f"epoch_{k:04d}.npz"
+        with np.load(path) as z:
+            arrays = dict(z)
+        arrays["hess_norms"] = 3.0 + 0.5 * arrays["norms"]
+        np.savez(path, **arrays)
+    with open(run / "epochs.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+@pytest.mark.parametrize(
+    "epochs,nan_rows,columns,fitted",
+    [
+        (4, (), ("hess_norm", "traj_smoothness"), True),
+        (1, (), ("hess_norm", "traj_smoothness"), False),
+        (5, (1, 3), ("hess_norm",), True),
+        (3, (0, 1, 2), ("hess_norm", "traj_smoothness"), None),
+        (4, (), ("traj_smoothness",), True),
+    ],
+    ids=["clean", "one-epoch", "nan-gaps", "all-nan", "only-secants"],
+)
+def test_report_smoothness_figure_and_theory_section(tmp_path, epochs, nan_rows, columns, fitted):
+    """The sixth figure and a theory table per run, from recorded values only."""
+    from clipscope.theory_check import theory_check
+
+    root = write_study(tmp_path, epochs=epochs)
+    runs = [root / "runs/toy/igc-B4", root / "runs/toy/igc-B8"]
+    for run in runs:
+        add_smoothness(run, columns=columns, nan_rows=nan_rows)
+    report = build_report(root)
+    tags = parse(report)
+    assert sum(tag == "img" for tag, _ in tags) == 6
+    assert (root / "figures" / "toy-smoothness.png").is_file()
+    text = report.read_text()
+    res = theory_check(runs[0], measure=False)
+    if fitted is None:  # a column of NaN only: nothing recorded, nothing computed
+        assert res["estimate"] is None
+        assert text.count("no smoothness values recorded in this run") == 2
+        assert sum(tag == "table" for tag, _ in tags) == 1
+        return
+    assert sum(tag == "table" for tag, _ in tags) == 3  # the task table + one per run
+    assert text.count("Theory check: IGC") == 2
+    expected = "recorded_hessian" if "hess_norm" in columns else "recorded_trajectory"
+    assert res["estimate"] == expected and res["component_estimate"] == "recorded_hessian"
+    if fitted:
+        assert res["L0i"] == pytest.approx(3.0) and res["L1i"] == pytest.approx(0.5, abs=1e-12)
+    else:
+        assert math.isnan(res["L0i"]) and "L0i, L1i are missing" not in res["verdict"]
+    if fitted:  # the hand-written runs have no igc_drift column: no drift, still a verdict
+        assert res["drift"]["epochs"] == 0 and res["verdict"].startswith("α = ")
+    if fitted and expected == "recorded_hessian":
+        assert (res["L0"], res["L1"]) == (pytest.approx(1.0), pytest.approx(2.0))
+        assert "1, 2 (hull fit" in text
+    elif fitted:
+        assert (res["L0"], res["L1"]) == (pytest.approx(0.5), pytest.approx(1.0))
+        assert "secants" in res["verdict"]
+    else:
+        assert "too_few_points" in res["fit"]["flags"] and "could not be fitted" in res["verdict"]

@@ -265,8 +265,9 @@ def theory_check(
         out["L0i"] = out["L1i"] = math.nan
         if H.size:
             fits = fit_components(G, H, fit)
-            out["L0i"] = max((f.L0 for f in fits), default=math.nan)
-            out["L1i"] = max((f.L1 for f in fits), default=math.nan)
+            if fits and all(f.ok for f in fits):  # max_i needs every component's constants
+                out["L0i"] = max(f.L0 for f in fits)
+                out["L1i"] = max(f.L1 for f in fits)
             out["component_fit_flags"] = sorted({flag for f in fits for flag in f.flags})
     if out["m"] is None:
         out["m"] = _recorded_components(record)[3]
@@ -298,7 +299,7 @@ def _verdict(out: dict, record: Any) -> tuple[str, dict | None, dict | None]:
             None,
             None,
         )
-    if method == "igc" and not math.isfinite(out.get("L0i", math.nan)):
+    if method == "igc" and out.get("component_estimate") is None:
         return (
             "not checked: per-component constants L0i, L1i are missing (train with "
             "smoothness_components = true, or let 'clipscope theory' measure them)",
@@ -307,7 +308,8 @@ def _verdict(out: dict, record: Any) -> tuple[str, dict | None, dict | None]:
         )
     consts = [out["L0"], out["L1"]] + ([out["L0i"], out["L1i"]] if method == "igc" else [])
     if not all(math.isfinite(v) for v in consts):
-        flags = ", ".join((out["fit"] or {}).get("flags", [])) or "no points"
+        flags = (out["fit"] or {}).get("flags", []) + out.get("component_fit_flags", [])
+        flags = ", ".join(sorted(set(flags))) or "no points"
         return f"L0/L1 could not be fitted ({flags}): more measured points are needed", None, None
     grad_all = record.column("grad_norm")
     grad_norms = grad_all[np.isfinite(grad_all)]
@@ -325,9 +327,11 @@ def _verdict(out: dict, record: Any) -> tuple[str, dict | None, dict | None]:
             signed = record.column("igc_drift")
             ok = np.isfinite(signed) & np.isfinite(grad_all)
             measured = np.abs(signed[ok])  # (39) is an absolute value
-            limit = theory.drift_bound(
-                grad_all[ok], alpha=out["alpha"], eta=eta, m=m, L0i=L0i, L1i=L1i
-            )
+            limit = np.full(0, math.nan)
+            if ok.any():
+                limit = theory.drift_bound(
+                    grad_all[ok], alpha=out["alpha"], eta=eta, m=m, L0i=L0i, L1i=L1i
+                )
             with np.errstate(divide="ignore", invalid="ignore"):
                 ratio = measured / limit
             drift = {

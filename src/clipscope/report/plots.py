@@ -251,9 +251,8 @@ def smoothness(task: TaskRecord) -> plt.Figure:
                 fits = fit_components(
                     np.abs([a["norms"] for a in arrays]), np.abs([a["hess_norms"] for a in arrays])
                 )
-                L0i = max((f.L0 for f in fits if f.ok), default=math.nan)
-                L1i = max((f.L1 for f in fits if f.ok), default=math.nan)
-                if math.isfinite(L0i) and math.isfinite(L1i):
+                if fits and all(f.ok for f in fits):  # max_i needs every component
+                    L0i, L1i = max(f.L0 for f in fits), max(f.L1 for f in fits)
                     xs = np.linspace(cx[keep].min(), cx[keep].max(), 50)
                     ax.plot(xs, L0i + L1i * xs, "--", color=pts.get_color(), lw=1,
                             label=f"{label} max_i L0i={L0i:.3g}, L1i={L1i:.3g}")  # fmt: skip
