@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from clipscope.engine.per_sample import (
+    _conv_grouped_ok,
     _gram_sq_norm,
     ghost_pass,
     per_sample_dots,
@@ -134,6 +135,20 @@ def cnn() -> nn.Module:
     )
 
 
+def wide_conv2d() -> nn.Module:
+    """Patch width 72 >= 64: per-sample weight gradients by one grouped convolution."""
+    return nn.Sequential(
+        nn.Conv2d(16, 4, 3, stride=2, padding=1, groups=2, padding_mode="reflect"),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(36, 3),
+    )
+
+
+def wide_conv1d() -> nn.Module:
+    return nn.Sequential(nn.Conv1d(8, 3, 9), nn.Flatten(), nn.Linear(12, 2))
+
+
 def conv1d_bn() -> nn.Module:
     return nn.Sequential(
         nn.Conv1d(3, 4, 3, dilation=2),
@@ -192,6 +207,16 @@ CASES = [
     Case("mlp-float32", _mlp, _feats(6, 5), _ints(3, 6), dtype=torch.float32, seed=1),
     Case("cnn", cnn, _feats(5, 2, 6, 6), _ints(3, 5), seed=2),
     Case("cnn-float32", cnn, _feats(5, 2, 6, 6), _ints(3, 5), dtype=torch.float32, seed=2),
+    Case("wide-conv2d-grouped", wide_conv2d, _feats(4, 16, 6, 6), _ints(3, 4), seed=13),
+    Case(
+        "wide-conv2d-float32",
+        wide_conv2d,
+        _feats(4, 16, 6, 6),
+        _ints(3, 4),
+        dtype=torch.float32,
+        seed=13,
+    ),
+    Case("wide-conv1d", wide_conv1d, _feats(4, 8, 12), _ints(2, 4), seed=14),
     Case("conv1d-bn-eval", conv1d_bn, _feats(4, 3, 8), _ints(2, 4), seed=3),
     Case("embedding-bag", Bag, _ints(7, 5, 6), _ints(3, 5), seed=4),
     Case("sequence-linear", SeqLinear, _feats(4, 3, 5), _ints(3, 4), seed=5),
@@ -265,6 +290,13 @@ def test_params_subset():
     torch.testing.assert_close(
         dots, per_sample_dots(model, case.loss_fn, x, y, flat, params=params), rtol=0, atol=0
     )
+
+
+def test_wide_convs_take_the_grouped_path():
+    b2, b1 = torch.zeros(1, 4, 3, 3), torch.zeros(1, 3, 4)
+    assert _conv_grouped_ok(wide_conv2d()[0], [(None, b2)])
+    assert _conv_grouped_ok(wide_conv1d()[0], [(None, b1)])
+    assert not _conv_grouped_ok(cnn()[0], [(None, torch.zeros(1, 4, 6, 6))])
 
 
 def test_single_sample_batch():

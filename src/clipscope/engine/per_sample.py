@@ -21,7 +21,9 @@ holding the B gradients:
     clipping), or ``‖Σ_t b_jt a_jtᵀ‖²`` materialized, whichever costs less
     (``T(F_in + F_out)`` against ``F_in F_out``); ``‖g_j(bias)‖² = ‖Σ_t b_jt‖²``;
   - Conv1d/Conv2d: the same after ``unfold`` (im2col): a convolution is a
-    Linear on the ``L`` patches, one group at a time;
+    Linear on the ``L`` patches, one group at a time; for wide inputs, when the
+    gradients are materialized anyway, one grouped ``conv2d_weight`` over the
+    batch (samples as groups) replaces im2col;
   - Embedding: ``g_j(E) = Σ_t e_{i_jt} b_jtᵀ``, so
     ``‖g_j(E)‖² = Σ_{t,s: i_jt = i_js} b_jt·b_js`` (padding tokens excluded);
   - LayerNorm, GroupNorm, eval-mode BatchNorm: the affine gradients
@@ -68,6 +70,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
@@ -220,22 +223,61 @@ def _linear_tokens(mod: nn.Linear, a: torch.Tensor, b: torch.Tensor):
 
 def _conv_tokens(mod: nn.Module, a: torch.Tensor, b: torch.Tensor):
     """Patches ``(B, L, C_in k / groups)`` per group and output grads ``(B, L, C_out / groups)``."""
-    one_d = isinstance(mod, nn.Conv1d)
-    if mod.padding_mode != "zeros":
-        a = F.pad(a, mod._reversed_padding_repeated_twice, mode=mod.padding_mode)
-        padding = (0,) * len(mod.kernel_size)
-    else:
-        padding = mod.padding
-    ks, dil, st = mod.kernel_size, mod.dilation, mod.stride
-    if one_d:
-        a, b = a.unsqueeze(2), b.unsqueeze(2)
-        ks, dil, padding, st = (1, *ks), (1, *dil), (0, *padding), (1, *st)
+    a, b, ks, dil, padding, st = _conv_geometry(mod, a, b)
     B = a.shape[0]
     patches = F.unfold(a, ks, dilation=dil, padding=padding, stride=st)  # (B, C k, L)
     g = mod.groups
     patches = patches.reshape(B, g, -1, patches.shape[-1]).transpose(2, 3)  # (B, g, L, C k/g)
     bb = b.reshape(B, g, b.shape[1] // g, -1).transpose(2, 3)  # (B, g, L, C_out/g)
     return [(patches[:, k], bb[:, k]) for k in range(g)]
+
+
+def _conv_geometry(mod: nn.Module, a: torch.Tensor, b: torch.Tensor):
+    """Pad (non-zero padding modes) and lift to 2-D; return the conv2d arguments too."""
+    if mod.padding_mode != "zeros":
+        a = F.pad(a, mod._reversed_padding_repeated_twice, mode=mod.padding_mode)
+        padding = (0,) * len(mod.kernel_size)
+    else:
+        padding = mod.padding
+    ks, dil, st = mod.kernel_size, mod.dilation, mod.stride
+    if isinstance(mod, nn.Conv1d):
+        a, b = a.unsqueeze(2), b.unsqueeze(2)
+        ks, dil, padding, st = (1, *ks), (1, *dil), (0, *padding), (1, *st)
+    return a, b, tuple(ks), tuple(dil), tuple(padding), tuple(st)
+
+
+def _conv_grouped_ok(mod: nn.Module, calls: list) -> bool:
+    """Per-sample weight gradients as one grouped conv beat im2col + bmm for wide inputs.
+
+    Chosen when the Gram (ghost) branch would not be taken, ``L(P+Q) > P·Q``,
+    and the patch width ``P = C_in k / groups ≥ 64`` (on CPU im2col of wide
+    inputs costs more than a grouped weight-gradient convolution; narrow
+    first layers are the other way round).
+    """
+    if not isinstance(mod, (nn.Conv1d, nn.Conv2d)):
+        return False
+    P = mod.in_channels // mod.groups * math.prod(mod.kernel_size)
+    Q = mod.out_channels // mod.groups
+    L = max(b[0, 0].numel() for _, b in calls)
+    return P >= 64 and L * (P + Q) > P * Q
+
+
+def _conv_grouped_grads(mod: nn.Module, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-sample conv weight gradients ``(n, weight.numel())`` by one grouped convolution.
+
+    Sample j's gradient is the weight gradient of a conv on sample j alone;
+    stacking the n samples as ``n·groups`` groups of one conv gives all of them
+    from ``torch.nn.grad.conv2d_weight`` at once.
+    """
+    a, b, ks, dil, padding, st = _conv_geometry(mod, a, b)
+    n, g = a.shape[0], mod.groups
+    x = a.reshape(1, n * a.shape[1], *a.shape[2:])
+    go = b.reshape(1, n * b.shape[1], *b.shape[2:])
+    size = (n * mod.out_channels, mod.in_channels // g, *ks)
+    G = torch.nn.grad.conv2d_weight(
+        x, size, go, stride=st, padding=padding, dilation=dil, groups=n * g
+    )
+    return G.reshape(n, -1)
 
 
 def _supported(mod: nn.Module) -> bool:
@@ -348,6 +390,19 @@ def _module_sq_norms(
         gb_ = torch.bmm(b, b.transpose(1, 2))
         sums[id(w)] = torch.zeros_like(w).index_add_(0, idx.reshape(-1), b.reshape(-1, w.shape[1]))
         return out + (gb_ * same).sum((1, 2), dtype=torch.float64), sums
+    if use_w and _conv_grouped_ok(mod, calls):
+        step = max(1, _CHUNK_ELEMENTS // w.numel())
+        w_sum = torch.zeros(w.numel(), dtype=w.dtype, device=w.device)
+        for s in range(0, batch, step):
+            G = sum(_conv_grouped_grads(mod, a[s : s + step], b[s : s + step]) for a, b in calls)
+            out[s : s + step] += _sq_sum(G, (1,))
+            w_sum += G.sum(0)
+        sums[id(w)] = w_sum.reshape(w.shape)
+        if use_b:
+            per = sum(b.reshape(batch, b.shape[1], -1).sum(2) for _, b in calls)
+            out += _sq_sum(per, (1,))
+            sums[id(bias)] = per.sum(0)
+        return out, sums
     if isinstance(mod, nn.Linear):
         groups = [[_linear_tokens(mod, a, b)] for a, b in calls]
     else:
