@@ -615,3 +615,75 @@ def test_float32_model_hvp_is_accumulated_in_float64_and_close_to_the_float64_an
     hv = hvp(model32, loss_fn, comps32, v)
     assert hv.dtype == F64
     torch.testing.assert_close(hv, H @ v, rtol=1e-5, atol=1e-6)
+
+
+# -- SmoothnessProbe: the runner's schedule and measurement -------------------------
+@pytest.mark.parametrize(
+    "kwargs,error",
+    [
+        ({"every": 0}, ValueError),
+        ({"every": True}, ValueError),
+        ({"every": 1.5}, ValueError),
+        ({"tol": 0.0}, ValueError),
+        ({"tol": 1.0}, ValueError),
+        ({"max_iter": 0}, ValueError),
+        ({"components": 1}, TypeError),
+    ],
+    ids=str,
+)
+def test_smoothness_probe_rejects_bad_settings(kwargs, error):
+    from clipscope.smoothness import SmoothnessProbe
+
+    with pytest.raises(error, match=next(iter(kwargs))):
+        SmoothnessProbe(**kwargs)
+
+
+def test_smoothness_probe_schedule_counts_probes_and_keeps_the_last():
+    from clipscope.smoothness import SmoothnessProbe
+
+    probe = SmoothnessProbe(every=3)
+    assert [p for p in range(8) if probe.due(p, last=p == 7)] == [0, 3, 6, 7]
+
+
+def test_smoothness_probe_measure_equals_the_solvers_and_touches_nothing():
+    from clipscope.smoothness import SmoothnessProbe
+
+    model, comps, loss_fn = _mlp_case()()
+    before = copy.deepcopy(model.state_dict())
+    rng = torch.random.get_rng_state()
+    row, arrays = SmoothnessProbe(components=True, tol=1e-10, max_iter=60).measure(
+        model, loss_fn, comps
+    )
+    full = hessian_norm(model, loss_fn, comps, tol=1e-10, max_iter=60)
+    per = component_hessian_norms(model, loss_fn, comps, tol=1e-10, max_iter=60)
+    assert row == {"hess_norm": full.hess_norm, "hess_converged": 1.0}
+    assert arrays["hess_norms"].tolist() == [r.hess_norm for r in per]
+    assert arrays["hess_converged"].all() and arrays["hess_norms"].shape == (len(comps),)
+    top = top_abs_eig(dense_hessian(model, loss_fn, comps))
+    assert row["hess_norm"] == pytest.approx(top, rel=1e-8)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(rng, torch.random.get_rng_state())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_fit_records_nan_for_a_nonfinite_hessian_and_raises_other_errors():
+    from clipscope.methods import fit
+    from clipscope.smoothness import SmoothnessProbe
+
+    class Failing(SmoothnessProbe):
+        def measure(self, *args, **kwargs):
+            raise ValueError(self.message)
+
+    model, comps, loss_fn = _mlp_case()()
+    messages = []
+    probe = Failing()
+    object.__setattr__(probe, "message", "the Hessian-vector product is not finite (NaN or inf)")
+    kw = {"lr": 0.1, "eta": 1.0, "epochs": 1, "progress": False, "smoothness": probe}
+    history = fit(model, loss_fn, comps, "igc", log=messages.append, **kw)
+    assert history.status == "completed" and len(history.rows) == 2
+    assert all(math.isnan(r["hess_norm"]) for r in history.rows)
+    assert math.isfinite(history.rows[0]["traj_smoothness"])  # the secant needs no Hessian
+    assert any("Hessian norm not measured at epoch 0" in m for m in messages)
+    object.__setattr__(probe, "message", "a bug")
+    with pytest.raises(ValueError, match="a bug"):
+        fit(model, loss_fn, comps, "igc", **kw)

@@ -872,4 +872,6 @@ def _summary_line(say: Callable[[str], None], row: dict[str, float]) -> None:
     )
     if not math.isnan(row.get("heldout", math.nan)):
         text += f"  heldout={row['heldout']:.4g}"
+    if not math.isnan(row.get("hess_norm", math.nan)):
+        text += f"  ‖∇²f‖={row['hess_norm']:.4g}"
     say(text)
