@@ -6,11 +6,13 @@ Route 4 of the engine (DESIGN §4). Inside a batch of B independent samples
 and its gradient is ``g_j = ∇ℓ_j``. Two quantities per sample, without ever
 holding the B gradients:
 
-* ``‖g_j‖²`` -- :func:`per_sample_sq_norms`. One forward + backward of the
-  **summed** loss ``Σ_j ℓ_j`` with hooks that keep every layer's input ``a``
-  and output gradient ``b = ∂(Σ_k ℓ_k)/∂(output)``; since sample j's output
-  depends on sample j only, ``b_j = ∂ℓ_j/∂(output_j)`` (the sum, not the mean:
-  with the mean every ``b_j`` would carry a factor 1/B). Then, per layer:
+* ``‖g_j‖²`` -- :func:`per_sample_sq_norms` / :func:`ghost_pass`. One forward
+  with hooks that keep every layer's input ``a``, and one backward of the
+  **summed** loss ``Σ_j ℓ_j`` w.r.t. the layer outputs, giving
+  ``b = ∂(Σ_k ℓ_k)/∂(output)``; since sample j's output depends on sample j
+  only, ``b_j = ∂ℓ_j/∂(output_j)`` (the sum, not the mean: with the mean every
+  ``b_j`` would carry a factor 1/B). Autograd never forms these layers' weight
+  gradients; ``∇ Σ_j ℓ_j`` is assembled from the same ``(a, b)``. Per layer:
 
   - Linear, input ``(B, F)``: ``g_j(W) = b_j a_jᵀ`` has
     ``‖g_j(W)‖² = ‖a_j‖² ‖b_j‖²`` and ``‖g_j(bias)‖² = ‖b_j‖²``
@@ -27,8 +29,7 @@ holding the B gradients:
   - Embedding: ``g_j(E) = Σ_t e_{i_jt} b_jtᵀ``, so
     ``‖g_j(E)‖² = Σ_{t,s: i_jt = i_js} b_jt·b_js`` (padding tokens excluded);
   - LayerNorm, GroupNorm, eval-mode BatchNorm: the affine gradients
-    ``Σ b_j ⊙ x̂_j`` and ``Σ b_j`` are small, so they are materialized.
-
+    ``Σ b_j ⊙ x̂_j`` and ``Σ b_j`` are small, so they are materialized;
   - nn.LSTM (unidirectional, no projection): the LSTM is unrolled again in
     Python at the captured input and initial state to get the gate gradients
     ``δ_t``; then ``W_ih`` is a sequence Linear with inputs ``x_t``, ``W_hh``
@@ -45,14 +46,17 @@ holding the B gradients:
   (``‖g_1 + g_2‖² ≠ ‖g_1‖² + ‖g_2‖²``), so it goes, like every parameter of a
   module type not listed above, to the fallback:
   ``torch.func.vmap(grad)`` over single samples with
-  ``torch.func.functional_call``, in chunks. Norms of disjoint parameter sets
-  add up.
+  ``torch.func.functional_call``, in chunks (a loop of batch-1 backward
+  passes when the model holds a recurrent module, which ``vmap`` cannot batch;
+  train-mode dropout is refused there, as the masks would differ from the
+  batch forward's). Norms of disjoint parameter sets add up.
 
 * ``⟨g_j, v⟩`` -- :func:`per_sample_dots`: one forward-mode JVP of the
   per-sample loss vector ``L(θ) = (ℓ_1, …, ℓ_B)`` along v, since
   ``∂L/∂θ · v = (⟨g_1, v⟩, …, ⟨g_B, v⟩)``; about the cost of one forward.
 
-Every sum of squares and every Gram product is accumulated in float64.
+Sums of squares and sums of Gram products are accumulated in float64 (the
+matrix products themselves run in the model's dtype).
 
 Limits: samples must sit along dim 0 of the input, the output and every
 hooked layer's input (a layer whose input does not start with the batch
