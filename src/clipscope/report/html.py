@@ -185,6 +185,9 @@ def _theory_rows(res: dict) -> list[tuple[str, str]]:
             f"{html.escape(', '.join(fit.get('flags', [])) or 'none')})",
         ),
     ]
+    if res["estimate"] != "recorded_trajectory":
+        done = res["all_converged"]
+        rows.append(("Lanczos solves converged", _verdict(done, "all" if done else "not all")))
     traj = res.get("trajectory_fit")
     if traj:
         rows.append(
