@@ -39,6 +39,7 @@ class TaskSpec:
     methods: tuple[str, ...]
     cross_section: bool  # dyadic cross-section at the last point (needs per-sample losses)
     needs_data_dir: bool = False
+    per_method: dict[str, dict[str, Any]] = field(default_factory=dict)  # extra config per method
     notes: dict[str, str] = field(default_factory=dict)
 
 
@@ -59,7 +60,18 @@ TASKS: dict[str, TaskSpec] = {
         batch_sizes=(8, 16, 32, 64),
         methods=("igc", "sgd"),
         cross_section=True,
+        # IGC runs also record ‖∇²f‖ and every ‖∇²f_i‖ (Lanczos) at epochs 0, 3, 6 for
+        # `clipscope theory` and the report's smoothness figure.
+        per_method={
+            "igc": dict(
+                smoothness_every=3,
+                smoothness_components=False,
+                smoothness_tol=1e-2,
+                smoothness_max_iter=10,
+            )
+        },
         notes={
+            "smoothness": "IGC runs: Lanczos ‖∇²f‖, ‖∇²f_i‖ at epochs 0, 3, 6 (tol 1e-2)",
             "data": "scikit-learn load_digits, first 1,536 images train, 261 held out",
             "augmentation": "none",
             "BatchNorm": "none in the model",
@@ -189,7 +201,8 @@ def plan(
             raise ValueError(f"task {name!r} reads a dataset: pass --data-dir DIR")
         for method in spec.methods:
             for b in batch_sizes or spec.batch_sizes:
-                raw = dict(spec.base, method=method, batch_size=b, device=device, progress=progress)
+                raw = dict(spec.base, **spec.per_method.get(method, {}))
+                raw.update(method=method, batch_size=b, device=device, progress=progress)
                 if epochs is not None:
                     raw["epochs"] = epochs
                 if data_dir:
