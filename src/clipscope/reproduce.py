@@ -71,7 +71,7 @@ TASKS: dict[str, TaskSpec] = {
             )
         },
         notes={
-            "smoothness": "IGC runs: Lanczos ‖∇²f‖, ‖∇²f_i‖ at epochs 0, 3, 6 (tol 1e-2)",
+            "smoothness": "IGC runs: Lanczos ‖∇²f‖ at epochs 0, 3, 6 (tol 1e-2)",
             "data": "scikit-learn load_digits, first 1,536 images train, 261 held out",
             "augmentation": "none",
             "BatchNorm": "none in the model",
