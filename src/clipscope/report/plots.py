@@ -22,6 +22,14 @@ from clipscope.stats import ComponentStats
 _STYLES = {"igc": "-", "rr": "-.", "sgd": "--", "shuffle_once": ":"}
 
 
+def _run_style(task: TaskRecord, entry: dict, run: RunRecord) -> dict:
+    """Colour by batch size, line style by method, so IGC B=8 and SGD B=8 share a colour."""
+    sizes = sorted({int(e.get("batch_size") or r.batch_size or 0) for e, r in task.runs})
+    batch = int(entry.get("batch_size") or run.batch_size or 0)
+    method = (entry.get("method") or run.method).lower()
+    return {"color": f"C{sizes.index(batch) % 10}", "linestyle": _STYLES.get(method, "-")}
+
+
 def _label(entry: dict, run: RunRecord) -> str:
     method = entry.get("method") or run.method
     batch = entry.get("batch_size") or run.batch_size
@@ -47,8 +55,8 @@ def per_epoch(task: TaskRecord, field: str, ylabel: str, title: str) -> plt.Figu
         x = run.column("epoch")
         if not np.isfinite(x).all():
             x = np.arange(len(y), dtype=float)
-        style = _STYLES.get((entry.get("method") or run.method).lower(), "-")
-        ax.plot(x, y, style, marker="o", markersize=3, label=_label(entry, run))
+        style = _run_style(task, entry, run)
+        ax.plot(x, y, marker="o", markersize=3, label=_label(entry, run), **style)
         drawn = True
     ax.set_xlabel("epoch k")
     ax.set_ylabel(ylabel)
@@ -86,7 +94,14 @@ def cos_histogram(task: TaskRecord) -> plt.Figure:
             continue
         cos = finite(stats.cos)
         if cos.size:
-            ax.hist(cos, bins=bins, histtype="step", density=True, label=_label(entry, run))
+            ax.hist(
+                cos,
+                bins=bins,
+                histtype="step",
+                density=True,
+                label=_label(entry, run),
+                **_run_style(task, entry, run),
+            )
             drawn = True
     ax.axvline(0, color="k", lw=0.8)
     ax.set_xlabel("cos θ_ki (last probe)")
@@ -113,8 +128,11 @@ def eta_profile(task: TaskRecord) -> plt.Figure:
         if stats is None or not np.any(stats.norms > 0):
             continue
         positive = stats.norms[stats.norms > 0]
-        etas = np.geomspace(positive.min() / 20, positive.max() * 5, 400)
-        (line,) = ax.plot(etas, stats.ratio(etas), label=_label(entry, run))
+        # from well below the typical norm (not the smallest, which may be ~0) to past the largest
+        etas = np.geomspace(np.quantile(positive, 0.05) / 10, positive.max() * 3, 400)
+        (line,) = ax.plot(
+            etas, stats.ratio(etas), label=_label(entry, run), **_run_style(task, entry, run)
+        )
         if math.isfinite(run.eta):
             ax.axvline(run.eta, color=line.get_color(), ls=":", lw=1)
         drawn = True
@@ -124,7 +142,7 @@ def eta_profile(task: TaskRecord) -> plt.Figure:
     ax.set_xlabel("clipping threshold η (dotted: the run's η)")
     ax.set_ylabel("ρ(η) = D(η) / (m‖∇f‖²)")
     ax.set_title("Descent ratio of the clipped sum (1 = unclipped)")
-    ax.grid(alpha=0.3, which="both")
+    ax.grid(alpha=0.3)
     if drawn:
         ax.legend(fontsize=7, ncol=2)
     else:
