@@ -27,7 +27,6 @@ consequence: from ``x_0 = 1`` (η = 2) all three methods drift away, from
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,16 +49,7 @@ def _check_method(method: str) -> str:
     return method
 
 
-def _count(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an integer, got {value!r}") from None
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
+_count = theory._count  # one validator for counts across the pure modules
 
 
 def _finite(name: str, value: Any, *, positive: bool = False) -> float:
