@@ -1,9 +1,18 @@
-"""``clipscope probe``: measure per-component norms and angles to ∇f on a built-in task.
+"""``clipscope probe``: measure per-component norms and angles to ∇f at one point.
 
 Writes the per-component table as CSV (columns ``batch_size, component, size,
 loss, norm, dot, cos, beta``) and prints a summary (``--json`` for the full
-JSON summary). The built-in tasks are tiny and synthetic so the command runs in
-seconds anywhere:
+JSON summary). The point is one of:
+
+* a ``clipscope train`` config (``--config CONFIG.toml``): the config's task,
+  data, partition and model at its initial point x_0 (the same
+  :func:`clipscope.runner.build_task` that training uses); the config's
+  ``eta``/``etas``, ``dropout``, ``route`` and ``seed`` are the defaults;
+* a checkpoint of a run (``--checkpoint RUN/checkpoints/ckpt_N.pt``): the model
+  weights saved there, with the task of ``--config`` or, when that is not given,
+  of the run's own ``RUN/config.toml``;
+* a tiny built-in task (``--task``), synthetic so the command runs in seconds
+  anywhere:
 
 * ``mlp``: Gaussian-blob classification, a 2-layer tanh MLP, cross-entropy;
 * ``lstm``: random tokens, an embedding/LSTM language model with a tied decoder,
@@ -24,7 +33,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from clipscope.atomic import atomic_write_text
+from clipscope.atomic import atomic_write_text, load_checkpoint
 from clipscope.components import Components, SequentialComponents
 from clipscope.engine import ROUTES, MultiProbeResult, probe
 
@@ -76,18 +85,36 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``probe``."""
     parser = subparsers.add_parser(
         "probe",
-        help="per-component gradient norms and angles to the full gradient (built-in task)",
+        help="per-component gradient norms and angles to the full gradient",
         description=(
-            "Run the gradient engine once on a tiny built-in task and write the "
+            "Run the gradient engine once, on a clipscope train config (at its initial "
+            "point or at a checkpoint) or on a tiny built-in task, and write the "
             "per-component table (norm, dot with the full gradient, cosine, beta) as CSV."
         ),
     )
-    parser.add_argument("--task", choices=TASKS, default="mlp", help="built-in task")
-    parser.add_argument("--samples", type=int, default=512, help="samples (tokens for lstm)")
-    parser.add_argument("--batch-size", type=int, default=16, help="component batch size B")
-    parser.add_argument("--bptt", type=int, default=8, help="window length (lstm)")
-    parser.add_argument("--seed", type=int, default=0, help="data, model and partition seed")
-    parser.add_argument("--route", choices=ROUTES, default="auto", help="engine route")
+    parser.add_argument(
+        "--config", default=None, help="a clipscope train TOML config: probe its task at x_0"
+    )
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="load the model weights of a run's checkpoint (task from --config or the run's "
+        "config.toml)",
+    )
+    parser.add_argument(
+        "--task", choices=TASKS, default=None, help="built-in task (default mlp; not with --config)"
+    )
+    parser.add_argument("--samples", type=int, default=None, help="built-in: samples (default 512)")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="built-in: component batch size B (default 16)"
+    )
+    parser.add_argument("--bptt", type=int, default=None, help="built-in lstm: window (default 8)")
+    parser.add_argument(
+        "--seed", type=int, default=None, help="seed (built-in data/model; dropout masks)"
+    )
+    parser.add_argument(
+        "--route", choices=ROUTES, default=None, help="engine route (default auto or the config's)"
+    )
     parser.add_argument(
         "--levels", type=int, default=None, help="dyadic: batch sizes B, 2B, ..., 2^(L-1)B"
     )
@@ -95,13 +122,110 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--per-sample", action="store_true", help="components of batch size 1 (per-sample route)"
     )
     parser.add_argument(
-        "--eta", type=float, action="append", default=None, help="clipping threshold (repeat)"
+        "--eta",
+        type=float,
+        action="append",
+        default=None,
+        help="clipping threshold (repeat; default the config's eta and etas)",
     )
-    parser.add_argument("--dropout", choices=("off", "fixed"), default="off")
+    parser.add_argument(
+        "--dropout", choices=("off", "fixed"), default=None, help="default off or the config's"
+    )
     parser.add_argument("--out", default="probe.csv", help="CSV path for the per-component table")
     parser.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.set_defaults(func=run)
+
+
+def _config_of_checkpoint(checkpoint: Path) -> Path:
+    """``RUN/config.toml`` for ``RUN/checkpoints/ckpt_N.pt``; ValueError when there is none."""
+    candidate = checkpoint.resolve().parent.parent / "config.toml"
+    if checkpoint.resolve().parent.name != "checkpoints" or not candidate.is_file():
+        raise ValueError(
+            f"--checkpoint {checkpoint} is not inside a run directory with a config.toml; "
+            "give the task with --config"
+        )
+    return candidate
+
+
+def load_task(args: argparse.Namespace) -> tuple[nn.Module, Any, Any, dict[str, Any]]:
+    """``(model, loss_fn, components, settings)`` from the command line.
+
+    ``settings`` holds the resolved ``etas``, ``dropout``, ``route``, ``seed`` and a
+    description of where the point came from. Every check runs before a model is
+    built or a file is written.
+    """
+    builtin = {"--samples": args.samples, "--batch-size": args.batch_size, "--bptt": args.bptt}
+    checkpoint = Path(args.checkpoint) if args.checkpoint is not None else None
+    if checkpoint is not None and not checkpoint.is_file():
+        raise FileNotFoundError(f"no such checkpoint file: {checkpoint}")
+    config = args.config
+    if config is None and checkpoint is not None:
+        config = _config_of_checkpoint(checkpoint)
+    if config is None:
+        task = args.task or "mlp"
+        seed = 0 if args.seed is None else args.seed
+        model, loss_fn, comps = synthetic_task(
+            task,
+            512 if args.samples is None else args.samples,
+            16 if args.batch_size is None else args.batch_size,
+            seed,
+            8 if args.bptt is None else args.bptt,
+        )
+        settings = {
+            "task": task,
+            "etas": args.eta or [],
+            "dropout": args.dropout or "off",
+            "route": args.route or "auto",
+            "seed": seed,
+        }
+        return model, loss_fn, comps, settings
+    if args.task is not None:
+        raise ValueError(
+            f"--task {args.task} and a config are exclusive: the config names the task"
+        )
+    given = [flag for flag, value in builtin.items() if value is not None]
+    if given:
+        raise ValueError(
+            f"{', '.join(given)} apply to built-in tasks only; set batch_size / n_samples / "
+            f"bptt in the config {config}"
+        )
+    from clipscope.config import load_config
+    from clipscope.runner import build_task
+
+    cfg = load_config(config)
+    etas = args.eta if args.eta else [*cfg.etas, cfg.eta]
+    try:
+        model, loss_fn, comps, _heldout = build_task(cfg)
+    except ValueError as exc:
+        raise ValueError(f"{config}: {exc}") from None
+    point = "x_0 (initial point of the config)"
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint)
+        if not isinstance(state, dict) or "model" not in state:
+            raise ValueError(f"checkpoint {checkpoint} has no 'model' entry (not a clipscope run?)")
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise ValueError(
+                f"checkpoint {checkpoint} does not fit the model of config {config}: {first}"
+            ) from None
+        loop = state.get("loop")
+        where = ""
+        if isinstance(loop, dict) and isinstance(loop.get("epoch"), int):
+            where = f" (epoch {loop['epoch']}, step {loop.get('step')})"
+        point = f"checkpoint {checkpoint}{where}"
+    settings = {
+        "task": cfg.task,
+        "config": str(config),
+        "point": point,
+        "etas": etas,
+        "dropout": args.dropout or cfg.dropout,
+        "route": args.route or cfg.route,
+        "seed": cfg.seed if args.seed is None else args.seed,
+    }
+    return model, loss_fn, comps, settings
 
 
 def run(args: argparse.Namespace) -> int:
@@ -109,17 +233,15 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.force:
         raise FileExistsError(f"{out} exists (use --force to overwrite)")
-    model, loss_fn, comps = synthetic_task(
-        args.task, args.samples, args.batch_size, args.seed, args.bptt
-    )
+    model, loss_fn, comps, settings = load_task(args)
     result = probe(
         model,
         loss_fn,
         comps,
-        etas=args.eta or (),
-        route=args.route,
-        dropout=args.dropout,
-        seed=args.seed,
+        etas=settings["etas"],
+        route=settings["route"],
+        dropout=settings["dropout"],
+        seed=settings["seed"],
         levels=args.levels,
         batch_sizes=[1] if args.per_sample else None,
     )
@@ -132,14 +254,18 @@ def run(args: argparse.Namespace) -> int:
             writer.writerow({"batch_size": b, **row})
     atomic_write_text(out, buffer.getvalue())
     summary = {
-        "task": args.task,
+        "task": settings["task"],
+        "config": settings.get("config"),
+        "point": settings.get("point", "built-in task at its seeded initialization"),
         "components": comps.describe(),
         "csv": str(out),
         "results": {str(b): r.summary() for b, r in results.items()},
     }
     if args.json:
-        print(json.dumps(summary, indent=2))
+        print(json.dumps(summary, indent=2, default=str))
         return 0
+    if "config" in settings:
+        print(f"{settings['config']}: task {settings['task']} at {settings['point']}")
     for b, res in results.items():
         s = res.summary()
         print(

@@ -1,0 +1,137 @@
+"""``clipscope probe --config`` / ``--checkpoint``: a user's task at x_0 or at a checkpoint.
+
+The CLI's table is compared with the float64 brute force
+(:func:`clipscope.engine.reference_probe`) on the same task, and with the
+per-component arrays the training run itself recorded at the checkpoint's point.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clipscope.cli import main as cli_main
+from clipscope.config import load_config
+from clipscope.engine import reference_probe
+from clipscope.runner import build_task
+
+REPO = Path(__file__).resolve().parents[1]
+LS_CONFIG = REPO / "configs" / "least_squares_igc.toml"
+
+
+def read_table(path: Path) -> dict[str, np.ndarray]:
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return {key: np.array([float(r[key]) for r in rows]) for key in rows[0]}
+
+
+def small_config(tmp_path: Path, name: str = "ls.toml", **overrides: object) -> Path:
+    """Write the least-squares example with 1 epoch (and any overrides) to tmp_path."""
+    settings = {"epochs": 1, "progress": "false", **overrides}
+    lines = [
+        line
+        for line in LS_CONFIG.read_text().splitlines()
+        if line.split("=")[0].strip() not in settings
+    ]
+    lines += [f"{key} = {value}" for key, value in settings.items()]
+    path = tmp_path / name
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_config_subprocess_equals_reference(tmp_path):
+    out = tmp_path / "probe.csv"
+    proc = subprocess.run(
+        [sys.executable, "-m", "clipscope", "probe", "--config", str(LS_CONFIG), "--json",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["task"] == "least_squares" and summary["config"] == str(LS_CONFIG)
+    assert summary["point"].startswith("x_0")
+    cfg = load_config(LS_CONFIG)
+    model, loss_fn, comps, _ = build_task(cfg)
+    ref = reference_probe(model, loss_fn, comps, etas=[*cfg.etas, cfg.eta])
+    table = read_table(out)
+    np.testing.assert_allclose(table["norm"], ref.norms, rtol=1e-12)
+    np.testing.assert_allclose(table["dot"], ref.dots, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(table["loss"], ref.losses, rtol=1e-12)
+    (result,) = summary["results"].values()
+    assert result["grad_norm"] == pytest.approx(ref.grad_norm, rel=1e-12)
+    # the config's eta and etas are the default thresholds
+    assert sorted(float(e) for e in result["clipped"]) == sorted({*cfg.etas, cfg.eta})
+    for eta, (norm, cos) in ref.clipped.items():
+        got = result["clipped"][str(eta)]
+        assert got["norm"] == pytest.approx(norm, rel=1e-10)
+        assert got["cos"] == pytest.approx(cos, rel=1e-10)
+
+
+def test_checkpoint_equals_the_runs_own_record(tmp_path, capsys):
+    config = small_config(tmp_path)
+    run = tmp_path / "run"
+    assert cli_main(["train", str(config), "--out", str(run)]) == 0
+    newest = sorted((run / "checkpoints").glob("ckpt_*.pt"))[-1]
+    recorded = np.load(run / "components" / "epoch_0001.npz")  # x_1, the end point
+    capsys.readouterr()
+    # the task from the run's config.toml, then from an explicit --config
+    for extra, name in (([], "a.csv"), (["--config", str(config)], "b.csv")):
+        code = cli_main(["probe", "--checkpoint", str(newest), "--out", str(tmp_path / name),
+                         "--json", *extra])  # fmt: skip
+        assert code == 0
+        summary = json.loads(capsys.readouterr().out)
+        assert "epoch 1" in summary["point"]
+        table = read_table(tmp_path / name)
+        np.testing.assert_allclose(table["norm"], recorded["norms"], rtol=1e-12)
+        np.testing.assert_allclose(table["dot"], recorded["dots"], rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(table["loss"], recorded["losses"], rtol=1e-12)
+    # and the checkpoint's point is not x_0
+    assert cli_main(["probe", "--config", str(config), "--out", str(tmp_path / "x0.csv")]) == 0
+    assert not np.allclose(read_table(tmp_path / "x0.csv")["loss"], recorded["losses"])
+
+
+def bad_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
+    nodata = tmp_path / "nodata.toml"
+    nodata.write_text('task = "classification"\ndata = "nonexistent"\nmodel = "mlp"\n')
+    broken = tmp_path / "broken.toml"
+    broken.write_text("batch_size = [\n")
+    loose = tmp_path / "loose.pt"
+    loose.write_bytes(b"not a checkpoint")
+    return [
+        (["--config", str(tmp_path / "missing.toml")], "no such config file"),
+        (["--config", str(nodata)], "'data'"),
+        (["--config", str(broken)], "not valid TOML"),
+        (["--config", str(LS_CONFIG), "--task", "mlp"], "--task"),
+        (["--config", str(LS_CONFIG), "--batch-size", "4"], "--batch-size"),
+        (["--checkpoint", str(tmp_path / "missing.pt")], "no such checkpoint"),
+        (["--checkpoint", str(loose)], "run directory"),
+        (["--config", str(LS_CONFIG), "--checkpoint", str(loose)], "checksum"),
+    ]
+
+
+def test_bad_input_exit_2_and_no_table(tmp_path, capsys):
+    out = tmp_path / "never.csv"
+    for args, message in bad_cases(tmp_path):
+        assert cli_main(["probe", *args, "--out", str(out)]) == 2, args
+        err = capsys.readouterr().err
+        assert "clipscope probe: error:" in err and message in err, (args, err)
+        assert not out.exists()
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli_main(["train", str(small_config(tmp_path)), "--out", str(run)]) == 0
+    newest = sorted((run / "checkpoints").glob("ckpt_*.pt"))[-1]
+    wider = small_config(tmp_path, "wide.toml", dim=5)
+    capsys.readouterr()
+    code = cli_main(["probe", "--config", str(wider), "--checkpoint", str(newest),
+                     "--out", str(tmp_path / "x.csv")])  # fmt: skip
+    assert code == 2
+    assert "does not fit the model" in capsys.readouterr().err
+    assert not (tmp_path / "x.csv").exists()
