@@ -122,7 +122,7 @@ TASKS: dict[str, TaskSpec] = {
         needs_data_dir=True,
         notes={
             "BatchNorm": "train mode in probes: each component uses its own batch statistics",
-            "augmentation": "none in probes",
+            "augmentation": "none (training and probes: a component is one fixed function)",
             "cross-section": "not computed: train-mode BatchNorm couples the samples of a batch",
         },
     ),

@@ -44,9 +44,19 @@ __all__ = [
     "resnet18_cifar",
 ]
 
+
+def _awd_lstm(vocab: int | None = None, **kwargs: Any) -> AWDLSTM:
+    # the runner builds language models with ``vocab=``, like SmallLSTMLM
+    if vocab is not None:
+        if "ntoken" in kwargs:
+            raise ValueError("give the vocabulary size as vocab= or ntoken=, not both")
+        kwargs["ntoken"] = vocab
+    return AWDLSTM(**kwargs)
+
+
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "resnet18-cifar": resnet18_cifar,
-    "awd-lstm": AWDLSTM,
+    "awd-lstm": _awd_lstm,
     "small-cnn": SmallCNN,
     "small-lstm-lm": SmallLSTMLM,
     "mlp": MLP,
@@ -58,7 +68,8 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
     """Construct the model registered as ``name`` with ``kwargs``.
 
     Names: ``"resnet18-cifar"``, ``"awd-lstm"``, ``"small-cnn"``,
-    ``"small-lstm-lm"`` (needs ``vocab=``), ``"mlp"``. Unknown names raise
+    ``"small-lstm-lm"`` (needs ``vocab=``), ``"mlp"``; ``"awd-lstm"`` takes
+    ``vocab=`` as another name for ``AWDLSTM(ntoken=...)``. Unknown names raise
     ``ValueError`` listing the valid ones.
     """
     if name not in _REGISTRY:
