@@ -135,3 +135,42 @@ def test_checkpoint_of_another_model_is_refused(tmp_path, capsys):
     assert code == 2
     assert "does not fit the model" in capsys.readouterr().err
     assert not (tmp_path / "x.csv").exists()
+
+
+@pytest.mark.parametrize("name", ["digits_cnn_igc", "text_lstm_igc"])
+def test_config_of_library_tasks_equals_reference(tmp_path, capsys, name):
+    """Embedded digits (CNN) and text (LSTM LM, sequential components) at x_0."""
+    lines = [
+        line
+        for line in (REPO / "configs" / f"{name}.toml").read_text().splitlines()
+        if line.split("=")[0].strip() not in ("n_samples", "progress")
+    ]
+    config = tmp_path / f"{name}.toml"
+    config.write_text("\n".join([*lines, "n_samples = 200", "progress = false"]) + "\n")
+    out = tmp_path / "t.csv"
+    assert cli_main(["probe", "--config", str(config), "--out", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    cfg = load_config(config)
+    model, loss_fn, comps, _ = build_task(cfg)
+    assert summary["components"] == json.loads(json.dumps(comps.describe()))
+    ref = reference_probe(model, loss_fn, comps, dropout=cfg.dropout, seed=cfg.seed)
+    table = read_table(out)
+    np.testing.assert_allclose(table["norm"], ref.norms, rtol=1e-6)
+    np.testing.assert_allclose(table["dot"], ref.dots, rtol=1e-5, atol=1e-9 * ref.grad_norm**2)
+    np.testing.assert_allclose(table["loss"], ref.losses, rtol=1e-6)
+
+
+def test_engine_doc_example_runs(capsys):
+    """The Python example of docs/engine.md runs and prints what its comments say."""
+    text = (REPO / "docs" / "engine.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(code, "docs/engine.md", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    expected = [
+        line.split("#", 1)[1].split("(")[0].split(":")[0].strip()
+        for line in code.splitlines()
+        if line.startswith(("print(", "    print(")) and "#" in line
+    ]
+    assert len(printed) == len(expected)
+    for got, want in zip(printed, expected, strict=True):
+        assert got.startswith(want), (got, want)
