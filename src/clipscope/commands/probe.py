@@ -152,8 +152,8 @@ def load_task(args: argparse.Namespace) -> tuple[nn.Module, Any, Any, dict[str, 
     """``(model, loss_fn, components, settings)`` from the command line.
 
     ``settings`` holds the resolved ``etas``, ``dropout``, ``route``, ``seed`` and a
-    description of where the point came from. Every check runs before a model is
-    built or a file is written.
+    description of where the point came from. The flags, the config and the
+    checkpoint's checksum are checked before the task is built; nothing is written.
     """
     builtin = {"--samples": args.samples, "--batch-size": args.batch_size, "--bptt": args.bptt}
     checkpoint = Path(args.checkpoint) if args.checkpoint is not None else None
@@ -195,15 +195,17 @@ def load_task(args: argparse.Namespace) -> tuple[nn.Module, Any, Any, dict[str, 
 
     cfg = load_config(config)
     etas = args.eta if args.eta else [*cfg.etas, cfg.eta]
+    state = None
+    if checkpoint is not None:  # checksum and contents checked before the task is built
+        state = load_checkpoint(checkpoint)
+        if not isinstance(state, dict) or "model" not in state:
+            raise ValueError(f"checkpoint {checkpoint} has no 'model' entry (not a clipscope run?)")
     try:
         model, loss_fn, comps, _heldout = build_task(cfg)
     except ValueError as exc:
         raise ValueError(f"{config}: {exc}") from None
     point = "x_0 (initial point of the config)"
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint)
-        if not isinstance(state, dict) or "model" not in state:
-            raise ValueError(f"checkpoint {checkpoint} has no 'model' entry (not a clipscope run?)")
+    if state is not None:
         try:
             model.load_state_dict(state["model"])
         except RuntimeError as exc:
