@@ -422,8 +422,15 @@ def test_library_tasks_on_embedded_data(tmp_path, body):
     rows = read_rows(tmp_path / "run")
     assert len(rows) == 3
     assert all(math.isfinite(float(r["c1"])) for r in rows)
+    conventions = json.loads((tmp_path / "run" / "env.json").read_text())["conventions"]
+    assert conventions["batchnorm_in_probes"] == "no batch-coupled layers"
     if "digits" in body:
         assert all(0.0 <= float(r["heldout"]) <= 1.0 for r in rows)  # held-out accuracy
+        assert conventions["data"]["dataset"] == "sklearn.datasets.load_digits"
+        assert conventions["hidden_state"] == "not applicable"
+    else:
+        assert conventions["data"]["name"] == "text"
+        assert conventions["hidden_state"].startswith("carried from window i-1")
 
 
 def test_unknown_dataset_is_named(tmp_path):

@@ -373,6 +373,37 @@ def environment(config: Any = None) -> dict[str, Any]:
 # -- tasks --------------------------------------------------------------------
 
 
+def gradient_conventions(cfg: Any, model: torch.nn.Module, comps: Any) -> dict[str, Any]:
+    """Every convention that changes a component gradient, as recorded in ``env.json``."""
+    from clipscope.engine import batch_coupled_modules, dropout_modules
+
+    coupled = batch_coupled_modules(model)
+    dropout = dropout_modules(model)
+    return {
+        "data": getattr(comps, "data_description", None) or cfg.data,
+        "augmentation": "none (a component is the same function at every visit)",
+        "batchnorm_in_probes": (
+            f"train mode, each component's own batch statistics ({len(coupled)} layers); "
+            "running statistics restored after every probe"
+            if coupled
+            else "no batch-coupled layers"
+        ),
+        "dropout_in_probes": (
+            f"{cfg.dropout}: "
+            + ("masks fixed per component" if cfg.dropout == "fixed" else "dropout modules off")
+            + f" ({len(dropout)} modules)"
+            if dropout
+            else "no dropout modules"
+        ),
+        "hidden_state": (
+            "carried from window i-1 into window i, detached; recomputed at the probe point"
+            if comps.sequential
+            else "not applicable"
+        ),
+        "last_batch": cfg.last_batch,
+    }
+
+
 def _least_squares(cfg: Any, dtype: torch.dtype):
     """Synthetic least squares: y = X w* + noise; f_i = ½·mean over the batch of (xᵀw − y)²."""
     gen = torch.Generator().manual_seed(cfg.data_seed)
@@ -431,6 +462,7 @@ def _library_task(cfg: Any, dtype: torch.dtype):
         )
     splits = data_mod.load_splits(cfg.data, cfg.data_dir)
     train, test = splits.train, splits.test
+    description = {"name": cfg.data, **splits.describe}
     torch.manual_seed(cfg.seed)
     if cfg.task == "language_model":
         if cfg.n_samples:  # samples are tokens here
@@ -445,6 +477,7 @@ def _library_task(cfg: Any, dtype: torch.dtype):
         def loss_fn(out, y):
             return torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
 
+        comps.data_description = description
         return model, loss_fn, comps, None
     X, Y = train
     if cfg.n_samples:
@@ -464,6 +497,7 @@ def _library_task(cfg: Any, dtype: torch.dtype):
             model.eval()
             return float((model(Xt.to(cfg.device)).argmax(-1) == Yt.to(cfg.device)).double().mean())
 
+    comps.data_description = description
     return model, loss_fn, comps, heldout
 
 
@@ -546,6 +580,7 @@ def _train(cfg, out, resolved, resume, force, on_step, echo, log) -> int:
         if not (resume and (out / "env.json").is_file()):
             env = environment(cfg)
             env["components"] = comps.describe()
+            env["conventions"] = gradient_conventions(cfg, model, comps)
             atomic_write_text(out / "env.json", json.dumps(env, indent=2, default=str) + "\n")
         history = fit(
             model,
