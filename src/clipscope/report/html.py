@@ -242,11 +242,30 @@ def _theory_rows(res: dict) -> list[tuple[str, str]]:
     return rows
 
 
+def theory_section(task: TaskRecord) -> str:
+    """Render the theory checks of a task's runs; one sentence names runs without values."""
+    parts, missing = [], []
+    for entry, run in task.runs:
+        part = render_theory(entry, run)
+        if part:
+            parts.append(part)
+        else:
+            method = entry.get("method") or run.method
+            missing.append(f"{method.upper()} B={entry.get('batch_size') or run.batch_size}")
+    if missing:
+        parts.append(
+            f'<p class="note">Theory check of {html.escape(", ".join(missing))}: no smoothness '
+            "values recorded in these runs (train with <code>smoothness_every</code> &gt; 0); "
+            "nothing is computed here.</p>"
+        )
+    return "".join(parts)
+
+
 def render_theory(entry: dict, run: RunRecord) -> str:
     """HTML theory check of one run from its recorded values only (never computes gradients).
 
-    :func:`clipscope.theory_check.theory_check` with ``measure=False``: a run
-    without recorded smoothness values gets a sentence saying so, no table.
+    :func:`clipscope.theory_check.theory_check` with ``measure=False``; an empty
+    string for a run without recorded smoothness values (see :func:`theory_section`).
     """
     from clipscope.theory_check import theory_check
 
@@ -260,10 +279,7 @@ def render_theory(entry: dict, run: RunRecord) -> str:
             f'<p class="note">Theory check of {label}: not possible ({html.escape(str(exc))}).</p>'
         )
     if res["estimate"] is None:
-        return (
-            f'<p class="note">Theory check of {label}: no smoothness values recorded in this run '
-            "(train with <code>smoothness_every</code> &gt; 0); nothing is computed here.</p>"
-        )
+        return ""  # listed by theory_section in one sentence
     body = "".join(
         f'<tr><td class="l">{html.escape(name)}</td><td class="l">{value}</td></tr>'
         for name, value in _theory_rows(res)
@@ -300,7 +316,7 @@ def render_task(task: TaskRecord, figure_dir: Path | None = None) -> str:
     notes = "".join(
         f"<li>{html.escape(k)}: {html.escape(str(v))}</li>" for k, v in task.notes.items()
     )
-    theory = "".join(render_theory(entry, run) for entry, run in task.runs)
+    theory = theory_section(task)
     return (
         f'<section class="task"><h2>{html.escape(task.name)}</h2>'
         f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"

@@ -298,14 +298,18 @@ def figure_png(fig: plt.Figure) -> bytes:
 def task_figures(task: TaskRecord) -> dict[str, plt.Figure]:
     """Every figure of one task, keyed by a file-name stem.
 
-    ``smoothness`` only when a run of the task recorded smoothness columns.
+    ``noise`` only when the task has a cross-section, ``smoothness`` only when a run
+    of the task recorded smoothness columns.
     """
-    return {
-        "mean_cos": per_epoch(
-            task, "c1", "mean cos θ_ki  (c1, A3)", f"{task.name}: mean cos θ per epoch"
-        ),
-        "c2": per_epoch(task, "c2", "m_g / M_g  (c2, A4)", f"{task.name}: m_g/M_g per epoch"),
-        "cos_hist": cos_histogram(task),
-        "eta_profile": eta_profile(task),
-        "noise": noise_prediction(task),
-    } | ({"smoothness": smoothness(task)} if has_smoothness(task) else {})
+    return (
+        {
+            "mean_cos": per_epoch(
+                task, "c1", "mean cos θ_ki  (c1, A3)", f"{task.name}: mean cos θ per epoch"
+            ),
+            "c2": per_epoch(task, "c2", "m_g / M_g  (c2, A4)", f"{task.name}: m_g/M_g per epoch"),
+            "cos_hist": cos_histogram(task),
+            "eta_profile": eta_profile(task),
+        }
+        | ({"noise": noise_prediction(task)} if task.cross_section else {})
+        | ({"smoothness": smoothness(task)} if has_smoothness(task) else {})
+    )
