@@ -433,6 +433,22 @@ def test_library_tasks_on_embedded_data(tmp_path, body):
         assert conventions["hidden_state"].startswith("carried from window i-1")
 
 
+@pytest.mark.parametrize("extra", ["batch_size = 1\n", "batch_size = 3\n"], ids=["B1", "last1"])
+def test_single_sample_component_with_train_batchnorm_refused_at_setup(tmp_path, extra):
+    """Edge case 9: a size-1 component under train-mode BatchNorm is an error before any write."""
+    cfg = tmp_path / "bn.toml"
+    cfg.write_text(
+        'task = "classification"\ndata = "digits"\nmodel = "small-cnn"\nn_samples = 7\n'
+        "model_kwargs = {batchnorm = true}\nprogress = false\n" + extra
+    )
+    with pytest.raises(ValueError, match="single sample"):
+        train(cfg, tmp_path / "run", echo=quiet)
+    assert not (tmp_path / "run").exists()
+    cfg.write_text(cfg.read_text() + 'last_batch = "drop"\nepochs = 1\n')
+    if "3" in extra:  # dropping the size-1 last batch is the documented way out
+        assert train(cfg, tmp_path / "run", echo=quiet) == 0
+
+
 def test_unknown_dataset_is_named(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('task = "classification"\ndata = "nope"\nmodel = "mlp"\n')

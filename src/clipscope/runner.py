@@ -574,6 +574,7 @@ def _train(cfg, out, resolved, resume, force, on_step, echo, log) -> int:
     from clipscope.methods import Interrupted, NonFiniteError, fit
 
     model, loss_fn, comps, heldout = build_task(cfg)
+    _check_batch_coupling(model, comps)
     try:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.toml", resolved)
@@ -640,6 +641,26 @@ def _smoothness_probe(cfg: Any) -> Any:
         tol=cfg.smoothness_tol,
         max_iter=cfg.smoothness_max_iter,
     )
+
+
+def _check_batch_coupling(model: torch.nn.Module, comps: Any) -> None:
+    """Refuse a size-1 component under train-mode BatchNorm before anything is written.
+
+    Its batch statistics would be those of one sample (torch fails mid-run, or
+    the variance is 0); use batches of at least 2, ``last_batch = "drop"``, or a
+    model without batch-coupled layers (eval-mode BatchNorm, GroupNorm).
+    """
+    from clipscope.engine import batch_coupled_modules
+
+    coupled = batch_coupled_modules(model)
+    sizes = [] if comps.sequential else comps.sizes
+    small = [i for i, size in enumerate(sizes) if size < 2]
+    if coupled and small:
+        raise ValueError(
+            f"component(s) {small[:5]} hold a single sample, but {coupled[:3]} normalize "
+            'with batch statistics in train mode; use batch_size >= 2, last_batch = "drop" '
+            "for a size-1 last batch, or a model without train-mode BatchNorm"
+        )
 
 
 def _check_env(out: Path, log: Callable[[str], None]) -> None:
