@@ -169,6 +169,13 @@ def run_and_signal(tmp_path: Path, config: Path, out: Path, at: int, sig: str):
         ({"device": ""}, "device"),
         ({"task": "gan"}, "task"),
         ({"model_kwargs": [1, 2]}, "model_kwargs"),
+        ({"task": "language_model", "ar_alpha": -1.0}, "ar_alpha"),
+        ({"task": "language_model", "tar_beta": "1"}, "tar_beta"),
+        ({"task": "language_model", "tar_beta": math.inf}, "tar_beta"),
+        ({"ar_alpha": 2.0}, "ar_alpha"),  # AR/TAR only for language models
+        ({"task": "classification", "tar_beta": 1.0}, "tar_beta"),
+        ({"heldout_tokens": -1}, "heldout_tokens"),
+        ({"heldout_tokens": 1.5}, "heldout_tokens"),
     ],
     ids=lambda v: str(v) if not isinstance(v, dict) else "-".join(map(str, v.items())),
 )
@@ -454,3 +461,124 @@ def test_unknown_dataset_is_named(tmp_path):
     bad.write_text('task = "classification"\ndata = "nope"\nmodel = "mlp"\n')
     with pytest.raises(ValueError, match="'data'"):
         train(bad, tmp_path / "run2", echo=quiet)
+
+
+# -- language models: held-out perplexity, AR/TAR -----------------------------------
+
+LM_CONFIG = """
+task = "language_model"
+model = "awd-lstm"
+model_kwargs = {ninp = 4, nhid = 6}
+data = "text"
+n_samples = 300
+batch_size = 4
+bptt = 10
+method = "igc"
+lr = 1.0
+eta = 0.25
+epochs = 1
+dropout = "fixed"
+dtype = "float64"
+heldout_tokens = 203
+progress = false
+"""
+
+
+def lm_config(**extra) -> TrainConfig:
+    raw = tomllib.loads(LM_CONFIG)
+    return parse_config({**raw, **extra})
+
+
+def test_lm_heldout_is_perplexity_of_the_batchified_heldout_stream():
+    """exp(token-mean CE) over the held-out stream in B columns, eval mode, state carried."""
+    from clipscope.data import load_splits
+    from clipscope.runner import build_task
+
+    cfg = lm_config(ar_alpha=2.0, tar_beta=1.0)  # AR/TAR are not part of the perplexity
+    model, _, _, heldout = build_task(cfg)
+    tokens = load_splits("text").test[: cfg.heldout_tokens]
+    rows = len(tokens) // cfg.batch_size  # 203 tokens, 4 columns: 50 rows, 3 tokens dropped
+    data = tokens[: rows * cfg.batch_size].view(cfg.batch_size, rows).t()
+    model.train()
+    with torch.no_grad():
+        got = heldout(model)
+        model.eval()  # one forward over all 49 input rows = the windows with the state carried
+        logits, _ = model(data[:-1], None)
+        ce = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), data[1:].reshape(-1)
+        )
+    assert got == pytest.approx(math.exp(float(ce)), rel=1e-12)
+    assert 1.0 < got < 2 * model.ntoken  # a near-uniform untrained model
+
+
+def test_lm_run_records_heldout_perplexity(tmp_path):
+    cfg = tmp_path / "lm.toml"
+    cfg.write_text(LM_CONFIG)
+    assert train(cfg, tmp_path / "run", echo=quiet) == 0
+    rows = read_rows(tmp_path / "run")
+    assert len(rows) == 2 and all(1.0 < float(r["heldout"]) < math.inf for r in rows)
+
+
+def test_ar_tar_are_part_of_every_component_loss(tmp_path):
+    """Training steps and probes use awd_lstm_loss(model, α, β): a replica of the run matches."""
+    from clipscope.engine import trainable_params
+    from clipscope.methods import clipped_step, make_optimizer
+    from clipscope.models import awd_lstm_loss
+    from clipscope.runner import build_task
+
+    cfg = lm_config(ar_alpha=2.0, tar_beta=1.0)
+    path = tmp_path / "lm.toml"
+    path.write_text(dump_config(cfg))
+    assert train(path, tmp_path / "run", echo=quiet) == 0
+    rows = read_rows(tmp_path / "run")
+
+    model, loss_fn, comps, _ = build_task(cfg)
+    reference = awd_lstm_loss(model, 2.0, 1.0)
+    plain = awd_lstm_loss(model, 0.0, 0.0)
+    with torch.random.fork_rng():  # the replica below needs the run's RNG stream
+        x, y = comps.batch(0)
+        with torch.no_grad():
+            out, _ = model(x, None)
+        assert float(loss_fn(out, y)) == float(reference(out, y)) > float(plain(out, y))
+    # probe at x_0 (dropout policy "fixed"): f = (1/m) Σ f_i with the windows' state carried
+    from clipscope.engine.guard import rng_for_component
+
+    with torch.no_grad():
+        state, losses, steps = None, [], []
+        for i in range(len(comps)):
+            with rng_for_component("fixed", cfg.seed, i):
+                x, y = comps.batch(i)
+                out, state = model(x, state)
+                losses.append(float(reference(out, y)))
+    assert float(rows[0]["loss"]) == pytest.approx(sum(losses) / len(losses), rel=1e-12)
+    # training: one IGC epoch of clipped steps on the AR/TAR loss, state carried
+    opt = make_optimizer(trainable_params(model), cfg.lr)
+    state = None
+    for i in range(len(comps)):
+        box = {}
+
+        def closure(i=i, box=box, state=state):
+            x, y = comps.batch(i)
+            out, box["state"] = model(x, state)
+            loss = reference(out, y)
+            steps.append(float(loss.detach()))
+            return loss
+
+        clipped_step(opt, closure, cfg.eta)
+        state = [(h.detach(), c.detach()) for h, c in box["state"]]
+    assert float(rows[0]["train_loss"]) == pytest.approx(sum(steps) / len(steps), rel=1e-12)
+    trained = final_params(tmp_path / "run")
+    assert all(torch.equal(trained[k], v) for k, v in model.state_dict().items())
+
+
+def test_ar_tar_with_a_model_without_activations_is_refused(tmp_path):
+    cfg = tmp_path / "lm.toml"
+    cfg.write_text(
+        LM_CONFIG.replace('"awd-lstm"', '"small-lstm-lm"').replace(
+            "ninp = 4, nhid = 6", "emb = 4, hidden = 6"
+        )
+        + "tar_beta = 1.0\n"
+    )
+    with pytest.raises(ValueError, match="'tar_beta'"):
+        train(cfg, tmp_path / "run", echo=quiet)
+    assert not (tmp_path / "run").exists()

@@ -72,6 +72,9 @@ class TrainConfig:
     noise: float = 0.5  # least_squares: std of the label noise
     batch_size: int = 16  # component batch size B; m = ceil(N/B) components
     bptt: int = 35  # language_model: window length
+    heldout_tokens: int = 0  # language_model: first N held-out tokens for perplexity; 0 = all
+    ar_alpha: float = 0.0  # language_model: AR weight α in every f_i (awd_lstm_loss); 0 = off
+    tar_beta: float = 0.0  # language_model: TAR weight β in every f_i (awd_lstm_loss); 0 = off
     last_batch: str = "keep"  # keep | drop the smaller last batch (recorded)
     data_seed: int = 0  # seed of the data and of the fixed partition
     # -- method -------------------------------------------------------------
@@ -120,12 +123,13 @@ class TrainConfig:
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
 _INT = {"n_samples", "dim", "batch_size", "bptt", "data_seed", "epochs", "seed", "probe_every"}
 _INT |= {"threads", "checkpoint_every", "keep_checkpoints", "smoothness_every"}
-_INT |= {"smoothness_max_iter"}
+_INT |= {"smoothness_max_iter", "heldout_tokens"}
 _FLOAT = {"noise", "lr", "momentum", "weight_decay", "schedule_gamma", "smoothness_tol"}
+_FLOAT |= {"ar_alpha", "tar_beta"}
 _BOOL = {"heldout", "deterministic", "progress", "smoothness_components"}
 _MIN = {"n_samples": 0, "dim": 1, "batch_size": 1, "bptt": 1, "epochs": 0, "probe_every": 0}
 _MIN |= {"threads": 0, "checkpoint_every": 0, "keep_checkpoints": 1, "data_seed": 0, "seed": 0}
-_MIN |= {"smoothness_every": 0, "smoothness_max_iter": 1}
+_MIN |= {"smoothness_every": 0, "smoothness_max_iter": 1, "heldout_tokens": 0}
 
 
 def _bad(key: str, value: Any, why: str) -> ValueError:
@@ -148,7 +152,7 @@ def _float(key: str, value: Any) -> float:
         raise _bad(key, value, "must be finite")
     if key == "lr" and value <= 0:
         raise _bad(key, value, "must be > 0")
-    if key in ("noise", "weight_decay", "schedule_gamma") and value < 0:
+    if key in ("noise", "weight_decay", "schedule_gamma", "ar_alpha", "tar_beta") and value < 0:
         raise _bad(key, value, "must be >= 0")
     if key == "momentum" and not 0 <= value < 1:
         raise _bad(key, value, "must be in [0, 1)")
@@ -214,6 +218,10 @@ def parse_config(raw: dict[str, Any]) -> TrainConfig:
             if not isinstance(value, str) or not value:
                 raise _bad(key, value, "expected a non-empty string")
             values[key] = value
+    task = values.get("task", TrainConfig.task)
+    for key in ("ar_alpha", "tar_beta"):
+        if values.get(key, 0.0) and task != "language_model":
+            raise _bad(key, values[key], f"AR/TAR need task = 'language_model', not {task!r}")
     return TrainConfig(**values)
 
 

@@ -15,7 +15,8 @@ Run directory layout (every file written atomically, :mod:`clipscope.atomic`)::
 
 ``epochs.csv`` columns (:data:`COLUMNS`, then ``rho@η`` for each grid η):
 ``epoch``, ``step`` (steps taken before x_k), ``loss`` f(x_k) = (1/m) Σ f_i,
-``heldout`` (task metric, NaN when none), ``grad_norm`` ‖∇f_k‖, ``c1`` (A3, 31),
+``heldout`` (task metric: held-out loss, accuracy, or perplexity for language
+models; NaN when none), ``grad_norm`` ‖∇f_k‖, ``c1`` (A3, 31),
 ``c2`` (A4, 32), ``min_cos``, ``neg_cos_share``, ``a3_holds`` (1/0), ``rho`` =
 ρ_k(η) at the run's η, ``clipped_fraction`` (share of n_i > η), ``bound33_lhs`` =
 D_k(η) and ``bound33_rhs`` = m·min{ηc1, c2‖∇f_k‖}‖∇f_k‖ (33), ``igc_drift``
@@ -474,11 +475,13 @@ def _library_task(cfg: Any, dtype: torch.dtype):
         kwargs.setdefault("vocab", splits.vocab_size or int(train.max()) + 1)
         model = build_model(cfg.model, **kwargs).to(dtype)
 
-        def loss_fn(out, y):
-            return torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
-
+        loss_fn = _lm_loss(cfg, model)
+        heldout = None
+        if test is not None:
+            tokens = test[: cfg.heldout_tokens] if cfg.heldout_tokens else test
+            heldout = _lm_perplexity(tokens, cfg.batch_size, cfg.bptt, cfg.device)
         comps.data_description = description
-        return model, loss_fn, comps, None
+        return model, loss_fn, comps, heldout
     X, Y = train
     if cfg.n_samples:
         X, Y = X[: cfg.n_samples], Y[: cfg.n_samples]
@@ -499,6 +502,71 @@ def _library_task(cfg: Any, dtype: torch.dtype):
 
     comps.data_description = description
     return model, loss_fn, comps, heldout
+
+
+def _lm_loss(cfg: Any, model: torch.nn.Module) -> Callable:
+    """Return the LM component loss: token-mean cross entropy, plus AR/TAR when configured.
+
+    With ``ar_alpha = α`` or ``tar_beta = β`` nonzero every ``f_i`` (training
+    steps and probes alike) is :func:`clipscope.models.awd_lstm_loss`'s
+    ``CE + α·mean(d²) + β·mean((r[t+1] − r[t])²)``; the model must keep its
+    last layer's activations (``last_activations``), otherwise ValueError
+    naming the key.
+    """
+    if cfg.ar_alpha or cfg.tar_beta:
+        if not hasattr(model, "last_activations"):
+            key = "ar_alpha" if cfg.ar_alpha else "tar_beta"
+            raise ValueError(
+                f"config: bad value for '{key}': {getattr(cfg, key)!r} (model {cfg.model!r} "
+                "does not record activations for AR/TAR; use model = 'awd-lstm' or set it to 0)"
+            )
+        from clipscope.models import awd_lstm_loss
+
+        return awd_lstm_loss(model, cfg.ar_alpha, cfg.tar_beta)
+
+    def loss_fn(out, y):
+        return torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+    return loss_fn
+
+
+def _lm_perplexity(
+    tokens: torch.Tensor, batch_size: int, bptt: int, device: str
+) -> Callable[[torch.nn.Module], float]:
+    """Return ``heldout(model)`` = held-out perplexity ``exp(Σ_t CE_t / N_tokens)``.
+
+    The held-out stream is batchified like the training stream (the run's
+    ``batch_size`` columns, windows of ``bptt`` rows, the shorter last window
+    kept, the ``len mod B`` tail dropped); the windows run in order with the
+    recurrent state carried (detached), the model in eval mode (no dropout),
+    and the cross entropy (without AR/TAR) is summed over every target token
+    and divided by their number, so the result does not depend on ``bptt``.
+    The caller (:func:`probe_row`) runs it under ``model_guard`` and
+    ``no_grad``, which restore the model's mode.
+    """
+    from clipscope.components import SequentialComponents, detach_state
+
+    try:
+        windows = SequentialComponents.from_tokens(tokens, batch_size, bptt).to(device)
+    except ValueError as exc:
+        raise ValueError(
+            f"held-out split ({len(tokens)} tokens, see 'heldout_tokens'): {exc}"
+        ) from None
+
+    def heldout(model: torch.nn.Module) -> float:
+        model.eval()
+        total, count, state = 0.0, 0, None
+        for inp, target in windows:
+            out, state = model(inp, state)
+            state = detach_state(state)
+            ce = torch.nn.functional.cross_entropy(
+                out.reshape(-1, out.shape[-1]), target.reshape(-1), reduction="sum"
+            )
+            total += float(ce.double())
+            count += target.numel()
+        return math.exp(total / count)
+
+    return heldout
 
 
 # -- the run ------------------------------------------------------------------
