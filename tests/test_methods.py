@@ -20,6 +20,7 @@ from clipscope.methods import (
     clipped_step,
     fit,
     make_order,
+    nt_asgd_switch,
 )
 
 
@@ -509,6 +510,9 @@ def test_step_schedule_recorded():
         ({"etas": (0.1, -1.0)}, "eta"),
         ({"route": "dyadic"}, "route"),
         ({"dropout": "sometimes"}, "dropout"),
+        ({"optimizer_switch": "asgd"}, "optimizer_switch"),
+        ({"optimizer_switch": "nt-asgd", "nonmono": 0, "heldout": float}, "nonmono"),
+        ({"optimizer_switch": "nt-asgd"}, "heldout"),
     ],
 )
 def test_bad_arguments_raise_before_training(kwargs, match):
@@ -517,3 +521,91 @@ def test_bad_arguments_raise_before_training(kwargs, match):
     with pytest.raises(ValueError, match=match):
         fit(model, loss_fn, comps, "igc", **{"lr": 0.1, **kwargs}, progress=False)
     assert torch.equal(flat(model), before)
+
+
+# -- NT-ASGD -----------------------------------------------------------------------
+
+
+def reference_switch_epoch(values, nonmono):
+    """salesforce/awd-lstm-lm main.py: after epoch e (1-based) with val_loss = values[e-1]."""
+    best_val_loss = []
+    for epoch, val_loss in enumerate(values, start=1):
+        if len(best_val_loss) > nonmono and val_loss > min(best_val_loss[:-nonmono]):
+            return epoch
+        best_val_loss.append(val_loss)
+    return None
+
+
+@pytest.mark.parametrize(
+    "values,nonmono,expected",
+    [
+        ([5.0, 4.0, 4.5, 3.9, 4.2, 4.05], 2, 5),  # 4.2 > min(5, 4)
+        ([5.0, 4.0, 3.0, 2.0, 1.0, 0.5], 2, None),  # improving: never
+        ([5.0, 6.0, 7.0], 1, 3),  # 7 > 5; at epoch 2 only one earlier value
+        ([3.0, 9.0, 9.0, 9.0, 9.0], 3, 5),  # needs more than 3 earlier values
+        ([3.0, 3.0, 3.0], 1, None),  # not worse: equal does not trigger
+    ],
+)
+def test_nt_asgd_trigger_follows_the_reference_rule(values, nonmono, expected):
+    got = next(
+        (
+            k
+            for k in range(1, len(values) + 1)
+            if nt_asgd_switch(values[: k - 1], values[k - 1], nonmono)
+        ),
+        None,
+    )
+    assert got == reference_switch_epoch(values, nonmono) == expected
+
+
+def test_nt_asgd_averages_the_iterates_after_the_trigger(tmp_path):
+    """Hand-made held-out sequence (no probes): switch at x_5; x̄ = mean of the later iterates."""
+    values = iter([5.0, 4.0, 4.5, 3.9, 4.2])  # switch at k = 5: 4.2 > min(5, 4)
+    model, loss_fn, comps = least_squares()
+    plain = copy.deepcopy(model)
+    iterates, messages = [], []
+    hist = fit(
+        model, loss_fn, comps, "igc", lr=0.05, eta=0.5, epochs=7, probe_every=0,
+        heldout=lambda m: next(values), optimizer_switch="nt-asgd", nonmono=2,
+        run_dir=tmp_path / "run", progress=False, log=messages.append,
+        on_step=lambda step, i, norm: iterates.append((step, flat(model).clone())),
+    )  # fmt: skip
+    assert any("NT-ASGD: held-out 4.2 at epoch 5" in m for m in messages)
+    m = comps.m
+    after = torch.stack([x for step, x in iterates if step > 5 * m])
+    assert len(after) == 2 * m and hist.steps == 7 * m
+    averaged = torch.load(tmp_path / "run" / "averaged_model.pt", weights_only=True)
+    torch.testing.assert_close(averaged["weight"].reshape(-1), after.mean(0), rtol=1e-13, atol=0)
+    # the training trajectory is plain IGC-clip: the switch changes nothing in it
+    fit(plain, loss_fn, comps, "igc", lr=0.05, eta=0.5, epochs=7, probe_every=0, progress=False)
+    assert torch.equal(flat(plain), flat(model))
+
+
+def test_nt_asgd_rows_record_heldout_at_the_average():
+    model, loss_fn, comps = least_squares()
+    steps = []
+
+    def heldout(model):  # -f(x): rises while training lowers f, so the switch comes early
+        with torch.no_grad():
+            return -sum(float(loss_fn(model(x), y)) for x, y in comps)
+
+    hist = fit(
+        model, loss_fn, comps, "rr", lr=0.05, eta=0.5, epochs=6, heldout=heldout,
+        optimizer_switch="nt-asgd", nonmono=1, progress=False,
+        on_step=lambda step, i, norm: steps.append(flat(model).clone()),
+    )  # fmt: skip
+    active = hist.column("asgd_active")
+    assert set(active) == {0.0, 1.0} and np.all(np.diff(active) >= 0)
+    start = int(np.argmax(active))  # the switch epoch: averaging from its first step
+    assert start < len(hist.rows) - 2  # rows after it check x̄ over one and several epochs
+    m = comps.m
+    for k, row in enumerate(hist.rows):
+        if k <= start:
+            assert math.isnan(row["heldout_avg"])
+            continue
+        xbar = torch.stack(steps[start * m : k * m]).mean(0)
+        probe = copy.deepcopy(model)
+        with torch.no_grad():
+            probe.weight.copy_(xbar.reshape(probe.weight.shape))
+        assert row["heldout_avg"] == pytest.approx(heldout(probe), rel=1e-12)
+        assert row["heldout"] != row["heldout_avg"]

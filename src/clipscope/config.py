@@ -54,6 +54,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "route": ("auto", "two-pass", "keep"),
     "dropout": ("off", "fixed"),
     "dtype": ("float32", "float64"),
+    "optimizer_switch": ("none", "nt-asgd"),
 }
 
 
@@ -88,6 +89,8 @@ class TrainConfig:
     schedule: str = "constant"  # constant | step | cosine (per epoch)
     milestones: tuple[int, ...] = ()  # step schedule: epochs where α is multiplied by gamma
     schedule_gamma: float = 0.1  # step schedule factor
+    optimizer_switch: str = "none"  # none | nt-asgd (average the iterates once heldout stalls)
+    nonmono: int = 5  # NT-ASGD: compare with the best heldout of > nonmono epoch ends ago
     # -- probes -------------------------------------------------------------
     probe_every: int = 1  # probe at the start of every k-th epoch (and at the end); 0 = never
     etas: tuple[float, ...] = ()  # extra thresholds for the rho@η columns
@@ -123,13 +126,13 @@ class TrainConfig:
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
 _INT = {"n_samples", "dim", "batch_size", "bptt", "data_seed", "epochs", "seed", "probe_every"}
 _INT |= {"threads", "checkpoint_every", "keep_checkpoints", "smoothness_every"}
-_INT |= {"smoothness_max_iter", "heldout_tokens"}
+_INT |= {"smoothness_max_iter", "heldout_tokens", "nonmono"}
 _FLOAT = {"noise", "lr", "momentum", "weight_decay", "schedule_gamma", "smoothness_tol"}
 _FLOAT |= {"ar_alpha", "tar_beta"}
 _BOOL = {"heldout", "deterministic", "progress", "smoothness_components"}
 _MIN = {"n_samples": 0, "dim": 1, "batch_size": 1, "bptt": 1, "epochs": 0, "probe_every": 0}
 _MIN |= {"threads": 0, "checkpoint_every": 0, "keep_checkpoints": 1, "data_seed": 0, "seed": 0}
-_MIN |= {"smoothness_every": 0, "smoothness_max_iter": 1, "heldout_tokens": 0}
+_MIN |= {"smoothness_every": 0, "smoothness_max_iter": 1, "heldout_tokens": 0, "nonmono": 1}
 
 
 def _bad(key: str, value: Any, why: str) -> ValueError:
@@ -222,6 +225,14 @@ def parse_config(raw: dict[str, Any]) -> TrainConfig:
     for key in ("ar_alpha", "tar_beta"):
         if values.get(key, 0.0) and task != "language_model":
             raise _bad(key, values[key], f"AR/TAR need task = 'language_model', not {task!r}")
+    if values.get("optimizer_switch", "none") == "nt-asgd":
+        why = ""
+        if task == "classification":
+            why = "it triggers on a held-out metric where lower is better, not on accuracy"
+        elif not values.get("heldout", True):
+            why = "it triggers on the held-out metric: set heldout = true"
+        if why:
+            raise _bad("optimizer_switch", "nt-asgd", why)
     return TrainConfig(**values)
 
 

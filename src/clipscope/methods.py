@@ -78,9 +78,11 @@ __all__ = [
     "make_optimizer",
     "make_order",
     "make_schedule",
+    "nt_asgd_switch",
 ]
 
 SCHEDULES = ("constant", "step", "cosine")
+SWITCHES = ("none", "nt-asgd")
 
 
 class NonFiniteError(FloatingPointError):
@@ -422,6 +424,30 @@ def _component_loss(model, loss_fn, components, i: int, state):
     return loss_fn(model(x), y), None
 
 
+def nt_asgd_switch(previous: Sequence[float], current: float, nonmono: int) -> bool:
+    """Return whether NT-ASGD (Merity et al., 2018, Alg. 1) switches to averaging now.
+
+    ``previous`` are the held-out metrics (lower is better) of the earlier
+    epoch ends, ``current`` this one's. The reference's rule
+    (``salesforce/awd-lstm-lm``, ``main.py``): switch when more than
+    ``nonmono`` earlier values exist and ``current > min(previous[:-nonmono])``,
+    i.e. the metric is worse than the best one of the epochs more than
+    ``nonmono`` checks ago. A NaN ``current`` never triggers.
+
+    >>> nt_asgd_switch([5.0, 4.0, 3.0], 3.5, nonmono=2)  # best before the last 2 is 5.0
+    False
+    >>> nt_asgd_switch([5.0, 4.0, 3.0], 5.5, nonmono=2)
+    True
+    >>> nt_asgd_switch([5.0, 4.0], 9.0, nonmono=2)  # too few checks yet
+    False
+    """
+    if isinstance(nonmono, bool) or not isinstance(nonmono, int) or nonmono < 1:
+        raise ValueError(f"nonmono must be an int >= 1, got {nonmono!r}")
+    if len(previous) <= nonmono:
+        return False
+    return bool(current > min(previous[:-nonmono]))
+
+
 def fit(
     model: torch.nn.Module,
     loss_fn: Callable[[Any, Any], torch.Tensor],
@@ -451,6 +477,8 @@ def fit(
     checkpoint_every: int = 0,
     keep_checkpoints: int = 3,
     smoothness: Any = None,
+    optimizer_switch: str = "none",
+    nonmono: int = 5,
     on_step: Callable[[int, int, float], None] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> History:
@@ -517,6 +545,17 @@ def fit(
         Also checkpoint every this many steps (0: only at epoch boundaries).
     smoothness : clipscope.smoothness.SmoothnessProbe, optional
         Relaxed-smoothness measurements at the probe points (see above).
+    optimizer_switch : {"none", "nt-asgd"}
+        ``"nt-asgd"``: at each epoch start ``x_k`` (k ≥ 1, the end of epoch
+        k−1) evaluate ``heldout`` (lower must be better) and, once
+        :func:`nt_asgd_switch` fires (``nonmono``), keep a running float64
+        average ``x̄`` of the iterates after every later step (torch's ASGD
+        with ``t0`` = the switch, ``λ = 0``). Training and probes stay at the
+        SGD iterates ``x_k``; rows get ``asgd_active`` (1/0: averaging during
+        the epoch that starts at x_k) and ``heldout_avg`` (``heldout`` at x̄;
+        NaN before the first averaged step). x̄ travels in the checkpoints and
+        is written to ``run_dir/averaged_model.pt`` (a state dict: x̄ in the
+        parameters' dtype, the model's buffers) when the run completes.
     on_step : callable, optional
         ``on_step(step, i, norm)`` after each step (tests inject faults here).
 
@@ -550,6 +589,13 @@ def fit(
             f"route must be 'auto', 'two-pass' or 'keep' (the run's own components), got {route!r}"
         )
     check_dropout_policy(dropout)
+    if optimizer_switch not in SWITCHES:
+        raise ValueError(f"optimizer_switch must be one of {SWITCHES}, got {optimizer_switch!r}")
+    nt_asgd = optimizer_switch == "nt-asgd"
+    if nt_asgd:
+        nt_asgd_switch([], 0.0, nonmono)  # validates nonmono
+        if heldout is None:
+            raise ValueError("optimizer_switch='nt-asgd' needs a heldout metric to trigger on")
     gamma_z = eta if zhang_gamma is None else check_eta(zhang_gamma)
     params = trainable_params(model)
     m = len(components)
@@ -576,6 +622,8 @@ def fit(
     }
     if smoothness is not None:  # only then: runs from before the option still resume
         setting["smoothness"] = smoothness.to_dict()
+    if nt_asgd:  # likewise
+        setting.update(optimizer_switch=optimizer_switch, nonmono=nonmono)
 
     # Loop state: everything here goes into checkpoints.
     st: dict[str, Any] = {
@@ -594,6 +642,10 @@ def fit(
         "step_clipped": 0,
         "ckpt_seq": 0,  # checkpoints written so far (names them; never overwritten)
         "traj_prev": None,  # smoothness: {"epoch", "x", "g"} of the last probe point (float64)
+        "nt_history": [],  # NT-ASGD: held-out metric at each epoch start x_k, k >= 1
+        "asgd_epoch": None,  # NT-ASGD: epoch whose start triggered the averaging
+        "avg": None,  # NT-ASGD: running mean x̄ of the iterates since the switch (float64)
+        "avg_n": 0,  # NT-ASGD: iterates averaged into x̄
     }
     history = History(method=method)
     rd = None
@@ -679,6 +731,9 @@ def fit(
                                     model, loss_fn, components, dropout=dropout, seed=seed
                                 ),
                             )  # fmt: skip
+                        if nt_asgd:
+                            _nt_asgd_epoch(st, row, k, epochs, nonmono, say,
+                                           model, params, heldout)  # fmt: skip
                         row.update(epoch=k, step=st["step"], lr=_lr(optimizer))
                         row["wall_time"] = time.perf_counter() - t0
                         st["rows"].append(row)
@@ -692,6 +747,8 @@ def fit(
                             st["drift_sum"] = 0.0
                         row.pop("_descent", None)
                         _summary_line(say, row)
+                    elif nt_asgd:
+                        _nt_asgd_epoch(st, None, k, epochs, nonmono, say, model, params, heldout)
                     st["probed"] = True
                     checkpoint()
                     stop.raise_if_set(st)  # a signal during a long probe: stop now
@@ -723,6 +780,8 @@ def fit(
                     )
                     if carry_state:
                         st["rnn_state"] = box["state"]
+                    if st["avg"] is not None:
+                        _average_in(st, params)
                     st["pos"] += 1
                     st["step"] += 1
                     st["step_norms_sum"] += norm
@@ -768,8 +827,83 @@ def fit(
     history.status = "completed"
     history.run_dir = None if rd is None else rd.path
     if rd is not None:
+        if st["avg"] is not None and st["avg_n"] > 0:
+            _save_average(rd.path / "averaged_model.pt", model, params, st["avg"])
+            say(f"NT-ASGD: averaged model of {st['avg_n']} iterates in averaged_model.pt")
+        elif nt_asgd:
+            say("NT-ASGD: never triggered; no averaged model written")
         rd.finish(history.status, st, counts=history.counts)
     return history
+
+
+def _nt_asgd_epoch(
+    st: dict[str, Any],
+    row: dict[str, float] | None,
+    k: int,
+    epochs: int,
+    nonmono: int,
+    say: Callable[[str], None],
+    model: torch.nn.Module,
+    params: Sequence[torch.Tensor],
+    heldout: Callable[[torch.nn.Module], float],
+) -> None:
+    """NT-ASGD at the start of epoch k: trigger check at x_k; ``heldout_avg`` at x̄ into ``row``.
+
+    The metric at x_k is the row's ``heldout`` when there is a probe row,
+    else ``heldout(model)`` under ``model_guard``. The check runs for
+    ``1 <= k < epochs`` while averaging is off; the averaging starts with the
+    first step of epoch k.
+    """
+    from clipscope.engine import model_guard
+
+    if st["avg"] is None and 1 <= k < epochs:
+        if row is not None:
+            metric = row["heldout"]
+        else:
+            with model_guard(model), torch.no_grad():
+                metric = float(heldout(model))
+        if nt_asgd_switch(st["nt_history"], metric, nonmono):
+            with torch.no_grad():
+                st["avg"] = [p.detach().to(torch.float64).clone() for p in params]
+            st["avg_n"], st["asgd_epoch"] = 0, k
+            say(f"NT-ASGD: held-out {metric:.6g} at epoch {k}; averaging the iterates from now on")
+        st["nt_history"].append(metric)
+    if row is None:
+        return
+    row["asgd_active"] = float(st["avg"] is not None)
+    row["heldout_avg"] = math.nan
+    if st["avg"] is not None and st["avg_n"] > 0:
+        with model_guard(model), torch.no_grad():
+            for p, a in zip(params, st["avg"], strict=True):
+                p.copy_(a.to(p.dtype))
+            row["heldout_avg"] = float(heldout(model))
+
+
+def _average_in(st: dict[str, Any], params: Sequence[torch.Tensor]) -> None:
+    """``x̄ ← x̄ + (x − x̄)/n`` in float64 after a step (torch ASGD's ``ax`` with ``t0`` = switch)."""
+    st["avg_n"] += 1
+    n = st["avg_n"]
+    with torch.no_grad():
+        for a, p in zip(st["avg"], params, strict=True):
+            a.add_((p.detach().to(torch.float64) - a) / n)
+
+
+def _save_average(
+    path: Path, model: torch.nn.Module, params: Sequence[torch.Tensor], avg: Sequence[torch.Tensor]
+) -> None:
+    """Write ``averaged_model.pt`` atomically: the model's state dict with x̄ for the parameters."""
+    import io
+
+    from clipscope.atomic import atomic_write_bytes
+
+    by_id = {id(p): a for p, a in zip(params, avg, strict=True)}
+    state = {}
+    for name, value in model.state_dict(keep_vars=True).items():  # tied weights: both names
+        average = by_id.get(id(value))
+        state[name] = (value if average is None else average.to(value.dtype)).detach().clone()
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _record_smoothness(

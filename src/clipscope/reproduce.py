@@ -154,6 +154,7 @@ TASKS: dict[str, TaskSpec] = {
                 "AR/TAR as in the recipe (alpha = 2, beta = 1, weight decay 1.2e-6), part of "
                 "every f_i in training and in the probes; held-out perplexity without them"
             ),
+            "averaging": "NT-ASGD off: the study records the SGD iterates only",
         },
     ),
 }

@@ -12,6 +12,7 @@ Run directory layout (every file written atomically, :mod:`clipscope.atomic`)::
     summary.json                status (running / completed / interrupted / nonfinite),
                                 last row, component draw counts, messages
     train.log                   what was printed, resumes and forced overrides included
+    averaged_model.pt           NT-ASGD only: state dict with the averaged iterate x̄
 
 ``epochs.csv`` columns (:data:`COLUMNS`, then ``rho@η`` for each grid η):
 ``epoch``, ``step`` (steps taken before x_k), ``loss`` f(x_k) = (1/m) Σ f_i,
@@ -25,6 +26,10 @@ D_k(η) and ``bound33_rhs`` = m·min{ηc1, c2‖∇f_k‖}‖∇f_k‖ (33), ``i
 heuristic), ``train_loss`` / ``train_norm`` / ``train_clipped_share`` (means over
 the epoch's steps, starting at x_k), ``lr``, ``wall_time`` (seconds since the
 process started training; the only column that differs after a resume).
+
+With ``optimizer_switch = "nt-asgd"`` two more columns follow: ``asgd_active``
+(1/0) and ``heldout_avg`` (the held-out metric at the averaged iterate x̄; see
+:func:`clipscope.methods.fit`).
 
 With ``smoothness_every = k > 0`` (:class:`clipscope.smoothness.SmoothnessProbe`)
 three more columns follow: ``hess_norm`` (Lanczos ‖∇²f(x_k)‖ at every k-th
@@ -677,6 +682,8 @@ def _train(cfg, out, resolved, resume, force, on_step, echo, log) -> int:
             checkpoint_every=cfg.checkpoint_every,
             keep_checkpoints=cfg.keep_checkpoints,
             smoothness=_smoothness_probe(cfg),
+            optimizer_switch=cfg.optimizer_switch,
+            nonmono=cfg.nonmono,
             on_step=on_step,
             log=log,
         )
