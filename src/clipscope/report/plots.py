@@ -40,6 +40,16 @@ def _empty_note(ax, text: str) -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="gray")
 
 
+def _finish(fig, ax, drawn: bool, empty: str, *, fontsize: int = 7, ncol: int = 2) -> plt.Figure:
+    """Legend when something was drawn, else a note saying what is missing; tight layout."""
+    if drawn:
+        ax.legend(fontsize=fontsize, ncol=ncol)
+    else:
+        _empty_note(ax, empty)
+    fig.tight_layout()
+    return fig
+
+
 def per_epoch(task: TaskRecord, field: str, ylabel: str, title: str) -> plt.Figure:
     """Plot ``field`` of ``epochs.csv`` against ``epoch``, one line per run.
 
@@ -62,12 +72,7 @@ def per_epoch(task: TaskRecord, field: str, ylabel: str, title: str) -> plt.Figu
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    if drawn:
-        ax.legend(fontsize=7, ncol=2)
-    else:
-        _empty_note(ax, f"no finite '{field}' values recorded")
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, drawn, f"no finite '{field}' values recorded", fontsize=7, ncol=2)
 
 
 def _last_stats(run: RunRecord) -> ComponentStats | None:
@@ -107,12 +112,7 @@ def cos_histogram(task: TaskRecord) -> plt.Figure:
     ax.set_xlabel("cos θ_ki (last probe)")
     ax.set_ylabel("density")
     ax.set_title("Angles of component gradients to the full gradient")
-    if drawn:
-        ax.legend(fontsize=7, ncol=2)
-    else:
-        _empty_note(ax, "no per-component arrays recorded")
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, drawn, "no per-component arrays recorded", fontsize=7, ncol=2)
 
 
 def eta_profile(task: TaskRecord) -> plt.Figure:
@@ -143,12 +143,7 @@ def eta_profile(task: TaskRecord) -> plt.Figure:
     ax.set_ylabel("ρ(η) = D(η) / (m‖∇f‖²)")
     ax.set_title("Descent ratio of the clipped sum (1 = unclipped)")
     ax.grid(alpha=0.3)
-    if drawn:
-        ax.legend(fontsize=7, ncol=2)
-    else:
-        _empty_note(ax, "no per-component arrays recorded")
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, drawn, "no per-component arrays recorded", fontsize=7, ncol=2)
 
 
 def noise_prediction(task: TaskRecord) -> plt.Figure:
@@ -279,12 +274,7 @@ def smoothness(task: TaskRecord) -> plt.Figure:
     ax.set_ylabel("‖∇²f(x_k)‖")
     ax.set_title(f"{task.name}: relaxed smoothness (A2) along the run")
     ax.grid(alpha=0.3)
-    if drawn:
-        ax.legend(fontsize=6)
-    else:
-        _empty_note(ax, "no finite smoothness values recorded")
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, drawn, "no finite smoothness values recorded", fontsize=6, ncol=1)
 
 
 def figure_png(fig: plt.Figure) -> bytes:
