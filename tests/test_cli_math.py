@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from clipscope import theory
 from clipscope.cli import main
+from clipscope.math import theory
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clipscope import example1, theory
+from clipscope import example1
+from clipscope.math import theory
 
 COEFS = (-2.0, -2.0, 10.0)  # gradients of f1 = f2 = -x^2, f3 = 5x^2
 

@@ -19,7 +19,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from clipscope.stats import ComponentStats, EtaProfile
+from clipscope.math.stats import ComponentStats, EtaProfile
 
 RTOL = 1e-10
 SETTINGS = settings(deadline=None, max_examples=60)

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clipscope import theory
+from clipscope.math import theory
 
 # One worked set of numbers; every expected value below is computed by hand.
 #   eta = 2, c1 = 0.5, c2 = 0.25, L0 = 3, L1 = 0.5, alpha = 0.1, gap = 4

@@ -48,7 +48,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 
-from clipscope.stats import check_eta
+from clipscope.math.stats import check_eta
 
 __all__ = ["check_eta", "clip", "clip_factor", "clip_grads_", "clip_rows", "grad_norm"]
 

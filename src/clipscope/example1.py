@@ -18,7 +18,7 @@ column, all drawn from one seeded :class:`numpy.random.Generator`. Since every
 clipped step moves x by at most αη, ``|x_T| ≤ |x_0| + 3Tαη``: a clipped run
 cannot overflow. With η = ∞ it can; overflowed runs read ``inf``/``nan``.
 
-The closed forms (:func:`clipscope.theory.expected_clipped_step`) say the
+The closed forms (:func:`clipscope.math.theory.expected_clipped_step`) say the
 expected step points away from 0 for ``|x| > η/4``; the simulations show the
 consequence: from ``x_0 = 1`` (η = 2) all three methods drift away, from
 ``|x_0| < 1/2`` with a small α they converge to 0.
@@ -33,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from clipscope import theory
-from clipscope.stats import check_eta
+from clipscope.math import theory
+from clipscope.math.stats import check_eta
 
 __all__ = ["METHODS", "Example1Run", "component_orders", "plot", "run_orders", "simulate"]
 
@@ -214,7 +214,7 @@ def plot(results: list[Example1Run], eta: float, path: str | Path, *, max_lines:
 
     One panel per starting point in ``results`` (``|x_k|`` against the epoch,
     up to ``max_lines`` runs per method drawn thin, the median thick), and a
-    last panel with ``E[C](x)`` (:func:`clipscope.theory.expected_clipped_step`)
+    last panel with ``E[C](x)`` (:func:`clipscope.math.theory.expected_clipped_step`)
     against x, the unclipped ``∇f(x) = 2x`` and the watershed ``|x| = η/4``.
     Values of ``|x_k|`` that are 0, above 1e100 or not finite are drawn as gaps.
     """

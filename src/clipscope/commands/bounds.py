@@ -7,7 +7,7 @@ import json
 import re
 from pathlib import Path
 
-from clipscope import theory
+from clipscope.math import theory
 
 _TERM_LABELS = {
     "sgd": {
@@ -35,7 +35,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "promises the inequality only when the step-size condition holds."
         ),
     )
-    parser.add_argument("--method", choices=("sgd", "igc"), required=True)
+    parser.add_argument("--method", choices=tuple(theory.THEOREMS), required=True)
     parser.add_argument("--L0", type=float, required=True, help="L0 of f (A2)")
     parser.add_argument("--L1", type=float, required=True, help="L1 of f (A2)")
     parser.add_argument(
@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     cond = bound.condition
-    name = "Theorem 3.1 (SGD-clip)" if args.method == "sgd" else "Theorem 3.2 (IGC-clip)"
+    name = theory.THEOREMS[args.method]
     print(f"{name}: T = {bound.T} ({bound.T + 1} points)")
     if "G" in extra:
         print(f"  G (43) = 5 max L0i + 16 η max L1i = {extra['G']:.6g}")

@@ -7,9 +7,9 @@ import json
 import math
 from pathlib import Path
 
-from clipscope import theory
 from clipscope.example1 import METHODS, plot, simulate
-from clipscope.stats import check_eta
+from clipscope.math import theory
+from clipscope.math.stats import check_eta
 
 PAPER = "1 + 2α/3"
 

@@ -39,6 +39,16 @@ Conventions for degenerate inputs (never a crash, never a silent 0/0):
   when there is none. ``c2`` is NaN when every norm is 0.
 * Cosines are clamped to ``[−1, 1]`` (rounding can step outside).
 * ``t_norm`` and the (36) radicand are clamped at 0 before the square root.
+
+Also here, because it is a function of the same three inputs: the gradient
+**noise scale** (:func:`noise_scale`, a heuristic) and the mean cosine it
+predicts at other batch sizes (:func:`predicted_cos`). This module is the only
+place that says what a statistic means; the engine returns ``n_i``, ``d_i``,
+``f_i``, ``‖∇f‖`` and sums, and the epochs.csv row, the ``clipscope probe`` table
+and the report all read the values below.
+
+Errors: bad input is a :class:`ValueError`; a NaN or infinite input is a
+:class:`~clipscope.errors.NonFiniteError` (a ``ValueError`` too).
 """
 
 from __future__ import annotations
@@ -49,7 +59,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ComponentStats", "EtaProfile", "check_eta"]
+from clipscope.errors import NonFiniteError
+
+__all__ = ["ComponentStats", "EtaProfile", "check_eta", "noise_scale", "predicted_cos"]
 
 # Relative tolerances for the consistency flags (inputs may come from float32 gradients).
 _CS_RTOL = 1e-6
@@ -149,14 +161,16 @@ def _validate(norms: Any, dots: Any, grad_norm: Any) -> tuple[np.ndarray, np.nda
         bad = ~np.isfinite(arr)
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            raise ValueError(f"{name}[{i}] = {arr[i]} is not finite")
+            raise NonFiniteError(f"{name}[{i}] = {arr[i]} is not finite")
     neg = n < 0
     if neg.any():
         i = int(np.flatnonzero(neg)[0])
         raise ValueError(f"norms[{i}] = {n[i]} is negative")
     gn = float(g.reshape(()))
-    if not (math.isfinite(gn) and gn >= 0):
-        raise ValueError(f"grad_norm must be finite and >= 0, got {gn}")
+    if not math.isfinite(gn):
+        raise NonFiniteError(f"grad_norm = {gn} is not finite")
+    if not gn >= 0:
+        raise ValueError(f"grad_norm must be >= 0, got {gn}")
     n.setflags(write=False)
     d.setflags(write=False)
     return n, d, gn
@@ -187,7 +201,9 @@ class ComponentStats:
     Raises
     ------
     ValueError
-        Lengths differ or are 0, not 1-D, non-finite entries, negative norms.
+        Lengths differ or are 0, not 1-D, negative norms.
+    NonFiniteError
+        A NaN or infinite entry (a ``ValueError`` subclass).
 
     Examples
     --------
@@ -333,6 +349,18 @@ class ComponentStats:
         return bool(self._defined.any() and self._cos[self._defined].sum() > 0)
 
     @property
+    def min_cos(self) -> float:
+        """Smallest defined cosine; NaN when none is defined."""
+        cos = self._cos[self._defined]
+        return float(cos.min()) if cos.size else math.nan
+
+    @property
+    def negative_cos_share(self) -> float:
+        """Share of the *defined* cosines that are negative; NaN when none is defined."""
+        cos = self._cos[self._defined]
+        return float(np.mean(cos < 0)) if cos.size else math.nan
+
+    @property
     def zhang_ratio(self) -> float:
         """(36): ``max_i ‖g_i − ∇f‖/n_i``, NaN entries skipped; NaN if all are NaN."""
         z = self._zhang[~np.isnan(self._zhang)]
@@ -430,8 +458,9 @@ class ComponentStats:
             "norm_mean": float(self._n.mean()),
             "c1": self._c1,
             "c2": self._c2,
-            "cos_min": float(cos.min()) if cos.size else math.nan,
+            "cos_min": self.min_cos,
             "n_negative_cos": int((cos < 0).sum()),
+            "negative_cos_share": self.negative_cos_share,
             "a3_holds": self.a3_holds,
             "b2_holds": self.b2_holds,
             "zhang_ratio": self.zhang_ratio,
@@ -603,3 +632,81 @@ class EtaProfile:
 
     def __repr__(self) -> str:
         return f"EtaProfile(m={self._m}, breakpoints={self._b.size})"
+
+
+# -- the gradient noise scale (a heuristic) --------------------------------------------
+
+
+def noise_scale(norms: Any, grad_norm: float, batch_size: int, n_samples: int) -> dict[str, Any]:
+    r"""Gradient noise scale from the component norms -- a **heuristic**.
+
+    With ``Σ_i g_i = m ∇f``, the mean squared deviation of the components is
+    ``S = (1/m) Σ_i ‖g_i − ∇f‖² = (1/m) Σ_i n_i² − ‖∇f‖²``. If each component
+    were a uniformly random B-subset of the N samples drawn without
+    replacement, ``E S = (tr Σ / B)·(N − B)/(N − 1)`` with ``tr Σ`` the
+    per-sample gradient variance, so
+
+    .. math:: \widehat{\operatorname{tr}Σ} = B\,S\,(N-1)/(N-B), \qquad
+              B_\text{noise} = \widehat{\operatorname{tr}Σ}/‖∇f‖^2 .
+
+    The predicted mean cosine between a batch gradient of size ``B'`` and ∇f is
+    ``(1 + B_noise/B')^{-1/2}`` (McCandlish et al.'s large-N form), or with the
+    finite-population correction ``(1 + B_noise (N−B')/(B'(N−1)))^{-1/2}``
+    (:func:`predicted_cos`). These treat ``‖g‖`` as concentrated and the
+    partition as random; corpus-order partitions, unequal batch sizes and heavy
+    tails all break them. They are reported next to the measured mean cosine,
+    not used by any theorem.
+
+    Parameters
+    ----------
+    norms : array_like, shape (m,)
+        ``n_i``.
+    grad_norm : float
+        ``‖∇f‖``.
+    batch_size, n_samples : int
+        Nominal component batch size B and the number of samples N.
+
+    Returns
+    -------
+    dict
+        ``heuristic`` (True), ``m``, ``batch_size``, ``n_samples``,
+        ``mean_sq_deviation`` (S), ``trace_sigma`` (NaN when ``N ≤ B``) and
+        ``B_noise`` (NaN when ``‖∇f‖ = 0``).
+
+    >>> out = noise_scale(np.array([3.0, 5.0]), 4.0, batch_size=2, n_samples=4)
+    >>> out["trace_sigma"], out["B_noise"]
+    (3.0, 0.1875)
+    """
+    norms = np.asarray(norms, dtype=np.float64)
+    m = len(norms)
+    g2 = float(grad_norm) ** 2
+    s = float(np.mean(norms**2)) - g2
+    s = max(s, 0.0)  # rounding can make it slightly negative when all g_i agree
+    if n_samples > batch_size:
+        trace = batch_size * s * (n_samples - 1) / (n_samples - batch_size)
+    else:
+        trace = math.nan  # m = 1: one component is the whole data, no spread to see
+    b_noise = trace / g2 if g2 > 0 else math.nan
+    return {
+        "heuristic": True,
+        "m": m,
+        "batch_size": int(batch_size),
+        "n_samples": int(n_samples),
+        "mean_sq_deviation": s,
+        "trace_sigma": trace,
+        "B_noise": b_noise,
+    }
+
+
+def predicted_cos(b_noise: float, batch_size: int, n_samples: int | None = None) -> float:
+    """Predicted mean cosine ``(1 + B_noise/B)^(-1/2)`` (with FPC when ``n_samples`` is given).
+
+    >>> round(predicted_cos(3.0, 1), 3), predicted_cos(3.0, 4, n_samples=4)
+    (0.5, 1.0)
+    """
+    if not math.isfinite(b_noise):
+        return math.nan
+    ratio = b_noise / batch_size
+    if n_samples is not None:
+        ratio *= (n_samples - batch_size) / (n_samples - 1) if n_samples > 1 else 0.0
+    return (1.0 + ratio) ** -0.5

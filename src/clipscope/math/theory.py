@@ -53,10 +53,11 @@ from typing import Any
 
 import numpy as np
 
-from clipscope.stats import check_eta  # torch-free; clipscope.clipping re-exports it
+from clipscope.math.stats import check_eta  # the one validator of η; clipping re-exports it
 
 __all__ = [
     "EXAMPLE1_COEFFICIENTS",
+    "THEOREMS",
     "ConvergenceBound",
     "StepCondition",
     "bound_lhs",
@@ -72,6 +73,9 @@ __all__ = [
     "sgd_step_condition",
     "sgd_step_limit",
 ]
+
+#: The methods a theorem of the paper covers, and the theorem.
+THEOREMS = {"sgd": "Theorem 3.1 (SGD-clip)", "igc": "Theorem 3.2 (IGC-clip)"}
 
 
 # ---------------------------------------------------------------------------
