@@ -22,11 +22,11 @@ from clipscope.engine import (
     component_losses,
     dropout_modules,
     model_guard,
-    noise_scale,
     probe,
     reference_probe,
     trainable_params,
 )
+from clipscope.math.stats import noise_scale
 
 
 def snapshot(model):

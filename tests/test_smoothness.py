@@ -14,18 +14,20 @@ from torch.func import functional_call
 from cases import TinyLM, lm_loss
 from clipscope.atomic import save_checkpoint
 from clipscope.components import Components, SequentialComponents, detach_state
-from clipscope.smoothness import (
+from clipscope.engine.hvp import full_gradient, hvp
+from clipscope.errors import NonFiniteError
+from clipscope.loop import Smoothness
+from clipscope.math.eigen import lanczos, power_iteration
+from clipscope.math.smoothness import (
     FIT_FLAGS,
-    component_hessian_norms,
     fit_components,
     fit_l0_l1,
-    full_gradient,
-    hessian_norm,
-    hvp,
-    lanczos,
-    power_iteration,
     trajectory_pairs,
     trajectory_smoothness,
+)
+from clipscope.smoothness import (
+    component_hessian_norms,
+    hessian_norm,
     trajectory_smoothness_from_states,
 )
 
@@ -580,7 +582,7 @@ def test_quantile_fit_tolerates_an_outlier_the_hull_does_not():
 
 @pytest.mark.parametrize("method", ["hull", "quantile"])
 def test_binary_search_path_agrees_with_exhaustive_evaluation(method, monkeypatch):
-    import clipscope.smoothness as sm
+    import clipscope.math.smoothness as sm
 
     rng = np.random.default_rng(0)
     for _ in range(5):
@@ -617,7 +619,7 @@ def test_float32_model_hvp_is_accumulated_in_float64_and_close_to_the_float64_an
     torch.testing.assert_close(hv, H @ v, rtol=1e-5, atol=1e-6)
 
 
-# -- SmoothnessProbe: the runner's schedule and measurement -------------------------
+# -- the Smoothness unit: the loop's schedule and measurement -----------------------
 @pytest.mark.parametrize(
     "kwargs,error",
     [
@@ -632,28 +634,20 @@ def test_float32_model_hvp_is_accumulated_in_float64_and_close_to_the_float64_an
     ids=str,
 )
 def test_smoothness_probe_rejects_bad_settings(kwargs, error):
-    from clipscope.smoothness import SmoothnessProbe
-
     with pytest.raises(error, match=next(iter(kwargs))):
-        SmoothnessProbe(**kwargs)
+        Smoothness(**kwargs)
 
 
 def test_smoothness_probe_schedule_counts_probes_and_keeps_the_last():
-    from clipscope.smoothness import SmoothnessProbe
-
-    probe = SmoothnessProbe(every=3)
+    probe = Smoothness(every=3)
     assert [p for p in range(8) if probe.due(p, last=p == 7)] == [0, 3, 6, 7]
 
 
 def test_smoothness_probe_measure_equals_the_solvers_and_touches_nothing():
-    from clipscope.smoothness import SmoothnessProbe
-
     model, comps, loss_fn = _mlp_case()()
     before = copy.deepcopy(model.state_dict())
     rng = torch.random.get_rng_state()
-    row, arrays = SmoothnessProbe(components=True, tol=1e-10, max_iter=60).measure(
-        model, loss_fn, comps
-    )
+    row, arrays = Smoothness(components=True, tol=1e-10, max_iter=60).measure(model, loss_fn, comps)
     full = hessian_norm(model, loss_fn, comps, tol=1e-10, max_iter=60)
     per = component_hessian_norms(model, loss_fn, comps, tol=1e-10, max_iter=60)
     assert row == {"hess_norm": full.hess_norm, "hess_converged": 1.0}
@@ -667,23 +661,22 @@ def test_smoothness_probe_measure_equals_the_solvers_and_touches_nothing():
 
 
 def test_fit_records_nan_for_a_nonfinite_hessian_and_raises_other_errors():
-    from clipscope.methods import fit
-    from clipscope.smoothness import SmoothnessProbe
+    from clipscope.loop import fit
 
-    class Failing(SmoothnessProbe):
+    class Failing(Smoothness):
         def measure(self, *args, **kwargs):
-            raise ValueError(self.message)
+            raise self.error
 
     model, comps, loss_fn = _mlp_case()()
     messages = []
     probe = Failing()
-    object.__setattr__(probe, "message", "the Hessian-vector product is not finite (NaN or inf)")
-    kw = {"lr": 0.1, "eta": 1.0, "epochs": 1, "progress": False, "smoothness": probe}
+    probe.error = NonFiniteError("the Hessian-vector product is not finite (NaN or inf)")
+    kw = {"lr": 0.1, "eta": 1.0, "epochs": 1, "progress": False, "units": [probe]}
     history = fit(model, loss_fn, comps, "igc", log=messages.append, **kw)
     assert history.status == "completed" and len(history.rows) == 2
     assert all(math.isnan(r["hess_norm"]) for r in history.rows)
     assert math.isfinite(history.rows[0]["traj_smoothness"])  # the secant needs no Hessian
     assert any("Hessian norm not measured at epoch 0" in m for m in messages)
-    object.__setattr__(probe, "message", "a bug")
+    probe.error = ValueError("a bug")
     with pytest.raises(ValueError, match="a bug"):
         fit(model, loss_fn, comps, "igc", **kw)

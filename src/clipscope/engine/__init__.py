@@ -9,6 +9,11 @@ Utilities shared with the runner and the smoothness code:
 
 The probe itself: :func:`probe` -> :class:`ProbeResult` (or :class:`MultiProbeResult`
 for several batch sizes), and its brute-force twin :func:`reference_probe`.
+Hessian-vector products and ∇f in one pass: :mod:`clipscope.engine.hvp`
+(:func:`hvp`, :func:`full_gradient`).
+
+The engine returns ``n_i``, ``d_i``, ``f_i``, ``‖∇f‖`` and sums; what they mean
+is :mod:`clipscope.math.stats`'s business (``result.stats``).
 """
 
 from clipscope.engine.guard import (
@@ -20,9 +25,10 @@ from clipscope.engine.guard import (
     model_guard,
     rng_for_component,
 )
+from clipscope.engine.hvp import full_gradient, hvp
 from clipscope.engine.losses import component_losses, param_names, trainable_params
 from clipscope.engine.probe import ROUTES, probe, reference_probe
-from clipscope.engine.result import MultiProbeResult, ProbeResult, noise_scale
+from clipscope.engine.result import MultiProbeResult, ProbeResult
 
 __all__ = [
     "DROPOUT_POLICIES",
@@ -34,8 +40,9 @@ __all__ = [
     "component_seed",
     "dropout_modules",
     "dropout_policy",
+    "full_gradient",
+    "hvp",
     "model_guard",
-    "noise_scale",
     "param_names",
     "probe",
     "reference_probe",

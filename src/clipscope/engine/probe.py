@@ -69,6 +69,8 @@ from clipscope.engine.guard import (
 )
 from clipscope.engine.losses import component_losses, param_names, trainable_params
 from clipscope.engine.result import MultiProbeResult, ProbeResult
+from clipscope.errors import NonFiniteError
+from clipscope.math.stats import check_eta
 
 __all__ = ["ROUTES", "probe", "reference_probe"]
 
@@ -79,22 +81,12 @@ _CHUNK_ROWS = 256  # rows of the kept matrix cast to float64 at a time
 
 # -- small helpers -------------------------------------------------------------
 def _check_etas(etas: Iterable[float]) -> list[float]:
-    try:
-        from clipscope.stats import check_eta
-    except ImportError:  # pragma: no cover - stats is written in parallel
-        check_eta = _check_eta_local
     out: list[float] = []
     for eta in etas:
         value = float(check_eta(eta))
         if value not in out:
             out.append(value)
     return out
-
-
-def _check_eta_local(eta: Any) -> float:  # pragma: no cover - fallback only
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta > 0:
-        raise ValueError(f"eta must be a number > 0 (inf for no clipping), got {eta!r}")
-    return float(eta)
 
 
 def _gammas(norms: np.ndarray, etas: Sequence[float]) -> np.ndarray:
@@ -121,7 +113,7 @@ class _Flat:
         self.device = params[0].device
 
     def grad(self, loss: torch.Tensor, i: int, retain_graph: bool = False) -> torch.Tensor:
-        """``g_i`` as one vector in the parameters' dtype; non-finite -> ValueError."""
+        """``g_i`` as one vector in the parameters' dtype; non-finite -> NonFiniteError."""
         grads = torch.autograd.grad(loss, self.params, allow_unused=True, retain_graph=retain_graph)
         flat = torch.cat(
             [
@@ -137,7 +129,7 @@ class _Flat:
                 for name, g in zip(self.names, grads, strict=True)
                 if g is not None and not bool(torch.isfinite(g).all())
             ]
-            raise ValueError(
+            raise NonFiniteError(
                 f"component {i}: non-finite gradient in parameter(s) {', '.join(bad)}; "
                 "nothing was changed"
             )
@@ -522,7 +514,9 @@ def _per_sample(model, loss_fn, components, flat, etas, dropout, seed, progress)
             losses[a:b] = ghost.losses.detach().double().cpu().numpy()
             chunk_sum = torch.cat([g.detach().reshape(-1).double() for g in ghost.grad_sum])
             if not bool(torch.isfinite(chunk_sum).all()) or not np.isfinite(sq_norms[a:b]).all():
-                raise ValueError(f"chunk {c}: non-finite per-sample gradient; nothing was changed")
+                raise NonFiniteError(
+                    f"chunk {c}: non-finite per-sample gradient; nothing was changed"
+                )
             sum_grad += chunk_sum
         full = sum_grad / n_samples
         norms = np.sqrt(sq_norms)

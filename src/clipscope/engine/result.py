@@ -1,7 +1,11 @@
-"""What a probe returns: :class:`ProbeResult`, :class:`MultiProbeResult`, the noise scale.
+"""What a probe returns: :class:`ProbeResult` and :class:`MultiProbeResult`.
 
-Everything here is numpy on the per-component scalars ``n_i``, ``d_i``,
-``‖∇f‖`` and the per-η clipped-sum scalars; nothing runs autograd.
+The engine measures; it does not say what a statistic means. A result holds
+``n_i``, ``d_i``, ``f_i``, ``‖∇f‖``, the sizes and the per-η clipped-sum
+scalars; every derived quantity (cosines, β, c1, c2, ρ(η), the noise scale, ...)
+is read through :attr:`ProbeResult.stats`, a :class:`clipscope.math.stats.ComponentStats`
+over the same three inputs, so ``clipscope probe``, ``epochs.csv`` and the report
+agree by construction. Nothing here runs autograd.
 """
 
 from __future__ import annotations
@@ -9,79 +13,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
 
-__all__ = ["MultiProbeResult", "ProbeResult", "noise_scale"]
+from clipscope.math.stats import ComponentStats, noise_scale, predicted_cos
 
-
-def noise_scale(
-    norms: np.ndarray, grad_norm: float, batch_size: int, n_samples: int
-) -> dict[str, Any]:
-    r"""Gradient noise scale from the component norms -- a **heuristic**.
-
-    With ``Σ_i g_i = m ∇f``, the mean squared deviation of the components is
-    ``S = (1/m) Σ_i ‖g_i − ∇f‖² = (1/m) Σ_i n_i² − ‖∇f‖²``. If each component
-    were a uniformly random B-subset of the N samples drawn without
-    replacement, ``E S = (tr Σ / B)·(N − B)/(N − 1)`` with ``tr Σ`` the
-    per-sample gradient variance, so
-
-    .. math:: \widehat{\operatorname{tr}Σ} = B\,S\,(N-1)/(N-B), \qquad
-              B_\text{noise} = \widehat{\operatorname{tr}Σ}/‖∇f‖^2 .
-
-    The predicted mean cosine between a batch gradient of size ``B'`` and ∇f is
-    ``(1 + B_noise/B')^{-1/2}`` (McCandlish et al.'s large-N form), or with the
-    finite-population correction ``(1 + B_noise (N−B')/(B'(N−1)))^{-1/2}``.
-    These treat ``‖g‖`` as concentrated and the partition as random; corpus-order
-    partitions, unequal batch sizes and heavy tails all break them. They are
-    reported next to the measured mean cosine, not used by any theorem.
-
-    >>> out = noise_scale(np.array([3.0, 5.0]), 4.0, batch_size=2, n_samples=4)
-    >>> out["trace_sigma"], out["B_noise"]
-    (3.0, 0.1875)
-    """
-    norms = np.asarray(norms, dtype=np.float64)
-    m = len(norms)
-    g2 = float(grad_norm) ** 2
-    s = float(np.mean(norms**2)) - g2
-    s = max(s, 0.0)  # rounding can make it slightly negative when all g_i agree
-    if n_samples > batch_size:
-        trace = batch_size * s * (n_samples - 1) / (n_samples - batch_size)
-    else:
-        trace = math.nan  # m = 1: one component is the whole data, no spread to see
-    b_noise = trace / g2 if g2 > 0 else math.nan
-    return {
-        "heuristic": True,
-        "m": m,
-        "batch_size": int(batch_size),
-        "n_samples": int(n_samples),
-        "mean_sq_deviation": s,
-        "trace_sigma": trace,
-        "B_noise": b_noise,
-    }
-
-
-def predicted_cos(b_noise: float, batch_size: int, n_samples: int | None = None) -> float:
-    """Predicted mean cosine ``(1 + B_noise/B)^(-1/2)`` (with FPC when ``n_samples`` is given).
-
-    >>> round(predicted_cos(3.0, 1), 3), predicted_cos(3.0, 4, n_samples=4)
-    (0.5, 1.0)
-    """
-    if not math.isfinite(b_noise):
-        return math.nan
-    ratio = b_noise / batch_size
-    if n_samples is not None:
-        ratio *= (n_samples - batch_size) / (n_samples - 1) if n_samples > 1 else 0.0
-    return (1.0 + ratio) ** -0.5
-
-
-def _stats(norms: np.ndarray, dots: np.ndarray, grad_norm: float) -> Any:
-    try:
-        from clipscope.stats import ComponentStats
-    except ImportError:  # pragma: no cover - the stats module is written in parallel
-        return None
-    return ComponentStats(norms, dots, grad_norm)
+__all__ = ["MultiProbeResult", "ProbeResult"]
 
 
 @dataclass
@@ -104,12 +43,14 @@ class ProbeResult:
         Nominal batch size B of the components (1 for per-sample).
     sizes : numpy.ndarray
         Samples per component.
-    noise : dict
-        :func:`noise_scale` plus the predicted and measured mean cosine.
     full_grad : list of torch.Tensor or None
         ∇f as float64 tensors shaped like the parameters (``keep_full_grad=True``).
     info : dict
         Provenance: dropout policy, seed, components record, pass-2 mismatch, ...
+
+    Derived, read-only: :attr:`stats` (every statistic of DESIGN §2),
+    :attr:`noise` (the noise-scale heuristic), and :attr:`cos` / :attr:`beta`
+    (shortcuts into ``stats``).
     """
 
     norms: np.ndarray
@@ -120,10 +61,8 @@ class ProbeResult:
     route: str
     batch_size: int
     sizes: np.ndarray
-    noise: dict[str, Any] = field(default_factory=dict)
     full_grad: list | None = None
     info: dict[str, Any] = field(default_factory=dict)
-    stats: Any = None
 
     def __post_init__(self) -> None:
         self.norms = np.asarray(self.norms, dtype=np.float64)
@@ -131,15 +70,36 @@ class ProbeResult:
         self.losses = np.asarray(self.losses, dtype=np.float64)
         self.sizes = np.asarray(self.sizes, dtype=np.int64)
         self.grad_norm = float(self.grad_norm)
-        if self.stats is None:
-            self.stats = _stats(self.norms, self.dots, self.grad_norm)
-        n_samples = int(self.info.get("n_samples", self.sizes.sum()))
-        if not self.noise:
-            self.noise = noise_scale(self.norms, self.grad_norm, self.batch_size, n_samples)
-        b = self.noise.get("B_noise", math.nan)
-        self.noise["predicted_cos"] = predicted_cos(b, self.batch_size)
-        self.noise["predicted_cos_fpc"] = predicted_cos(b, self.batch_size, n_samples)
-        self.noise["measured_mean_cos"] = _nanmean(self.cos)
+
+    @cached_property
+    def stats(self) -> ComponentStats:
+        """Every statistic of DESIGN §2 here (:class:`~clipscope.math.stats.ComponentStats`).
+
+        Raises :class:`~clipscope.errors.NonFiniteError` when a norm or a dot is
+        NaN/inf (the engine refuses those before it returns, so only a result
+        built by hand can).
+        """
+        return ComponentStats(self.norms, self.dots, self.grad_norm)
+
+    @property
+    def n_samples(self) -> int:
+        """Samples over all components (``info["n_samples"]``, else the sum of ``sizes``)."""
+        return int(self.info.get("n_samples", self.sizes.sum()))
+
+    @cached_property
+    def noise(self) -> dict[str, Any]:
+        """The noise-scale heuristic (:func:`clipscope.math.stats.noise_scale`).
+
+        Plus ``predicted_cos`` / ``predicted_cos_fpc`` at this batch size
+        (:func:`~clipscope.math.stats.predicted_cos`) and the ``measured_mean_cos``
+        (= ``stats.c1``, the mean of the defined cosines).
+        """
+        out = noise_scale(self.norms, self.grad_norm, self.batch_size, self.n_samples)
+        b = out["B_noise"]
+        out["predicted_cos"] = predicted_cos(b, self.batch_size)
+        out["predicted_cos_fpc"] = predicted_cos(b, self.batch_size, self.n_samples)
+        out["measured_mean_cos"] = self.stats.c1
+        return out
 
     @property
     def m(self) -> int:
@@ -153,16 +113,13 @@ class ProbeResult:
 
     @property
     def cos(self) -> np.ndarray:
-        """``cos θ_i = d_i / (n_i ‖∇f‖)``; NaN where a norm is 0."""
-        denom = self.norms * self.grad_norm
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(denom > 0, self.dots / np.where(denom > 0, denom, 1.0), np.nan)
+        """``cos θ_i`` (``stats.cos``): in ``[−1, 1]``, NaN where a norm is 0."""
+        return self.stats.cos
 
     @property
     def beta(self) -> np.ndarray:
-        """``β_i = d_i / ‖∇f‖²`` (19); ``Σ β_i = m`` (20)."""
-        g2 = self.grad_norm**2
-        return self.dots / g2 if g2 > 0 else np.full_like(self.dots, np.nan)
+        """``β_i = d_i / ‖∇f‖²`` (19, ``stats.beta``); ``Σ β_i = m`` (20)."""
+        return self.stats.beta
 
     def table(self) -> list[dict[str, Any]]:
         """One row per component: index, size, loss, norm, dot, cos, beta (for CSV)."""
@@ -181,8 +138,8 @@ class ProbeResult:
         ]
 
     def summary(self) -> dict[str, Any]:
-        """Small JSON-safe summary (no per-component arrays)."""
-        cos = self.cos
+        """Small JSON-safe summary (no per-component arrays); statistics from :attr:`stats`."""
+        stats = self.stats
         out: dict[str, Any] = {
             "route": self.route,
             "batch_size": self.batch_size,
@@ -191,19 +148,17 @@ class ProbeResult:
             "grad_norm": self.grad_norm,
             "norm_min": float(self.norms.min()),
             "norm_max": float(self.norms.max()),
-            "cos_min": _nanmin(cos),
-            "cos_mean": _nanmean(cos),
-            "frac_negative_cos": float(np.mean(cos < 0)),
-            "sum_beta": float(np.sum(self.beta)),
+            "cos_min": stats.min_cos,
+            "cos_mean": stats.c1,
+            "frac_negative_cos": stats.negative_cos_share,
+            "sum_beta": float(np.sum(stats.beta)),
             "clipped": {
                 _eta_key(eta): {"norm": n, "cos": c} for eta, (n, c) in self.clipped.items()
             },
             "noise": {k: _json_float(v) for k, v in self.noise.items()},
+            "c1": stats.c1,
+            "c2": stats.c2,
         }
-        for key in ("c1", "c2"):
-            value = getattr(self.stats, key, None)
-            if value is not None:
-                out[key] = _json_float(float(value))
         return {k: _json_float(v) for k, v in out.items()}
 
     def to_dict(self) -> dict[str, Any]:
@@ -277,13 +232,3 @@ def _json_float(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
     return v
-
-
-def _nanmean(a: np.ndarray) -> float:
-    ok = ~np.isnan(a)
-    return float(np.mean(a[ok])) if ok.any() else math.nan
-
-
-def _nanmin(a: np.ndarray) -> float:
-    ok = ~np.isnan(a)
-    return float(np.min(a[ok])) if ok.any() else math.nan
