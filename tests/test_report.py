@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from clipscope.report import build_report
-from clipscope.report.records import load_run
+from clipscope.run.directory import load_run
 
 COLUMNS = ["epoch", "loss", "grad_norm", "c1", "c2", "b_noise"]
 
@@ -25,7 +25,9 @@ def write_run(path: Path, *, epochs: int, eta: float, batch: int, seed: int, nan
     rng = np.random.default_rng(seed)
     (path / "components").mkdir(parents=True)
     eta_text = "inf" if math.isinf(eta) else repr(eta)
-    (path / "config.toml").write_text(f'method = "igc"\neta = {eta_text}\nbatch_size = {batch}\n')
+    (path / "config.toml").write_text(
+        f'method = "igc"\neta = {eta_text}\nbatch_size = {batch}\nlr = 0.01\n'
+    )
     with open(path / "epochs.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(COLUMNS)

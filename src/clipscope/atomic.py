@@ -14,8 +14,11 @@ Checkpoints (:func:`save_checkpoint`) are a ``torch.save`` payload plus a sideca
 ``NAME.sha256`` holding the payload's SHA-256 digest, written after the payload.
 :func:`load_checkpoint` refuses a payload whose digest does not match (truncated,
 corrupt) or has no sidecar (the writer died between the two files), raising
-:class:`CorruptCheckpointError` naming the file; :func:`latest_checkpoint` walks
-back to the newest valid one and reports the ones it skipped.
+:class:`~clipscope.errors.CorruptCheckpointError` naming the file, and one that
+``torch.load(weights_only=True)`` cannot unpickle safely (a foreign or malicious
+pickle), raising :class:`~clipscope.errors.UnloadableCheckpointError`; it never
+falls back to full unpickling. :func:`latest_checkpoint` walks back to the newest
+loadable one and reports the ones it skipped, each with its own reason.
 
 >>> import tempfile, pathlib
 >>> d = pathlib.Path(tempfile.mkdtemp())
@@ -36,9 +39,12 @@ from typing import Any
 
 import torch
 
+from clipscope.errors import CorruptCheckpointError, UnloadableCheckpointError
+
 __all__ = [
     "TMP_SUFFIX",
     "CorruptCheckpointError",
+    "UnloadableCheckpointError",
     "atomic_write_bytes",
     "atomic_write_text",
     "checkpoint_path",
@@ -53,10 +59,6 @@ __all__ = [
 
 TMP_SUFFIX = ".tmp"
 _CKPT = re.compile(r"^ckpt_(\d{10})\.pt$")
-
-
-class CorruptCheckpointError(ValueError):
-    """A checkpoint whose checksum is missing or does not match its bytes."""
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -154,6 +156,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     CorruptCheckpointError
         When the sidecar is missing or unreadable, or the digest does not match
         (the message names the file).
+    UnloadableCheckpointError
+        When the bytes pass the checksum but ``torch.load(weights_only=True)``
+        refuses them (objects other than tensors and plain containers, or not a
+        torch file); the message names the file.
     """
     path = Path(path)
     sidecar = path.with_name(path.name + ".sha256")
@@ -170,7 +176,14 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             f"checkpoint {path} is corrupt or truncated: sha256 {actual[:12]}… "
             f"!= recorded {expected[:12]}… ({len(data)} bytes)"
         )
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle.UnpicklingError, RuntimeError, EOFError, ...
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UnloadableCheckpointError(
+            f"checkpoint {path} could not be loaded safely (torch.load with weights_only=True "
+            f"refused it: {first}); it was not unpickled"
+        ) from exc
 
 
 def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
@@ -184,22 +197,20 @@ def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
 def latest_checkpoint(
     directory: str | os.PathLike, warn: Callable[[str], None] | None = None
 ) -> tuple[Path, dict[str, Any]] | None:
-    """Return ``(path, state)`` of the newest checkpoint that passes its checksum, or None.
+    """Return ``(path, state)`` of the newest checkpoint that loads, or None.
 
-    Each newer checkpoint that fails is reported through ``warn`` (a message
-    naming it) and skipped; the run never silently starts afresh when a
-    checkpoint exists but none is valid -- the caller sees ``None`` only after
-    the warnings, and :func:`list_checkpoints` tells it that some existed.
+    Each newer checkpoint that fails (checksum, or unsafe to unpickle) is
+    reported through ``warn`` (a message naming it and its reason) and skipped;
+    the run never silently starts afresh when a checkpoint exists but none is
+    valid -- the caller sees ``None`` only after the warnings, and
+    :func:`list_checkpoints` tells it that some existed.
     """
     for path in reversed(list_checkpoints(directory)):
         try:
             return path, load_checkpoint(path)
-        except CorruptCheckpointError as exc:
+        except (CorruptCheckpointError, UnloadableCheckpointError) as exc:
             if warn is not None:
                 warn(f"{exc}; falling back to the previous checkpoint")
-        except Exception as exc:  # unreadable payload with a matching digest: still report
-            if warn is not None:
-                warn(f"checkpoint {path} could not be loaded ({exc}); falling back")
     return None
 
 

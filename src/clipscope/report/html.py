@@ -1,8 +1,8 @@
 """The self-contained HTML report: figures embedded as base64 PNG, one table per task.
 
-Built only from stored records (:mod:`clipscope.report.records`); the per-epoch
+Built only from stored records (:mod:`clipscope.run.directory`); the per-epoch
 checks (A3, A4, bound (33), ρ at the run's η) are re-derived from the stored
-per-component ``(n_i, d_i, ‖∇f‖)`` with :class:`clipscope.stats.ComponentStats`,
+per-component ``(n_i, d_i, ‖∇f‖)`` with :class:`clipscope.math.stats.ComponentStats`,
 which is pure arithmetic on those numbers.
 """
 
@@ -19,9 +19,11 @@ import numpy as np
 
 from clipscope import __version__
 from clipscope.atomic import atomic_write_bytes
+from clipscope.math.stats import ComponentStats
 from clipscope.report import plots
-from clipscope.report.records import RunRecord, TaskRecord, load_study
-from clipscope.stats import ComponentStats
+from clipscope.report.theorem import ESTIMATES, check_theorem
+from clipscope.run.directory import RunRecord
+from clipscope.run.study import TaskRecord, load_study
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
@@ -172,8 +174,6 @@ def _opt(value: float | None) -> float:
 
 def _theory_rows(res: dict) -> list[tuple[str, str]]:
     """(quantity, value) rows of one run's theory check."""
-    from clipscope.theory_check import ESTIMATES
-
     fit = res.get("fit") or {}
     rows = [
         ("theorem", html.escape(res.get("theorem") or "none for this method")),
@@ -264,16 +264,14 @@ def theory_section(task: TaskRecord) -> str:
 def render_theory(entry: dict, run: RunRecord) -> str:
     """HTML theory check of one run from its recorded values only (never computes gradients).
 
-    :func:`clipscope.theory_check.theory_check` with ``measure=False``; an empty
+    :func:`clipscope.report.theorem.check_theorem` without a ``measure``; an empty
     string for a run without recorded smoothness values (see :func:`theory_section`).
     """
-    from clipscope.theory_check import theory_check
-
     method = entry.get("method") or run.method
     batch = entry.get("batch_size") or run.batch_size
     label = html.escape(f"{method.upper()} B={batch}")
     try:
-        res = theory_check(run.path, measure=False)
+        res = check_theorem(run)
     except (FileNotFoundError, ValueError) as exc:
         return (
             f'<p class="note">Theory check of {label}: not possible ({html.escape(str(exc))}).</p>'

@@ -16,10 +16,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from clipscope.report.records import RunRecord, TaskRecord, finite
-from clipscope.stats import ComponentStats
+from clipscope.math.smoothness import fit_components, fit_l0_l1
+from clipscope.math.stats import ComponentStats
+from clipscope.run.directory import RunRecord
+from clipscope.run.study import TaskRecord
 
 _STYLES = {"igc": "-", "rr": "-.", "sgd": "--", "shuffle_once": ":"}
+
+
+def finite(values) -> np.ndarray:
+    """Return the finite entries of ``values`` as a float64 array."""
+    array = np.asarray(list(values), dtype=np.float64)
+    return array[np.isfinite(array)]
 
 
 def _run_style(task: TaskRecord, entry: dict, run: RunRecord) -> dict:
@@ -192,7 +200,6 @@ def has_smoothness(task: TaskRecord) -> bool:
 
 
 def _fit_line(ax, x: np.ndarray, y: np.ndarray, color, style: str, label: str) -> bool:
-    from clipscope.smoothness import fit_l0_l1  # pure arithmetic on the stored pairs
 
     fit = fit_l0_l1(np.abs(x), np.abs(y))
     if not fit.ok:
@@ -230,8 +237,6 @@ def smoothness(task: TaskRecord) -> plt.Figure:
     stored pairs (arithmetic only; nothing is differentiated). NaN pairs are
     skipped.
     """
-    from clipscope.smoothness import fit_components
-
     fig, ax = plt.subplots(figsize=(6, 3.6))
     drawn = False
     for entry, run in task.runs:

@@ -1,0 +1,449 @@
+"""The run directory: one module writes it and reads it back.
+
+Layout (every file written atomically, :mod:`clipscope.atomic`)::
+
+    config.toml                 the resolved config (``clipscope train`` runs)
+    env.json                    versions, device, seed, threads, determinism flags,
+                                components, gradient conventions (:mod:`clipscope.run.env`)
+    epochs.csv                  one row per probe (:data:`COLUMNS`, then more, below)
+    components/epoch_XXXX.npz   per-component arrays at x_k: norms, dots, losses,
+                                grad_norm, sizes (+ hess_norms, hess_converged)
+    checkpoints/ckpt_N.pt       the loop's whole state (model, optimizer, schedule,
+                                order, RNG, position, rows, every unit's state)
+                                + ckpt_N.pt.sha256 (N counts checkpoints; the newest
+                                ``keep`` kept)
+    summary.json                status (completed / interrupted / nonfinite),
+                                position, last row, component draw counts, message
+    train.log                   what was printed (``clipscope train``)
+    averaged_model.pt           NT-ASGD only: state dict with the averaged iterate x̄
+
+``epochs.csv`` columns: :data:`COLUMNS`, then ``rho@η`` for each extra η
+(:func:`eta_column`), then the columns of optional units in the order they ran
+(``hess_norm``, ``hess_converged``, ``traj_smoothness`` of
+:class:`clipscope.loop.Smoothness`; ``asgd_active``, ``heldout_avg`` of
+:class:`clipscope.loop.NTASGD`). What each column means: ``docs/training.md``.
+
+Consistency under ``kill -9``: the rows live in the checkpoint; ``epochs.csv`` is
+rewritten from them right *after* each checkpoint (:meth:`RunDirectory.save`),
+and on resume from the checkpoint that is loaded (:meth:`RunDirectory.restore_rows`:
+rows the crashed process wrote after it are dropped, the ``.npz`` files of
+dropped epochs deleted), so the file never holds a row that a resumed run will
+write again.
+
+The reader (:func:`load_run`, :class:`RunRecord`) is what the report and the
+theorem check use: it never imports torch models or the engine, turns empty or
+non-numeric cells into NaN, and reads run directories written by earlier
+versions of clipscope unchanged.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+try:  # Python 3.11+
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+from clipscope.atomic import (
+    atomic_write_bytes,
+    atomic_write_text,
+    checkpoint_path,
+    clean_tmp,
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from clipscope.errors import ConfigError, CorruptCheckpointError, UnloadableCheckpointError
+from clipscope.run.env import environment_changes
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "COLUMNS",
+    "RunDirectory",
+    "RunRecord",
+    "eta_column",
+    "load_run",
+    "read_rows",
+]
+
+#: The standard columns of ``epochs.csv``, in order (``docs/training.md`` says what each means).
+COLUMNS = (
+    "epoch",
+    "step",
+    "loss",
+    "heldout",
+    "grad_norm",
+    "c1",
+    "c2",
+    "min_cos",
+    "neg_cos_share",
+    "a3_holds",
+    "rho",
+    "clipped_fraction",
+    "bound33_lhs",
+    "bound33_rhs",
+    "igc_drift",
+    "drift_bound",
+    "b_noise",
+    "train_loss",
+    "train_norm",
+    "train_clipped_share",
+    "lr",
+    "wall_time",
+)
+
+#: ``format`` of the checkpoints written now. Checkpoints without it were written
+#: before the loop's units existed; :func:`clipscope.loop.state.upgrade_checkpoint`
+#: reads them.
+CHECKPOINT_FORMAT = 2
+
+_EPOCH_FILE = re.compile(r"epoch_(\d+)\.npz$")
+
+
+def eta_column(eta: float) -> str:
+    """Column name of ρ at threshold η: ``rho@0.1``, ``rho@inf``.
+
+    >>> eta_column(0.1), eta_column(float("inf")), eta_column(2.0)
+    ('rho@0.1', 'rho@inf', 'rho@2')
+    """
+    return "rho@inf" if math.isinf(eta) else f"rho@{eta:g}"
+
+
+# -- writing ---------------------------------------------------------------------------
+
+
+def _csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
+    names = list(COLUMNS)
+    for row in rows:
+        names += [k for k in row if k not in names and not k.startswith("_")]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(names)
+    for row in rows:
+        writer.writerow([_cell(row.get(name, math.nan)) for name in names])
+    return buffer.getvalue()
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def _diff(stored: Mapping[str, Any], current: Mapping[str, Any], keys: Iterable[str]) -> list[str]:
+    return [
+        f"{k}: {stored.get(k)!r} -> {current.get(k)!r}"
+        for k in sorted(keys)
+        if stored.get(k) != current.get(k)
+    ]
+
+
+def _legacy_setting(setting: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
+    """Return the setting of a checkpoint older than :data:`CHECKPOINT_FORMAT` in today's keys.
+
+    Those stored the training keys only (``smoothness`` as one table); their run's
+    ``config.toml``, when there is one, holds the rest.
+    """
+    out = {k: v for k, v in config.items() if k != "progress"}
+    for key, value in setting.items():
+        if key == "smoothness" and isinstance(value, Mapping):
+            out.update({f"smoothness_{k}": v for k, v in value.items()})
+        else:
+            out[key] = value
+    return out
+
+
+class RunDirectory:
+    """The files of one run: created and checked by :meth:`open`, then written piece by piece.
+
+    Parameters
+    ----------
+    path : str or Path
+        The directory.
+    setting : mapping, optional
+        What a resume must match (every entry; ``m`` is added by the loop). The
+        loop uses its own settings when this is None; ``clipscope train`` passes
+        the whole resolved config.
+    files : mapping of str to str, optional
+        Text files written right after the directory is opened and checked
+        (``clipscope train``: ``{"config.toml": ...}``).
+    log : callable, optional
+        ``log(text)`` for messages (resumes, skipped checkpoints, forced overrides).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        setting: Mapping[str, Any] | None = None,
+        files: Mapping[str, str] | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.checkpoints = self.path / "checkpoints"
+        self.components = self.path / "components"
+        self.setting = None if setting is None else dict(setting)
+        self.files = dict(files or {})
+        self.log = log or (lambda text: None)
+
+    def open(
+        self, *, resume: bool, force: bool = False, setting: Mapping[str, Any]
+    ) -> dict[str, Any] | None:
+        """Check the directory, create it, and on resume return the newest loadable checkpoint.
+
+        Checks come first; nothing is written until they pass. Refused
+        (:class:`FileExistsError`): ``path`` is a file; ``path`` holds files and
+        ``resume`` is False. On resume: checkpoints exist but none loads
+        (:class:`~clipscope.errors.CorruptCheckpointError` when every one fails
+        its checksum, else :class:`~clipscope.errors.UnloadableCheckpointError`;
+        each reason is listed, never a silent fresh start); the checkpoint's
+        setting differs from ``setting`` (:class:`~clipscope.errors.ConfigError`
+        listing ``key: old -> new``) unless ``force`` (then logged). A resume
+        on other torch/CUDA/numpy/Python versions is logged as a warning. Then
+        the folders are created, stray temporary files removed, newer
+        unloadable checkpoints renamed ``*.corrupt``, and :attr:`files` written.
+        """
+        if self.path.exists() and not self.path.is_dir():
+            raise FileExistsError(f"{self.path} is a file, not a run directory; choose another")
+        if self.path.is_dir() and any(self.path.iterdir()) and not resume:
+            raise FileExistsError(
+                f"{self.path} exists and is not empty; use --resume to continue the run in it, "
+                "or choose another output directory"
+            )
+        found, failures = None, []
+        for path in reversed(list_checkpoints(self.checkpoints) if resume else []):
+            try:
+                state = load_checkpoint(path)
+                if not isinstance(state, dict) or "model" not in state or "loop" not in state:
+                    raise UnloadableCheckpointError(
+                        f"checkpoint {path} is not a clipscope checkpoint"
+                    )
+            except (CorruptCheckpointError, UnloadableCheckpointError) as exc:
+                failures.append(exc)
+                continue
+            found = (path, state)
+            break
+        if found is None and failures:
+            kind = (
+                CorruptCheckpointError
+                if all(isinstance(e, CorruptCheckpointError) for e in failures)
+                else UnloadableCheckpointError
+            )
+            reasons = "; ".join(str(e) for e in failures)
+            raise kind(f"no checkpoint in {self.checkpoints} can be resumed: {reasons}")
+        if found is not None:
+            self._check_setting(found[1], setting, force)
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        self.components.mkdir(parents=True, exist_ok=True)
+        for item in clean_tmp(self.path):
+            self.log(f"removed stray temporary file {item}")
+        for exc in failures:
+            self.log(f"{exc}; falling back to the previous checkpoint")
+        if found is not None:
+            for newer in list_checkpoints(self.checkpoints):
+                if newer.name > found[0].name:  # failed to load: keep it aside, out of the way
+                    newer.rename(newer.with_name(newer.name + ".corrupt"))
+                    self.log(f"moved unloadable checkpoint aside: {newer.name}.corrupt")
+            self.log(f"resuming from {found[0]}")
+            for text in environment_changes(self.path / "env.json"):
+                self.log(f"warning: {text}")
+        elif resume:
+            self.log(f"--resume: no checkpoint in {self.path} yet; starting from the beginning")
+        for name, text in self.files.items():
+            atomic_write_text(self.path / name, text)
+        return None if found is None else found[1]
+
+    def _check_setting(self, state: Mapping[str, Any], current: Mapping[str, Any], force: bool):
+        stored = state.get("setting") or {}
+        if "format" in state:
+            keys = set(stored) | set(current)
+        else:  # written before CHECKPOINT_FORMAT: compare what it recorded
+            config = {}
+            if (self.path / "config.toml").is_file():
+                config = tomllib.loads((self.path / "config.toml").read_text())
+            stored = _legacy_setting(stored, config)
+            keys = set(stored)
+        diff = _diff(stored, current, keys)
+        if not diff:
+            return
+        shown = "\n  ".join(diff)
+        if not force:
+            raise ConfigError(
+                f"--resume with other settings than the run in {self.path} was started with:\n"
+                f"  {shown}\n(use --force to resume anyway)"
+            )
+        self.log(f"--force: resuming {self.path} with changed settings:\n  {shown}")
+
+    def save(
+        self, payload: Mapping[str, Any], *, seq: int, rows: Sequence[Mapping], keep: int = 3
+    ) -> None:
+        """Checkpoint number ``seq``, then rewrite ``epochs.csv`` from ``rows``, then prune.
+
+        Checkpoints are numbered by a counter the caller keeps in its state, so a
+        new one never overwrites an existing file (a failed write cannot damage
+        the previous checkpoint).
+        """
+        save_checkpoint(checkpoint_path(self.checkpoints, seq), dict(payload))
+        self.write_rows(rows)
+        prune_checkpoints(self.checkpoints, keep)
+
+    def write_rows(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Write ``epochs.csv`` atomically from ``rows`` (keys starting with ``_`` are left out)."""
+        atomic_write_text(self.path / "epochs.csv", _csv_text(rows))
+
+    def restore_rows(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """After loading a checkpoint: rows back to its content, later component files removed."""
+        self.write_rows(rows)
+        kept = {int(r["epoch"]) for r in rows}
+        for item in self.components.glob("epoch_*.npz"):
+            if int(item.stem.split("_")[1]) not in kept:
+                item.unlink()
+
+    def write_components(self, epoch: int, arrays: Mapping[str, Any]) -> None:
+        """``components/epoch_XXXX.npz`` from ``arrays`` (one entry per name, in order)."""
+        buffer = io.BytesIO()
+        np.savez(buffer, **dict(arrays))
+        atomic_write_bytes(self.components / f"epoch_{epoch:04d}.npz", buffer.getvalue())
+
+    def write_text(self, name: str, text: str) -> None:
+        """Write ``name`` in the directory atomically."""
+        atomic_write_text(self.path / name, text)
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Write ``name`` in the directory atomically."""
+        atomic_write_bytes(self.path / name, data)
+
+    def finish(self, summary: Mapping[str, Any]) -> None:
+        """Write ``summary.json`` (status, epoch, step, rows, last_row, counts, message)."""
+        self.write_text("summary.json", json.dumps(dict(summary), indent=2, default=str) + "\n")
+
+
+# -- reading ---------------------------------------------------------------------------
+
+
+def _to_float(text: str) -> float:
+    lowered = text.strip().lower()
+    if lowered in {"true", "false"}:
+        return 1.0 if lowered == "true" else 0.0
+    try:
+        return float(lowered)
+    except ValueError:
+        return math.nan
+
+
+def read_rows(path: str | Path) -> dict[str, np.ndarray]:
+    """Read a CSV of numbers (``epochs.csv``) into ``{column: float64 array}``.
+
+    Booleans become 1/0; empty or non-numeric cells become NaN, so a record with
+    gaps still plots (with gaps).
+    """
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows:
+        return {}
+    return {key: np.array([_to_float(r.get(key) or "") for r in rows]) for key in rows[0]}
+
+
+@dataclass
+class RunRecord:
+    """Everything a figure or the theorem check may read about one run, loaded from disk."""
+
+    path: Path
+    config: dict
+    rows: dict[str, np.ndarray]
+    component_files: dict[int, Path] = field(default_factory=dict)
+
+    def column(self, name: str) -> np.ndarray:
+        """Return a column, or NaNs of the right length when the record lacks it."""
+        if name in self.rows:
+            return self.rows[name]
+        return np.full(self.n_rows, math.nan)
+
+    @property
+    def n_rows(self) -> int:
+        """Number of stored probe rows."""
+        return len(next(iter(self.rows.values()))) if self.rows else 0
+
+    def setting(self, *keys: str, default=None):
+        """Look a value up in the resolved config, trying ``keys`` in order (dotted paths)."""
+        for key in keys:
+            node = self.config
+            for part in key.split("."):
+                if not isinstance(node, dict) or part not in node:
+                    node = None
+                    break
+                node = node[part]
+            if node is not None:
+                return node
+        return default
+
+    @property
+    def eta(self) -> float:
+        """The run's clipping threshold (``inf`` for an unclipped run)."""
+        value = self.setting("eta", "method.eta", "train.eta", default=math.inf)
+        return float(value)
+
+    @property
+    def lr(self) -> float:
+        """The run's step size α (NaN when not recorded)."""
+        return float(self.setting("lr", default=math.nan))
+
+    @property
+    def batch_size(self) -> int | None:
+        """The run's component batch size, if recorded."""
+        value = self.setting("batch_size", "data.batch_size", "components.batch_size")
+        return int(value) if value is not None else None
+
+    @property
+    def method(self) -> str:
+        """The run's method name (``igc``, ``sgd``, ...)."""
+        return str(self.setting("method", "train.method", "method.name", default="?"))
+
+    def components(self, epoch: int | None = None) -> dict[str, np.ndarray] | None:
+        """Per-component arrays of one epoch (the last stored one by default), or None."""
+        if not self.component_files:
+            return None
+        key = max(self.component_files) if epoch is None else epoch
+        path = self.component_files.get(key)
+        if path is None:
+            return None
+        with np.load(path) as data:
+            return {name: np.asarray(data[name]) for name in data.files}
+
+
+def load_run(path: str | Path) -> RunRecord:
+    """Load a run directory's stored records (config, rows, component arrays).
+
+    Raises
+    ------
+    FileNotFoundError
+        When ``path`` has no ``epochs.csv``.
+    """
+    path = Path(path)
+    rows_path = path / "epochs.csv"
+    if not rows_path.is_file():
+        raise FileNotFoundError(f"{path} is not a clipscope run directory (no epochs.csv)")
+    config: dict = {}
+    if (path / "config.toml").is_file():
+        with open(path / "config.toml", "rb") as handle:
+            config = tomllib.load(handle)
+    files: dict[int, Path] = {}
+    comp_dir = path / "components"
+    if comp_dir.is_dir():
+        for item in comp_dir.iterdir():
+            match = _EPOCH_FILE.search(item.name)
+            if match:
+                files[int(match.group(1))] = item
+    return RunRecord(path=path, config=config, rows=read_rows(rows_path), component_files=files)

@@ -1,0 +1,74 @@
+"""A study folder: run directories named by ``study.json``, plus cross-sections.
+
+Written by ``clipscope reproduce`` (:func:`write_study`), read by the report
+(:func:`load_study`)::
+
+    study.json                  {"tasks": {name: {"description", "notes", "runs": [...],
+                                                  "cross_section": "cross_section/NAME.json"}}}
+    runs/TASK/METHOD-BB/        ordinary run directories (:mod:`clipscope.run.directory`)
+    configs/TASK/METHOD-BB.toml the config of each run
+    cross_section/TASK.json     the batch-size cross-section at one point
+
+Each run entry is ``{"method", "batch_size", "dir", "config"}`` (relative
+paths), plus ``"exit_code"`` when the run stopped early.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from clipscope.atomic import atomic_write_text
+from clipscope.run.directory import RunRecord, load_run
+
+__all__ = ["STUDY_FILE", "TaskRecord", "load_study", "write_study"]
+
+STUDY_FILE = "study.json"
+
+
+def write_study(path: str | Path, study: dict[str, Any]) -> None:
+    """Write ``path/study.json`` atomically."""
+    atomic_write_text(Path(path) / STUDY_FILE, json.dumps(study, indent=2) + "\n")
+
+
+@dataclass
+class TaskRecord:
+    """The runs of one task in a study, and its cross-section over batch sizes."""
+
+    name: str
+    runs: list[tuple[dict, RunRecord]]
+    cross_section: dict | None = None
+    notes: dict = field(default_factory=dict)
+
+
+def load_study(path: str | Path) -> list[TaskRecord]:
+    """Load a study directory (``study.json``) or a single run directory as one task.
+
+    Raises
+    ------
+    FileNotFoundError
+        When ``path`` does not exist or is neither a study nor a run directory.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such directory: {path}")
+    study_file = path / STUDY_FILE
+    if not study_file.is_file():
+        run = load_run(path)
+        entry = {"method": run.method, "batch_size": run.batch_size, "dir": "."}
+        return [TaskRecord(name=path.name, runs=[(entry, run)])]
+    with open(study_file) as handle:
+        study = json.load(handle)
+    tasks = []
+    for name, task in study.get("tasks", {}).items():
+        runs = [(entry, load_run(path / entry["dir"])) for entry in task.get("runs", [])]
+        cross = None
+        if task.get("cross_section") and (path / task["cross_section"]).is_file():
+            with open(path / task["cross_section"]) as handle:
+                cross = json.load(handle)
+        tasks.append(
+            TaskRecord(name=name, runs=runs, cross_section=cross, notes=task.get("notes", {}))
+        )
+    return tasks
