@@ -6,7 +6,7 @@ import pytest
 
 from clipscope.config import load_config
 from clipscope.reproduce import TASKS, plan
-from clipscope.runner import build_task
+from clipscope.tasks import build_task
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.toml"))
 

@@ -19,7 +19,7 @@ import pytest
 from clipscope.cli import main as cli_main
 from clipscope.config import load_config
 from clipscope.engine import reference_probe
-from clipscope.runner import build_task
+from clipscope.tasks import build_task
 
 REPO = Path(__file__).resolve().parents[1]
 LS_CONFIG = REPO / "configs" / "least_squares_igc.toml"

@@ -11,12 +11,14 @@ JSON summary). The point is one of:
 * a checkpoint of a run (``--checkpoint RUN/checkpoints/ckpt_N.pt``): the model
   weights saved there, with the task of ``--config`` or, when that is not given,
   of the run's own ``RUN/config.toml``;
-* a tiny built-in task (``--task``), synthetic so the command runs in seconds
-  anywhere:
+* a tiny built-in task (``--task``, :func:`clipscope.tasks.builtin_task`),
+  synthetic so the command runs in seconds anywhere: ``mlp`` (Gaussian-blob
+  classification, a 2-layer tanh MLP) or ``lstm`` (random tokens, an LSTM
+  language model with a tied decoder, the state carried between windows).
 
-* ``mlp``: Gaussian-blob classification, a 2-layer tanh MLP, cross-entropy;
-* ``lstm``: random tokens, an embedding/LSTM language model with a tied decoder,
-  sequential components with the state carried between windows.
+A checkpoint is loaded only after its checksum passes and only with
+``torch.load(weights_only=True)``: anything else is refused with a message
+(exit 2), never unpickled.
 """
 
 from __future__ import annotations
@@ -29,56 +31,13 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
-from torch.nn import functional as F
 
 from clipscope.atomic import atomic_write_text, load_checkpoint
-from clipscope.components import Components, SequentialComponents
-from clipscope.engine import ROUTES, MultiProbeResult, probe
+from clipscope.engine import DROPOUT_POLICIES, ROUTES, MultiProbeResult, probe
+from clipscope.tasks import BUILTIN_TASKS, builtin_task
 
-TASKS = ("mlp", "lstm")
 COLUMNS = ("batch_size", "component", "size", "loss", "norm", "dot", "cos", "beta")
-
-
-class _TiedLM(nn.Module):
-    def __init__(self, vocab: int, dim: int) -> None:
-        super().__init__()
-        self.encoder = nn.Embedding(vocab, dim)
-        self.rnn = nn.LSTM(dim, dim)
-        self.decoder = nn.Linear(dim, vocab)
-        self.decoder.weight = self.encoder.weight
-
-    def forward(self, inp: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
-        out, state = self.rnn(self.encoder(inp), state)
-        return self.decoder(out), state
-
-
-def _lm_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(output.reshape(-1, output.shape[-1]), target.reshape(-1))
-
-
-def synthetic_task(
-    name: str, n_samples: int, batch_size: int, seed: int, bptt: int = 8
-) -> tuple[nn.Module, Any, Any]:
-    """Return ``(model, loss_fn, components)`` of a tiny built-in task (float32, CPU)."""
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    if name == "mlp":
-        classes, dim = 4, 8
-        centers = 2.0 * torch.randn(classes, dim, generator=gen)
-        Y = torch.randint(0, classes, (n_samples,), generator=gen)
-        X = centers[Y] + torch.randn(n_samples, dim, generator=gen)
-        model = nn.Sequential(nn.Linear(dim, 16), nn.Tanh(), nn.Linear(16, classes))
-        comps = Components.from_tensors(X, Y, batch_size=batch_size, seed=seed)
-        return model, F.cross_entropy, comps
-    if name == "lstm":
-        vocab = 20
-        tokens = torch.randint(0, vocab, (n_samples,), generator=gen)
-        model = _TiedLM(vocab, 16)
-        comps = SequentialComponents.from_tokens(tokens, batch_size=batch_size, bptt=bptt)
-        return model, _lm_loss, comps
-    raise ValueError(f"task must be one of {TASKS}, got {name!r}")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -102,7 +61,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "config.toml)",
     )
     parser.add_argument(
-        "--task", choices=TASKS, default=None, help="built-in task (default mlp; not with --config)"
+        "--task",
+        choices=BUILTIN_TASKS,
+        default=None,
+        help="built-in task (default mlp; not with --config)",
     )
     parser.add_argument("--samples", type=int, default=None, help="built-in: samples (default 512)")
     parser.add_argument(
@@ -129,7 +91,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="clipping threshold (repeat; default the config's eta and etas)",
     )
     parser.add_argument(
-        "--dropout", choices=("off", "fixed"), default=None, help="default off or the config's"
+        "--dropout", choices=DROPOUT_POLICIES, default=None, help="default off or the config's"
     )
     parser.add_argument("--out", default="probe.csv", help="CSV path for the per-component table")
     parser.add_argument("--force", action="store_true", help="overwrite --out if it exists")
@@ -165,7 +127,7 @@ def load_task(args: argparse.Namespace) -> tuple[nn.Module, Any, Any, dict[str, 
     if config is None:
         task = args.task or "mlp"
         seed = 0 if args.seed is None else args.seed
-        model, loss_fn, comps = synthetic_task(
+        model, loss_fn, comps, _ = builtin_task(
             task,
             512 if args.samples is None else args.samples,
             16 if args.batch_size is None else args.batch_size,
@@ -190,10 +152,11 @@ def load_task(args: argparse.Namespace) -> tuple[nn.Module, Any, Any, dict[str, 
             f"{', '.join(given)} apply to built-in tasks only; set batch_size / n_samples / "
             f"bptt in the config {config}"
         )
-    from clipscope.config import load_config
-    from clipscope.runner import build_task
+    from clipscope.config import check_resources, load_config
+    from clipscope.tasks import build_task
 
     cfg = load_config(config)
+    check_resources(cfg)
     etas = args.eta if args.eta else [*cfg.etas, cfg.eta]
     state = None
     if checkpoint is not None:  # checksum and contents checked before the task is built

@@ -31,7 +31,7 @@ from clipscope.data.embedded import (
     load_embedded_text,
 )
 from clipscope.data.ptb import PTB_SPLITS, load_ptb
-from clipscope.data.splits import DATASETS, Splits, load_splits
+from clipscope.data.splits import DATASETS, FILE_DATASETS, Splits, load_splits
 from clipscope.data.text import EOS, UNK, Corpus, Vocabulary, tokenize_file
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "CIFAR10_STD",
     "DATASETS",
     "EOS",
+    "FILE_DATASETS",
     "PTB_SPLITS",
     "UNK",
     "Cifar10Transform",

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 DATASETS = ("digits", "text", "cifar10", "ptb")
+#: The datasets read from files in ``data_dir`` (the others ship with the installed packages).
+FILE_DATASETS = ("cifar10", "ptb")
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,7 @@ def load_splits(name: str, data_dir: str | Path | None = None) -> Splits:
 
         corpus = load_embedded_text()
         return Splits(corpus["train"], corpus["valid"], corpus.describe(), len(corpus.vocab))
-    if name in ("cifar10", "ptb") and not data_dir:
+    if name in FILE_DATASETS and not data_dir:
         raise ValueError(f"dataset {name!r} reads files: set data_dir (or --data-dir)")
     if name == "cifar10":
         from clipscope.data.cifar10 import Cifar10Transform, load_cifar10, normalize

@@ -13,6 +13,7 @@ with ``inp`` a ``(T, B)`` int64 tensor, ``logits`` of shape ``(T, B, V)`` and
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -54,6 +55,16 @@ def _awd_lstm(vocab: int | None = None, **kwargs: Any) -> AWDLSTM:
     return AWDLSTM(**kwargs)
 
 
+# what _awd_lstm takes: vocab, then AWDLSTM's own keywords (for build_model's check)
+_awd_lstm.__signature__ = inspect.Signature(
+    [inspect.Parameter("vocab", inspect.Parameter.KEYWORD_ONLY, default=None)]
+    + [
+        p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+        for k, p in inspect.signature(AWDLSTM.__init__).parameters.items()
+        if k != "self"
+    ]
+)
+
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "resnet18-cifar": resnet18_cifar,
     "awd-lstm": _awd_lstm,
@@ -70,8 +81,28 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
     Names: ``"resnet18-cifar"``, ``"awd-lstm"``, ``"small-cnn"``,
     ``"small-lstm-lm"`` (needs ``vocab=``), ``"mlp"``; ``"awd-lstm"`` takes
     ``vocab=`` as another name for ``AWDLSTM(ntoken=...)``. Unknown names raise
-    ``ValueError`` listing the valid ones.
+    ``ValueError`` listing the valid ones; keyword arguments the constructor does
+    not take raise ``ValueError`` naming them and the ones it takes (checked
+    against its signature before anything is built).
+
+    >>> build_model("mlp", bogus=3)
+    Traceback (most recent call last):
+    ...
+    ValueError: model 'mlp' does not take bogus=3; it takes: in_features, hidden, out_features
     """
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; valid choices: {', '.join(MODEL_NAMES)}")
-    return _REGISTRY[name](**kwargs)
+    factory = _REGISTRY[name]
+    params = _parameters(factory)
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        unknown = [k for k in kwargs if k not in params]
+        if unknown:
+            given = ", ".join(f"{k}={kwargs[k]!r}" for k in unknown)
+            raise ValueError(f"model {name!r} does not take {given}; it takes: {', '.join(params)}")
+    return factory(**kwargs)
+
+
+def _parameters(factory: Callable[..., nn.Module]) -> dict[str, inspect.Parameter]:
+    """Return the parameters of a model factory (a class: its ``__init__`` without ``self``)."""
+    signature = inspect.signature(factory)  # a class: its __init__ without self
+    return dict(signature.parameters)
