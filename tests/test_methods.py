@@ -14,14 +14,9 @@ from torch import nn
 
 from clipscope.clipping import grad_norm
 from clipscope.components import Components, SequentialComponents
-from clipscope.methods import (
-    METHODS,
-    NonFiniteError,
-    clipped_step,
-    fit,
-    make_order,
-    nt_asgd_switch,
-)
+from clipscope.errors import NonFiniteError
+from clipscope.loop import fit, nt_asgd_switch
+from clipscope.methods import METHODS, clipped_step, make_order
 
 
 @pytest.fixture(autouse=True)

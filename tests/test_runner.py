@@ -27,7 +27,8 @@ except ModuleNotFoundError:  # pragma: no cover
 from clipscope import atomic
 from clipscope.atomic import latest_checkpoint, list_checkpoints, load_checkpoint
 from clipscope.config import TrainConfig, config_diff, dump_config, load_config, parse_config
-from clipscope.runner import COLUMNS, train
+from clipscope.run.directory import COLUMNS
+from clipscope.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS, M = 4, 8
@@ -127,7 +128,7 @@ def golden(tmp_path_factory):
 SCRIPT = textwrap.dedent(
     """
     import os, signal, sys
-    from clipscope.runner import train
+    from clipscope.train import train
 
     config, out, at, sig = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 
@@ -249,7 +250,7 @@ def test_run_directory_contents(golden):
     assert summary["status"] == "completed" and summary["step"] == TOTAL_STEPS
     assert sum(summary["counts"]) == TOTAL_STEPS
     # the report module reads the same records
-    from clipscope.report.records import load_run
+    from clipscope.run.directory import load_run
 
     record = load_run(run)
     assert record.eta == 1.0 and record.method == "igc" and record.batch_size == 8
@@ -344,7 +345,8 @@ def test_sigkill_at_random_step_then_resume_is_bitwise_equal(golden, killed, tmp
     assert_same_run(gold, run)
     if method == "nt-asgd":  # the case is meaningful: averaging ran across the kill
         _, state = latest_checkpoint(killed_run / "checkpoints")
-        assert state["loop"]["avg_n"] > 0 and not (killed_run / "averaged_model.pt").exists()
+        averaged = state["units"]["nt_asgd"]["count"]
+        assert averaged > 0 and not (killed_run / "averaged_model.pt").exists()
         assert [r["asgd_active"] for r in read_rows(gold)] == ["0.0", "0.0", "0.0", "1.0", "1.0"]
 
 
@@ -513,7 +515,7 @@ def lm_config(**extra) -> TrainConfig:
 def test_lm_heldout_is_perplexity_of_the_batchified_heldout_stream():
     """exp(token-mean CE) over the held-out stream in B columns, eval mode, state carried."""
     from clipscope.data import load_splits
-    from clipscope.runner import build_task
+    from clipscope.tasks import build_task
 
     cfg = lm_config(ar_alpha=2.0, tar_beta=1.0)  # AR/TAR are not part of the perplexity
     model, _, _, heldout = build_task(cfg)
@@ -545,7 +547,7 @@ def test_ar_tar_are_part_of_every_component_loss(tmp_path):
     from clipscope.engine import trainable_params
     from clipscope.methods import clipped_step, make_optimizer
     from clipscope.models import awd_lstm_loss
-    from clipscope.runner import build_task
+    from clipscope.tasks import build_task
 
     cfg = lm_config(ar_alpha=2.0, tar_beta=1.0)
     path = tmp_path / "lm.toml"

@@ -9,12 +9,13 @@ import sys
 import pytest
 import torch
 
-from clipscope import theory
 from clipscope.cli import main as cli_main
 from clipscope.commands.theory import check_run
 from clipscope.config import load_config
-from clipscope.report.records import read_rows
-from clipscope.runner import build_task, train
+from clipscope.math import theory
+from clipscope.run.directory import read_rows
+from clipscope.tasks import build_task
+from clipscope.train import train
 
 CONFIG = """
 task = "least_squares"
@@ -126,7 +127,7 @@ SMOOTH_STEPS = 3 * 4  # epochs × m
 
 KILL_SCRIPT = """
 import os, signal, sys
-from clipscope.runner import train
+from clipscope.train import train
 
 config, out, at = sys.argv[1], sys.argv[2], int(sys.argv[3])
 
@@ -263,7 +264,7 @@ def test_sigkill_then_resume_with_smoothness_is_bitwise_equal(smooth_runs, tmp_p
     )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     state = load_checkpoint(list_checkpoints(run / "checkpoints")[-1])
-    assert state["loop"]["traj_prev"] is not None  # the previous probe travels in the checkpoint
+    assert state["units"]["smoothness"]["previous"] is not None  # the previous probe travels
     assert train(cfg, run, resume=True, echo=_quiet) == 0
     a, b = _final_model(gold), _final_model(run)
     assert all(torch.equal(a[k], b[k]) for k in a)

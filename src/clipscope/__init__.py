@@ -20,13 +20,14 @@ _EXPORTS: dict[str, str] = {
     "clip": "clipscope.clipping",
     "clip_rows": "clipscope.clipping",
     "clip_grads_": "clipscope.clipping",
-    "ComponentStats": "clipscope.stats",
-    "EtaProfile": "clipscope.stats",
+    "ComponentStats": "clipscope.math.stats",
+    "EtaProfile": "clipscope.math.stats",
     "Components": "clipscope.components",
     "SequentialComponents": "clipscope.components",
     "probe": "clipscope.engine",
     "ProbeResult": "clipscope.engine",
-    "fit": "clipscope.methods",
+    "fit": "clipscope.loop",
+    "FitConfig": "clipscope.config",
 }
 
 __all__ = sorted([*_EXPORTS, "theory", "__version__"])
@@ -34,7 +35,7 @@ __all__ = sorted([*_EXPORTS, "theory", "__version__"])
 
 def __getattr__(name: str) -> Any:
     if name == "theory":
-        return importlib.import_module("clipscope.theory")
+        return importlib.import_module("clipscope.math.theory")
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'clipscope' has no attribute {name!r}")

@@ -1,7 +1,8 @@
 """``clipscope theory RUN_DIR [--json]``: check a run against Theorem 3.1 / 3.2.
 
-The core is :func:`clipscope.theory_check.theory_check` (its docstring lists
-every quantity). In short, from a run directory written by ``clipscope train``:
+The core is :func:`clipscope.theory_check.theory_check` (the quantities are
+listed in :mod:`clipscope.report.theorem`). In short, from a run directory
+written by ``clipscope train``:
 c1, c2 (minimum over the probe rows); L0, L1 (A2) fitted to the run's recorded
 ``hess_norm`` column when present (``smoothness_every > 0``), else to its
 recorded ``traj_smoothness`` secants, else to Lanczos Hessian norms measured now
@@ -21,7 +22,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from clipscope.theory_check import THEOREMS
+from clipscope.math.smoothness import FIT_METHODS
+from clipscope.math.theory import THEOREMS
 
 __all__ = ["THEOREMS", "add_parser", "check_run", "run"]
 
@@ -40,9 +42,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("run_dir", help="a run directory written by 'clipscope train'")
     parser.add_argument("--json", action="store_true", help="print the full result as JSON")
-    parser.add_argument(
-        "--fit", choices=("hull", "quantile"), default="hull", help="the (L0, L1) fit"
-    )
+    parser.add_argument("--fit", choices=FIT_METHODS, default="hull", help="the (L0, L1) fit")
     parser.add_argument(
         "--tol", type=float, default=1e-6, help="relative tolerance of the Lanczos solves"
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from clipscope.runner import train
+from clipscope.train import train
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -1,0 +1,46 @@
+"""The training loop and its measurement units (DESIGN §6).
+
+:func:`fit` trains with a clipped incremental method and drives the units;
+a unit (:class:`Unit`) declares what it needs (:class:`Needs`), runs at the
+points, updates and interval ends of the loop's clock, and keeps its own
+``state_dict``. The same units are meant to be driven from a user's own loop.
+"""
+
+from clipscope.loop.duties import NTASGD, Checkpointing, OnStep, nt_asgd_switch
+from clipscope.loop.fit import Loop, check_batch_coupling, fit, fit_loop, standard_units
+from clipscope.loop.measures import (
+    HeldOutMetric,
+    IGCDrift,
+    ProbeStatistics,
+    Smoothness,
+    StepStatistics,
+)
+from clipscope.loop.state import History, LoopState, upgrade_checkpoint
+from clipscope.loop.units import Finish, IntervalEnd, Needs, Point, Step, Unit, Units
+
+__all__ = [
+    "NTASGD",
+    "Checkpointing",
+    "Finish",
+    "HeldOutMetric",
+    "History",
+    "IGCDrift",
+    "IntervalEnd",
+    "Loop",
+    "LoopState",
+    "Needs",
+    "OnStep",
+    "Point",
+    "ProbeStatistics",
+    "Smoothness",
+    "Step",
+    "StepStatistics",
+    "Unit",
+    "Units",
+    "check_batch_coupling",
+    "fit",
+    "fit_loop",
+    "nt_asgd_switch",
+    "standard_units",
+    "upgrade_checkpoint",
+]

@@ -1,0 +1,288 @@
+r"""Units that act rather than measure: NT-ASGD averaging, checkpointing, a per-step callback.
+
+* :class:`NTASGD` -- Merity et al.'s non-monotonically triggered averaging: a
+  trigger on the held-out metric at each point, a float64 running mean of the
+  iterates after it, ``asgd_active`` / ``heldout_avg`` columns, the averaged
+  model at the end;
+* :class:`Checkpointing` -- persists the loop into a
+  :class:`~clipscope.run.directory.RunDirectory`: opens (or resumes) it, writes
+  the component file of every probed point, a checkpoint after every point,
+  every ``every`` updates, at every interval's end and on a signal, and
+  ``summary.json`` (plus files other units hand it) at the end;
+* :class:`OnStep` -- calls ``on_step(step, i, norm)`` after every update.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from clipscope.config import check_setting
+from clipscope.engine import model_guard
+from clipscope.engine.conventions import gradient_conventions
+from clipscope.loop.units import Finish, IntervalEnd, Point, Step, Unit
+from clipscope.run.directory import RunDirectory
+from clipscope.run.env import environment
+
+__all__ = ["NTASGD", "Checkpointing", "OnStep", "nt_asgd_switch"]
+
+
+def nt_asgd_switch(previous: Sequence[float], current: float, nonmono: int) -> bool:
+    """Return whether NT-ASGD (Merity et al., 2018, Alg. 1) switches to averaging now.
+
+    ``previous`` are the held-out metrics (lower is better) of the earlier
+    checks, ``current`` this one's. The reference's rule
+    (``salesforce/awd-lstm-lm``, ``main.py``): switch when more than
+    ``nonmono`` earlier values exist and ``current > min(previous[:-nonmono])``,
+    i.e. the metric is worse than the best one of the checks more than
+    ``nonmono`` ago. A NaN ``current`` never triggers.
+
+    >>> nt_asgd_switch([5.0, 4.0, 3.0], 3.5, nonmono=2)  # best before the last 2 is 5.0
+    False
+    >>> nt_asgd_switch([5.0, 4.0, 3.0], 5.5, nonmono=2)
+    True
+    >>> nt_asgd_switch([5.0, 4.0], 9.0, nonmono=2)  # too few checks yet
+    False
+    """
+    nonmono = check_setting("nonmono", nonmono)
+    if len(previous) <= nonmono:
+        return False
+    return bool(current > min(previous[:-nonmono]))
+
+
+class NTASGD(Unit):
+    r"""Non-monotonically triggered averaging of the iterates (Merity et al., 2018).
+
+    At each point x_k with k ≥ 1 that is not the last (the end of interval
+    k−1) it evaluates the held-out metric at x_k -- the row's ``heldout`` when
+    the point was probed (:class:`~clipscope.loop.measures.HeldOutMetric` runs
+    first), else ``heldout(model)`` under ``model_guard`` -- and, once
+    :func:`nt_asgd_switch` fires, keeps after every later update the running
+    mean ``x̄ ← x̄ + (x − x̄)/n`` in **float64** (torch's ``ASGD`` with ``t0`` at
+    the switch and ``λ = 0``). Training and probes stay at the iterates x_k;
+    probed rows get ``asgd_active`` (1/0: averaging during the interval that
+    starts at x_k) and ``heldout_avg`` (the metric at x̄; NaN before one
+    averaged update). A completed run hands ``averaged_model.pt`` (the model's
+    state dict with x̄ in the parameters' dtype) to the persisting unit.
+
+    State: the metric history, the switch's epoch, x̄ and its count.
+
+    Parameters
+    ----------
+    heldout : callable
+        ``heldout(model) -> float``, lower is better.
+    nonmono : int
+        The trigger's window (>= 1).
+    """
+
+    name = "nt_asgd"
+
+    def __init__(self, heldout: Callable[[nn.Module], float], nonmono: int = 5) -> None:
+        if not callable(heldout):
+            raise ValueError("optimizer_switch='nt-asgd' needs a heldout metric to trigger on")
+        self.heldout = heldout
+        self.nonmono = check_setting("nonmono", nonmono)
+        self.history: list[float] = []
+        self.switch_epoch: int | None = None
+        self.average: list[torch.Tensor] | None = None
+        self.count = 0
+
+    def _metric(self, model: nn.Module) -> float:
+        with model_guard(model), torch.no_grad():
+            return float(self.heldout(model))
+
+    def at_point(self, point: Point) -> None:
+        """Trigger check at x_k; ``asgd_active`` and ``heldout_avg`` into a probed row."""
+        if self.average is None and point.epoch >= 1 and not point.last:
+            row = point.row
+            metric = row["heldout"] if row is not None else self._metric(point.model)
+            if nt_asgd_switch(self.history, metric, self.nonmono):
+                with torch.no_grad():
+                    self.average = [p.detach().to(torch.float64).clone() for p in point.params]
+                self.count, self.switch_epoch = 0, point.epoch
+                point.log(
+                    f"NT-ASGD: held-out {metric:.6g} at epoch {point.epoch}; "
+                    "averaging the iterates from now on"
+                )
+            self.history.append(metric)
+        if point.row is None:
+            return
+        point.row["asgd_active"] = float(self.average is not None)
+        point.row["heldout_avg"] = float("nan")
+        if self.average is not None and self.count > 0:
+            with model_guard(point.model), torch.no_grad():
+                for p, a in zip(point.params, self.average, strict=True):
+                    p.copy_(a.to(p.dtype))
+                point.row["heldout_avg"] = float(self.heldout(point.model))
+
+    def after_update(self, step: Step) -> None:
+        """``x̄ ← x̄ + (x − x̄)/n`` in float64, once averaging is on."""
+        if self.average is None:
+            return
+        self.count += 1
+        n = self.count
+        with torch.no_grad():
+            for a, p in zip(self.average, step.params, strict=True):
+                a.add_((p.detach().to(torch.float64) - a) / n)
+
+    def finish(self, end: Finish) -> None:
+        """On completion: hand over ``averaged_model.pt`` (or say it never triggered)."""
+        if end.status != "completed":
+            return
+        if self.average is None or self.count == 0:
+            end.log("NT-ASGD: never triggered; no averaged model written")
+            return
+        by_id = {id(p): a for p, a in zip(end.params, self.average, strict=True)}
+        state = {}
+        for name, value in end.model.state_dict(keep_vars=True).items():  # tied weights: both
+            average = by_id.get(id(value))
+            state[name] = (value if average is None else average.to(value.dtype)).detach().clone()
+        end.files["averaged_model.pt"] = state
+        end.log(f"NT-ASGD: averaged model of {self.count} iterates in averaged_model.pt")
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"history", "switch_epoch", "average", "count"}``."""
+        return {
+            "history": self.history,
+            "switch_epoch": self.switch_epoch,
+            "average": self.average,
+            "count": self.count,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`."""
+        self.history = list(state.get("history", []))
+        self.switch_epoch = state.get("switch_epoch")
+        self.average = state.get("average")
+        self.count = state.get("count", 0)
+
+
+class OnStep(Unit):
+    """Call ``on_step(step_number, component, grad_norm)`` after every update (fault injection)."""
+
+    name = "on_step"
+
+    def __init__(self, on_step: Callable[[int, int, float], None]) -> None:
+        self.on_step = on_step
+
+    def after_update(self, step: Step) -> None:
+        """Call the function."""
+        self.on_step(step.number, step.component, step.grad_norm)
+
+
+class Checkpointing(Unit):
+    r"""Persist the loop into a run directory, so that a ``kill -9`` loses nothing.
+
+    * :meth:`start`: open the directory (:meth:`RunDirectory.open`: refusals,
+      the resume check against the loop's ``setting``), restore the newest
+      loadable checkpoint into the loop (``loop.load_state_dict``), rewrite
+      ``epochs.csv`` from it, and write ``env.json`` (versions, the components,
+      the gradient conventions) unless a resumed run has one;
+    * at every point: the component file of a probed point, then a checkpoint;
+    * after an update: a checkpoint every ``every`` updates (not at an
+      interval's last one, which gets its own) and when a signal arrived;
+    * at every interval's end: a checkpoint (the loop has moved to x_{k+1});
+    * at the end: the files other units handed over (``torch.save``), then
+      ``summary.json``.
+
+    Each checkpoint is ``loop.state_dict()`` (the model, optimizer, schedule,
+    order, RNG, position, rows and every unit's state), numbered by this unit's
+    counter (its state) so none is overwritten; ``epochs.csv`` is rewritten from
+    its rows right after it; the newest ``keep`` are kept.
+
+    Parameters
+    ----------
+    directory : RunDirectory
+        Where (not opened yet).
+    every : int
+        Also checkpoint every this many updates (0: only at points, interval
+        ends and signals).
+    keep : int
+        Newest checkpoints kept.
+    resume, force : bool
+        Continue the run in ``directory``; accept changed settings (logged).
+    """
+
+    name = "checkpointing"
+
+    def __init__(
+        self,
+        directory: RunDirectory,
+        *,
+        every: int = 0,
+        keep: int = 3,
+        resume: bool = False,
+        force: bool = False,
+    ) -> None:
+        self.directory = directory
+        self.every = check_setting("checkpoint_every", every)
+        self.keep = check_setting("keep_checkpoints", keep)
+        self.resume, self.force = bool(resume), bool(force)
+        self.seq = 0
+        self._loop: Any = None
+
+    def start(self, loop: Any) -> None:
+        """Open the directory; on resume restore the loop from its newest checkpoint."""
+        self._loop = loop
+        payload = self.directory.open(resume=self.resume, force=self.force, setting=loop.setting)
+        if payload is not None:
+            loop.load_state_dict(payload)
+            self.directory.restore_rows(loop.state.rows)
+            st = loop.state
+            loop.log(f"resumed at epoch {st.epoch}, step {st.step} of {self.directory.path}")
+        env_file = self.directory.path / "env.json"
+        if not (payload is not None and env_file.is_file()):
+            param = loop.params[0]
+            env = environment(
+                device=str(param.device),
+                dtype=str(param.dtype).removeprefix("torch."),
+                seed=loop.config.seed,
+            )
+            env["components"] = loop.components.describe()
+            env["conventions"] = gradient_conventions(
+                loop.model, loop.components, loop.config.dropout
+            )
+            self.directory.write_text("env.json", json.dumps(env, indent=2, default=str) + "\n")
+
+    def save(self) -> None:
+        """Write checkpoint number ``seq + 1`` of the loop, then ``epochs.csv``."""
+        self.seq += 1
+        state = self._loop.state
+        self.directory.save(self._loop.state_dict(), seq=self.seq, rows=state.rows, keep=self.keep)
+
+    def at_point(self, point: Point) -> None:
+        """Write the component file of a probed point, then a checkpoint."""
+        if point.row is not None:
+            self.directory.write_components(point.epoch, point.arrays)
+        self.save()
+
+    def after_update(self, step: Step) -> None:
+        """Checkpoint on a signal, and every ``every`` updates inside an interval."""
+        due = self.every and step.number % self.every == 0 and not step.closes_interval
+        if step.stopping or due:
+            self.save()
+
+    def at_interval_end(self, end: IntervalEnd) -> None:
+        """Checkpoint the loop, which stands at the next point now."""
+        self.save()
+
+    def finish(self, end: Finish) -> None:
+        """Write the handed-over files, then ``summary.json``."""
+        for name, obj in end.files.items():
+            buffer = io.BytesIO()
+            torch.save(obj, buffer)
+            self.directory.write_bytes(name, buffer.getvalue())
+        self.directory.finish(end.summary)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"seq": checkpoints written so far}``."""
+        return {"seq": self.seq}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue numbering after ``seq``."""
+        self.seq = state.get("seq", 0)

@@ -1,0 +1,467 @@
+r"""``fit``: train with a clipped incremental method, driving the measurement units.
+
+:func:`fit_loop` is the loop on one page; :func:`fit` is its keyword form.
+Epoch ``k`` starts at the point ``x_k``: the units visit it (the engine's probe
+runs once if one of them needs it), then the m steps of the epoch run in the
+method's order (:mod:`clipscope.methods`), then the units close the epoch.
+``epochs = E`` gives points ``x_0 … x_E`` (``E = 0``: only the diagnostics at
+``x_0``). What is measured, and how, is the units' business
+(:mod:`clipscope.loop.measures`, :mod:`clipscope.loop.duties`); the loop never
+asks which unit is which.
+
+Sequential (language-model) components: under ``"igc"`` the recurrent state
+flows from step to step, detached (truncated BPTT), and restarts from zeros at
+each epoch; under the other orders consecutive steps are not neighbouring
+windows, so the state restarts from zeros at every step. The model trains in
+the mode the caller left it in (``fit`` never calls ``model.train()``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from clipscope.components import detach_state
+from clipscope.config import FitConfig
+from clipscope.engine import batch_coupled_modules, trainable_params
+from clipscope.errors import ConfigError, Interrupted, NonFiniteError
+from clipscope.loop.duties import NTASGD, Checkpointing, OnStep
+from clipscope.loop.measures import (
+    HeldOutMetric,
+    IGCDrift,
+    ProbeStatistics,
+    Smoothness,
+    StepStatistics,
+)
+from clipscope.loop.state import History, LoopState, upgrade_checkpoint
+from clipscope.loop.units import Finish, IntervalEnd, Point, Step, Unit, Units
+from clipscope.methods import clipped_step, make_optimizer, make_order, make_schedule
+from clipscope.run.directory import CHECKPOINT_FORMAT, RunDirectory
+
+__all__ = ["Loop", "check_batch_coupling", "fit", "fit_loop", "standard_units"]
+
+
+def check_batch_coupling(model: nn.Module, components: Any) -> None:
+    """Refuse a size-1 component under train-mode BatchNorm (edge case 9), before any step.
+
+    Its batch statistics would be those of one sample (torch fails mid-run, or
+    the variance is 0). Raises :class:`~clipscope.errors.ConfigError`: use
+    batches of at least 2, ``last_batch = "drop"``, or a model without
+    batch-coupled layers (eval-mode BatchNorm, GroupNorm).
+    """
+    coupled = batch_coupled_modules(model)
+    sizes = [] if getattr(components, "sequential", False) else components.sizes
+    small = [i for i, size in enumerate(sizes) if size < 2]
+    if coupled and small:
+        raise ConfigError(
+            f"component(s) {small[:5]} hold a single sample, but {coupled[:3]} normalize "
+            'with batch statistics in train mode; use batch_size >= 2, last_batch = "drop" '
+            "for a size-1 last batch, or a model without train-mode BatchNorm"
+        )
+
+
+def standard_units(
+    config: FitConfig,
+    *,
+    heldout: Callable[[nn.Module], float] | None = None,
+    directory: RunDirectory | None = None,
+    resume: bool = False,
+    force: bool = False,
+    extra: Sequence[Unit] = (),
+    on_step: Callable[[int, int, float], None] | None = None,
+) -> list[Unit]:
+    """Return the units :func:`fit_loop` drives for ``config``, in order (persisting last)."""
+    units: list[Unit] = [ProbeStatistics(config.eta, config.etas, config.probe_every)]
+    if heldout is not None:
+        units.append(HeldOutMetric(heldout))
+    if config.smoothness_every:
+        units.append(
+            Smoothness(
+                config.smoothness_every,
+                config.smoothness_components,
+                config.smoothness_tol,
+                config.smoothness_max_iter,
+            )
+        )
+    if config.optimizer_switch == "nt-asgd":
+        units.append(NTASGD(heldout, config.nonmono))
+    if config.method == "igc":
+        units.append(IGCDrift(config.eta))
+    units += [StepStatistics(), *extra]
+    if on_step is not None:
+        units.append(OnStep(on_step))
+    if directory is not None:
+        every, keep = config.checkpoint_every, config.keep_checkpoints
+        units.append(Checkpointing(directory, every=every, keep=keep, resume=resume, force=force))
+    return units
+
+
+class Loop:
+    """What a checkpoint holds: model, optimizer, schedule, order, RNG, position, units.
+
+    ``state_dict()`` is the checkpoint payload (:data:`clipscope.loop.state.CHECKPOINT_KEYS`);
+    ``load_state_dict()`` restores one (also one written before the units existed).
+    """
+
+    def __init__(self, model, loss_fn, components, config, optimizer, units, setting, log):
+        self.model, self.loss_fn, self.components, self.config = model, loss_fn, components, config
+        self.params = trainable_params(model)
+        self.optimizer, self.units, self.setting, self.log = optimizer, units, setting, log
+        self.order = make_order(config.method, len(components), config.seed)
+        self.scheduler = make_schedule(
+            optimizer,
+            config.schedule,
+            epochs=config.epochs,
+            milestones=config.milestones,
+            gamma=config.schedule_gamma,
+        )
+        self.state = LoopState()
+
+    @property
+    def lr(self) -> float:
+        """α of the first parameter group now."""
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the checkpoint payload."""
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "setting": self.setting,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            "order": self.order.state_dict(),
+            "torch_rng": torch.random.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if cuda else None,
+            "loop": self.state.state_dict(),
+            "units": self.units.state_dict(),
+        }
+
+    def load_state_dict(self, payload: dict[str, Any]) -> None:
+        """Continue from a checkpoint payload."""
+        payload = upgrade_checkpoint(payload)
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        if self.scheduler is not None and payload.get("scheduler") is not None:
+            self.scheduler.load_state_dict(payload["scheduler"])
+        self.order.load_state_dict(payload["order"])
+        torch.random.set_rng_state(payload["torch_rng"])
+        if payload.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(payload["cuda_rng"])
+        self.state.load_state_dict(payload["loop"])
+        self.units.load_state_dict(payload["units"])
+
+
+def fit(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    components: Any,
+    method: str = "igc",
+    *,
+    heldout: Callable[[nn.Module], float] | None = None,
+    run_dir: str | Path | RunDirectory | None = None,
+    resume: bool = False,
+    force: bool = False,
+    optimizer: torch.optim.Optimizer | None = None,
+    units: Sequence[Unit] = (),
+    on_step: Callable[[int, int, float], None] | None = None,
+    log: Callable[[str], None] | None = None,
+    **settings: Any,
+) -> History:
+    """Train ``model`` with a clipped incremental method; probe f at each epoch start.
+
+    The keyword form of :func:`fit_loop`: ``method`` and ``settings`` become a
+    :class:`~clipscope.config.FitConfig` (``lr`` is required; every other key
+    and its default are listed there: ``eta``, ``epochs``, ``seed``,
+    ``probe_every``, ``etas``, ``momentum``, ``weight_decay``, ``schedule``,
+    ``milestones``, ``schedule_gamma``, ``zhang_gamma``, ``dropout``,
+    ``route``, ``checkpoint_every``, ``keep_checkpoints``, ``smoothness_every``
+    and its options, ``optimizer_switch``, ``nonmono``, ``progress``).
+
+    >>> from clipscope.components import Components
+    >>> X, Y = torch.randn(8, 2), torch.randn(8)
+    >>> comps = Components.from_tensors(X, Y, batch_size=4)
+    >>> model = torch.nn.Linear(2, 1)
+    >>> loss = lambda out, y: ((out.squeeze(-1) - y) ** 2).mean()
+    >>> h = fit(model, loss, comps, "igc", lr=0.1, eta=1.0, epochs=2, progress=False)
+    >>> h.status, len(h.rows), h.steps
+    ('completed', 3, 4)
+    """
+    config = FitConfig(method=method, **settings)
+    return fit_loop(
+        model, loss_fn, components, config, heldout=heldout, run_dir=run_dir, resume=resume,
+        force=force, optimizer=optimizer, units=units, on_step=on_step, log=log,
+    )  # fmt: skip
+
+
+def fit_loop(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    components: Any,
+    config: FitConfig,
+    *,
+    heldout: Callable[[nn.Module], float] | None = None,
+    run_dir: str | Path | RunDirectory | None = None,
+    resume: bool = False,
+    force: bool = False,
+    optimizer: torch.optim.Optimizer | None = None,
+    units: Sequence[Unit] = (),
+    on_step: Callable[[int, int, float], None] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> History:
+    """Train with ``config``'s method, driving the measurement units; return the :class:`History`.
+
+    Parameters
+    ----------
+    model, loss_fn, components
+        ``loss_fn(model(x), y)`` (or ``loss_fn(out, y)`` with ``out, state =
+        model(x, state)`` for sequential components) is the component's mean loss.
+    config : FitConfig
+        The settings (validated).
+    heldout : callable, optional
+        ``heldout(model) -> float``: the ``heldout`` column at each probe, and
+        NT-ASGD's trigger (lower must be better there).
+    run_dir : str, Path or RunDirectory, optional
+        Persist rows, component arrays and checkpoints there
+        (:class:`~clipscope.loop.duties.Checkpointing`).
+    resume, force : bool
+        Continue the run in ``run_dir`` from its newest loadable checkpoint;
+        accept a changed setting (logged).
+    optimizer : torch.optim.Optimizer, optional
+        Any optimizer over the model's parameters (default: SGD with ``lr``,
+        ``momentum``, ``weight_decay``); it steps on the clipped gradient.
+    units : sequence of Unit
+        More units, run after the standard ones (:func:`standard_units`).
+    on_step : callable, optional
+        ``on_step(step, i, norm)`` after each step (tests inject faults here).
+    log : callable, optional
+        ``log(text)`` for the run's messages.
+
+    Raises
+    ------
+    ConfigError
+        NT-ASGD without ``heldout``; a size-1 component under train-mode
+        BatchNorm (nothing has run).
+    NonFiniteError
+        A non-finite loss, gradient or step (the last good checkpoint is kept).
+    Interrupted
+        After SIGTERM/SIGINT (with ``run_dir``): checkpointed, then raised.
+    """
+    if config.optimizer_switch == "nt-asgd" and heldout is None:
+        raise ConfigError("optimizer_switch='nt-asgd' needs a heldout metric to trigger on")
+    check_batch_coupling(model, components)
+    say = log or (lambda text: None)
+    directory = None
+    if run_dir is not None:
+        directory = run_dir if isinstance(run_dir, RunDirectory) else RunDirectory(run_dir)
+        directory.log = log or directory.log
+    m = len(components)
+    setting = {**(config.setting() if directory is None or directory.setting is None
+                  else directory.setting), "m": m}  # fmt: skip
+    params = trainable_params(model)
+    optimizer = optimizer or make_optimizer(params, config.lr, config.momentum, config.weight_decay)
+    drivers = Units(
+        standard_units(config, heldout=heldout, directory=directory, resume=resume, force=force,
+                       extra=units, on_step=on_step),
+        route=config.route, dropout=config.dropout, seed=config.seed, progress=config.progress,
+    )  # fmt: skip
+    loop = Loop(model, loss_fn, components, config, optimizer, drivers, setting, say)
+    st, order, epochs = loop.state, loop.order, config.epochs
+    carry_state = config.method == "igc" and bool(getattr(components, "sequential", False))
+    history = History(method=config.method)
+    stop = _StopFlag()
+    drivers.start(loop)
+    bar = _progress(config.progress, total=epochs, initial=st.epoch)
+    t0 = time.perf_counter()
+
+    def point(k: int) -> Point:
+        return Point(
+            model, loss_fn, components, params, k, st.step, k == epochs, st.rows,
+            config.dropout, config.seed, log=say, loop=loop,
+        )  # fmt: skip
+
+    try:
+        with stop.installed(directory is not None):
+            if st.probed and st.epoch < epochs:  # resumed inside an epoch: who needs the steps
+                drivers.plan(point(st.epoch))
+            while True:
+                k = st.epoch
+                if not st.probed:
+                    st.probed = True
+                    here = point(k)
+                    fields = {"epoch": k, "step": st.step, "lr": loop.lr,
+                              "wall_time": time.perf_counter() - t0}  # fmt: skip
+                    drivers.visit(here, fields)
+                    if here.row is not None:
+                        _summary_line(say, here.row)
+                    stop.raise_if_set(st)  # a signal during a long probe: stop now
+                if k >= epochs:
+                    break
+                if st.pos == 0:
+                    st.indices = order.next_epoch()
+                    st.rnn_state = None
+                while st.pos < m:
+                    i = st.indices[st.pos]
+                    step_eta = config.eta
+                    if config.method == "zhang":
+                        step_eta = (config.eta if config.zhang_gamma is None
+                                    else config.zhang_gamma) / loop.lr  # fmt: skip
+                    box: dict[str, Any] = {}
+
+                    def closure(i=i, box=box):
+                        state = st.rnn_state if carry_state else None
+                        x, y = components.batch(i)
+                        if components.sequential:
+                            out, new_state = model(x, state)
+                            box["state"] = detach_state(new_state)
+                        else:
+                            out = model(x)
+                        loss = loss_fn(out, y)
+                        box["loss"] = float(loss.detach())
+                        return loss
+
+                    def step_of(norm: float, i=i, box=box, step_eta=step_eta) -> Step:
+                        if "step" not in box:
+                            box["step"] = Step(
+                                st.step + 1, i, step_eta, norm, box["loss"], params,
+                                closes_interval=st.pos + 1 == m, log=say, loop=loop,
+                                stop_requested=stop.requested,
+                            )  # fmt: skip
+                        return box["step"]
+
+                    before = None
+                    if drivers.step_gradient:
+
+                        def before(norm: float, step_of=step_of) -> None:
+                            drivers.before_update(step_of(norm))
+
+                    norm = clipped_step(
+                        optimizer, closure, step_eta, params=params, before_step=before
+                    )
+                    step = step_of(norm)
+                    if carry_state:
+                        st.rnn_state = box["state"]
+                    st.pos += 1
+                    st.step += 1
+                    drivers.after_update(step)
+                    stop.raise_if_set(st)
+                row = st.row(k)
+                if loop.scheduler is not None:
+                    loop.scheduler.step()
+                st.next_epoch()
+                bar.update(1)
+                drivers.at_interval_end(IntervalEnd(k, m, row, log=say, loop=loop))
+                stop.raise_if_set(st)
+    except NonFiniteError as exc:
+        where = st.indices[st.pos] if st.indices and st.pos < len(st.indices) else "?"
+        message = (
+            f"non-finite value at epoch {st.epoch}, step {st.step + 1} (component {where}): "
+            f"{exc}; " + ("the last good checkpoint is kept" if directory else "training stopped")
+        )
+        _finish(drivers, loop, history, "nonfinite", message)
+        raise NonFiniteError(message) from exc
+    except Interrupted as exc:
+        _finish(drivers, loop, history, "interrupted", str(exc))
+        raise
+    finally:
+        bar.close()
+    history.run_dir = None if directory is None else directory.path
+    return _finish(drivers, loop, history, "completed", None)
+
+
+def _finish(
+    units: Units, loop: Loop, history: History, status: str, message: str | None
+) -> History:
+    """Fill the history and tell every unit how the run ended."""
+    st = loop.state
+    history.rows, history.steps, history.status = st.rows, st.step, status
+    history.counts = loop.order.counts.tolist()
+    rows = st.rows
+    summary = {
+        "status": status,
+        "epoch": st.epoch,
+        "step": st.step,
+        "rows": len(rows),
+        "last_row": {k: v for k, v in rows[-1].items() if not k.startswith("_")} if rows else None,
+        "counts": history.counts if status == "completed" else None,
+        "message": message,
+    }
+    units.finish(Finish(status, summary, loop.model, loop.params, log=loop.log, loop=loop))
+    return history
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT set a flag; the loop checkpoints at the next component boundary."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def requested(self) -> bool:
+        """Whether a signal arrived."""
+        return self.signum is not None
+
+    def raise_if_set(self, st: LoopState) -> None:
+        """Raise :class:`Interrupted` when a signal arrived (the units checkpointed already)."""
+        if self.signum is not None:
+            raise Interrupted(
+                self.signum,
+                f"signal {self.signum}: checkpointed at epoch {st.epoch}, step {st.step}",
+            )
+
+    @contextlib.contextmanager
+    def installed(self, enabled: bool):
+        if not enabled or threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+        def handler(signum, frame):
+            self.signum = signum
+
+        try:
+            for s in previous:
+                signal.signal(s, handler)
+            yield self
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(enabled: bool, total: int, initial: int):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="epochs", unit="epoch", leave=True)
+
+
+def _summary_line(say: Callable[[str], None], row: dict[str, float]) -> None:
+    import math
+
+    text = (
+        f"epoch {int(row['epoch']):4d}  f={row['loss']:.6g}  ‖∇f‖={row['grad_norm']:.4g}  "
+        f"c1={row['c1']:.3g}  c2={row['c2']:.3g}  ρ(η)={row['rho']:.4g}  "
+        f"clipped={row['clipped_fraction']:.2f}"
+    )
+    if not math.isnan(row.get("heldout", math.nan)):
+        text += f"  heldout={row['heldout']:.4g}"
+    if not math.isnan(row.get("hess_norm", math.nan)):
+        text += f"  ‖∇²f‖={row['hess_norm']:.4g}"
+    say(text)

@@ -1,0 +1,364 @@
+r"""The measurement units: what a row of ``epochs.csv`` holds, each from one small object.
+
+=====================  ==========================  ==================================  =========
+unit                   needs                       fills                               state
+=====================  ==========================  ==================================  =========
+:class:`ProbeStatistics`  PROBE at its points       §2 statistics, ``rho@η``, arrays    --
+:class:`HeldOutMetric`  nothing (a probed point)   ``heldout``                         --
+:class:`Smoothness`    FULL_GRADIENT               ``hess_norm``, ``hess_converged``,  previous
+                                                   ``traj_smoothness``, ``hess_norms``  point
+:class:`IGCDrift`      FULL_GRADIENT,              ``igc_drift`` (39)                  running
+                       STEP_GRADIENT                                                   sum, ∇f_k
+:class:`StepStatistics`  nothing                   ``train_loss``, ``train_norm``,     sums
+                                                   ``train_clipped_share``
+=====================  ==========================  ==================================  =========
+
+Each is independent of the others; a row is the sum of what the units of a
+loop write into it. The statistics themselves are :mod:`clipscope.math.stats`'s
+(through ``point.probe.stats``); the units only say which go into the record.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from clipscope.config import check_setting
+from clipscope.engine import model_guard
+from clipscope.errors import NonFiniteError
+from clipscope.loop.units import IntervalEnd, Needs, Point, Step, Unit
+from clipscope.math.smoothness import trajectory_smoothness
+from clipscope.run.directory import eta_column
+from clipscope.smoothness import component_hessian_norms, hessian_norm
+
+__all__ = ["HeldOutMetric", "IGCDrift", "ProbeStatistics", "Smoothness", "StepStatistics"]
+
+
+class ProbeStatistics(Unit):
+    """The §2 statistics of the probe at x_k: the standard columns of a row and the component file.
+
+    Needs ``PROBE`` at every ``every``-th point and at the last one (``every = 0``:
+    never). Fills ``loss`` = f(x_k), ``grad_norm`` = ‖∇f_k‖, ``c1``, ``c2``,
+    ``min_cos``, ``neg_cos_share``, ``a3_holds``, ``rho`` = ρ_k(η),
+    ``clipped_fraction``, ``bound33_lhs`` = D_k(η), ``bound33_rhs`` (33),
+    ``b_noise`` (the noise-scale heuristic) and ``rho@η`` for each η of
+    ``etas``; the component arrays ``norms``, ``dots``, ``losses``,
+    ``grad_norm`` and ``sizes`` (from which every statistic can be recomputed).
+
+    Parameters
+    ----------
+    eta : float
+        The run's threshold η (> 0, ``inf`` allowed).
+    etas : sequence of float
+        Extra thresholds for the ``rho@η`` columns.
+    every : int
+        Probe every this many points (and always at the last); 0 never.
+    """
+
+    name = "probe_statistics"
+
+    def __init__(self, eta: float, etas: Sequence[float] = (), every: int = 1) -> None:
+        self.eta = check_setting("eta", eta)
+        self.etas = check_setting("etas", tuple(etas))
+        self.every = check_setting("probe_every", every)
+
+    def needs(self, point: Point) -> Needs:
+        """``PROBE`` at every ``every``-th point and the last."""
+        due = self.every > 0 and (point.epoch % self.every == 0 or point.last)
+        return Needs.PROBE if due else Needs.NOTHING
+
+    def at_point(self, point: Point) -> None:
+        """Write the statistics of ``point.probe`` into the row and the component arrays."""
+        result = point.probe
+        if result is None or point.row is None:
+            return
+        stats = result.stats
+        descent = float(stats.descent(self.eta))
+        point.row.update(
+            loss=float(np.mean(result.losses)),
+            grad_norm=float(result.grad_norm),
+            c1=float(stats.c1),
+            c2=float(stats.c2),
+            min_cos=stats.min_cos,
+            neg_cos_share=stats.negative_cos_share,
+            a3_holds=float(bool(stats.a3_holds)),
+            rho=float(stats.ratio(self.eta)),
+            clipped_fraction=float(stats.clipped_fraction(self.eta)),
+            bound33_lhs=descent,
+            bound33_rhs=float(stats.bound33(self.eta)),
+            b_noise=float(result.noise["B_noise"]),
+        )
+        for e in self.etas:
+            point.row[eta_column(e)] = float(stats.ratio(e))
+        point.arrays.update(
+            norms=result.norms,
+            dots=result.dots,
+            losses=result.losses,
+            grad_norm=np.float64(result.grad_norm),
+            sizes=result.sizes,
+        )
+
+
+class HeldOutMetric(Unit):
+    """``heldout``: the task's held-out metric at every probed point.
+
+    ``metric(model) -> float`` runs under :func:`~clipscope.engine.model_guard`
+    and ``torch.no_grad`` (parameters, buffers, modes and RNG restored): a
+    held-out loss, an accuracy, a perplexity.
+    """
+
+    name = "heldout"
+
+    def __init__(self, metric: Callable[[nn.Module], float]) -> None:
+        if not callable(metric):
+            raise TypeError(f"metric must be callable as metric(model), got {metric!r}")
+        self.metric = metric
+
+    def __call__(self, model: nn.Module) -> float:
+        """Evaluate the metric at the current parameters; the model is left untouched."""
+        with model_guard(model), torch.no_grad():
+            return float(self.metric(model))
+
+    def at_point(self, point: Point) -> None:
+        """Fill ``heldout`` of a probed point's row."""
+        if point.row is not None:
+            point.row["heldout"] = self(point.model)
+
+
+class Smoothness(Unit):
+    r"""Relaxed smoothness at the probed points: Lanczos ``‖∇²f(x_k)‖`` and Zhang et al.'s secant.
+
+    At probe number ``p`` (0-based, counting rows) it measures when :meth:`due`
+    says so -- every ``every``-th probe and the last one: ``hess_norm`` =
+    ``‖∇²f(x_k)‖`` by Lanczos (:func:`clipscope.smoothness.hessian_norm`) and
+    ``hess_converged`` (1/0); with ``components=True`` also the component
+    arrays ``hess_norms[i] = ‖∇²f_i(x_k)‖`` and ``hess_converged`` (one solve
+    per component: about m times the cost). At *every* probe it keeps x_k and
+    the probe's ∇f_k (float64; needs ``FULL_GRADIENT``) and, at the next probe
+    x_{k'}, writes ``traj_smoothness`` = ``‖∇f(x_{k'}) − ∇f(x_k)‖ / ‖x_{k'} − x_k‖``
+    into the row of x_k (NaN in the last row). A NaN/inf Hessian-vector
+    product is recorded as NaN with a message, not raised: the probe already
+    found f and ∇f finite, and the measurement is a diagnostic. Everything
+    runs under ``model_guard``: training is bitwise the same with or without it.
+
+    State: the previous probe's ``{"epoch", "x", "g"}`` (16 bytes per parameter).
+
+    Parameters
+    ----------
+    every : int
+        Measure the Hessian norm at every ``every``-th probe (>= 1).
+    components : bool
+        Also ``‖∇²f_i(x_k)‖`` for every component (A5).
+    tol : float
+        Relative tolerance of the Lanczos stopping rule, in (0, 1).
+    max_iter : int
+        Most Hessian-vector products per solve.
+
+    >>> Smoothness(every=2).due(4, last=False), Smoothness(every=2).due(3, last=True)
+    (True, True)
+    """
+
+    name = "smoothness"
+
+    def __init__(
+        self, every: int = 1, components: bool = False, tol: float = 1e-4, max_iter: int = 30
+    ) -> None:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be an int >= 1, got {every!r}")
+        if not isinstance(components, bool):
+            raise TypeError(f"components must be a bool, got {components!r}")
+        self.every = every
+        self.components = components
+        self.tol = check_setting("smoothness_tol", tol)
+        self.max_iter = check_setting("smoothness_max_iter", max_iter)
+        self.previous: dict[str, Any] | None = None
+
+    def due(self, probe_index: int, last: bool) -> bool:
+        """Whether probe number ``probe_index`` (0-based) measures the Hessian norm."""
+        return probe_index % self.every == 0 or last
+
+    def measure(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Any, Any], torch.Tensor],
+        components: Any,
+        *,
+        dropout: str = "off",
+        seed: int = 0,
+    ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+        """Measure at the current parameters; return ``(row entries, component arrays)``.
+
+        The model is left untouched (every solve runs under ``model_guard``; the
+        start vector has a private generator).
+        """
+        kw = {"tol": self.tol, "max_iter": self.max_iter, "dropout": dropout, "seed": seed}
+        full = hessian_norm(model, loss_fn, components, method="lanczos", **kw)
+        row = {"hess_norm": float(full.hess_norm), "hess_converged": float(full.converged)}
+        arrays: dict[str, np.ndarray] = {}
+        if self.components:
+            per = component_hessian_norms(model, loss_fn, components, method="lanczos", **kw)
+            arrays["hess_norms"] = np.array([r.hess_norm for r in per], dtype=np.float64)
+            arrays["hess_converged"] = np.array([r.converged for r in per], dtype=bool)
+        return row, arrays
+
+    def needs(self, point: Point) -> Needs:
+        """∇f_k of every probed point, for the secant."""
+        return Needs.FULL_GRADIENT
+
+    def at_point(self, point: Point) -> None:
+        """Fill the smoothness columns of a probed point; the secant into the previous row."""
+        row = point.row
+        if row is None:
+            return
+        row.update(hess_norm=math.nan, hess_converged=math.nan, traj_smoothness=math.nan)
+        if self.due(point.index, point.last):
+            try:
+                entries, arrays = self.measure(
+                    point.model,
+                    point.loss_fn,
+                    point.components,
+                    dropout=point.dropout,
+                    seed=point.seed,
+                )
+                row.update(entries)
+                point.arrays.update(arrays)
+            except NonFiniteError as exc:
+                point.log(f"warning: Hessian norm not measured at epoch {point.epoch}: {exc}")
+        with torch.no_grad():
+            x = torch.cat([p.detach().reshape(-1).to(torch.float64) for p in point.params]).clone()
+        g = torch.cat([t.reshape(-1).to(torch.float64) for t in point.probe.full_grad]).clone()
+        prev = self.previous
+        if prev is not None:
+            before = next(
+                (r for r in reversed(point.rows) if r.get("epoch") == prev["epoch"]), None
+            )
+            if before is not None:
+                before["traj_smoothness"] = trajectory_smoothness(prev["x"], prev["g"], x, g)
+        self.previous = None if point.last else {"epoch": point.epoch, "x": x, "g": g}
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"previous": {"epoch", "x", "g"} or None}``."""
+        return {"previous": self.previous}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`."""
+        self.previous = state.get("previous")
+
+
+class IGCDrift(Unit):
+    r"""The IGC drift, term (39): ``igc_drift = Σ_i ⟨C(∇f_i(x_{k,i−1}); η), ∇f_k⟩ − D_k(η)``.
+
+    In an interval that starts at a probed point (not the last), it keeps the
+    probe's ∇f_k (float64; needs ``FULL_GRADIENT``) and D_k(η) (23), and before
+    every update (``STEP_GRADIENT``) adds the step's clipped gradient -- the one
+    actually used, at x_{k,i−1} -- dotted with ∇f_k, in float64. At the interval's
+    end the difference goes into the row of x_k, next to ``grad_norm`` =
+    ‖∇f_k‖, so ``|igc_drift| ≤ αηm²G‖∇f_k‖`` (42) can be checked. It is the
+    paper's quantity for cyclic orders; :func:`clipscope.fit` uses it for
+    ``method = "igc"`` only. Training steps use the model's own dropout; the
+    probe uses its ``dropout`` policy, so with active dropout the drift also
+    holds mask noise.
+
+    State: the running sum, ∇f_k and D_k(η) (NaN / None outside a measured interval).
+    """
+
+    name = "igc_drift"
+
+    def __init__(self, eta: float) -> None:
+        self.eta = check_setting("eta", eta)
+        self.sum = math.nan
+        self.full_grad: list[torch.Tensor] | None = None
+        self.descent = math.nan
+
+    def needs(self, point: Point) -> Needs:
+        """∇f_k and the step gradients, in every interval (none after the last point)."""
+        return Needs.NOTHING if point.last else Needs.FULL_GRADIENT | Needs.STEP_GRADIENT
+
+    def at_point(self, point: Point) -> None:
+        """Start measuring when the point was probed with ∇f_k."""
+        result = point.probe
+        if point.last or result is None or result.full_grad is None:
+            return
+        self.full_grad = [g.detach().double().clone() for g in result.full_grad]
+        self.descent = float(result.stats.descent(self.eta))
+        self.sum = 0.0
+
+    def before_update(self, step: Step) -> None:
+        """Add ⟨clipped step gradient, ∇f_k⟩ (float64)."""
+        if self.full_grad is None or math.isnan(self.sum):
+            return
+        with torch.no_grad():
+            dot = sum(
+                float(torch.sum(p.grad.double() * g))
+                for p, g in zip(step.params, self.full_grad, strict=True)
+                if p.grad is not None
+            )
+        self.sum += dot
+
+    def at_interval_end(self, end: IntervalEnd) -> None:
+        """Write ``igc_drift`` into the row of x_k; stop measuring."""
+        if end.row is not None and self.full_grad is not None and not math.isnan(self.sum):
+            end.row["igc_drift"] = self.sum - self.descent
+        self.sum, self.full_grad, self.descent = math.nan, None, math.nan
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"sum", "full_grad", "descent"}``."""
+        return {"sum": self.sum, "full_grad": self.full_grad, "descent": self.descent}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`."""
+        self.sum = state.get("sum", math.nan)
+        self.full_grad = state.get("full_grad")
+        self.descent = state.get("descent", math.nan)
+
+
+class StepStatistics(Unit):
+    """Means over an interval's updates: ``train_loss``, ``train_norm``, ``train_clipped_share``.
+
+    ``train_loss`` is the mean of f_i at the points the steps started from,
+    ``train_norm`` the mean pre-clipping ‖∇f_i‖, ``train_clipped_share`` the
+    share of steps with ‖∇f_i‖ > η (the step's own η). They go into the row of
+    the interval's start point; without one, a log line says them.
+
+    State: the three running sums.
+    """
+
+    name = "step_statistics"
+
+    def __init__(self) -> None:
+        self.norms, self.losses, self.clipped = 0.0, 0.0, 0
+
+    def after_update(self, step: Step) -> None:
+        """Add the step's norm, loss and whether it was clipped."""
+        self.norms += step.grad_norm
+        self.losses += step.loss
+        self.clipped += int(step.grad_norm > step.eta)
+
+    def at_interval_end(self, end: IntervalEnd) -> None:
+        """Write the means into the row of x_k (or the log); start over."""
+        m = end.steps
+        if end.row is not None:
+            end.row["train_loss"] = self.losses / m
+            end.row["train_norm"] = self.norms / m
+            end.row["train_clipped_share"] = self.clipped / m
+        else:
+            end.log(
+                f"epoch {end.epoch:4d}  (no probe)  mean step loss={self.losses / m:.6g}  "
+                f"clipped steps={self.clipped / m:.2f}"
+            )
+        self.norms, self.losses, self.clipped = 0.0, 0.0, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"norms", "losses", "clipped"}`` sums."""
+        return {"norms": self.norms, "losses": self.losses, "clipped": self.clipped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`."""
+        self.norms = state.get("norms", 0.0)
+        self.losses = state.get("losses", 0.0)
+        self.clipped = state.get("clipped", 0)
