@@ -14,6 +14,14 @@ Tasks:
   4, 8, 16, 32 columns.
 * ``cifar10-resnet18`` / ``ptb-awdlstm`` (paper scale, need ``--data-dir``):
   ResNet18 on CIFAR-10 and AWD-LSTM on PTB. A GPU is recommended.
+
+The tasks and their settings are read from the configs shipped in
+``clipscope/configs/`` (``configs/`` in the repository): each file is the
+config of one run of its task, and its ``[study]`` table says which grid of
+runs the study makes of it. Nothing here repeats a setting.
+
+Everything is checked before anything is written: every run's config, the
+device, the threads, and each task's data (loaded once).
 """
 
 from __future__ import annotations
@@ -25,141 +33,91 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+try:  # Python 3.11+
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
 from clipscope.atomic import atomic_write_text
+from clipscope.config import TrainConfig, check_resources, dump_config, parse_config
+from clipscope.run.study import write_study
+
+CONFIGS = Path(__file__).with_name("configs")
 
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """One task of a study: a base config and the grid of runs over it."""
+    """One task of a study: a base config (a file in ``configs/``) and the grid of runs over it.
+
+    Attributes
+    ----------
+    name, description : str
+        From the file's ``[study]`` table.
+    base : dict
+        The file's training keys (a :class:`~clipscope.config.TrainConfig`).
+    batch_sizes, methods : tuple
+        The grid.
+    cross_section : bool
+        Whether a dyadic cross-section is taken at the last point of the
+        smallest IGC run (needs per-sample losses, no batch coupling).
+    needs_data_dir : bool
+        Whether its dataset is read from files (``--data-dir``).
+    per_method : dict
+        Extra config keys per method.
+    notes : dict
+        Conventions stated in the report.
+    config_file : Path
+        Where it comes from.
+    """
 
     name: str
     description: str
     base: dict[str, Any]
     batch_sizes: tuple[int, ...]
     methods: tuple[str, ...]
-    cross_section: bool  # dyadic cross-section at the last point (needs per-sample losses)
+    cross_section: bool
     needs_data_dir: bool = False
-    per_method: dict[str, dict[str, Any]] = field(default_factory=dict)  # extra config per method
+    per_method: dict[str, dict[str, Any]] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
+    config_file: Path | None = None
 
 
-TASKS: dict[str, TaskSpec] = {
-    "digits-cnn": TaskSpec(
-        name="digits-cnn",
-        description="small CNN on scikit-learn's 8x8 handwritten digits (embedded)",
-        base=dict(
-            task="classification",
-            model="small-cnn",
-            data="digits",
-            n_samples=0,
-            lr=0.2,
-            eta=0.5,
-            epochs=6,
-            etas=(0.05, 0.1, 0.2, 0.5, 1.0, 2.0, math.inf),
-        ),
-        batch_sizes=(8, 16, 32, 64),
-        methods=("igc", "sgd"),
-        cross_section=True,
-        # IGC runs also record ‖∇²f‖ and every ‖∇²f_i‖ (Lanczos) at epochs 0, 3, 6 for
-        # `clipscope theory` and the report's smoothness figure.
-        per_method={
-            "igc": dict(
-                smoothness_every=3,
-                smoothness_components=False,
-                smoothness_tol=1e-2,
-                smoothness_max_iter=10,
-            )
-        },
-        notes={
-            "smoothness": "IGC runs: Lanczos ‖∇²f‖ at epochs 0, 3, 6 (tol 1e-2)",
-            "data": "scikit-learn load_digits, first 1,536 images train, 261 held out",
-            "augmentation": "none",
-            "BatchNorm": "none in the model",
-            "dropout": "none in the model",
-        },
-    ),
-    "text-lstm": TaskSpec(
-        name="text-lstm",
-        description="small LSTM language model on Python's language reference text (embedded)",
-        base=dict(
-            task="language_model",
-            model="small-lstm-lm",
-            data="text",
-            n_samples=30000,  # the first 30,000 training tokens keep the demo at minutes
-            bptt=35,
-            lr=20.0,
-            eta=0.25,
-            epochs=4,
-            etas=(0.05, 0.1, 0.25, 0.5, 1.0, 2.0, math.inf),
-        ),
-        batch_sizes=(4, 8, 16, 32),
-        methods=("igc",),
-        cross_section=False,
-        notes={
-            "data": "pydoc_data.topics (ships with Python), word level, capped vocabulary",
-            "hidden state": "carried across consecutive windows (detached); probes recompute it",
-            "dropout": "off in probes",
-            "cross-section": "not computed: column batchification differs per batch size",
-        },
-    ),
-    "cifar10-resnet18": TaskSpec(
-        name="cifar10-resnet18",
-        description="ResNet18 (CIFAR variant) on CIFAR-10 (paper scale, needs --data-dir)",
-        base=dict(
-            task="classification",
-            model="resnet18-cifar",
-            data="cifar10",
-            n_samples=0,
-            lr=0.1,
-            eta=1.0,
-            epochs=30,
-            momentum=0.0,
-            etas=(0.1, 0.5, 1.0, 5.0, math.inf),
-        ),
-        batch_sizes=(64, 128, 256, 512),
-        methods=("igc", "sgd"),
-        cross_section=False,
-        needs_data_dir=True,
-        notes={
-            "BatchNorm": "train mode in probes: each component uses its own batch statistics",
-            "augmentation": "none (training and probes: a component is one fixed function)",
-            "cross-section": "not computed: train-mode BatchNorm couples the samples of a batch",
-        },
-    ),
-    "ptb-awdlstm": TaskSpec(
-        name="ptb-awdlstm",
-        description="AWD-LSTM on Penn Treebank (paper scale, needs --data-dir)",
-        base=dict(
-            task="language_model",
-            model="awd-lstm",
-            data="ptb",
-            bptt=70,
-            lr=30.0,
-            eta=0.25,
-            epochs=30,
-            dropout="fixed",
-            weight_decay=1.2e-6,
-            ar_alpha=2.0,
-            tar_beta=1.0,
-            etas=(0.05, 0.1, 0.25, 0.5, 1.0, math.inf),
-        ),
-        batch_sizes=(20, 40, 80),
-        methods=("igc",),
-        cross_section=False,
-        needs_data_dir=True,
-        notes={
-            "split": "fixed BPTT windows of 70 in corpus order (the paper's IGC setting)",
-            "dropout": "fixed masks per component in probes",
-            "regularization": (
-                "AR/TAR as in the recipe (alpha = 2, beta = 1, weight decay 1.2e-6), part of "
-                "every f_i in training and in the probes; held-out perplexity without them"
-            ),
-            "averaging": "NT-ASGD off: the study records the SGD iterates only",
-        },
-    ),
-}
+def load_tasks(directory: str | Path = CONFIGS) -> dict[str, TaskSpec]:
+    """Read the study tasks: every ``*.toml`` in ``directory`` with a ``[study]`` table.
 
-EMBEDDED = ("digits-cnn", "text-lstm")
+    The file's other keys are the task's base config (validated when a study
+    is planned); ``[study]`` holds ``name``, ``description``, ``batch_sizes``,
+    ``methods``, ``cross_section``, and optionally ``per_method.<method>``
+    (config keys) and ``notes``.
+    """
+    from clipscope.data import FILE_DATASETS
+
+    tasks: dict[str, TaskSpec] = {}
+    for path in sorted(Path(directory).glob("*.toml")):
+        with open(path, "rb") as handle:
+            raw = tomllib.load(handle)
+        study = raw.pop("study", None)
+        if study is None:
+            continue
+        base = dict(raw)
+        tasks[study["name"]] = TaskSpec(
+            name=study["name"],
+            description=study["description"],
+            base=base,
+            batch_sizes=tuple(study["batch_sizes"]),
+            methods=tuple(study["methods"]),
+            cross_section=bool(study["cross_section"]),
+            needs_data_dir=base.get("data") in FILE_DATASETS,
+            per_method={k: dict(v) for k, v in study.get("per_method", {}).items()},
+            notes={str(k): str(v) for k, v in study.get("notes", {}).items()},
+            config_file=path,
+        )
+    # the embedded tasks first (the default study), then the paper-scale ones
+    return dict(sorted(tasks.items(), key=lambda kv: (kv[1].needs_data_dir, kv[0])))
+
+
+TASKS: dict[str, TaskSpec] = load_tasks()
+EMBEDDED = tuple(name for name, spec in TASKS.items() if not spec.needs_data_dir)
 
 
 def _run_name(method: str, batch_size: int) -> str:
@@ -181,14 +139,26 @@ def plan(
     data_dir: str | None = None,
     device: str = "cpu",
     progress: bool = True,
-) -> list[tuple[TaskSpec, str, int, dict[str, Any]]]:
-    """Resolve the grid of runs ``(task, method, batch size, config dict)``, validating first.
+    check_data: bool = True,
+) -> list[tuple[TaskSpec, str, int, TrainConfig]]:
+    """Resolve the grid of runs ``(task, method, batch size, config)``, checking everything first.
 
-    Every config is parsed by :func:`clipscope.config.parse_config` here, so a bad
-    value stops the study before any run starts.
+    Every run's config is validated (:func:`~clipscope.config.parse_config`), the
+    machine checked (:func:`~clipscope.config.check_resources`: the device, the
+    threads, memory) and, with ``check_data``, each task's data loaded once
+    (:func:`clipscope.data.load_splits`: missing or malformed files), so a bad
+    value stops the study before anything is written.
+
+    Raises
+    ------
+    ConfigError
+        A bad value (naming the key), a device this machine does not have.
+    ValueError
+        An unknown task, bad epochs or batch sizes, a task without ``--data-dir``,
+        data that does not load.
+    FileNotFoundError
+        Data files that do not exist.
     """
-    from clipscope.config import parse_config
-
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; valid: {sorted(TASKS)}")
@@ -214,9 +184,15 @@ def plan(
                     raw["epochs"] = epochs
                 if data_dir:
                     raw["data_dir"] = str(data_dir)
-                raw["etas"] = list(raw.get("etas", ()))
-                parse_config(raw)
-                grid.append((spec, method, b, raw))
+                cfg = parse_config(raw)
+                check_resources(cfg)
+                grid.append((spec, method, b, cfg))
+    if check_data:
+        from clipscope.data import load_splits
+
+        wanted = [(c.data, c.data_dir) for *_, c in grid if c.task != "least_squares"]
+        for data, where in dict.fromkeys(wanted):  # each dataset once, in order
+            load_splits(data, where)
     return grid
 
 
@@ -225,7 +201,7 @@ def _cross_section(spec: TaskSpec, run_dir: Path, config_path: Path) -> dict[str
     from clipscope.atomic import latest_checkpoint
     from clipscope.config import load_config
     from clipscope.engine import probe
-    from clipscope.runner import build_task
+    from clipscope.tasks import build_task
 
     cfg = load_config(config_path)
     model, loss_fn, comps, _ = build_task(cfg)
@@ -268,13 +244,15 @@ def reproduce(
 
     Each run is an ordinary resumable run directory; with ``resume`` finished runs
     are kept and unfinished ones continue from their last checkpoint. Without it an
-    existing non-empty ``out`` is refused.
+    existing non-empty ``out`` is refused; ``out`` naming a file is refused. Every
+    check (:func:`plan`) comes before anything is written.
     """
-    from clipscope.config import dump_config, parse_config
     from clipscope.report import build_report
-    from clipscope.runner import train
+    from clipscope.train import train
 
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file, not a study directory; choose another")
     grid = plan(
         tasks,
         epochs=epochs,
@@ -297,16 +275,16 @@ def reproduce(
         }
 
     def save_study() -> None:
-        atomic_write_text(out / "study.json", json.dumps(study, indent=2) + "\n")
+        write_study(out, study)
 
     out.mkdir(parents=True, exist_ok=True)
     failures = []
-    for k, (spec, method, b, raw) in enumerate(grid, 1):
+    for k, (spec, method, b, cfg) in enumerate(grid, 1):
         rel = Path("runs") / spec.name / _run_name(method, b)
         run_dir = out / rel
         config_path = out / "configs" / spec.name / f"{_run_name(method, b)}.toml"
         config_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(config_path, dump_config(parse_config(raw)))
+        atomic_write_text(config_path, dump_config(cfg))
         entry = {
             "method": method,
             "batch_size": b,
