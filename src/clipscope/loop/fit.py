@@ -269,17 +269,17 @@ def fit_loop(
                   else directory.setting), "m": m}  # fmt: skip
     params = trainable_params(model)
     optimizer = optimizer or make_optimizer(params, config.lr, config.momentum, config.weight_decay)
-    drivers = Units(
+    all_units = Units(
         standard_units(config, heldout=heldout, directory=directory, resume=resume, force=force,
                        extra=units, on_step=on_step),
         route=config.route, dropout=config.dropout, seed=config.seed, progress=config.progress,
     )  # fmt: skip
-    loop = Loop(model, loss_fn, components, config, optimizer, drivers, setting, say)
+    loop = Loop(model, loss_fn, components, config, optimizer, all_units, setting, say)
     st, order, epochs = loop.state, loop.order, config.epochs
     carry_state = config.method == "igc" and bool(getattr(components, "sequential", False))
     history = History(method=config.method)
     stop = _StopFlag()
-    drivers.start(loop)
+    all_units.start(loop)
     bar = _progress(config.progress, total=epochs, initial=st.epoch)
     t0 = time.perf_counter()
 
@@ -292,7 +292,7 @@ def fit_loop(
     try:
         with stop.installed(directory is not None):
             if st.probed and st.epoch < epochs:  # resumed inside an epoch: who needs the steps
-                drivers.plan(point(st.epoch))
+                all_units.plan(point(st.epoch))
             while True:
                 k = st.epoch
                 if not st.probed:
@@ -300,7 +300,7 @@ def fit_loop(
                     here = point(k)
                     fields = {"epoch": k, "step": st.step, "lr": loop.lr,
                               "wall_time": time.perf_counter() - t0}  # fmt: skip
-                    drivers.visit(here, fields)
+                    all_units.visit(here, fields)
                     if here.row is not None:
                         _summary_line(say, here.row)
                     stop.raise_if_set(st)  # a signal during a long probe: stop now
@@ -310,56 +310,15 @@ def fit_loop(
                     st.indices = order.next_epoch()
                     st.rnn_state = None
                 while st.pos < m:
-                    i = st.indices[st.pos]
-                    step_eta = config.eta
-                    if config.method == "zhang":
-                        step_eta = (config.eta if config.zhang_gamma is None
-                                    else config.zhang_gamma) / loop.lr  # fmt: skip
-                    box: dict[str, Any] = {}
-
-                    def closure(i=i, box=box):
-                        state = st.rnn_state if carry_state else None
-                        x, y = components.batch(i)
-                        if components.sequential:
-                            out, new_state = model(x, state)
-                            box["state"] = detach_state(new_state)
-                        else:
-                            out = model(x)
-                        loss = loss_fn(out, y)
-                        box["loss"] = float(loss.detach())
-                        return loss
-
-                    def step_of(norm: float, i=i, box=box, step_eta=step_eta) -> Step:
-                        if "step" not in box:
-                            box["step"] = Step(
-                                st.step + 1, i, step_eta, norm, box["loss"], params,
-                                closes_interval=st.pos + 1 == m, log=say, loop=loop,
-                                stop_requested=stop.requested,
-                            )  # fmt: skip
-                        return box["step"]
-
-                    before = None
-                    if drivers.step_gradient:
-
-                        def before(norm: float, step_of=step_of) -> None:
-                            drivers.before_update(step_of(norm))
-
-                    norm = clipped_step(
-                        optimizer, closure, step_eta, params=params, before_step=before
-                    )
-                    step = step_of(norm)
-                    if carry_state:
-                        st.rnn_state = box["state"]
-                    st.pos += 1
-                    st.step += 1
-                    drivers.after_update(step)
+                    step = _step(loop, st.indices[st.pos], carry_state, stop)
+                    all_units.after_update(step)
                     stop.raise_if_set(st)
                 row = st.row(k)
                 if loop.scheduler is not None:
                     loop.scheduler.step()
                 st.next_epoch()
                 bar.update(1)
-                drivers.at_interval_end(IntervalEnd(k, m, row, log=say, loop=loop))
+                all_units.at_interval_end(IntervalEnd(k, m, row, log=say, loop=loop))
                 stop.raise_if_set(st)
     except NonFiniteError as exc:
         where = st.indices[st.pos] if st.indices and st.pos < len(st.indices) else "?"
@@ -367,15 +326,56 @@ def fit_loop(
             f"non-finite value at epoch {st.epoch}, step {st.step + 1} (component {where}): "
             f"{exc}; " + ("the last good checkpoint is kept" if directory else "training stopped")
         )
-        _finish(drivers, loop, history, "nonfinite", message)
+        _finish(all_units, loop, history, "nonfinite", message)
         raise NonFiniteError(message) from exc
     except Interrupted as exc:
-        _finish(drivers, loop, history, "interrupted", str(exc))
+        _finish(all_units, loop, history, "interrupted", str(exc))
         raise
     finally:
         bar.close()
     history.run_dir = None if directory is None else directory.path
-    return _finish(drivers, loop, history, "completed", None)
+    return _finish(all_units, loop, history, "completed", None)
+
+
+def _step(loop: Loop, i: int, carry_state: bool, stop: _StopFlag) -> Step:
+    """One clipped step on component ``i``; the units that asked see it before the update."""
+    st, config, model = loop.state, loop.config, loop.model
+    eta = config.eta
+    if config.method == "zhang":  # the step-length cap γ: threshold γ/α for this α
+        eta = (config.eta if config.zhang_gamma is None else config.zhang_gamma) / loop.lr
+    box: dict[str, Any] = {}
+
+    def closure() -> torch.Tensor:
+        x, y = loop.components.batch(i)
+        if loop.components.sequential:
+            out, state = model(x, st.rnn_state if carry_state else None)
+            box["state"] = detach_state(state)
+        else:
+            out = model(x)
+        loss = loop.loss_fn(out, y)
+        box["loss"] = float(loss.detach())
+        return loss
+
+    def make(norm: float) -> Step:
+        return Step(
+            st.step + 1, i, eta, norm, box["loss"], loop.params,
+            closes_interval=st.pos + 1 == len(loop.components), log=loop.log, loop=loop,
+            stop_requested=stop.requested,
+        )  # fmt: skip
+
+    def before(norm: float) -> None:
+        box["step"] = make(norm)
+        loop.units.before_update(box["step"])
+
+    wants = loop.units.step_gradient
+    norm = clipped_step(loop.optimizer, closure, eta, params=loop.params,
+                        before_step=before if wants else None)  # fmt: skip
+    step = box.get("step") or make(norm)
+    if carry_state:
+        st.rnn_state = box["state"]
+    st.pos += 1
+    st.step += 1
+    return step
 
 
 def _finish(
