@@ -1,0 +1,226 @@
+"""Bad input tried as a new user would: exit 2 before anything is written, naming what is wrong.
+
+Each config case runs the real CLI entry (``clipscope train CONFIG --out DIR``)
+and checks the exit code, that the message names the key, and that ``DIR`` was
+never created. Then the same for ``reproduce``, the output path, checkpoints
+that cannot be loaded safely, and the two non-finite stops and the ``epochs = 0``
+files that the docs describe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from clipscope.cli import main
+from clipscope.errors import ConfigError
+from test_data import _fake_cifar
+
+BASE = (
+    'task = "least_squares"\nn_samples = 32\ndim = 3\nbatch_size = 8\nepochs = 1\n'
+    "progress = false\n"
+)
+DIGITS = 'task = "classification"\ndata = "digits"\nmodel = "mlp"\nn_samples = 40\nepochs = 1\n'
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str]:
+    """Exit code and everything printed (stderr, then stdout)."""
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.err + captured.out
+
+
+def train_config(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "bad.toml"
+    path.write_text(body)
+    return path
+
+
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+
+
+@pytest.mark.parametrize(
+    "body,key,words",
+    [
+        (BASE + 'schedule = "step"\nmilestones = [-1, 0]\n', "milestones", ">= 1"),
+        (BASE + "milestones = [2, 2]\n", "milestones", "at most once"),
+        (BASE + "threads = 100000\n", "threads", "CPUs"),
+        (BASE + 'device = "quantum"\n', "device", "quantum"),
+        pytest.param(BASE + 'device = "cuda"\n', "device", "CUDA", marks=NO_CUDA),
+        (DIGITS + "model_kwargs = {bogus = 3}\n", "model_kwargs", "bogus"),
+        (DIGITS + 'model_kwargs = {hidden = "x"}\n', "model_kwargs", "hidden"),
+        (BASE.replace("n_samples = 32", "n_samples = 10000000000000"), "n_samples", "bytes"),
+        (BASE.replace("dim = 3", "dim = 1000000000000"), "dim", "bytes"),
+        (BASE + "seed = 9223372036854775808\n", "seed", "<= 9223372036854775807"),
+        (BASE + "data_seed = 9223372036854775808\n", "data_seed", "<="),
+        (BASE + "seed = -1\n", "seed", ">= 0"),
+    ],
+    ids=[
+        "milestones-negative",
+        "milestones-twice",
+        "threads-100000",
+        "device-quantum",
+        "device-cuda-on-cpu-build",
+        "model_kwargs-unknown",
+        "model_kwargs-wrong-type",
+        "n_samples-too-large",
+        "dim-too-large",
+        "seed-2**63",
+        "data_seed-2**63",
+        "seed-negative",
+    ],
+)
+def test_bad_config_exits_2_before_anything_is_written(tmp_path, capsys, body, key, words):
+    cfg = train_config(tmp_path, body)
+    out = tmp_path / "run"
+    code, err = run_cli(["train", str(cfg), "--out", str(out)], capsys)
+    assert code == 2, err
+    assert f"'{key}'" in err and words in err, err
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
+def test_out_naming_an_existing_file_exits_2_and_leaves_it(tmp_path, capsys):
+    cfg = train_config(tmp_path, BASE)
+    out = tmp_path / "notes.txt"
+    out.write_text("mine")
+    code, err = run_cli(["train", str(cfg), "--out", str(out)], capsys)
+    assert code == 2 and "is a file" in err and "--out" in err, err
+    assert out.read_text() == "mine"
+    code, err = run_cli(["reproduce", "--task", "digits-cnn", "--out", str(out)], capsys)
+    assert code == 2 and "is a file" in err, err
+    assert out.read_text() == "mine"
+
+
+@NO_CUDA
+@pytest.mark.parametrize("task", ["cifar10-resnet18", "digits-cnn"])
+def test_reproduce_on_a_device_this_build_lacks_exits_2_writing_nothing(tmp_path, capsys, task):
+    out = tmp_path / "study"
+    args = ["reproduce", "--task", task, "--device", "cuda", "--out", str(out)]
+    code, err = run_cli([*args, "--data-dir", str(tmp_path / "data")], capsys)
+    assert code == 2 and "'device'" in err and "CUDA" in err, err
+    assert not out.exists()
+
+
+def test_reproduce_with_bad_pickles_writes_nothing(tmp_path, capsys):
+    _fake_cifar(tmp_path / "data", per_batch=2)
+    bad = tmp_path / "data" / "cifar-10-batches-py" / "data_batch_3"
+    bad.write_bytes(b"\x80\x04this is not a pickle")
+    out = tmp_path / "study"
+    args = ["reproduce", "--task", "cifar10-resnet18", "--data-dir", str(tmp_path / "data")]
+    code, err = run_cli([*args, "--out", str(out)], capsys)
+    assert code == 2 and "data_batch_3" in err, err
+    assert not out.exists()
+
+
+# -- checkpoints that cannot be loaded safely -----------------------------------------
+
+
+class _Boom:
+    def __reduce__(self):
+        return (print, ("UNPICKLED: this must never run",))
+
+
+def _write_with_checksum(path: Path, data: bytes) -> None:
+    path.write_bytes(data)
+    path.with_name(path.name + ".sha256").write_text(
+        f"{hashlib.sha256(data).hexdigest()}  {path.name}\n"
+    )
+
+
+@pytest.fixture
+def small_run(tmp_path, capsys):
+    cfg = train_config(tmp_path, BASE + "keep_checkpoints = 1\n")
+    out = tmp_path / "run"
+    code, err = run_cli(["train", str(cfg), "--out", str(out)], capsys)
+    assert code == 0, err
+    return cfg, out
+
+
+def test_probe_refuses_a_malicious_checkpoint_without_unpickling_it(small_run, capsys):
+    _, out = small_run
+    (newest,) = sorted((out / "checkpoints").glob("ckpt_*.pt"))
+    _write_with_checksum(newest, pickle.dumps({"model": _Boom()}, protocol=2))
+    table = out.parent / "t.csv"
+    code, err = run_cli(["probe", "--checkpoint", str(newest), "--out", str(table)], capsys)
+    assert code == 2, err
+    assert "could not be loaded safely" in err and newest.name in err
+    assert "UNPICKLED" not in err and not table.exists()
+
+
+@pytest.mark.parametrize("damage", ["malicious", "garbage"])
+def test_resume_from_an_unloadable_checkpoint_says_so_not_checksum(small_run, capsys, damage):
+    cfg, out = small_run
+    (newest,) = sorted((out / "checkpoints").glob("ckpt_*.pt"))
+    data = pickle.dumps(_Boom(), protocol=2) if damage == "malicious" else b"not torch data"
+    _write_with_checksum(newest, data)
+    code, err = run_cli(["train", str(cfg), "--out", str(out), "--resume"], capsys)
+    assert code == 2, err
+    assert "could not be loaded safely" in err and newest.name in err
+    assert "checksum" not in err and "corrupt" not in err
+    assert "UNPICKLED" not in err
+
+
+# -- the non-finite stops and epochs = 0 as the docs say -----------------------------
+
+
+def test_a_step_size_too_large_for_float32_is_a_nonfinite_stop(tmp_path, capsys):
+    """A float32 run with ``lr = 1e200``: exit 3, the message, summary.json; no RuntimeError."""
+    cfg = train_config(tmp_path, BASE + "lr = 1e200\n")
+    out = tmp_path / "run"
+    code, err = run_cli(["train", str(cfg), "--out", str(out)], capsys)
+    text = err + (out / "train.log").read_text()
+    assert code == 3, text
+    assert "non-finite value at epoch 0, step 1" in text and "last good checkpoint" in text
+    assert "step size lr = 1e+200" in text and "RuntimeError" not in text
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "nonfinite" and "lr = 1e+200" in summary["message"]
+    assert list((out / "checkpoints").glob("ckpt_*.pt"))  # x_0, untouched
+
+
+def test_epochs_zero_writes_what_the_docs_say(tmp_path, capsys):
+    cfg = train_config(tmp_path, BASE.replace("epochs = 1", "epochs = 0"))
+    out = tmp_path / "run"
+    code, err = run_cli(["train", str(cfg), "--out", str(out)], capsys)
+    assert code == 0, err
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert files == [
+        "checkpoints/ckpt_0000000001.pt",
+        "checkpoints/ckpt_0000000001.pt.sha256",
+        "components/epoch_0000.npz",
+        "config.toml",
+        "env.json",
+        "epochs.csv",
+        "summary.json",
+        "train.log",
+    ]
+    assert json.loads((out / "summary.json").read_text())["status"] == "completed"
+
+
+# -- the library refuses what the CLI refuses ------------------------------------------
+
+
+def test_fit_refuses_a_single_sample_component_under_train_batchnorm_before_any_step(tmp_path):
+    """Edge case 9 in the library (issue 9's parity): refused at setup, nothing changed."""
+    from clipscope import Components, fit
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2)
+    )
+    X, Y = torch.randn(5, 3), torch.randint(0, 2, (5,))
+    comps = Components.from_tensors(X, Y, batch_size=2)  # sizes 2, 2, 1
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"component\(s\) \[2\] hold a single sample"):
+        fit(model, torch.nn.functional.cross_entropy, comps, "igc", lr=0.1, epochs=3,
+            progress=False, run_dir=tmp_path / "run")  # fmt: skip
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not (tmp_path / "run").exists()
+    drop = Components.from_tensors(X, Y, batch_size=2, drop_last=True)
+    history = fit(model, torch.nn.functional.cross_entropy, drop, "igc", lr=0.1, progress=False)
+    assert history.status == "completed"

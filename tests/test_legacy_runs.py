@@ -1,0 +1,120 @@
+"""Run directories written before the loop's units existed still read and resume.
+
+``fixtures/legacy_runs`` holds runs written by clipscope at f1fd55b (one flat
+20-key ``loop`` dict per checkpoint; see its README): an IGC run with smoothness
+and an SGD run with NT-ASGD, each completed and killed mid-epoch. Today's code
+must read their records, resume the killed ones to the end -- bitwise equal to
+an uninterrupted run of today's code -- and reproduce the old completed runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from clipscope.atomic import latest_checkpoint, list_checkpoints, load_checkpoint
+from clipscope.cli import main
+from clipscope.loop.state import upgrade_checkpoint
+from clipscope.run.directory import COLUMNS, load_run
+from clipscope.train import train
+
+LEGACY = Path(__file__).resolve().parent / "fixtures" / "legacy_runs"
+RUNS = {"igc": "igc.toml", "ntasgd": "ntasgd.toml"}
+
+
+def quiet(text: str) -> None:
+    pass
+
+
+def rows_of(run: Path) -> list[dict[str, str]]:
+    with open(run / "epochs.csv", newline="") as handle:
+        return [{k: v for k, v in r.items() if k != "wall_time"} for r in csv.DictReader(handle)]
+
+
+def params_of(run: Path) -> dict[str, torch.Tensor]:
+    return latest_checkpoint(run / "checkpoints")[1]["model"]
+
+
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory):
+    """Today's code, uninterrupted, on the fixtures' configs."""
+    base = tmp_path_factory.mktemp("fresh")
+    out = {}
+    for name, config in RUNS.items():
+        assert train(LEGACY / config, base / name, echo=quiet) == 0
+        out[name] = base / name
+    return out
+
+
+@pytest.mark.parametrize("run", sorted(p.name for p in LEGACY.iterdir() if p.is_dir()))
+def test_records_of_old_runs_read(run):
+    record = load_run(LEGACY / run)
+    assert record.n_rows >= 2 and list(record.rows)[: len(COLUMNS)] == list(COLUMNS)
+    assert record.method in ("igc", "sgd") and record.eta == 1.0 and record.batch_size == 8
+    arrays = record.components(0)
+    assert arrays["norms"].shape == (8,) and float(arrays["grad_norm"]) > 0
+    for path in list_checkpoints(LEGACY / run / "checkpoints"):
+        payload = upgrade_checkpoint(load_checkpoint(path))
+        assert {"loop", "units", "model", "optimizer", "order"} <= set(payload)
+        assert "ckpt_seq" not in payload["loop"] and payload["units"]["checkpointing"]["seq"] > 0
+
+
+def test_old_checkpoint_splits_into_loop_and_units():
+    (path,) = list_checkpoints(LEGACY / "ntasgd-completed" / "checkpoints")
+    old = load_checkpoint(path)
+    new = upgrade_checkpoint(old)
+    assert set(new["loop"]) == {"epoch", "pos", "step", "probed", "indices", "rows", "rnn_state"}
+    nt = new["units"]["nt_asgd"]
+    assert nt["count"] == old["loop"]["avg_n"] > 0 and nt["history"] == old["loop"]["nt_history"]
+    assert torch.equal(nt["average"][0], old["loop"]["avg"][0])
+    assert new["units"]["step_statistics"]["clipped"] == old["loop"]["step_clipped"]
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_killed_old_run_resumes_to_todays_uninterrupted_run(name, fresh, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(LEGACY / f"{name}-killed", run)
+    messages = []
+    assert train(LEGACY / RUNS[name], run, resume=True, echo=messages.append) == 0
+    assert any("resumed at epoch" in m for m in messages)
+    gold = fresh[name]
+    assert rows_of(run) == rows_of(gold)
+    pa, pb = params_of(run), params_of(gold)
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    for item in sorted((gold / "components").glob("*.npz")):
+        with np.load(item) as a, np.load(run / "components" / item.name) as b:
+            assert all(np.array_equal(a[k], b[k]) for k in a.files)
+    if name == "ntasgd":
+        xa = torch.load(run / "averaged_model.pt", weights_only=True)
+        xb = torch.load(gold / "averaged_model.pt", weights_only=True)
+        assert all(torch.equal(xa[k], xb[k]) for k in xa)
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_todays_run_reproduces_the_old_completed_run(name, fresh):
+    """Same config, same numbers (to float64 rounding, in case the old run's CPU differed)."""
+    old, new = rows_of(LEGACY / f"{name}-completed"), rows_of(fresh[name])
+    assert [list(r) for r in old] == [list(r) for r in new]  # the same columns, in order
+    for a, b in zip(old, new, strict=True):
+        for key in a:
+            np.testing.assert_allclose(float(b[key]), float(a[key]), rtol=1e-12, atol=1e-300)
+    pa, pb = params_of(LEGACY / f"{name}-completed"), params_of(fresh[name])
+    assert all(torch.allclose(pa[k], pb[k], rtol=1e-12, atol=0) for k in pa)
+
+
+def test_probe_and_theory_read_old_checkpoints(tmp_path, capsys):
+    from clipscope.config import load_config
+    from clipscope.theory_check import measure_points
+
+    run = LEGACY / "igc-completed"
+    (ckpt,) = list_checkpoints(run / "checkpoints")
+    table = tmp_path / "t.csv"
+    assert main(["probe", "--checkpoint", str(ckpt), "--out", str(table)]) == 0
+    assert "epoch 4" in capsys.readouterr().out and table.is_file()
+    points = measure_points(run, load_config(run / "config.toml"), False, 1e-6)["points"]
+    assert [p["epoch"] for p in points] == [0, 4]
