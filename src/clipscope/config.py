@@ -500,7 +500,7 @@ def check_resources(config: TrainConfig) -> None:
         need = (2 * n * (config.dim + 1) + config.dim) * itemsize
         have = _available_memory()
         if have is not None and need > have:
-            key = "n_samples" if n * 8 >= config.dim else "dim"
+            key = "n_samples" if n / 256 >= config.dim / 8 else "dim"  # the further from default
             raise _bad(
                 key,
                 getattr(config, key),

@@ -15,8 +15,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Train with SGD-/IGC-/RR-clip (or shuffle-once, Zhang et al.) as the TOML config says, "
             "probing the clipping statistics at the start of every epoch. Exit codes: 0 done, "
-            "2 bad config or refused directory, 3 non-finite loss/gradient (last good checkpoint "
-            "kept), 4 I/O error (e.g. disk full), 130/143 interrupted by SIGINT/SIGTERM "
+            "2 bad config or refused directory, 3 non-finite loss, gradient or step (last good "
+            "checkpoint kept), 4 I/O error (e.g. disk full), 130/143 interrupted by SIGINT/SIGTERM "
             "(checkpointed; continue with --resume)."
         ),
     )

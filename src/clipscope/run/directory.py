@@ -216,7 +216,9 @@ class RunDirectory:
         unloadable checkpoints renamed ``*.corrupt``, and :attr:`files` written.
         """
         if self.path.exists() and not self.path.is_dir():
-            raise FileExistsError(f"{self.path} is a file, not a run directory; choose another")
+            raise FileExistsError(
+                f"{self.path} is a file, not a directory: choose another output directory (--out)"
+            )
         if self.path.is_dir() and any(self.path.iterdir()) and not resume:
             raise FileExistsError(
                 f"{self.path} exists and is not empty; use --resume to continue the run in it, "
