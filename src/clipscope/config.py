@@ -52,6 +52,7 @@ from clipscope.engine.guard import DROPOUT_POLICIES
 from clipscope.errors import ConfigError
 from clipscope.math.stats import check_eta
 from clipscope.methods import METHODS, SCHEDULES
+from clipscope.run.directory import setting_diff
 
 __all__ = [
     "DTYPES",
@@ -546,14 +547,9 @@ def dump_config(config: TrainConfig) -> str:
 def config_diff(old: TrainConfig, new: TrainConfig) -> list[str]:
     """Lines ``key: old -> new`` for every field that differs (``progress`` is ignored).
 
+    The comparison a resume makes (:func:`clipscope.run.directory.setting_diff`).
+
     >>> config_diff(TrainConfig(), TrainConfig(lr=0.1))
     ['lr: 0.01 -> 0.1']
     """
-    out = []
-    for f in fields(old):
-        if f.name == "progress":
-            continue
-        a, b = getattr(old, f.name), getattr(new, f.name)
-        if a != b:
-            out.append(f"{f.name}: {_toml_value(a)} -> {_toml_value(b)}")
-    return out
+    return setting_diff(old.setting(), new.setting())

@@ -76,6 +76,7 @@ __all__ = [
     "eta_column",
     "load_run",
     "read_rows",
+    "setting_diff",
 ]
 
 #: The standard columns of ``epochs.csv``, in order (``docs/training.md`` says what each means).
@@ -142,7 +143,15 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def _diff(stored: Mapping[str, Any], current: Mapping[str, Any], keys: Iterable[str]) -> list[str]:
+def setting_diff(
+    stored: Mapping[str, Any], current: Mapping[str, Any], keys: Iterable[str] | None = None
+) -> list[str]:
+    """Lines ``key: old -> new`` for the keys (default: of both) whose values differ, sorted.
+
+    >>> setting_diff({"lr": 0.05, "eta": 1.0}, {"lr": 0.1, "eta": 1.0})
+    ['lr: 0.05 -> 0.1']
+    """
+    keys = set(stored) | set(current) if keys is None else keys
     return [
         f"{k}: {stored.get(k)!r} -> {current.get(k)!r}"
         for k in sorted(keys)
@@ -277,7 +286,7 @@ class RunDirectory:
                 config = tomllib.loads((self.path / "config.toml").read_text())
             stored = _legacy_setting(stored, config)
             keys = set(stored)
-        diff = _diff(stored, current, keys)
+        diff = setting_diff(stored, current, keys)
         if not diff:
             return
         shown = "\n  ".join(diff)
