@@ -34,8 +34,9 @@ from typing import Any
 from torch import nn
 
 from clipscope.atomic import atomic_write_text, load_checkpoint
+from clipscope.config import check_resources, load_config
 from clipscope.engine import DROPOUT_POLICIES, ROUTES, MultiProbeResult, probe
-from clipscope.tasks import BUILTIN_TASKS, builtin_task
+from clipscope.tasks import BUILTIN_TASKS, build_task, builtin_task
 
 COLUMNS = ("batch_size", "component", "size", "loss", "norm", "dot", "cos", "beta")
 
@@ -152,9 +153,6 @@ def load_task(args: argparse.Namespace) -> tuple[nn.Module, Any, Any, dict[str, 
             f"{', '.join(given)} apply to built-in tasks only; set batch_size / n_samples / "
             f"bptt in the config {config}"
         )
-    from clipscope.config import check_resources, load_config
-    from clipscope.tasks import build_task
-
     cfg = load_config(config)
     check_resources(cfg)
     etas = args.eta if args.eta else [*cfg.etas, cfg.eta]
@@ -165,8 +163,8 @@ def load_task(args: argparse.Namespace) -> tuple[nn.Module, Any, Any, dict[str, 
             raise ValueError(f"checkpoint {checkpoint} has no 'model' entry (not a clipscope run?)")
     try:
         model, loss_fn, comps, _heldout = build_task(cfg)
-    except ValueError as exc:
-        raise ValueError(f"{config}: {exc}") from None
+    except ValueError as exc:  # ConfigError, a data error: same type, the config named
+        raise type(exc)(f"{config}: {exc}") from None
     point = "x_0 (initial point of the config)"
     if state is not None:
         try:
