@@ -199,11 +199,13 @@ def test_family_rules_match_brute_force(layer: Layer):
     per_param = dict(zip(attrs, torch.split(rows, sizes, dim=1), strict=True))
     dirs = {a: plan.directions[plan.index[id(getattr(mod, a))]] for a in attrs}
     ghost = family.per_sample(mod, calls, attrs, x.shape[0], dirs)
+    totals = family.batch_grad(mod, calls, attrs, x.shape[0])
     for a in attrs:
         G = per_param[a]
         torch.testing.assert_close(ghost[a].sq, G.square().sum(1), rtol=1e-10, atol=1e-14)
         total = G.sum(0).reshape(getattr(mod, a).shape)
         torch.testing.assert_close(ghost[a].proj, dirs[a].of_tensor(total), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(totals[a].double(), total, rtol=1e-10, atol=1e-12)
     gen = torch.Generator().manual_seed(2)
     vectors = {
         a: torch.randn(getattr(mod, a).shape, generator=gen, dtype=torch.float64) for a in attrs

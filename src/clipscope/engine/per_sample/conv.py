@@ -180,6 +180,31 @@ class ConvFamily(LayerFamily):
             out["bias"] = ParamGhost(sq_sum(per, (1,)), dirs["bias"].of_vector(per))
         return out
 
+    def batch_grad(self, mod, calls, names, batch):
+        """The plain weight-gradient convolution over the batch (what autograd computes)."""
+        used = grads_of(calls)
+        out = {n: torch.zeros_like(getattr(mod, n), dtype=torch.float64) for n in names}
+        nd = len(mod.kernel_size)
+        for c, g in used:
+            a, b = up(c.inputs[0]), up(g)
+            if "weight" in names:
+                if isinstance(mod, _TRANSPOSED):
+                    inp, go, padding = b, a, tuple(mod.padding)
+                else:
+                    (inp, padding), go = _padded(mod, a), b
+                out["weight"] += _WEIGHT_GRAD[nd](
+                    inp,
+                    mod.weight.shape,
+                    go,
+                    stride=mod.stride,
+                    padding=padding,
+                    dilation=mod.dilation,
+                    groups=mod.groups,
+                ).double()
+            if "bias" in names:
+                out["bias"] += b.reshape(b.shape[0], b.shape[1], -1).sum((0, 2)).double()
+        return out
+
     def dots(self, mod, calls, names, vectors, batch):
         """``⟨g_j(W), V⟩`` from per-sample weight gradients (chunked) plus ``Σ_l b_l·v_bias``."""
         used = grads_of(calls)

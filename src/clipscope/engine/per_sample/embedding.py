@@ -90,6 +90,15 @@ class EmbeddingFamily(LayerFamily):
         )
         return {"weight": ParamGhost(sq, proj)}
 
+    def batch_grad(self, mod, calls, names, batch):
+        """``Σ_t`` of ``b_t`` added to row ``i_t``."""
+        tk = _tokens(mod, calls, batch)
+        w = torch.zeros(mod.weight.shape, dtype=torch.float64, device=mod.weight.device)
+        if tk is not None:
+            idx, b = tk
+            w.index_add_(0, idx.reshape(-1), b.reshape(-1, b.shape[-1]).double())
+        return {"weight": w}
+
     def dots(self, mod, calls, names, vectors, batch):
         """``Σ_t b_t·V[i_t]`` per sample."""
         tk = _tokens(mod, calls, batch)

@@ -159,6 +159,17 @@ class LayerFamily:
         """``⟨g_j, v⟩`` over ``mod``'s ``names`` for every sample, float64 ``(B,)``."""
         raise NotImplementedError
 
+    def batch_grad(
+        self, mod: nn.Module, calls: list[Call], names: list[str], batch: int
+    ) -> dict[str, torch.Tensor]:
+        """``Σ_j g_j(p)`` for each of ``names``, formed in full from the recorded calls.
+
+        What :meth:`per_sample` only projects. The probe takes the batch
+        gradient from autograd; this is for tests and for measuring what the
+        structural check costs (``bench/engine.py``).
+        """
+        raise NotImplementedError
+
 
 def single_input_record(
     mod: nn.Module, args: tuple, output: Any, batch: int

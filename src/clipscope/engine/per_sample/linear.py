@@ -74,6 +74,20 @@ class LinearFamily(LayerFamily):
                 out[name] = ParamGhost(bias_sq_norm(b), dirs[name].of_vector(b))
         return out
 
+    def batch_grad(self, mod, calls, names, batch):
+        """``Σ_{j,t} b_t a_tᵀ`` and ``Σ_{j,t} b_t``."""
+        tk = tokens(calls, batch)
+        if tk is None:
+            return {n: torch.zeros_like(getattr(mod, n)) for n in names}
+        a, b = up(tk[0]), up(tk[1])
+        b2 = b.reshape(-1, b.shape[-1])
+        out = {}
+        if "weight" in names:
+            out["weight"] = b2.t() @ a.reshape(-1, a.shape[-1])
+        if "bias" in names:
+            out["bias"] = b2.sum(0)
+        return out
+
     def dots(self, mod, calls, names, vectors, batch):
         """``Σ_t b_t·(V a_t) + b_t·v_bias`` per sample."""
         tk = tokens(calls, batch)

@@ -117,6 +117,16 @@ class NormFamily(LayerFamily):
             out[name] = ParamGhost(sq_sum(g, (1,)), d.of_tensor(total))
         return out
 
+    def batch_grad(self, mod, calls, names, batch):
+        """The per-sample affine gradients, summed."""
+        gw, gb = self._grads(mod, calls, batch)
+        out = {}
+        for name, g in (("weight", gw), ("bias", gb)):
+            if name in names:
+                p = getattr(mod, name)
+                out[name] = torch.zeros_like(p) if g is None else g.sum(0).reshape(p.shape)
+        return out
+
     def dots(self, mod, calls, names, vectors, batch):
         """``⟨g_j(weight), v_w⟩ + ⟨g_j(bias), v_b⟩`` per sample."""
         device = next(iter(mod.parameters())).device

@@ -17,8 +17,9 @@ without calling ``out_proj``), a gradient torch defines per batch
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +36,28 @@ from clipscope.engine.per_sample.norm import NormFamily
 from clipscope.engine.per_sample.rnn import LSTMFamily, RNNLoopFamily
 from clipscope.engine.verify import PerSampleFallbackWarning, VerificationError
 
-__all__ = ["FAMILIES", "VERIFICATION_STAGES", "Event", "Plan"]
+__all__ = ["FAMILIES", "VERIFICATION_STAGES", "Event", "Plan", "unchecked_for_benchmarks"]
+
+_UNCHECKED = False
+
+
+@contextlib.contextmanager
+def unchecked_for_benchmarks() -> Iterator[None]:
+    """Plans made in the block skip the structural check: for measuring what it costs.
+
+    Inside, the ghost pass differentiates w.r.t. the recorded layer outputs
+    only (autograd never forms the served layers' weight gradients), takes the
+    batch gradient from the rules (:meth:`LayerFamily.batch_grad`) and compares
+    nothing. ``bench/engine.py`` times the per-sample route with and without
+    the checks this way; nothing else may use it.
+    """
+    global _UNCHECKED
+    previous, _UNCHECKED = _UNCHECKED, True
+    try:
+        yield
+    finally:
+        _UNCHECKED = previous
+
 
 #: The families, in the order they are asked (the LSTM ghost before the generic loop).
 FAMILIES: tuple[LayerFamily, ...] = (
@@ -109,7 +131,8 @@ class Plan:
         self.names = _names(model, self.params)
         self.index = {id(p): k for k, p in enumerate(self.params)}
         self.strict = bool(strict)
-        self.k = int(directions)
+        self.unchecked = _UNCHECKED
+        self.k = 0 if self.unchecked else int(directions)
         self.events: list[Event] = []
         self.fallback: dict[int, str] = {}  # param index -> reason
         self.batch1: set[int] = set()  # param indices defined by batch-1 backward passes only

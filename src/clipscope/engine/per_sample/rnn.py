@@ -182,6 +182,24 @@ class LSTMFamily(LayerFamily):
                 out[name] = ParamGhost(bias_sq_norm(delta), d.of_vector(delta))
         return out
 
+    def batch_grad(self, mod, calls, names, batch):
+        """``Σ_{j,t} δ_t x_tᵀ`` etc. from the gate gradients."""
+        layers = self._layers(mod, calls)
+        out = {}
+        for name in names:
+            if layers is None:
+                out[name] = torch.zeros_like(getattr(mod, name))
+                continue
+            kind, layer = name.rsplit("_l", 1)
+            a_in, h_prev, delta = layers[int(layer)]
+            d2 = delta.reshape(-1, delta.shape[-1])
+            if kind.startswith("weight"):
+                a = a_in if kind == "weight_ih" else h_prev
+                out[name] = d2.t() @ a.reshape(-1, a.shape[-1])
+            else:
+                out[name] = d2.sum(0)
+        return out
+
     def dots(self, mod, calls, names, vectors, batch):
         """``Σ_t δ_t·(V x_t)`` etc. per sample."""
         out = zeros(batch, mod.weight_ih_l0.device)
@@ -295,6 +313,14 @@ class RNNLoopFamily(LayerFamily):
             d = dirs[n]
             proj = zeros(d.u.shape[1], device) if sums[n] is None else d.of_tensor(sums[n])
             out[n] = ParamGhost(sq[n], proj)
+        return out
+
+    def batch_grad(self, mod, calls, names, batch):
+        """The per-sample gradients of the loop, summed."""
+        out = {n: torch.zeros_like(getattr(mod, n), dtype=torch.float64) for n in names}
+        for _, gs in self._per_sample_grads(mod, calls, names, batch):
+            for n, g in zip(names, gs, strict=True):
+                out[n] += g.double()
         return out
 
     def dots(self, mod, calls, names, vectors, batch):
