@@ -77,6 +77,7 @@ def test_zoo_matches_float64_brute_force(arch: Arch):
     assert (v["dots_fallback"] is not None) == arch.dots_fallback
     assert result.route == ("per-sample+fallback" if expect_warning else "per-sample")
     assert v["spot_checks"] == min(4, arch.n) and v["consistency"]["flags"] == []
+    assert v["attempts"] == arch.attempts
     assert v["structural_checks"] > 0 or not v["rules"]
 
 

@@ -8,7 +8,10 @@ Utilities shared with the runner and the smoothness code:
 * :func:`dropout_modules`, :func:`batch_coupled_modules`, :func:`trainable_params`.
 
 The probe itself: :func:`probe` -> :class:`ProbeResult` (or :class:`MultiProbeResult`
-for several batch sizes), and its brute-force twin :func:`reference_probe`.
+for several batch sizes), and its brute-force twin :func:`reference_probe`. The
+engine's own checks (:mod:`clipscope.engine.verify`) warn with
+:class:`PerSampleFallbackWarning` / :class:`ConsistencyWarning` and raise
+:class:`VerificationError` under ``strict=True``.
 """
 
 from clipscope.engine.guard import (
@@ -23,12 +26,20 @@ from clipscope.engine.guard import (
 from clipscope.engine.losses import component_losses, param_names, trainable_params
 from clipscope.engine.probe import ROUTES, probe, reference_probe
 from clipscope.engine.result import MultiProbeResult, ProbeResult, noise_scale
+from clipscope.engine.verify import (
+    ConsistencyWarning,
+    PerSampleFallbackWarning,
+    VerificationError,
+)
 
 __all__ = [
     "DROPOUT_POLICIES",
     "ROUTES",
+    "ConsistencyWarning",
     "MultiProbeResult",
+    "PerSampleFallbackWarning",
     "ProbeResult",
+    "VerificationError",
     "batch_coupled_modules",
     "component_losses",
     "component_seed",

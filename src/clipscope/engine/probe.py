@@ -33,7 +33,15 @@ Routes (DESIGN §4), all exact, all compared in the tests with
     every sample of the given components (used as chunks) is a component of
     batch size 1: per-sample norms and dots come from
     :mod:`clipscope.engine.per_sample` (ghost norms, forward-mode dots), ``∇f``
-    from ordinary chunk backwards. Refuses train-mode BatchNorm.
+    from the same chunk backwards. Every rule is verified
+    (:mod:`clipscope.engine.verify`: a structural check at every chunk, a spot
+    check of ``spot_checks`` seeded samples); parameters without a rule or
+    whose check fails come from an exact fallback, with a warning, and
+    ``result.route`` is then ``"per-sample+fallback"``. Refuses train-mode
+    BatchNorm.
+
+Every route checks its result for consistency (Cauchy–Schwarz, ``Σ d_i =
+m‖∇f‖²``) and warns (``strict=True``: raises) on a violation.
 
 ``route="auto"`` picks ``dyadic`` when several batch sizes are asked for,
 ``per-sample`` for ``batch_sizes=[1]``, else ``keep`` when it fits the memory
@@ -547,8 +555,10 @@ def _per_sample(
                     f"gradients ({failures}): the components are not reproducible (randomness "
                     "that the dropout policy does not control?)"
                 )
-            for k, reason in failures["params"].items():
-                plan.demote([k], "spot-norm", reason)
+            if failures["params"]:  # one event: the first sample's reason speaks for all
+                plan.demote(
+                    list(failures["params"]), "spot-norm", next(iter(failures["params"].values()))
+                )
             if failures["dots"] is not None:
                 plan.demote_dots("spot-dot", failures["dots"])
             if attempt == 1:  # the second failure: nothing from the rules any more

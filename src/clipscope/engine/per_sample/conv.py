@@ -181,7 +181,7 @@ class ConvFamily(LayerFamily):
         return out
 
     def batch_grad(self, mod, calls, names, batch):
-        """The plain weight-gradient convolution over the batch (what autograd computes)."""
+        """Sum by the plain weight-gradient convolution over the batch (what autograd does)."""
         used = grads_of(calls)
         out = {n: torch.zeros_like(getattr(mod, n), dtype=torch.float64) for n in names}
         nd = len(mod.kernel_size)

@@ -21,6 +21,7 @@ dots of 4e5 > 65504); a float32 JVP whose dots overflow is redone the same way.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jvp
 
+from clipscope.engine.per_sample._common import rng_replay, rng_snapshot
 from clipscope.engine.per_sample.batch import (
     check_inputs,
     kernels_for_derivatives,
@@ -104,12 +106,16 @@ def per_sample_dots(
     params = plan.params
     tangents = split_vector(vector, params)
     randomness = randomness_active(model)
+    # under active dropout every forward here must start from the caller's RNG state
+    # (the chunk's), so that a fallback after the JVP sees the same masks
+    snapshot = rng_snapshot(x.device) if randomness else None
     n = len(params)
     forward = [] if plan.dots_fallback else [k for k in range(n) if k not in plan.batch1]
     dots = torch.zeros(batch, dtype=torch.float64, device=x.device)
     if forward:
         try:
-            losses, jvp_dots = _jvp_dots(model, loss_fn, x, y, plan, forward, tangents, batch)
+            with rng_replay(snapshot) if snapshot is not None else contextlib.nullcontext():
+                losses, jvp_dots = _jvp_dots(model, loss_fn, x, y, plan, forward, tangents, batch)
         except (NotImplementedError, RuntimeError) as exc:
             plan.demote_dots("jvp", f"forward-mode AD failed ({_first_line(exc)})")
             forward = []
@@ -133,15 +139,16 @@ def per_sample_dots(
         if ks:
             if mode == "vmap" and plan.vmap_failed:
                 mode = "loop"
-            fs = fallback_stats(
-                model,
-                loss_fn,
-                x,
-                y,
-                [params[k] for k in ks],
-                mode,
-                vector=[tangents[k] for k in ks],
-            )
+            with rng_replay(snapshot) if snapshot is not None else contextlib.nullcontext():
+                fs = fallback_stats(
+                    model,
+                    loss_fn,
+                    x,
+                    y,
+                    [params[k] for k in ks],
+                    mode,
+                    vector=[tangents[k] for k in ks],
+                )
             dots += fs.dots
     return dots
 

@@ -118,7 +118,7 @@ class NormFamily(LayerFamily):
         return out
 
     def batch_grad(self, mod, calls, names, batch):
-        """The per-sample affine gradients, summed."""
+        """Sum the per-sample affine gradients."""
         gw, gb = self._grads(mod, calls, batch)
         out = {}
         for name, g in (("weight", gw), ("bias", gb)):

@@ -316,7 +316,7 @@ class RNNLoopFamily(LayerFamily):
         return out
 
     def batch_grad(self, mod, calls, names, batch):
-        """The per-sample gradients of the loop, summed."""
+        """Sum the per-sample gradients of the loop."""
         out = {n: torch.zeros_like(getattr(mod, n), dtype=torch.float64) for n in names}
         for _, gs in self._per_sample_grads(mod, calls, names, batch):
             for n, g in zip(names, gs, strict=True):
