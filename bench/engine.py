@@ -19,6 +19,7 @@ Usage::
     python bench/engine.py --many     # 50,000 per-sample components, streaming
     python bench/engine.py --only checks   # what the per-sample checks cost (issue 9)
     python bench/engine.py --clock cpu     # process CPU time instead of wall time
+    python bench/engine.py --threads 1     # torch.set_num_threads(1)
 
 Targets (issue 3): keep ≤ 1.1×, two-pass ≤ 2.05×, dyadic with 6 sizes ≤ 2.2×
 (naive 12×), per-sample norms + cosines ≤ 2.5× (torch.func vmap ≈ 4.3×).
@@ -582,12 +583,15 @@ def main(argv: list[str] | None = None) -> int:
         default="wall",
         help="time by the wall clock (default) or by this process's CPU time",
     )
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N)")
     args = ap.parse_args(argv)
     if args.many:
         many(args)
         return 0
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     args.repeats = args.repeats or (3 if args.quick else 5)
     args.batches = args.batches or (4 if args.quick else 16)
     print(

@@ -572,8 +572,7 @@ def _per_sample(
 
 def _per_sample_once(model, loss_fn, components, flat, etas, dropout, seed, progress, plan, spot):
     from clipscope.engine import per_sample
-    from clipscope.engine.per_sample.batch import randomness_active
-    from clipscope.engine.per_sample.fallback import fallback_stats, per_sample_grads
+    from clipscope.engine.per_sample.fallback import fallback_stats
 
     m_chunks = len(components)
     n_samples = int(sum(components.sizes))
@@ -628,23 +627,21 @@ def _per_sample_once(model, loss_fn, components, flat, etas, dropout, seed, prog
         local = [int(j) - a for j in spot[(spot >= a) & (spot < b)]]
         if local:
             with rng_for_component(dropout, seed, c):
-                if randomness_active(model):  # the chunk's masks: through its batch forward
-                    own = per_sample_grads(model, loss_fn, x, y, params, "graph", only=local)
-                else:  # a batch-1 forward per spot sample: the paper's component itself
-                    own = per_sample_grads(model, loss_fn, x[local], y[local], params, "loop")
-                for (_, gs), j in zip(own, local, strict=True):
-                    _spot_compare(
-                        a + j,
-                        [g[0] for g in gs],
-                        spot_sq[a + j],
-                        dots[a + j],
-                        full_parts,
-                        gnorm,
-                        tol,
-                        plan,
-                        failures,
-                        spot_record,
-                    )
+                own = _spot_gradients(model, loss_fn, x, y, params, local, plan)
+            for i, j in enumerate(local):
+                _spot_compare(
+                    a + j,
+                    [g[i] for g in own],
+                    spot_sq[a + j],
+                    dots[a + j],
+                    full,
+                    flat,
+                    gnorm,
+                    tol,
+                    plan,
+                    failures,
+                    spot_record,
+                )
         if not etas:
             continue
         # γ-weighted sums: one backward of Σ_j γ_j ℓ_j per η (exact for every parameter whose
@@ -681,9 +678,38 @@ def _per_sample_once(model, loss_fn, components, flat, etas, dropout, seed, prog
     }, failures
 
 
-def _spot_compare(j, own, route_sq, route_dot, full_parts, gnorm, tol, plan, failures, record):
+def _spot_gradients(model, loss_fn, x, y, params, local, plan):
+    """Return the spot samples' gradients by their own backward, per parameter ``(r, *shape)``.
+
+    Under active dropout: a backward of ``ℓ_j`` through the chunk's batch forward
+    (its masks). Otherwise each sample through its own batch-1 forward, the
+    paper's component itself: all at once by ``vmap(grad)``, or one by one where
+    vmap cannot run the model.
+    """
+    from clipscope.engine.per_sample.batch import randomness_active
+    from clipscope.engine.per_sample.fallback import choose_mode, per_sample_grads
+
+    if randomness_active(model):
+        chunks = list(per_sample_grads(model, loss_fn, x, y, params, "graph", only=local))
+    else:
+        mode = choose_mode(model, False)
+        if mode == "vmap" and plan.vmap_failed:
+            mode = "loop"
+        try:
+            chunks = list(per_sample_grads(model, loss_fn, x[local], y[local], params, mode))
+        except (RuntimeError, NotImplementedError, ValueError):
+            if mode != "vmap":
+                raise
+            plan.vmap_failed = True
+            chunks = list(per_sample_grads(model, loss_fn, x[local], y[local], params, "loop"))
+    return [torch.cat([gs[k] for _, gs in chunks]) for k in range(len(params))]
+
+
+def _spot_compare(j, own, route_sq, route_dot, full, flat, gnorm, tol, plan, failures, record):
     """Compare sample j's own gradient with the route's per-parameter norms and its dot."""
-    own_sq = [float((g.double() ** 2).sum()) for g in own]
+    g = torch.cat([t.reshape(-1) for t in own]).double()
+    own_sq = [float(v) for v in torch.stack([t.square().sum() for t in flat.unflatten(g)])]
+    own_dot = float(g @ full)
     total = sum(own_sq)
     for k, s_own in enumerate(own_sq):
         s_route = route_sq.get(k, math.nan)
@@ -696,7 +722,6 @@ def _spot_compare(j, own, route_sq, route_dot, full_parts, gnorm, tol, plan, fai
                 f"sample {j}: ‖g_j({plan.names[k]})‖² = {s_route:.9g} on the route, "
                 f"{s_own:.9g} by its own backward",
             )
-    own_dot = sum(float((g.double() * v).sum()) for g, v in zip(own, full_parts, strict=True))
     scale = math.sqrt(total) * gnorm
     err = abs(route_dot - own_dot)
     rel = err / scale if scale > 0 else (0.0 if err == 0 else math.inf)

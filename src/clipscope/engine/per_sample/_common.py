@@ -183,10 +183,13 @@ class Directions:
         ``a`` ``(..., P)``, ``b`` ``(..., Q')``; ``rows`` selects the ``Q'`` rows of
         ``u`` that ``b`` feeds (one group of a grouped convolution).
         """
+        if self.u.shape[1] == 0:
+            return self.u.new_zeros(0)
         u = self.u if rows is None else self.u[rows]
         a, b = up(a), up(b)
-        au = a.reshape(-1, a.shape[-1]) @ self.w.to(a.dtype)
-        bu = b.reshape(-1, b.shape[-1]) @ u.to(b.dtype)
+        # matmul reads strided (transposed) views in place: no copy of the patches
+        au = torch.matmul(a, self.w.to(a.dtype)).reshape(-1, self.w.shape[1])
+        bu = torch.matmul(b, u.to(b.dtype)).reshape(-1, u.shape[1])
         return (au.double() * bu.double()).sum(0)
 
     def of_vector(self, b: torch.Tensor, rows: slice | None = None) -> torch.Tensor:

@@ -124,10 +124,16 @@ def _finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    dense = [t for t in tensors if t.layout == torch.strided]
+    ok = bool(torch.stack([torch.isfinite(t).all() for t in dense]).all()) if dense else True
+    return ok and all(_finite(t) for t in tensors if t.layout != torch.strided)
+
+
 def _norm(t: torch.Tensor) -> float:
     if t.layout != torch.strided:
         t = t.coalesce().values() if t.is_sparse else t.values()
-    return float(torch.linalg.vector_norm(t.double()))
+    return float(torch.linalg.vector_norm(t, dtype=torch.float64))
 
 
 def ghost_pass(
@@ -229,7 +235,11 @@ def _ghost_once(model, loss_fn, x, y, plan, batch, randomness, scale) -> GhostPa
     calls, losses, grads = _forward_backward(
         model, loss_fn, x, y, plan, active, batch, scale, randomness
     )
-    if not all(_finite(g) for g in grads if g is not None):
+    # a finite float64 norm means finite entries (the elementwise test only when it is not)
+    norms = [None if g is None else _norm(g) for g in grads]
+    if not all(n is None or math.isfinite(n) for n in norms) and not _all_finite(
+        [g for g in grads if g is not None]
+    ):
         if scale == 1.0 and params[0].dtype not in (torch.float32, torch.float64):
             return None
         bad = [plan.names[k] for k, g in enumerate(grads) if g is not None and not _finite(g)]
@@ -264,7 +274,7 @@ def _ghost_once(model, loss_fn, x, y, plan, batch, randomness, scale) -> GhostPa
             actual = grads[k]
             if actual is None:
                 actual = torch.zeros_like(params[k])
-            bound = _norm(actual) + float(ghost.sq.clamp(min=0).sqrt().sum())
+            bound = (norms[k] or 0.0) + float(ghost.sq.clamp(min=0).sqrt().sum())
             err = structural_error(ghost.proj, plan.directions[k].of_tensor(actual), bound)
             if not err <= tol:
                 where = mname or type(mod).__name__
