@@ -20,6 +20,7 @@ Usage::
     python bench/engine.py --only checks   # what the per-sample checks cost (issue 9)
     python bench/engine.py --clock cpu     # process CPU time instead of wall time
     python bench/engine.py --threads 1     # torch.set_num_threads(1)
+    python bench/engine.py --no-memory     # time only (no RSS sampling thread)
 
 Targets (issue 3): keep ≤ 1.1×, two-pass ≤ 2.05×, dyadic with 6 sizes ≤ 2.2×
 (naive 12×), per-sample norms + cosines ≤ 2.5× (torch.func vmap ≈ 4.3×).
@@ -34,6 +35,7 @@ import argparse
 import contextlib
 import ctypes
 import gc
+import math
 import os
 import resource
 import statistics
@@ -61,7 +63,6 @@ except ImportError:  # the routes are written in parallel
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 try:
     _LIBC = ctypes.CDLL("libc.so.6")
-    _LIBC.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: fixed, so big frees return to the OS
 except OSError:  # pragma: no cover - not glibc
     _LIBC = None
 
@@ -247,7 +248,14 @@ class Table:
 CLOCK = time.perf_counter
 
 
+MEMORY = True  # --no-memory: time only (no sampling thread, glibc's own mmap threshold)
+
+
 def measure(fn: Callable[[], Any]) -> tuple[float, float]:
+    if not MEMORY:
+        t0 = CLOCK()
+        fn()
+        return CLOCK() - t0, math.nan
     with PeakRSS() as m:
         t0 = CLOCK()
         fn()
@@ -584,12 +592,20 @@ def main(argv: list[str] | None = None) -> int:
         help="time by the wall clock (default) or by this process's CPU time",
     )
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N)")
+    ap.add_argument(
+        "--no-memory",
+        action="store_true",
+        help="time only: no RSS sampling thread, glibc's default mmap threshold",
+    )
     args = ap.parse_args(argv)
     if args.many:
         many(args)
         return 0
-    global CLOCK
+    global CLOCK, MEMORY
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    MEMORY = not args.no_memory
+    if MEMORY and _LIBC is not None:
+        _LIBC.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: fixed, so big frees return to the OS
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     args.repeats = args.repeats or (3 if args.quick else 5)
@@ -601,7 +617,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("ratios: median over interleaved repeats of (method / plain epoch in that repeat)")
     print(f"clock: {'process CPU time' if args.clock == 'cpu' else 'wall clock'}")
-    print("memory: sampled peak RSS increment (see the module docstring)")
+    print(
+        "memory: sampled peak RSS increment (see the module docstring)"
+        if MEMORY
+        else "memory: not measured (--no-memory)"
+    )
     tables: list[Table] = []
     if args.only in (None, "per-sample"):
         tables += per_sample_tables(args)

@@ -192,6 +192,22 @@ class Directions:
         bu = torch.matmul(b, u.to(b.dtype)).reshape(-1, u.shape[1])
         return (au.double() * bu.double()).sum(0)
 
+    def of_factors_t(
+        self, a: torch.Tensor, b: torch.Tensor, rows: slice | None = None
+    ) -> torch.Tensor:
+        """:meth:`of_factors` with tokens along the last dim: ``a (B, P, T)``, ``b (B, Q', T)``.
+
+        The layout ``F.unfold`` and a convolution's output gradient already
+        have: two batched products with a ``(k, ·)`` matrix, no copies.
+        """
+        if self.u.shape[1] == 0:
+            return self.u.new_zeros(0)
+        u = self.u if rows is None else self.u[rows]
+        a, b = up(a), up(b)
+        aw = torch.matmul(self.w.t().to(a.dtype), a)  # (B, k, T)
+        bu = torch.matmul(u.t().to(b.dtype), b)
+        return (aw.double() * bu.double()).sum((0, 2))
+
     def of_vector(self, b: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
         """``Σ_t ⟨b_t, R_i⟩`` for a vector parameter (``P = 1``), float64 ``(k,)``."""
         u = self.u if rows is None else self.u[rows]

@@ -173,7 +173,9 @@ class ConvFamily(LayerFamily):
                     a = cat_tokens([tk[k][0] for tk in per_call])
                     b = cat_tokens([tk[k][1] for tk in per_call])
                     sq += gram_sq_norm(a, b)
-                    proj += d.of_factors(a, b, rows=slice(k * qg, (k + 1) * qg))
+                    # (B, P, L) and (B, Q, L): unfold's own layout, read without copies
+                    rows = slice(k * qg, (k + 1) * qg)
+                    proj += d.of_factors_t(a.transpose(1, 2), b.transpose(1, 2), rows=rows)
                 out["weight"] = ParamGhost(sq, proj)
         if "bias" in names:
             per = sum(g.reshape(batch, g.shape[1], -1).sum(2, dtype=torch.float64) for _, g in used)
