@@ -177,7 +177,7 @@ def _stats(model, loss_fn, x, y, params, mode, losses, vector, weights) -> Fallb
         weighted = [[torch.zeros_like(s) for s in sums] for _ in range(weights.shape[0])]
     for s, gs in per_sample_grads(model, loss_fn, x, y, params, mode, losses=losses):
         for k, g in enumerate(gs):
-            g64 = g.double().reshape(g.shape[0], -1)
+            g64 = g.detach().double().reshape(g.shape[0], -1)
             sq[k][s] = (g64 * g64).sum(1)
             sums[k] += g64.sum(0).reshape(sums[k].shape)
             if vec is not None:
