@@ -32,6 +32,7 @@ __all__ = [
     "Directions",
     "bias_sq_norm",
     "cat_tokens",
+    "dense_grad",
     "gram_sq_norm",
     "rng_replay",
     "rng_snapshot",
@@ -84,6 +85,13 @@ def sq_sum(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     """``Σ t²`` over ``dims`` in float64 (squared in float64, so nothing overflows)."""
     t = t.to(torch.float64)
     return (t * t).sum(dims)
+
+
+def dense_grad(g: torch.Tensor | None, p: torch.Tensor) -> torch.Tensor:
+    """Return a gradient as a dense tensor: zeros for ``None`` (unused), sparse densified."""
+    if g is None:
+        return torch.zeros_like(p)
+    return g.to_dense() if g.layout != torch.strided else g
 
 
 def cat_tokens(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -32,7 +32,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from clipscope.engine.losses import param_names
-from clipscope.engine.per_sample._common import CHUNK_ELEMENTS
+from clipscope.engine.per_sample._common import CHUNK_ELEMENTS, dense_grad
 from clipscope.engine.per_sample.batch import per_sample_from_output
 
 __all__ = ["MODES", "FallbackStats", "choose_mode", "fallback_stats", "per_sample_grads"]
@@ -76,12 +76,6 @@ def choose_mode(model: nn.Module, randomness: bool) -> str:
     return "vmap"
 
 
-def _dense(g: torch.Tensor | None, p: torch.Tensor) -> torch.Tensor:
-    if g is None:
-        return torch.zeros_like(p)
-    return g.to_dense() if g.layout != torch.strided else g
-
-
 def per_sample_grads(
     model: nn.Module,
     loss_fn: Callable,
@@ -109,7 +103,7 @@ def per_sample_grads(
             gs = torch.autograd.grad(losses[j], params, retain_graph=True, allow_unused=True)
             yield (
                 slice(j, j + 1),
-                [_dense(g, p).unsqueeze(0) for g, p in zip(gs, params, strict=True)],
+                [dense_grad(g, p).unsqueeze(0) for g, p in zip(gs, params, strict=True)],
             )
         return
     if mode == "loop":
@@ -119,7 +113,7 @@ def per_sample_grads(
                 gs = torch.autograd.grad(loss, params, allow_unused=True)
                 yield (
                     slice(j, j + 1),
-                    [_dense(g, p).unsqueeze(0) for g, p in zip(gs, params, strict=True)],
+                    [dense_grad(g, p).unsqueeze(0) for g, p in zip(gs, params, strict=True)],
                 )
         return
     if mode != "vmap":

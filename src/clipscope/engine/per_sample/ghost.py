@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from clipscope.engine.per_sample._common import dense_grad
 from clipscope.engine.per_sample.batch import (
     check_inputs,
     per_sample_from_output,
@@ -110,12 +111,6 @@ class _Recorder:
             h.remove()
         outputs, self.outputs = self.outputs, []
         return outputs
-
-
-def _dense(g: torch.Tensor | None, p: torch.Tensor) -> torch.Tensor:
-    if g is None:
-        return torch.zeros_like(p)
-    return g.to_dense() if g.layout != torch.strided else g
 
 
 def _finite(t: torch.Tensor) -> bool:
@@ -294,7 +289,7 @@ def _ghost_once(model, loss_fn, x, y, plan, batch, randomness, scale) -> GhostPa
         if k in unchecked_sums:
             grad_sum[k] = unchecked_sums[k]
         else:
-            grad_sum[k] = _dense(grads[k], params[k]).double() / scale
+            grad_sum[k] = dense_grad(grads[k], params[k]).double() / scale
     rest = [k for k in range(len(params)) if k not in per_param]
     if rest:
         del grads
