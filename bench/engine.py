@@ -2,8 +2,9 @@
 
 Every method runs over the same components as the baseline "one plain
 forward+backward epoch" (``torch.autograd.grad`` of each batch's mean loss);
-the methods are interleaved within each repeat and the printed ratio is the
-median over repeats of ``method / baseline`` in that repeat. Never a test.
+the methods are interleaved within each repeat (the baseline first, the
+methods' order rotated from one repeat to the next) and the printed ratio is
+the median over repeats of ``method / baseline`` in that repeat. Never a test.
 
 Peak memory: the resident set size (``/proc/self/statm``) sampled every
 0.5 ms by a thread while the method runs, minus the RSS just before it, after
@@ -16,16 +17,25 @@ Usage::
     python bench/engine.py            # full run (several minutes on 2 cores)
     python bench/engine.py --quick    # smaller epochs, 3 repeats
     python bench/engine.py --many     # 50,000 per-sample components, streaming
+    python bench/engine.py --only checks   # what the per-sample checks cost (issue 9)
+    python bench/engine.py --clock cpu     # process CPU time instead of wall time
+    python bench/engine.py --threads 1     # torch.set_num_threads(1)
+    python bench/engine.py --no-memory     # time only (no RSS sampling thread)
 
 Targets (issue 3): keep ≤ 1.1×, two-pass ≤ 2.05×, dyadic with 6 sizes ≤ 2.2×
 (naive 12×), per-sample norms + cosines ≤ 2.5× (torch.func vmap ≈ 4.3×).
+Issue 9: the per-sample route's structural and spot checks add ≤ 10 % to the
+per-sample probe (``--only checks``: the probe without checks, with the
+structural check only, and with both, interleaved in one run).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
+import math
 import os
 import resource
 import statistics
@@ -43,6 +53,7 @@ from torch.nn import functional as F
 
 from clipscope.components import Components, SequentialComponents
 from clipscope.engine.per_sample import ghost_pass, per_sample_dots
+from clipscope.engine.per_sample.plan import unchecked_for_benchmarks
 
 try:
     from clipscope.engine import probe
@@ -52,7 +63,6 @@ except ImportError:  # the routes are written in parallel
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 try:
     _LIBC = ctypes.CDLL("libc.so.6")
-    _LIBC.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: fixed, so big frees return to the OS
 except OSError:  # pragma: no cover - not glibc
     _LIBC = None
 
@@ -233,11 +243,23 @@ class Table:
         return "\n".join(lines)
 
 
+# wall-clock time by default; ``--clock cpu`` uses this process's CPU time (all its
+# threads), which a neighbour's load on a shared machine disturbs far less
+CLOCK = time.perf_counter
+
+
+MEMORY = True  # --no-memory: time only (no sampling thread, glibc's own mmap threshold)
+
+
 def measure(fn: Callable[[], Any]) -> tuple[float, float]:
-    with PeakRSS() as m:
-        t0 = time.perf_counter()
+    if not MEMORY:
+        t0 = CLOCK()
         fn()
-        t = time.perf_counter() - t0
+        return CLOCK() - t0, math.nan
+    with PeakRSS() as m:
+        t0 = CLOCK()
+        fn()
+        t = CLOCK() - t0
     return t, float(m.delta)
 
 
@@ -245,12 +267,16 @@ def run_table(title: str, methods: dict[str, Callable[[], Any]], base, repeats: 
     table = Table(title)
     for fn in [base, *methods.values()]:  # warm-up (allocator, oneDNN kernels)
         fn()
+    names = list(methods)
     for r in range(repeats):
         tb, mb = measure(base)
         table.base_time.append(tb)
         table.base_mem.append(mb)
-        for name, fn in methods.items():
-            t, mem = measure(fn)
+        # the methods' order rotates from repeat to repeat: no method always runs right
+        # after the same other one (allocator state, caches, a neighbour's load pattern)
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            t, mem = measure(methods[name])
             table.add(name, t, mem, tb, mb)
         print(f"  {title}: repeat {r + 1}/{repeats} done", file=sys.stderr, flush=True)
     return table
@@ -427,6 +453,79 @@ def route_tables(args) -> list[Table]:
     return tables
 
 
+def check_tables(args) -> list[Table]:
+    """Time the per-sample probe without checks, with the structural check, with both."""
+    if probe is None:
+        return []
+    gen = torch.Generator().manual_seed(2)
+    nb = args.batches
+    tables = []
+    setups = []
+    if not args.no_cnn:
+        torch.manual_seed(0)
+        cnn = small_cnn()
+        X = torch.randn(64 * nb, 3, 32, 32, generator=gen)
+        Y = torch.randint(0, 10, (64 * nb,), generator=gen)
+        setups.append(
+            (f"small CNN (545k params), {nb} batches of 64", cnn, F.cross_entropy, X, Y, False)
+        )
+    if not args.no_lstm:
+        torch.manual_seed(0)
+        lm = LSTMLM()
+        lb = max(1, nb // 2)
+        X = torch.randint(0, 10_000, (64 * lb, 35), generator=gen)
+        Y = torch.randint(0, 10_000, (64 * lb, 35), generator=gen)
+        setups.append(
+            (
+                f"LSTM LM (4.33M params), {lb} batches of 64 rows × 35 tokens",
+                lm,
+                lm_loss,
+                X,
+                Y,
+                True,
+            )
+        )
+    for title, model, loss_fn, X, Y, lstm in setups:
+        comps = Components.from_tensors(X, Y, batch_size=64)
+        params = list(model.parameters())
+
+        def unchecked(model=model, loss_fn=loss_fn, comps=comps):
+            with unchecked_for_benchmarks():
+                probe(model, loss_fn, comps, route="per-sample", spot_checks=0)
+
+        def structural(model=model, loss_fn=loss_fn, comps=comps):
+            probe(model, loss_fn, comps, route="per-sample", spot_checks=0)
+
+        def both(model=model, loss_fn=loss_fn, comps=comps):
+            probe(model, loss_fn, comps, route="per-sample")
+
+        methods = {
+            "probe per-sample, no checks": unchecked,
+            "probe per-sample, structural check only (spot_checks=0)": structural,
+            "**probe per-sample, structural + spot checks (default, r = 4)**": both,
+        }
+        ctx = torch.backends.mkldnn.flags(enabled=False) if lstm else contextlib.nullcontext()
+        with ctx:
+            t = run_table(
+                f"cost of the per-sample checks: {title}",
+                methods,
+                lambda m=model, f=loss_fn, c=comps, p=params: plain_epoch(m, f, list(c), p),
+                args.repeats,
+            )
+        names = list(methods)
+        base = t.rows[names[0]][0]  # per repeat, in repeat order (add() appends per repeat)
+        for name in names[1:]:
+            ratios = [a / b for a, b in zip(t.rows[name][0], base, strict=True)]
+            t.notes.append(
+                f"{name.strip('*')}: +{100 * (statistics.median(ratios) - 1):.1f} % over no "
+                f"checks (median of per-repeat ratios {', '.join(f'{r:.3f}' for r in ratios)})"
+            )
+        if lstm:
+            t.notes.append("oneDNN off for the whole table (the probe turns it off itself)")
+        tables.append(t)
+    return tables
+
+
 def many(args) -> None:
     """Per-sample norms and dots for 50,000 components, streaming over batches."""
     n, b, feats = args.many_n, 500, 784
@@ -485,11 +584,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", type=int, default=None, help="batches of 64 per epoch")
     ap.add_argument("--no-lstm", action="store_true", help="skip the LSTM LM tables")
     ap.add_argument("--no-cnn", action="store_true", help="skip the per-sample CNN table")
-    ap.add_argument("--only", choices=("per-sample", "routes"), default=None)
+    ap.add_argument("--only", choices=("per-sample", "routes", "checks"), default=None)
+    ap.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="time by the wall clock (default) or by this process's CPU time",
+    )
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N)")
+    ap.add_argument(
+        "--no-memory",
+        action="store_true",
+        help="time only: no RSS sampling thread, glibc's default mmap threshold",
+    )
     args = ap.parse_args(argv)
     if args.many:
         many(args)
         return 0
+    global CLOCK, MEMORY
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    MEMORY = not args.no_memory
+    if MEMORY and _LIBC is not None:
+        _LIBC.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: fixed, so big frees return to the OS
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     args.repeats = args.repeats or (3 if args.quick else 5)
     args.batches = args.batches or (4 if args.quick else 16)
     print(
@@ -498,7 +616,12 @@ def main(argv: list[str] | None = None) -> int:
         f"command: {' '.join(sys.argv)}"
     )
     print("ratios: median over interleaved repeats of (method / plain epoch in that repeat)")
-    print("memory: sampled peak RSS increment (see the module docstring)")
+    print(f"clock: {'process CPU time' if args.clock == 'cpu' else 'wall clock'}")
+    print(
+        "memory: sampled peak RSS increment (see the module docstring)"
+        if MEMORY
+        else "memory: not measured (--no-memory)"
+    )
     tables: list[Table] = []
     if args.only in (None, "per-sample"):
         tables += per_sample_tables(args)
@@ -506,6 +629,8 @@ def main(argv: list[str] | None = None) -> int:
         if probe is None:
             print("clipscope.probe is not importable yet: route tables skipped")
         tables += route_tables(args)
+    if args.only in (None, "checks"):
+        tables += check_tables(args)
     for t in tables:
         print(t.render())
     return 0

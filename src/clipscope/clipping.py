@@ -38,6 +38,12 @@ How this differs from :func:`torch.nn.utils.clip_grad_norm_`
    and scaled twice; here it is counted and scaled once.
 8. **Return value.** Both return the norm before clipping; here it is always
    float64 (0-d tensor on the first gradient's device).
+9. **Sparse gradients** (``nn.Embedding(sparse=True)``). torch's
+   ``clip_grad_norm_`` raises inside ``amax``. Here a sparse COO gradient's
+   norm is taken over its coalesced values (duplicate indices summed first, as
+   the tensor means), ``clip`` returns a sparse tensor of the same layout, and
+   ``clip_grads_`` scales the stored values in place. Compressed layouts
+   (CSR, CSC, BSR, BSC) have no duplicates; their stored values are used as is.
 """
 
 from __future__ import annotations
@@ -64,6 +70,15 @@ def _pow2_scale(maxabs: torch.Tensor) -> torch.Tensor:
     return torch.ldexp(torch.ones_like(maxabs), exponent)
 
 
+def _entries(t: torch.Tensor) -> torch.Tensor:
+    """Return the numbers a tensor holds: itself if dense, its (coalesced) values if sparse."""
+    if t.layout == torch.strided:
+        return t
+    if t.layout == torch.sparse_coo:
+        return t.coalesce().values()
+    return t.values()
+
+
 def grad_norm(tensors: Iterable[torch.Tensor] | torch.Tensor) -> torch.Tensor:
     """Return the Euclidean norm of all ``tensors`` together, robustly, in float64.
 
@@ -74,7 +89,7 @@ def grad_norm(tensors: Iterable[torch.Tensor] | torch.Tensor) -> torch.Tensor:
     Parameters
     ----------
     tensors : Tensor or iterable of Tensor
-        Any shapes and floating dtypes; ``None`` entries are skipped.
+        Any shapes and floating dtypes, dense or sparse; ``None`` entries are skipped.
 
     Returns
     -------
@@ -85,13 +100,17 @@ def grad_norm(tensors: Iterable[torch.Tensor] | torch.Tensor) -> torch.Tensor:
     --------
     >>> float(grad_norm([torch.tensor([3.0]), torch.tensor([[4.0]])]))
     5.0
+    >>> sparse = torch.sparse_coo_tensor([[1, 1]], torch.tensor([[1.0], [2.0]]), (3, 1),
+    ...                                  check_invariants=True)
+    >>> float(grad_norm(sparse))  # duplicates add up first: the row is [3]
+    3.0
     >>> big = torch.tensor([3.0, 4.0]) * 2.0**70  # float32; its squares overflow float32
     >>> float(grad_norm(big)) == 5 * 2.0**70
     True
     """
     if isinstance(tensors, torch.Tensor):
         tensors = [tensors]
-    ts = [t.detach() for t in tensors if t is not None]
+    ts = [_entries(t.detach()) for t in tensors if t is not None]
     if not ts:
         return torch.zeros((), dtype=torch.float64)
     device = ts[0].device
@@ -166,8 +185,24 @@ def _check_float(g: torch.Tensor, what: str) -> None:
 
 
 def _scaled(g: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-    # Multiply in float64 and round once to the input dtype.
+    # Multiply in float64 and round once to the input dtype (sparse layouts stay sparse).
     return (g.to(torch.float64) * gamma).to(g.dtype)
+
+
+def _nan_like(t: torch.Tensor) -> torch.Tensor:
+    if t.layout == torch.strided:
+        return torch.full_like(t, math.nan)
+    out = t.coalesce() if t.layout == torch.sparse_coo else t.clone()
+    out = out.clone()
+    _stored(out).fill_(math.nan)
+    return out
+
+
+def _stored(t: torch.Tensor) -> torch.Tensor:
+    """Return the stored values of a tensor, as a view that in-place ops write through."""
+    if t.layout == torch.strided:
+        return t
+    return t._values() if t.layout == torch.sparse_coo else t.values()
 
 
 def clip(g, eta, *, error_if_nonfinite: bool = True):
@@ -181,7 +216,7 @@ def clip(g, eta, *, error_if_nonfinite: bool = True):
     Parameters
     ----------
     g : Tensor or numpy.ndarray
-        Real floating tensor of any shape. Never modified.
+        Real floating tensor of any shape, dense or sparse. Never modified.
     eta : float
         Threshold ``η > 0`` or ``math.inf``; see :func:`check_eta`.
     error_if_nonfinite : bool, default True
@@ -192,7 +227,7 @@ def clip(g, eta, *, error_if_nonfinite: bool = True):
     Returns
     -------
     Tensor or numpy.ndarray
-        A new array of ``g``'s type, shape, dtype and device.
+        A new array of ``g``'s type, shape, dtype, device and layout.
 
     Raises
     ------
@@ -211,6 +246,8 @@ def clip(g, eta, *, error_if_nonfinite: bool = True):
     eta = check_eta(eta)
     t, from_numpy = _as_tensor(g)
     _check_float(t, "g")
+    if t.layout == torch.sparse_coo:
+        t = t.coalesce()  # one value per index: the result is scaled once, like the dense one
     norm = grad_norm(t)
     nval = float(norm)  # a sync point: the branch below needs the value
     if not math.isfinite(nval):
@@ -219,7 +256,7 @@ def clip(g, eta, *, error_if_nonfinite: bool = True):
                 f"clip: the norm of g (shape {tuple(t.shape)}) is {nval}; "
                 "pass error_if_nonfinite=False to get a NaN result instead"
             )
-        out = t.clone() if eta == math.inf else torch.full_like(t, math.nan)
+        out = t.clone() if eta == math.inf else _nan_like(t)
     elif nval > eta:
         out = _scaled(t, eta / norm)
     else:
@@ -258,6 +295,11 @@ def clip_rows(G, eta, *, error_if_nonfinite: bool = True):
     eta = check_eta(eta)
     t, from_numpy = _as_tensor(G)
     _check_float(t, "G")
+    if t.layout != torch.strided:
+        raise TypeError(
+            f"clip_rows expects a dense 2-D tensor, got layout {t.layout}; clip each row with "
+            "clip(), or pass G.to_dense()"
+        )
     if t.dim() != 2:
         raise ValueError(f"clip_rows expects a 2-D tensor, got shape {tuple(t.shape)}")
     norms = row_norms(t)
@@ -307,7 +349,7 @@ def _unique_params(params) -> list[torch.Tensor]:
 
 def _first_nonfinite(grads: Sequence[torch.Tensor], index: Sequence[int]) -> str:
     for i, g in zip(index, grads, strict=True):
-        if not bool(torch.isfinite(g).all()):
+        if not bool(torch.isfinite(_entries(g)).all()):
             return f"parameter {i} (shape {tuple(g.shape)})"
     return "an overflowing sum"  # pragma: no cover - grad_norm is overflow-safe
 
@@ -320,7 +362,8 @@ def clip_grads_(
     With ``g`` the concatenation of all gradients, every ``.grad`` is multiplied by
     ``γ = min{1, η/‖g‖}`` (4), so the concatenation becomes ``C(g; η)``. Parameters
     whose ``.grad`` is ``None`` are skipped (they count as zero); a parameter listed
-    twice (tied weights) counts once. Unlike
+    twice (tied weights) counts once. A sparse ``.grad`` (``nn.Embedding(sparse=True)``)
+    enters the norm with its coalesced values and is scaled in place. Unlike
     :func:`torch.nn.utils.clip_grad_norm_` there is no ``+1e-6``; see the module
     docstring for every difference.
 
@@ -377,7 +420,7 @@ def clip_grads_(
         if eta != math.inf:
             with torch.no_grad():
                 for g in grads:
-                    g.fill_(math.nan)
+                    _stored(g).fill_(math.nan)
         return total
     if tval <= eta:
         return total

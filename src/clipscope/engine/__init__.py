@@ -14,6 +14,9 @@ Hessian-vector products and ∇f in one pass: :mod:`clipscope.engine.hvp`
 
 The engine returns ``n_i``, ``d_i``, ``f_i``, ``‖∇f‖`` and sums; what they mean
 is :mod:`clipscope.math.stats`'s business (``result.stats``).
+The engine's own checks (:mod:`clipscope.engine.verify`) warn with
+:class:`PerSampleFallbackWarning` / :class:`ConsistencyWarning` and raise
+:class:`VerificationError` under ``strict=True``.
 """
 
 from clipscope.engine.guard import (
@@ -29,12 +32,20 @@ from clipscope.engine.hvp import full_gradient, hvp
 from clipscope.engine.losses import component_losses, param_names, trainable_params
 from clipscope.engine.probe import ROUTES, probe, reference_probe
 from clipscope.engine.result import MultiProbeResult, ProbeResult
+from clipscope.engine.verify import (
+    ConsistencyWarning,
+    PerSampleFallbackWarning,
+    VerificationError,
+)
 
 __all__ = [
     "DROPOUT_POLICIES",
     "ROUTES",
+    "ConsistencyWarning",
     "MultiProbeResult",
+    "PerSampleFallbackWarning",
     "ProbeResult",
+    "VerificationError",
     "batch_coupled_modules",
     "component_losses",
     "component_seed",

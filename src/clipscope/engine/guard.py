@@ -18,7 +18,11 @@ it is evaluated at the same parameters):
 
 **Contract with model code:** a module counts as dropout when it is an instance
 of a torch dropout class (``nn.Dropout``, ``Dropout1d/2d/3d``, ``AlphaDropout``,
-``FeatureAlphaDropout``) or has the attribute ``clipscope_dropout = True``
+``FeatureAlphaDropout``), a torch module with built-in dropout
+(``nn.MultiheadAttention`` with ``dropout > 0``: attention dropout;
+``nn.LSTM``/``nn.GRU``/``nn.RNN`` with ``dropout > 0`` and several layers:
+dropout between layers; in both only training mode draws masks), or has the
+attribute ``clipscope_dropout = True``
 (custom modules such as WeightDrop / LockedDropout / embedding dropout must set
 it, and must draw their masks from torch's global RNG in ``forward`` and only
 when ``self.training``).
@@ -113,12 +117,20 @@ def dropout_modules(model: nn.Module) -> list[nn.Module]:
 
     >>> len(dropout_modules(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5))))
     1
+    >>> len(dropout_modules(nn.LSTM(2, 2, num_layers=2, dropout=0.3)))  # between layers
+    1
     """
-    return [
-        m
-        for m in model.modules()
-        if isinstance(m, _TORCH_DROPOUT) or getattr(m, "clipscope_dropout", False) is True
-    ]
+    return [m for m in model.modules() if _is_dropout(m)]
+
+
+def _is_dropout(m: nn.Module) -> bool:
+    if isinstance(m, _TORCH_DROPOUT) or getattr(m, "clipscope_dropout", False) is True:
+        return True
+    if isinstance(m, nn.MultiheadAttention):
+        return m.dropout > 0
+    if isinstance(m, nn.RNNBase):
+        return m.dropout > 0 and m.num_layers > 1
+    return False
 
 
 def batch_coupled_modules(model: nn.Module) -> list[str]:

@@ -33,7 +33,15 @@ Routes (DESIGN §4), all exact, all compared in the tests with
     every sample of the given components (used as chunks) is a component of
     batch size 1: per-sample norms and dots come from
     :mod:`clipscope.engine.per_sample` (ghost norms, forward-mode dots), ``∇f``
-    from ordinary chunk backwards. Refuses train-mode BatchNorm.
+    from the same chunk backwards. Every rule is verified
+    (:mod:`clipscope.engine.verify`: a structural check at every chunk, a spot
+    check of ``spot_checks`` seeded samples); parameters without a rule or
+    whose check fails come from an exact fallback, with a warning, and
+    ``result.route`` is then ``"per-sample+fallback"``. Refuses train-mode
+    BatchNorm.
+
+Every route checks its result for consistency (Cauchy–Schwarz, ``Σ d_i =
+m‖∇f‖²``) and warns (``strict=True``: raises) on a violation.
 
 ``route="auto"`` picks ``dyadic`` when several batch sizes are asked for,
 ``per-sample`` for ``batch_sizes=[1]``, else ``keep`` when it fits the memory
@@ -53,6 +61,7 @@ parameters, buffers, ``.grad``, train/eval flags and the global RNG. It uses
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -60,6 +69,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from clipscope.engine import verify
 from clipscope.engine.guard import (
     batch_coupled_modules,
     check_dropout_policy,
@@ -115,6 +125,8 @@ class _Flat:
     def grad(self, loss: torch.Tensor, i: int, retain_graph: bool = False) -> torch.Tensor:
         """``g_i`` as one vector in the parameters' dtype; non-finite -> NonFiniteError."""
         grads = torch.autograd.grad(loss, self.params, allow_unused=True, retain_graph=retain_graph)
+        # a sparse gradient (Embedding(sparse=True)) is exact as a dense vector
+        grads = [g if g is None or g.layout == torch.strided else g.to_dense() for g in grads]
         flat = torch.cat(
             [
                 torch.zeros(k, dtype=self.dtype, device=self.device)
@@ -184,6 +196,8 @@ def probe(
     params: Iterable[torch.Tensor] | None = None,
     progress: bool = False,
     keep_full_grad: bool = False,
+    strict: bool = False,
+    spot_checks: int = 4,
 ) -> ProbeResult | MultiProbeResult:
     """Measure ``n_i``, ``d_i``, ``f_i``, ``‖∇f‖`` and clipped sums at the current parameters.
 
@@ -217,6 +231,15 @@ def probe(
         Show a tqdm bar per pass.
     keep_full_grad : bool
         Return ∇f (float64, shaped like the parameters) in ``result.full_grad``.
+    strict : bool
+        Raise :class:`~clipscope.engine.verify.VerificationError` when a check
+        fails (a per-sample rule's structural or spot check, or the consistency
+        of the returned norms and dots), instead of falling back to an exact
+        method (per-sample) or warning (consistency).
+    spot_checks : int
+        Per-sample route: samples whose gradients are recomputed by their own
+        backward and compared with the route's norms and dots (seeded by
+        ``seed``; recorded in ``result.verification``).
 
     Returns
     -------
@@ -240,6 +263,8 @@ def probe(
     check_dropout_policy(dropout)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model)!r}")
+    if isinstance(spot_checks, bool) or not isinstance(spot_checks, int) or spot_checks < 0:
+        raise ValueError(f"spot_checks must be an int >= 0, got {spot_checks!r}")
     if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 0:
         raise ValueError(f"memory_budget must be a non-negative int (bytes), got {memory_budget!r}")
     _check_components(components)
@@ -295,9 +320,14 @@ def probe(
         "dtype": str(flat.dtype).replace("torch.", ""),
         "n_samples": int(sum(components.sizes)),
     }
+    verification: dict = {}
     with model_guard(model), torch.enable_grad():
         if route == "per-sample":
-            result = _per_sample(model, loss_fn, components, flat, etas, dropout, seed, progress)
+            result, verification = _per_sample(
+                model, loss_fn, components, flat, etas, dropout, seed, progress, strict, spot_checks
+            )
+            if verification["fallback"] or verification["dots_fallback"]:
+                route = "per-sample+fallback"
         elif route == "keep":
             result = _keep(model, loss_fn, components, flat, etas, dropout, seed, progress)
         else:
@@ -305,7 +335,7 @@ def probe(
             result = _sweep(
                 model, loss_fn, components, flat, etas, dropout, seed, progress, levels_
             )
-    return _package(result, route, info, flat, keep_full_grad, components)
+    return _package(result, route, info, flat, keep_full_grad, verification, strict)
 
 
 def _check_components(components: Any) -> None:
@@ -486,17 +516,63 @@ def _keep(model, loss_fn, components, flat, etas, dropout, seed, progress):
     ]
 
 
-def _per_sample(model, loss_fn, components, flat, etas, dropout, seed, progress):
+def _per_sample(
+    model, loss_fn, components, flat, etas, dropout, seed, progress, strict, spot_checks
+):
     """Batch-size-1 components; the given components are processed as chunks.
 
     Pass 1 per chunk: :func:`~clipscope.engine.per_sample.ghost_pass` (per-sample
-    ``‖∇ℓ_j‖²`` by ghost norms, ``ℓ_j``, and ``∇Σ_j ℓ_j``), so ``∇f = (1/N) Σ_j ∇ℓ_j``.
-    Pass 2 per chunk: :func:`~clipscope.engine.per_sample.per_sample_dots` (one
-    forward-mode JVP along ∇f), and ``Σ_j γ_j(η) ∇ℓ_j = ∇ Σ_j γ_j(η) ℓ_j`` by one
-    backward per η. Chunk ``c`` runs under the ``"fixed"`` dropout seed ``(seed, c)``
-    in both passes.
+    ``‖∇ℓ_j‖²`` by the layer rules, each checked structurally, ``ℓ_j``, and
+    ``∇Σ_j ℓ_j``), so ``∇f = (1/N) Σ_j ∇ℓ_j``. Pass 2 per chunk:
+    :func:`~clipscope.engine.per_sample.per_sample_dots` (one forward-mode JVP
+    along ∇f), the spot check of the chunk's spot samples, and
+    ``Σ_j γ_j(η) ∇ℓ_j = ∇ Σ_j γ_j(η) ℓ_j`` by one backward per η. Chunk ``c`` runs
+    under the ``"fixed"`` dropout seed ``(seed, c)`` in both passes.
+
+    A failed spot check moves the parameters concerned (or the dots) to the
+    exact fallback and runs the probe again; after two such rounds everything
+    is on the fallback, and a third failure raises: the components are then not
+    reproducible (unseeded randomness) and nothing can be trusted.
     """
+    from clipscope.engine.per_sample import Plan
+    from clipscope.engine.per_sample.batch import kernels_for_derivatives
+
+    n_samples = int(sum(components.sizes))
+    spot = verify.spot_samples(n_samples, spot_checks, seed)
+    # every forward of the route with the kernels the forward-mode pass needs: a dropout
+    # mask is drawn in memory order, and oneDNN's LSTM lays its output out differently
+    with dropout_policy(model, dropout), kernels_for_derivatives(model):
+        plan = Plan(model, flat.params, seed=seed, strict=strict)
+        for attempt in range(3):
+            result, failures = _per_sample_once(
+                model, loss_fn, components, flat, etas, dropout, seed, progress, plan, spot
+            )
+            if not failures["params"] and failures["dots"] is None:
+                break
+            if attempt == 2:
+                raise verify.VerificationError(
+                    "per-sample spot check failed even with every quantity from exact per-sample "
+                    f"gradients ({failures}): the components are not reproducible (randomness "
+                    "that the dropout policy does not control?)"
+                )
+            if failures["params"]:  # one event: the first sample's reason speaks for all
+                plan.demote(
+                    list(failures["params"]), "spot-norm", next(iter(failures["params"].values()))
+                )
+            if failures["dots"] is not None:
+                plan.demote_dots("spot-dot", failures["dots"])
+            if attempt == 1:  # the second failure: nothing from the rules any more
+                plan.demote(range(len(flat.params)), "spot-norm", "a second spot-check failure")
+                plan.demote_dots("spot-dot", "a second spot-check failure")
+    record = plan.record()
+    record.update(result.pop("spot"))
+    record["attempts"] = attempt + 1
+    return [result], record
+
+
+def _per_sample_once(model, loss_fn, components, flat, etas, dropout, seed, progress, plan, spot):
     from clipscope.engine import per_sample
+    from clipscope.engine.per_sample.fallback import fallback_stats
 
     m_chunks = len(components)
     n_samples = int(sum(components.sizes))
@@ -504,65 +580,173 @@ def _per_sample(model, loss_fn, components, flat, etas, dropout, seed, progress)
     sum_grad = torch.zeros(flat.n, dtype=torch.float64, device=flat.device)
     offsets = np.concatenate([[0], np.cumsum(components.sizes)]).astype(int)
     params = flat.params
-    with dropout_policy(model, dropout):
-        for c in _progress(range(m_chunks), m_chunks, progress, "per-sample pass 1"):
-            x, y = components.batch(c, flat.device)
+    spot_sq: dict[int, dict[int, float]] = {}
+    ghost_losses: list[torch.Tensor] = []
+    for c in _progress(range(m_chunks), m_chunks, progress, "per-sample pass 1"):
+        x, y = components.batch(c, flat.device)
+        with rng_for_component(dropout, seed, c):
+            ghost = per_sample.ghost_pass(model, loss_fn, x, y, plan=plan)
+        a, b = offsets[c], offsets[c + 1]
+        sq_norms[a:b] = ghost.sq_norms.detach().double().cpu().numpy()
+        losses[a:b] = ghost.losses.detach().double().cpu().numpy()
+        chunk_sum = torch.cat([g.reshape(-1).double() for g in ghost.grad_sum])
+        if not bool(torch.isfinite(chunk_sum).all()) or not np.isfinite(sq_norms[a:b]).all():
+            raise NonFiniteError(f"chunk {c}: non-finite per-sample gradient; nothing was changed")
+        sum_grad += chunk_sum
+        for j in spot[(spot >= a) & (spot < b)]:
+            spot_sq[int(j)] = {k: float(v[j - a]) for k, v in ghost.per_param.items()}
+        ghost_losses.append(ghost.losses)
+    full = sum_grad / n_samples
+    full_parts = flat.unflatten(full)
+    gnorm = _norm64(full)
+    norms = np.sqrt(sq_norms)
+    gam = torch.from_numpy(_gammas(norms, etas)).to(flat.device)
+    clip_acc = torch.zeros(len(etas), flat.n, dtype=torch.float64, device=flat.device)
+    dots = np.zeros(n_samples)
+    vector = list(full_parts)
+    tol = verify.tolerance(flat.dtype)
+    failures: dict[str, Any] = {"params": {}, "dots": None}
+    spot_record = {
+        "spot_checks": len(spot),
+        "spot_samples": spot.tolist(),
+        "spot_seed": int(seed),
+        "spot_max_norm_error": 0.0,
+        "spot_max_dot_error": 0.0,
+        "tolerance": tol,
+    }
+    batch1 = sorted(plan.batch1)
+    reduced = flat.dtype not in (torch.float32, torch.float64)
+    for c in _progress(range(m_chunks), m_chunks, progress, "per-sample pass 2"):
+        x, y = components.batch(c, flat.device)
+        a, b = offsets[c], offsets[c + 1]
+        with rng_for_component(dropout, seed, c):
+            d = per_sample.per_sample_dots(
+                model, loss_fn, x, y, vector, plan=plan, expect_losses=ghost_losses[c]
+            )
+        dots[a:b] = d.detach().double().cpu().numpy()
+        local = [int(j) - a for j in spot[(spot >= a) & (spot < b)]]
+        if local:
             with rng_for_component(dropout, seed, c):
-                ghost = per_sample.ghost_pass(model, loss_fn, x, y, params=params)
-            a, b = offsets[c], offsets[c + 1]
-            sq_norms[a:b] = ghost.sq_norms.detach().double().cpu().numpy()
-            losses[a:b] = ghost.losses.detach().double().cpu().numpy()
-            chunk_sum = torch.cat([g.detach().reshape(-1).double() for g in ghost.grad_sum])
-            if not bool(torch.isfinite(chunk_sum).all()) or not np.isfinite(sq_norms[a:b]).all():
-                raise NonFiniteError(
-                    f"chunk {c}: non-finite per-sample gradient; nothing was changed"
+                own = _spot_gradients(model, loss_fn, x, y, params, local, plan)
+            for i, j in enumerate(local):
+                _spot_compare(
+                    a + j,
+                    [g[i] for g in own],
+                    spot_sq[a + j],
+                    dots[a + j],
+                    full,
+                    flat,
+                    gnorm,
+                    tol,
+                    plan,
+                    failures,
+                    spot_record,
                 )
-            sum_grad += chunk_sum
-        full = sum_grad / n_samples
-        norms = np.sqrt(sq_norms)
-        gam = torch.from_numpy(_gammas(norms, etas)).to(flat.device)
-        clip_acc = torch.zeros(len(etas), flat.n, dtype=torch.float64, device=flat.device)
-        dots = np.zeros(n_samples)
-        vector = [t.to(p.dtype) for t, p in zip(flat.unflatten(full), params, strict=True)]
-        for c in _progress(range(m_chunks), m_chunks, progress, "per-sample pass 2"):
-            x, y = components.batch(c, flat.device)
-            a, b = offsets[c], offsets[c + 1]
-            with rng_for_component(dropout, seed, c):
-                d = per_sample.per_sample_dots(model, loss_fn, x, y, vector, params=params)
-            dots[a:b] = d.detach().double().cpu().numpy()
-            if not etas:
-                continue
-            with rng_for_component(dropout, seed, c):
-                ell = per_sample.per_sample_losses(model, loss_fn, x, y)
-            for k in range(len(etas)):
-                weights = gam[k, a:b].to(ell.dtype)
-                g = flat.grad((weights * ell).sum(), c, retain_graph=k + 1 < len(etas))
-                clip_acc[k] += g.double()
+        if not etas:
+            continue
+        # γ-weighted sums: one backward of Σ_j γ_j ℓ_j per η (exact for every parameter whose
+        # batch gradient is the sum of its per-sample gradients), the rest from batch-1 passes;
+        # float16/bfloat16 scale the seed so that the batch sum cannot overflow
+        scale = 2.0 ** -math.ceil(math.log2(max(2, b - a))) if reduced else 1.0
+        fs = None
+        if batch1:
+            fs = fallback_stats(
+                model, loss_fn, x, y, [params[k] for k in batch1], "loop", weights=gam[:, a:b]
+            )
+        with rng_for_component(dropout, seed, c):
+            ell = per_sample.per_sample_losses(model, loss_fn, x, y)
+            for e in range(len(etas)):
+                weights = (gam[e, a:b] * scale).to(ell.dtype)
+                g = flat.grad((weights * ell).sum(), c, retain_graph=e + 1 < len(etas))
+                g = g.double() / scale
+                if fs is not None:
+                    parts = flat.unflatten(g)
+                    for i, k in enumerate(batch1):
+                        parts[k].copy_(fs.weighted[e][i])
+                clip_acc[e] += g
     clipped = {eta: _cos(clip_acc[k], full) for k, eta in enumerate(etas)}
-    return [
-        {
-            "norms": norms,
-            "dots": dots,
-            "losses": losses,
-            "sizes": np.ones(n_samples, dtype=np.int64),
-            "full": full,
-            "clipped": clipped,
-            "batch_size": 1,
-            "mismatch": 0.0,
-        }
-    ]
+    return {
+        "norms": norms,
+        "dots": dots,
+        "losses": losses,
+        "sizes": np.ones(n_samples, dtype=np.int64),
+        "full": full,
+        "clipped": clipped,
+        "batch_size": 1,
+        "mismatch": 0.0,
+        "spot": spot_record,
+    }, failures
 
 
-def _package(results, route, info, flat, keep_full_grad, components):
+def _spot_gradients(model, loss_fn, x, y, params, local, plan):
+    """Return the spot samples' gradients by their own backward, per parameter ``(r, *shape)``.
+
+    Under active dropout: a backward of ``ℓ_j`` through the chunk's batch forward
+    (its masks). Otherwise each sample through its own batch-1 forward and
+    backward, the paper's component itself (for r = 4 as fast as ``vmap(grad)``
+    on the bench's CNN, and it runs any model).
+    """
+    from clipscope.engine.per_sample.batch import randomness_active
+    from clipscope.engine.per_sample.fallback import per_sample_grads
+
+    if randomness_active(model):
+        chunks = list(per_sample_grads(model, loss_fn, x, y, params, "graph", only=local))
+    else:
+        chunks = list(per_sample_grads(model, loss_fn, x[local], y[local], params, "loop"))
+    return [torch.cat([gs[k] for _, gs in chunks]) for k in range(len(params))]
+
+
+def _spot_compare(j, own, route_sq, route_dot, full, flat, gnorm, tol, plan, failures, record):
+    """Compare sample j's own gradient with the route's per-parameter norms and its dot."""
+    g = torch.cat([t.reshape(-1) for t in own]).double()
+    own_sq = [float(v) for v in torch.stack([t.square().sum() for t in flat.unflatten(g)])]
+    own_dot = float(g @ full)
+    total = sum(own_sq)
+    for k, s_own in enumerate(own_sq):
+        s_route = route_sq.get(k, math.nan)
+        err = abs(s_route - s_own)
+        rel = err / total if total > 0 else (0.0 if err == 0 else math.inf)
+        record["spot_max_norm_error"] = max(record["spot_max_norm_error"], rel)
+        if not err <= 2 * tol * total + 1e-300:
+            failures["params"].setdefault(
+                k,
+                f"sample {j}: ‖g_j({plan.names[k]})‖² = {s_route:.9g} on the route, "
+                f"{s_own:.9g} by its own backward",
+            )
+    scale = math.sqrt(total) * gnorm
+    err = abs(route_dot - own_dot)
+    rel = err / scale if scale > 0 else (0.0 if err == 0 else math.inf)
+    record["spot_max_dot_error"] = max(record["spot_max_dot_error"], rel)
+    if not err <= tol * scale + 1e-300 and failures["dots"] is None:
+        failures["dots"] = (
+            f"sample {j}: ⟨g_j, ∇f⟩ = {route_dot:.9g} on the route, {own_dot:.9g} by its own "
+            "backward"
+        )
+
+
+def _package(results, route, info, flat, keep_full_grad, verification, strict):
     packed = {}
+    tol = verify.tolerance(flat.dtype)
     for r in results:
         full = r.pop("full")
         level_info = {**info, "max_pass_mismatch": r.pop("mismatch")}
         level_info["n_samples"] = int(np.sum(r["sizes"]))
+        grad_norm = _norm64(full)
+        consistency = verify.check_consistency(r["norms"], r["dots"], grad_norm, tol)
+        if consistency["flags"]:
+            message = (
+                f"route {route!r}, batch size {r['batch_size']}: {', '.join(consistency['flags'])}"
+                f" (largest |d_i|/(n_i‖∇f‖) = {consistency['max_cauchy_schwarz_ratio']:.9g}, "
+                f"Σd_i vs m‖∇f‖² relative error {consistency['dots_sum_relative_error']:.3g}, "
+                f"tolerance {tol:g}): the norms and dots are not those of one set of gradients"
+            )
+            if strict:
+                raise verify.VerificationError(message + " (strict=True)")
+            warnings.warn(message, verify.ConsistencyWarning, stacklevel=3)
         packed[r["batch_size"]] = ProbeResult(
             norms=r["norms"],
             dots=r["dots"],
-            grad_norm=_norm64(full),
+            grad_norm=grad_norm,
             losses=r["losses"],
             clipped=r["clipped"],
             route=route,
@@ -570,6 +754,7 @@ def _package(results, route, info, flat, keep_full_grad, components):
             sizes=r["sizes"],
             full_grad=[t.clone() for t in flat.unflatten(full)] if keep_full_grad else None,
             info=level_info,
+            verification={**verification, "consistency": consistency},
         )
     if route == "dyadic":
         return MultiProbeResult(packed)

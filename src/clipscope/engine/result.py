@@ -47,6 +47,12 @@ class ProbeResult:
         ∇f as float64 tensors shaped like the parameters (``keep_full_grad=True``).
     info : dict
         Provenance: dropout policy, seed, components record, pass-2 mismatch, ...
+    verification : dict
+        What the engine checked (:mod:`clipscope.engine.verify`): ``consistency``
+        (Cauchy–Schwarz and ``Σ d_i = m‖∇f‖²``) on every route; on the
+        per-sample route also the rule serving each module, every parameter that
+        went to the exact fallback and why, the structural checks, and the spot
+        check (``spot_checks`` samples, their indices and largest errors).
 
     Derived, read-only: :attr:`stats` (every statistic of DESIGN §2),
     :attr:`noise` (the noise-scale heuristic), and :attr:`cos` / :attr:`beta`
@@ -63,6 +69,7 @@ class ProbeResult:
     sizes: np.ndarray
     full_grad: list | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    verification: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.norms = np.asarray(self.norms, dtype=np.float64)
@@ -170,6 +177,7 @@ class ProbeResult:
             "losses": [_json_float(v) for v in self.losses.tolist()],
             "sizes": self.sizes.tolist(),
             "info": self.info,
+            "verification": self.verification,
         }
 
 

@@ -1,0 +1,170 @@
+"""A batch of independent samples: input checks, per-sample losses, kernel settings.
+
+Inside a batch of B samples (``model(x)`` with the samples along dim 0 of
+``x`` and of the output, ``loss_fn(output, target)`` the batch's **mean**
+loss), sample j's component is ``ℓ_j = loss_fn(model(x)[j:j+1], y[j:j+1])``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from clipscope.engine.guard import batch_coupled_modules, dropout_modules
+
+_ATTENTION = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+__all__ = [
+    "check_inputs",
+    "kernels_for_derivatives",
+    "per_sample_from_output",
+    "per_sample_losses",
+    "randomness_active",
+]
+
+
+def check_inputs(model: Any, loss_fn: Any, x: Any) -> int:
+    """Validate the arguments of every per-sample function; return the batch size B.
+
+    Raises ``TypeError`` for a non-module model or a non-callable loss,
+    ``ValueError`` for an input without a sample axis, an empty batch, or
+    modules that couple the samples (train-mode BatchNorm).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model)!r}")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn)!r}")
+    if not isinstance(x, torch.Tensor) or x.dim() == 0:
+        raise ValueError(
+            f"x must be a tensor with the samples along dim 0, got {getattr(x, 'shape', x)!r}"
+        )
+    if x.shape[0] == 0:
+        raise ValueError("x holds no samples (batch size 0)")
+    coupled = batch_coupled_modules(model)
+    if coupled:
+        raise ValueError(
+            f"per-sample components need eval-mode BatchNorm or GroupNorm: modules {coupled} "
+            "normalize with batch statistics (train mode or no running stats), which couples "
+            "the samples of a batch"
+        )
+    return int(x.shape[0])
+
+
+def per_sample_from_output(
+    loss_fn: Callable, out: Any, y: Any, batch: int | None = None
+) -> torch.Tensor:
+    """``ℓ_j = loss_fn(out[j:j+1], y[j:j+1])`` for every j, shape ``(B,)``, differentiable.
+
+    ``torch.func.vmap`` over the samples; a loss that ``vmap`` cannot batch
+    (data-dependent control flow) is evaluated sample by sample instead.
+    Raises ``ValueError`` when the output or the target does not have the
+    samples along dim 0, saying what to change.
+    """
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(
+            f"model(x) returned {type(out).__name__}; per-sample components need a tensor "
+            "with the samples along dim 0 (return the logits, or wrap the model)"
+        )
+    if batch is not None and (out.dim() == 0 or out.shape[0] != batch):
+        raise ValueError(
+            f"model(x) returned an output of shape {tuple(out.shape)} for a batch of {batch} "
+            f"samples: per-sample components need the samples along dim 0 of the output. "
+            f"Return (B, ...) from forward (for a language model the logits as (B, T, V), "
+            f"not flattened to (B·T, V)) and flatten inside loss_fn, e.g. "
+            f"F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1)); or use "
+            f"mini-batch components (route='two-pass' or 'keep')"
+        )
+    if batch is not None and isinstance(y, torch.Tensor) and (y.dim() == 0 or y.shape[0] != batch):
+        raise ValueError(
+            f"the targets have shape {tuple(y.shape)} for a batch of {batch} samples: "
+            "per-sample components need the samples along dim 0 of the targets too"
+        )
+
+    def one(o: torch.Tensor, t: Any) -> torch.Tensor:
+        return loss_fn(o.unsqueeze(0), t.unsqueeze(0))
+
+    try:
+        losses = vmap(one)(out, y)
+    except (RuntimeError, ValueError, NotImplementedError):
+        # a loss vmap cannot batch (e.g. .item() or data-dependent branches): one by one
+        losses = torch.stack(
+            [loss_fn(out[j : j + 1], y[j : j + 1]).reshape(()) for j in range(out.shape[0])]
+        )
+    if losses.dim() != 1:
+        raise ValueError(
+            f"loss_fn must return a scalar (the batch's mean loss), got shape "
+            f"{tuple(losses.shape[1:])} per sample"
+        )
+    return losses
+
+
+def per_sample_losses(
+    model: nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor], x: torch.Tensor, y: Any
+) -> torch.Tensor:
+    """Per-sample losses ``ℓ_j = loss_fn(model(x)[j:j+1], y[j:j+1])``, shape ``(B,)``.
+
+    The model runs once on the whole batch; ``loss_fn`` (the mean loss of a
+    batch) is applied to each sample's output by ``torch.func.vmap``. Valid
+    only when the samples do not interact (no train-mode BatchNorm: that
+    raises ``ValueError``). Differentiable.
+
+    >>> import torch.nn.functional as F
+    >>> m = nn.Linear(3, 2)
+    >>> x, y = torch.randn(4, 3), torch.tensor([0, 1, 1, 0])
+    >>> L = per_sample_losses(m, F.cross_entropy, x, y)
+    >>> L.shape, bool(torch.allclose(L.mean(), F.cross_entropy(m(x), y)))
+    (torch.Size([4]), True)
+    """
+    batch = check_inputs(model, loss_fn, x)
+    return per_sample_from_output(loss_fn, model(x), y, batch)
+
+
+def randomness_active(model: nn.Module) -> bool:
+    """Whether a forward draws random numbers now (a dropout module in training mode).
+
+    Under the probe's ``"off"`` policy the dropout modules are in eval mode
+    and this is False; under ``"fixed"`` with a model in training mode it is
+    True, and the per-sample components are defined with the masks of the
+    chunk's batch forward.
+    """
+    return any(m.training for m in dropout_modules(model))
+
+
+@contextlib.contextmanager
+def kernels_for_derivatives(model: nn.Module) -> Iterator[None]:
+    """Kernels with forward-mode AD rules for the block, restored afterwards.
+
+    CPU ``nn.LSTM``/``nn.GRU`` under oneDNN and the fused attention kernels
+    (``_scaled_dot_product_flash_attention_for_cpu``, the
+    ``nn.TransformerEncoderLayer`` fast path) have no forward-AD rule: oneDNN
+    is turned off, scaled-dot-product attention runs its math backend and the
+    ``nn.MultiheadAttention`` fast path is disabled. Same values, other kernels.
+    """
+    with contextlib.ExitStack() as stack:
+        if any(isinstance(m, nn.RNNBase) for m in model.modules()):
+            with warnings.catch_warnings():
+                # torch 2.x warns about TF32 on Intel GPUs whenever the flags are set
+                warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
+                ctx = torch.backends.mkldnn.flags(enabled=False)
+                ctx.__enter__()
+
+            def _restore() -> None:
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
+                    ctx.__exit__(None, None, None)
+
+            stack.callback(_restore)
+        # models may call F.scaled_dot_product_attention themselves (nanoGPT): always
+        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        if any(isinstance(m, _ATTENTION) for m in model.modules()):
+            previous = torch.backends.mha.get_fastpath_enabled()
+            torch.backends.mha.set_fastpath_enabled(False)
+            stack.callback(torch.backends.mha.set_fastpath_enabled, previous)
+        yield

@@ -1,0 +1,227 @@
+r"""Pass 2 of the per-sample route: ``⟨∇ℓ_j, v⟩`` for every sample as one forward-mode JVP.
+
+With ``L(θ) = (ℓ_1(θ), …, ℓ_B(θ))`` the per-sample loss vector of one batch
+forward, ``J_L(θ) v = (⟨∇ℓ_1, v⟩, …, ⟨∇ℓ_B, v⟩)``: one ``torch.func.jvp`` of
+``functional_call(model, θ)`` along v gives all B dots at about the cost of
+a forward.
+
+Where a gradient is **not** the derivative, the JVP is adjusted or bypassed:
+torch's backward gives an Embedding's ``padding_idx`` row gradient 0 (that
+row of v is zeroed), and ``scale_grad_by_freq`` rescales by batch counts (those
+parameters' dots come from batch-1 backward passes). Where forward-mode AD is
+unavailable (an op without a forward-AD rule), or the spot check found the
+JVP wrong, every dot comes from exact per-sample gradients
+(:mod:`~clipscope.engine.per_sample.fallback`), visibly.
+
+**Precision.** float16/bfloat16 models run the JVP on a float64 copy of the
+parameters, buffers and floating inputs, so a dot never overflows where
+float64 would not (an fp16 model with ``|g_j| = 800`` and ``|∇f| = 500`` has
+dots of 4e5 > 65504); a float32 JVP whose dots overflow is redone the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, jvp
+
+from clipscope.engine.per_sample._common import rng_replay, rng_snapshot
+from clipscope.engine.per_sample.batch import (
+    check_inputs,
+    kernels_for_derivatives,
+    per_sample_from_output,
+    randomness_active,
+)
+from clipscope.engine.per_sample.fallback import choose_mode, fallback_stats
+from clipscope.engine.per_sample.plan import Plan
+from clipscope.errors import NonFiniteError
+
+__all__ = ["per_sample_dots", "split_vector"]
+
+
+def split_vector(vector: Any, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """One float64 tensor per parameter from a flat vector or a per-parameter list."""
+    if isinstance(vector, torch.Tensor):
+        n = sum(p.numel() for p in params)
+        if vector.dim() != 1 or vector.numel() != n:
+            raise ValueError(
+                f"vector must be flat with {n} entries (the params concatenated), got "
+                f"shape {tuple(vector.shape)}"
+            )
+        parts = list(torch.split(vector, [p.numel() for p in params]))
+        parts = [v.reshape(p.shape) for v, p in zip(parts, params, strict=True)]
+    else:
+        parts = list(vector)
+        if len(parts) != len(params) or any(
+            not isinstance(v, torch.Tensor) or v.shape != p.shape
+            for v, p in zip(parts, params, strict=True)
+        ):
+            raise ValueError(
+                "vector must be a flat tensor or one tensor per parameter with the "
+                "parameter's shape"
+            )
+    return [
+        v.detach().to(dtype=torch.float64, device=p.device)
+        for v, p in zip(parts, params, strict=True)
+    ]
+
+
+def per_sample_dots(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    x: torch.Tensor,
+    y: Any,
+    vector: torch.Tensor | Sequence[torch.Tensor],
+    params: Sequence[torch.Tensor] | None = None,
+    *,
+    plan: Plan | None = None,
+    expect_losses: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``⟨∇ℓ_j, v⟩`` for every sample j, float64 ``(B,)``, as one forward-mode JVP.
+
+    ``vector`` is a flat tensor (the ``params`` concatenated in order) or one
+    tensor per parameter. ``plan`` (default: a new one over ``params``) says
+    which parameters' dots must come from per-sample gradients instead.
+    ``expect_losses`` (the per-sample losses of pass 1) are compared with the
+    losses of the forward-mode pass, which it computes anyway: if they differ
+    (the same RNG drew other dropout masks -- torch draws a non-contiguous
+    tensor's mask in another order under forward-mode AD), the dots come from
+    per-sample gradients through the batch forward instead.
+
+    >>> import torch.nn.functional as F
+    >>> m = nn.Linear(3, 2)
+    >>> x, y = torch.randn(4, 3), torch.tensor([0, 1, 1, 0])
+    >>> v = torch.randn(8)
+    >>> d = per_sample_dots(m, F.cross_entropy, x, y, v)
+    >>> g2 = torch.autograd.grad(F.cross_entropy(m(x[2:3]), y[2:3]), list(m.parameters()))
+    >>> bool(torch.isclose(d[2], torch.cat([g.flatten() for g in g2]).double() @ v.double()))
+    True
+    """
+    batch = check_inputs(model, loss_fn, x)
+    if plan is None:
+        plan = Plan(model, params)
+    params = plan.params
+    tangents = split_vector(vector, params)
+    randomness = randomness_active(model)
+    # under active dropout every forward here must start from the caller's RNG state
+    # (the chunk's), so that a fallback after the JVP sees the same masks
+    snapshot = rng_snapshot(x.device) if randomness else None
+    n = len(params)
+    forward = [] if plan.dots_fallback else [k for k in range(n) if k not in plan.batch1]
+    dots = torch.zeros(batch, dtype=torch.float64, device=x.device)
+    if forward:
+        try:
+            with rng_replay(snapshot) if snapshot is not None else contextlib.nullcontext():
+                losses, jvp_dots = _jvp_dots(model, loss_fn, x, y, plan, forward, tangents, batch)
+        except (NotImplementedError, RuntimeError) as exc:
+            plan.demote_dots("jvp", f"forward-mode AD failed ({_first_line(exc)})")
+            forward = []
+        else:
+            differ = _losses_differ(losses, expect_losses, plan.params[0].dtype)
+            if differ is None:
+                dots += jvp_dots
+            else:
+                plan.demote_dots(
+                    "spot-dot",
+                    f"the forward-mode pass does not reproduce pass 1's losses ({differ}): "
+                    "dropout masks drawn differently",
+                )
+                forward = []
+    reverse = [k for k in range(n) if k not in forward]
+    groups = [
+        ([k for k in reverse if k in plan.batch1], "loop"),
+        ([k for k in reverse if k not in plan.batch1], choose_mode(model, randomness)),
+    ]
+    for ks, mode in groups:
+        if ks:
+            if mode == "vmap" and plan.vmap_failed:
+                mode = "loop"
+            with rng_replay(snapshot) if snapshot is not None else contextlib.nullcontext():
+                fs = fallback_stats(
+                    model,
+                    loss_fn,
+                    x,
+                    y,
+                    [params[k] for k in ks],
+                    mode,
+                    vector=[tangents[k] for k in ks],
+                )
+            dots += fs.dots
+    return dots
+
+
+def _losses_differ(got: torch.Tensor, expected: torch.Tensor | None, dtype) -> str | None:
+    if expected is None:
+        return None
+    from clipscope.engine.verify import tolerance
+
+    got, expected = got.double(), expected.to(got.device).double()
+    err = float((got - expected).abs().max())
+    scale = float(expected.abs().max())
+    if err <= tolerance(dtype) * scale + 1e-300:
+        return None
+    return f"largest difference {err:.3g} for losses up to {scale:.3g}"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def _jvp_dots(model, loss_fn, x, y, plan, ks, tangents, batch) -> torch.Tensor:
+    params = [plan.params[k] for k in ks]
+    tans = [tangents[k] for k in ks]
+    # reverse mode defines the padding row's gradient as 0; forward mode sees the lookup
+    position = {id(p): i for i, p in enumerate(params)}
+    for mod in model.modules():
+        if isinstance(mod, (nn.Embedding, nn.EmbeddingBag)) and mod.padding_idx is not None:
+            i = position.get(id(mod.weight))
+            if i is not None:
+                tans[i] = tans[i].clone()
+                tans[i][mod.padding_idx] = 0
+    low = any(p.dtype not in (torch.float32, torch.float64) for p in params)
+    losses, dots = _jvp(model, loss_fn, x, y, plan, ks, params, tans, batch, upcast=low)
+    if not bool(torch.isfinite(dots).all()) and not low:
+        losses, dots = _jvp(model, loss_fn, x, y, plan, ks, params, tans, batch, upcast=True)
+    if not bool(torch.isfinite(dots).all()):
+        raise NonFiniteError(
+            f"per-sample dots of samples {torch.nonzero(~torch.isfinite(dots)).flatten().tolist()}"
+            " are not finite even in float64; nothing was changed"
+        )
+    return losses, dots
+
+
+def _jvp(model, loss_fn, x, y, plan, ks, params, tans, batch, *, upcast: bool) -> torch.Tensor:
+    names = [plan.names[k] for k in ks]
+    if upcast:
+        primals = tuple(p.detach().double() for p in params)
+        tans = tuple(t.double() for t in tans)
+        buffers = {
+            n: b.double()
+            for n, b in model.named_buffers()
+            if b is not None and b.is_floating_point()
+        }
+        # the other parameters too: one dtype through the whole forward
+        others = {
+            n: p.detach().double()
+            for n, p in model.named_parameters()
+            if n not in names and p.is_floating_point()
+        }
+        x = x.double() if x.is_floating_point() else x
+        y = y.double() if isinstance(y, torch.Tensor) and y.is_floating_point() else y
+    else:
+        primals = tuple(p.detach() for p in params)
+        tans = tuple(t.to(p.dtype) for t, p in zip(tans, params, strict=True))
+        buffers, others = {}, {}
+
+    def losses_of(*ps: torch.Tensor) -> torch.Tensor:
+        state = {**others, **buffers, **dict(zip(names, ps, strict=True))}
+        return per_sample_from_output(loss_fn, functional_call(model, state, (x,)), y, batch)
+
+    with kernels_for_derivatives(model):
+        losses, dots = jvp(losses_of, primals, tans)
+    return losses.detach(), dots.detach().double()

@@ -1,0 +1,109 @@
+r"""Embeddings: ``y_t = E[i_t]`` for token ids ``(B, *)``.
+
+Sample j's gradient adds ``b_t`` to row ``i_t`` for each of its tokens,
+``g_j(E) = Σ_t e_{i_t} b_tᵀ``, so
+
+.. math:: ‖g_j(E)‖^2 = \sum_{t,s:\ i_{jt} = i_{js}} b_{jt}·b_{js},
+          \qquad ⟨g_j(E), V⟩ = \sum_t b_{jt}·V[i_{jt}],
+
+with the tokens equal to ``padding_idx`` left out (their gradient is 0 by
+torch's convention).
+
+Options:
+
+* ``padding_idx``: as above.
+* ``max_norm``: torch renormalizes the looked-up rows **in place** before the
+  lookup, under ``no_grad``; the gradient is still the scatter of ``b``, and a
+  row's renormalized value does not depend on which sample looked it up
+  first, so the rule holds (the probe restores the weights afterwards).
+* ``sparse=True``: the batch gradient is a sparse tensor; the rule is the same.
+* ``scale_grad_by_freq``: torch divides each row's gradient by the token's
+  count **in the batch**, so a batch backward is not the sum of per-sample
+  gradients, and the per-sample gradient is not the derivative (forward-mode
+  dots would miss the scaling). Not claimed here: such a weight's per-sample
+  norms, sums, dots and clipped sums all come from batch-1 backward passes
+  (:func:`batch1_reason`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from clipscope.engine.per_sample._common import CHUNK_ELEMENTS, Directions, cat_tokens, up
+from clipscope.engine.per_sample.family import LayerFamily, ParamGhost, grads_of, zeros
+
+__all__ = ["EmbeddingFamily", "batch1_reason"]
+
+
+def batch1_reason(mod: nn.Module) -> str | None:
+    """Why a module's per-sample gradient is defined only by a batch-1 backward, or None."""
+    if isinstance(mod, (nn.Embedding, nn.EmbeddingBag)) and mod.scale_grad_by_freq:
+        return (
+            "scale_grad_by_freq=True: torch divides the gradient by the token counts of the "
+            "whole batch, so per-sample gradients come from batch-1 backward passes"
+        )
+    return None
+
+
+def _tokens(mod: nn.Embedding, calls, batch: int):
+    used = grads_of(calls)
+    if not used:
+        return None
+    idx = cat_tokens([c.inputs[0].reshape(batch, -1) for c, _ in used])
+    b = cat_tokens([g.reshape(batch, -1, g.shape[-1]) for _, g in used])
+    b = up(b)
+    if mod.padding_idx is not None:
+        b = b * (idx != mod.padding_idx).unsqueeze(-1).to(b.dtype)
+    return idx, b
+
+
+class EmbeddingFamily(LayerFamily):
+    """``nn.Embedding`` with any ``padding_idx``, ``max_norm`` and ``sparse``."""
+
+    name = "embedding"
+    module_types = (nn.Embedding,)
+
+    def claims(self, mod):
+        """Not for ``scale_grad_by_freq`` (see the module docstring)."""
+        return super().claims(mod) and not mod.scale_grad_by_freq
+
+    def per_sample(self, mod, calls, names, batch, dirs: dict[str, Directions]):
+        """Same-token Gram sums of the output gradients."""
+        device = mod.weight.device
+        d = dirs["weight"]
+        tk = _tokens(mod, calls, batch)
+        if tk is None:
+            return {"weight": ParamGhost(zeros(batch, device), zeros(d.u.shape[1], device))}
+        idx, b = tk
+        T = idx.shape[1]
+        sq = zeros(batch, device)
+        step = max(1, CHUNK_ELEMENTS // max(1, T * T))
+        for s in range(0, batch, step):
+            i, bb = idx[s : s + step], b[s : s + step]
+            same = i.unsqueeze(2) == i.unsqueeze(1)
+            gram = torch.bmm(bb, bb.transpose(1, 2))
+            sq[s : s + step] = (gram * same).sum((1, 2), dtype=torch.float64)
+        # ⟨Σ_t e_{i_t} b_tᵀ, u wᵀ⟩ = Σ_t u[i_t] (b_t·w)
+        proj = (d.u[idx.reshape(-1)] * (b.reshape(-1, b.shape[-1]) @ d.w.to(b.dtype)).double()).sum(
+            0
+        )
+        return {"weight": ParamGhost(sq, proj)}
+
+    def batch_grad(self, mod, calls, names, batch):
+        """``Σ_t`` of ``b_t`` added to row ``i_t``."""
+        tk = _tokens(mod, calls, batch)
+        w = torch.zeros(mod.weight.shape, dtype=torch.float64, device=mod.weight.device)
+        if tk is not None:
+            idx, b = tk
+            w.index_add_(0, idx.reshape(-1), b.reshape(-1, b.shape[-1]).double())
+        return {"weight": w}
+
+    def dots(self, mod, calls, names, vectors, batch):
+        """``Σ_t b_t·V[i_t]`` per sample."""
+        tk = _tokens(mod, calls, batch)
+        if tk is None:
+            return zeros(batch, mod.weight.device)
+        idx, b = tk
+        rows = vectors["weight"].to(b.dtype)[idx]  # (B, T, D)
+        return (rows * b).sum((1, 2), dtype=torch.float64)

@@ -1,0 +1,353 @@
+"""Pass 1 of the per-sample route: one hooked forward and one backward per batch.
+
+:func:`ghost_pass` runs the batch forward with hooks on the modules the plan
+gives a rule, computes the per-sample losses ``ℓ_j``, and runs **one**
+backward of ``Σ_j ℓ_j`` w.r.t. every parameter. The hooks keep each call's
+output gradient ``b = ∂(Σ_k ℓ_k)/∂output`` (the sum, not the mean: sample j's
+output depends on sample j only, so ``b_j = ∂ℓ_j/∂output_j``). Then:
+
+1. each rule turns its recorded calls into per-sample ``‖g_j(p)‖²``;
+2. the **structural check** compares, per parameter, the batch gradient the
+   rule accounts for with the parameter's actual batch gradient from that same
+   backward (:mod:`clipscope.engine.verify`); a parameter that fails, or whose
+   rule refused a call, moves to the exact fallback from here on;
+3. the fallback gives the per-sample norms of the remaining parameters;
+4. ``∇ Σ_j ℓ_j`` is the backward's actual gradient for the parameters a rule
+   served (so ∇f never depends on a rule being right) and the sum of the
+   fallback's per-sample gradients for the others.
+
+Norms of disjoint parameter sets add up. Under float16/bfloat16 a batch
+gradient that overflows is recomputed with the backward seeded by ``2^-⌈log2 B⌉``
+(the per-sample quantities are unscaled exactly, in float64).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from clipscope.engine.per_sample._common import dense_grad
+from clipscope.engine.per_sample.batch import (
+    check_inputs,
+    per_sample_from_output,
+    randomness_active,
+)
+from clipscope.engine.per_sample.fallback import choose_mode, fallback_stats
+from clipscope.engine.per_sample.family import Call, LayerFamily, Unsupported
+from clipscope.engine.per_sample.plan import Plan
+from clipscope.engine.verify import structural_error, tolerance
+from clipscope.errors import NonFiniteError
+
+__all__ = ["GhostPass", "ghost_pass", "per_sample_sq_norms", "record_calls"]
+
+
+class GhostPass(NamedTuple):
+    """What one hooked forward + backward of the summed loss gives.
+
+    Attributes
+    ----------
+    sq_norms : torch.Tensor
+        ``(B,)`` float64, ``‖∇ℓ_j‖²`` over the plan's parameters.
+    losses : torch.Tensor
+        ``(B,)`` detached per-sample losses ``ℓ_j`` (the model's dtype).
+    grad_sum : list of torch.Tensor
+        ``∇ Σ_j ℓ_j`` for each parameter, float64 (divide by B for the batch's
+        mean-loss gradient).
+    per_param : dict
+        ``{parameter index: (B,) float64 ‖g_j(p)‖²}`` (the spot check's input).
+    """
+
+    sq_norms: torch.Tensor
+    losses: torch.Tensor
+    grad_sum: list[torch.Tensor]
+    per_param: dict[int, torch.Tensor]
+
+
+def _store(slots: list, k: int, g: torch.Tensor) -> None:
+    slots[k] = g.detach()
+
+
+class _Recorder:
+    """Forward (pre-)hooks that keep each call of the served modules for their rules."""
+
+    def __init__(self, modules: Sequence[tuple], batch: int) -> None:
+        self.batch = batch
+        self.calls: dict[int, list[Call]] = {id(m): [] for _, m, _, _ in modules}
+        self.outputs: list[tuple[torch.Tensor, int]] = []  # (hooked output, its version)
+        self._before: dict[int, list[Any]] = {id(m): [] for _, m, _, _ in modules}
+        self.handles = []
+        for _, mod, fam, _ in modules:
+            if type(fam).before is not LayerFamily.before:
+                self.handles.append(
+                    mod.register_forward_pre_hook(functools.partial(self._pre, fam))
+                )
+            self.handles.append(mod.register_forward_hook(functools.partial(self._post, fam)))
+
+    def _pre(self, fam: Any, mod: nn.Module, args: tuple) -> None:
+        self._before[id(mod)].append(fam.before(mod))
+
+    def _post(self, fam: Any, mod: nn.Module, args: tuple, output: Any) -> None:
+        stack = self._before[id(mod)]
+        before = stack.pop() if stack else None
+        try:
+            call, outs = fam.record(mod, args, output, self.batch, before)
+        except Exception as exc:  # a hook must not break the user's forward
+            call, outs = Call(problem=f"recording the call failed: {exc}"), []
+        # the slot list is referenced by the tensor hooks only: output -> grad_fn ->
+        # hook -> slot never points back at the output (a cycle through C++ that
+        # Python's garbage collector could not free)
+        self.calls[id(mod)].append(call)
+        for k, t in enumerate(outs):
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                t.register_hook(functools.partial(_store, call.grads, k))
+                self.outputs.append((t, t._version))
+
+    def remove(self) -> list[tuple[torch.Tensor, int]]:
+        for h in self.handles:
+            h.remove()
+        outputs, self.outputs = self.outputs, []
+        return outputs
+
+
+def _finite(t: torch.Tensor) -> bool:
+    if t.layout != torch.strided:
+        t = t.coalesce().values() if t.is_sparse else t.values()
+    return bool(torch.isfinite(t).all())
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    dense = [t for t in tensors if t.layout == torch.strided]
+    ok = bool(torch.stack([torch.isfinite(t).all() for t in dense]).all()) if dense else True
+    return ok and all(_finite(t) for t in tensors if t.layout != torch.strided)
+
+
+def _norm(t: torch.Tensor) -> float:
+    if t.layout != torch.strided:
+        t = t.coalesce().values() if t.is_sparse else t.values()
+    return float(torch.linalg.vector_norm(t, dtype=torch.float64))
+
+
+def ghost_pass(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    x: torch.Tensor,
+    y: Any,
+    params: Sequence[torch.Tensor] | None = None,
+    *,
+    plan: Plan | None = None,
+) -> GhostPass:
+    """One hooked forward + backward: per-sample ``‖∇ℓ_j‖²``, losses ``ℓ_j`` and ``∇Σ_j ℓ_j``.
+
+    Every rule's answer is checked structurally against the actual batch
+    gradient; parameters without a rule, or whose rule fails, get their norms
+    from the exact fallback, each with a
+    :class:`~clipscope.engine.verify.PerSampleFallbackWarning`. ``plan`` carries
+    those decisions across the batches of one probe (default: a new
+    :class:`~clipscope.engine.per_sample.plan.Plan` over ``params``, every
+    trainable parameter by default). Leaves the model's parameters, ``.grad``,
+    buffers and flags unchanged (the backward uses ``torch.autograd.grad``).
+    """
+    batch = check_inputs(model, loss_fn, x)
+    if plan is None:
+        plan = Plan(model, params)
+    elif params is not None and [id(p) for p in params] != [id(p) for p in plan.params]:
+        raise ValueError("params must be the plan's parameters (or None)")
+    randomness = randomness_active(model)
+    if randomness and plan.batch1:
+        names = ", ".join(plan.names[k] for k in sorted(plan.batch1))
+        raise ValueError(
+            f"{names}: a gradient torch defines per batch (scale_grad_by_freq) cannot be split "
+            "per sample while dropout draws masks for the batch (dropout='fixed' in train mode); "
+            "use dropout='off' or mini-batch components"
+        )
+    result = _ghost_once(model, loss_fn, x, y, plan, batch, randomness, 1.0)
+    if result is None:  # float16/bfloat16: the batch sum overflowed, the samples did not
+        scale = 2.0 ** -math.ceil(math.log2(max(2, batch)))
+        result = _ghost_once(model, loss_fn, x, y, plan, batch, randomness, scale)
+    return result
+
+
+def _forward_backward(model, loss_fn, x, y, plan, active, batch, scale, retain):
+    """Run the hooked batch forward and the one backward of ``scale·Σ_j ℓ_j``."""
+    rec = _Recorder(active, batch)
+    try:
+        with torch.enable_grad():
+            losses = per_sample_from_output(loss_fn, model(x), y, batch)
+    finally:
+        outputs = rec.remove()
+    if not bool(torch.isfinite(losses).all()):
+        bad = torch.nonzero(~torch.isfinite(losses)).flatten().tolist()
+        raise NonFiniteError(
+            f"per-sample losses of samples {bad} are not finite; nothing was changed"
+        )
+    seed = torch.full_like(losses, scale)
+    if plan.unchecked and all(t._version == v for t, v in outputs):
+        # benchmarks only: w.r.t. the layer outputs (the hooks get every b) and the
+        # fallback's parameters; autograd never forms the served layers' weight gradients
+        rest = [k for k in range(len(plan.params)) if k in plan.fallback]
+        inputs = [t for t, _ in outputs] + [plan.params[k] for k in rest]
+        with torch.enable_grad():
+            found = torch.autograd.grad(
+                losses, inputs, grad_outputs=seed, allow_unused=True, retain_graph=retain
+            )
+        grads = [None] * len(plan.params)
+        for k, g in zip(rest, found[len(outputs) :], strict=True):
+            grads[k] = g
+        return rec.calls, losses, grads
+    with torch.enable_grad():
+        grads = torch.autograd.grad(
+            losses, plan.params, grad_outputs=seed, allow_unused=True, retain_graph=retain
+        )
+    return rec.calls, losses, grads
+
+
+def record_calls(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    x: torch.Tensor,
+    y: Any,
+    plan: Plan | None = None,
+) -> dict[str, tuple[nn.Module, LayerFamily, list[str], list[Call]]]:
+    """One hooked forward and backward of ``Σ_j ℓ_j``; every served module's recorded calls.
+
+    ``{module name: (module, family, parameter attributes, calls)}``, each call
+    with its output gradients filled in: exactly what the rules of pass 1 see,
+    and what a route that keeps factors between passes would keep. Nothing is
+    checked here (:func:`ghost_pass` checks).
+    """
+    batch = check_inputs(model, loss_fn, x)
+    plan = Plan(model) if plan is None else plan
+    active = plan.ghost_modules()
+    calls, _, _ = _forward_backward(model, loss_fn, x, y, plan, active, batch, 1.0, False)
+    return {mname: (mod, fam, attrs, calls[id(mod)]) for mname, mod, fam, attrs in active}
+
+
+def _ghost_once(model, loss_fn, x, y, plan, batch, randomness, scale) -> GhostPass | None:
+    params = plan.params
+    active = plan.ghost_modules()
+    calls, losses, grads = _forward_backward(
+        model, loss_fn, x, y, plan, active, batch, scale, randomness
+    )
+    # a finite float64 norm means finite entries (the elementwise test only when it is not)
+    norms = [None if g is None else _norm(g) for g in grads]
+    if not all(n is None or math.isfinite(n) for n in norms) and not _all_finite(
+        [g for g in grads if g is not None]
+    ):
+        if scale == 1.0 and params[0].dtype not in (torch.float32, torch.float64):
+            return None
+        bad = [plan.names[k] for k, g in enumerate(grads) if g is not None and not _finite(g)]
+        raise NonFiniteError(
+            f"the batch gradient of {batch} samples is not finite in parameter(s) "
+            f"{', '.join(bad)} although every per-sample loss is; nothing was changed"
+            + ("" if scale == 1.0 else f" (it overflows {params[0].dtype}: run in float32)")
+        )
+    tol = tolerance(params[0].dtype)
+    per_param: dict[int, torch.Tensor] = {}
+    unchecked_sums: dict[int, torch.Tensor] = {}
+    for mname, mod, fam, attrs in active:
+        ks = [plan.index[id(getattr(mod, a))] for a in attrs]
+        problem = next((c.problem for c in calls[id(mod)] if c.problem), None)
+        if problem is not None:
+            plan.demote(ks, "record", problem)
+            continue
+        dirs = {a: plan.directions[k] for a, k in zip(attrs, ks, strict=True)}
+        try:
+            res = fam.per_sample(mod, calls[id(mod)], attrs, batch, dirs)
+        except Unsupported as exc:
+            plan.demote(ks, "rule", str(exc))
+            continue
+        if plan.unchecked:
+            totals = fam.batch_grad(mod, calls[id(mod)], attrs, batch)
+            for a, k in zip(attrs, ks, strict=True):
+                per_param[k] = res[a].sq / (scale * scale)
+                unchecked_sums[k] = totals[a].double() / scale
+            continue
+        for a, k in zip(attrs, ks, strict=True):
+            ghost = res[a]
+            actual = grads[k]
+            if actual is None:
+                actual = torch.zeros_like(params[k])
+            bound = (norms[k] or 0.0) + float(ghost.sq.clamp(min=0).sqrt().sum())
+            err = structural_error(ghost.proj, plan.directions[k].of_tensor(actual), bound)
+            if not err <= tol:
+                where = mname or type(mod).__name__
+                plan.demote(
+                    [k],
+                    "structural",
+                    f"the {fam.name} rule of {where} accounts for a batch gradient that differs "
+                    f"from the actual one (relative error {err:.2g} > {tol:g}): the parameter "
+                    "is used outside the module's recorded calls, or the module changes it "
+                    "during forward",
+                )
+                continue
+            plan.note_structural(err)
+            per_param[k] = ghost.sq / (scale * scale)
+    grad_sum: list[torch.Tensor | None] = [None] * len(params)
+    for k in per_param:
+        if k in unchecked_sums:
+            grad_sum[k] = unchecked_sums[k]
+        else:
+            grad_sum[k] = dense_grad(grads[k], params[k]).double() / scale
+    rest = [k for k in range(len(params)) if k not in per_param]
+    if rest:
+        del grads
+        groups = [
+            ([k for k in rest if k in plan.batch1], "loop"),
+            ([k for k in rest if k not in plan.batch1], choose_mode(model, randomness)),
+        ]
+        for ks, mode in groups:
+            if not ks:
+                continue
+            if mode == "vmap" and plan.vmap_failed:
+                mode = "loop"
+            fs = fallback_stats(
+                model,
+                loss_fn,
+                x,
+                y,
+                [params[k] for k in ks],
+                mode,
+                losses=losses if mode == "graph" else None,
+            )
+            if mode == "vmap" and fs.mode != "vmap":
+                plan.vmap_failed = True
+            for i, k in enumerate(ks):
+                per_param[k] = fs.sq[i]
+                grad_sum[k] = fs.sums[i]
+    sq = torch.zeros(batch, dtype=torch.float64, device=x.device)
+    for v in per_param.values():
+        sq += v.to(sq.device)
+    return GhostPass(sq, losses.detach(), grad_sum, per_param)
+
+
+def per_sample_sq_norms(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    x: torch.Tensor,
+    y: Any,
+    params: Sequence[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``‖∇ℓ_j‖²`` for every sample j of the batch, float64 ``(B,)``, by ghost norms.
+
+    ``ℓ_j = loss_fn(model(x_j), y_j)``; the norm runs over ``params`` (default:
+    every trainable parameter, tied ones once). Layers with a rule
+    (:data:`~clipscope.engine.per_sample.plan.FAMILIES`) never materialize
+    per-sample gradients (Goodfellow 2015; Li et al. 2021) and are checked
+    structurally; other parameters come from an exact fallback, with a
+    :class:`~clipscope.engine.verify.PerSampleFallbackWarning`. Train-mode
+    BatchNorm raises ``ValueError``.
+
+    >>> import torch.nn.functional as F
+    >>> m = nn.Linear(3, 2)
+    >>> x, y = torch.randn(4, 3), torch.tensor([0, 1, 1, 0])
+    >>> sq = per_sample_sq_norms(m, F.cross_entropy, x, y)
+    >>> g1 = torch.autograd.grad(F.cross_entropy(m(x[1:2]), y[1:2]), list(m.parameters()))
+    >>> bool(torch.isclose(sq[1], sum(g.double().square().sum() for g in g1)))
+    True
+    """
+    return ghost_pass(model, loss_fn, x, y, params).sq_norms

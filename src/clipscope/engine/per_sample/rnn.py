@@ -1,0 +1,333 @@
+r"""Recurrent layers: a ghost rule for ``nn.LSTM``, a module-local loop for the rest.
+
+**nn.LSTM** (unidirectional, no projection, any number of layers): the LSTM is
+unrolled again in Python at the recorded input and initial state, with the
+weights as constants (gate order i, f, g, o as in ``nn.LSTM``), and
+``Σ_k ⟨o^k, b^k⟩`` over its outputs (sequence, ``h_n``, ``c_n``) is
+differentiated w.r.t. the gate pre-activations, giving the gate gradients
+``δ_t``. Then, per layer,
+
+.. math:: g_j(W_{ih}) = \sum_t δ_{jt} x_{jt}^\top,\quad
+          g_j(W_{hh}) = \sum_t δ_{jt} h_{j,t-1}^\top,\quad
+          g_j(b_{ih}) = g_j(b_{hh}) = \sum_t δ_{jt},
+
+and the sequence-Linear formulas apply. Precondition: no active inter-layer
+dropout (train mode with ``dropout > 0``), which the unroll does not apply.
+
+**Module-local loop** (GRU, RNN, bidirectional LSTM, ``proj_size``, LSTM
+subclasses with their own forward such as clipscope's ``WeightDropLSTM``, and
+an LSTM with active dropout): the recurrent module alone runs again on each
+sample j with its recorded input and initial state, and
+``g_j = ∂/∂θ Σ_k ⟨o^k_j(θ), b^k_j⟩`` (a loop: the fused kernels have no
+``vmap`` rule), so the rest of the model is not re-run per sample. A module
+that draws random numbers in training mode (DropConnect) is re-run from the
+RNG state recorded just before its batch call, so a mask drawn on the weights
+is the batch's mask. Every re-run must reproduce the batch call's outputs for
+that sample (to the dtype's tolerance); if it does not (masks drawn per
+sample, a packed sequence, a module that mixes samples), the rule refuses
+and the module's parameters fall back, visibly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from clipscope.engine.guard import dropout_modules
+from clipscope.engine.per_sample._common import (
+    Directions,
+    bias_sq_norm,
+    cat_tokens,
+    gram_sq_norm,
+    rng_replay,
+    rng_snapshot,
+    sq_sum,
+    up,
+)
+from clipscope.engine.per_sample.family import Call, LayerFamily, ParamGhost, Unsupported, zeros
+from clipscope.engine.verify import tolerance
+
+__all__ = ["LSTMFamily", "RNNLoopFamily"]
+
+
+def _record_rnn(mod: nn.RNNBase, args: tuple, output: Any, batch: int) -> tuple[Call, list]:
+    inp = args[0] if args else None
+    bd = 0 if mod.batch_first else 1
+    if not isinstance(inp, torch.Tensor) or inp.dim() != 3 or inp.shape[bd] != batch:
+        shape = tuple(inp.shape) if isinstance(inp, torch.Tensor) else type(inp).__name__
+        return Call(
+            problem=f"{type(mod).__name__} got input {shape}: per-sample rules need a batched "
+            f"(not packed) input with the samples along dim {bd}"
+        ), []
+    hx = args[1] if len(args) > 1 else None
+    hx = (hx,) if isinstance(hx, torch.Tensor) else hx
+    out, state = output
+    state = (state,) if isinstance(state, torch.Tensor) else tuple(state)
+    tensors = (out, *state)
+    call = Call(
+        inputs=(inp.detach(),),
+        grads=[None] * len(tensors),
+        extra={"hx": None if hx is None else tuple(h.detach() for h in hx)},
+    )
+    return call, list(tensors)
+
+
+def _used(calls: list[Call]) -> list[Call]:
+    return [c for c in calls if any(g is not None for g in c.grads)]
+
+
+class LSTMFamily(LayerFamily):
+    """``nn.LSTM``: unidirectional, no projection; gate-gradient ghost norms."""
+
+    name = "lstm"
+    module_types = (nn.LSTM,)
+
+    def claims(self, mod):
+        """``nn.LSTM``'s own forward, unidirectional, ``proj_size == 0``."""
+        return super().claims(mod) and not mod.bidirectional and mod.proj_size == 0
+
+    def param_names(self, mod):
+        """Every ``weight_*`` and ``bias_*`` of every layer."""
+        return tuple(mod._flat_weights_names)
+
+    def precondition(self, mod):
+        """No inter-layer dropout in train mode (the unroll would not apply it)."""
+        if mod.training and mod.dropout > 0 and mod.num_layers > 1:
+            return "inter-layer dropout is active (train mode)"
+        return None
+
+    def record(self, mod, args, output, batch, before=None):
+        """Input, initial state, and the gradients of ``(output, h_n, c_n)``."""
+        return _record_rnn(mod, args, output, batch)
+
+    def _tokens(self, mod: nn.LSTM, call: Call) -> list[tuple]:
+        """Per layer: inputs ``x_t``, previous states ``h_{t-1}`` and gate gradients ``δ_t``."""
+        x = up(call.inputs[0])
+        x = x if mod.batch_first else x.transpose(0, 1)
+        B, T = x.shape[0], x.shape[1]
+        L, H = mod.num_layers, mod.hidden_size
+        hx = call.extra["hx"]
+        h0 = c0 = x.new_zeros(L, B, H)
+        if hx is not None:
+            h0, c0 = up(hx[0]), up(hx[1])
+        per_layer, gates, finals_h, finals_c = [], [], [], []
+        layer_in = x
+        with torch.enable_grad():
+            for layer in range(L):
+                w_ih = up(getattr(mod, f"weight_ih_l{layer}").detach())
+                w_hh = up(getattr(mod, f"weight_hh_l{layer}").detach())
+                xw = layer_in @ w_ih.t()
+                if mod.bias:
+                    xw = xw + up(getattr(mod, f"bias_ih_l{layer}").detach())
+                    xw = xw + up(getattr(mod, f"bias_hh_l{layer}").detach())
+                if not xw.requires_grad:  # layer 0: all constants; the gates need a graph
+                    xw.requires_grad_()
+                h, c = h0[layer], c0[layer]
+                hs, prev, gl = [], [], []
+                for t in range(T):
+                    prev.append(h)
+                    g = xw[:, t] + h @ w_hh.t()
+                    gl.append(g)
+                    i, f, gg, o = g.chunk(4, 1)
+                    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(gg)
+                    h = torch.sigmoid(o) * torch.tanh(c)
+                    hs.append(h)
+                per_layer.append((layer_in, torch.stack(prev, 1).detach()))
+                gates.append(gl)
+                finals_h.append(h)
+                finals_c.append(c)
+                layer_in = torch.stack(hs, 1)
+            out = layer_in if mod.batch_first else layer_in.transpose(0, 1)
+            outs = (out, torch.stack(finals_h), torch.stack(finals_c))
+            total = sum(
+                (o * up(g)).sum() for o, g in zip(outs, call.grads, strict=True) if g is not None
+            )
+            flat = [g for gl in gates for g in gl]
+            deltas = torch.autograd.grad(total, flat, allow_unused=True)
+        deltas = [
+            torch.zeros_like(g) if d is None else d for g, d in zip(flat, deltas, strict=True)
+        ]
+        return [
+            (a_in.detach(), h_prev, torch.stack(deltas[layer * T : (layer + 1) * T], 1))
+            for layer, (a_in, h_prev) in enumerate(per_layer)
+        ]
+
+    def _layers(self, mod, calls):
+        tokens = [self._tokens(mod, c) for c in _used(calls)]
+        if not tokens:
+            return None
+        return [
+            tuple(cat_tokens([tk[layer][k] for tk in tokens]) for k in range(3))
+            for layer in range(mod.num_layers)
+        ]
+
+    def per_sample(self, mod, calls, names, batch, dirs: dict[str, Directions]):
+        """Sequence-Linear ghost norms from the gate gradients."""
+        device = mod.weight_ih_l0.device
+        layers = self._layers(mod, calls)
+        out = {}
+        for name in names:
+            d = dirs[name]
+            if layers is None:
+                out[name] = ParamGhost(zeros(batch, device), zeros(d.u.shape[1], device))
+                continue
+            kind, layer = name.rsplit("_l", 1)
+            a_in, h_prev, delta = layers[int(layer)]
+            if kind.startswith("weight"):
+                a = a_in if kind == "weight_ih" else h_prev
+                out[name] = ParamGhost(gram_sq_norm(a, delta), d.of_factors(a, delta))
+            else:
+                out[name] = ParamGhost(bias_sq_norm(delta), d.of_vector(delta))
+        return out
+
+    def batch_grad(self, mod, calls, names, batch):
+        """``Σ_{j,t} δ_t x_tᵀ`` etc. from the gate gradients."""
+        layers = self._layers(mod, calls)
+        out = {}
+        for name in names:
+            if layers is None:
+                out[name] = torch.zeros_like(getattr(mod, name))
+                continue
+            kind, layer = name.rsplit("_l", 1)
+            a_in, h_prev, delta = layers[int(layer)]
+            d2 = delta.reshape(-1, delta.shape[-1])
+            if kind.startswith("weight"):
+                a = a_in if kind == "weight_ih" else h_prev
+                out[name] = d2.t() @ a.reshape(-1, a.shape[-1])
+            else:
+                out[name] = d2.sum(0)
+        return out
+
+    def dots(self, mod, calls, names, vectors, batch):
+        """``Σ_t δ_t·(V x_t)`` etc. per sample."""
+        out = zeros(batch, mod.weight_ih_l0.device)
+        layers = self._layers(mod, calls)
+        if layers is None:
+            return out
+        for name in names:
+            kind, layer = name.rsplit("_l", 1)
+            a_in, h_prev, delta = layers[int(layer)]
+            v = vectors[name].to(delta.dtype)
+            if kind.startswith("weight"):
+                a = a_in if kind == "weight_ih" else h_prev
+                out += ((a @ v.t()) * delta).sum((1, 2), dtype=torch.float64)
+            else:
+                out += (delta @ v).sum(1, dtype=torch.float64)
+        return out
+
+
+def _random(mod: nn.Module) -> bool:
+    return any(m.training for m in dropout_modules(mod))
+
+
+class RNNLoopFamily(LayerFamily):
+    """Any ``nn.RNNBase`` (GRU, RNN, LSTM variants, subclasses): a per-sample loop of the module."""
+
+    name = "rnn-loop"
+    module_types = (nn.RNNBase,)
+    plain_forward = False
+
+    def param_names(self, mod):
+        """Every parameter the module registers itself."""
+        return tuple(n for n, _ in mod.named_parameters(recurse=False))
+
+    def before(self, mod):
+        """Return the RNG state before a random module's call (replayed per sample)."""
+        if not _random(mod):
+            return None
+        p = next(mod.parameters(), None)
+        return rng_snapshot(None if p is None else p.device)
+
+    def record(self, mod, args, output, batch, before=None):
+        """Input, initial state, the RNG state, the batch outputs and their gradients."""
+        call, outs = _record_rnn(mod, args, output, batch)
+        if call.problem is None:
+            call.extra["rng"] = before
+            call.extra["outputs"] = tuple(t.detach() for t in outs)
+        return call, outs
+
+    def _per_sample_grads(self, mod, calls, names, batch):
+        """Yield ``(j, [g_j(p) for p in names])`` by re-running the module on sample j."""
+        params = [getattr(mod, n) for n in names]
+        bd = 0 if mod.batch_first else 1
+        tol = tolerance(params[0].dtype)
+        used = _used(calls)
+        with torch.enable_grad():
+            for j in range(batch):
+                acc: list[torch.Tensor | None] = [None] * len(params)
+                for call in used:
+                    a = call.inputs[0].narrow(bd, j, 1)
+                    hx = call.extra["hx"]
+                    if hx is not None:
+                        hx = tuple(h.narrow(1, j, 1) for h in hx)
+                        hx = hx[0] if len(hx) == 1 else hx
+                    if call.extra["rng"] is not None:
+                        with rng_replay(call.extra["rng"]):
+                            o, st = mod(a, hx)
+                    else:
+                        o, st = mod(a, hx)
+                    st = (st,) if isinstance(st, torch.Tensor) else tuple(st)
+                    mine = (o, *st)
+                    for k, (t, ref) in enumerate(zip(mine, call.extra["outputs"], strict=True)):
+                        row = ref.narrow(bd if k == 0 else 1, j, 1)
+                        err = float((t.detach() - row).abs().max()) if t.numel() else 0.0
+                        scale = float(row.abs().max()) if row.numel() else 0.0
+                        if not err <= tol * scale + 1e-30:
+                            raise Unsupported(
+                                f"re-running {type(mod).__name__} on sample {j} alone does not "
+                                f"reproduce its batch output (max difference {err:.3g}): masks "
+                                "drawn per sample, or a module that mixes samples"
+                            )
+                    total = sum(
+                        (t * g.narrow(bd if k == 0 else 1, j, 1)).sum()
+                        for k, (t, g) in enumerate(zip(mine, call.grads, strict=True))
+                        if g is not None
+                    )
+                    gs = torch.autograd.grad(total, params, allow_unused=True)
+                    acc = [
+                        g if a_ is None else (a_ if g is None else a_ + g)
+                        for a_, g in zip(acc, gs, strict=True)
+                    ]
+                yield (
+                    j,
+                    [
+                        torch.zeros_like(p) if g is None else g
+                        for p, g in zip(params, acc, strict=True)
+                    ],
+                )
+
+    def per_sample(self, mod, calls, names, batch, dirs: dict[str, Directions]):
+        """Per-sample gradients of the module's own parameters, one sample at a time."""
+        device = next(mod.parameters()).device
+        sq = {n: zeros(batch, device) for n in names}
+        sums = {n: None for n in names}
+        for j, gs in self._per_sample_grads(mod, calls, names, batch):
+            for n, g in zip(names, gs, strict=True):
+                sq[n][j] = sq_sum(g.reshape(1, -1), (1,))[0]
+                g64 = g.double()
+                sums[n] = g64 if sums[n] is None else sums[n] + g64
+        out = {}
+        for n in names:
+            d = dirs[n]
+            proj = zeros(d.u.shape[1], device) if sums[n] is None else d.of_tensor(sums[n])
+            out[n] = ParamGhost(sq[n], proj)
+        return out
+
+    def batch_grad(self, mod, calls, names, batch):
+        """Sum the per-sample gradients of the loop."""
+        out = {n: torch.zeros_like(getattr(mod, n), dtype=torch.float64) for n in names}
+        for _, gs in self._per_sample_grads(mod, calls, names, batch):
+            for n, g in zip(names, gs, strict=True):
+                out[n] += g.double()
+        return out
+
+    def dots(self, mod, calls, names, vectors, batch):
+        """``⟨g_j, v⟩`` from the same per-sample loop."""
+        out = zeros(batch, next(mod.parameters()).device)
+        for j, gs in self._per_sample_grads(mod, calls, names, batch):
+            out[j] = sum(
+                (g.double() * vectors[n].double()).sum() for n, g in zip(names, gs, strict=True)
+            )
+        return out
