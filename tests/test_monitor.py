@@ -183,6 +183,13 @@ def test_the_run_directory_is_read_by_report_and_theory(tmp_path):
     out = subprocess.run([*cli, "report", str(run)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert (run / "report.html").is_file()
+    # one probe: no secant recorded, and nothing to measure from (the model is the user's)
+    one = tmp_path / "one"
+    with Monitor(model, loss_fn, comps, eta=0.5, every=4, run_dir=one) as monitor:
+        monitor.step(0)
+    out = subprocess.run([*cli, "theory", str(one)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "estimate used: none" in out.stdout
 
 
 def _states_equal(run_a: Path, run_b: Path):
