@@ -252,3 +252,15 @@ def test_fit_refuses_a_form_that_does_not_fit_before_any_step(tmp_path):
             run_dir=tmp_path / "run", progress=False)  # fmt: skip
     assert not (tmp_path / "run").exists()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_hessian_vector_products_take_a_model_batch_loss():
+    from clipscope.smoothness import hessian_norm
+
+    X, Y = regression(n=12)
+    model = model_fn()
+    dicts = Components.from_dataset(Dicts(X, Y), batch_size=4, seed=0)
+    pairs = Components.from_tensors(X, Y, batch_size=4, seed=0)
+    a = hessian_norm(model, mse_of_batch, dicts, tol=1e-10, max_iter=40)
+    b = hessian_norm(model, mse, pairs, tol=1e-10, max_iter=40)
+    assert a.hess_norm == pytest.approx(b.hess_norm, rel=1e-10)
