@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from clipscope.config import check_setting
+from clipscope.config import _toml_value, check_setting
 from clipscope.engine import model_guard
 from clipscope.engine.conventions import gradient_conventions
 from clipscope.loop.units import Finish, IntervalEnd, Point, Step, Unit
@@ -63,6 +62,25 @@ def nt_asgd_switch(previous: Sequence[float], current: float, nonmono: int) -> b
     if len(previous) <= nonmono:
         return False
     return bool(current > min(previous[:-nonmono]))
+
+
+def _write_env(directory: RunDirectory, loop: Any, seed: int, dropout: str) -> None:
+    """Write ``env.json``: versions, device, dtype, seed, components, gradient conventions."""
+    param = loop.params[0]
+    env = environment(
+        device=str(param.device), dtype=str(param.dtype).removeprefix("torch."), seed=seed
+    )
+    env["components"] = loop.components.describe()
+    env["conventions"] = gradient_conventions(loop.model, loop.components, dropout)
+    directory.write_text("env.json", json.dumps(env, indent=2, default=str) + "\n")
+
+
+def _write_files(directory: RunDirectory, files: dict[str, Any]) -> None:
+    """Write the files units handed over at the end (``torch.save``)."""
+    for name, obj in files.items():
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        directory.write_bytes(name, buffer.getvalue())
 
 
 class NTASGD(Unit):
@@ -247,17 +265,7 @@ class Checkpointing(Unit):
             loop.log(f"resumed at epoch {st.epoch}, step {st.step} of {self.directory.path}")
         env_file = self.directory.path / "env.json"
         if not (payload is not None and env_file.is_file()):
-            param = loop.params[0]
-            env = environment(
-                device=str(param.device),
-                dtype=str(param.dtype).removeprefix("torch."),
-                seed=loop.config.seed,
-            )
-            env["components"] = loop.components.describe()
-            env["conventions"] = gradient_conventions(
-                loop.model, loop.components, loop.config.dropout
-            )
-            self.directory.write_text("env.json", json.dumps(env, indent=2, default=str) + "\n")
+            _write_env(self.directory, loop, loop.config.seed, loop.config.dropout)
 
     def save(self) -> None:
         """Write checkpoint number ``seq + 1`` of the loop, then ``epochs.csv``."""
@@ -283,10 +291,7 @@ class Checkpointing(Unit):
 
     def finish(self, end: Finish) -> None:
         """Write the handed-over files, then ``summary.json``."""
-        for name, obj in end.files.items():
-            buffer = io.BytesIO()
-            torch.save(obj, buffer)
-            self.directory.write_bytes(name, buffer.getvalue())
+        _write_files(self.directory, end.files)
         self.directory.finish(end.summary)
 
     def state_dict(self) -> dict[str, Any]:
@@ -299,22 +304,9 @@ class Checkpointing(Unit):
 
 
 def _toml_text(setting: Mapping[str, Any], header: str) -> str:
-    """``key = value`` lines for plain values (str, bool, int, float, lists of them)."""
-
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, float):
-            return ("inf" if v > 0 else "-inf") if math.isinf(v) else "nan" if v != v else repr(v)
-        if isinstance(v, int):
-            return str(v)
-        if isinstance(v, str):
-            return json.dumps(v)  # a JSON string is a valid TOML basic string
-        if isinstance(v, (list, tuple)):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        raise TypeError(f"cannot write {v!r} to config.toml")
-
-    lines = [f"# {header}"] + [f"{k} = {value(v)}" for k, v in setting.items() if v is not None]
+    """``key = value`` lines of the plain values of ``setting`` (None left out)."""
+    lines = [f"# {header}"]
+    lines += [f"{k} = {_toml_value(v)}" for k, v in setting.items() if v is not None]
     return "\n".join(lines) + "\n"
 
 
@@ -408,15 +400,7 @@ class Records(Unit):
         )
         directory.open(resume=not fresh, setting={})
         if fresh or not (directory.path / "env.json").is_file():
-            param = loop.params[0]
-            env = environment(
-                device=str(param.device),
-                dtype=str(param.dtype).removeprefix("torch."),
-                seed=loop.seed,
-            )
-            env["components"] = loop.components.describe()
-            env["conventions"] = gradient_conventions(loop.model, loop.components, loop.dropout)
-            directory.write_text("env.json", json.dumps(env, indent=2, default=str) + "\n")
+            _write_env(directory, loop, loop.seed, loop.dropout)
         directory.restore_rows(self._rows)
 
     def at_point(self, point: Point) -> None:
@@ -435,10 +419,7 @@ class Records(Unit):
         self.directory.write_rows(self._rows)
 
     def finish(self, end: Finish) -> None:
-        """Handed-over files, then ``summary.json``."""
-        for name, obj in end.files.items():
-            buffer = io.BytesIO()
-            torch.save(obj, buffer)
-            self.directory.write_bytes(name, buffer.getvalue())
+        """Write the handed-over files, ``epochs.csv``, then ``summary.json``."""
+        _write_files(self.directory, end.files)
         self.directory.write_rows(self._rows)
         self.directory.finish(end.summary)
