@@ -351,6 +351,7 @@ def _step(loop: Loop, i: int, carry_state: bool, stop: _StopFlag) -> Step:
         loss, box["state"] = component_loss(
             model, loop.loss_fn, loop.components.batch(i), form=loop.loss_form,
             state=st.rnn_state if carry_state else None, sequential=loop.components.sequential,
+            index=i,
         )  # fmt: skip
         box["loss"] = float(loss.detach())
         return loss
