@@ -8,7 +8,7 @@ STAMP := $(VENV)/.clipscope-installed
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,lightning,hf,tensorboard]'
 	touch $(STAMP)
 
 setup: $(STAMP)

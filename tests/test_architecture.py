@@ -183,3 +183,44 @@ def test_the_checks_can_fail():
     assert closure("clipscope.loop.fit") & {"clipscope.engine.probe"}
     assert parsed("clipscope.engine.hvp")[2]  # it calls torch.autograd
     assert _find_cycle({"a": {"b"}, "b": {"a"}}) == ["a", "b", "a"]
+
+
+# -- optional frameworks: each behind its own extra ----------------------------------------
+
+#: framework (imported module prefix) -> the one module allowed to import it (its extra)
+OPTIONAL = {
+    "lightning": "clipscope.loop.integrations.lightning",
+    "pytorch_lightning": "clipscope.loop.integrations.lightning",
+    "transformers": "clipscope.loop.integrations.hf",
+    "accelerate": "clipscope.loop.integrations.hf",
+    "tensorboard": "clipscope.loop.integrations.tensorboard",
+    "torch.utils.tensorboard": "clipscope.loop.integrations.tensorboard",
+}
+INTEGRATIONS = "clipscope.loop.integrations"
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_optional_frameworks_are_imported_by_their_integration_module_only(module):
+    for name in parsed(module)[1]:
+        for framework, owner in OPTIONAL.items():
+            if name == framework or name.startswith(framework + "."):
+                assert module == owner, f"{module} imports {name} (extra of {owner})"
+    if not module.startswith(INTEGRATIONS):
+        reached = [m for m in parsed(module)[0] if m.startswith(INTEGRATIONS + ".")]
+        assert not reached, f"{module} imports {reached}: integrations are imported by users only"
+
+
+def test_import_clipscope_loads_no_optional_framework():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, clipscope, clipscope.loop; clipscope.Monitor; clipscope.fit\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('lightning', 'pytorch_lightning', 'transformers', 'accelerate', 'tensorboard')"
+        " or m.startswith('torch.utils.tensorboard')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+    assert set(OPTIONAL.values()) <= set(MODULES)  # the owners exist (the check can fail)

@@ -27,6 +27,7 @@ _EXPORTS: dict[str, str] = {
     "probe": "clipscope.engine",
     "ProbeResult": "clipscope.engine",
     "fit": "clipscope.loop",
+    "Monitor": "clipscope.loop",
     "FitConfig": "clipscope.config",
 }
 

@@ -14,7 +14,11 @@ choices are recorded.
 
 Two kinds:
 
-* :class:`Components` -- ``batch(i) -> (x, y)`` for models called ``model(x)``;
+* :class:`Components` -- ``batch(i)``: the component's batch, ``(x, y)`` for
+  models called ``model(x)`` (from tensors, or a dataset of pairs), or what the
+  dataset's items collate to (a dict of tensors, a tensor, ...) for a loss
+  written as a function of ``(model, batch)``
+  (:func:`clipscope.engine.losses.loss_form`);
 * :class:`SequentialComponents` -- a token stream in corpus order, batchified
   into columns and cut into consecutive BPTT windows; ``batch(i) -> (inp,
   target)`` of shape ``(T_i, B)``. Models for them are called ``model(inp,
@@ -35,12 +39,18 @@ Two kinds:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 
-__all__ = ["Components", "SequentialComponents", "detach_state"]
+__all__ = [
+    "BATCH_STRUCTURES",
+    "Components",
+    "SequentialComponents",
+    "batch_structure",
+    "detach_state",
+]
 
 
 def detach_state(state: Any) -> Any:
@@ -87,11 +97,73 @@ def _to(obj: Any, device: torch.device | str | None) -> Any:
         return obj
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a namedtuple
+        return type(obj)(*(_to(o, device) for o in obj))
     if isinstance(obj, (tuple, list)):
         return type(obj)(_to(o, device) for o in obj)
-    if isinstance(obj, dict):
+    if isinstance(obj, Mapping):  # dicts, and mappings such as transformers' BatchEncoding
         return {k: _to(v, device) for k, v in obj.items()}
     return obj
+
+
+#: What a component's batch is (``Components.batch_structure``): an ``(x, y)`` pair,
+#: a mapping (dict of tensors), one tensor, another sequence, or anything else.
+BATCH_STRUCTURES = ("pair", "mapping", "tensor", "sequence", "other")
+
+
+def batch_structure(batch: Any) -> str:
+    """Name the structure of a collated batch (one of :data:`BATCH_STRUCTURES`).
+
+    >>> batch_structure((torch.zeros(2, 3), torch.zeros(2))), batch_structure({"a": torch.ones(1)})
+    ('pair', 'mapping')
+    """
+    if isinstance(batch, torch.Tensor):
+        return "tensor"
+    if isinstance(batch, Mapping):
+        return "mapping"
+    if isinstance(batch, (tuple, list)):
+        return "pair" if len(batch) == 2 else "sequence"
+    return "other"
+
+
+def _describe_structure(batch: Any) -> str:
+    kind = batch_structure(batch)
+    if kind == "mapping":
+        return f"mapping[{', '.join(str(k) for k in batch)}]"
+    if kind == "pair":
+        return "(x, y)"
+    if kind == "sequence":
+        return f"sequence of {len(batch)}"
+    return kind if kind == "tensor" else type(batch).__name__
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (bool, int, float, complex)) or (
+        hasattr(value, "dtype") and getattr(value, "shape", None) == ()
+    )
+
+
+def _check_item(item: Any, where: str = "", depth: int = 0) -> None:
+    """Refuse an item that ``default_collate`` would turn into something else than meant.
+
+    A list of numbers *inside* an item (a tokenized field ``"input_ids": [101, 7592,
+    ...]``) is collated position by position into one tensor per position: a batch
+    the model would misread. Tensors, numpy arrays, numbers and strings are leaves;
+    tuples/lists of them at the top level are the item's fields.
+    """
+    if isinstance(item, Mapping):
+        for key, value in item.items():
+            _check_item(value, f"{where}[{key!r}]", depth + 1)
+    elif isinstance(item, (tuple, list)):
+        if depth >= 1 and item and all(_number(v) for v in item):
+            raise TypeError(
+                f"{where} is a {type(item).__name__} of {len(item)} numbers: "
+                "default_collate would make it one tensor per position (transposed), not a "
+                "tensor per sample. Store it as a tensor (Hugging Face datasets: "
+                "dataset.set_format('torch')) or pass collate_fn"
+            )
+        for j, value in enumerate(item):
+            _check_item(value, f"{where}[{j}]", depth + 1)
 
 
 def _size_summary(sizes: Sequence[int]) -> dict[str, int]:
@@ -130,6 +202,7 @@ class Components:
         seed: int | None,
         drop_last: bool,
         kind: str,
+        collate_fn: Callable[[list], Any] | None = None,
     ) -> None:
         self.batch_size = _check_batch_size(batch_size)
         self.seed = _check_seed(seed)
@@ -137,6 +210,9 @@ class Components:
         self.n_samples = int(n_samples)
         self._source = source
         self._kind = kind
+        self._collate_fn = collate_fn
+        self.batch_structure = "pair"
+        self._structure_text = "(x, y)"
         self._device: torch.device | None = None
         if self.seed is None:
             order = torch.arange(self.n_samples)
@@ -182,23 +258,73 @@ class Components:
         cls,
         dataset: Any,
         batch_size: int,
+        *,
         seed: int | None = None,
         drop_last: bool = False,
+        collate_fn: Callable[[list], Any] | None = None,
     ) -> Components:
-        """Partition a map-style dataset (``len`` and ``dataset[j] -> (x, y)``).
+        """Partition a map-style dataset (``len(dataset)`` and ``dataset[j]``).
 
-        Batches are collated with ``torch.utils.data.default_collate``.
+        Items may be tensors, tuples/lists (``(x, y)``: the ``(output, target)``
+        loss form works) or dicts of tensors (``{"input_ids": ..., "labels": ...}``:
+        write the loss as a function of ``(model, batch)``). A component's batch is
+        ``collate_fn([dataset[j] for j in its indices])``, by default
+        ``torch.utils.data.default_collate``: a dict stays a dict, a pair becomes
+        the tuple ``(x, y)``, tensors are stacked. The partition is fixed when the
+        object is made (``seed`` as in :meth:`from_tensors`) and recorded by
+        :meth:`describe` (with the collate function and the batch structure).
+
+        Raises
+        ------
+        TypeError
+            ``dataset`` is not map-style (an ``IterableDataset`` has no fixed
+            partition); ``collate_fn`` is not callable; item 0 cannot be collated,
+            or holds a list of numbers that ``default_collate`` would transpose.
+        ValueError
+            No component (an empty dataset, or ``drop_last`` with fewer than
+            ``batch_size`` items).
+
+        >>> X, Y = torch.arange(5.0), torch.arange(5)
+        >>> ds = [{"x": X[j], "y": Y[j]} for j in range(5)]
+        >>> comps = Components.from_dataset(ds, batch_size=2)
+        >>> comps.batch(2), comps.batch_structure
+        ({'x': tensor([4.]), 'y': tensor([4])}, 'mapping')
         """
-        if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
-            raise TypeError(f"dataset must be map-style (len and indexing), got {type(dataset)!r}")
-        return cls(
+        from torch.utils.data import IterableDataset
+
+        if isinstance(dataset, IterableDataset) or not (
+            hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")
+        ):
+            raise TypeError(
+                f"dataset must be map-style (len and indexing), got {type(dataset)!r}; "
+                "an IterableDataset has no fixed partition into components"
+            )
+        if collate_fn is not None and not callable(collate_fn):
+            raise TypeError(f"collate_fn must be callable or None, got {collate_fn!r}")
+        comps = cls(
             dataset,
             len(dataset),
             batch_size=batch_size,
             seed=seed,
             drop_last=drop_last,
             kind="dataset",
+            collate_fn=collate_fn,
         )
+        j0 = int(comps.indices[0][0])
+        first = dataset[j0]
+        if collate_fn is None:
+            _check_item(first, f"item {j0}")
+        try:
+            sample = comps._collate([first])
+        except Exception as exc:
+            name = "collate_fn" if collate_fn is not None else "default_collate"
+            raise TypeError(
+                f"item {j0} of the dataset ({type(first).__name__}) cannot "
+                f"be collated by {name}: {exc}"
+            ) from exc
+        comps.batch_structure = batch_structure(sample)
+        comps._structure_text = _describe_structure(sample)
+        return comps
 
     # -- access ---------------------------------------------------------------
     @property
@@ -214,8 +340,31 @@ class Components:
         self._device = None if device is None else torch.device(device)
         return self
 
-    def batch(self, i: int, device: torch.device | str | None = None) -> tuple[Any, Any]:
-        """Return ``(x, y)`` of component ``i`` (on ``device``, else the one set by :meth:`to`)."""
+    def _collate(self, items: list) -> Any:
+        if self._collate_fn is not None:
+            out = self._collate_fn(items)
+        else:
+            from torch.utils.data import default_collate
+
+            out = default_collate(items)
+        if isinstance(out, list) and len(out) == 2:  # default_collate turns tuples into lists
+            out = tuple(out)
+        return out
+
+    def batch(self, i: int, device: torch.device | str | None = None) -> Any:
+        """Return component ``i``'s batch (on ``device``, else the one set by :meth:`to`).
+
+        ``(x, y)`` for tensors and datasets of pairs; for other datasets what the
+        items collate to (:attr:`batch_structure` names it: a dict stays a dict).
+
+        Raises
+        ------
+        IndexError
+            ``i`` outside ``0 … m-1``.
+        ValueError
+            The dataset's length changed since the partition was made (the
+            components of a run are fixed: build new ones for new data).
+        """
         if not 0 <= i < len(self.indices):
             raise IndexError(f"component {i} out of range for m = {self.m}")
         ix = self.indices[i]
@@ -223,19 +372,30 @@ class Components:
             X, Y = self._source
             out = (X[ix.to(X.device)], Y[ix.to(Y.device)])
         else:
-            from torch.utils.data import default_collate
-
-            out = tuple(default_collate([self._source[int(j)] for j in ix]))
+            self.check_unchanged()
+            out = self._collate([self._source[int(j)] for j in ix])
         return _to(out, device if device is not None else self._device)
 
-    def __iter__(self) -> Iterator[tuple[Any, Any]]:
+    def check_unchanged(self) -> None:
+        """Raise :class:`ValueError` when a dataset's length differs from the partition's N."""
+        if self._kind != "dataset":
+            return
+        n = len(self._source)
+        if n != self.n_samples:
+            raise ValueError(
+                f"the dataset has {n} items now, but the components were made from "
+                f"{self.n_samples}: a run's components are fixed (the partition, m and every "
+                "f_i would change); build new Components for new data"
+            )
+
+    def __iter__(self) -> Iterator[Any]:
         for i in range(len(self)):
             yield self.batch(i)
 
     # -- records --------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
-        """JSON-safe record of the partition."""
-        return {
+        """JSON-safe record of the partition (a dataset's: also its collate and batch structure)."""
+        out = {
             "kind": "components",
             "N": self.n_samples,
             "B": self.batch_size,
@@ -245,6 +405,16 @@ class Components:
             "dropped_samples": self.n_dropped,
             "sizes": _size_summary(self.sizes),
         }
+        if self._kind == "dataset":
+            fn = self._collate_fn
+            out["source"] = f"dataset ({type(self._source).__name__})"
+            out["collate"] = (
+                "torch.utils.data.default_collate"
+                if fn is None
+                else f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+            )
+            out["batch"] = self._structure_text
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         """Return the partition itself (the sample order) plus :meth:`describe`."""
@@ -281,6 +451,7 @@ class SequentialComponents:
 
     sequential = True
     seed = None
+    batch_structure = "pair"
 
     def __init__(self, tokens: torch.Tensor, batch_size: int, bptt: int, drop_last: bool) -> None:
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1:

@@ -76,6 +76,8 @@ def theory_check(
     measure : bool
         Whether missing smoothness values may be measured now from the
         checkpoints (Hessian-vector products); False never touches a model.
+        A ``Monitor``'s run (``kind = "monitor"`` in ``config.toml``) is never
+        measured: its model is the user's, not one a config rebuilds.
     tol : float
         Relative Lanczos tolerance of such measurements.
     components : bool
@@ -99,6 +101,8 @@ def theory_check(
             f"{run_dir} is not a clipscope run directory (needs config.toml and epochs.csv)"
         )
     record = load_run(run_dir)
+    if record.setting("kind") == "monitor":  # a Monitor's run: no config to rebuild a model from
+        measure = False
 
     def measured(want_components: bool) -> dict[str, Any]:
         return measure_points(run_dir, load_config(run_dir / "config.toml"), want_components, tol)

@@ -1,15 +1,39 @@
-"""Iterate the components' losses ``f_i`` at the current parameters.
+"""Call a model on a component: the two forms of a loss, and the components' losses ``f_i``.
 
-:func:`component_losses` is the one place that knows how to call a model on a
-component: ``loss_fn(model(x), y)`` for :class:`~clipscope.components.Components`,
-and ``output, state = model(inp, state); loss_fn(output, target)`` along the
-detached state chain for :class:`~clipscope.components.SequentialComponents`.
-The two-pass / keep / dyadic routes, Hessian-vector products and the runner's
-drift measurement all go through it, so every consumer sees the same ``f_i``.
+:func:`component_loss` is the one place that turns a component's batch into its
+scalar mean loss ``f_i``; :func:`component_losses` iterates it over the
+components at the current parameters. The probe's mini-batch routes, the
+Hessian-vector products, ``fit``'s steps and the ``Monitor`` all go through it,
+so every consumer sees the same ``f_i``.
+
+**The two forms of a loss** (:func:`loss_form` decides, from the signature only):
+
+``"model_batch"``
+    ``loss_fn(model, batch) -> f_i``: the function calls the model itself, so
+    ``lambda model, batch: model(**batch).loss`` works with a dataset of dicts.
+    Chosen **exactly when the first two parameters are named** ``model`` **and**
+    ``batch`` (in that order, positional). Works with every batch structure
+    and the mini-batch routes (two-pass, keep, dyadic); refused by the
+    per-sample route (it needs per-sample losses from the model's output) and by
+    sequential components (the recurrent state is clipscope's to carry).
+``"output_target"``
+    every other callable: ``loss_fn(model(x), y)`` for a batch ``(x, y)``, and
+    ``output, state = model(inp, state); loss_fn(output, target)`` along the
+    detached state chain for
+    :class:`~clipscope.components.SequentialComponents`. A batch that is not an
+    ``(x, y)`` pair (a dict, one tensor, a triple) is refused with a message
+    naming the other form; it is never unpacked.
+
+The rule never guesses from the batch or from a trial call. A function whose
+first parameter is ``model`` but whose second is not ``batch`` is ambiguous and
+refused (:class:`TypeError`); rename its parameters to say which form it is.
+An exception raised inside the model or the loss gets a note saying which
+component and which form were used.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -19,7 +43,174 @@ from torch import nn
 from clipscope.components import detach_state
 from clipscope.engine.guard import check_dropout_policy, dropout_policy, rng_for_component
 
-__all__ = ["component_losses", "param_names", "trainable_params"]
+__all__ = [
+    "LOSS_FORMS",
+    "check_loss_fn",
+    "component_loss",
+    "component_losses",
+    "loss_form",
+    "param_names",
+    "trainable_params",
+]
+
+#: The two forms of a loss function (:func:`loss_form`).
+LOSS_FORMS = ("output_target", "model_batch")
+
+_RULE = (
+    "a loss is called as loss_fn(model, batch) exactly when its first two parameters are "
+    "named (model, batch), else as loss_fn(model(x), y) on an (x, y) batch"
+)
+
+
+def loss_form(loss_fn: Callable[..., Any]) -> str:
+    """Return ``"model_batch"`` or ``"output_target"``: how ``loss_fn`` is called.
+
+    The rule (module docstring): ``"model_batch"`` exactly when the first two
+    parameters of ``inspect.signature(loss_fn)`` are positional and named
+    ``model`` and ``batch``; ``"output_target"`` for every other callable,
+    including those whose signature cannot be read (C functions).
+
+    Raises
+    ------
+    TypeError
+        ``loss_fn`` is not callable; or its first parameter is named ``model``
+        while the second is not ``batch`` (ambiguous: rename the parameters).
+
+    >>> loss_form(lambda model, batch: model(**batch).loss)
+    'model_batch'
+    >>> import torch.nn.functional as F
+    >>> loss_form(F.cross_entropy), loss_form(lambda out, y: (out - y).pow(2).mean())
+    ('output_target', 'output_target')
+    """
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    try:
+        params = list(inspect.signature(loss_fn).parameters.values())
+    except (TypeError, ValueError):  # no readable signature: a C function
+        return "output_target"
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    names = [p.name for p in params[:2] if p.kind in positional]
+    if names == ["model", "batch"]:
+        return "model_batch"
+    if names[:1] == ["model"]:
+        raise TypeError(
+            f"loss_fn's parameters start with (model, {names[1] if len(names) > 1 else ''}"
+            f"{'' if len(names) > 1 else '...'}): ambiguous. Name them exactly (model, batch) "
+            "for loss_fn(model, batch), or rename the first one for loss_fn(output, target) "
+            f"({_RULE})"
+        )
+    return "output_target"
+
+
+def check_loss_fn(
+    loss_fn: Callable[..., Any],
+    components: Any,
+    route: str | None = None,
+    batch_sizes: Iterable[int] | None = None,
+) -> str:
+    """Check that ``loss_fn``'s form fits the components and the probe route; return the form.
+
+    Raises
+    ------
+    TypeError
+        ``"output_target"`` with components whose batches are not ``(x, y)``
+        pairs (``components.batch_structure``); an ambiguous signature.
+    ValueError
+        ``"model_batch"`` with sequential components, with ``route="per-sample"``
+        or with per-sample components asked for (``batch_sizes=[1]``): those
+        need the per-sample losses of the model's output.
+    """
+    form = loss_form(loss_fn)
+    structure = getattr(components, "batch_structure", "pair")
+    if form == "output_target" and structure != "pair":
+        raise TypeError(
+            f"loss_fn is called as loss_fn(model(x), y), but the components' batches are "
+            f"{_structure_words(components)}, not (x, y) pairs: write the loss as a function "
+            "of (model, batch) -- e.g. `lambda model, batch: model(**batch).loss` -- with its "
+            f"parameters named exactly (model, batch) ({_RULE})"
+        )
+    if form == "model_batch":
+        if getattr(components, "sequential", False):
+            raise ValueError(
+                "a loss_fn(model, batch) cannot be used with sequential components: clipscope "
+                "carries the recurrent state between windows, so the model is called as "
+                "model(inp, state); write the loss as loss_fn(output, target)"
+            )
+        per_sample = batch_sizes is not None and list(batch_sizes) == [1]
+        if route == "per-sample" or per_sample:
+            raise ValueError(
+                "the per-sample route needs loss_fn(output, target) (it takes per-sample losses "
+                "from the model's output), but loss_fn is a function of (model, batch); for "
+                "components of one sample each build Components with batch_size=1 and use a "
+                "mini-batch route (two-pass, keep)"
+            )
+    return form
+
+
+def _structure_words(components: Any) -> str:
+    describe = getattr(components, "describe", None)
+    text = describe().get("batch") if callable(describe) else None
+    return text or str(getattr(components, "batch_structure", "?"))
+
+
+def _note(exc: BaseException, text: str) -> None:
+    if hasattr(exc, "add_note"):  # Python 3.11+
+        exc.add_note(text)
+
+
+def component_loss(
+    model: nn.Module,
+    loss_fn: Callable[..., torch.Tensor],
+    batch: Any,
+    *,
+    form: str,
+    state: Any = None,
+    sequential: bool = False,
+    index: int | None = None,
+) -> tuple[torch.Tensor, Any]:
+    """Return ``(f_i, state)``: component ``index``'s scalar mean loss from its ``batch``.
+
+    ``form`` is :func:`loss_form`'s answer (computed once by the caller).
+    ``"model_batch"``: ``loss_fn(model, batch)``, state ``None``.
+    ``"output_target"``: ``loss_fn(model(x), y)``; sequential components:
+    ``output, state = model(x, state)``, the new state returned detached.
+
+    Raises
+    ------
+    TypeError
+        An ``"output_target"`` loss given a batch that is not an ``(x, y)`` pair.
+    ValueError
+        The loss is not a 0-d tensor (the batch's mean loss).
+    """
+    which = f"component {index}" if index is not None else "the batch"
+    if form != "model_batch" and (not isinstance(batch, (tuple, list)) or len(batch) != 2):
+        raise TypeError(
+            f"{which}: loss_fn(model(x), y) needs an (x, y) batch, got "
+            f"{type(batch).__name__}; write the loss as a function of (model, batch) ({_RULE})"
+        )
+    try:
+        if form == "model_batch":
+            loss = loss_fn(model, batch)
+        else:
+            x, y = batch
+            if sequential:
+                out, state = model(x, state)
+                state = detach_state(state)
+            else:
+                out = model(x)
+            loss = loss_fn(out, y)
+    except Exception as exc:
+        call = "loss_fn(model, batch)" if form == "model_batch" else "loss_fn(model(x), y)"
+        _note(exc, f"clipscope: while computing {which}'s loss as {call} ({_RULE})")
+        raise
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        raise ValueError(
+            f"loss_fn must return a scalar tensor (the batch's mean loss), got "
+            f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__} "
+            f"for {which} (called as "
+            f"{'loss_fn(model, batch)' if form == 'model_batch' else 'loss_fn(model(x), y)'})"
+        )
+    return loss, state
 
 
 def trainable_params(model: nn.Module, params: Iterable[torch.Tensor] | None = None) -> list:
@@ -54,7 +245,7 @@ def param_names(model: nn.Module, params: list) -> list[str]:
 
 def component_losses(
     model: nn.Module,
-    loss_fn: Callable[[Any, Any], torch.Tensor],
+    loss_fn: Callable[..., torch.Tensor],
     components: Any,
     *,
     dropout: str = "off",
@@ -65,8 +256,9 @@ def component_losses(
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield ``(i, f_i)`` for each component in order, ``f_i`` a differentiable scalar.
 
-    ``f_i = loss_fn(model(x_i), y_i)`` is the component's **mean** loss (the
-    paper's eq. (1) averages these with weight ``1/m``). Differentiate it with
+    ``f_i`` (:func:`component_loss`: ``loss_fn(model(x_i), y_i)`` or
+    ``loss_fn(model, batch_i)``) is the component's **mean** loss (the paper's
+    eq. (1) averages these with weight ``1/m``). Differentiate it with
     ``torch.autograd.grad(f_i, params)`` before advancing the generator.
 
     Sequential components: the state starts at ``None`` (the model's zero
@@ -88,6 +280,7 @@ def component_losses(
     """
     check_dropout_policy(dropout)
     trainable_params(model, params)
+    form = check_loss_fn(loss_fn, components)
     m = len(components)
     wanted = None if only is None else set(int(i) for i in only)
     if wanted is not None and any(not 0 <= i < m for i in wanted):
@@ -104,17 +297,9 @@ def component_losses(
                 state = detach_state(state)
                 continue
             with torch.enable_grad(), rng_for_component(dropout, seed, i):
-                x, y = components.batch(i, device) if device is not None else components.batch(i)
-                if sequential:
-                    out, state = model(x, state)
-                    state = detach_state(state)
-                else:
-                    out = model(x)
-                loss = loss_fn(out, y)
-            if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-                raise ValueError(
-                    f"loss_fn must return a scalar tensor (the batch's mean loss), got "
-                    f"{getattr(loss, 'shape', type(loss))} for component {i}"
+                batch = components.batch(i, device) if device is not None else components.batch(i)
+                loss, state = component_loss(
+                    model, loss_fn, batch, form=form, state=state, sequential=sequential, index=i
                 )
             yield i, loss
 

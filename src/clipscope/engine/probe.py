@@ -77,7 +77,12 @@ from clipscope.engine.guard import (
     model_guard,
     rng_for_component,
 )
-from clipscope.engine.losses import component_losses, param_names, trainable_params
+from clipscope.engine.losses import (
+    check_loss_fn,
+    component_losses,
+    param_names,
+    trainable_params,
+)
 from clipscope.engine.result import MultiProbeResult, ProbeResult
 from clipscope.errors import NonFiniteError
 from clipscope.math.stats import check_eta
@@ -207,7 +212,10 @@ def probe(
         ``model(x)`` for :class:`~clipscope.components.Components`;
         ``model(inp, state) -> (output, state)`` for sequential components.
     loss_fn : callable
-        ``loss_fn(output, target)`` -> the batch's **mean** loss (a 0-d tensor).
+        ``loss_fn(output, target)``, or ``loss_fn(model, batch)`` when its first two
+        parameters are named so (:func:`~clipscope.engine.losses.loss_form`) ->
+        the batch's **mean** loss (a 0-d tensor). The per-sample route needs the
+        first form.
     components : Components or SequentialComponents
         The fixed partition; ``f = (1/m) Σ_i f_i``.
     etas : iterable of float
@@ -268,6 +276,7 @@ def probe(
     if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 0:
         raise ValueError(f"memory_budget must be a non-negative int (bytes), got {memory_budget!r}")
     _check_components(components)
+    check_loss_fn(loss_fn, components, route, batch_sizes)  # its form fits route and batches
     params = trainable_params(model, params)
     flat = _Flat(model, params)
     m = len(components)

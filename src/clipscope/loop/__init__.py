@@ -3,18 +3,21 @@
 :func:`fit` trains with a clipped incremental method and drives the units;
 a unit (:class:`Unit`) declares what it needs (:class:`Needs`), runs at the
 points, updates and interval ends of the loop's clock, and keeps its own
-``state_dict``. The same units are meant to be driven from a user's own loop.
+``state_dict``. :class:`Monitor` drives the same units from a user's own loop (plain,
+Lightning, Hugging Face: :mod:`clipscope.loop.integrations`).
 """
 
-from clipscope.loop.duties import NTASGD, Checkpointing, OnStep, nt_asgd_switch
+from clipscope.loop.duties import NTASGD, Checkpointing, OnStep, Records, nt_asgd_switch
 from clipscope.loop.fit import Loop, check_batch_coupling, fit, fit_loop, standard_units
 from clipscope.loop.measures import (
     HeldOutMetric,
     IGCDrift,
     ProbeStatistics,
     Smoothness,
+    StepGradient,
     StepStatistics,
 )
+from clipscope.loop.monitor import Monitor
 from clipscope.loop.state import History, LoopState, upgrade_checkpoint
 from clipscope.loop.units import Finish, IntervalEnd, Needs, Point, Step, Unit, Units
 
@@ -28,12 +31,15 @@ __all__ = [
     "IntervalEnd",
     "Loop",
     "LoopState",
+    "Monitor",
     "Needs",
     "OnStep",
     "Point",
     "ProbeStatistics",
+    "Records",
     "Smoothness",
     "Step",
+    "StepGradient",
     "StepStatistics",
     "Unit",
     "Units",

@@ -9,27 +9,36 @@ r"""Units that act rather than measure: NT-ASGD averaging, checkpointing, a per-
   the component file of every probed point, a checkpoint after every point,
   every ``every`` updates, at every interval's end and on a signal, and
   ``summary.json`` (plus files other units hand it) at the end;
-* :class:`OnStep` -- calls ``on_step(step, i, norm)`` after every update.
+* :class:`OnStep` -- calls ``on_step(step, i, norm)`` after every update;
+* :class:`Records` -- the run directory of a loop whose state lives in the
+  user's own checkpoint (the ``Monitor``): the same files as
+  :class:`Checkpointing` writes, without checkpoints.
 """
 
 from __future__ import annotations
 
 import io
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from clipscope.config import check_setting
+from clipscope.config import _toml_value, check_setting
 from clipscope.engine import model_guard
 from clipscope.engine.conventions import gradient_conventions
 from clipscope.loop.units import Finish, IntervalEnd, Point, Step, Unit
 from clipscope.run.directory import RunDirectory
 from clipscope.run.env import environment
 
-__all__ = ["NTASGD", "Checkpointing", "OnStep", "nt_asgd_switch"]
+try:  # Python 3.11+
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+__all__ = ["NTASGD", "Checkpointing", "OnStep", "Records", "nt_asgd_switch"]
 
 
 def nt_asgd_switch(previous: Sequence[float], current: float, nonmono: int) -> bool:
@@ -53,6 +62,25 @@ def nt_asgd_switch(previous: Sequence[float], current: float, nonmono: int) -> b
     if len(previous) <= nonmono:
         return False
     return bool(current > min(previous[:-nonmono]))
+
+
+def _write_env(directory: RunDirectory, loop: Any, seed: int, dropout: str) -> None:
+    """Write ``env.json``: versions, device, dtype, seed, components, gradient conventions."""
+    param = loop.params[0]
+    env = environment(
+        device=str(param.device), dtype=str(param.dtype).removeprefix("torch."), seed=seed
+    )
+    env["components"] = loop.components.describe()
+    env["conventions"] = gradient_conventions(loop.model, loop.components, dropout)
+    directory.write_text("env.json", json.dumps(env, indent=2, default=str) + "\n")
+
+
+def _write_files(directory: RunDirectory, files: dict[str, Any]) -> None:
+    """Write the files units handed over at the end (``torch.save``)."""
+    for name, obj in files.items():
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        directory.write_bytes(name, buffer.getvalue())
 
 
 class NTASGD(Unit):
@@ -237,17 +265,7 @@ class Checkpointing(Unit):
             loop.log(f"resumed at epoch {st.epoch}, step {st.step} of {self.directory.path}")
         env_file = self.directory.path / "env.json"
         if not (payload is not None and env_file.is_file()):
-            param = loop.params[0]
-            env = environment(
-                device=str(param.device),
-                dtype=str(param.dtype).removeprefix("torch."),
-                seed=loop.config.seed,
-            )
-            env["components"] = loop.components.describe()
-            env["conventions"] = gradient_conventions(
-                loop.model, loop.components, loop.config.dropout
-            )
-            self.directory.write_text("env.json", json.dumps(env, indent=2, default=str) + "\n")
+            _write_env(self.directory, loop, loop.config.seed, loop.config.dropout)
 
     def save(self) -> None:
         """Write checkpoint number ``seq + 1`` of the loop, then ``epochs.csv``."""
@@ -273,10 +291,7 @@ class Checkpointing(Unit):
 
     def finish(self, end: Finish) -> None:
         """Write the handed-over files, then ``summary.json``."""
-        for name, obj in end.files.items():
-            buffer = io.BytesIO()
-            torch.save(obj, buffer)
-            self.directory.write_bytes(name, buffer.getvalue())
+        _write_files(self.directory, end.files)
         self.directory.finish(end.summary)
 
     def state_dict(self) -> dict[str, Any]:
@@ -286,3 +301,125 @@ class Checkpointing(Unit):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue numbering after ``seq``."""
         self.seq = state.get("seq", 0)
+
+
+def _toml_text(setting: Mapping[str, Any], header: str) -> str:
+    """``key = value`` lines of the plain values of ``setting`` (None left out)."""
+    lines = [f"# {header}"]
+    lines += [f"{k} = {_toml_value(v)}" for k, v in setting.items() if v is not None]
+    return "\n".join(lines) + "\n"
+
+
+class Records(Unit):
+    r"""Write the records of a loop that keeps no checkpoints of its own (the ``Monitor``).
+
+    The loop's state lives in the user's checkpoint (``Monitor.state_dict()``);
+    this unit writes everything else of a run directory, every file through
+    :class:`~clipscope.run.directory.RunDirectory` (atomic):
+
+    * :meth:`start`: open the directory and write ``config.toml`` (the loop's
+      ``setting``: what a resume must match, with its ``run_id``) and
+      ``env.json`` (versions, the components, the gradient conventions). A
+      fresh loop refuses a directory that holds files
+      (:class:`FileExistsError`). A resumed loop (``loop.resumed``) accepts its
+      own directory only -- one whose ``config.toml`` has the same ``run_id``
+      (else :class:`FileExistsError`: it holds another run) -- and rewrites
+      ``epochs.csv`` from the restored rows, deleting component files of points
+      the state does not hold (written after the user's checkpoint);
+    * at every probed point: ``components/epoch_XXXX.npz`` (the probe's
+      arrays), then ``epochs.csv``;
+    * at every interval's end: ``components/epoch_XXXX_steps.npz`` (the
+      interval's per-step arrays, :attr:`IntervalEnd.arrays`), then
+      ``epochs.csv`` (the interval's columns are in the row now);
+    * at the end: handed-over files, then ``summary.json``.
+
+    What it reads from ``loop`` (the ``Monitor``): ``setting`` (a flat dict of
+    plain values with ``run_id``), ``resumed``, ``rows``, ``model``,
+    ``params``, ``components``, ``dropout``, ``seed``, ``log``.
+
+    Parameters
+    ----------
+    directory : RunDirectory
+        Where (not opened yet).
+    """
+
+    name = "records"
+
+    def __init__(self, directory: RunDirectory) -> None:
+        if not isinstance(directory, RunDirectory):
+            raise TypeError(f"directory must be a RunDirectory, got {type(directory)!r}")
+        self.directory = directory
+        self._rows: list[dict[str, float]] = []
+
+    def check(self, setting: Mapping[str, Any], resumed: bool) -> None:
+        """Refuse a directory this loop may not write into (before anything is written).
+
+        Raises
+        ------
+        FileExistsError
+            The path is a file; a fresh loop's directory holds files; a resumed
+            loop's directory holds files of another run (another ``run_id``, or
+            no ``config.toml``).
+        """
+        path = self.directory.path
+        if path.exists() and not path.is_dir():
+            raise FileExistsError(f"run_dir {path} is a file, not a directory")
+        if not (path.is_dir() and any(path.iterdir())):
+            return
+        if not resumed:
+            raise FileExistsError(
+                f"run_dir {path} exists and holds files of another run: choose an empty or new "
+                "directory (or load this run's Monitor state to continue it)"
+            )
+        stored = None
+        config = path / "config.toml"
+        if config.is_file():
+            try:
+                stored = tomllib.loads(config.read_text()).get("run_id")
+            except tomllib.TOMLDecodeError:
+                stored = None
+        if stored != setting.get("run_id"):
+            raise FileExistsError(
+                f"run_dir {path} holds another run (run_id {stored!r}), not the one of the "
+                f"loaded Monitor state (run_id {setting.get('run_id')!r})"
+            )
+
+    def start(self, loop: Any) -> None:
+        """Open the directory (fresh or resumed), write ``config.toml`` and ``env.json``."""
+        directory, setting = self.directory, loop.setting
+        self.check(setting, loop.resumed)
+        self._rows = loop.rows
+        fresh = not (directory.path.is_dir() and any(directory.path.iterdir()))
+        directory.files["config.toml"] = _toml_text(
+            setting, "clipscope Monitor: the records of a training loop of your own"
+        )
+        # A Monitor directory has no checkpoints: RunDirectory.open's "no checkpoint yet"
+        # line would mislead; everything else it logs (version changes, stray files) is kept.
+        directory.log = lambda text: (
+            None if text.startswith("--resume: no checkpoint") else (loop.log(text))
+        )
+        directory.open(resume=not fresh, setting={})
+        if fresh or not (directory.path / "env.json").is_file():
+            _write_env(directory, loop, loop.seed, loop.dropout)
+        directory.restore_rows(self._rows)
+
+    def at_point(self, point: Point) -> None:
+        """Write the component file of a probed point, then ``epochs.csv``."""
+        if point.row is not None:
+            self.directory.write_components(point.epoch, point.arrays)
+            self.directory.write_rows(point.rows)
+
+    def at_interval_end(self, end: IntervalEnd) -> None:
+        """Write the interval's per-step arrays, then ``epochs.csv``."""
+        if end.arrays:
+            buffer = io.BytesIO()
+            np.savez(buffer, **end.arrays)
+            name = f"{self.directory.components.name}/epoch_{end.epoch:04d}_steps.npz"
+            self.directory.write_bytes(name, buffer.getvalue())
+        self.directory.write_rows(self._rows)
+
+    def finish(self, end: Finish) -> None:
+        """Write the handed-over files, ``epochs.csv``, then ``summary.json``."""
+        _write_files(self.directory, end.files)
+        self.directory.write_rows(self._rows)
+        self.directory.finish(end.summary)

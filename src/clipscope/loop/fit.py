@@ -29,9 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from clipscope.components import detach_state
 from clipscope.config import FitConfig
 from clipscope.engine import batch_coupled_modules, trainable_params
+from clipscope.engine.losses import check_loss_fn, component_loss
 from clipscope.errors import ConfigError, Interrupted, NonFiniteError
 from clipscope.loop.duties import NTASGD, Checkpointing, OnStep
 from clipscope.loop.measures import (
@@ -114,6 +114,7 @@ class Loop:
     def __init__(self, model, loss_fn, components, config, optimizer, units, setting, log):
         self.model, self.loss_fn, self.components, self.config = model, loss_fn, components, config
         self.params = trainable_params(model)
+        self.loss_form = check_loss_fn(loss_fn, components)
         self.optimizer, self.units, self.setting, self.log = optimizer, units, setting, log
         self.order = make_order(config.method, len(components), config.seed)
         self.scheduler = make_schedule(
@@ -224,7 +225,8 @@ def fit_loop(
     ----------
     model, loss_fn, components
         ``loss_fn(model(x), y)`` (or ``loss_fn(out, y)`` with ``out, state =
-        model(x, state)`` for sequential components) is the component's mean loss.
+        model(x, state)`` for sequential components; or ``loss_fn(model, batch)``,
+        :func:`clipscope.engine.losses.loss_form`) is the component's mean loss.
     config : FitConfig
         The settings (validated).
     heldout : callable, optional
@@ -346,13 +348,11 @@ def _step(loop: Loop, i: int, carry_state: bool, stop: _StopFlag) -> Step:
     box: dict[str, Any] = {}
 
     def closure() -> torch.Tensor:
-        x, y = loop.components.batch(i)
-        if loop.components.sequential:
-            out, state = model(x, st.rnn_state if carry_state else None)
-            box["state"] = detach_state(state)
-        else:
-            out = model(x)
-        loss = loop.loss_fn(out, y)
+        loss, box["state"] = component_loss(
+            model, loop.loss_fn, loop.components.batch(i), form=loop.loss_form,
+            state=st.rnn_state if carry_state else None, sequential=loop.components.sequential,
+            index=i,
+        )  # fmt: skip
         box["loss"] = float(loss.detach())
         return loss
 

@@ -11,6 +11,8 @@ unit                   needs                       fills                        
                        STEP_GRADIENT                                                   sum, ∇f_k
 :class:`StepStatistics`  nothing                   ``train_loss``, ``train_norm``,     sums
                                                    ``train_clipped_share``
+:class:`StepGradient`  FULL_GRADIENT,              ``train_cos``, ``train_min_cos``;   ∇f_k,
+                       STEP_GRADIENT               per-step arrays                     steps
 =====================  ==========================  ==================================  =========
 
 Each is independent of the others; a row is the sum of what the units of a
@@ -36,7 +38,15 @@ from clipscope.math.smoothness import trajectory_smoothness
 from clipscope.run.directory import eta_column
 from clipscope.smoothness import component_hessian_norms, hessian_norm
 
-__all__ = ["HeldOutMetric", "IGCDrift", "ProbeStatistics", "Smoothness", "StepStatistics"]
+__all__ = [
+    "HeldOutMetric",
+    "IGCDrift",
+    "ProbeStatistics",
+    "Smoothness",
+    "StepGradient",
+    "StepStatistics",
+    "gradient_products",
+]
 
 
 class ProbeStatistics(Unit):
@@ -158,18 +168,32 @@ class Smoothness(Unit):
         Relative tolerance of the Lanczos stopping rule, in (0, 1).
     max_iter : int
         Most Hessian-vector products per solve.
+    hessian : bool
+        False: never measure the Hessian norm, only the secants (which cost no
+        Hessian-vector product; the ``Monitor``'s default).
 
     >>> Smoothness(every=2).due(4, last=False), Smoothness(every=2).due(3, last=True)
     (True, True)
+    >>> Smoothness(hessian=False).due(0, last=True)
+    False
     """
 
     name = "smoothness"
 
     def __init__(
-        self, every: int = 1, components: bool = False, tol: float = 1e-4, max_iter: int = 30
+        self,
+        every: int = 1,
+        components: bool = False,
+        tol: float = 1e-4,
+        max_iter: int = 30,
+        *,
+        hessian: bool = True,
     ) -> None:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be an int >= 1, got {every!r}")
+        if not isinstance(hessian, bool):
+            raise TypeError(f"hessian must be a bool, got {hessian!r}")
+        self.hessian = hessian
         if not isinstance(components, bool):
             raise TypeError(f"components must be a bool, got {components!r}")
         self.every = every
@@ -180,7 +204,7 @@ class Smoothness(Unit):
 
     def due(self, probe_index: int, last: bool) -> bool:
         """Whether probe number ``probe_index`` (0-based) measures the Hessian norm."""
-        return probe_index % self.every == 0 or last
+        return self.hessian and (probe_index % self.every == 0 or last)
 
     def measure(
         self,
@@ -322,8 +346,9 @@ class StepStatistics(Unit):
 
     ``train_loss`` is the mean of f_i at the points the steps started from,
     ``train_norm`` the mean pre-clipping ‖∇f_i‖, ``train_clipped_share`` the
-    share of steps with ‖∇f_i‖ > η (the step's own η). They go into the row of
-    the interval's start point; without one, a log line says them.
+    share of steps with ‖∇f_i‖ > η (the step's own η; :attr:`Step.clip_indicator`).
+    They go into the row of the interval's start point; without one, a log line
+    says them. An interval without steps gets NaN.
 
     State: the three running sums.
     """
@@ -337,19 +362,23 @@ class StepStatistics(Unit):
         """Add the step's norm, loss and whether it was clipped."""
         self.norms += step.grad_norm
         self.losses += step.loss
-        self.clipped += int(step.grad_norm > step.eta)
+        self.clipped += step.clip_indicator
 
     def at_interval_end(self, end: IntervalEnd) -> None:
-        """Write the means into the row of x_k (or the log); start over."""
+        """Write the means into the row of x_k (or the log); start over (no steps: NaN)."""
         m = end.steps
+
+        def mean(total: float) -> float:
+            return total / m if m else math.nan
+
         if end.row is not None:
-            end.row["train_loss"] = self.losses / m
-            end.row["train_norm"] = self.norms / m
-            end.row["train_clipped_share"] = self.clipped / m
+            end.row["train_loss"] = mean(self.losses)
+            end.row["train_norm"] = mean(self.norms)
+            end.row["train_clipped_share"] = mean(self.clipped)
         else:
             end.log(
-                f"epoch {end.epoch:4d}  (no probe)  mean step loss={self.losses / m:.6g}  "
-                f"clipped steps={self.clipped / m:.2f}"
+                f"epoch {end.epoch:4d}  (no probe)  mean step loss={mean(self.losses):.6g}  "
+                f"clipped steps={mean(self.clipped):.2f}"
             )
         self.norms, self.losses, self.clipped = 0.0, 0.0, 0
 
@@ -362,3 +391,154 @@ class StepStatistics(Unit):
         self.norms = state.get("norms", 0.0)
         self.losses = state.get("losses", 0.0)
         self.clipped = state.get("clipped", 0)
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 gradients stay float64; every narrower float is read as float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def gradient_products(
+    params: Sequence[torch.Tensor], full: Sequence[torch.Tensor] | None = None
+) -> tuple[float, float]:
+    r"""Return ``(‖g‖², ⟨g, v⟩)`` of the gradient ``g`` in the parameters' ``.grad``.
+
+    ``⟨g, v⟩`` is NaN without ``v``.
+
+    The free per-step statistics' one pass over the gradient: per parameter
+    tensor a dot product in float32 (float64 for float64 gradients; float16 and
+    bfloat16 are read as float32), summed across tensors in float64, with one
+    device synchronisation for both numbers. ``v`` (``full``) holds one tensor
+    per parameter in that dtype. A parameter without ``.grad`` counts as zero.
+    Relative rounding error: that of a float32 dot product within a tensor
+    (about 1e-7·√(size), ≲ 1e-5 for tensors up to 10⁷ entries); the probe's
+    statistics are float64 throughout. An overflow shows as ``inf``.
+
+    >>> w = torch.nn.Parameter(torch.zeros(2)); w.grad = torch.tensor([3.0, 4.0])
+    >>> gradient_products([w], [torch.tensor([1.0, 0.0])])
+    (25.0, 3.0)
+    """
+    sq, dots, device = [], [], None
+    for k, p in enumerate(params):
+        g = p.grad
+        if g is None:
+            continue
+        v = g.detach().reshape(-1)
+        work = _work_dtype(v.dtype)
+        if v.dtype != work:
+            v = v.to(work)
+        if device is None:
+            device = v.device
+        sq.append(torch.dot(v, v).to(device))
+        if full is not None:
+            dots.append(torch.dot(v, full[k].reshape(-1)).to(device))
+    if not sq:
+        return math.nan, math.nan
+    values = torch.stack(sq).double().sum()
+    if full is None:
+        return float(values), math.nan
+    both = torch.stack([values, torch.stack(dots).double().sum()]).tolist()  # one sync
+    return float(both[0]), float(both[1])
+
+
+class StepGradient(Unit):
+    r"""The free per-step statistics: the step gradient's norm, clipped at η or not, cos with ∇f_k.
+
+    For every update of an interval that starts at a probed point x_k, from the
+    gradient the step already computed (no forward, no backward):
+
+    * ``step_grad_norm``: the norm before clipping (:attr:`Step.grad_norm`);
+    * ``step_clipped``: 1 when the step was clipped at η (:attr:`Step.clip_indicator`:
+      ``‖g‖ > η``, the paper's C(·; η) changes g), 0 when not, NaN when unknown;
+    * ``step_cos``: ``cos∠(g, ∇f_k) = ⟨g, ∇f_k⟩ / (‖g‖‖∇f_k‖)`` with ``g`` the
+      gradient in ``.grad`` when :meth:`before_update` runs (under ``fit``: the
+      clipped one) and ∇f_k the full gradient of the last probe. A norm clip
+      multiplies ``g`` by a positive number, so the cosine is the same before
+      and after it. Clamped to [−1, 1]; NaN when ``g`` or ∇f_k is zero or not
+      finite. Computed by :func:`gradient_products` (float32 within a tensor);
+    * ``step_loss``: :attr:`Step.loss`; ``step``: :attr:`Step.number`.
+
+    At the interval's end the row of x_k gets ``train_cos`` (mean of the
+    defined cosines) and ``train_min_cos``, and the per-step arrays go into
+    ``end.arrays`` (the ``Monitor``'s :class:`~clipscope.loop.duties.Records`
+    writes them to ``components/epoch_XXXX_steps.npz``). Cost per step: one
+    pass over the gradient and ∇f_k (two dot products per parameter tensor).
+
+    State: ∇f_k (in the gradients' dtype: 4 bytes per float32 parameter) and the
+    interval's per-step values.
+    """
+
+    name = "step_gradient"
+    _FIELDS = ("step", "step_grad_norm", "step_clipped", "step_cos", "step_loss")
+
+    def __init__(self) -> None:
+        self.full: list[torch.Tensor] | None = None
+        self.full_norm = math.nan
+        self.records: dict[str, list[float]] = {f: [] for f in self._FIELDS}
+        self.pending_cos = math.nan
+
+    def needs(self, point: Point) -> Needs:
+        """∇f_k and the step gradients, in every interval (none after the last point)."""
+        return Needs.NOTHING if point.last else Needs.FULL_GRADIENT | Needs.STEP_GRADIENT
+
+    def at_point(self, point: Point) -> None:
+        """Keep ∇f_k of a probed point (in each parameter's working dtype and device)."""
+        self._reset()
+        result = point.probe
+        if point.last or result is None or result.full_grad is None:
+            return
+        self.full = [
+            g.detach().to(device=p.device, dtype=_work_dtype(p.dtype))
+            for g, p in zip(result.full_grad, point.params, strict=True)
+        ]
+        self.full_norm = float(result.grad_norm)
+
+    def before_update(self, step: Step) -> None:
+        """cos∠(g, ∇f_k) of the gradient in ``.grad``."""
+        if self.full is None:
+            return
+        sq, dot = gradient_products(step.params, self.full)
+        denominator = math.sqrt(sq) * self.full_norm
+        cos = dot / denominator if denominator > 0 and math.isfinite(denominator) else math.nan
+        self.pending_cos = max(-1.0, min(1.0, cos)) if math.isfinite(cos) else math.nan
+
+    def after_update(self, step: Step) -> None:
+        """Record the step (its cosine from :meth:`before_update`)."""
+        if self.full is None:
+            return
+        values = (step.number, step.grad_norm, step.clip_indicator, self.pending_cos, step.loss)
+        for name, value in zip(self._FIELDS, values, strict=True):
+            self.records[name].append(float(value))
+        self.pending_cos = math.nan
+
+    def at_interval_end(self, end: IntervalEnd) -> None:
+        """``train_cos``, ``train_min_cos`` into the row of x_k; the per-step arrays; start over."""
+        if self.full is not None:
+            cos = [c for c in self.records["step_cos"] if not math.isnan(c)]
+            if end.row is not None:
+                end.row["train_cos"] = sum(cos) / len(cos) if cos else math.nan
+                end.row["train_min_cos"] = min(cos) if cos else math.nan
+            for name, values in self.records.items():
+                end.arrays[name] = np.asarray(values, dtype=np.float64)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.full, self.full_norm, self.pending_cos = None, math.nan, math.nan
+        self.records = {f: [] for f in self._FIELDS}
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"full", "full_norm", "records", "pending_cos"}``."""
+        return {
+            "full": self.full,
+            "full_norm": self.full_norm,
+            "records": {k: list(v) for k, v in self.records.items()},
+            "pending_cos": self.pending_cos,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`."""
+        self.full = state.get("full")
+        self.full_norm = state.get("full_norm", math.nan)
+        records = state.get("records") or {}
+        self.records = {f: list(records.get(f, [])) for f in self._FIELDS}
+        self.pending_cos = state.get("pending_cos", math.nan)

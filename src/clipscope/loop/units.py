@@ -86,10 +86,12 @@ class Point:
     Attributes
     ----------
     model, loss_fn, components, params
-        What the loop trains: ``loss_fn(model(x), y)`` is component i's mean
-        loss; ``params`` the trainable parameters (tied weights once).
+        What the loop trains: ``loss_fn(model(x), y)`` (or ``loss_fn(model,
+        batch)``, :func:`clipscope.engine.losses.loss_form`) is component i's
+        mean loss; ``params`` the trainable parameters (tied weights once).
     epoch : int
-        k, the point's index on the loop's clock (the row's ``epoch``).
+        k, the point's index on the loop's clock (the row's ``epoch``): fit's
+        epoch; the ``Monitor``'s probe number (its step is ``step``).
     step : int
         Updates taken before x_k.
     last : bool
@@ -142,18 +144,25 @@ class Step:
     number : int
         Updates taken, this one included (1-based).
     component : int
-        i, the component the step used.
+        i, the component the step used (-1: a batch of the user's own loop,
+        not one of the partition's components).
     eta : float
-        The threshold it used (``method = "zhang"``: γ/α).
+        The threshold it used (``method = "zhang"``: γ/α; the ``Monitor``: its η).
     grad_norm : float
-        ``‖∇f_i(x)‖`` before clipping.
+        The step gradient's norm before clipping (fit: ``‖∇f_i(x)‖``); NaN when
+        the loop clipped before the gradient could be seen and did not say.
     loss : float
-        ``f_i(x)`` at the point the step started from.
+        The loss at the point the step started from (fit: ``f_i(x)``); NaN when
+        not known.
     params : list of Tensor
         The trainable parameters: in ``before_update`` their ``.grad`` is the
-        clipped gradient and x is unchanged; in ``after_update`` x is updated.
+        gradient the update applies (fit: the clipped one) and x is unchanged;
+        in ``after_update`` x is updated.
     closes_interval : bool
         Whether it is the last update of its interval (fit: of the epoch).
+    clipped : bool or None
+        Whether the step was clipped at ``eta``; None means ``grad_norm > eta``
+        (:attr:`clip_indicator`).
     """
 
     number: int
@@ -166,11 +175,23 @@ class Step:
     log: Callable[[str], None] = _quiet
     loop: Any = None
     stop_requested: Callable[[], bool] = field(default=lambda: False, repr=False)
+    clipped: bool | None = None
 
     @property
     def stopping(self) -> bool:
         """Whether SIGTERM/SIGINT arrived: the loop stops after this update's hooks."""
         return self.stop_requested()
+
+    @property
+    def clip_indicator(self) -> float:
+        """1.0 when the step was clipped at η, 0.0 when not, NaN when unknown.
+
+        ``clipped`` when given, else ``grad_norm > eta`` (the paper's C(·; η)
+        changes g), NaN when ``grad_norm`` is NaN.
+        """
+        if self.clipped is not None:
+            return float(bool(self.clipped))
+        return math.nan if math.isnan(self.grad_norm) else float(self.grad_norm > self.eta)
 
 
 @dataclass
@@ -186,6 +207,10 @@ class IntervalEnd:
     row : dict or None
         The record of x_k, when that point was probed: units add the
         interval's columns (``igc_drift``, ``train_loss``, ...).
+    arrays : dict of str to numpy.ndarray
+        Per-step arrays of the interval (one entry per update), which a
+        persisting unit may store next to the point's component file (the
+        ``Monitor``'s :class:`~clipscope.loop.duties.Records` does).
     """
 
     epoch: int
@@ -193,6 +218,7 @@ class IntervalEnd:
     row: dict[str, float] | None
     log: Callable[[str], None] = _quiet
     loop: Any = None
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass

@@ -1,0 +1,83 @@
+r"""The Monitor in a Lightning ``Trainer``: :class:`MonitorCallback` (``clipscope[lightning]``).
+
+Lightning's order of hooks in an optimizer step, and what the callback does in each:
+
+* ``on_train_batch_start``: ``monitor.step(trainer.global_step)`` -- the
+  parameters are x_s after s optimizer steps; a probe when ``s % every == 0``.
+  Under gradient accumulation the hook runs for every batch of a step with
+  the same ``global_step``; the repeats do nothing;
+* ``on_before_optimizer_step``: ``monitor.gradient()`` -- the gradient is
+  complete (accumulated, all-reduced, unscaled under mixed precision) and not
+  yet clipped: Lightning clips (``gradient_clip_val``) right after this hook,
+  with ``torch.nn.utils.clip_grad_norm_`` (``g·min(1, η/(‖g‖ + 1e-6))``, not
+  the paper's ``min(1, η/‖g‖)``); the Monitor records the norm before it,
+  ``‖g‖ > η`` (the paper's C) and the cosine with the last probe's ∇f;
+* ``on_train_end``: ``monitor.close()``; ``on_exception``: the run directory's
+  summary says ``failed`` / ``interrupted``;
+* ``state_dict`` / ``load_state_dict``: the Monitor's state travels in
+  Lightning's checkpoints (``trainer.fit(..., ckpt_path=...)`` resumes it).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import Callback
+
+from clipscope.loop.monitor import Monitor
+
+__all__ = ["MonitorCallback"]
+
+
+def _lr(trainer: Trainer) -> float:
+    optimizers = getattr(trainer, "optimizers", None) or []
+    return float(optimizers[0].param_groups[0]["lr"]) if optimizers else math.nan
+
+
+class MonitorCallback(Callback):
+    """Drive ``monitor`` from a Lightning ``Trainer`` (see the module docstring).
+
+    Parameters
+    ----------
+    monitor : Monitor
+        Built on the ``LightningModule`` the trainer fits (``Monitor(module, loss,
+        components, eta=..., every=...)``); its η should be the trainer's
+        ``gradient_clip_val``.
+    """
+
+    def __init__(self, monitor: Monitor) -> None:
+        if not isinstance(monitor, Monitor):
+            raise TypeError(f"monitor must be a clipscope.Monitor, got {type(monitor)!r}")
+        self.monitor = monitor
+
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """``monitor.step(trainer.global_step)``."""
+        self.monitor.step(trainer.global_step, lr=_lr(trainer))
+
+    def on_before_optimizer_step(
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: Any
+    ) -> None:
+        """``monitor.gradient()``: before Lightning clips."""
+        self.monitor.gradient()
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """``monitor.close()``."""
+        self.monitor.close()
+
+    def on_exception(
+        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
+    ) -> None:
+        """Finish the run directory with the failure in ``summary.json``."""
+        self.monitor.__exit__(type(exception), exception, None)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the Monitor's state (:meth:`Monitor.state_dict`)."""
+        return self.monitor.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue the Monitor (:meth:`Monitor.load_state_dict`)."""
+        self.monitor.load_state_dict(state_dict)

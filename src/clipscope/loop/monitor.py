@@ -1,0 +1,610 @@
+r"""``Monitor``: clipscope's measurement units, driven from a training loop of your own.
+
+Your loop trains; at every ``every``-th step the Monitor probes the current
+parameters exactly (the engine's probe under the model guard: training stays
+bitwise the same) and, with ``run_dir``, writes the run directory that
+``clipscope train`` writes, so ``clipscope report`` and ``clipscope theory``
+read it unchanged. Between probes it records, from the gradient your step
+already computed, the step gradient's norm, whether it was clipped at η and its
+cosine with the last probe's ∇f (no forward, no backward).
+
+It is the units of :func:`clipscope.fit` (:mod:`clipscope.loop.measures`,
+:mod:`clipscope.loop.duties`) on the loop clock of :mod:`clipscope.loop.units`,
+driven from outside. The Monitor's clock:
+
+* a **point** x_k is the parameters after ``step`` optimizer updates, at each
+  ``step`` with ``step % every == 0`` that :meth:`Monitor.step` is called with;
+  ``k`` counts the points (0, 1, 2, ...: the row's ``epoch``), ``step`` is the
+  row's ``step``;
+* the **interval** of x_k is the updates until the next point; each update the
+  loop reports with :meth:`Monitor.gradient` is one ``Step`` (``before_update``
+  right away, while ``.grad`` holds the gradient; ``after_update`` at the next
+  :meth:`Monitor.step` or :meth:`Monitor.close`, once the update is applied);
+* :meth:`Monitor.close` ends the last interval and finishes the directory.
+
+>>> import torch, clipscope
+>>> X, Y = torch.randn(32, 3), torch.randn(32)
+>>> comps = clipscope.Components.from_tensors(X, Y, batch_size=8, seed=0)
+>>> model = torch.nn.Linear(3, 1)
+>>> def loss_fn(out, y):
+...     return ((out.squeeze(-1) - y) ** 2).mean()
+>>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+>>> with clipscope.Monitor(model, loss_fn, comps, eta=1.0, every=2) as monitor:
+...     for step in range(4):
+...         _ = monitor.step(step)                   # probes x_0 and x_2
+...         x, y = comps.batch(step % comps.m)
+...         opt.zero_grad(); loss_fn(model(x), y).backward()
+...         monitor.gradient()                       # ‖g‖, clipped at η?, cos(g, ∇f_k)
+...         opt.step()
+>>> [int(r["step"]) for r in monitor.rows], len(monitor.rows[0]) > 20
+([0, 2], True)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from clipscope.config import check_setting
+from clipscope.engine import (
+    ProbeResult,
+    dropout_policy,
+    model_guard,
+    rng_for_component,
+    trainable_params,
+)
+from clipscope.engine.losses import check_loss_fn, component_loss
+from clipscope.errors import ConfigError, Interrupted, NonFiniteError
+from clipscope.loop.duties import Records
+from clipscope.loop.fit import check_batch_coupling
+from clipscope.loop.measures import (
+    HeldOutMetric,
+    ProbeStatistics,
+    Smoothness,
+    StepGradient,
+    StepStatistics,
+    gradient_products,
+)
+from clipscope.loop.units import Finish, IntervalEnd, Point, Step, Unit, Units
+from clipscope.run.directory import RunDirectory, setting_diff
+
+__all__ = ["STATE_FORMAT", "Monitor"]
+
+#: ``format`` of :meth:`Monitor.state_dict`.
+STATE_FORMAT = 1
+
+_REPEAT_TOLERANCE = 1e-5  # relative; dropout changes a loss by far more, float noise by far less
+
+
+def _quiet(text: str) -> None:
+    pass
+
+
+def _int_at_least(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{name} must be an int >= {low}, got {value!r}")
+    return value
+
+
+def _scalar(value: Any, name: str) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be one number, got a tensor of {tuple(value.shape)}")
+        return float(value.detach())  # a device synchronisation
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number or a one-element tensor, got {value!r}")
+    return float(value)
+
+
+class Monitor:
+    r"""Probe the clipping statistics of your own training loop; record every step's for free.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model your loop trains (a ``LightningModule``, a Hugging Face model).
+    loss : callable
+        The component's scalar **mean** loss, either ``loss(model, batch)`` --
+        chosen exactly when its first two parameters are named ``model`` and
+        ``batch``: ``lambda model, batch: model(**batch).loss`` -- or
+        ``loss(output, target)`` on ``(x, y)`` batches
+        (:func:`clipscope.engine.losses.loss_form`).
+    components : Components or SequentialComponents
+        The fixed partition f = (1/m) Σ_i f_i the probes measure
+        (:meth:`clipscope.Components.from_dataset` for any map-style dataset).
+        Typically a fixed subset of your training data: a probe costs about
+        two passes over it (``route="keep"``: one, when m·n fits in memory).
+    eta : float
+        The clipping threshold η > 0 of the statistics (``inf``: none); use
+        your loop's own clipping threshold.
+    every : int
+        Probe at every step with ``step % every == 0`` (>= 1).
+    etas : sequence of float
+        More thresholds for ``rho@η`` columns.
+    route : {"auto", "two-pass", "keep"}
+        The probe's engine route (:func:`clipscope.probe`).
+    dropout : {"off", "fixed"}
+        The probe's dropout policy (:mod:`clipscope.engine.guard`).
+    run_dir : str or Path, optional
+        Write the run directory here (:class:`~clipscope.loop.duties.Records`):
+        it must be new or empty, unless this Monitor continues a run from
+        :meth:`load_state_dict` (then it must be that run's directory).
+    seed : int
+        The ``"fixed"`` dropout masks' seed.
+    smoothness_every : int or None
+        0 (default): record Zhang et al.'s secant ``traj_smoothness`` between
+        consecutive probes (keeps x_k and ∇f_k: 16 bytes per parameter), so
+        ``clipscope theory`` can fit (L0, L1); k >= 1: also Lanczos
+        ``‖∇²f(x_k)‖`` at every k-th probe (up to 30 more passes each); None:
+        neither.
+    heldout : callable, optional
+        ``heldout(model) -> float`` for the ``heldout`` column.
+    units : sequence of Unit
+        More units (your own, :class:`~clipscope.loop.integrations.tensorboard.TensorBoardScalars`),
+        run after the standard ones and before the directory's writer.
+    log : callable, optional
+        ``log(text)``: one line per probe and the directory's messages.
+    progress : bool
+        A tqdm bar per probe pass.
+
+    Raises
+    ------
+    ConfigError
+        A bad ``eta``, ``etas``, ``every`` (<= 0), ``route``, ``dropout``, seed.
+    TypeError
+        A model that is not an ``nn.Module``; a ``loss`` whose form does not fit
+        the components' batches (:func:`~clipscope.engine.losses.check_loss_fn`).
+    ValueError
+        A loss that is not a scalar tensor, or that differs between two
+        evaluations of the same component (dropout the policy cannot turn off);
+        a size-1 component under train-mode BatchNorm.
+    NonFiniteError
+        The loss of the first component is NaN/inf now.
+    FileExistsError
+        ``run_dir`` is a file.
+    Exception
+        Whatever the model raises on a component's batch (with a note naming
+        the component and the loss form).
+
+    Every check above runs in the constructor, before anything is written
+    (it evaluates the first component twice, under the model guard).
+
+    Notes
+    -----
+    Costs. A probe: the engine's, over all m components (about 2 epochs of
+    forward+backward over them; ``keep``: about 1). Between probes:
+    :meth:`gradient` reads the gradient once more (two dot products per
+    parameter tensor, one device synchronisation); measured overhead in
+    ``docs/benchmarks.md``. Memory: ∇f_k of the last probe in the gradients'
+    dtype, plus x_k and ∇f_k in float64 with ``smoothness_every`` not None.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: Callable[..., torch.Tensor],
+        components: Any,
+        *,
+        eta: float,
+        every: int,
+        etas: Sequence[float] = (),
+        route: str = "auto",
+        dropout: str = "off",
+        run_dir: str | Path | None = None,
+        seed: int = 0,
+        smoothness_every: int | None = 0,
+        heldout: Callable[[nn.Module], float] | None = None,
+        units: Sequence[Unit] = (),
+        log: Callable[[str], None] | None = None,
+        progress: bool = False,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model)!r}")
+        self.eta = float(check_setting("eta", eta))
+        self.etas = check_setting("etas", tuple(etas))
+        self.every = _int_at_least("every", every, 1)
+        self.route = check_setting("route", route)
+        self.dropout = check_setting("dropout", dropout)
+        self.seed = check_setting("seed", seed)
+        if smoothness_every is not None:
+            smoothness_every = _int_at_least("smoothness_every", smoothness_every, 0)
+        for unit in units:
+            if not isinstance(unit, Unit):
+                raise TypeError(f"units must be clipscope.loop.Unit objects, got {unit!r}")
+        needed = ("batch", "sizes", "batch_size", "describe", "__len__")
+        if any(not hasattr(components, name) for name in needed):
+            raise TypeError(
+                "components must be clipscope.Components or SequentialComponents, got "
+                f"{type(components).__name__}"
+            )
+        self.model, self.loss, self.components = model, loss, components
+        self.loss_form = check_loss_fn(loss, components, self.route)
+        self.params = trainable_params(model)
+        check_batch_coupling(model, components)
+        self.log = log or _quiet
+        self.directory: RunDirectory | None = None
+        if run_dir is not None:
+            self.directory = RunDirectory(run_dir)
+            if self.directory.path.exists() and not self.directory.path.is_dir():
+                raise FileExistsError(f"run_dir {self.directory.path} is a file, not a directory")
+        self._preflight()
+        standard: list[Unit] = [ProbeStatistics(self.eta, self.etas, every=1)]
+        if heldout is not None:
+            standard.append(HeldOutMetric(heldout))
+        if smoothness_every is not None:
+            every_k, hessian = max(smoothness_every, 1), smoothness_every > 0
+            standard.append(Smoothness(every=every_k, hessian=hessian))
+        standard += [StepStatistics(), StepGradient(), *units]
+        if self.directory is not None:
+            standard.append(Records(self.directory))
+        self._units = Units(
+            standard, route=self.route, dropout=self.dropout, seed=self.seed, progress=progress
+        )
+        d = components.describe()
+        self.setting: dict[str, Any] = {
+            "kind": "monitor",
+            "run_id": uuid.uuid4().hex,
+            "method": "external",  # the user's loop: no theorem of the paper is checked
+            "eta": self.eta,
+            "etas": list(self.etas),
+            "every": self.every,
+            "route": self.route,
+            "dropout": self.dropout,
+            "seed": self.seed,
+            "loss_form": self.loss_form,
+            "secants": smoothness_every is not None,
+            "smoothness_every": smoothness_every or 0,
+            "batch_size": int(components.batch_size),
+            "m": len(components),
+            "n_samples": int(d.get("N", sum(components.sizes))),
+            "data_seed": d.get("seed"),
+            "last_batch": d.get("last_batch"),
+        }
+        self.rows: list[dict[str, float]] = []
+        self.resumed = False
+        self._k = 0
+        self._last_step: int | None = None
+        self._open: int | None = None  # k of the point whose interval is running
+        self._interval_steps = 0
+        self._updates = 0  # updates reported since the last step() call
+        self._pending: Step | None = None
+        self._started = False
+        self._closed = False
+        self._elapsed = 0.0
+        self._t0 = time.perf_counter()
+        self.last_probe: ProbeResult | None = None
+
+    # -- checks ---------------------------------------------------------------
+    def _preflight(self) -> None:
+        """Evaluate component 0 twice under the guard; refuse what the probes would trip on.
+
+        The model must take the batch, f_0 be one finite scalar, and the same both
+        times (else the model draws random numbers the dropout policy cannot fix).
+        """
+        sequential = bool(getattr(self.components, "sequential", False))
+        device = self.params[0].device
+        values = []
+        with model_guard(self.model), torch.no_grad(), dropout_policy(self.model, self.dropout):
+            for _ in range(2):
+                with rng_for_component(self.dropout, self.seed, 0):
+                    loss, _ = component_loss(
+                        self.model, self.loss, self.components.batch(0, device),
+                        form=self.loss_form, sequential=sequential, index=0,
+                    )  # fmt: skip
+                values.append(float(loss))
+        a, b = values
+        if not (math.isfinite(a) and math.isfinite(b)):
+            raise NonFiniteError(f"component 0's loss is {a} at the current parameters")
+        if abs(a - b) > _REPEAT_TOLERANCE * max(abs(a), abs(b), 1e-30):
+            raise ValueError(
+                f"component 0's loss changed between two evaluations at the same parameters "
+                f"({a!r} then {b!r}) under dropout={self.dropout!r}: the model draws random "
+                "numbers the policy does not control (e.g. attention dropout passed to "
+                "scaled_dot_product_attention while the module is in train mode, as Hugging "
+                "Face models do). Use dropout='fixed' (fixed masks per component), or set the "
+                "model's dropout probabilities to 0"
+            )
+
+    # -- the clock ------------------------------------------------------------
+    def step(self, step: int, *, lr: float | None = None) -> dict[str, float] | None:
+        """Tell the Monitor the parameters are x_step (``step`` updates applied); probe when due.
+
+        Call it once per training step: at the top of the step, or after the
+        forward/backward and before ``optimizer.step()`` (the probe leaves
+        ``.grad`` as it found it), or after ``optimizer.step()`` with the new
+        count. Calling it again with the same ``step`` does nothing (gradient
+        accumulation: one optimizer step, several batches). When ``step %
+        every == 0`` it probes, appends a row to :attr:`rows` and writes it to
+        ``run_dir``.
+
+        Parameters
+        ----------
+        step : int
+            Optimizer updates applied so far (>= 0), never decreasing.
+        lr : float, optional
+            The step size now, for the row's ``lr`` column.
+
+        Returns
+        -------
+        dict or None
+            The new row (column -> float) when a probe ran.
+
+        Raises
+        ------
+        ValueError
+            ``step`` is smaller than the previous one, or the dataset behind the
+            components changed its length.
+        NonFiniteError
+            The probe met a NaN/inf gradient (nothing was recorded).
+        """
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be an int >= 0 (updates applied so far), got {step!r}")
+        if self._closed:
+            raise RuntimeError("the Monitor is closed")
+        last = self._last_step
+        if last is not None and step < last:
+            raise ValueError(
+                f"step {step} comes after step {last}: steps never decrease (a resumed loop "
+                "loads the Monitor state saved with its own checkpoint)"
+            )
+        if last is not None and step == last:
+            return None
+        if step % self.every == 0:  # checked before the directory is opened or anything written
+            check = getattr(self.components, "check_unchanged", None)
+            if check is not None:
+                check()
+        self._start()
+        self._flush()
+        self._last_step, self._updates = step, 0
+        if step % self.every:
+            return None
+        self._end_interval()
+        point = self._point(self._k, step)
+        fields = {
+            "epoch": self._k,
+            "step": step,
+            "lr": math.nan if lr is None else float(lr),
+            "wall_time": self._wall_time(),
+        }
+        self._units.visit(point, fields)
+        self._k += 1
+        # the units keep what they need of ∇f_k; the result itself need not (8 bytes a parameter)
+        self.last_probe = None if point.probe is None else replace(point.probe, full_grad=None)
+        if point.row is not None:
+            self._open = point.epoch
+            self._say(point.row)
+        return point.row
+
+    def gradient(
+        self,
+        grad_norm: float | torch.Tensor | None = None,
+        *,
+        loss: float | torch.Tensor | None = None,
+        clipped: bool | None = None,
+    ) -> None:
+        """Record the update about to be applied, from the gradient in the parameters' ``.grad``.
+
+        Call it once per optimizer update, after ``backward()`` and before
+        ``optimizer.step()``. Before your loop clips, nothing more is needed.
+        After it clipped, pass the norm before clipping as ``grad_norm``
+        (``torch.nn.utils.clip_grad_norm_`` returns it): the norm of a clipped
+        gradient is not the step gradient's; the cosine is unchanged by a norm
+        clip. ``clipped`` says whether the step was clipped at η when
+        ``grad_norm`` is NaN (not known); otherwise it is ``grad_norm > η``.
+
+        Records (:class:`~clipscope.loop.measures.StepGradient`,
+        :class:`~clipscope.loop.measures.StepStatistics`): the norm, whether it
+        exceeds η, the cosine with the last probe's ∇f, the ``loss`` if given.
+        Updates before the first probe are not recorded (no ∇f yet). Costs one
+        pass over the gradient (two when ``grad_norm`` is not given) and one
+        device synchronisation.
+
+        Raises
+        ------
+        ValueError
+            No trainable parameter has a ``.grad`` (call it after ``backward()``).
+        """
+        if self._closed:
+            raise RuntimeError("the Monitor is closed")
+        if self._open is None:
+            return
+        if all(p.grad is None for p in self.params):
+            raise ValueError(
+                "no trainable parameter has a .grad: call Monitor.gradient() after backward() "
+                "and before optimizer.zero_grad()"
+            )
+        self._flush()  # a second update before the next step() call
+        if grad_norm is None:
+            norm = math.sqrt(gradient_products(self.params)[0])
+        else:
+            norm = _scalar(grad_norm, "grad_norm")
+        self._updates += 1
+        step = Step(
+            (self._last_step or 0) + self._updates, -1, self.eta, norm,
+            math.nan if loss is None else _scalar(loss, "loss"), self.params,
+            log=self.log, loop=self, clipped=clipped,
+        )  # fmt: skip
+        if self._units.step_gradient:
+            self._units.before_update(step)
+        self._pending = step
+
+    def _amend_pending(self, number: int, grad_norm: float) -> bool:
+        """Give the recorded, not yet applied update ``number`` its norm (integrations)."""
+        step = self._pending
+        if step is None or step.number != number:
+            return False
+        step.grad_norm, step.clipped = float(grad_norm), None
+        return True
+
+    def close(self, status: str = "completed", message: str | None = None) -> None:
+        """End the last interval and finish the run directory (``summary.json``); idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self._started:
+            return
+        self._end_interval()
+        rows = self.rows
+        last_row = {k: v for k, v in rows[-1].items() if not k.startswith("_")} if rows else None
+        summary = {
+            "status": status,
+            "epoch": self._k,
+            "step": self._last_step,
+            "rows": len(rows),
+            "last_row": last_row,
+            "counts": None,
+            "message": message,
+        }
+        end = Finish(status, summary, self.model, self.params, log=self.log, loop=self)
+        self._units.finish(end)
+
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        if issubclass(exc_type, NonFiniteError):
+            status = "nonfinite"
+        elif issubclass(exc_type, (KeyboardInterrupt, Interrupted)):
+            status = "interrupted"
+        else:
+            status = "failed"
+        self.close(status, f"{exc_type.__name__}: {exc}")
+
+    # -- state ----------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Return what resumes the Monitor: keep it in your checkpoint (plain values and tensors).
+
+        Holds the rows, the clock (points, last step, the open interval, an
+        update recorded but not yet applied) and every unit's state (∇f_k of the
+        last probe; x_k and ∇f_k in float64 for the secants). Loadable with
+        ``torch.load(weights_only=True)``.
+        """
+        pending = self._pending
+        return {
+            "format": STATE_FORMAT,
+            "setting": dict(self.setting),
+            "points": self._k,
+            "last_step": self._last_step,
+            "open": self._open,
+            "interval_steps": self._interval_steps,
+            "updates": self._updates,
+            "pending": None
+            if pending is None
+            else {
+                "number": pending.number,
+                "grad_norm": float(pending.grad_norm),
+                "loss": float(pending.loss),
+                "clipped": pending.clipped,
+            },
+            "rows": [{k: float(v) for k, v in row.items()} for row in self.rows],
+            "units": self._units.state_dict(),
+            "wall_time": self._wall_time(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict` (before the first :meth:`step`).
+
+        The next :meth:`step` reopens ``run_dir`` (which must be this run's, or
+        new), rewrites ``epochs.csv`` from the restored rows and removes the
+        component files of points recorded after the state was saved.
+
+        Raises
+        ------
+        RuntimeError
+            The Monitor has already started.
+        ConfigError
+            The state was saved with other settings (each difference listed) or
+            is not a Monitor state.
+        """
+        if self._started:
+            raise RuntimeError("load_state_dict() must come before the first step()")
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ConfigError("not a clipscope Monitor state (format missing or unknown)")
+        stored = dict(state["setting"])
+        diff = setting_diff(stored, self.setting, (set(stored) | set(self.setting)) - {"run_id"})
+        if diff:
+            raise ConfigError(
+                "the Monitor state was saved with other settings:\n  " + "\n  ".join(diff)
+            )
+        self.setting["run_id"] = stored["run_id"]
+        self._k = int(state["points"])
+        self._last_step = state["last_step"]
+        self._open = state["open"]
+        self._interval_steps = int(state["interval_steps"])
+        self._updates = int(state["updates"])
+        self.rows[:] = [dict(row) for row in state["rows"]]
+        self._units.load_state_dict(state["units"])
+        pending = state.get("pending")
+        self._pending = None
+        if pending is not None:
+            self._pending = Step(
+                pending["number"], -1, self.eta, pending["grad_norm"], pending["loss"],
+                self.params, log=self.log, loop=self, clipped=pending["clipped"],
+            )  # fmt: skip
+        self._elapsed = float(state.get("wall_time", 0.0))
+        self._t0 = time.perf_counter()
+        self.resumed = True
+
+    # -- internals ------------------------------------------------------------
+    @property
+    def run_dir(self) -> Path | None:
+        """The run directory's path, or None."""
+        return None if self.directory is None else self.directory.path
+
+    def _wall_time(self) -> float:
+        return self._elapsed + time.perf_counter() - self._t0
+
+    def _point(self, k: int, step: int) -> Point:
+        return Point(
+            self.model, self.loss, self.components, self.params, k, step, False, self.rows,
+            self.dropout, self.seed, log=self.log, loop=self,
+        )  # fmt: skip
+
+    def _start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        self._units.start(self)
+        if self._open is not None:  # resumed inside an interval: who needs its steps
+            row = next(r for r in reversed(self.rows) if r.get("epoch") == self._open)
+            self._units.plan(self._point(self._open, int(row["step"])))
+
+    def _flush(self) -> None:
+        """Run every unit's ``after_update`` for the recorded update, now applied."""
+        if self._pending is not None:
+            step, self._pending = self._pending, None
+            self._units.after_update(step)
+            self._interval_steps += 1
+
+    def _end_interval(self) -> None:
+        self._flush()
+        if self._open is None:
+            return
+        k, self._open = self._open, None
+        row = next((r for r in reversed(self.rows) if r.get("epoch") == k), None)
+        steps, self._interval_steps = self._interval_steps, 0
+        self._units.at_interval_end(IntervalEnd(k, steps, row, log=self.log, loop=self))
+
+    def _say(self, row: dict[str, float]) -> None:
+        self.log(
+            f"probe {int(row['epoch'])} at step {int(row['step'])}: f={row['loss']:.6g}  "
+            f"‖∇f‖={row['grad_norm']:.4g}  c1={row['c1']:.3g}  ρ(η)={row['rho']:.4g}  "
+            f"clipped components={row['clipped_fraction']:.2f}"
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"Monitor(eta={self.eta:g}, every={self.every}, m={len(self.components)}, "
+            f"probes={len(self.rows)}, run_dir={self.run_dir})"
+        )
