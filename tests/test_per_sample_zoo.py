@@ -1,7 +1,9 @@
-"""The per-sample route on a zoo of architectures against a float64 brute force.
+"""The per-sample routes on a zoo of architectures against a float64 brute force.
 
-Every architecture of ``zoo.ZOO`` is probed with ``batch_sizes=[1]`` and every
-number compared with the brute force: each sample's gradient by its own float64
+Every architecture of ``zoo.ZOO`` is probed with ``batch_sizes=[1]`` through both
+per-sample routes -- ``"auto"``, which keeps the factors (``"per-sample-kept"``:
+dots and clipped sums from pass 1's factors), and the two-pass ``"per-sample"`` --
+and every number compared with the brute force: each sample's gradient by its own float64
 autograd call (through its chunk's batch forward where dropout draws masks),
 explicit norms, dots and clipped sums. Tolerances: 1e-10 relative for float64
 models, 1e-6 for float32 ones. The parameters that reach the exact fallback
@@ -53,15 +55,27 @@ def brute_force(arch: Arch, model, X, Y) -> dict:
     }
 
 
+ROUTES = {"auto": "per-sample-kept", "per-sample": "per-sample"}
+
+
+@pytest.mark.parametrize("route", list(ROUTES))
 @pytest.mark.parametrize("arch", ZOO, ids=[a.id for a in ZOO])
-def test_zoo_matches_float64_brute_force(arch: Arch):
+def test_zoo_matches_float64_brute_force(arch: Arch, route: str):
     model, X, Y = arch.build()
     comps = Components.from_tensors(X, Y, batch_size=arch.chunk)
-    expect_warning = bool(arch.fallback) or arch.dots_fallback
+    dots_fallback = arch.dots_fallback and route == "per-sample"  # the JVP's dropout masks
+    expect_warning = bool(arch.fallback) or dots_fallback
     ctx = pytest.warns(PerSampleFallbackWarning) if expect_warning else contextlib.nullcontext()
     with ctx:
         result = probe(
-            model, arch.loss_fn, comps, ETAS, batch_sizes=[1], dropout=arch.dropout, seed=0
+            model,
+            arch.loss_fn,
+            comps,
+            ETAS,
+            route=route,
+            batch_sizes=[1],
+            dropout=arch.dropout,
+            seed=0,
         )
     ref = brute_force(arch, model, X, Y)
     rtol = arch.rtol
@@ -74,31 +88,34 @@ def test_zoo_matches_float64_brute_force(arch: Arch):
         assert result.clipped[eta][1] == pytest.approx(cos, rel=rtol, abs=rtol)
     v = result.verification
     assert set(v["fallback"]) == set(arch.fallback)
-    assert (v["dots_fallback"] is not None) == arch.dots_fallback
-    assert result.route == ("per-sample+fallback" if expect_warning else "per-sample")
+    assert (v["dots_fallback"] is not None) == dots_fallback
+    assert result.route == ROUTES[route] + ("+fallback" if expect_warning else "")
+    assert result.info["factors"]["kept"] == (route == "auto")
     assert v["spot_checks"] == min(4, arch.n) and v["consistency"]["flags"] == []
     assert v["attempts"] == arch.attempts
     assert v["structural_checks"] > 0 or not v["rules"]
 
 
+@pytest.mark.parametrize("route", list(ROUTES))
 @pytest.mark.parametrize("arch", [a for a in ZOO if a.fallback], ids=lambda a: a.id)
-def test_zoo_strict_raises_only_on_failed_checks(arch: Arch):
+def test_zoo_strict_raises_only_on_failed_checks(arch: Arch, route: str):
     """strict=True refuses a failed check; a parameter merely without a rule is fine."""
     from clipscope.engine.verify import VerificationError
 
     model, X, Y = arch.build()
     comps = Components.from_tensors(X, Y, batch_size=arch.chunk)
+    kw = {"route": route, "batch_sizes": [1], "dropout": arch.dropout}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = probe(model, arch.loss_fn, comps, batch_sizes=[1], dropout=arch.dropout)
+        result = probe(model, arch.loss_fn, comps, **kw)
     stages = {e["stage"] for e in result.verification["events"]}
     assert caught
     if stages <= {"plan", "jvp"}:
         with pytest.warns(PerSampleFallbackWarning):
-            probe(model, arch.loss_fn, comps, batch_sizes=[1], dropout=arch.dropout, strict=True)
+            probe(model, arch.loss_fn, comps, strict=True, **kw)
     else:
         with pytest.raises(VerificationError, match="strict=True"):
-            probe(model, arch.loss_fn, comps, batch_sizes=[1], dropout=arch.dropout, strict=True)
+            probe(model, arch.loss_fn, comps, strict=True, **kw)
 
 
 def test_zoo_size():

@@ -43,7 +43,16 @@ import torch
 from clipscope.engine.per_sample._common import Directions, gram_sq_norm, sq_sum, up
 from clipscope.engine.per_sample.family import ParamGhost
 
-__all__ = ["Factors", "Joined", "Rows", "Tokens", "Zero", "storage_bytes", "token_dots"]
+__all__ = [
+    "Factors",
+    "Joined",
+    "Rows",
+    "Tokens",
+    "Zero",
+    "storage_bytes",
+    "tensors_of",
+    "token_dots",
+]
 
 
 def storage_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
@@ -265,7 +274,7 @@ class Joined(Factors):
 
     @property
     def nbytes(self) -> int:  # noqa: D102
-        return storage_bytes(t for p in self.parts for t in _tensors(p))
+        return storage_bytes(t for p in self.parts for t in tensors_of(p))
 
     def sq(self, name):  # noqa: D102
         return self.owner[name].sq(name)
@@ -297,13 +306,13 @@ class Joined(Factors):
         return out
 
 
-def _tensors(f: Factors) -> list[torch.Tensor | None]:
+def tensors_of(f: Factors) -> list[torch.Tensor | None]:
     """Return the tensors a factors object keeps (to count shared storages once)."""
     if isinstance(f, Tokens):
         return [f.a, f.b, f._per_bias if f.bias else None]
     if isinstance(f, Rows):
         return list(f.rows.values())
     if isinstance(f, Joined):
-        return [t for p in f.parts for t in _tensors(p)]
+        return [t for p in f.parts for t in tensors_of(p)]
     kept = getattr(f, "kept_tensors", None)
     return list(kept()) if kept is not None else []

@@ -37,8 +37,10 @@ from clipscope.engine.per_sample.batch import (
     per_sample_from_output,
     randomness_active,
 )
+from clipscope.engine.per_sample.factors import Rows
 from clipscope.engine.per_sample.fallback import choose_mode, fallback_stats
 from clipscope.engine.per_sample.family import Call, LayerFamily, Unsupported
+from clipscope.engine.per_sample.kept import KeptChunk
 from clipscope.engine.per_sample.plan import Plan
 from clipscope.engine.verify import structural_error, tolerance
 from clipscope.errors import NonFiniteError
@@ -60,12 +62,16 @@ class GhostPass(NamedTuple):
         mean-loss gradient).
     per_param : dict
         ``{parameter index: (B,) float64 ‖g_j(p)‖²}`` (the spot check's input).
+    kept : KeptChunk or None
+        With ``keep=True``: every parameter's per-sample gradients in the kept
+        form its norms came from (:mod:`~clipscope.engine.per_sample.kept`).
     """
 
     sq_norms: torch.Tensor
     losses: torch.Tensor
     grad_sum: list[torch.Tensor]
     per_param: dict[int, torch.Tensor]
+    kept: KeptChunk | None = None
 
 
 def _store(slots: list, k: int, g: torch.Tensor) -> None:
@@ -141,6 +147,7 @@ def ghost_pass(
     params: Sequence[torch.Tensor] | None = None,
     *,
     plan: Plan | None = None,
+    keep: bool = False,
 ) -> GhostPass:
     """One hooked forward + backward: per-sample ``‖∇ℓ_j‖²``, losses ``ℓ_j`` and ``∇Σ_j ℓ_j``.
 
@@ -152,6 +159,11 @@ def ghost_pass(
     :class:`~clipscope.engine.per_sample.plan.Plan` over ``params``, every
     trainable parameter by default). Leaves the model's parameters, ``.grad``,
     buffers and flags unchanged (the backward uses ``torch.autograd.grad``).
+
+    With ``keep=True`` the norms come from each rule's kept form
+    (:meth:`LayerFamily.factors`) and the fallback's per-sample gradients are
+    kept too: ``result.kept`` then gives every dot and weighted sum of the
+    chunk's per-sample gradients without another pass.
     """
     batch = check_inputs(model, loss_fn, x)
     if plan is None:
@@ -166,10 +178,10 @@ def ghost_pass(
             "per sample while dropout draws masks for the batch (dropout='fixed' in train mode); "
             "use dropout='off' or mini-batch components"
         )
-    result = _ghost_once(model, loss_fn, x, y, plan, batch, randomness, 1.0)
+    result = _ghost_once(model, loss_fn, x, y, plan, batch, randomness, 1.0, keep)
     if result is None:  # float16/bfloat16: the batch sum overflowed, the samples did not
         scale = 2.0 ** -math.ceil(math.log2(max(2, batch)))
-        result = _ghost_once(model, loss_fn, x, y, plan, batch, randomness, scale)
+        result = _ghost_once(model, loss_fn, x, y, plan, batch, randomness, scale, keep)
     return result
 
 
@@ -228,7 +240,7 @@ def record_calls(
     return {mname: (mod, fam, attrs, calls[id(mod)]) for mname, mod, fam, attrs in active}
 
 
-def _ghost_once(model, loss_fn, x, y, plan, batch, randomness, scale) -> GhostPass | None:
+def _ghost_once(model, loss_fn, x, y, plan, batch, randomness, scale, keep) -> GhostPass | None:
     params = plan.params
     active = plan.ghost_modules()
     calls, losses, grads = _forward_backward(
@@ -250,6 +262,7 @@ def _ghost_once(model, loss_fn, x, y, plan, batch, randomness, scale) -> GhostPa
     tol = tolerance(params[0].dtype)
     per_param: dict[int, torch.Tensor] = {}
     unchecked_sums: dict[int, torch.Tensor] = {}
+    kept: list = []  # (factors, {attribute: parameter index}, scale) with keep=True
     for mname, mod, fam, attrs in active:
         ks = [plan.index[id(getattr(mod, a))] for a in attrs]
         problem = next((c.problem for c in calls[id(mod)] if c.problem), None)
@@ -258,7 +271,12 @@ def _ghost_once(model, loss_fn, x, y, plan, batch, randomness, scale) -> GhostPa
             continue
         dirs = {a: plan.directions[k] for a, k in zip(attrs, ks, strict=True)}
         try:
-            res = fam.per_sample(mod, calls[id(mod)], attrs, batch, dirs)
+            if keep:
+                factors = fam.factors(mod, calls[id(mod)], attrs, batch)
+                res = factors.ghost(attrs, dirs)
+                kept.append((factors, {}, scale))
+            else:
+                res = fam.per_sample(mod, calls[id(mod)], attrs, batch, dirs)
         except Unsupported as exc:
             plan.demote(ks, "rule", str(exc))
             continue
@@ -267,6 +285,8 @@ def _ghost_once(model, loss_fn, x, y, plan, batch, randomness, scale) -> GhostPa
             for a, k in zip(attrs, ks, strict=True):
                 per_param[k] = res[a].sq / (scale * scale)
                 unchecked_sums[k] = totals[a].double() / scale
+                if keep:
+                    kept[-1][1][a] = k
             continue
         for a, k in zip(attrs, ks, strict=True):
             ghost = res[a]
@@ -288,6 +308,8 @@ def _ghost_once(model, loss_fn, x, y, plan, batch, randomness, scale) -> GhostPa
                 continue
             plan.note_structural(err)
             per_param[k] = ghost.sq / (scale * scale)
+            if keep:
+                kept[-1][1][a] = k
     grad_sum: list[torch.Tensor | None] = [None] * len(params)
     for k in per_param:
         if k in unchecked_sums:
@@ -314,16 +336,21 @@ def _ghost_once(model, loss_fn, x, y, plan, batch, randomness, scale) -> GhostPa
                 [params[k] for k in ks],
                 mode,
                 losses=losses if mode == "graph" else None,
+                keep_rows=keep,
             )
             if mode == "vmap" and fs.mode != "vmap":
                 plan.vmap_failed = True
+            if keep:
+                names = {plan.names[k]: k for k in ks}
+                kept.append((Rows(dict(zip(names, fs.rows, strict=True))), names, 1.0))
             for i, k in enumerate(ks):
                 per_param[k] = fs.sq[i]
                 grad_sum[k] = fs.sums[i]
     sq = torch.zeros(batch, dtype=torch.float64, device=x.device)
     for v in per_param.values():
         sq += v.to(sq.device)
-    return GhostPass(sq, losses.detach(), grad_sum, per_param)
+    chunk = KeptChunk(batch, kept) if keep else None
+    return GhostPass(sq, losses.detach(), grad_sum, per_param, chunk)
 
 
 def per_sample_sq_norms(
