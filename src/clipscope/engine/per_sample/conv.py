@@ -321,5 +321,13 @@ class ConvFamily(LayerFamily):
         return out
 
     def dots(self, mod, calls, names, vectors, batch):
-        """``⟨g_j(W), V⟩`` (kept rows, or one convolution with ``V``) plus ``Σ_l b_l·v_bias``."""
-        return self.factors(mod, calls, names, batch).dots({n: vectors[n] for n in names})
+        """``⟨g_j(W), V⟩ = ⟨b_j, conv(a_j; V)⟩`` (one convolution) plus ``Σ_l b_l·v_bias``."""
+        used = grads_of(calls)
+        if not used:
+            return zeros(batch, mod.weight.device)
+        parts: list[Factors] = []
+        if "weight" in names:
+            parts.append(ConvFactors(mod, used))
+        if "bias" in names:
+            parts.append(Rows({"bias": _bias_rows(used, batch)}))
+        return Joined(parts).dots({n: vectors[n] for n in names})

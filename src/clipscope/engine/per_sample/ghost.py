@@ -45,7 +45,7 @@ from clipscope.engine.per_sample.plan import Plan
 from clipscope.engine.verify import structural_error, tolerance
 from clipscope.errors import NonFiniteError
 
-__all__ = ["GhostPass", "ghost_pass", "per_sample_sq_norms", "record_calls"]
+__all__ = ["GhostPass", "ghost_pass", "per_sample_sq_norms", "record_calls", "recorded_products"]
 
 
 class GhostPass(NamedTuple):
@@ -185,8 +185,12 @@ def ghost_pass(
     return result
 
 
-def _forward_backward(model, loss_fn, x, y, plan, active, batch, scale, retain):
-    """Run the hooked batch forward and the one backward of ``scale·Σ_j ℓ_j``."""
+def _forward_backward(model, loss_fn, x, y, plan, active, batch, scale, retain, outputs_only=False):
+    """Run the hooked batch forward and the one backward of ``scale·Σ_j ℓ_j``.
+
+    ``outputs_only``: the backward runs w.r.t. the recorded outputs only (their
+    gradients are all a product of the factors needs); no parameter gradient.
+    """
     rec = _Recorder(active, batch)
     try:
         with torch.enable_grad():
@@ -199,10 +203,11 @@ def _forward_backward(model, loss_fn, x, y, plan, active, batch, scale, retain):
             f"per-sample losses of samples {bad} are not finite; nothing was changed"
         )
     seed = torch.full_like(losses, scale)
-    if plan.unchecked and all(t._version == v for t, v in outputs):
-        # benchmarks only: w.r.t. the layer outputs (the hooks get every b) and the
-        # fallback's parameters; autograd never forms the served layers' weight gradients
-        rest = [k for k in range(len(plan.params)) if k in plan.fallback]
+    if (plan.unchecked or outputs_only) and all(t._version == v for t, v in outputs):
+        # w.r.t. the layer outputs (the hooks get every b) and, for the benchmarks'
+        # unchecked pass 1, the fallback's parameters: autograd never forms the served
+        # layers' weight gradients
+        rest = [] if outputs_only else [k for k in range(len(plan.params)) if k in plan.fallback]
         inputs = [t for t, _ in outputs] + [plan.params[k] for k in rest]
         with torch.enable_grad():
             found = torch.autograd.grad(
@@ -238,6 +243,29 @@ def record_calls(
     active = plan.ghost_modules()
     calls, _, _ = _forward_backward(model, loss_fn, x, y, plan, active, batch, 1.0, False)
     return {mname: (mod, fam, attrs, calls[id(mod)]) for mname, mod, fam, attrs in active}
+
+
+def recorded_products(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    x: torch.Tensor,
+    y: Any,
+    plan: Plan,
+    scale: float = 1.0,
+) -> tuple[dict[int, list[Call]], torch.Tensor]:
+    """One hooked forward and a backward of ``scale·Σ_j ℓ_j`` w.r.t. the recorded outputs only.
+
+    ``({id(module): calls}, losses)`` for the modules a rule still serves: the
+    reverse-mode pass of the per-sample dots (each layer's ``⟨g_j, v⟩`` follows
+    from its calls, :meth:`LayerFamily.dots`), cheaper than a full backward by
+    the parameters' gradients.
+    """
+    batch = check_inputs(model, loss_fn, x)
+    active = plan.ghost_modules()
+    calls, losses, _ = _forward_backward(
+        model, loss_fn, x, y, plan, active, batch, scale, False, outputs_only=True
+    )
+    return calls, losses.detach()
 
 
 def _ghost_once(model, loss_fn, x, y, plan, batch, randomness, scale, keep) -> GhostPass | None:

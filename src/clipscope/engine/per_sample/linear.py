@@ -94,4 +94,10 @@ class LinearFamily(LayerFamily):
 
     def dots(self, mod, calls, names, vectors, batch):
         """``Σ_t b_t·(V a_t) + b_t·v_bias`` per sample."""
-        return self.factors(mod, calls, names, batch).dots({n: vectors[n] for n in names})
+        tk = tokens(calls, batch)
+        if tk is None:
+            return torch.zeros(batch, dtype=torch.float64, device=mod.weight.device)
+        weight = "weight" if "weight" in names else None
+        bias = "bias" if "bias" in names else None
+        kept = Tokens(tk[0], tk[1], weight=weight, bias=bias, shape=tuple(mod.weight.shape))
+        return kept.dots({n: vectors[n] for n in names})
