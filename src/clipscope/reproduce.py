@@ -190,9 +190,13 @@ def plan(
     if check_data:
         from clipscope.data import load_splits
 
-        wanted = [(c.data, c.data_dir) for *_, c in grid if c.task != "least_squares"]
-        for data, where in dict.fromkeys(wanted):  # each dataset once, in order
-            load_splits(data, where)
+        wanted = [
+            (c.data, c.data_dir, c.train_file, c.heldout_file)
+            for *_, c in grid
+            if c.task != "least_squares"
+        ]
+        for data, where, train, held in dict.fromkeys(wanted):  # each dataset once, in order
+            load_splits(data, where, train_file=train, heldout_file=held)
     return grid
 
 
