@@ -75,7 +75,7 @@ def load_ptb(data_dir: str | Path, splits: Sequence[str] = PTB_SPLITS) -> Corpus
 def load_word_corpus(
     data_dir: str | Path, train_file: str, heldout_file: str, *, dataset: str = "mikolov"
 ) -> Corpus:
-    """Load a word-level corpus in Mikolov's format from two named files: ``train`` and ``valid``.
+    r"""Load a word-level corpus in Mikolov's format from two named files: ``train`` and ``valid``.
 
     Every line is ``line.split() + ['<eos>']`` (awd-lstm-lm's ``data.py``); the
     closed vocabulary holds every word of both files, ids by first appearance

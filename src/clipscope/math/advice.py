@@ -67,9 +67,9 @@ __all__ = [
     "DEFAULT_TARGET",
     "EtaAdvice",
     "PointAdvice",
+    "advice_grid",
     "advise",
     "advise_on_grid",
-    "advice_grid",
     "check_target",
     "grid_reversal_threshold",
     "grid_safe_threshold",
@@ -107,7 +107,7 @@ def unclipped_descent(profile: EtaProfile) -> float:
 
 def _pieces(profile: EtaProfile):
     lo, hi, A, S = profile.pieces
-    return [(float(a), float(b), float(c), float(d)) for a, b, c, d in zip(lo, hi, A, S, strict=True)]
+    return [tuple(map(float, piece)) for piece in zip(lo, hi, A, S, strict=True)]
 
 
 def safe_threshold(profile: EtaProfile, target: float = DEFAULT_TARGET) -> float:
@@ -307,7 +307,7 @@ def advise(
 
 
 def advice_grid(norms_list: Iterable[Any], per_decade: int = 2000) -> np.ndarray:
-    """A fine geometric grid of η covering every point's norms, plus the norms themselves.
+    """Return a fine geometric grid of η covering every point's norms, plus the norms themselves.
 
     From a tenth of the smallest positive norm to ten times the largest, with
     ``per_decade`` points per factor of 10 (ratio ``10^(1/per_decade)`` between
@@ -330,7 +330,7 @@ def _grid_ratio(stats: ComponentStats, grid: np.ndarray) -> np.ndarray:
 
 
 def grid_safe_threshold(stats: ComponentStats, target: float, grid: np.ndarray) -> float:
-    """The smallest grid η from which on every grid η keeps ``ρ ≥ τ`` (direct evaluation).
+    """Return the smallest grid η from which on every grid η keeps ``ρ ≥ τ`` (direct evaluation).
 
     ``grid`` must be sorted and reach past ``max n_i``. NaN when ``D(∞) ≤ 0``.
     """
@@ -346,7 +346,7 @@ def grid_safe_threshold(stats: ComponentStats, target: float, grid: np.ndarray) 
 
 
 def grid_reversal_threshold(stats: ComponentStats, grid: np.ndarray) -> float:
-    """The largest grid η with ``D(η) < 0`` (direct evaluation); 0.0 when there is none."""
+    """Return the largest grid η with ``D(η) < 0`` (direct evaluation); 0.0 when there is none."""
     if not float(stats.descent(math.inf)) > 0:
         return math.nan
     bad = np.flatnonzero(np.asarray(stats.descent(grid)) < 0)
@@ -359,7 +359,7 @@ def advise_on_grid(
     labels: Sequence[str] | None = None,
     grid: np.ndarray | None = None,
 ) -> EtaAdvice:
-    """The slow twin of :func:`advise`: ρ evaluated directly on a fine grid of η.
+    """Advise as :func:`advise` does, from ρ evaluated directly on a fine grid of η.
 
     ``points`` are :class:`ComponentStats` or ``(norms, dots, grad_norm)``
     triples; ``grid`` defaults to :func:`advice_grid` of their norms. On a grid
@@ -368,9 +368,7 @@ def advise_on_grid(
     grid reversal ≤ r`` (each linear piece of ``D`` has its ends on the grid).
     """
     target = check_target(target)
-    stats = [
-        p if isinstance(p, ComponentStats) else ComponentStats(*p) for p in points
-    ]
+    stats = [p if isinstance(p, ComponentStats) else ComponentStats(*p) for p in points]
     if not stats:
         raise ValueError("no probed points to advise on")
     if grid is None:
