@@ -100,7 +100,7 @@ def load_word_corpus(
 
     >>> import tempfile, pathlib
     >>> d = pathlib.Path(tempfile.mkdtemp())
-    >>> _ = (d / "a.txt").write_text("the cat\\n"); _ = (d / "b.txt").write_text("a cat\\n")
+    >>> _ = (d / "a.txt").write_text("the cat\n"); _ = (d / "b.txt").write_text("a cat\n")
     >>> c = load_word_corpus(d, "a.txt", "b.txt")
     >>> c["train"].tolist(), c["valid"].tolist(), len(c.vocab)
     ([0, 1, 2], [3, 1, 2], 4)
