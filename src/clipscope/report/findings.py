@@ -174,6 +174,7 @@ def rank_trend(batch_sizes: Sequence[float], values: Sequence[float]) -> dict[st
         return out
     x, y = b[keep], v[keep]
     rho = float(scipy_stats.spearmanr(x, y).statistic)
+    rho = float(np.clip(round(rho, 12), -1.0, 1.0))  # ±0.9999999999999999 is ±1
     out["spearman"] = rho
     if keep.sum() <= 8:
         out["p_value"] = _spearman_pvalue(x, y)
@@ -302,8 +303,8 @@ def min_rho(task: TaskRecord) -> dict[str, Any]:
 
 def eta_advice(
     task: TaskRecord, target: float = DEFAULT_TARGET
-) -> tuple[dict[str, Any], dict[str, EtaAdvice]]:
-    """Return the η advice over every probe of the task, and per run (``{label: EtaAdvice}``)."""
+) -> tuple[dict[str, Any], EtaAdvice | None, dict[str, EtaAdvice]]:
+    """Return the η advice over every probe of the task: as JSON, as EtaAdvice, and per run."""
     target = check_target(target)
     labels, points, per_run = [], [], {}
     for entry, run in task.runs:
@@ -316,14 +317,16 @@ def eta_advice(
         labels += names
         points += [s for _, s in pts]
     if not points:
-        return {"target": target, "eta_max": None, "reason": "no per-component records"}, {}
-    overall = advise(points, target, labels).to_dict()
+        none = {"target": target, "eta_max": None, "eta_reversal": None}
+        return none | {"reason": "no per-component records"}, None, {}
+    result = advise(points, target, labels)
+    overall = result.to_dict()
     overall["per_run"] = {
         label: {"eta_max": a.eta_max, "eta_reversal": a.eta_reversal, "decided_by": a.decided_by}
         for label, a in per_run.items()
     }
     overall["rho"] = "D_k(η)/D_k(∞) with D_k(∞) = Σ_i d_i (= m‖∇f_k‖², eq. (20))"
-    return overall, per_run
+    return overall, result, per_run
 
 
 # -- the theorems -------------------------------------------------------------------------
@@ -458,7 +461,7 @@ def theorem_verdicts(task: TaskRecord) -> list[dict[str, Any]]:
 
 def task_findings(task: TaskRecord, target: float = DEFAULT_TARGET) -> dict[str, Any]:
     """Every finding of one task (see the module docstring), JSON-ready."""
-    advice, _ = eta_advice(task, target)
+    advice, _, _ = eta_advice(task, target)
     return _json(
         {
             "runs": [run_label(e, r) for e, r in task.runs],
