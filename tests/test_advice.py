@@ -175,3 +175,12 @@ def test_grid_covers_the_norms_and_holds_them():
     assert grid[0] == pytest.approx(0.05) and grid[-1] == pytest.approx(20.0)
     assert {0.5, 2.0} <= set(grid.tolist())
     assert np.all(np.diff(grid) > 0)
+
+
+def test_a_subnormal_component_does_not_divide_by_a_zero_slope():
+    # found by hypothesis: rounding between neighbouring pieces left S = 0 where D(lo) < 0
+    g = np.array([[-1.0], [2.0], [-1.17549435e-38]])
+    for points in (g, g * 2 + 1, -g + 0.5):
+        stats = from_vectors(points)
+        p = stats.profile()
+        assert math.isfinite(reversal_threshold(p)) and math.isfinite(safe_threshold(p, 0.5))

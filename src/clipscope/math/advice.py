@@ -131,8 +131,9 @@ def safe_threshold(profile: EtaProfile, target: float = DEFAULT_TARGET) -> float
     for lo, hi, A, S in reversed(_pieces(profile)):
         if A + S * lo >= level:  # the whole piece keeps the target (its right end did)
             continue
-        # D(lo) < level <= D(hi): S > 0 and the crossing lies in [lo, hi]
-        return min(hi, max(lo, (level - A) / S))
+        # D(lo) < level <= D(hi): S > 0 and the crossing lies in [lo, hi] (S <= 0 only by
+        # rounding between neighbouring pieces' constants: then the crossing is at hi)
+        return min(hi, max(lo, (level - A) / S)) if S > 0 else hi
     return 0.0  # pragma: no cover - D(0+) = 0 < level always stops the walk
 
 
@@ -149,7 +150,7 @@ def reversal_threshold(profile: EtaProfile) -> float:
     for lo, hi, A, S in reversed(_pieces(profile)):
         if A + S * lo >= 0:
             continue
-        return min(hi, max(lo, -A / S))
+        return min(hi, max(lo, -A / S)) if S > 0 else hi  # S <= 0: rounding, see above
     return 0.0
 
 
