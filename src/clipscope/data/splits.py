@@ -48,6 +48,11 @@ def load_splits(
     >>> tuple(s.train[0].shape), s.vocab_size
     ((1536, 1, 8, 8), None)
     """
+    if (train_file or heldout_file) and name not in WORD_CORPORA:
+        raise ValueError(
+            f"train_file / heldout_file name the files of a word-level corpus "
+            f"({', '.join(WORD_CORPORA)}), not of dataset {name!r}"
+        )
     if name == "digits":
         from clipscope.data.embedded import load_digits_tensors
 
@@ -58,11 +63,6 @@ def load_splits(
 
         corpus = load_embedded_text()
         return Splits(corpus["train"], corpus["valid"], corpus.describe(), len(corpus.vocab))
-    if (train_file or heldout_file) and name not in WORD_CORPORA:
-        raise ValueError(
-            f"train_file / heldout_file name the files of a word-level corpus "
-            f"({', '.join(WORD_CORPORA)}), not of dataset {name!r}"
-        )
     if name in FILE_DATASETS and not data_dir:
         raise ValueError(f"dataset {name!r} reads files: set data_dir (or --data-dir)")
     if name == "cifar10":
