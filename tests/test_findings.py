@@ -228,3 +228,15 @@ def test_points_skip_probes_without_a_finite_full_gradient(tmp_path):
     points = run_points(load_run(tmp_path / "run"))
     assert [epoch for epoch, _ in points] == [0, 2]
     assert all(isinstance(s, ComponentStats) for _, s in points)
+
+
+def test_a_failed_batch_size_1_probe_is_reported_with_its_reason(tmp_path):
+    root = write_study(tmp_path)
+    (root / "cross_section" / "toy-per-sample.json").write_text(
+        json.dumps({"point": "runs/toy/igc-B4", "reason": "train-mode BatchNorm"})
+    )
+    meta = json.loads((root / "study.json").read_text())
+    meta["tasks"]["toy"]["per_sample"] = "cross_section/toy-per-sample.json"
+    (root / "study.json").write_text(json.dumps(meta))
+    share = study_findings(root)["tasks"]["toy"]["positive_cos_share_b1"]
+    assert share["share"] is None and "train-mode BatchNorm" in share["reason"]

@@ -391,7 +391,11 @@ def reproduce(
             rel = Path("cross_section") / f"{name}-per-sample.json"
             if not (resume and (out / rel).is_file()):
                 echo(f"{name}: batch-size-1 components at the final point of {first['dir']}")
-                section = _per_sample(out / first["dir"], out / first["config"])
+                try:
+                    section = _per_sample(out / first["dir"], out / first["config"])
+                except ValueError as exc:  # e.g. the per-sample route refuses train-mode BatchNorm
+                    echo(f"  not computed: {exc}")
+                    section = {"point": first["dir"], "reason": str(exc)}
                 (out / rel).parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(out / rel, json.dumps(section) + "\n")
             study["tasks"][name]["per_sample"] = str(rel)

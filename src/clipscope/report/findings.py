@@ -256,6 +256,12 @@ def positive_cos_share_b1(task: TaskRecord) -> dict[str, Any]:
             "reason": "no batch-size-1 cross-section in this study (per_sample = false)",
             "paper": PAPER["positive_cos_share_b1"],
         }
+    if "norms" not in section:
+        return {
+            "share": None,
+            "reason": f"the batch-size-1 probe failed: {section.get('reason', 'no arrays')}",
+            "paper": PAPER["positive_cos_share_b1"],
+        }
     stats = ComponentStats(section["norms"], section["dots"], section["grad_norm"])
     cos = stats.cos[stats.cos_defined]
     return {
