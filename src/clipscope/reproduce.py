@@ -14,6 +14,15 @@ Tasks:
   4, 8, 16, 32 columns.
 * ``cifar10-resnet18`` / ``ptb-awdlstm`` (paper scale, need ``--data-dir``):
   ResNet18 on CIFAR-10 and AWD-LSTM on PTB. A GPU is recommended.
+* ``ptb-awdlstm-small`` (needs ``--data-dir``): AWD-LSTM at a quarter of its
+  width on two word-level files named in its config (``ptb.valid.txt``
+  trained on, ``ptb.test.txt`` held out), IGC-clip at 4 batch sizes: about
+  half an hour on 2 CPU cores (``docs/results.md``).
+
+Besides the runs: a dyadic cross-section and a batch-size-1 cross-section at
+the final point of the smallest-batch IGC run where the task asks for them,
+the theorem runs' smoothness records (the largest batch size), and
+``findings.json`` with the report (:mod:`clipscope.report.findings`).
 
 The tasks and their settings are read from the configs shipped in
 ``clipscope/configs/`` (``configs/`` in the repository): each file is the
