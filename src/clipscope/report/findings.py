@@ -213,6 +213,7 @@ def _trend(runs: list[tuple[dict, RunRecord]], field: str) -> dict[str, Any]:
         "table": [table[k] for k in epochs],
         "spearman": [t["spearman"] for t in per_epoch],
         "increasing_epochs": sum(1 for t in per_epoch if t["direction"] == "increasing"),
+        "monotone_increasing_epochs": sum(1 for t in per_epoch if t["spearman"] == 1.0),
     }
     return out
 

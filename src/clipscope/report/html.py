@@ -339,8 +339,9 @@ def _fmt_trend(trend: dict, what: str) -> str:
     text = (
         f"Spearman ρ_s = {trend['spearman']:.2f} over B = "
         f"{', '.join(str(b) for b in trend['batch_sizes'])} (exact p = "
-        f"{_num(_opt(trend['p_value']))}, n = {trend['n']}); increasing at "
-        f"{per.get('increasing_epochs', 0)}/{epochs} epochs"
+        f"{_num(_opt(trend['p_value']))}, n = {trend['n']}); per epoch ρ_s &gt; 0 at "
+        f"{per.get('increasing_epochs', 0)}/{epochs}, strictly increasing at "
+        f"{per.get('monotone_increasing_epochs', 0)}/{epochs}"
     )
     grows = trend["direction"] == "increasing"
     verdict = (
