@@ -88,6 +88,7 @@ from clipscope.engine.guard import (
 )
 from clipscope.engine.losses import (
     check_loss_fn,
+    check_repeatable,
     component_losses,
     param_names,
     trainable_params,
@@ -291,7 +292,7 @@ def probe(
     keep_factors: bool | str = False
     if route == "per-sample-kept":
         route, keep_factors = "per-sample", "required"
-    check_loss_fn(loss_fn, components, route, batch_sizes)  # its form fits route and batches
+    form = check_loss_fn(loss_fn, components, route, batch_sizes)  # fits route and batches
     params = trainable_params(model, params)
     flat = _Flat(model, params)
     m = len(components)
@@ -344,6 +345,12 @@ def probe(
         "dtype": str(flat.dtype).replace("torch.", ""),
         "n_samples": int(sum(components.sizes)),
     }
+    # f_i must be a function of x: a forward drawing random numbers the dropout
+    # policy does not control would make every statistic a sample of noise.
+    check_repeatable(
+        model, loss_fn, components, form=form, dropout=dropout, seed=seed,
+        device=flat.params[0].device,
+    )  # fmt: skip
     verification: dict = {}
     with model_guard(model), torch.enable_grad():
         if route == "per-sample":
