@@ -77,6 +77,27 @@ def launch(*args: str, nproc: int = 2, timeout: float = LAUNCH_TIMEOUT, module: 
     return proc
 
 
+def once(tmp_path_factory, name: str, compute):
+    """Run ``compute(directory)`` once per test session, also across xdist workers.
+
+    The launches are the expensive part of this file; every xdist worker that
+    needs one waits for the first to finish it (a file lock in the session's
+    shared temporary directory) and reads its results.
+    """
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # shared by the workers of this session only
+    root = base / f"distributed-{name}"
+    with FileLock(str(root) + ".lock"):
+        done = root / "done.pt"
+        if not done.is_file():
+            root.mkdir(parents=True, exist_ok=True)
+            torch.save(compute(root), done)
+        return root, torch.load(done, weights_only=False)
+
+
 def init_worker() -> int:
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=TIMEOUT))
     torch.set_num_threads(1)
@@ -280,13 +301,13 @@ def worker_probe(out: Path) -> None:
 # -- tests -------------------------------------------------------------------------------------
 def _read(out: Path, proc) -> list[dict]:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-6000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
 @pytest.fixture(scope="module")
 def probed(tmp_path_factory):
-    out = tmp_path_factory.mktemp("probe")
-    return _read(out, launch("probe", str(out)))
+    return once(tmp_path_factory, "probe", lambda out: _read(out, launch("probe", str(out))))[1]
 
 
 @pytest.mark.parametrize("name,build,kwargs", _probe_cases(), ids=[c[0] for c in _probe_cases()])
@@ -491,13 +512,20 @@ def worker_fit(out: Path) -> None:
             results[f"disagree-{what}"] = "no error"
         except RanksDisagree as exc:
             results[f"disagree-{what}"] = str(exc)
+    # the Monitor in a DistributedDataParallel loop
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = _mlp()
+    results["monitor"] = _monitor_loop(
+        model, _classification(n=32, batch_size=8), out / "monitor", rank, 2,
+        DistributedDataParallel(model),
+    )  # fmt: skip
     torch.save(results, out / f"rank{rank}.pt")
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fit")
-    return out, _read(out, launch("fit", str(out)))
+    return once(tmp_path_factory, "fit", lambda out: _read(out, launch("fit", str(out))))
 
 
 @pytest.mark.parametrize("name,build,settings", _fit_cases(), ids=[c[0] for c in _fit_cases()])
@@ -536,8 +564,177 @@ def test_ranks_that_disagree_on_config_or_data_are_refused(trained):
         assert "data differs on rank 1" in ranks[rank]["disagree-data"]
 
 
-WORKERS = {"probe": worker_probe, "fit": worker_fit}
+# -- clipscope train under torchrun: 1 process = 2 processes; kill -9 any rank, --resume ----------
+LM_CONFIG = """
+task = "language_model"
+model = "small-lstm-lm"
+model_kwargs = {emb = 8, hidden = 8}
+data = "text"
+n_samples = 2000
+batch_size = 4
+bptt = 25
+method = "igc"
+lr = 2.0
+eta = 0.25
+epochs = 2
+seed = 0
+etas = [0.1, inf]
+dtype = "float64"
+threads = 1
+checkpoint_every = 4
+progress = false
+"""
+LM_STEPS = 40  # 20 windows of 25 rows, 2 epochs
+
+
+def worker_train(out: Path, config: str, kill_rank: str, at: str, resume: str = "") -> int:
+    """``clipscope.train.train`` on every rank (it initialises the group); SIGKILL one rank."""
+    import signal
+
+    from clipscope.train import train
+
+    def on_step(step, i, norm):
+        if step == int(at) and int(os.environ["RANK"]) == int(kill_rank):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return train(config, out, on_step=on_step, resume=bool(resume), echo=print)
+
+
+def _checkpoint_model(run: Path) -> dict:
+    from clipscope.atomic import latest_checkpoint
+
+    return latest_checkpoint(run / "checkpoints")[1]["model"]
+
+
+def _rows(run: Path) -> list[dict[str, str]]:
+    import csv
+
+    with open(run / "epochs.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows:
+        row.pop("wall_time")
+    return rows
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory):
+    """One process in this process, and two under torchrun through the command line."""
+
+    def compute(root: Path):
+        from clipscope.train import train
+
+        config = root / "lm.toml"
+        config.write_text(LM_CONFIG)
+        assert train(config, root / "one", echo=lambda text: None) == 0
+        proc = launch("train", str(config), "--out", str(root / "two"), module="clipscope")
+        return {"returncode": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr}
+
+    return once(tmp_path_factory, "cli", compute)
+
+
+def test_clipscope_train_under_torchrun_equals_one_process(cli_runs):
+    root, proc = cli_runs
+    assert proc["returncode"] == 0, proc["stderr"][-4000:]
+    one, two = root / "one", root / "two"
+    a, b = _checkpoint_model(one), _checkpoint_model(two)
+    for key, value in a.items():
+        torch.testing.assert_close(b[key], value, rtol=FIT_RTOL, atol=1e-14)
+    rows_a, rows_b = _rows(one), _rows(two)
+    assert [r["epoch"] for r in rows_b] == ["0", "1", "2"]
+    for x, y in zip(rows_a, rows_b, strict=True):
+        for key in x:
+            assert float(y[key]) == pytest.approx(float(x[key]), rel=FIT_RTOL, nan_ok=True), key
+    log = (two / "train.log").read_text().splitlines()
+    assert len(log) == len(set(log)) and any(line.startswith("done: 40 steps") for line in log)
+    assert proc["stdout"].count("done: 40 steps") == 1  # rank 0 alone prints
+    import json
+
+    assert json.loads((two / "summary.json").read_text())["status"] == "completed"
+    assert json.loads((two / "env.json").read_text())["distributed"]["world_size"] == 2
+
+
+def _killed(run: Path, proc, rank: int, elapsed: float) -> None:
+    """Check the job stopped: the survivor with a clear message, and no torn file."""
+    from clipscope.atomic import list_checkpoints, load_checkpoint
+
+    assert proc.returncode != 0 and elapsed < LAUNCH_TIMEOUT
+    survivor = 1 - rank
+    assert (
+        f"clipscope train: error: rank {survivor} of 2" in proc.stdout + proc.stderr
+        or "SIGTERM" in proc.stderr
+    ), proc.stderr[-3000:]
+    assert not (run / "summary.json").exists()
+    assert not list(run.rglob("*.tmp"))  # no half-written file
+    for path in list_checkpoints(run / "checkpoints"):
+        load_checkpoint(path)  # each whole, its checksum right
+
+
+def test_kill_9_of_either_rank_then_resume_equals_the_uninterrupted_run(cli_runs, tmp_path):
+    """Kill -9 rank 1 at step 13, resume; kill -9 rank 0 (the writer) at step 30, resume."""
+    import time
+
+    root, golden = cli_runs
+    assert golden["returncode"] == 0
+    config, run = root / "lm.toml", tmp_path / "run"
+    for rank, at, resume in ((1, 13, ""), (0, 30, "resume")):
+        t0 = time.perf_counter()
+        killed = launch("train", str(run), str(config), str(rank), str(at), resume)
+        _killed(run, killed, rank, time.perf_counter() - t0)
+    resumed = launch("train", str(run), str(config), "-1", "-1", "resume")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "resuming from" in resumed.stdout
+    a, b = _checkpoint_model(root / "two"), _checkpoint_model(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bitwise
+    assert _rows(root / "two") == _rows(run)
+
+
+# -- the Monitor in a DistributedDataParallel loop -----------------------------------------------
+def _monitor_loop(model, comps, run_dir, rank=0, world=1, ddp=None):
+    from clipscope import Monitor
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    net = ddp or model
+    monitor = Monitor(net, F.cross_entropy, comps, eta=0.5, every=2, etas=(0.1,), run_dir=run_dir)
+    with monitor as mon:
+        for step in range(6):
+            mon.step(step, lr=0.3)
+            x, y = comps.batch(step % comps.m)
+            part = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+            opt.zero_grad()
+            F.cross_entropy(net(x[part]), y[part]).backward()  # DDP averages the equal halves
+            mon.gradient()
+            opt.step()
+    return {"rows": mon.rows, "run_id": mon.setting["run_id"], "model": model.state_dict()}
+
+
+def test_the_monitor_under_torchrun_with_ddp(trained, tmp_path):
+    root, ranks = trained
+    ranks = [r["monitor"] for r in ranks]
+    want = _monitor_loop(_mlp(), _classification(n=32, batch_size=8), tmp_path / "one")
+    assert ranks[0]["run_id"] == ranks[1]["run_id"]
+    stored = (root / "monitor" / "config.toml").read_text()
+    assert f'run_id = "{ranks[0]["run_id"]}"' in stored
+    for rank in (0, 1):
+        got = ranks[rank]
+        assert len(got["rows"]) == len(want["rows"]) == 3
+        for a, b in zip(got["rows"], want["rows"], strict=True):
+            for key in b:
+                if key != "wall_time":
+                    assert a[key] == pytest.approx(b[key], rel=FIT_RTOL, abs=1e-13, nan_ok=True)
+        for key, value in want["model"].items():
+            torch.testing.assert_close(got["model"][key], value, rtol=FIT_RTOL, atol=1e-13)
+    written = _rows(root / "monitor")
+    assert [r["step"] for r in written] == ["0", "2", "4"]
+
+
+WORKERS = {
+    "probe": worker_probe,
+    "fit": worker_fit,
+    "train": worker_train,
+}
 
 if __name__ == "__main__":
-    WORKERS[sys.argv[1]](Path(sys.argv[2]), *sys.argv[3:])
-    dist.destroy_process_group()
+    code = WORKERS[sys.argv[1]](Path(sys.argv[2]), *sys.argv[3:])
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.exit(code or 0)

@@ -65,6 +65,7 @@ __all__ = [
     "StepReducer",
     "active",
     "components_fingerprint",
+    "distributed_setup",
     "init_from_env",
     "is_writer",
     "model_fingerprint",
@@ -151,6 +152,13 @@ def _env_timeout() -> float:
         return float(text)
     except ValueError:
         raise ValueError(f"CLIPSCOPE_DIST_TIMEOUT must be seconds, got {text!r}") from None
+
+
+def distributed_setup() -> dict[str, Any]:
+    """Return ``{"world_size", "backend"}`` for ``env.json`` (1 and None without a group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return {"world_size": 1, "backend": None}
+    return {"world_size": dist.get_world_size(), "backend": str(dist.get_backend())}
 
 
 def shutdown() -> None:

@@ -34,7 +34,7 @@ from torch import nn
 from clipscope.config import _toml_value, check_setting
 from clipscope.engine import model_guard
 from clipscope.engine.conventions import gradient_conventions
-from clipscope.engine.distributed import on_writer
+from clipscope.engine.distributed import distributed_setup, on_writer
 from clipscope.loop.units import Finish, IntervalEnd, Point, Step, Unit
 from clipscope.run.directory import RunDirectory
 from clipscope.run.env import environment
@@ -78,6 +78,7 @@ def _write_env(directory: RunDirectory, loop: Any, seed: int, dropout: str) -> N
     )
     env["components"] = loop.components.describe()
     env["conventions"] = gradient_conventions(loop.model, loop.components, dropout)
+    env["distributed"] = distributed_setup()
     directory.write_text("env.json", json.dumps(env, indent=2, default=str) + "\n")
 
 
