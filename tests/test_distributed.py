@@ -688,6 +688,34 @@ def test_kill_9_of_either_rank_then_resume_equals_the_uninterrupted_run(cli_runs
     assert _rows(root / "two") == _rows(run)
 
 
+def test_clipscope_reproduce_under_torchrun(tmp_path):
+    """A tiny study with 2 processes: the files once, the cross-section as one process's."""
+    import json
+
+    from clipscope.reproduce import TASKS, _cross_section
+
+    out = tmp_path / "study"
+    args = ["reproduce", "--task", "digits-cnn", "--epochs", "0", "--batch-sizes", "256"]
+    proc = launch(*args, "--out", str(out), "--no-progress", module="clipscope")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("report: ") == 1 and proc.stdout.count("[2/2]") == 1
+    assert (out / "report.html").is_file()
+    meta = json.loads((out / "study.json").read_text())
+    task = meta["tasks"]["digits-cnn"]
+    assert len(task["runs"]) == 2
+    for entry in task["runs"]:
+        summary = json.loads((out / entry["dir"] / "summary.json").read_text())
+        assert summary["status"] == "completed"
+        env = json.loads((out / entry["dir"] / "env.json").read_text())
+        assert env["distributed"]["world_size"] == 2
+    igc = next(e for e in task["runs"] if e["method"] == "igc")
+    want = _cross_section(TASKS["digits-cnn"], out / igc["dir"], out / igc["config"])
+    got = json.loads((out / task["cross_section"]).read_text())
+    assert got["batch_sizes"] == want["batch_sizes"]
+    for key in ("c1", "c2", "rho"):
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-5, err_msg=key)  # float32 model
+
+
 # -- the Monitor in a DistributedDataParallel loop -----------------------------------------------
 def _monitor_loop(model, comps, run_dir, rank=0, world=1, ddp=None):
     from clipscope import Monitor

@@ -22,6 +22,10 @@ runs the study makes of it. Nothing here repeats a setting.
 
 Everything is checked before anything is written: every run's config, the
 device, the threads, and each task's data (loaded once).
+
+Under ``torchrun`` every rank runs the study: each run and the cross-section
+split over the ranks, rank 0 alone writes (``--out`` must be one directory
+that every rank reads, e.g. on one machine), ``docs/distributed.md``.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +45,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 
 from clipscope.atomic import atomic_write_text
 from clipscope.config import TrainConfig, check_resources, dump_config, parse_config
+from clipscope.engine.distributed import init_from_env, is_writer, on_writer
 from clipscope.run.study import write_study
 
 CONFIGS = Path(__file__).with_name("configs")
@@ -122,6 +128,15 @@ EMBEDDED = tuple(name for name, spec in TASKS.items() if not spec.needs_data_dir
 
 def _run_name(method: str, batch_size: int) -> str:
     return f"{method}-B{batch_size}"
+
+
+def _quiet(text: str) -> None:
+    pass
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, text)
 
 
 def _status(run_dir: Path) -> str | None:
@@ -261,10 +276,17 @@ def reproduce(
         device=device,
         progress=progress,
     )
-    if out.exists() and any(out.iterdir()) and not resume:
-        raise FileExistsError(
-            f"output directory {out} exists and is not empty; use --resume or another --out"
-        )
+    init_from_env(device)  # under torchrun: every rank runs, rank 0 writes
+    echo = echo if is_writer() else _quiet
+
+    def make_out() -> None:
+        if out.exists() and any(out.iterdir()) and not resume:
+            raise FileExistsError(
+                f"output directory {out} exists and is not empty; use --resume or another --out"
+            )
+        out.mkdir(parents=True, exist_ok=True)
+
+    on_writer(make_out)
     study: dict[str, Any] = {"tasks": {}}
     for name in tasks:
         spec = TASKS[name]
@@ -275,16 +297,14 @@ def reproduce(
         }
 
     def save_study() -> None:
-        write_study(out, study)
+        on_writer(partial(write_study, out, study))
 
-    out.mkdir(parents=True, exist_ok=True)
     failures = []
     for k, (spec, method, b, cfg) in enumerate(grid, 1):
         rel = Path("runs") / spec.name / _run_name(method, b)
         run_dir = out / rel
         config_path = out / "configs" / spec.name / f"{_run_name(method, b)}.toml"
-        config_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(config_path, dump_config(cfg))
+        on_writer(partial(_write_text, config_path, dump_config(cfg)))
         entry = {
             "method": method,
             "batch_size": b,
@@ -292,7 +312,7 @@ def reproduce(
             "config": str(config_path.relative_to(out)),
         }
         echo(f"[{k}/{len(grid)}] {spec.name}: {method.upper()}-clip, batch size {b} -> {run_dir}")
-        if _status(run_dir) == "completed":
+        if on_writer(partial(_status, run_dir)) == "completed":
             echo("  already completed; kept")
             code = 0
         else:
@@ -300,7 +320,7 @@ def reproduce(
         if code != 0:
             failures.append(f"{spec.name} {_run_name(method, b)} (exit {code})")
             entry["exit_code"] = code
-        if (run_dir / "epochs.csv").is_file():
+        if on_writer((run_dir / "epochs.csv").is_file):
             study["tasks"][spec.name]["runs"].append(entry)
         save_study()
     for name in tasks:
@@ -313,11 +333,10 @@ def reproduce(
             echo(f"{name}: batch-size cross-section at the final point of {first['dir']}")
             cross = _cross_section(spec, out / first["dir"], out / first["config"])
             rel = Path("cross_section") / f"{name}.json"
-            (out / rel).parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(out / rel, json.dumps(cross, indent=2) + "\n")
+            on_writer(partial(_write_text, out / rel, json.dumps(cross, indent=2) + "\n"))
             study["tasks"][name]["cross_section"] = str(rel)
             save_study()
-    report = build_report(out)
+    report = on_writer(partial(build_report, out))
     if failures:
         echo("runs that stopped early: " + "; ".join(failures))
     return report

@@ -42,6 +42,7 @@ writes files (:func:`on_writer`); the others learn whether the write worked.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import hashlib
@@ -141,6 +142,7 @@ def init_from_env(device: str = "cpu", timeout: float | None = None) -> bool:
         backend = "nccl"
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=float(seconds)))
+    atexit.register(shutdown)
     return True
 
 
