@@ -295,6 +295,20 @@ def worker_probe(out: Path) -> None:
     ddp.register_comm_hook(None, hook)
     results["ddp"] = probe(ddp, F.cross_entropy, _classification(), ETAS, route="two-pass")
     results["ddp-hook-calls"] = len(calls)
+    # FSDP shards the parameters: refused, on every rank, before any collective
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+
+    def fsdp1(module):  # on CPU FSDP1 needs the device named
+        return FullyShardedDataParallel(module, device_id=torch.device("cpu"))
+
+    for name, wrap in (("fsdp1", fsdp1), ("fsdp2", fully_shard)):
+        model = _mlp().float()
+        model = wrap(model) or model
+        try:
+            probe(model, F.cross_entropy, _classification(), route="two-pass")
+            results[name] = "no error"
+        except TypeError as exc:
+            results[name] = str(exc)
     torch.save(results, out / f"rank{rank}.pt")
 
 
@@ -345,6 +359,12 @@ def test_a_ddp_model_is_probed_through_its_module_without_its_all_reduce(probed)
     for rank in (0, 1):
         assert_same_result(probed[rank]["ddp"], want)
         assert probed[rank]["ddp-hook-calls"] == 0
+
+
+def test_fsdp_is_refused_with_a_clear_message(probed):
+    for rank in (0, 1):
+        assert probed[rank]["fsdp1"].startswith("FSDP-wrapped models are not supported")
+        assert "FSDP" in probed[rank]["fsdp2"] or "DTensor" in probed[rank]["fsdp2"]
 
 
 # -- the pieces, in one process ----------------------------------------------------------------

@@ -174,13 +174,14 @@ def unwrap(model: nn.Module) -> nn.Module:
 
     Probing and stepping through ``.module`` with ``torch.autograd.grad`` (or a
     backward after a forward that did not go through DDP) never fires DDP's
-    gradient all-reduce. FSDP shards the parameters themselves, so a component
+    gradient all-reduce. FSDP (and any model whose parameters are
+    ``DTensor`` shards) splits the parameters themselves, so a component
     gradient is not this rank's to compute: refused.
 
     Raises
     ------
     TypeError
-        The model is, or contains, an FSDP module.
+        The model is, or contains, an FSDP module, or holds ``DTensor`` parameters.
     """
     from torch.nn.parallel import DistributedDataParallel
 
@@ -195,7 +196,22 @@ def unwrap(model: nn.Module) -> nn.Module:
                 "the unwrapped model (each rank with the full parameters) instead; "
                 "DistributedDataParallel is supported"
             )
+        sharded = [n for n, p in model.named_parameters() if _is_dtensor(p)]
+        if sharded:
+            raise TypeError(
+                f"parameters {sharded[:3]} are DTensors (sharded across the ranks): no rank "
+                "holds the component gradients clipscope measures; probe a model whose "
+                "parameters every rank holds in full"
+            )
     return model
+
+
+def _is_dtensor(p: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - older torch
+        return False
+    return isinstance(p, DTensor)
 
 
 def _fsdp_classes() -> tuple[type, ...]:
