@@ -607,17 +607,45 @@ progress = false
 LM_STEPS = 40  # 20 windows of 25 rows, 2 epochs
 
 
-def worker_train(out: Path, config: str, kill_rank: str, at: str, resume: str = "") -> int:
-    """``clipscope.train.train`` on every rank (it initialises the group); SIGKILL one rank."""
+HANG_TIMEOUT = 8.0  # seconds: the process group's timeout when a rank hangs
+HANG_SLEEP = 180.0  # seconds the hung rank sleeps (the launcher kills it first)
+
+
+def worker_train(
+    out: Path, config: str, kill_rank: str, at: str, resume: str = "", how: str = "kill"
+) -> int:
+    """``clipscope.train.train`` on every rank (it initialises the group).
+
+    At step ``at`` rank ``kill_rank`` SIGKILLs itself (``how="kill"``) or hangs
+    (``how="hang"``: it sleeps, with SIGTERM's default action so that the
+    launcher can end it); a rank that does not hang prints how long after
+    that step ``train`` returned, and its exit code.
+    """
     import signal
+    import time
 
     from clipscope.train import train
 
+    rank, hang = int(os.environ["RANK"]), how == "hang"
+    reached: list[float] = []
+
     def on_step(step, i, norm):
-        if step == int(at) and int(os.environ["RANK"]) == int(kill_rank):
+        if step != int(at):
+            return
+        reached.append(time.monotonic())
+        if rank == int(kill_rank) and hang:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            time.sleep(HANG_SLEEP)
+        elif rank == int(kill_rank):
             os.kill(os.getpid(), signal.SIGKILL)
 
-    return train(config, out, on_step=on_step, resume=bool(resume), echo=print)
+    timeout = HANG_TIMEOUT if hang else None
+    code = train(
+        config, out, on_step=on_step, resume=bool(resume), echo=print, dist_timeout=timeout
+    )
+    if hang and reached:
+        print(f"rank {rank} returned {code} {time.monotonic() - reached[0]:.1f} s after the hang")
+    return code
 
 
 def _checkpoint_model(run: Path) -> dict:
@@ -706,6 +734,24 @@ def test_kill_9_of_either_rank_then_resume_equals_the_uninterrupted_run(cli_runs
     a, b = _checkpoint_model(root / "two"), _checkpoint_model(run)
     assert all(torch.equal(a[k], b[k]) for k in a)  # bitwise
     assert _rows(root / "two") == _rows(run)
+
+
+def test_a_hung_rank_makes_the_others_exit_5_within_the_timeout(cli_runs, tmp_path):
+    """Rank 1 stops responding at step 5: rank 0 gives up after the 8 s timeout, exit 5."""
+    import re
+    import time
+
+    root, _ = cli_runs
+    run = tmp_path / "run"
+    t0 = time.perf_counter()
+    proc = launch("train", str(run), str(root / "lm.toml"), "1", "5", "", "hang")
+    _killed(run, proc, 1, time.perf_counter() - t0)
+    assert time.perf_counter() - t0 < HANG_SLEEP  # the job did not wait for the hung rank
+    found = re.search(r"rank 0 returned (\d+) ([0-9.]+) s after the hang", proc.stdout)
+    assert found, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert int(found[1]) == 5  # EXIT_DISTRIBUTED
+    assert HANG_TIMEOUT * 0.9 <= float(found[2]) < HANG_TIMEOUT + 30
+    assert "clipscope train: error: rank 0 of 2" in proc.stderr
 
 
 def test_clipscope_reproduce_under_torchrun(tmp_path):
