@@ -85,11 +85,12 @@ def test_report_structure(tmp_path):
     report = build_report(write_study(tmp_path))
     tags = parse(report)
     images = [attrs for tag, attrs in tags if tag == "img"]
-    assert len(images) == 5
+    assert len(images) == 6  # five per-task figures and the η advice
     assert all(attrs["src"].startswith("data:image/png;base64,") for attrs in images)
-    assert sum(tag == "table" for tag, _ in tags) == 1
-    assert sum(tag == "tr" for tag, _ in tags) == 3  # header + two runs
-    assert len(list((tmp_path / "figures").glob("*.png"))) == 5
+    assert sum(tag == "table" for tag, _ in tags) == 2  # the findings and the runs
+    assert sum(tag == "tr" for tag, _ in tags) == 5 + 3  # 5 findings; header + two runs
+    assert len(list((tmp_path / "figures").glob("*.png"))) == 6
+    assert (tmp_path / "findings.json").is_file()
     text = report.read_text()
     assert "IGC B=4" in text and "IGC B=8" in text
 
@@ -101,7 +102,7 @@ def test_report_structure(tmp_path):
 )
 def test_report_copes_with_nan_and_single_epoch(tmp_path, epochs, nan_rows):
     report = build_report(write_study(tmp_path, epochs=epochs, nan_rows=nan_rows))
-    assert sum(tag == "img" for tag, _ in parse(report)) == 5
+    assert sum(tag == "img" for tag, _ in parse(report)) == 6
 
 
 def test_report_table_values_match_records(tmp_path):
@@ -213,7 +214,7 @@ def test_report_smoothness_figure_and_theory_section(tmp_path, epochs, nan_rows,
         add_smoothness(run, columns=columns, nan_rows=nan_rows)
     report = build_report(root)
     tags = parse(report)
-    assert sum(tag == "img" for tag, _ in tags) == 6
+    assert sum(tag == "img" for tag, _ in tags) == 7
     assert (root / "figures" / "toy-smoothness.png").is_file()
     text = report.read_text()
     res = theory_check(runs[0], measure=False)
@@ -221,9 +222,10 @@ def test_report_smoothness_figure_and_theory_section(tmp_path, epochs, nan_rows,
         assert res["estimate"] is None
         assert text.count("no smoothness values recorded in these runs") == 1
         assert "Theory check of IGC B=4, IGC B=8: no smoothness" in text
-        assert sum(tag == "table" for tag, _ in tags) == 1
+        assert sum(tag == "table" for tag, _ in tags) == 2  # findings + the task table
         return
-    assert sum(tag == "table" for tag, _ in tags) == 3  # the task table + one per run
+    # findings (+ its verdict table when a verdict was reached), the task table, one per run
+    assert sum(tag == "table" for tag, _ in tags) == 4 + bool(fitted)
     assert text.count("Theory check: IGC") == 2
     expected = "recorded_hessian" if "hess_norm" in columns else "recorded_trajectory"
     assert res["estimate"] == expected and res["component_estimate"] == "recorded_hessian"

@@ -41,6 +41,40 @@ def test_study_layout_and_report(study):
     assert report.read_text().count("<img") >= 5
 
 
+def test_per_sample_section_and_findings(study):
+    out, report = study
+    meta = json.loads((out / "study.json").read_text())["tasks"]["digits-cnn"]
+    section = json.loads((out / meta["per_sample"]).read_text())
+    assert section["point"] == "igc-B128" and section["m"] == 1536  # every image a component
+    assert len(section["norms"]) == len(section["dots"]) == 1536
+    found = json.loads((out / "findings.json").read_text())["tasks"]["digits-cnn"]
+    share = found["positive_cos_share_b1"]
+    assert 0 <= share["share"] <= 1 and share["n"] + share["n_undefined"] == 1536
+    assert found["fig1_trend"]["mean_cos_vs_batch_size"]["batch_sizes"] == [128, 256]
+    assert found["eta_advice"]["target"] == 0.9 and found["eta_advice"]["eta_max"] > 0
+    assert "Findings" in report.read_text()
+
+
+def test_theorem_runs_record_converged_lanczos_and_get_a_verdict(study):
+    out, _ = study
+    runs = json.loads((out / "study.json").read_text())["tasks"]["digits-cnn"]["runs"]
+    # the largest batch size of the grid is the theorem run, for each method
+    assert {(r["method"], r["batch_size"]) for r in runs if r.get("theorem")} == {
+        ("igc", 256),
+        ("sgd", 256),
+    }
+    found = json.loads((out / "findings.json").read_text())["tasks"]["digits-cnn"]["theorems"]
+    verdicts = {t["run"]: t for t in found}
+    for run in ("igc-B256", "sgd-B256"):
+        t = verdicts[run]
+        assert t["verdict"] in ("satisfied", "violated"), t
+        assert t["lanczos"]["all_converged"] and t["lanczos"]["tol"] == 0.01
+        assert t["lanczos"]["iterations_max"] <= t["lanczos"]["max_iter"]
+    assert verdicts["igc-B256"]["constants"]["component_estimate"] == "recorded_hessian"
+    assert verdicts["igc-B256"]["lanczos"]["component_iterations_max"] >= 1
+    assert verdicts["igc-B128"]["verdict"] == "not checked"
+
+
 def test_resume_keeps_finished_runs_and_refuses_without_it(study):
     out, _ = study
     csv = out / "runs/digits-cnn/igc-B128/epochs.csv"

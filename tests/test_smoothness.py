@@ -650,9 +650,14 @@ def test_smoothness_probe_measure_equals_the_solvers_and_touches_nothing():
     row, arrays = Smoothness(components=True, tol=1e-10, max_iter=60).measure(model, loss_fn, comps)
     full = hessian_norm(model, loss_fn, comps, tol=1e-10, max_iter=60)
     per = component_hessian_norms(model, loss_fn, comps, tol=1e-10, max_iter=60)
-    assert row == {"hess_norm": full.hess_norm, "hess_converged": 1.0}
+    assert row == {
+        "hess_norm": full.hess_norm,
+        "hess_converged": 1.0,
+        "hess_iterations": float(full.iterations),
+    }
     assert arrays["hess_norms"].tolist() == [r.hess_norm for r in per]
     assert arrays["hess_converged"].all() and arrays["hess_norms"].shape == (len(comps),)
+    assert arrays["hess_iterations"].tolist() == [r.iterations for r in per]
     top = top_abs_eig(dense_hessian(model, loss_fn, comps))
     assert row["hess_norm"] == pytest.approx(top, rel=1e-8)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -48,6 +48,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 
 import torch
 
+from clipscope.data.splits import WORD_CORPORA
 from clipscope.engine.guard import DROPOUT_POLICIES
 from clipscope.errors import ConfigError
 from clipscope.math.stats import check_eta
@@ -124,6 +125,11 @@ _FLOAT_RANGE: dict[str, tuple[float, bool, float, bool]] = {
 }
 _BOOL = {"heldout", "deterministic", "progress", "smoothness_components"}
 _STRING = {"model", "data", "data_dir"}
+#: Strings that may be empty ("" = the dataset's default).
+_OPTIONAL_STRING = {"train_file", "heldout_file"}
+#: Keys added after checkpoint format 2: left out of a resume's setting while at their
+#: default, so runs started before they existed still resume.
+_NEWER_KEYS = {"train_file": "", "heldout_file": ""}
 
 
 def _bad(key: str, value: Any, why: str) -> ConfigError:
@@ -236,6 +242,10 @@ def check_setting(key: str, value: Any) -> Any:
         if not isinstance(value, str) or not value:
             raise _bad(key, value, "expected a non-empty string")
         return value
+    if key in _OPTIONAL_STRING:
+        if not isinstance(value, str):
+            raise _bad(key, value, "expected a file name in data_dir (a string)")
+        return value
     raise ConfigError(f"config: unknown key '{key}'")  # pragma: no cover - a field without a rule
 
 
@@ -309,6 +319,8 @@ class TrainConfig:
     model_kwargs: tuple[tuple[str, Any], ...] = ()  # TOML inline table of build_model kwargs
     data: str = "synthetic"  # clipscope.data.load_splits name (ignored by least_squares)
     data_dir: str = "data"  # folder handed to loaders that read files (CIFAR-10, PTB)
+    train_file: str = ""  # ptb / mikolov: the file in data_dir to train on ("" = ptb.train.txt)
+    heldout_file: str = ""  # ptb / mikolov: the held-out file in data_dir ("" = ptb.valid.txt)
     n_samples: int = 256  # first N training samples (tokens for LMs); 0 = all
     dim: int = 8  # least_squares: number of features
     noise: float = 0.5  # least_squares: std of the label noise
@@ -360,6 +372,15 @@ class TrainConfig:
                 raise _bad(
                     key, getattr(self, key), f"AR/TAR need task = 'language_model', not {task!r}"
                 )
+        for key in ("train_file", "heldout_file"):
+            if getattr(self, key) and self.data not in WORD_CORPORA:
+                raise _bad(
+                    key,
+                    getattr(self, key),
+                    f"names a file of a word-level corpus (data = {' or '.join(WORD_CORPORA)})",
+                )
+            if self.data == "mikolov" and not getattr(self, key):
+                raise _bad(key, "", "data = 'mikolov' reads the two files the config names")
         if self.optimizer_switch == "nt-asgd":
             why = ""
             if task == "classification":
@@ -374,8 +395,16 @@ class TrainConfig:
         return FitConfig(**{k: getattr(self, k) for k in _FIT_KEYS if hasattr(self, k)})
 
     def setting(self) -> dict[str, Any]:
-        """Every field but ``progress`` as plain values: what a resume must match."""
-        return {k: v for k, v in self.to_dict().items() if k != "progress"}
+        """Every field but ``progress`` as plain values: what a resume must match.
+
+        Keys added after the checkpoint format (``train_file``, ``heldout_file``)
+        are left out while at their defaults, so older runs resume unchanged.
+        """
+        return {
+            k: v
+            for k, v in self.to_dict().items()
+            if k != "progress" and not (k in _NEWER_KEYS and v == _NEWER_KEYS[k])
+        }
 
     def to_dict(self) -> dict[str, Any]:
         """Return all fields as plain values (tuples become lists, ``model_kwargs`` a dict)."""

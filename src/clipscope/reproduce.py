@@ -14,6 +14,15 @@ Tasks:
   4, 8, 16, 32 columns.
 * ``cifar10-resnet18`` / ``ptb-awdlstm`` (paper scale, need ``--data-dir``):
   ResNet18 on CIFAR-10 and AWD-LSTM on PTB. A GPU is recommended.
+* ``ptb-awdlstm-small`` (needs ``--data-dir``): AWD-LSTM at a quarter of its
+  width on two word-level files named in its config (``ptb.valid.txt``
+  trained on, ``ptb.test.txt`` held out), IGC-clip at 4 batch sizes: about
+  half an hour on 2 CPU cores (``docs/results.md``).
+
+Besides the runs: a dyadic cross-section and a batch-size-1 cross-section at
+the final point of the smallest-batch IGC run where the task asks for them,
+the theorem runs' smoothness records (the largest batch size), and
+``findings.json`` with the report (:mod:`clipscope.report.findings`).
 
 The tasks and their settings are read from the configs shipped in
 ``clipscope/configs/`` (``configs/`` in the repository): each file is the
@@ -66,6 +75,15 @@ class TaskSpec:
     cross_section : bool
         Whether a dyadic cross-section is taken at the last point of the
         smallest IGC run (needs per-sample losses, no batch coupling).
+    per_sample : bool
+        Whether a batch-size-1 cross-section is taken at the last point of the
+        smallest IGC run (per-sample components: one image, or for a language
+        model one column of ``bptt`` tokens): the positive-cosine share.
+    theorem : dict
+        ``{method: config keys}`` for the theorem runs: the run of that method
+        at the grid's largest batch size (the fewest components) gets these
+        keys (Lanczos ‖∇²f‖, per-component constants) so the report can check
+        Theorem 3.1 / 3.2 on it.
     needs_data_dir : bool
         Whether its dataset is read from files (``--data-dir``).
     per_method : dict
@@ -82,6 +100,8 @@ class TaskSpec:
     batch_sizes: tuple[int, ...]
     methods: tuple[str, ...]
     cross_section: bool
+    per_sample: bool = False
+    theorem: dict[str, dict[str, Any]] = field(default_factory=dict)
     needs_data_dir: bool = False
     per_method: dict[str, dict[str, Any]] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
@@ -93,8 +113,8 @@ def load_tasks(directory: str | Path = CONFIGS) -> dict[str, TaskSpec]:
 
     The file's other keys are the task's base config (validated when a study
     is planned); ``[study]`` holds ``name``, ``description``, ``batch_sizes``,
-    ``methods``, ``cross_section``, and optionally ``per_method.<method>``
-    (config keys) and ``notes``.
+    ``methods``, ``cross_section``, and optionally ``per_sample``,
+    ``per_method.<method>`` and ``theorem.<method>`` (config keys) and ``notes``.
     """
     from clipscope.data import FILE_DATASETS
 
@@ -113,6 +133,8 @@ def load_tasks(directory: str | Path = CONFIGS) -> dict[str, TaskSpec]:
             batch_sizes=tuple(study["batch_sizes"]),
             methods=tuple(study["methods"]),
             cross_section=bool(study["cross_section"]),
+            per_sample=bool(study.get("per_sample", False)),
+            theorem={k: dict(v) for k, v in study.get("theorem", {}).items()},
             needs_data_dir=base.get("data") in FILE_DATASETS,
             per_method={k: dict(v) for k, v in study.get("per_method", {}).items()},
             notes={str(k): str(v) for k, v in study.get("notes", {}).items()},
@@ -191,9 +213,12 @@ def plan(
         spec = TASKS[name]
         if spec.needs_data_dir and not data_dir:
             raise ValueError(f"task {name!r} reads a dataset: pass --data-dir DIR")
+        sizes = tuple(batch_sizes or spec.batch_sizes)
         for method in spec.methods:
-            for b in batch_sizes or spec.batch_sizes:
+            for b in sizes:
                 raw = dict(spec.base, **spec.per_method.get(method, {}))
+                if b == max(sizes):
+                    raw.update(spec.theorem.get(method, {}))
                 raw.update(method=method, batch_size=b, device=device, progress=progress)
                 if epochs is not None:
                     raw["epochs"] = epochs
@@ -205,9 +230,13 @@ def plan(
     if check_data:
         from clipscope.data import load_splits
 
-        wanted = [(c.data, c.data_dir) for *_, c in grid if c.task != "least_squares"]
-        for data, where in dict.fromkeys(wanted):  # each dataset once, in order
-            load_splits(data, where)
+        wanted = [
+            (c.data, c.data_dir, c.train_file, c.heldout_file)
+            for *_, c in grid
+            if c.task != "least_squares"
+        ]
+        for data, where, train, held in dict.fromkeys(wanted):  # each dataset once, in order
+            load_splits(data, where, train_file=train, heldout_file=held)
     return grid
 
 
@@ -240,6 +269,53 @@ def _cross_section(spec: TaskSpec, run_dir: Path, config_path: Path) -> dict[str
         "B_noise": table[0]["B_noise"],
         "predicted_cos": [row["predicted_cos"] for row in table],
         "heuristic": "(1 + B_noise/B)^(-1/2), B_noise of the smallest batch size",
+    }
+
+
+def _per_sample(run_dir: Path, config_path: Path) -> dict[str, Any]:
+    """Batch-size-1 components at the final point of ``run_dir``: their norms and dots with ∇f.
+
+    Classification: every training sample is a component (the probe's
+    per-sample route). Language models: one column of ``bptt`` tokens per
+    component, in corpus order, the recurrent state carried from window to
+    window (detached), as for any other batch size. The arrays are stored so
+    the report re-derives every statistic (the share of positive cosines).
+    """
+    from dataclasses import replace
+
+    from clipscope.atomic import latest_checkpoint
+    from clipscope.config import load_config
+    from clipscope.engine import probe
+    from clipscope.tasks import build_task
+
+    cfg = load_config(config_path)
+    language = cfg.task == "language_model"
+    if language:
+        cfg = replace(cfg, batch_size=1, heldout=False)
+    model, loss_fn, comps, _ = build_task(cfg)
+    found = latest_checkpoint(run_dir / "checkpoints")
+    if found is None:
+        raise FileNotFoundError(f"{run_dir} has no checkpoint to take the final point from")
+    model.load_state_dict(found[1]["model"])
+    epoch = (found[1].get("loop") or {}).get("epoch")
+    kw = {"dropout": cfg.dropout, "seed": cfg.seed}
+    if language:
+        result = probe(model, loss_fn, comps, **kw)
+        sample = f"one column of {cfg.bptt} consecutive tokens (a window of batch size 1)"
+    else:
+        result = probe(model, loss_fn, comps, batch_sizes=[1], **kw)
+        sample = "one training sample"
+    return {
+        "point": str(run_dir.name),
+        "checkpoint": found[0].name,
+        "epoch": epoch,
+        "batch_size": 1,
+        "sample": sample,
+        "route": result.route,
+        "m": len(result.norms),
+        "grad_norm": float(result.grad_norm),
+        "norms": [float(v) for v in result.norms],
+        "dots": [float(v) for v in result.dots],
     }
 
 
@@ -311,6 +387,8 @@ def reproduce(
             "dir": str(rel),
             "config": str(config_path.relative_to(out)),
         }
+        if cfg.smoothness_every:
+            entry["theorem"] = True  # records what Theorem 3.1 / 3.2 needs
         echo(f"[{k}/{len(grid)}] {spec.name}: {method.upper()}-clip, batch size {b} -> {run_dir}")
         if on_writer(partial(_status, run_dir)) == "completed":
             echo("  already completed; kept")
@@ -335,6 +413,19 @@ def reproduce(
             rel = Path("cross_section") / f"{name}.json"
             on_writer(partial(_write_text, out / rel, json.dumps(cross, indent=2) + "\n"))
             study["tasks"][name]["cross_section"] = str(rel)
+            save_study()
+        if spec.per_sample and runs:
+            first = min(runs, key=lambda e: e["batch_size"])
+            rel = Path("cross_section") / f"{name}-per-sample.json"
+            if not (resume and on_writer((out / rel).is_file)):
+                echo(f"{name}: batch-size-1 components at the final point of {first['dir']}")
+                try:  # under torchrun: the probe is split, and raises on every rank alike
+                    section = _per_sample(out / first["dir"], out / first["config"])
+                except ValueError as exc:  # e.g. the per-sample route refuses train-mode BatchNorm
+                    echo(f"  not computed: {exc}")
+                    section = {"point": first["dir"], "reason": str(exc)}
+                on_writer(partial(_write_text, out / rel, json.dumps(section) + "\n"))
+            study["tasks"][name]["per_sample"] = str(rel)
             save_study()
     report = on_writer(partial(build_report, out))
     if failures:

@@ -131,7 +131,9 @@ def _library_task(cfg: TrainConfig, dtype: torch.dtype):
         raise ConfigError(
             f"config: bad value for 'data': {cfg.data!r} (valid: {', '.join(DATASETS)})"
         )
-    splits = load_splits(cfg.data, cfg.data_dir)
+    splits = load_splits(
+        cfg.data, cfg.data_dir, train_file=cfg.train_file, heldout_file=cfg.heldout_file
+    )
     train, test = splits.train, splits.test
     description = {"name": cfg.data, **splits.describe}
     if cfg.task == "language_model":

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from clipscope.math.advice import DEFAULT_TARGET
 from clipscope.report import build_report
+from clipscope.report.findings import FINDINGS_FILE
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -13,19 +15,27 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "report",
         help="rebuild figures and report.html from a run or study directory (no gradients)",
         description=(
-            "Rebuild the figures and the self-contained HTML report of a run directory "
-            "(from `clipscope train`) or a study directory (from `clipscope reproduce`) "
-            "from its stored records only; never recomputes gradients."
+            "Rebuild the figures, findings.json and the self-contained HTML report of a run "
+            "directory (from `clipscope train`) or a study directory (from `clipscope "
+            "reproduce`) from its stored records only; never recomputes gradients."
         ),
     )
     parser.add_argument("directory", help="run or study directory")
     parser.add_argument("--out", default=None, help="report path (default: DIRECTORY/report.html)")
+    parser.add_argument(
+        "--target",
+        type=float,
+        default=DEFAULT_TARGET,
+        help="the η advice's share of the unclipped descent to keep, in (0, 1] (default "
+        f"{DEFAULT_TARGET})",
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Build the report and say where it is."""
-    path = build_report(args.directory, args.out)
+    path = build_report(args.directory, args.out, target=args.target)
     print(f"report: {path}")
+    print(f"findings: {path.parent / FINDINGS_FILE}")
     print(f"figures: {path.parent / 'figures'}")
     return 0

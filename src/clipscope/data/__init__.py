@@ -2,8 +2,9 @@
 
 * :func:`load_cifar10`, :func:`augment`, :func:`normalize`,
   :class:`Cifar10Transform` — the official python-pickle CIFAR-10;
-* :func:`load_ptb`, :func:`tokenize_file`, :class:`Vocabulary`,
-  :class:`Corpus` — Mikolov's PTB text files;
+* :func:`load_ptb`, :func:`load_word_corpus`, :func:`tokenize_file`,
+  :class:`Vocabulary`, :class:`Corpus` — Mikolov's PTB text files, or any
+  word-level corpus in that format from two named files;
 * :func:`load_digits_tensors` — scikit-learn's 8×8 digits;
 * :func:`load_embedded_text` — Python's own language reference (``pydoc_data``);
 * :func:`load_splits` — a config's ``data`` name to train / held-out splits.
@@ -30,8 +31,8 @@ from clipscope.data.embedded import (
     load_digits_tensors,
     load_embedded_text,
 )
-from clipscope.data.ptb import PTB_SPLITS, load_ptb
-from clipscope.data.splits import DATASETS, FILE_DATASETS, Splits, load_splits
+from clipscope.data.ptb import PTB_FILES, PTB_SPLITS, load_ptb, load_word_corpus
+from clipscope.data.splits import DATASETS, FILE_DATASETS, WORD_CORPORA, Splits, load_splits
 from clipscope.data.text import EOS, UNK, Corpus, Vocabulary, tokenize_file
 
 __all__ = [
@@ -40,8 +41,10 @@ __all__ = [
     "DATASETS",
     "EOS",
     "FILE_DATASETS",
+    "PTB_FILES",
     "PTB_SPLITS",
     "UNK",
+    "WORD_CORPORA",
     "Cifar10Transform",
     "Corpus",
     "DigitsData",
@@ -55,6 +58,7 @@ __all__ = [
     "load_embedded_text",
     "load_ptb",
     "load_splits",
+    "load_word_corpus",
     "normalize",
     "tokenize_file",
 ]

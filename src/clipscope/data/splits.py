@@ -10,9 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-DATASETS = ("digits", "text", "cifar10", "ptb")
+DATASETS = ("digits", "text", "cifar10", "ptb", "mikolov")
 #: The datasets read from files in ``data_dir`` (the others ship with the installed packages).
-FILE_DATASETS = ("cifar10", "ptb")
+FILE_DATASETS = ("cifar10", "ptb", "mikolov")
+#: The word-level corpora whose training and held-out files a config may name.
+WORD_CORPORA = ("ptb", "mikolov")
 
 
 @dataclass(frozen=True)
@@ -29,17 +31,28 @@ class Splits:
     vocab_size: int | None = None
 
 
-def load_splits(name: str, data_dir: str | Path | None = None) -> Splits:
+def load_splits(
+    name: str, data_dir: str | Path | None = None, *, train_file: str = "", heldout_file: str = ""
+) -> Splits:
     """Load dataset ``name`` (one of :data:`DATASETS`) as train / held-out splits.
 
     ``digits`` and ``text`` are embedded (no files needed); ``cifar10`` reads the
     official python-pickle folder and ``ptb`` Mikolov's text files from ``data_dir``.
     CIFAR-10 images are scaled to [0, 1] and normalized, without augmentation.
+    ``mikolov`` is any word-level corpus in Mikolov's format: ``train_file`` and
+    ``heldout_file`` (names in ``data_dir``) are required; for ``ptb`` they
+    default to ``ptb.train.txt`` and ``ptb.valid.txt`` (a user with only
+    ``ptb.valid.txt`` and ``ptb.test.txt`` names those two).
 
     >>> s = load_splits("digits")
     >>> tuple(s.train[0].shape), s.vocab_size
     ((1536, 1, 8, 8), None)
     """
+    if (train_file or heldout_file) and name not in WORD_CORPORA:
+        raise ValueError(
+            f"train_file / heldout_file name the files of a word-level corpus "
+            f"({', '.join(WORD_CORPORA)}), not of dataset {name!r}"
+        )
     if name == "digits":
         from clipscope.data.embedded import load_digits_tensors
 
@@ -59,9 +72,19 @@ def load_splits(name: str, data_dir: str | Path | None = None) -> Splits:
         xte, yte = load_cifar10(data_dir, train=False)
         meta = Cifar10Transform(augment=False).describe()
         return Splits((normalize(xtr), ytr), (normalize(xte), yte), meta)
-    if name == "ptb":
+    if name == "ptb" and not (train_file or heldout_file):
         from clipscope.data.ptb import load_ptb
 
         corpus = load_ptb(data_dir, splits=("train", "valid"))
+        return Splits(corpus["train"], corpus["valid"], corpus.describe(), len(corpus.vocab))
+    if name in WORD_CORPORA:
+        from clipscope.data.ptb import PTB_FILES, load_word_corpus
+
+        if name == "ptb":
+            train_file, heldout_file = train_file or PTB_FILES[0], heldout_file or PTB_FILES[1]
+        elif not (train_file and heldout_file):
+            key = "heldout_file" if train_file else "train_file"
+            raise ValueError(f"dataset 'mikolov' needs {key} (a file name in data_dir)")
+        corpus = load_word_corpus(data_dir, train_file, heldout_file, dataset=name)
         return Splits(corpus["train"], corpus["valid"], corpus.describe(), len(corpus.vocab))
     raise ValueError(f"unknown dataset {name!r}; valid: {list(DATASETS)}")

@@ -6,7 +6,8 @@ unit                   needs                       fills                        
 :class:`ProbeStatistics`  PROBE at its points       §2 statistics, ``rho@η``, arrays    --
 :class:`HeldOutMetric`  nothing (a probed point)   ``heldout``                         --
 :class:`Smoothness`    FULL_GRADIENT               ``hess_norm``, ``hess_converged``,  previous
-                                                   ``traj_smoothness``, ``hess_norms``  point
+                                                   ``hess_iterations``,                point
+                                                   ``traj_smoothness``, ``hess_norms``
 :class:`IGCDrift`      FULL_GRADIENT,              ``igc_drift`` (39)                  running
                        STEP_GRADIENT                                                   sum, ∇f_k
 :class:`StepStatistics`  nothing                   ``train_loss``, ``train_norm``,     sums
@@ -145,16 +146,18 @@ class Smoothness(Unit):
 
     At probe number ``p`` (0-based, counting rows) it measures when :meth:`due`
     says so -- every ``every``-th probe and the last one: ``hess_norm`` =
-    ``‖∇²f(x_k)‖`` by Lanczos (:func:`clipscope.smoothness.hessian_norm`) and
-    ``hess_converged`` (1/0); with ``components=True`` also the component
-    arrays ``hess_norms[i] = ‖∇²f_i(x_k)‖`` and ``hess_converged`` (one solve
-    per component: about m times the cost). At *every* probe it keeps x_k and
-    the probe's ∇f_k (float64; needs ``FULL_GRADIENT``) and, at the next probe
-    x_{k'}, writes ``traj_smoothness`` = ``‖∇f(x_{k'}) − ∇f(x_k)‖ / ‖x_{k'} − x_k‖``
-    into the row of x_k (NaN in the last row). A NaN/inf Hessian-vector
-    product is recorded as NaN with a message, not raised: the probe already
-    found f and ∇f finite, and the measurement is a diagnostic. Everything
-    runs under ``model_guard``: training is bitwise the same with or without it.
+    ``‖∇²f(x_k)‖`` by Lanczos (:func:`clipscope.smoothness.hessian_norm`),
+    ``hess_converged`` (1/0) and ``hess_iterations`` (Hessian-vector products
+    used); with ``components=True`` also the component arrays
+    ``hess_norms[i] = ‖∇²f_i(x_k)‖``, ``hess_converged`` and ``hess_iterations``
+    (one solve per component: about the cost of the full solve again). At
+    *every* probe it keeps x_k and the probe's ∇f_k (float64; needs
+    ``FULL_GRADIENT``) and, at the next probe x_{k'}, writes
+    ``traj_smoothness`` = ``‖∇f(x_{k'}) − ∇f(x_k)‖ / ‖x_{k'} − x_k‖`` into the
+    row of x_k (NaN in the last row). A NaN/inf Hessian-vector product is
+    recorded as NaN with a message, not raised: the probe already found f and
+    ∇f finite, and the measurement is a diagnostic. Everything runs under
+    ``model_guard``: training is bitwise the same with or without it.
 
     State: the previous probe's ``{"epoch", "x", "g"}`` (16 bytes per parameter).
 
@@ -222,12 +225,17 @@ class Smoothness(Unit):
         """
         kw = {"tol": self.tol, "max_iter": self.max_iter, "dropout": dropout, "seed": seed}
         full = hessian_norm(model, loss_fn, components, method="lanczos", **kw)
-        row = {"hess_norm": float(full.hess_norm), "hess_converged": float(full.converged)}
+        row = {
+            "hess_norm": float(full.hess_norm),
+            "hess_converged": float(full.converged),
+            "hess_iterations": float(full.iterations),
+        }
         arrays: dict[str, np.ndarray] = {}
         if self.components:
             per = component_hessian_norms(model, loss_fn, components, method="lanczos", **kw)
             arrays["hess_norms"] = np.array([r.hess_norm for r in per], dtype=np.float64)
             arrays["hess_converged"] = np.array([r.converged for r in per], dtype=bool)
+            arrays["hess_iterations"] = np.array([r.iterations for r in per], dtype=np.int64)
         return row, arrays
 
     def needs(self, point: Point) -> Needs:
@@ -239,7 +247,12 @@ class Smoothness(Unit):
         row = point.row
         if row is None:
             return
-        row.update(hess_norm=math.nan, hess_converged=math.nan, traj_smoothness=math.nan)
+        row.update(
+            hess_norm=math.nan,
+            hess_converged=math.nan,
+            hess_iterations=math.nan,
+            traj_smoothness=math.nan,
+        )
         if self.due(point.index, point.last):
             try:
                 entries, arrays = self.measure(
@@ -497,7 +510,8 @@ class StepGradient(Unit):
         """cos∠(g, ∇f_k) of the gradient in ``.grad``."""
         if self.full is None:
             return
-        sq, dot = gradient_products(step.params, self.full)
+        products = step.products or gradient_products(step.params, self.full)
+        sq, dot = products
         denominator = math.sqrt(sq) * self.full_norm
         cos = dot / denominator if denominator > 0 and math.isfinite(denominator) else math.nan
         self.pending_cos = max(-1.0, min(1.0, cos)) if math.isfinite(cos) else math.nan

@@ -19,8 +19,10 @@ import numpy as np
 
 from clipscope import __version__
 from clipscope.atomic import atomic_write_bytes
+from clipscope.math.advice import DEFAULT_TARGET, check_target
 from clipscope.math.stats import ComponentStats
 from clipscope.report import plots
+from clipscope.report.findings import FINDINGS_FILE, eta_advice, study_findings, write_findings
 from clipscope.report.theorem import ESTIMATES, check_theorem
 from clipscope.run.directory import RunRecord
 from clipscope.run.study import TaskRecord, load_study
@@ -294,7 +296,9 @@ def _img(png: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
-def render_task(task: TaskRecord, figure_dir: Path | None = None) -> str:
+def render_task(
+    task: TaskRecord, figure_dir: Path | None = None, target: float = DEFAULT_TARGET
+) -> str:
     """HTML section of one task: its table and its figures (also saved as PNG files)."""
     rows = [summarize_run(entry, run) for entry, run in task.runs]
     head = "".join(f'<th class="{"l" if i == 0 else ""}">{h}</th>' for i, h in enumerate(_HEADERS))
@@ -305,7 +309,11 @@ def render_task(task: TaskRecord, figure_dir: Path | None = None) -> str:
         for r in rows
     )
     images = []
-    for stem, fig in plots.task_figures(task).items():
+    figures = plots.task_figures(task)
+    _, advice, per_run = eta_advice(task, target)
+    if advice is not None:
+        figures["eta_advice"] = plots.eta_advice_task(task, advice, per_run)
+    for stem, fig in figures.items():
         png = plots.figure_png(fig)
         if figure_dir is not None:
             figure_dir.mkdir(parents=True, exist_ok=True)
@@ -323,15 +331,157 @@ def render_task(task: TaskRecord, figure_dir: Path | None = None) -> str:
     )
 
 
-def build_report(path: str | Path, out: str | Path | None = None) -> Path:
-    """Rebuild figures and ``report.html`` for a study or run directory from its records.
+def _fmt_trend(trend: dict, what: str) -> str:
+    if trend.get("direction") is None:
+        return _na() + f" (fewer than 2 batch sizes with finite {html.escape(what)})"
+    per = trend.get("per_epoch", {})
+    epochs = len(per.get("epochs", []))
+    text = (
+        f"Spearman ρ_s = {trend['spearman']:.2f} over B = "
+        f"{', '.join(str(b) for b in trend['batch_sizes'])} (exact p = "
+        f"{_num(_opt(trend['p_value']))}, n = {trend['n']}); per epoch ρ_s &gt; 0 at "
+        f"{per.get('increasing_epochs', 0)}/{epochs}, strictly increasing at "
+        f"{per.get('monotone_increasing_epochs', 0)}/{epochs}"
+    )
+    grows = trend["direction"] == "increasing"
+    verdict = (
+        "grows with B, as in the paper" if grows else "does not grow with B (the paper: it does)"
+    )
+    return _verdict(grows, f"{verdict}: {text}")
 
+
+def _fmt_advice(advice: dict) -> str:
+    if advice.get("eta_max") is None:
+        return _na()
+    target = advice["target"]
+    text = (
+        f"every η ≥ {advice['eta_max']:.4g} keeps ≥ {100 * target:g}% of the unclipped descent "
+        f"at every probe (set by {html.escape(str(advice['decided_by']))})"
+    )
+    rev = advice.get("eta_reversal")
+    if rev:
+        text += (
+            f"; clipping reverses descent at some probe for η just below {rev:.4g} "
+            f"(set by {html.escape(str(advice['reversal_at']))})"
+        )
+    else:
+        text += "; no η > 0 reverses descent at any probe"
+    return text + f" — {advice['n_points']} probes"
+
+
+def _fmt_theorems(items: list[dict]) -> str:
+    checked = [t for t in items if t["verdict"] != "not checked"]
+    rows = []
+    for t in checked:
+        deciding = t.get("deciding") or {}
+        value = deciding.get("value")
+        shown = _num(value) if isinstance(value, (int, float)) else html.escape(str(value))
+        lanczos = t.get("lanczos") or {}
+        solved = (
+            f"Lanczos tol {lanczos.get('tol')}, ≤ {lanczos.get('iterations_max')} products (f), "
+            f"≤ {lanczos.get('component_iterations_max')} (f_i); "
+            + ("all converged" if lanczos.get("all_converged") else "NOT all converged")
+            if lanczos
+            else ""
+        )
+        rows.append(
+            f'<tr><td class="l">{html.escape(t["run"])}</td>'
+            f'<td class="l">{html.escape(str(t["theorem"]))}</td>'
+            f"<td>{_verdict(t['verdict'] == 'satisfied', t['verdict'])}</td>"
+            f'<td class="l">{html.escape(str(t.get("failing") or "–"))}</td>'
+            f'<td class="l">{html.escape(str(deciding.get("quantity", "")))} = {shown}</td>'
+            f'<td class="l">{html.escape(solved)}</td></tr>'
+        )
+    others = [t["run"] for t in items if t["verdict"] == "not checked"]
+    table = (
+        '<table class="theorems"><thead><tr><th class="l">run</th><th class="l">theorem</th>'
+        '<th>verdict</th><th class="l">failing</th><th class="l">deciding quantity</th>'
+        f'<th class="l">how</th></tr></thead><tbody>{"".join(rows)}</tbody></table>'
+        if rows
+        else ""
+    )
+    note = (
+        f'<p class="note">Not checked (no recorded smoothness values, or the theorem does '
+        f"not apply): {html.escape(', '.join(others))}.</p>"
+        if others
+        else ""
+    )
+    return table + note
+
+
+def findings_section(findings: dict) -> str:
+    """Render the headline: per task, the answers of ``findings.json`` in one table each."""
+    parts = ['<section class="findings"><h2>Findings</h2>']
+    for name, task in findings["tasks"].items():
+        trend = task["fig1_trend"]
+        share = task["positive_cos_share_b1"]
+        low = task["min_rho"]
+        method = str(trend.get("method") or "–").upper()
+        rows = [
+            (
+                f"Figure 1: mean cos θ vs batch size ({method})",
+                _fmt_trend(trend.get("mean_cos_vs_batch_size", {}), "c1"),
+            ),
+            (
+                f"Figure 1: m_g/M_g vs batch size ({method})",
+                _fmt_trend(trend.get("c2_vs_batch_size", {}), "c2"),
+            ),
+            (
+                "cos θ > 0 at batch size 1",
+                _na() + " " + html.escape(share.get("reason", ""))
+                if share.get("share") is None
+                else f"{_pct(share['share'])} of {share['n']:,} "
+                f"({html.escape(str(share['sample']))}; final point of {share['run']}, "
+                f"epoch {share['epoch']}) — the paper: {html.escape(share['paper'])}",
+            ),
+            (
+                "smallest ρ(η) at the run's η",
+                _na()
+                if low.get("value") is None
+                else _verdict(
+                    not low["reversed"],
+                    f"{low['value']:.4g} ({low['run']}, epoch {low['epoch']}, η = "
+                    f"{_num(low['eta'])}): clipping "
+                    + ("reversed descent" if low["reversed"] else "never reversed descent"),
+                ),
+            ),
+            (
+                f"η advice (target {task['eta_advice']['target']:g})",
+                _fmt_advice(task["eta_advice"]),
+            ),
+        ]
+        body = "".join(
+            f'<tr><td class="l">{html.escape(k)}</td><td class="l">{v}</td></tr>' for k, v in rows
+        )
+        parts.append(
+            f"<h3>{html.escape(name)}</h3><table><tbody>{body}</tbody></table>"
+            + _fmt_theorems(task["theorems"])
+        )
+    parts.append(
+        f'<p class="note">All of it is in <code>{FINDINGS_FILE}</code> '
+        "(keys: docs/reproduce.md).</p></section>"
+    )
+    return "".join(parts)
+
+
+def build_report(
+    path: str | Path, out: str | Path | None = None, *, target: float = DEFAULT_TARGET
+) -> Path:
+    """Rebuild figures, ``findings.json`` and ``report.html`` of a study or run directory.
+
+    ``findings.json`` (:mod:`clipscope.report.findings`) is written beside the
+    report; ``target`` is the η advice's share of the unclipped descent.
     Returns the path of the written report. Never recomputes gradients.
     """
+    target = check_target(target)
     path = Path(path)
     tasks = load_study(path)
     out = Path(out) if out is not None else path / "report.html"
-    sections = "".join(render_task(task, out.parent / "figures") for task in tasks)
+    findings = study_findings(tasks, target)
+    write_findings(out.parent / FINDINGS_FILE, findings)
+    sections = findings_section(findings) + "".join(
+        render_task(task, out.parent / "figures", target) for task in tasks
+    )
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>clipscope report</title>

@@ -16,8 +16,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from clipscope.math.advice import EtaAdvice, advice_grid
 from clipscope.math.smoothness import fit_components, fit_l0_l1
 from clipscope.math.stats import ComponentStats
+from clipscope.report.findings import run_label, run_points
 from clipscope.run.directory import RunRecord
 from clipscope.run.study import TaskRecord
 
@@ -280,6 +282,100 @@ def smoothness(task: TaskRecord) -> plt.Figure:
     ax.set_title(f"{task.name}: relaxed smoothness (A2) along the run")
     ax.grid(alpha=0.3)
     return _finish(fig, ax, drawn, "no finite smoothness values recorded", fontsize=6, ncol=1)
+
+
+def _share_curve(stats: ComponentStats, etas: np.ndarray) -> np.ndarray:
+    """``ρ(η) = D(η)/D(∞)`` on ``etas`` (the advice's ρ; NaN when ``D(∞) ≤ 0``)."""
+    profile = stats.profile()
+    total = float(profile(math.inf))
+    if not total > 0:
+        return np.full(etas.shape, np.nan)
+    return np.asarray(profile(etas)) / total
+
+
+def _mark_advice(ax, advice: EtaAdvice, eta_run: float | None = None) -> None:
+    ax.axhline(advice.target, color="green", ls="--", lw=1, label=f"target ρ = {advice.target:g}")
+    if math.isfinite(advice.eta_max):
+        ax.axvline(advice.eta_max, color="green", lw=1.5,
+                   label=f"eta_max = {advice.eta_max:.3g} (η ≥ it keeps the target)")  # fmt: skip
+    if math.isfinite(advice.eta_reversal) and advice.eta_reversal > 0:
+        text = f"eta_reversal = {advice.eta_reversal:.3g} (below: D < 0 somewhere)"
+        ax.axvline(advice.eta_reversal, color="red", lw=1.5, label=text)
+    if eta_run is not None and math.isfinite(eta_run):
+        ax.axvline(eta_run, color="k", ls=":", lw=1, label=f"the run's η = {eta_run:g}")
+    ax.axhline(0, color="k", lw=0.6)
+
+
+def _advice_axes(ax, lo: float) -> None:
+    low, high = ax.get_ylim()
+    ax.set_ylim(max(low, -1.05), max(high, 1.05))
+    ax.axhspan(min(lo, -1.05), 0, color="red", alpha=0.06)
+    ax.set_xscale("log")
+    ax.set_xlabel("clipping threshold η")
+    ax.set_ylabel("ρ(η) = D(η) / D(∞)")
+    ax.grid(alpha=0.3)
+
+
+def eta_advice_run(
+    title: str,
+    points: list[tuple[int, ComponentStats]],
+    advice: EtaAdvice,
+    eta_run: float | None = None,
+) -> plt.Figure:
+    """ρ_k(η) at every probe of one run (colour: epoch), their minimum, and the advice marked.
+
+    Reads the stored ``(n_i, d_i, ‖∇f_k‖)`` of each probe (``points``, from
+    :func:`clipscope.report.findings.run_points`); ``advice`` is
+    :func:`clipscope.math.advice.advise` of the same points. Nothing is recomputed.
+    """
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    drawn = bool(points)
+    if drawn:
+        etas = advice_grid((s.norms for _, s in points), per_decade=150)
+        curves = np.array([_share_curve(s, etas) for _, s in points])
+        colors = plt.cm.viridis(np.linspace(0, 1, len(points)))
+        for curve, color in zip(curves, colors, strict=True):
+            ax.plot(etas, curve, color=color, lw=0.8, alpha=0.8)
+        with np.errstate(invalid="ignore"):
+            envelope = np.nanmin(curves, axis=0) if np.isfinite(curves).any() else curves[0]
+        ax.plot(etas, envelope, color="k", lw=2, label="min over the probes")
+        first, last = points[0][0], points[-1][0]
+        ax.plot([], [], color=colors[0], label=f"one probe each (epoch {first} … {last})")
+        _mark_advice(ax, advice, eta_run)
+        _advice_axes(ax, float(np.nanmin(envelope)) if np.isfinite(envelope).any() else -1)
+    ax.set_title(title, fontsize=9)
+    return _finish(fig, ax, drawn, "no per-component arrays recorded", fontsize=6, ncol=1)
+
+
+def eta_advice_task(task: TaskRecord, advice: EtaAdvice, per_run: dict) -> plt.Figure:
+    """Plot the minimum over each run's probes of ρ(η), one line per run; mark the advice.
+
+    Reads the component files of every run (``norms``, ``dots``, ``grad_norm``);
+    ``advice`` and ``per_run`` (``{label: EtaAdvice}``) come from
+    :func:`clipscope.report.findings.eta_advice`.
+    """
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    series = []
+    for entry, run in task.runs:
+        pts = run_points(run)
+        if pts:
+            series.append((entry, run, pts))
+    drawn = bool(series)
+    if drawn:
+        etas = advice_grid((s.norms for *_, pts in series for _, s in pts), per_decade=150)
+        lowest = 0.0
+        for entry, run, pts in series:
+            curves = np.array([_share_curve(s, etas) for _, s in pts])
+            with np.errstate(invalid="ignore"):
+                envelope = np.nanmin(curves, axis=0)
+            lowest = min(lowest, float(np.nanmin(envelope)))
+            label = run_label(entry, run)
+            ax.plot(etas, envelope, label=f"{_label(entry, run)} (eta_max "
+                    f"{per_run[label].eta_max:.3g})", **_run_style(task, entry, run))  # fmt: skip
+        _mark_advice(ax, advice)
+        _advice_axes(ax, lowest)
+    ax.set_title(f"{task.name}: ρ(η), the minimum over each run's probes", fontsize=9)
+    return _finish(fig, ax, drawn, "no per-component arrays recorded", fontsize=6, ncol=1)
 
 
 def figure_png(fig: plt.Figure) -> bytes:

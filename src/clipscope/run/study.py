@@ -4,13 +4,20 @@ Written by ``clipscope reproduce`` (:func:`write_study`), read by the report
 (:func:`load_study`)::
 
     study.json                  {"tasks": {name: {"description", "notes", "runs": [...],
-                                                  "cross_section": "cross_section/NAME.json"}}}
+                                    "cross_section": "cross_section/NAME.json",
+                                    "per_sample": "cross_section/NAME-per-sample.json"}}}
     runs/TASK/METHOD-BB/        ordinary run directories (:mod:`clipscope.run.directory`)
     configs/TASK/METHOD-BB.toml the config of each run
     cross_section/TASK.json     the batch-size cross-section at one point
+    cross_section/TASK-per-sample.json
+                                batch-size-1 components at one point: ``norms``,
+                                ``dots``, ``grad_norm`` (and ``point``, ``epoch``,
+                                ``sample``, ``route``, ``m``)
+    findings.json               the answers, per task (:mod:`clipscope.report.findings`)
 
 Each run entry is ``{"method", "batch_size", "dir", "config"}`` (relative
-paths), plus ``"exit_code"`` when the run stopped early.
+paths), plus ``"exit_code"`` when the run stopped early and ``"theorem": true``
+for a run that records what Theorem 3.1 / 3.2 needs.
 """
 
 from __future__ import annotations
@@ -35,12 +42,13 @@ def write_study(path: str | Path, study: dict[str, Any]) -> None:
 
 @dataclass
 class TaskRecord:
-    """The runs of one task in a study, and its cross-section over batch sizes."""
+    """The runs of one task in a study, its cross-section over batch sizes, its per-sample one."""
 
     name: str
     runs: list[tuple[dict, RunRecord]]
     cross_section: dict | None = None
     notes: dict = field(default_factory=dict)
+    per_sample: dict | None = None
 
 
 def load_study(path: str | Path) -> list[TaskRecord]:
@@ -64,11 +72,21 @@ def load_study(path: str | Path) -> list[TaskRecord]:
     tasks = []
     for name, task in study.get("tasks", {}).items():
         runs = [(entry, load_run(path / entry["dir"])) for entry in task.get("runs", [])]
-        cross = None
-        if task.get("cross_section") and (path / task["cross_section"]).is_file():
-            with open(path / task["cross_section"]) as handle:
-                cross = json.load(handle)
         tasks.append(
-            TaskRecord(name=name, runs=runs, cross_section=cross, notes=task.get("notes", {}))
+            TaskRecord(
+                name=name,
+                runs=runs,
+                cross_section=_section(path, task.get("cross_section")),
+                notes=task.get("notes", {}),
+                per_sample=_section(path, task.get("per_sample")),
+            )
         )
     return tasks
+
+
+def _section(path: Path, rel: str | None) -> dict | None:
+    """Return the JSON file ``path/rel`` when the study names one and it exists, else None."""
+    if not rel or not (path / rel).is_file():
+        return None
+    with open(path / rel) as handle:
+        return json.load(handle)

@@ -1,0 +1,154 @@
+"""``clipscope advise DIR``: which clipping thresholds keep descent, from a run's stored η-profiles.
+
+For every probe of a run (or of every run of a study) the stored ``n_i``,
+``d_i`` and ``‖∇f_k‖`` give the exact η-profile ``D_k(η)``; from them
+(:mod:`clipscope.math.advice`, no gradient is recomputed):
+
+* ``eta_max``: every ``η ≥ eta_max`` keeps ``ρ_k(η) = D_k(η)/D_k(∞) ≥ target``
+  at every probe;
+* ``eta_reversal``: every ``η > eta_reversal`` keeps ``D_k(η) ≥ 0`` at every
+  probe (0: clipping reverses descent at no η).
+
+Writes one figure per run (``ρ_k(η)`` of every probe, their minimum, the
+advice marked) into ``--out`` (default ``DIR/advice``) and prints the advice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from clipscope.math.advice import DEFAULT_TARGET, advise, check_target
+
+__all__ = ["add_parser", "advice_of", "run"]
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``advise``."""
+    parser = subparsers.add_parser(
+        "advise",
+        help="the clipping thresholds that keep a target share of descent at every probe",
+        description=(
+            "From the stored per-component norms and dots of a run (or of every run of a "
+            "study), the exact η-profile at every probe gives: eta_max, the threshold from "
+            "which on every larger η keeps rho(η) = D(η)/D(∞) >= target at every probe, and "
+            "eta_reversal, below which clipping reverses descent (D < 0) at some probe. "
+            "Nothing is recomputed. Writes a figure of rho(η) per run."
+        ),
+    )
+    parser.add_argument("directory", help="a run directory (clipscope train) or a study directory")
+    parser.add_argument(
+        "--target",
+        type=float,
+        default=DEFAULT_TARGET,
+        help=f"share of the unclipped descent to keep, in (0, 1] (default {DEFAULT_TARGET})",
+    )
+    parser.add_argument("--json", action="store_true", help="print the advice as JSON")
+    parser.add_argument("--out", default=None, help="figure folder (default: DIRECTORY/advice)")
+    parser.set_defaults(func=run)
+
+
+def advice_of(directory: str | Path, target: float = DEFAULT_TARGET) -> dict[str, Any]:
+    """Return the advice of every run and task of ``directory`` and the records for the figures.
+
+    Returns ``{"target", "tasks": {task: {"eta_advice": {...}, "runs": {label: {...}}}},
+    "_figures": [(name, title, points, EtaAdvice, η)]}``.
+
+    Raises
+    ------
+    ValueError
+        A target outside (0, 1]; a study without runs; a run without η-profiles
+        (no component files with ``norms`` and ``dots``).
+    FileNotFoundError
+        ``directory`` is neither a run nor a study directory.
+    """
+    from clipscope.report.findings import eta_advice, run_label, run_points
+    from clipscope.run.study import load_study
+
+    target = check_target(target)
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"no such directory: {directory}")
+    if not (directory / "study.json").is_file() and not (directory / "epochs.csv").is_file():
+        raise FileNotFoundError(
+            f"{directory} holds no runs: neither a run directory (epochs.csv, from "
+            "'clipscope train') nor a study directory (study.json, from 'clipscope reproduce')"
+        )
+    tasks = load_study(directory)
+    if not any(task.runs for task in tasks):
+        raise ValueError(f"{directory}: the study names no runs")
+    out: dict[str, Any] = {"target": target, "tasks": {}, "_figures": []}
+    missing = [str(run.path) for task in tasks for _, run in task.runs if not run_points(run)]
+    if missing:
+        raise ValueError(
+            "no η-profiles (components/epoch_XXXX.npz with norms and dots, at a probe with "
+            f"finite ‖∇f‖) in: {', '.join(missing)}; train with probe_every > 0"
+        )
+    single = not (directory / "study.json").is_file()
+    for task in tasks:
+        overall, _, _ = eta_advice(task, target)
+        runs = {}
+        for entry, run in task.runs:
+            label = run_label(entry, run)
+            points = run_points(run)
+            names = [f"{label} epoch {epoch}" for epoch, _ in points]
+            result = advise([s for _, s in points], target, names)
+            runs[label] = result.to_dict(points=True) | {"eta": _finite(run.eta)}
+            name = label if single else f"{task.name}-{label}"
+            title = f"{name}: ρ(η) at {len(points)} probes, target {target:g}"
+            out["_figures"].append((name, title, points, result, run.eta))
+        overall.pop("per_run", None)
+        out["tasks"][task.name] = {"eta_advice": overall, "runs": runs}
+    return out
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _line(label: str, advice: dict) -> str:
+    rev = advice["eta_reversal"]
+    eta_max = "–" if advice["eta_max"] is None else f"{advice['eta_max']:.4g}"
+    if rev is None:
+        reversal = "ρ undefined (‖∇f‖ = 0 at every probe)"
+    elif rev == 0:
+        reversal = "no η reverses descent"
+    else:
+        reversal = f"reverses descent below {rev:.4g} ({advice['reversal_at']})"
+    return (
+        f"  {label:24s} eta_max = {eta_max:>10s} (set by {advice['decided_by']}); {reversal}; "
+        f"{advice['n_points']} probes"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Compute the advice, write the figures, print the advice."""
+    from clipscope.atomic import atomic_write_bytes
+    from clipscope.report import plots
+
+    result = advice_of(args.directory, args.target)
+    folder = Path(args.out) if args.out else Path(args.directory) / "advice"
+    written = []
+    for name, title, points, advice, eta in result.pop("_figures"):
+        path = folder / f"{name}.png"
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, plots.figure_png(plots.eta_advice_run(title, points, advice, eta)))
+        written.append(str(path))
+    result["figures"] = written
+    if args.json:
+        print(json.dumps(result, indent=2, allow_nan=False))
+        return 0
+    target = result["target"]
+    print(
+        f"η advice: eta_max keeps ρ(η) = D(η)/D(∞) ≥ {target:g} for every η ≥ it at every "
+        "probe; below eta_reversal clipping reverses descent (D < 0) at some probe"
+    )
+    for name, task in result["tasks"].items():
+        print(_line(f"{name} (all runs)", task["eta_advice"]))
+        for label, advice in task["runs"].items():
+            print(_line(label, advice))
+    print(f"figures: {folder}")
+    return 0

@@ -1,0 +1,502 @@
+r"""The answers of a study, per task, from its stored records only: ``findings.json``.
+
+:func:`task_findings` turns one task's records (:class:`~clipscope.run.study.TaskRecord`)
+into the answers to the paper's questions; :func:`study_findings` does it for
+every task and :func:`write_findings` stores them. Nothing here touches a model
+or differentiates anything: every number is re-derived from the stored
+``(n_i, d_i, ‖∇f_k‖)`` of the component files, the rows of ``epochs.csv`` and
+the study's cross-sections. The keys (``docs/reproduce.md`` documents them):
+
+``fig1_trend``
+    Figure 1's claim that the mean cos θ (c1, A3) and m_g/M_g (c2, A4) grow with
+    the batch size: per method, the run-averaged value of each at every batch
+    size, the Spearman rank correlation over batch sizes
+    (:func:`scipy.stats.spearmanr`) with its exact two-sided permutation p-value
+    (:func:`scipy.stats.permutation_test`, all ``n!`` orderings), and the
+    per-epoch table (epochs × batch sizes) with the per-epoch Spearman
+    correlations. ``mean_cos_vs_batch_size`` / ``c2_vs_batch_size`` at the top
+    are those of the task's first method (IGC-clip where the task has it).
+``positive_cos_share_b1``
+    From the batch-size-1 cross-section at the final point of the smallest-batch
+    IGC run: the share of defined per-sample cosines that are > 0 (the paper
+    reports about 90 % on CIFAR-10 / ResNet18).
+``min_rho``
+    The smallest ``ρ_k(η) = D_k(η)/(m‖∇f_k‖²)`` at the run's own η over every
+    probe of every run: did clipping ever reverse descent (``ρ < 0``)?
+``eta_advice``
+    :func:`clipscope.math.advice.advise` over every probe of every run of the
+    task: ``target``, ``eta_max`` (every ``η ≥ eta_max`` keeps ``ρ ≥ target`` at
+    every probe), ``eta_reversal`` (every ``η > eta_reversal`` keeps ``D ≥ 0``
+    at every probe), and the same per run.
+``theorems``
+    One entry per run: :func:`clipscope.report.theorem.check_theorem` on the
+    records, reduced to ``verdict`` (``satisfied`` / ``violated`` / ``not
+    checked``), the ``failing`` condition, the ``deciding`` quantity, and how
+    the constants were obtained (Lanczos tolerance and iterations).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import stats as scipy_stats
+
+from clipscope import __version__
+from clipscope.atomic import atomic_write_text
+from clipscope.math.advice import DEFAULT_TARGET, EtaAdvice, advise, check_target
+from clipscope.math.stats import ComponentStats
+from clipscope.math.theory import THEOREMS
+from clipscope.report.theorem import check_theorem
+from clipscope.run.directory import RunRecord
+from clipscope.run.study import TaskRecord, load_study
+
+__all__ = [
+    "FINDINGS_FILE",
+    "PAPER",
+    "VERDICTS",
+    "eta_advice",
+    "fig1_trend",
+    "min_rho",
+    "positive_cos_share_b1",
+    "rank_trend",
+    "run_label",
+    "run_points",
+    "study_findings",
+    "task_findings",
+    "theorem_verdicts",
+    "write_findings",
+]
+
+FINDINGS_FILE = "findings.json"
+VERDICTS = ("satisfied", "violated", "not checked")
+#: What Qian et al. (AISTATS 2021) report, for the comparisons.
+PAPER = {
+    "fig1_trend": (
+        "Figure 1: for ResNet18/CIFAR-10 and AWD-LSTM/PTB the mean cos θ (1(a), 1(b)) and "
+        "m_g/M_g (1(c), 1(d)) at every epoch are larger for larger batch sizes"
+    ),
+    "positive_cos_share_b1": "about 90% of the cos θ are positive at batch size 1 on CIFAR-10",
+}
+
+
+def run_label(entry: dict, run: RunRecord) -> str:
+    """``METHOD-BB`` of a run, as in the study's folder names (``igc-B16``)."""
+    method = entry.get("method") or run.method
+    batch = entry.get("batch_size") or run.batch_size
+    return f"{method}-B{batch}"
+
+
+def _json(value: Any) -> Any:
+    """Plain JSON values: NaN/inf floats become ``None``; numpy scalars become Python ones."""
+    if isinstance(value, dict):
+        return {str(k): _json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return value
+
+
+def run_points(run: RunRecord) -> list[tuple[int, ComponentStats]]:
+    """``(epoch, ComponentStats)`` of every stored probe of a run, in epoch order.
+
+    Probes whose ``‖∇f‖`` is missing or non-finite are left out.
+    """
+    out = []
+    for epoch in sorted(run.component_files):
+        arrays = run.components(epoch) or {}
+        if "norms" not in arrays or "dots" not in arrays:
+            continue
+        grad_norm = float(np.asarray(arrays.get("grad_norm", math.nan)).reshape(-1)[0])
+        if not math.isfinite(grad_norm):
+            continue
+        out.append((epoch, ComponentStats(arrays["norms"], arrays["dots"], grad_norm)))
+    return out
+
+
+# -- Figure 1's trend ------------------------------------------------------------------
+
+
+def _spearman_pvalue(x: np.ndarray, y: np.ndarray) -> float:
+    """Exact two-sided permutation p-value of Spearman's ρ (every ordering of ``y``)."""
+
+    def statistic(values):
+        return scipy_stats.spearmanr(x, values).statistic
+
+    n_orderings = math.factorial(len(x))
+    result = scipy_stats.permutation_test(
+        (y,),
+        statistic,
+        permutation_type="pairings",
+        alternative="two-sided",
+        n_resamples=max(n_orderings, 1),
+    )
+    return float(result.pvalue)
+
+
+def rank_trend(batch_sizes: Sequence[float], values: Sequence[float]) -> dict[str, Any]:
+    """Spearman rank correlation of ``values`` over ``batch_sizes`` (NaN pairs dropped).
+
+    Returns ``{"batch_sizes", "values", "n", "spearman", "p_value", "direction",
+    "monotone"}``: ``direction`` is ``"increasing"`` / ``"decreasing"`` /
+    ``"none"`` by the sign of ρ_s (``None`` with fewer than 2 finite values or
+    constant values), ``monotone`` whether ``|ρ_s| = 1``. The p-value is
+    exact (all ``n!`` orderings) for ``n ≤ 8``.
+
+    >>> t = rank_trend([8, 16, 32, 64], [0.1, 0.2, 0.3, 0.4])
+    >>> t["spearman"], round(t["p_value"], 4), t["direction"]
+    (1.0, 0.0833, 'increasing')
+    """
+    b = np.asarray(batch_sizes, dtype=np.float64)
+    v = np.asarray(values, dtype=np.float64)
+    keep = np.isfinite(v)
+    out: dict[str, Any] = {
+        "batch_sizes": [int(x) for x in b],
+        "values": v.tolist(),
+        "n": int(keep.sum()),
+        "spearman": math.nan,
+        "p_value": math.nan,
+        "p_value_method": "exact permutation test over every ordering (two-sided)",
+        "direction": None,
+        "monotone": None,
+    }
+    if keep.sum() < 2 or np.ptp(v[keep]) == 0:
+        return out
+    x, y = b[keep], v[keep]
+    rho = float(scipy_stats.spearmanr(x, y).statistic)
+    rho = float(np.clip(round(rho, 12), -1.0, 1.0))  # ±0.9999999999999999 is ±1
+    out["spearman"] = rho
+    if keep.sum() <= 8:
+        out["p_value"] = _spearman_pvalue(x, y)
+    else:  # pragma: no cover - studies have at most a handful of batch sizes
+        out["p_value"] = float(scipy_stats.spearmanr(x, y).pvalue)
+        out["p_value_method"] = "scipy.stats.spearmanr (t approximation)"
+    out["direction"] = "increasing" if rho > 0 else "decreasing" if rho < 0 else "none"
+    out["monotone"] = bool(abs(rho) == 1.0)
+    return out
+
+
+def _trend(runs: list[tuple[dict, RunRecord]], field: str) -> dict[str, Any]:
+    by_size: dict[int, RunRecord] = {}
+    for entry, run in runs:
+        by_size[int(entry.get("batch_size") or run.batch_size or 0)] = run
+    sizes = sorted(by_size)
+    averaged = []
+    epochs: list[int] = sorted(
+        {int(e) for run in by_size.values() for e in run.column("epoch") if np.isfinite(e)}
+    )
+    table = {k: [math.nan] * len(sizes) for k in epochs}
+    for j, b in enumerate(sizes):
+        run = by_size[b]
+        column = run.column(field)
+        finite = column[np.isfinite(column)]
+        averaged.append(float(finite.mean()) if finite.size else math.nan)
+        for e, value in zip(run.column("epoch"), column, strict=True):
+            if np.isfinite(e):
+                table[int(e)][j] = float(value)
+    out = rank_trend(sizes, averaged)
+    out["averaged_over"] = f"the probe rows of each run (epochs.csv column {field!r})"
+    per_epoch = [rank_trend(sizes, table[k]) for k in epochs]
+    out["per_epoch"] = {
+        "epochs": epochs,
+        "batch_sizes": sizes,
+        "table": [table[k] for k in epochs],
+        "spearman": [t["spearman"] for t in per_epoch],
+        "increasing_epochs": sum(1 for t in per_epoch if t["direction"] == "increasing"),
+        "monotone_increasing_epochs": sum(1 for t in per_epoch if t["spearman"] == 1.0),
+    }
+    return out
+
+
+def fig1_trend(task: TaskRecord) -> dict[str, Any]:
+    """Figure 1's trend per method: Spearman over batch sizes of the run-averaged c1 and c2."""
+    methods: dict[str, list] = {}
+    for entry, run in task.runs:
+        if "exit_code" in entry:
+            continue
+        methods.setdefault(str(entry.get("method") or run.method), []).append((entry, run))
+    by_method = {
+        m: {"mean_cos_vs_batch_size": _trend(r, "c1"), "c2_vs_batch_size": _trend(r, "c2")}
+        for m, r in methods.items()
+    }
+    if not by_method:
+        return {"method": None, "reason": "no completed runs", "by_method": {}}
+    first = "igc" if "igc" in by_method else next(iter(by_method))
+    paper = {
+        name: by_method[first][name]["direction"] == "increasing"
+        for name in ("mean_cos_vs_batch_size", "c2_vs_batch_size")
+    }
+    return {
+        "method": first,
+        **by_method[first],
+        "agrees_with_paper": paper,
+        "paper": PAPER["fig1_trend"],
+        "by_method": by_method,
+    }
+
+
+# -- the per-sample claim --------------------------------------------------------------
+
+
+def positive_cos_share_b1(task: TaskRecord) -> dict[str, Any]:
+    """Share of positive per-sample cosines at the final point of one run (batch size 1)."""
+    section = task.per_sample
+    if not section:
+        return {
+            "share": None,
+            "reason": "no batch-size-1 cross-section in this study (per_sample = false)",
+            "paper": PAPER["positive_cos_share_b1"],
+        }
+    if "norms" not in section:
+        return {
+            "share": None,
+            "reason": f"the batch-size-1 probe failed: {section.get('reason', 'no arrays')}",
+            "paper": PAPER["positive_cos_share_b1"],
+        }
+    stats = ComponentStats(section["norms"], section["dots"], section["grad_norm"])
+    cos = stats.cos[stats.cos_defined]
+    return {
+        "share": float(np.mean(cos > 0)) if cos.size else math.nan,
+        "n": int(cos.size),
+        "n_undefined": int(stats.m - cos.size),
+        "mean_cos": float(cos.mean()) if cos.size else math.nan,
+        "median_cos": float(np.median(cos)) if cos.size else math.nan,
+        "run": section.get("point"),
+        "epoch": section.get("epoch"),
+        "sample": section.get("sample"),
+        "route": section.get("route"),
+        "paper": PAPER["positive_cos_share_b1"],
+    }
+
+
+# -- ρ at the run's η, and the advice ----------------------------------------------------
+
+
+def min_rho(task: TaskRecord) -> dict[str, Any]:
+    """Return the smallest ρ_k(η) at each run's own η over all probes; ``reversed`` if < 0."""
+    per_run = {}
+    best: tuple[float, str, int, float] | None = None
+    for entry, run in task.runs:
+        label, eta = run_label(entry, run), run.eta
+        values = [(float(s.ratio(eta)), epoch) for epoch, s in run_points(run)]
+        values = [(v, e) for v, e in values if math.isfinite(v)]
+        if not values:
+            continue
+        value, epoch = min(values)
+        per_run[label] = {"value": value, "epoch": epoch, "eta": eta}
+        if best is None or value < best[0]:
+            best = (value, label, epoch, eta)
+    if best is None:
+        return {"value": None, "reason": "no per-component records", "per_run": {}}
+    return {
+        "value": best[0],
+        "run": best[1],
+        "epoch": best[2],
+        "eta": best[3],
+        "reversed": bool(best[0] < 0),
+        "per_run": per_run,
+    }
+
+
+def eta_advice(
+    task: TaskRecord, target: float = DEFAULT_TARGET
+) -> tuple[dict[str, Any], EtaAdvice | None, dict[str, EtaAdvice]]:
+    """Return the η advice over every probe of the task: as JSON, as EtaAdvice, and per run."""
+    target = check_target(target)
+    labels, points, per_run = [], [], {}
+    for entry, run in task.runs:
+        label = run_label(entry, run)
+        pts = run_points(run)
+        if not pts:
+            continue
+        names = [f"{label} epoch {epoch}" for epoch, _ in pts]
+        per_run[label] = advise([s for _, s in pts], target, names)
+        labels += names
+        points += [s for _, s in pts]
+    if not points:
+        none = {"target": target, "eta_max": None, "eta_reversal": None}
+        return none | {"reason": "no per-component records"}, None, {}
+    result = advise(points, target, labels)
+    overall = result.to_dict()
+    overall["per_run"] = {
+        label: {"eta_max": a.eta_max, "eta_reversal": a.eta_reversal, "decided_by": a.decided_by}
+        for label, a in per_run.items()
+    }
+    overall["rho"] = "D_k(η)/D_k(∞) with D_k(∞) = Σ_i d_i (= m‖∇f_k‖², eq. (20))"
+    return overall, result, per_run
+
+
+# -- the theorems -------------------------------------------------------------------------
+
+
+def _iterations(run: RunRecord) -> dict[str, Any]:
+    full = run.column("hess_iterations")
+    full = full[np.isfinite(full)]
+    comp = []
+    for epoch in sorted(run.component_files):
+        arrays = run.components(epoch) or {}
+        if "hess_iterations" in arrays:
+            comp.append(int(np.max(arrays["hess_iterations"])))
+    return {
+        "tol": run.setting("smoothness_tol"),
+        "max_iter": run.setting("smoothness_max_iter"),
+        "iterations_max": int(full.max()) if full.size else None,
+        "iterations_min": int(full.min()) if full.size else None,
+        "component_iterations_max": max(comp) if comp else None,
+        "solves": int(full.size),
+    }
+
+
+def _ratio(a: float, b: float | None) -> float:
+    if b is None:
+        return 0.0  # α_max = ∞
+    return a / b if b > 0 else math.inf
+
+
+def _verdict_of(res: dict[str, Any], run: RunRecord) -> dict[str, Any]:
+    method, eta, c1, c2 = res["method"], res["eta"], res["c1"], res["c2"]
+    out: dict[str, Any] = {"verdict": "not checked", "failing": None, "deciding": None}
+    if method not in THEOREMS or not math.isfinite(eta):
+        out["deciding"] = {"quantity": "method / η", "value": f"{method}, η = {eta}"}
+        return out
+    if not c1 > 0:
+        return {
+            "verdict": "violated",
+            "failing": "(A3)",
+            "deciding": {"quantity": "min over the probes of c1 (mean cos θ)", "value": c1},
+        }
+    if not 0 < c2 <= 1:
+        return {
+            "verdict": "violated",
+            "failing": "(A4)",
+            "deciding": {"quantity": "min over the probes of c2 (m_g/M_g)", "value": c2},
+        }
+    bound = res.get("bound")
+    if bound is None:
+        out["deciding"] = {"quantity": "smoothness constants", "value": res["estimate_note"]}
+        return out
+    cond = bound["condition"]
+    alpha, alpha_max = res["alpha"], cond["alpha_max"]
+    step = {
+        "quantity": f"α / α_max {cond['equation']}",
+        "value": _ratio(alpha, alpha_max),
+        "alpha": alpha,
+        "alpha_max": alpha_max,
+        "terms": cond.get("terms"),
+    }
+    rhs = bound["rhs"]
+    sides = {
+        "quantity": f"left / right side of {bound['equation']}",
+        "value": _ratio(bound["lhs"], rhs),
+        "lhs": bound["lhs"],
+        "rhs": rhs,
+    }
+    drift = res.get("drift") or {}
+    if not cond["holds"]:
+        out |= {"verdict": "violated", "failing": cond["equation"], "deciding": step}
+    elif not bound["holds"]:
+        out |= {"verdict": "violated", "failing": bound["equation"], "deciding": sides}
+    elif drift.get("violations"):
+        out |= {
+            "verdict": "violated",
+            "failing": "(42)",
+            "deciding": {"quantity": "max |drift (39)| / bound (42)", "value": drift["max_ratio"]},
+        }
+    else:
+        out |= {"verdict": "satisfied", "deciding": step, "bound": sides}
+    if not res["all_converged"]:
+        note = (
+            "a Lanczos solve stopped before its tolerance; its Ritz value is a lower bound "
+            "on ‖∇²f‖, so the constants may be too small"
+        )
+        out["note"] = note
+        if out["verdict"] == "satisfied":  # too-small constants favour 'satisfied'
+            out["verdict"] = "not checked"
+    return out
+
+
+def theorem_verdicts(task: TaskRecord) -> list[dict[str, Any]]:
+    """One entry per run: Theorem 3.1 (SGD-clip) or 3.2 (IGC-clip) checked on the records."""
+    out = []
+    for entry, run in task.runs:
+        label = run_label(entry, run)
+        try:
+            res = check_theorem(run)
+        except (FileNotFoundError, ValueError) as exc:
+            out.append(
+                {
+                    "run": label,
+                    "theorem": THEOREMS.get(run.method),
+                    "verdict": "not checked",
+                    "failing": None,
+                    "deciding": {"quantity": "records", "value": str(exc)},
+                }
+            )
+            continue
+        item = {"run": label, "theorem": res["theorem"], **_verdict_of(res, run)}
+        item["constants"] = {
+            "estimate": res["estimate"],
+            "L0": res["L0"],
+            "L1": res["L1"],
+            "fit_points": (res.get("fit") or {}).get("n_points"),
+            "L0i": res.get("L0i"),
+            "L1i": res.get("L1i"),
+            "component_estimate": res.get("component_estimate"),
+            "c1": res["c1"],
+            "c2": res["c2"],
+            "m": res["m"],
+        }
+        if res["estimate"] is not None:
+            item["lanczos"] = _iterations(run) | {"all_converged": res["all_converged"]}
+        item["detail"] = res["verdict"]
+        out.append(item)
+    return out
+
+
+# -- all of it ------------------------------------------------------------------------------
+
+
+def task_findings(task: TaskRecord, target: float = DEFAULT_TARGET) -> dict[str, Any]:
+    """Every finding of one task (see the module docstring), JSON-ready."""
+    advice, _, _ = eta_advice(task, target)
+    return _json(
+        {
+            "runs": [run_label(e, r) for e, r in task.runs],
+            "fig1_trend": fig1_trend(task),
+            "positive_cos_share_b1": positive_cos_share_b1(task),
+            "min_rho": min_rho(task),
+            "eta_advice": advice,
+            "theorems": theorem_verdicts(task),
+        }
+    )
+
+
+def study_findings(
+    tasks: Sequence[TaskRecord] | str | Path, target: float = DEFAULT_TARGET
+) -> dict[str, Any]:
+    """``{"format", "clipscope", "target", "tasks": {name: task_findings}}`` of a study."""
+    if isinstance(tasks, (str, Path)):
+        tasks = load_study(tasks)
+    return {
+        "format": 1,
+        "clipscope": __version__,
+        "target": check_target(target),
+        "tasks": {task.name: task_findings(task, target) for task in tasks},
+    }
+
+
+def write_findings(path: str | Path, findings: dict[str, Any]) -> Path:
+    """Write ``findings`` as strict JSON (no NaN) to ``path`` atomically; return the path."""
+    path = Path(path)
+    atomic_write_text(path, json.dumps(_json(findings), indent=2, allow_nan=False) + "\n")
+    return path
