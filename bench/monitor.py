@@ -13,7 +13,7 @@ directly. The variants:
   after clipping (the norm ``clip_grad_norm_`` returned): one pass over the
   gradient (‖g‖² and ⟨g, ∇f_k⟩ per tensor);
 * ``monitor, norm read``: ``monitor.gradient()`` before clipping, so the Monitor
-  reads the norm itself (two passes).
+  reads the norm itself (the same single pass: ‖g‖² and ⟨g, ∇f_k⟩ together).
 
 No probe runs inside the timed steps (the Monitor probed x_0 before them, with
 ``every`` larger than the run). A probe's own cost is printed separately, in plain

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 
 from clipscope import Components, Monitor
-from clipscope.engine import reference_probe
+from clipscope.engine import probe, reference_probe
 from clipscope.errors import ConfigError
 from clipscope.loop.integrations.hf import STATE_FILE
 from clipscope.loop.integrations.hf import MonitorCallback as HFCallback
@@ -255,6 +255,9 @@ def test_hugging_face_models_with_attention_dropout_need_fixed_masks():
     with pytest.raises(ValueError, match=r"changed between two evaluations.*dropout='fixed'"):
         Monitor(model, lm_loss, comps, eta=1.0, every=2, dropout="off")
     Monitor(model, lm_loss, comps, eta=1.0, every=2, dropout="fixed")  # repeatable: accepted
+    with pytest.raises(ValueError, match=r"changed between two evaluations"):
+        probe(model, lm_loss, comps, dropout="off")  # the probe alone refuses too
+    probe(model, lm_loss, comps, dropout="fixed")
 
 
 def test_hugging_face_clipping_threshold_must_be_the_monitors(tmp_path):

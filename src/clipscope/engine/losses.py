@@ -34,6 +34,7 @@ component and which form were used.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -41,11 +42,18 @@ import torch
 from torch import nn
 
 from clipscope.components import detach_state
-from clipscope.engine.guard import check_dropout_policy, dropout_policy, rng_for_component
+from clipscope.engine.guard import (
+    check_dropout_policy,
+    dropout_policy,
+    model_guard,
+    rng_for_component,
+)
 
 __all__ = [
     "LOSS_FORMS",
+    "REPEAT_TOLERANCE",
     "check_loss_fn",
+    "check_repeatable",
     "component_loss",
     "component_losses",
     "loss_form",
@@ -307,3 +315,66 @@ def component_losses(
 def _args(components: Any, i: int, device: Any, state: Any) -> tuple:
     x, _ = components.batch(i, device) if device is not None else components.batch(i)
     return x, state
+
+
+#: Relative change between two evaluations of one component's loss at the same
+#: parameters that counts as "not repeatable": dropout changes a loss by far more,
+#: floating-point noise (non-deterministic kernels) by far less.
+REPEAT_TOLERANCE = 1e-5
+
+
+def check_repeatable(
+    model: nn.Module,
+    loss_fn: Callable[..., torch.Tensor],
+    components: Any,
+    *,
+    form: str,
+    dropout: str,
+    seed: int,
+    device: torch.device,
+) -> tuple[float, float]:
+    """Evaluate component 0 twice at the current parameters; refuse a loss that changes.
+
+    A component's gradient is only defined when f_0 is a function of the
+    parameters (DESIGN §4): the dropout policy must control every random
+    number the forward draws. Both evaluations run without gradients, under
+    the policy and component 0's RNG (``"fixed"``), inside
+    :func:`~clipscope.engine.guard.model_guard` (the model, its buffers and the
+    caller's RNG stream are left as found). Costs two forward passes of one
+    component.
+
+    Returns
+    -------
+    (float, float)
+        The two values of f_0 (possibly non-finite: the caller decides).
+
+    Raises
+    ------
+    ValueError
+        Both values are finite and differ by more than :data:`REPEAT_TOLERANCE`
+        (relative): the model draws random numbers the policy does not control,
+        e.g. attention dropout passed to ``scaled_dot_product_attention`` while
+        the module is in train mode, as Hugging Face models do.
+    """
+    sequential = bool(getattr(components, "sequential", False))
+    values = []
+    with model_guard(model), torch.no_grad(), dropout_policy(model, dropout):
+        for _ in range(2):
+            with rng_for_component(dropout, seed, 0):
+                loss, _ = component_loss(
+                    model, loss_fn, components.batch(0, device),
+                    form=form, sequential=sequential, index=0,
+                )  # fmt: skip
+            values.append(float(loss))
+    a, b = values
+    finite = math.isfinite(a) and math.isfinite(b)
+    if finite and abs(a - b) > REPEAT_TOLERANCE * max(abs(a), abs(b), 1e-30):
+        raise ValueError(
+            f"component 0's loss changed between two evaluations at the same parameters "
+            f"({a!r} then {b!r}) under dropout={dropout!r}: the model draws random "
+            "numbers the policy does not control (e.g. attention dropout passed to "
+            "scaled_dot_product_attention while the module is in train mode, as Hugging "
+            "Face models do). Use dropout='fixed' (fixed masks per component), or set the "
+            "model's dropout probabilities to 0"
+        )
+    return a, b

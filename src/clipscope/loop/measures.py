@@ -510,7 +510,8 @@ class StepGradient(Unit):
         """cos∠(g, ∇f_k) of the gradient in ``.grad``."""
         if self.full is None:
             return
-        sq, dot = gradient_products(step.params, self.full)
+        products = step.products or gradient_products(step.params, self.full)
+        sq, dot = products
         denominator = math.sqrt(sq) * self.full_norm
         cos = dot / denominator if denominator > 0 and math.isfinite(denominator) else math.nan
         self.pending_cos = max(-1.0, min(1.0, cos)) if math.isfinite(cos) else math.nan

@@ -56,12 +56,9 @@ from torch import nn
 from clipscope.config import check_setting
 from clipscope.engine import (
     ProbeResult,
-    dropout_policy,
-    model_guard,
-    rng_for_component,
     trainable_params,
 )
-from clipscope.engine.losses import check_loss_fn, component_loss
+from clipscope.engine.losses import check_loss_fn, check_repeatable
 from clipscope.errors import ConfigError, Interrupted, NonFiniteError
 from clipscope.loop.duties import Records
 from clipscope.loop.fit import check_batch_coupling
@@ -80,8 +77,6 @@ __all__ = ["STATE_FORMAT", "Monitor"]
 
 #: ``format`` of :meth:`Monitor.state_dict`.
 STATE_FORMAT = 1
-
-_REPEAT_TOLERANCE = 1e-5  # relative; dropout changes a loss by far more, float noise by far less
 
 
 def _quiet(text: str) -> None:
@@ -242,7 +237,8 @@ class Monitor:
         if smoothness_every is not None:
             every_k, hessian = max(smoothness_every, 1), smoothness_every > 0
             standard.append(Smoothness(every=every_k, hessian=hessian))
-        standard += [StepStatistics(), StepGradient(), *units]
+        self._step_gradient = StepGradient()
+        standard += [StepStatistics(), self._step_gradient, *units]
         if self.directory is not None:
             standard.append(Records(self.directory))
         self._units = Units(
@@ -287,31 +283,15 @@ class Monitor:
         """Evaluate component 0 twice under the guard; refuse what the probes would trip on.
 
         The model must take the batch, f_0 be one finite scalar, and the same both
-        times (else the model draws random numbers the dropout policy cannot fix).
+        times (:func:`~clipscope.engine.losses.check_repeatable`: else the model
+        draws random numbers the dropout policy cannot fix).
         """
-        sequential = bool(getattr(self.components, "sequential", False))
-        device = self.params[0].device
-        values = []
-        with model_guard(self.model), torch.no_grad(), dropout_policy(self.model, self.dropout):
-            for _ in range(2):
-                with rng_for_component(self.dropout, self.seed, 0):
-                    loss, _ = component_loss(
-                        self.model, self.loss, self.components.batch(0, device),
-                        form=self.loss_form, sequential=sequential, index=0,
-                    )  # fmt: skip
-                values.append(float(loss))
-        a, b = values
-        if not (math.isfinite(a) and math.isfinite(b)):
+        a, _ = check_repeatable(
+            self.model, self.loss, self.components, form=self.loss_form,
+            dropout=self.dropout, seed=self.seed, device=self.params[0].device,
+        )  # fmt: skip
+        if not math.isfinite(a):
             raise NonFiniteError(f"component 0's loss is {a} at the current parameters")
-        if abs(a - b) > _REPEAT_TOLERANCE * max(abs(a), abs(b), 1e-30):
-            raise ValueError(
-                f"component 0's loss changed between two evaluations at the same parameters "
-                f"({a!r} then {b!r}) under dropout={self.dropout!r}: the model draws random "
-                "numbers the policy does not control (e.g. attention dropout passed to "
-                "scaled_dot_product_attention while the module is in train mode, as Hugging "
-                "Face models do). Use dropout='fixed' (fixed masks per component), or set the "
-                "model's dropout probabilities to 0"
-            )
 
     # -- the clock ------------------------------------------------------------
     def step(self, step: int, *, lr: float | None = None) -> dict[str, float] | None:
@@ -404,8 +384,7 @@ class Monitor:
         :class:`~clipscope.loop.measures.StepStatistics`): the norm, whether it
         exceeds η, the cosine with the last probe's ∇f, the ``loss`` if given.
         Updates before the first probe are not recorded (no ∇f yet). Costs one
-        pass over the gradient (two when ``grad_norm`` is not given) and one
-        device synchronisation.
+        pass over the gradient and ∇f_k and one device synchronisation.
 
         Raises
         ------
@@ -422,8 +401,10 @@ class Monitor:
                 "and before optimizer.zero_grad()"
             )
         self._flush()  # a second update before the next step() call
-        if grad_norm is None:
-            norm = math.sqrt(gradient_products(self.params)[0])
+        products = None
+        if grad_norm is None:  # one pass gives the norm and the cosine's dot product
+            products = gradient_products(self.params, self._step_gradient.full)
+            norm = math.sqrt(products[0])
         else:
             norm = _scalar(grad_norm, "grad_norm")
         self._updates += 1
@@ -431,6 +412,7 @@ class Monitor:
             (self._last_step or 0) + self._updates, -1, self.eta, norm,
             math.nan if loss is None else _scalar(loss, "loss"), self.params,
             log=self.log, loop=self, clipped=clipped,
+            products=products if self._step_gradient.full is not None else None,
         )  # fmt: skip
         if self._units.step_gradient:
             self._units.before_update(step)

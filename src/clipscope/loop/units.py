@@ -163,6 +163,10 @@ class Step:
     clipped : bool or None
         Whether the step was clipped at ``eta``; None means ``grad_norm > eta``
         (:attr:`clip_indicator`).
+    products : (float, float) or None
+        ``(‖g‖², ⟨g, ∇f_k⟩)`` of the gradient in ``.grad`` against the last
+        probe's ∇f_k, when the loop already computed them (the Monitor reading
+        the norm itself): units reuse them instead of reading the gradient again.
     """
 
     number: int
@@ -176,6 +180,7 @@ class Step:
     loop: Any = None
     stop_requested: Callable[[], bool] = field(default=lambda: False, repr=False)
     clipped: bool | None = None
+    products: tuple[float, float] | None = None
 
     @property
     def stopping(self) -> bool:
