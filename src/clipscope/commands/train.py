@@ -1,4 +1,4 @@
-"""``clipscope train CONFIG.toml [--out DIR] [--resume] [--force]``: one crash-safe run.
+"""``clipscope train CONFIG.toml [--out DIR] [--resume] [--force] [--dist-timeout S]``: one run.
 
 Under ``torchrun`` (``torchrun --nproc_per_node=N -m clipscope train ...``) the
 ranks split every step and probe; rank 0 writes (``docs/distributed.md``).
