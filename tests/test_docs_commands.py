@@ -41,6 +41,17 @@ COVERED = {
         "test_probe_commands"
     ),
     "clipscope probe --task lstm --route two-pass --eta 0.5 --out lstm.csv": "test_probe_commands",
+    # docs/distributed.md, README: several processes (tests/test_distributed.py launches
+    # `python -m torch.distributed.run ... -m clipscope train|reproduce` on a free port)
+    **{
+        cmd: NOT_RUN
+        + "several processes under torchrun on a fixed port; tests/test_distributed.py "
+        "runs the same launches (train, kill -9 then --resume, reproduce) on a free port"
+        for cmd in documented_commands()
+        if cmd.startswith("torchrun ") and "cifar10" not in cmd
+    },
+    "torchrun --nproc_per_node=8 -m clipscope train configs/cifar10_resnet18_igc.toml "
+    "--out runs/cifar-igc --dist-timeout 1800": NOT_RUN + "8 GPUs and CIFAR-10",
     # docs/reproduce.md, docs/results.md
     "clipscope reproduce": NOT_RUN + "minutes (= make demo); test_reproduce_quick runs the "
     "documented smaller arguments",
