@@ -27,7 +27,7 @@ browser:
 	  echo "warning: could not install chromium; the report screenshot test will be skipped"
 
 test: $(STAMP) lint browser
-	$(BIN)/python -m pytest -n 2 -q
+	$(BIN)/python -m pytest -n 2 -q -m "not slow"
 
 clean-venv:
 	rm -rf $(VENV)

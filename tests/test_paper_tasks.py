@@ -23,6 +23,11 @@ def _completed(out, task):
     return runs
 
 
+# The two studies below build the full-size models (11M and 24M parameters): a minute or two
+# each on 2 cores. The same pipeline is covered cheaply by tests/test_reproduce.py (a study on
+# embedded data), tests/test_data.py (the CIFAR-10 and PTB readers), tests/test_models.py (both
+# models) and test_missing_dataset_is_a_clear_error below; `pytest -m slow` runs them.
+@pytest.mark.slow
 def test_cifar10_resnet18_on_a_fake_pickle_directory(tmp_path):
     _fake_cifar(tmp_path / "data", per_batch=4)  # 20 training images, 4 held out
     out = tmp_path / "study"
@@ -40,6 +45,7 @@ def test_cifar10_resnet18_on_a_fake_pickle_directory(tmp_path):
     assert report.is_file()
 
 
+@pytest.mark.slow
 def test_ptb_awdlstm_on_written_files(tmp_path):
     rng = np.random.default_rng(0)
     words = [f"w{k}" for k in range(30)]

@@ -270,15 +270,24 @@ def clipped_step(
     *,
     params: Sequence[torch.Tensor] | None = None,
     before_step: Callable[[float], None] | None = None,
+    reduce: Callable[[list[torch.Tensor], torch.Tensor], float] | None = None,
 ) -> float:
     """One clipped step ``x ← x − α·C(∇f_i(x); η)`` with any optimizer; return ‖∇f_i(x)‖.
 
     ``closure()`` returns the component's scalar loss f_i(x) (no backward).
-    The step zeroes the gradients, backpropagates, clips all of ``params``
+    The step zeroes the gradients, backpropagates, (with ``reduce``) combines
+    the gradients of several processes, clips all of ``params``
     (default: the optimizer's) by one global norm with
     :func:`~clipscope.clipping.clip_grads_`, calls ``before_step(norm)`` if given
     (``norm`` = ‖∇f_i(x)‖ before clipping; it sees the clipped ``.grad``), then
     ``optimizer.step()``. η = ∞ leaves the gradients bitwise untouched.
+
+    ``reduce(params, loss) -> f_i``, when given, runs right after the backward of
+    this process's part of the component (its ``closure()``): it replaces every
+    ``.grad`` by the whole component's gradient and returns the component's
+    loss (:class:`clipscope.engine.distributed.StepReducer` under
+    ``torch.distributed``), so C(·; η) is applied to the all-reduced gradient.
+    The loss is then checked after the reduction, on every process alike.
 
     Raises
     ------
@@ -301,9 +310,13 @@ def clipped_step(
     _check_step_sizes(optimizer)
     optimizer.zero_grad(set_to_none=True)
     loss = closure()
-    if not bool(torch.isfinite(loss.detach()).all()):
+    if reduce is None and not bool(torch.isfinite(loss.detach()).all()):
         raise NonFiniteError(f"the component loss is {float(loss.detach())}")
     loss.backward()
+    if reduce is not None:  # every process: the same gradient and loss from here on
+        value = reduce(params, loss)
+        if not math.isfinite(value):
+            raise NonFiniteError(f"the component loss is {value}")
     try:
         norm = clip_grads_(params, eta)
     except ValueError as exc:

@@ -31,6 +31,10 @@ runs the study makes of it. Nothing here repeats a setting.
 
 Everything is checked before anything is written: every run's config, the
 device, the threads, and each task's data (loaded once).
+
+Under ``torchrun`` every rank runs the study: each run and the cross-section
+split over the ranks, rank 0 alone writes (``--out`` must be one directory
+that every rank reads, e.g. on one machine), ``docs/distributed.md``.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +54,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 
 from clipscope.atomic import atomic_write_text
 from clipscope.config import TrainConfig, check_resources, dump_config, parse_config
+from clipscope.engine.distributed import init_from_env, is_writer, on_writer
 from clipscope.run.study import write_study
 
 CONFIGS = Path(__file__).with_name("configs")
@@ -144,6 +150,15 @@ EMBEDDED = tuple(name for name, spec in TASKS.items() if not spec.needs_data_dir
 
 def _run_name(method: str, batch_size: int) -> str:
     return f"{method}-B{batch_size}"
+
+
+def _quiet(text: str) -> None:
+    pass
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, text)
 
 
 def _status(run_dir: Path) -> str | None:
@@ -337,10 +352,17 @@ def reproduce(
         device=device,
         progress=progress,
     )
-    if out.exists() and any(out.iterdir()) and not resume:
-        raise FileExistsError(
-            f"output directory {out} exists and is not empty; use --resume or another --out"
-        )
+    init_from_env(device)  # under torchrun: every rank runs, rank 0 writes
+    echo = echo if is_writer() else _quiet
+
+    def make_out() -> None:
+        if out.exists() and any(out.iterdir()) and not resume:
+            raise FileExistsError(
+                f"output directory {out} exists and is not empty; use --resume or another --out"
+            )
+        out.mkdir(parents=True, exist_ok=True)
+
+    on_writer(make_out)
     study: dict[str, Any] = {"tasks": {}}
     for name in tasks:
         spec = TASKS[name]
@@ -351,16 +373,14 @@ def reproduce(
         }
 
     def save_study() -> None:
-        write_study(out, study)
+        on_writer(partial(write_study, out, study))
 
-    out.mkdir(parents=True, exist_ok=True)
     failures = []
     for k, (spec, method, b, cfg) in enumerate(grid, 1):
         rel = Path("runs") / spec.name / _run_name(method, b)
         run_dir = out / rel
         config_path = out / "configs" / spec.name / f"{_run_name(method, b)}.toml"
-        config_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(config_path, dump_config(cfg))
+        on_writer(partial(_write_text, config_path, dump_config(cfg)))
         entry = {
             "method": method,
             "batch_size": b,
@@ -370,7 +390,7 @@ def reproduce(
         if cfg.smoothness_every:
             entry["theorem"] = True  # records what Theorem 3.1 / 3.2 needs
         echo(f"[{k}/{len(grid)}] {spec.name}: {method.upper()}-clip, batch size {b} -> {run_dir}")
-        if _status(run_dir) == "completed":
+        if on_writer(partial(_status, run_dir)) == "completed":
             echo("  already completed; kept")
             code = 0
         else:
@@ -378,7 +398,7 @@ def reproduce(
         if code != 0:
             failures.append(f"{spec.name} {_run_name(method, b)} (exit {code})")
             entry["exit_code"] = code
-        if (run_dir / "epochs.csv").is_file():
+        if on_writer((run_dir / "epochs.csv").is_file):
             study["tasks"][spec.name]["runs"].append(entry)
         save_study()
     for name in tasks:
@@ -391,25 +411,23 @@ def reproduce(
             echo(f"{name}: batch-size cross-section at the final point of {first['dir']}")
             cross = _cross_section(spec, out / first["dir"], out / first["config"])
             rel = Path("cross_section") / f"{name}.json"
-            (out / rel).parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(out / rel, json.dumps(cross, indent=2) + "\n")
+            on_writer(partial(_write_text, out / rel, json.dumps(cross, indent=2) + "\n"))
             study["tasks"][name]["cross_section"] = str(rel)
             save_study()
         if spec.per_sample and runs:
             first = min(runs, key=lambda e: e["batch_size"])
             rel = Path("cross_section") / f"{name}-per-sample.json"
-            if not (resume and (out / rel).is_file()):
+            if not (resume and on_writer((out / rel).is_file)):
                 echo(f"{name}: batch-size-1 components at the final point of {first['dir']}")
-                try:
+                try:  # under torchrun: the probe is split, and raises on every rank alike
                     section = _per_sample(out / first["dir"], out / first["config"])
                 except ValueError as exc:  # e.g. the per-sample route refuses train-mode BatchNorm
                     echo(f"  not computed: {exc}")
                     section = {"point": first["dir"], "reason": str(exc)}
-                (out / rel).parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(out / rel, json.dumps(section) + "\n")
+                on_writer(partial(_write_text, out / rel, json.dumps(section) + "\n"))
             study["tasks"][name]["per_sample"] = str(rel)
             save_study()
-    report = build_report(out)
+    report = on_writer(partial(build_report, out))
     if failures:
         echo("runs that stopped early: " + "; ".join(failures))
     return report

@@ -10,8 +10,15 @@ Exit codes (:data:`EXIT_CODES`): 0 done, 2 bad config or refused directory
 (raised as :class:`~clipscope.errors.ConfigError` / :class:`FileExistsError`;
 the CLI turns them into 2), 3 non-finite loss, gradient or step (the last good
 checkpoint kept, ``summary.json`` says ``nonfinite``), 4 I/O error such as a
-full disk (existing files left intact), 130 SIGINT and 143 SIGTERM
-(checkpointed at the next component boundary, ``--resume`` continues).
+full disk (existing files left intact), 5 another process of a
+``torchrun`` job died or timed out (the last checkpoint intact), 130 SIGINT
+and 143 SIGTERM (checkpointed at the next component boundary, ``--resume``
+continues).
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) it initialises the process group
+itself (gloo on CPU, NCCL for ``device = "cuda"``, each rank on
+``cuda:LOCAL_RANK``); every rank trains (each component's batch split over
+them), rank 0 alone prints and writes (``docs/distributed.md``).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from pathlib import Path
 import torch
 
 from clipscope.config import TrainConfig, check_resources, dump_config, load_config
+from clipscope.engine import distributed as _dist
 from clipscope.errors import Interrupted, NonFiniteError
 from clipscope.loop import fit_loop
 from clipscope.run.directory import RunDirectory
@@ -30,12 +38,13 @@ from clipscope.tasks import build_task
 
 __all__ = ["EXIT_CODES", "train"]
 
-EXIT_OK, EXIT_CONFIG, EXIT_NONFINITE, EXIT_IO = 0, 2, 3, 4
+EXIT_OK, EXIT_CONFIG, EXIT_NONFINITE, EXIT_IO, EXIT_DISTRIBUTED = 0, 2, 3, 4, 5
 EXIT_CODES = {
     "completed": EXIT_OK,
     "config": EXIT_CONFIG,
     "nonfinite": EXIT_NONFINITE,
     "io": EXIT_IO,
+    "distributed": EXIT_DISTRIBUTED,
     "SIGINT": 130,
     "SIGTERM": 143,
 }
@@ -64,11 +73,14 @@ def train(
     force: bool = False,
     on_step: Callable[[int, int, float], None] | None = None,
     echo: Callable[[str], None] | None = None,
+    dist_timeout: float | None = None,
 ) -> int:
     """Run ``clipscope train CONFIG [--out DIR] [--resume] [--force]``; return the exit code.
 
     ``out`` defaults to ``runs/<config stem>``. Messages go to ``echo`` (default:
-    ``tqdm.write``) and to ``train.log`` in the run directory.
+    ``tqdm.write``) and to ``train.log`` in the run directory (rank 0 only under
+    ``torchrun``; ``dist_timeout`` seconds bound each collective, default
+    ``CLIPSCOPE_DIST_TIMEOUT`` or 600).
 
     Raises
     ------
@@ -80,6 +92,8 @@ def train(
         (without ``force``); nothing has been written.
     FileExistsError
         ``out`` is a file, or holds files and ``resume`` is False.
+    RanksDisagree
+        Under ``torchrun``: the ranks were given different configs, data or models.
     """
     if echo is None:
         from tqdm.auto import tqdm
@@ -88,10 +102,22 @@ def train(
     cfg = load_config(config_path)
     check_resources(cfg)
     out = Path(out) if out is not None else Path("runs") / Path(config_path).stem
+    owned = _dist.init_from_env(cfg.device, dist_timeout)  # under torchrun
+    try:
+        return _train(cfg, out, resume, force, on_step, echo)
+    finally:
+        if owned:
+            _dist.shutdown()
+
+
+def _train(cfg, out, resume, force, on_step, echo) -> int:
+    writer = _dist.is_writer()
+    if not writer:
+        echo = _silent
 
     def log(text: str) -> None:
         echo(text)
-        if out.is_dir():
+        if writer and out.is_dir():
             try:
                 with open(out / "train.log", "a") as handle:
                     handle.write(text + "\n")
@@ -119,9 +145,18 @@ def train(
         except OSError as exc:
             echo(f"error: I/O failure in {out}: {exc}; files already written are intact")
             return EXIT_IO
+        except _dist.DistributedError as exc:
+            import sys
+
+            print(f"clipscope train: error: {exc}", file=sys.stderr)  # every rank says it
+            return EXIT_DISTRIBUTED
     last = history.rows[-1] if history.rows else {}
     log(
         f"done: {history.steps} steps, {len(history.rows)} probe rows in {out}"
         + (f"; f(x)={last['loss']:.6g}, ‖∇f‖={last['grad_norm']:.4g}" if last else "")
     )
     return EXIT_OK
+
+
+def _silent(text: str) -> None:
+    pass

@@ -59,5 +59,8 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume,
         progress=not args.no_progress,
     )
-    print(f"report: {report}")
+    from clipscope.engine.distributed import is_writer
+
+    if is_writer():  # under torchrun: rank 0 says it once
+        print(f"report: {report}")
     return 0

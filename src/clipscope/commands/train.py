@@ -1,4 +1,8 @@
-"""``clipscope train CONFIG.toml [--out DIR] [--resume] [--force]``: one crash-safe run."""
+"""``clipscope train CONFIG.toml [--out DIR] [--resume] [--force] [--dist-timeout S]``: one run.
+
+Under ``torchrun`` (``torchrun --nproc_per_node=N -m clipscope train ...``) the
+ranks split every step and probe; rank 0 writes (``docs/distributed.md``).
+"""
 
 from __future__ import annotations
 
@@ -16,8 +20,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "Train with SGD-/IGC-/RR-clip (or shuffle-once, Zhang et al.) as the TOML config says, "
             "probing the clipping statistics at the start of every epoch. Exit codes: 0 done, "
             "2 bad config or refused directory, 3 non-finite loss, gradient or step (last good "
-            "checkpoint kept), 4 I/O error (e.g. disk full), 130/143 interrupted by SIGINT/SIGTERM "
-            "(checkpointed; continue with --resume)."
+            "checkpoint kept), 4 I/O error (e.g. disk full), 5 another torchrun process died or "
+            "timed out, 130/143 interrupted by SIGINT/SIGTERM (checkpointed; continue with "
+            "--resume). Under torchrun every process trains its share of each step and rank 0 "
+            "writes (docs/distributed.md)."
         ),
     )
     parser.add_argument("config", help="TOML config file (see clipscope.config.TrainConfig)")
@@ -30,6 +36,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="with --resume: accept a config that differs from the stored one (logged)",
     )
+    parser.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="under torchrun: how long a process waits for the others at a collective before "
+        "it stops with exit 5 (default: $CLIPSCOPE_DIST_TIMEOUT or 600)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -37,4 +51,6 @@ def run(args: argparse.Namespace) -> int:
     """Run the config; the exit code says how it ended."""
     if args.force and not args.resume:
         raise ValueError("--force only applies together with --resume")
-    return train(args.config, args.out, resume=args.resume, force=args.force)
+    return train(
+        args.config, args.out, resume=args.resume, force=args.force, dist_timeout=args.dist_timeout
+    )

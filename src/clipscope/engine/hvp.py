@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from clipscope.engine.distributed import Shard, ranks
 from clipscope.engine.guard import check_dropout_policy, model_guard
 from clipscope.engine.losses import component_losses, param_names, trainable_params
 from clipscope.errors import NonFiniteError
@@ -146,31 +147,50 @@ class HessianOperator:
     The first product also accumulates ``∇f(x) = (1/m) Σ ∇f_i(x)`` (float64),
     which costs nothing extra since ``∇f_i`` is built anyway.
 
+    Under an initialised ``torch.distributed`` process group (``distributed=None``,
+    the default; False: this process only) every rank must build it and call it
+    alike: each rank differentiates its block of components
+    (:class:`~clipscope.engine.distributed.Shard`) and the float64 sums are
+    all-reduced, so every rank gets the same product (a solver on top runs
+    identically everywhere).
+
     Call it inside :func:`hessian_context` (the model guarded, cuDNN RNNs off,
     grad mode on); ``params`` is the list from :func:`prepare`. Raises
     :class:`~clipscope.errors.NonFiniteError` naming the component and the
     parameters when a gradient or a product is NaN/inf.
     """
 
-    def __init__(self, model, loss_fn, components, params, dropout="off", seed=0) -> None:
+    def __init__(
+        self, model, loss_fn, components, params, dropout="off", seed=0, *, distributed=None
+    ) -> None:
         self.args = (model, loss_fn, components)
-        self.kw = {"dropout": dropout, "seed": seed, "params": params}
         self.params = params
         self.m = len(components)
+        self.shard = Shard(self.m, ranks(distributed))
+        self.kw = {"dropout": dropout, "seed": seed, "params": params, "only": self.shard.only}
         self.grad: torch.Tensor | None = None
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         """Return ``∇²f(x) v`` (float64) for a flat float64 ``v``."""
         acc = torch.zeros_like(v, dtype=torch.float64)
         gacc = torch.zeros_like(acc) if self.grad is None else None
-        with contextlib.closing(component_losses(*self.args, **self.kw)) as losses:
-            for i, loss in losses:
-                grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
-                if gacc is not None:
-                    g = _flatten(grads, self.params)
-                    gacc += _check_finite(g, "gradient", i, self.args[0], self.params)
-                hv = _hv_from_grads(grads, v, self.params, retain=False)
-                acc += _check_finite(hv, "Hessian-vector product", i, self.args[0], self.params)
+        with self.shard.together():
+            stream = self.shard.losses(component_losses(*self.args, **self.kw))
+            with contextlib.closing(stream) as losses:
+                for i, loss in losses:
+                    grads = torch.autograd.grad(
+                        loss, self.params, create_graph=True, allow_unused=True
+                    )
+                    if gacc is not None:
+                        g = _flatten(grads, self.params)
+                        gacc += _check_finite(g, "gradient", i, self.args[0], self.params)
+                    hv = _hv_from_grads(grads, v, self.params, retain=False)
+                    acc += _check_finite(hv, "Hessian-vector product", i, self.args[0], self.params)
+            if gacc is not None:
+                both = self.shard.sum_(torch.stack([acc, gacc]))  # one all-reduce for the two sums
+                acc, gacc = both[0], both[1]
+            else:
+                self.shard.sum_(acc)
         if gacc is not None:
             self.grad = gacc / self.m
         return acc / self.m

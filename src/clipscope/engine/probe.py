@@ -57,8 +57,11 @@ budget, else ``two-pass``; ``result.route`` says which ran, and
 ``result.info["factors"]`` what the per-sample routes kept.
 
 Reductions are sums (``Σ g_i``, ``Σ γ_i g_i``, per-component scalars placed by
-index), so components could later be split across processes with one
-all-reduce of the vectors and a gather of the scalars; nothing here does that.
+index). Under an initialised ``torch.distributed`` process group the same call
+on every rank splits the components (:class:`~clipscope.engine.distributed.Shard`:
+contiguous blocks, the vectors all-reduced in float64 where the sums
+complete, the scalars gathered in index order) and returns the whole result
+on every rank (``docs/distributed.md``).
 
 Batches are moved to the device of the first parameter.
 
@@ -78,6 +81,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from clipscope.engine import distributed as _dist
 from clipscope.engine import verify
 from clipscope.engine.guard import (
     batch_coupled_modules,
@@ -213,6 +217,7 @@ def probe(
     keep_full_grad: bool = False,
     strict: bool = False,
     spot_checks: int = 4,
+    distributed: bool | None = None,
 ) -> ProbeResult | MultiProbeResult:
     """Measure ``n_i``, ``d_i``, ``f_i``, ``‖∇f‖`` and clipped sums at the current parameters.
 
@@ -239,7 +244,7 @@ def probe(
     memory_budget : int
         Bytes the keep route may use for the stored ``g_i``, and the
         per-sample-kept route for its kept factors (estimated from the first
-        chunk, checked at every chunk).
+        chunk, checked at every chunk; per process under torch.distributed).
     batch_sizes : sequence of int, optional
         Dyadic: ``[b, 2b, 4b, ...]`` with ``b`` the components' batch size;
         ``[1]`` asks for per-sample components.
@@ -260,6 +265,11 @@ def probe(
         Per-sample route: samples whose gradients are recomputed by their own
         backward and compared with the route's norms and dots (seeded by
         ``seed``; recorded in ``result.verification``).
+    distributed : bool, optional
+        None (default): when a ``torch.distributed`` process group with more
+        than one rank is initialised, split the components over its ranks
+        (every rank must make the same call; each returns the whole result).
+        False: compute everything in this process. True: require a group.
 
     Returns
     -------
@@ -283,6 +293,7 @@ def probe(
     check_dropout_policy(dropout)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model)!r}")
+    model = _dist.unwrap(model)  # DistributedDataParallel: its module; FSDP refused
     if isinstance(spot_checks, bool) or not isinstance(spot_checks, int) or spot_checks < 0:
         raise ValueError(f"spot_checks must be an int >= 0, got {spot_checks!r}")
     if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 0:
@@ -298,12 +309,20 @@ def probe(
     m = len(components)
     base_b = int(components.batch_size)
     sizes_dyadic = _dyadic_sizes(base_b, batch_sizes, levels)
+    ranks = _dist.ranks(distributed)
+    if ranks is not None:  # every rank must measure the same thing
+        arguments = {
+            "etas": etas, "route": route, "dropout": dropout, "seed": seed,
+            "memory_budget": memory_budget, "batch_sizes": batch_sizes, "levels": levels,
+            "strict": strict, "spot_checks": spot_checks, "keep_full_grad": keep_full_grad,
+        }  # fmt: skip
+        ranks.check_same(_fingerprints(model, loss_fn, components, params, arguments))
     if route == "auto":
         if batch_sizes is not None and list(batch_sizes) == [1] and base_b != 1:
             route, keep_factors = "per-sample", "auto"
         elif len(sizes_dyadic) > 1:
             route = "dyadic"
-        elif m * flat.n * flat.dtype.itemsize <= memory_budget:
+        elif _dist.Shard(m, ranks).largest * flat.n * flat.dtype.itemsize <= memory_budget:
             route = "keep"
         else:
             route = "two-pass"
@@ -312,9 +331,10 @@ def probe(
         raise ValueError(f"batch_sizes=[1] needs route='per-sample' (or 'auto'), got {route!r}")
     if route not in ("dyadic",) and len(sizes_dyadic) > 1:
         raise ValueError(f"several batch sizes {sizes_dyadic} need route='dyadic' (or 'auto')")
-    if route == "keep" and m * flat.n * flat.dtype.itemsize > memory_budget:
+    kept = _dist.Shard(m, ranks).largest  # the components one rank stores
+    if route == "keep" and kept * flat.n * flat.dtype.itemsize > memory_budget:
         raise ValueError(
-            f"route='keep' needs m·n·itemsize = {m * flat.n * flat.dtype.itemsize} bytes, "
+            f"route='keep' needs m·n·itemsize = {kept * flat.n * flat.dtype.itemsize} bytes, "
             f"more than memory_budget={memory_budget}"
         )
     if route in ("dyadic", "per-sample"):
@@ -344,6 +364,7 @@ def probe(
         "n_params": flat.n,
         "dtype": str(flat.dtype).replace("torch.", ""),
         "n_samples": int(sum(components.sizes)),
+        "processes": 1 if ranks is None else ranks.world,
     }
     # f_i must be a function of x: a forward drawing random numbers the dropout
     # policy does not control would make every statistic a sample of noise.
@@ -352,35 +373,42 @@ def probe(
         device=flat.params[0].device,
     )  # fmt: skip
     verification: dict = {}
-    with model_guard(model), torch.enable_grad():
+    # dyadic: whole top-level parents per rank, so that no parent straddles two ranks
+    shard = _dist.Shard(m, ranks, align=1 << (len(sizes_dyadic) - 1) if route == "dyadic" else 1)
+    progress = progress and _dist.is_writer()
+    with model_guard(model), torch.enable_grad(), shard.together():
         if route == "per-sample":
             result, verification = _per_sample(
-                model,
-                loss_fn,
-                components,
-                flat,
-                etas,
-                dropout,
-                seed,
-                progress,
-                strict,
-                spot_checks,
-                keep_factors,
-                memory_budget,
-            )
+                model, loss_fn, components, flat, etas, dropout, seed, progress, strict,
+                spot_checks, shard, keep_factors, memory_budget,
+            )  # fmt: skip
             info["factors"] = verification.pop("factors")
             if info["factors"]["kept"]:
                 route = "per-sample-kept"
             if verification["fallback"] or verification["dots_fallback"]:
                 route += "+fallback"
         elif route == "keep":
-            result = _keep(model, loss_fn, components, flat, etas, dropout, seed, progress)
+            result = _keep(model, loss_fn, components, flat, etas, dropout, seed, progress, shard)
         else:
             levels_ = len(sizes_dyadic) if route == "dyadic" else 1
             result = _sweep(
-                model, loss_fn, components, flat, etas, dropout, seed, progress, levels_
+                model, loss_fn, components, flat, etas, dropout, seed, progress, levels_, shard
             )
     return _package(result, route, info, flat, keep_full_grad, verification, strict)
+
+
+def _fingerprints(model, loss_fn, components, params, args) -> dict[str, Any]:
+    """Return what every rank must agree on before a distributed probe (``check_same``)."""
+    arguments = {
+        **{k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in args.items()},
+        "m": len(components),
+        "loss_fn": getattr(loss_fn, "__qualname__", type(loss_fn).__name__),
+    }
+    return {
+        "arguments": arguments,
+        "data": _dist.components_fingerprint(components),
+        "model": _dist.model_fingerprint(model, params),
+    }
 
 
 def _check_components(components: Any) -> None:
@@ -439,17 +467,20 @@ class _Level:
         self.pending_loss, self.pending_w, self.pending_count = 0.0, 0, 0
 
 
-def _sweep(model, loss_fn, components, flat, etas, dropout, seed, progress, n_levels):
-    """Two passes at the base batch size; levels > 1 are the dyadic parents."""
+def _sweep(model, loss_fn, components, flat, etas, dropout, seed, progress, n_levels, shard):
+    """Two passes at the base batch size; levels > 1 are the dyadic parents.
+
+    ``shard``: this rank's block (whole top-level parents), completed after each pass.
+    """
     sizes = [int(s) for s in components.sizes]
     drop_last = bool(getattr(components, "drop_last", False))
     levels = [_Level(flat.n, flat.device, merges=level > 0) for level in range(n_levels)]
     m = len(components)
     # pass 1: norms, losses, Σ g (and the dyadic carry)
     stream = component_losses(
-        model, loss_fn, components, dropout=dropout, seed=seed, device=flat.device
+        model, loss_fn, components, dropout=dropout, seed=seed, device=flat.device, only=shard.only
     )
-    for i, loss in _progress(stream, m, progress, "probe pass 1"):
+    for i, loss in _progress(shard.losses(stream), len(shard), progress, "probe pass 1"):
         g = flat.grad(loss, i).double()
         s = sizes[i]
         base = levels[0]
@@ -467,6 +498,11 @@ def _sweep(model, loss_fn, components, flat, etas, dropout, seed, progress, n_le
     for lev in levels[1:]:
         if lev.pending_count and not drop_last:
             lev.close_parent()
+    full_sums = shard.sum_(torch.stack([lev.sum_grad for lev in levels]))
+    for level, lev in enumerate(levels):  # every rank's parents, in index order
+        lev.norms, lev.losses, sizes_l = shard.gather(lev.norms, lev.losses, lev.sizes)
+        lev.norms, lev.losses = list(lev.norms), list(lev.losses)
+        lev.sizes, lev.sum_grad = [int(v) for v in sizes_l], full_sums[level]
     full = [lev.sum_grad / len(lev.norms) for lev in levels]
     full_mat = torch.stack(full)  # (L, n)
     # parent of child i at level l, and its weight s_i / s_P
@@ -477,9 +513,9 @@ def _sweep(model, loss_fn, components, flat, etas, dropout, seed, progress, n_le
     mismatch = 0.0
     # pass 2: dots with each level's ∇f, clipped sums
     stream = component_losses(
-        model, loss_fn, components, dropout=dropout, seed=seed, device=flat.device
+        model, loss_fn, components, dropout=dropout, seed=seed, device=flat.device, only=shard.only
     )
-    for i, loss in _progress(stream, m, progress, "probe pass 2"):
+    for i, loss in _progress(shard.losses(stream), len(shard), progress, "probe pass 2"):
         g = flat.grad(loss, i).double()
         n1 = levels[0].norms[i]
         mismatch = max(mismatch, abs(_norm64(g) - n1) / n1 if n1 > 0 else _norm64(g))
@@ -493,6 +529,9 @@ def _sweep(model, loss_fn, components, flat, etas, dropout, seed, progress, n_le
                     continue
                 coef[level] = gam[level][:, p] * sizes[i] / levels[level].sizes[p]
             clip_acc.addr_(torch.from_numpy(coef.reshape(-1)).to(flat.device), g)
+    shard.sum_(clip_acc)
+    mismatch = shard.max(mismatch)
+    child_dots = np.stack(shard.complete(*child_dots))
     out = []
     for level, lev in enumerate(levels):
         m_l = len(lev.norms)
@@ -521,36 +560,43 @@ def _sweep(model, loss_fn, components, flat, etas, dropout, seed, progress, n_le
     return out
 
 
-def _keep(model, loss_fn, components, flat, etas, dropout, seed, progress):
-    """One pass storing every g_i; dots and clipped sums as chunked float64 products."""
+def _keep(model, loss_fn, components, flat, etas, dropout, seed, progress, shard):
+    """One pass storing every g_i; dots and clipped sums as chunked float64 products.
+
+    ``shard``: this rank stores and multiplies its block's rows only.
+    """
     m = len(components)
-    G = torch.empty(m, flat.n, dtype=flat.dtype, device=flat.device)
+    G = torch.empty(len(shard), flat.n, dtype=flat.dtype, device=flat.device)
     sum_grad = torch.zeros(flat.n, dtype=torch.float64, device=flat.device)
     norms, losses = np.zeros(m), np.zeros(m)
     stream = component_losses(
-        model, loss_fn, components, dropout=dropout, seed=seed, device=flat.device
+        model, loss_fn, components, dropout=dropout, seed=seed, device=flat.device, only=shard.only
     )
-    for i, loss in _progress(stream, m, progress, "probe (keep)"):
+    for i, loss in _progress(shard.losses(stream), len(shard), progress, "probe (keep)"):
         g = flat.grad(loss, i)
-        G[i] = g
+        G[i - shard.start] = g
         g = g.double()
         norms[i] = _norm64(g)
         losses[i] = float(loss.detach())
         sum_grad += g
-    full = sum_grad / m
-    dots = torch.empty(m, dtype=torch.float64, device=flat.device)
+    norms, losses = shard.complete(norms, losses)
+    full = shard.sum_(sum_grad) / m
+    dots = torch.zeros(m, dtype=torch.float64, device=flat.device)
     gam = torch.from_numpy(_gammas(norms, etas)).to(flat.device)  # (E, m)
     clip_acc = torch.zeros(len(etas), flat.n, dtype=torch.float64, device=flat.device)
-    for a in range(0, m, _CHUNK_ROWS):
+    for a in range(0, len(shard), _CHUNK_ROWS):  # a: row of G, a + start: component
         rows = G[a : a + _CHUNK_ROWS].double()
-        dots[a : a + _CHUNK_ROWS] = rows @ full
+        c = a + shard.start
+        dots[c : c + len(rows)] = rows @ full
         if etas:
-            clip_acc += gam[:, a : a + _CHUNK_ROWS] @ rows
+            clip_acc += gam[:, c : c + len(rows)] @ rows
+    shard.sum_(clip_acc)
+    (dots_np,) = shard.complete(dots.cpu().numpy())
     clipped = {eta: _cos(clip_acc[k], full) for k, eta in enumerate(etas)}
     return [
         {
             "norms": norms,
-            "dots": dots.cpu().numpy(),
+            "dots": dots_np,
             "losses": losses,
             "sizes": np.array(components.sizes),
             "full": full,
@@ -572,6 +618,7 @@ def _per_sample(
     progress,
     strict,
     spot_checks,
+    shard,
     keep_factors=False,
     memory_budget=DEFAULT_MEMORY_BUDGET,
 ):
@@ -590,12 +637,17 @@ def _per_sample(
     is on the fallback, and a third failure raises: the components are then not
     reproducible (unseeded randomness) and nothing can be trusted.
 
+    ``shard``: this rank's chunks; the plan's fallbacks and the spot checks'
+    failures are merged over the ranks (:func:`_merge_plan`), so every rank
+    takes the same decisions and returns the same record.
+
     ``keep_factors`` (``"auto"``, ``"required"`` or False): pass 1 also keeps each
     chunk's per-sample gradients in factored form
     (:class:`~clipscope.engine.per_sample.kept.KeptChunk`) while their estimated
-    total fits ``memory_budget``; pass 2 then takes the chunk's dots and
-    γ-weighted sums from them instead of running the model. ``"auto"`` drops
-    them when they do not fit; ``"required"`` raises ``ValueError``.
+    total fits ``memory_budget`` (per process: this rank's chunks); pass 2 then
+    takes the chunk's dots and γ-weighted sums from them instead of running the
+    model. ``"auto"`` drops them when they do not fit (on every rank when on
+    one); ``"required"`` raises ``ValueError``.
     """
     from clipscope.engine.per_sample import Plan
     from clipscope.engine.per_sample.batch import kernels_for_derivatives
@@ -608,19 +660,9 @@ def _per_sample(
         plan = Plan(model, flat.params, seed=seed, strict=strict)
         for attempt in range(3):
             result, failures = _per_sample_once(
-                model,
-                loss_fn,
-                components,
-                flat,
-                etas,
-                dropout,
-                seed,
-                progress,
-                plan,
-                spot,
-                keep_factors,
-                memory_budget,
-            )
+                model, loss_fn, components, flat, etas, dropout, seed, progress, plan, spot,
+                shard, keep_factors, memory_budget,
+            )  # fmt: skip
             if not result["factors"]["kept"]:
                 keep_factors = False  # a rerun does not try again what did not fit
             if not failures["params"] and failures["dots"] is None:
@@ -661,13 +703,13 @@ def _per_sample_once(
     progress,
     plan,
     spot,
+    shard,
     keep_factors=False,
     memory_budget=DEFAULT_MEMORY_BUDGET,
 ):
     from clipscope.engine import per_sample
     from clipscope.engine.per_sample.fallback import fallback_stats
 
-    m_chunks = len(components)
     n_samples = int(sum(components.sizes))
     sq_norms, losses = np.zeros(n_samples), np.zeros(n_samples)
     sum_grad = torch.zeros(flat.n, dtype=torch.float64, device=flat.device)
@@ -677,7 +719,10 @@ def _per_sample_once(
     ghost_losses: list[torch.Tensor] = []
     kept: list = []  # each chunk's KeptChunk while the factors fit the budget
     factors = {"kept": bool(keep_factors), "bytes": 0, "budget": memory_budget, "reason": None}
-    for c in _progress(range(m_chunks), m_chunks, progress, "per-sample pass 1"):
+    mine = int(sum(offsets[c + 1] - offsets[c] for c in shard.indices))  # this rank's samples
+    seen = 0
+    required, requested = keep_factors == "required", bool(keep_factors)
+    for c in _progress(shard.indices, len(shard), progress, "per-sample pass 1"):
         x, y = components.batch(c, flat.device)
         with rng_for_component(dropout, seed, c):
             ghost = per_sample.ghost_pass(model, loss_fn, x, y, plan=plan, keep=bool(keep_factors))
@@ -694,13 +739,14 @@ def _per_sample_once(
         if keep_factors:
             kept.append(ghost.kept)
             factors["bytes"] += ghost.kept.nbytes
-            estimate = int(factors["bytes"] * n_samples // b)  # all chunks, from those seen
+            seen += b - a
+            estimate = int(factors["bytes"] * mine // seen)  # all chunks, from those seen
             if estimate > memory_budget:
                 reason = (
-                    f"the per-sample factors need about {estimate} bytes (from {b} of "
-                    f"{n_samples} samples), more than memory_budget={memory_budget}"
+                    f"the per-sample factors need about {estimate} bytes (from {seen} of "
+                    f"{mine} samples), more than memory_budget={memory_budget}"
                 )
-                if keep_factors == "required":
+                if required and shard.ranks is None:
                     raise ValueError(
                         f"route='per-sample-kept': {reason}; use route='per-sample' (two "
                         "passes, bounded memory) or a larger memory_budget"
@@ -708,7 +754,22 @@ def _per_sample_once(
                 keep_factors, kept = False, []
                 factors.update(kept=False, bytes=estimate, reason=reason)
         del ghost
-    full = sum_grad / n_samples
+    if requested and shard.ranks is not None:  # every rank keeps, or none does
+        states = shard.objects((factors["kept"], factors["bytes"], factors["reason"]))
+        failed = next((s for s in states if not s[0]), None)
+        if failed is not None:
+            if required:
+                raise ValueError(
+                    f"route='per-sample-kept': {failed[2]} (on one rank); use "
+                    "route='per-sample' (two passes, bounded memory) or a larger memory_budget"
+                )
+            kept = []
+            factors.update(kept=False, bytes=failed[1], reason=failed[2])
+        else:
+            factors["bytes"] = max(s[1] for s in states)  # the largest rank's, as the budget
+    sq_norms, losses = shard.complete(sq_norms, losses, offsets=offsets)
+    full = shard.sum_(sum_grad) / n_samples
+    _merge_plan(plan, shard)  # pass 2 runs with every rank's fallbacks, as one process would
     full_parts = flat.unflatten(full)
     gnorm = _norm64(full)
     norms = np.sqrt(sq_norms)
@@ -730,16 +791,17 @@ def _per_sample_once(
     reduced = flat.dtype not in (torch.float32, torch.float64)
     # a dot that failed its spot check is not taken from the same factors again
     use_kept = bool(kept) and plan.dots_fallback is None
-    for c in _progress(range(m_chunks), m_chunks, progress, "per-sample pass 2"):
+    for c in _progress(shard.indices, len(shard), progress, "per-sample pass 2"):
         x, y = components.batch(c, flat.device)
         a, b = offsets[c], offsets[c + 1]
         if use_kept:
-            d = kept[c].dots(vector)
+            d = kept[c - shard.start].dots(vector)
         else:
             with rng_for_component(dropout, seed, c):
                 d = per_sample.per_sample_dots(
-                    model, loss_fn, x, y, vector, plan=plan, expect_losses=ghost_losses[c]
-                )
+                    model, loss_fn, x, y, vector, plan=plan,
+                    expect_losses=ghost_losses[c - shard.start],
+                )  # fmt: skip
         dots[a:b] = d.detach().double().cpu().numpy()
         local = [int(j) - a for j in spot[(spot >= a) & (spot < b)]]
         if local:
@@ -762,7 +824,7 @@ def _per_sample_once(
         if not etas:
             continue
         if use_kept:  # Σ_j γ_j(η) g_j from the kept factors, no backward
-            for k, w in kept[c].weighted(gam[:, a:b]).items():
+            for k, w in kept[c - shard.start].weighted(gam[:, a:b]).items():
                 start = sum(flat.numels[:k])
                 clip_acc[:, start : start + flat.numels[k]] += w.reshape(len(etas), -1)
             continue
@@ -786,6 +848,10 @@ def _per_sample_once(
                     for i, k in enumerate(batch1):
                         parts[k].copy_(fs.weighted[e][i])
                 clip_acc[e] += g
+    shard.sum_(clip_acc)
+    (dots,) = shard.complete(dots, offsets=offsets)
+    failures, spot_record = _merge_checks(failures, spot_record, shard)
+    _merge_plan(plan, shard)
     clipped = {eta: _cos(clip_acc[k], full) for k, eta in enumerate(etas)}
     return {
         "norms": norms,
@@ -799,6 +865,70 @@ def _per_sample_once(
         "spot": spot_record,
         "factors": factors,
     }, failures
+
+
+def _merge_plan(plan, shard) -> None:
+    """Give every rank's plan the fallbacks of all ranks, as one process over the chunks would.
+
+    Rank order is chunk order: each parameter keeps the reason of the first
+    rank that moved it, an event of a later rank keeps only the parameters no
+    earlier one moved, the dots keep the first reason. Events this rank had
+    not seen are warned about here. Structural checks add up; their largest
+    error is the largest of all.
+    """
+    from clipscope.engine.per_sample.plan import Event
+
+    if shard.ranks is None:
+        return
+    states = shard.objects(
+        (plan.events, plan.fallback, plan.dots_fallback, plan.structural_checks,
+         plan.structural_max_error, plan.vmap_failed)
+    )  # fmt: skip
+    mine = {(e.stage, e.params, e.reason) for e in plan.events}
+    events: list = []
+    moved: set[str] = set()
+    fallback: dict[int, str] = {}
+    dots = None
+    for rank_events, rank_fallback, rank_dots, *_ in states:
+        for e in rank_events:
+            if not e.params:
+                if dots is None:
+                    dots = rank_dots if rank_dots is not None else e.reason
+                    events.append(e)
+                continue
+            new = tuple(name for name in e.params if name not in moved)
+            if new:
+                moved.update(new)
+                events.append(Event(e.stage, new, e.reason))
+        for k, reason in rank_fallback.items():
+            fallback.setdefault(k, reason)
+    for e in events:
+        if (e.stage, e.params, e.reason) not in mine and not any(
+            set(e.params) <= set(p) and e.reason == r for _, p, r in mine
+        ):
+            warnings.warn(e.message(), verify.PerSampleFallbackWarning, stacklevel=4)
+    plan.events = events
+    plan.fallback = dict(sorted(fallback.items()))
+    plan.dots_fallback = dots if dots is not None else next((s[2] for s in states if s[2]), None)
+    plan.structural_checks = sum(s[3] for s in states)
+    plan.structural_max_error = max(s[4] for s in states)
+    plan.vmap_failed = any(s[5] for s in states)
+
+
+def _merge_checks(failures, record, shard):
+    """Merge every rank's spot checks: the first failure in sample order, the largest errors."""
+    if shard.ranks is None:
+        return failures, record
+    merged: dict[str, Any] = {"params": {}, "dots": None}
+    worst = {"spot_max_norm_error": 0.0, "spot_max_dot_error": 0.0}
+    for rank_failures, rank_record in shard.objects((failures, record)):
+        for k, message in rank_failures["params"].items():
+            merged["params"].setdefault(k, message)
+        if merged["dots"] is None:
+            merged["dots"] = rank_failures["dots"]
+        for key in worst:
+            worst[key] = max(worst[key], rank_record[key])
+    return merged, {**record, **worst}
 
 
 def _spot_gradients(model, loss_fn, x, y, params, local, plan):

@@ -13,6 +13,11 @@ r"""Units that act rather than measure: NT-ASGD averaging, checkpointing, a per-
 * :class:`Records` -- the run directory of a loop whose state lives in the
   user's own checkpoint (the ``Monitor``): the same files as
   :class:`Checkpointing` writes, without checkpoints.
+
+Under ``torch.distributed`` only rank 0 writes (:func:`~clipscope.engine.distributed.on_writer`):
+every rank calls the same hooks, rank 0 writes, and every rank learns whether
+the write worked (a refused directory or a full disk stops all of them at the
+same point). A resume reads the checkpoint on rank 0 and hands it to every rank.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from torch import nn
 from clipscope.config import _toml_value, check_setting
 from clipscope.engine import model_guard
 from clipscope.engine.conventions import gradient_conventions
+from clipscope.engine.distributed import distributed_setup, on_writer
 from clipscope.loop.units import Finish, IntervalEnd, Point, Step, Unit
 from clipscope.run.directory import RunDirectory
 from clipscope.run.env import environment
@@ -72,6 +78,7 @@ def _write_env(directory: RunDirectory, loop: Any, seed: int, dropout: str) -> N
     )
     env["components"] = loop.components.describe()
     env["conventions"] = gradient_conventions(loop.model, loop.components, dropout)
+    env["distributed"] = distributed_setup()
     directory.write_text("env.json", json.dumps(env, indent=2, default=str) + "\n")
 
 
@@ -257,26 +264,33 @@ class Checkpointing(Unit):
     def start(self, loop: Any) -> None:
         """Open the directory; on resume restore the loop from its newest checkpoint."""
         self._loop = loop
-        payload = self.directory.open(resume=self.resume, force=self.force, setting=loop.setting)
+        directory = self.directory
+        payload = on_writer(
+            lambda: directory.open(resume=self.resume, force=self.force, setting=loop.setting)
+        )
         if payload is not None:
             loop.load_state_dict(payload)
-            self.directory.restore_rows(loop.state.rows)
+            on_writer(lambda: directory.restore_rows(loop.state.rows))
             st = loop.state
-            loop.log(f"resumed at epoch {st.epoch}, step {st.step} of {self.directory.path}")
-        env_file = self.directory.path / "env.json"
-        if not (payload is not None and env_file.is_file()):
-            _write_env(self.directory, loop, loop.config.seed, loop.config.dropout)
+            loop.log(f"resumed at epoch {st.epoch}, step {st.step} of {directory.path}")
+
+        def env() -> None:
+            if not (payload is not None and (directory.path / "env.json").is_file()):
+                _write_env(directory, loop, loop.config.seed, loop.config.dropout)
+
+        on_writer(env)
 
     def save(self) -> None:
         """Write checkpoint number ``seq + 1`` of the loop, then ``epochs.csv``."""
         self.seq += 1
-        state = self._loop.state
-        self.directory.save(self._loop.state_dict(), seq=self.seq, rows=state.rows, keep=self.keep)
+        rows, seq = self._loop.state.rows, self.seq
+        payload = self._loop.state_dict()  # every rank: it gathers their recurrent states
+        on_writer(lambda: self.directory.save(payload, seq=seq, rows=rows, keep=self.keep))
 
     def at_point(self, point: Point) -> None:
         """Write the component file of a probed point, then a checkpoint."""
         if point.row is not None:
-            self.directory.write_components(point.epoch, point.arrays)
+            on_writer(lambda: self.directory.write_components(point.epoch, point.arrays))
         self.save()
 
     def after_update(self, step: Step) -> None:
@@ -291,8 +305,12 @@ class Checkpointing(Unit):
 
     def finish(self, end: Finish) -> None:
         """Write the handed-over files, then ``summary.json``."""
-        _write_files(self.directory, end.files)
-        self.directory.finish(end.summary)
+
+        def write() -> None:
+            _write_files(self.directory, end.files)
+            self.directory.finish(end.summary)
+
+        on_writer(write)
 
     def state_dict(self) -> dict[str, Any]:
         """``{"seq": checkpoints written so far}``."""
@@ -387,9 +405,7 @@ class Records(Unit):
     def start(self, loop: Any) -> None:
         """Open the directory (fresh or resumed), write ``config.toml`` and ``env.json``."""
         directory, setting = self.directory, loop.setting
-        self.check(setting, loop.resumed)
         self._rows = loop.rows
-        fresh = not (directory.path.is_dir() and any(directory.path.iterdir()))
         directory.files["config.toml"] = _toml_text(
             setting, "clipscope Monitor: the records of a training loop of your own"
         )
@@ -398,28 +414,46 @@ class Records(Unit):
         directory.log = lambda text: (
             None if text.startswith("--resume: no checkpoint") else (loop.log(text))
         )
-        directory.open(resume=not fresh, setting={})
-        if fresh or not (directory.path / "env.json").is_file():
-            _write_env(directory, loop, loop.seed, loop.dropout)
-        directory.restore_rows(self._rows)
+
+        def open_() -> None:
+            self.check(setting, loop.resumed)
+            fresh = not (directory.path.is_dir() and any(directory.path.iterdir()))
+            directory.open(resume=not fresh, setting={})
+            if fresh or not (directory.path / "env.json").is_file():
+                _write_env(directory, loop, loop.seed, loop.dropout)
+            directory.restore_rows(self._rows)
+
+        on_writer(open_)
 
     def at_point(self, point: Point) -> None:
         """Write the component file of a probed point, then ``epochs.csv``."""
         if point.row is not None:
-            self.directory.write_components(point.epoch, point.arrays)
-            self.directory.write_rows(point.rows)
+
+            def write() -> None:
+                self.directory.write_components(point.epoch, point.arrays)
+                self.directory.write_rows(point.rows)
+
+            on_writer(write)
 
     def at_interval_end(self, end: IntervalEnd) -> None:
         """Write the interval's per-step arrays, then ``epochs.csv``."""
-        if end.arrays:
-            buffer = io.BytesIO()
-            np.savez(buffer, **end.arrays)
-            name = f"{self.directory.components.name}/epoch_{end.epoch:04d}_steps.npz"
-            self.directory.write_bytes(name, buffer.getvalue())
-        self.directory.write_rows(self._rows)
+
+        def write() -> None:
+            if end.arrays:
+                buffer = io.BytesIO()
+                np.savez(buffer, **end.arrays)
+                name = f"{self.directory.components.name}/epoch_{end.epoch:04d}_steps.npz"
+                self.directory.write_bytes(name, buffer.getvalue())
+            self.directory.write_rows(self._rows)
+
+        on_writer(write)
 
     def finish(self, end: Finish) -> None:
         """Write the handed-over files, ``epochs.csv``, then ``summary.json``."""
-        _write_files(self.directory, end.files)
-        self.directory.write_rows(self._rows)
-        self.directory.finish(end.summary)
+
+        def write() -> None:
+            _write_files(self.directory, end.files)
+            self.directory.write_rows(self._rows)
+            self.directory.finish(end.summary)
+
+        on_writer(write)

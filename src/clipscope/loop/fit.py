@@ -14,23 +14,33 @@ flows from step to step, detached (truncated BPTT), and restarts from zeros at
 each epoch; under the other orders consecutive steps are not neighbouring
 windows, so the state restarts from zeros at every step. The model trains in
 the mode the caller left it in (``fit`` never calls ``model.train()``).
+
+Under an initialised ``torch.distributed`` process group (``torchrun``) every
+rank runs the same loop on the same config, data and model (checked: an
+all-gathered fingerprint): each step splits the component's batch over the
+ranks and clips the all-reduced gradient
+(:class:`~clipscope.engine.distributed.StepReducer`), the probes split the
+components, signals are acted on by all ranks at the same step, and rank 0
+alone writes the run directory (``docs/distributed.md``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from clipscope.config import FitConfig
 from clipscope.engine import batch_coupled_modules, trainable_params
+from clipscope.engine import distributed as _dist
 from clipscope.engine.losses import check_loss_fn, component_loss
 from clipscope.errors import ConfigError, Interrupted, NonFiniteError
 from clipscope.loop.duties import NTASGD, Checkpointing, OnStep
@@ -47,6 +57,10 @@ from clipscope.methods import clipped_step, make_optimizer, make_order, make_sch
 from clipscope.run.directory import CHECKPOINT_FORMAT, RunDirectory
 
 __all__ = ["Loop", "check_batch_coupling", "fit", "fit_loop", "standard_units"]
+
+
+def _quiet(text: str) -> None:
+    pass
 
 
 def check_batch_coupling(model: nn.Module, components: Any) -> None:
@@ -111,8 +125,11 @@ class Loop:
     ``load_state_dict()`` restores one (also one written before the units existed).
     """
 
-    def __init__(self, model, loss_fn, components, config, optimizer, units, setting, log):
+    def __init__(
+        self, model, loss_fn, components, config, optimizer, units, setting, log, reducer=None
+    ):
         self.model, self.loss_fn, self.components, self.config = model, loss_fn, components, config
+        self.reducer = reducer  # a StepReducer under torch.distributed, else None
         self.params = trainable_params(model)
         self.loss_form = check_loss_fn(loss_fn, components)
         self.optimizer, self.units, self.setting, self.log = optimizer, units, setting, log
@@ -132,9 +149,9 @@ class Loop:
         return float(self.optimizer.param_groups[0]["lr"])
 
     def state_dict(self) -> dict[str, Any]:
-        """Return the checkpoint payload."""
+        """Return the checkpoint payload (under torch.distributed: called by every rank)."""
         cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-        return {
+        payload = {
             "format": CHECKPOINT_FORMAT,
             "setting": self.setting,
             "model": self.model.state_dict(),
@@ -146,6 +163,11 @@ class Loop:
             "loop": self.state.state_dict(),
             "units": self.units.state_dict(),
         }
+        if self.reducer is not None:  # each rank carries the recurrent state of its columns
+            group = self.reducer.ranks
+            states = group.objects(self.state.rnn_state)
+            payload["ranks"] = {"world": group.world, "rnn_states": states}
+        return payload
 
     def load_state_dict(self, payload: dict[str, Any]) -> None:
         """Continue from a checkpoint payload."""
@@ -160,6 +182,17 @@ class Loop:
             torch.cuda.set_rng_state_all(payload["cuda_rng"])
         self.state.load_state_dict(payload["loop"])
         self.units.load_state_dict(payload["units"])
+        saved = payload.get("ranks") or {"world": 1, "rnn_states": [self.state.rnn_state]}
+        world = 1 if self.reducer is None else self.reducer.ranks.world
+        if saved["world"] != world and any(s is not None for s in saved["rnn_states"]):
+            raise ConfigError(
+                f"this checkpoint was written by {saved['world']} process(es) in the middle of "
+                "an epoch that carries a recurrent state per process; resume it with "
+                f"{saved['world']} process(es) (now {world}), or from a checkpoint at an "
+                "epoch boundary"
+            )
+        if saved["world"] == world:
+            self.state.rnn_state = saved["rnn_states"][0 if world == 1 else self.reducer.ranks.rank]
 
 
 def fit(
@@ -257,11 +290,19 @@ def fit_loop(
         A non-finite loss, gradient or step (the last good checkpoint is kept).
     Interrupted
         After SIGTERM/SIGINT (with ``run_dir``): checkpointed, then raised.
+    RanksDisagree
+        Under torch.distributed: the ranks were given different settings, data
+        or models (:class:`~clipscope.engine.distributed.RanksDisagree`, a
+        ValueError naming what differs; nothing has run).
+    DistributedError
+        A rank died or did not reach a collective within the timeout.
     """
     if config.optimizer_switch == "nt-asgd" and heldout is None:
         raise ConfigError("optimizer_switch='nt-asgd' needs a heldout metric to trigger on")
+    model = _dist.unwrap(model)  # DistributedDataParallel: its module (our own all-reduce)
     check_batch_coupling(model, components)
-    say = log or (lambda text: None)
+    group, writer = _dist.ranks(), _dist.is_writer()
+    say = (log or _quiet) if writer else _quiet
     directory = None
     if run_dir is not None:
         directory = run_dir if isinstance(run_dir, RunDirectory) else RunDirectory(run_dir)
@@ -271,18 +312,21 @@ def fit_loop(
                   else directory.setting), "m": m}  # fmt: skip
     params = trainable_params(model)
     optimizer = optimizer or make_optimizer(params, config.lr, config.momentum, config.weight_decay)
+    reducer = None if group is None else _reducer(group, model, components, params, optimizer,
+                                                  setting, config, say)  # fmt: skip
     all_units = Units(
         standard_units(config, heldout=heldout, directory=directory, resume=resume, force=force,
                        extra=units, on_step=on_step),
-        route=config.route, dropout=config.dropout, seed=config.seed, progress=config.progress,
+        route=config.route, dropout=config.dropout, seed=config.seed,
+        progress=config.progress and writer,
     )  # fmt: skip
-    loop = Loop(model, loss_fn, components, config, optimizer, all_units, setting, say)
+    loop = Loop(model, loss_fn, components, config, optimizer, all_units, setting, say, reducer)
     st, order, epochs = loop.state, loop.order, config.epochs
     carry_state = config.method == "igc" and bool(getattr(components, "sequential", False))
     history = History(method=config.method)
-    stop = _StopFlag()
+    stop = _StopFlag(group)
     all_units.start(loop)
-    bar = _progress(config.progress, total=epochs, initial=st.epoch)
+    bar = _progress(config.progress and writer, total=epochs, initial=st.epoch)
     t0 = time.perf_counter()
 
     def point(k: int) -> Point:
@@ -311,10 +355,13 @@ def fit_loop(
                 if st.pos == 0:
                     st.indices = order.next_epoch()
                     st.rnn_state = None
+                    if group is not None:  # one order on every rank (the same seeded generator)
+                        group.check_same({"order": hashlib.sha256(repr(st.indices).encode())
+                                          .hexdigest()[:16]})  # fmt: skip
                 while st.pos < m:
                     step = _step(loop, st.indices[st.pos], carry_state, stop)
                     all_units.after_update(step)
-                    stop.raise_if_set(st)
+                    stop.raise_if_set(st, synced=True)
                 row = st.row(k)
                 if loop.scheduler is not None:
                     loop.scheduler.step()
@@ -339,22 +386,66 @@ def fit_loop(
     return _finish(all_units, loop, history, "completed", None)
 
 
+def _reducer(group, model, components, params, optimizer, setting, config, say):
+    """Check that every rank runs the same thing; return the step's :class:`StepReducer`."""
+    hyper = {
+        f"{key}[{j}]": value
+        for j, g in enumerate(optimizer.param_groups)
+        for key, value in g.items()
+        if key != "params"
+    }
+    group.check_same({
+        "config": dict(setting),
+        "optimizer": {"type": type(optimizer).__name__, **hyper},
+        "data": _dist.components_fingerprint(components),
+        "model": _dist.model_fingerprint(model, params),
+    })  # fmt: skip
+    coupled = bool(batch_coupled_modules(model))
+    say(
+        f"torch.distributed: {group.world} processes; "
+        + (
+            f"{batch_coupled_modules(model)[:3]} couple the samples of a batch (train-mode "
+            "BatchNorm): every process computes whole components (exact, no speed-up)"
+            if coupled
+            else "each component's batch is split over them, its gradient all-reduced"
+        )
+    )
+    return _dist.StepReducer(group, params, coupled=coupled, seed=config.seed)
+
+
 def _step(loop: Loop, i: int, carry_state: bool, stop: _StopFlag) -> Step:
-    """One clipped step on component ``i``; the units that asked see it before the update."""
-    st, config, model = loop.state, loop.config, loop.model
+    """One clipped step on component ``i``; the units that asked see it before the update.
+
+    Under torch.distributed this rank computes its part of the component's
+    batch and ``loop.reducer`` all-reduces the gradient before the clip.
+    """
+    st, config, model, reducer = loop.state, loop.config, loop.model, loop.reducer
     eta = config.eta
     if config.method == "zhang":  # the step-length cap γ: threshold γ/α for this α
         eta = (config.eta if config.zhang_gamma is None else config.zhang_gamma) / loop.lr
-    box: dict[str, Any] = {}
+    box: dict[str, Any] = {"state": None}
+    sequential = loop.components.sequential
+    batch = loop.components.batch(i)
+    if reducer is not None:
+        size = loop.components.batch_size if sequential else loop.components.sizes[i]
+        batch = reducer.batch(batch, size, sequential=sequential)
 
     def closure() -> torch.Tensor:
         loss, box["state"] = component_loss(
-            model, loop.loss_fn, loop.components.batch(i), form=loop.loss_form,
-            state=st.rnn_state if carry_state else None, sequential=loop.components.sequential,
-            index=i,
+            model, loop.loss_fn, batch, form=loop.loss_form,
+            state=st.rnn_state if carry_state else None, sequential=sequential, index=i,
         )  # fmt: skip
         box["loss"] = float(loss.detach())
         return loss
+
+    reduce = None
+    if reducer is not None:
+        closure = reducer.closure(closure, empty=batch is None)
+
+        def reduce(params: list[torch.Tensor], loss: torch.Tensor) -> float:
+            box["loss"] = reducer(params, loss, stop.signum or 0)
+            stop.agree(reducer.stop)
+            return box["loss"]
 
     def make(norm: float) -> Step:
         return Step(
@@ -368,8 +459,9 @@ def _step(loop: Loop, i: int, carry_state: bool, stop: _StopFlag) -> Step:
         loop.units.before_update(box["step"])
 
     wants = loop.units.step_gradient
-    norm = clipped_step(loop.optimizer, closure, eta, params=loop.params,
-                        before_step=before if wants else None)  # fmt: skip
+    with contextlib.nullcontext() if reducer is None else reducer.rng(st.step):
+        norm = clipped_step(loop.optimizer, closure, eta, params=loop.params,
+                            before_step=before if wants else None, reduce=reduce)  # fmt: skip
     step = box.get("step") or make(norm)
     if carry_state:
         st.rnn_state = box["state"]
@@ -400,21 +492,46 @@ def _finish(
 
 
 class _StopFlag:
-    """SIGTERM/SIGINT set a flag; the loop checkpoints at the next component boundary."""
+    """SIGTERM/SIGINT set a flag; the loop checkpoints at the next component boundary.
 
-    def __init__(self) -> None:
-        self.signum: int | None = None
+    Under torch.distributed a signal counts once the ranks agree on it (at the
+    next step's all-reduce, or at :meth:`raise_if_set`), so every rank stops,
+    and checkpoints, at the same step.
+    """
+
+    _CODES: ClassVar[dict[int, int]] = {signal.SIGTERM: 2, signal.SIGINT: 1}
+
+    def __init__(self, group: Any = None) -> None:
+        self.signum: int | None = None  # what this process received
+        self.agreed: int | None = None  # under torch.distributed: what every rank acts on
+        self.group = group
+
+    def _acted_on(self) -> int | None:
+        return self.signum if self.group is None else self.agreed
 
     def requested(self) -> bool:
-        """Whether a signal arrived."""
-        return self.signum is not None
+        """Whether a signal arrived (under torch.distributed: one the ranks agreed on)."""
+        return self._acted_on() is not None
 
-    def raise_if_set(self, st: LoopState) -> None:
-        """Raise :class:`Interrupted` when a signal arrived (the units checkpointed already)."""
-        if self.signum is not None:
+    def agree(self, signum: int) -> None:
+        """Take the signal the ranks agreed on at a step's all-reduce (0: none)."""
+        if signum:
+            self.agreed = signum
+
+    def raise_if_set(self, st: LoopState, synced: bool = False) -> None:
+        """Raise :class:`Interrupted` when a signal arrived (the units checkpointed already).
+
+        Under torch.distributed the ranks first agree (a small all-reduce)
+        unless ``synced`` (a step's all-reduce just did).
+        """
+        if self.group is not None and not synced:
+            code = int(self.group.max(self._CODES.get(self.signum, 0)))
+            self.agree({v: k for k, v in self._CODES.items()}.get(code, 0))
+        signum = self._acted_on()
+        if signum is not None:
             raise Interrupted(
-                self.signum,
-                f"signal {self.signum}: checkpointed at epoch {st.epoch}, step {st.step}",
+                signum,
+                f"signal {signum}: checkpointed at epoch {st.epoch}, step {st.step}",
             )
 
     @contextlib.contextmanager

@@ -22,6 +22,11 @@ driven from outside. The Monitor's clock:
   :meth:`Monitor.step` or :meth:`Monitor.close`, once the update is applied);
 * :meth:`Monitor.close` ends the last interval and finishes the directory.
 
+Under ``torch.distributed`` (``torchrun``; your loop may wrap the model in
+``DistributedDataParallel``) every rank makes the same calls: the probes split
+the components over the ranks (every rank gets the whole result), only rank 0
+logs and writes ``run_dir``, and the ``run_id`` is rank 0's on every rank.
+
 >>> import torch, clipscope
 >>> X, Y = torch.randn(32, 3), torch.randn(32)
 >>> comps = clipscope.Components.from_tensors(X, Y, batch_size=8, seed=0)
@@ -58,6 +63,7 @@ from clipscope.engine import (
     ProbeResult,
     trainable_params,
 )
+from clipscope.engine import distributed as _dist
 from clipscope.engine.losses import check_loss_fn, check_repeatable
 from clipscope.errors import ConfigError, Interrupted, NonFiniteError
 from clipscope.loop.duties import Records
@@ -203,6 +209,7 @@ class Monitor:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model)!r}")
+        model = _dist.unwrap(model)  # DistributedDataParallel: probed through its module
         self.eta = float(check_setting("eta", eta))
         self.etas = check_setting("etas", tuple(etas))
         self.every = _int_at_least("every", every, 1)
@@ -224,7 +231,7 @@ class Monitor:
         self.loss_form = check_loss_fn(loss, components, self.route)
         self.params = trainable_params(model)
         check_batch_coupling(model, components)
-        self.log = log or _quiet
+        self.log = (log or _quiet) if _dist.is_writer() else _quiet
         self.directory: RunDirectory | None = None
         if run_dir is not None:
             self.directory = RunDirectory(run_dir)
@@ -242,12 +249,15 @@ class Monitor:
         if self.directory is not None:
             standard.append(Records(self.directory))
         self._units = Units(
-            standard, route=self.route, dropout=self.dropout, seed=self.seed, progress=progress
-        )
+            standard, route=self.route, dropout=self.dropout, seed=self.seed,
+            progress=progress and _dist.is_writer(),
+        )  # fmt: skip
         d = components.describe()
+        group = _dist.ranks()
+        run_id = uuid.uuid4().hex if group is None else group.broadcast(uuid.uuid4().hex)
         self.setting: dict[str, Any] = {
             "kind": "monitor",
-            "run_id": uuid.uuid4().hex,
+            "run_id": run_id,
             "method": "external",  # the user's loop: no theorem of the paper is checked
             "eta": self.eta,
             "etas": list(self.etas),
