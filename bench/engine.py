@@ -18,6 +18,8 @@ Usage::
     python bench/engine.py --quick    # smaller epochs, 3 repeats
     python bench/engine.py --many     # 50,000 per-sample components, streaming
     python bench/engine.py --only checks   # what the per-sample checks cost (issue 9)
+    python bench/engine.py --only kept     # both per-sample routes end to end (issue 13)
+    python bench/engine.py --only fixed    # the probe's fixed costs per probe, per component
     python bench/engine.py --clock cpu     # process CPU time instead of wall time
     python bench/engine.py --threads 1     # torch.set_num_threads(1)
     python bench/engine.py --no-memory     # time only (no RSS sampling thread)
@@ -27,6 +29,10 @@ Targets (issue 3): keep ≤ 1.1×, two-pass ≤ 2.05×, dyadic with 6 sizes ≤ 
 Issue 9: the per-sample route's structural and spot checks add ≤ 10 % to the
 per-sample probe (``--only checks``: the probe without checks, with the
 structural check only, and with both, interleaved in one run).
+Issue 13: per-sample-kept ≤ 1.8× end to end on the CNN, the LSTM LM and a
+batch-first LSTM LM (``--only kept``, peak memory beside it); two-pass
+per-sample ≤ 2.3× (CNN), ≤ 2.5× (LSTM LM); keep ≤ 1.1× and dyadic (6 sizes)
+≤ 2.2× at m ≥ 64 (``--only routes --batches 64``); fixed costs (``--only fixed``).
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -411,6 +418,8 @@ def route_tables(args) -> list[Table]:
         ),
         "naive: route='two-pass' at each of the 6 sizes": naive,
     }
+    if args.no_naive:
+        del methods["naive: route='two-pass' at each of the 6 sizes"]
     t = run_table(
         f"mini-batch components, small CNN, m = {len(comps)} components of 64",
         methods,
@@ -526,6 +535,148 @@ def check_tables(args) -> list[Table]:
     return tables
 
 
+def kept_tables(args) -> list[Table]:
+    """Issue 13: both per-sample routes end to end, against one plain epoch.
+
+    Three models: the small CNN, the LSTM LM (10k vocabulary) and a batch-first LSTM LM with
+    a 3,000-word vocabulary, the one a new user would write. ``route="per-sample-kept"``
+    keeps pass 1's factors and runs no second model pass; ``route="per-sample"`` runs
+    pass 2 (a JVP for the CNN, the reverse-mode ghost product for the LSTMs). The probe
+    turns oneDNN off for recurrent models itself (forward-mode AD and the dropout masks
+    need it); the baseline is the plain epoch as a user runs it, and for the LSTMs the
+    same epoch with oneDNN off is one more row, so both ratios can be read.
+    """
+    if probe is None:
+        return []
+    gen = torch.Generator().manual_seed(3)
+    nb = args.batches
+    lb = max(1, nb // 2)
+    setups = []
+    if not args.no_cnn:
+        torch.manual_seed(0)
+        X = torch.randn(64 * nb, 3, 32, 32, generator=gen)
+        Y = torch.randint(0, 10, (64 * nb,), generator=gen)
+        setups.append(
+            (f"small CNN (545k params), {nb} batches of 64", small_cnn(), F.cross_entropy, X, Y)
+        )
+    if not args.no_lstm:
+        for vocab, what in ((10_000, "LSTM LM (4.33M params)"), (3_000, "LSTM LM, vocab 3k")):
+            torch.manual_seed(0)
+            lm = LSTMLM(vocab=vocab)
+            n = sum(p.numel() for p in lm.parameters())
+            X = torch.randint(0, vocab, (64 * lb, 35), generator=gen)
+            Y = torch.randint(0, vocab, (64 * lb, 35), generator=gen)
+            title = f"{what}, batch-first, {n / 1e6:.2f}M params, {lb} batches of 64 rows × 35"
+            setups.append((title, lm, lm_loss, X, Y))
+    tables = []
+    for title, model, loss_fn, X, Y in setups:
+        comps = Components.from_tensors(X, Y, batch_size=64)
+        params = list(model.parameters())
+        batches = list(comps)
+        recurrent = any(isinstance(m, nn.RNNBase) for m in model.modules())
+        kept = probe(model, loss_fn, comps, batch_sizes=[1])  # auto: what it picks, and why
+        factors = kept.info["factors"]
+        methods = {
+            "**probe(batch_sizes=[1]) → route='per-sample-kept', end to end**": partial(
+                probe, model, loss_fn, comps, route="per-sample-kept"
+            ),
+            "probe(route='per-sample'), two passes, end to end": partial(
+                probe, model, loss_fn, comps, route="per-sample"
+            ),
+        }
+        if recurrent:
+
+            def plain_off(m=model, f=loss_fn, b=batches, p=params):
+                with torch.backends.mkldnn.flags(enabled=False):
+                    plain_epoch(m, f, b, p)
+
+            methods["plain epoch with oneDNN off (the kernels the probe runs)"] = plain_off
+        t = run_table(
+            f"issue 13, per-sample routes: {title}",
+            methods,
+            lambda m=model, f=loss_fn, b=batches, p=params: plain_epoch(m, f, b, p),
+            args.repeats,
+        )
+        t.notes.append(
+            f"route='auto' ran {kept.route!r}; kept factors {factors['bytes'] / 2**20:.1f} MiB "
+            f"for {len(X)} samples (budget {factors['budget'] / 2**30:.0f} GiB)"
+            + (f"; {factors['reason']}" if factors["reason"] else "")
+        )
+        if recurrent:
+            t.notes.append("baseline: oneDNN on (torch's default); the probe turns it off itself")
+        tables.append(t)
+    return tables
+
+
+def fixed_costs(args) -> None:
+    """Print the probe's fixed costs beside one component's forward+backward (issue 13).
+
+    Per probe: the model guard's snapshot and restore (one copy of parameters,
+    gradients and buffers). Per component: one float64 accumulation of a length-n
+    gradient (``Σ g_i`` in pass 1; each η's clipped sum and the dyadic parents add one
+    more each). Medians of ``--repeats`` timings, milliseconds.
+    """
+    from clipscope.engine.guard import model_guard
+
+    gen = torch.Generator().manual_seed(4)
+    torch.manual_seed(0)
+    rows = [
+        (
+            "small CNN",
+            small_cnn(),
+            F.cross_entropy,
+            torch.randn(64, 3, 32, 32, generator=gen),
+            torch.randint(0, 10, (64,), generator=gen),
+        ),
+        (
+            "LSTM LM",
+            LSTMLM(),
+            lm_loss,
+            torch.randint(0, 10_000, (64, 35), generator=gen),
+            torch.randint(0, 10_000, (64, 35), generator=gen),
+        ),
+    ]
+    print("\n### the probe's fixed costs (median ms; one component = one batch of 64)")
+    print("| model | n | component fwd+bwd | guard snapshot+restore | float64 Σ += g (one) |")
+    print("|---|---|---|---|---|")
+    reps = max(3, args.repeats)
+    for name, model, loss_fn, x, y in rows:
+        params = list(model.parameters())
+        n = sum(p.numel() for p in params)
+        acc = torch.zeros(n, dtype=torch.float64)
+
+        def step(model=model, loss_fn=loss_fn, x=x, y=y, params=params):
+            return torch.autograd.grad(loss_fn(model(x), y), params)
+
+        def guard(model=model):
+            with model_guard(model):
+                pass
+
+        grads = step()
+
+        def axpy(acc=acc, grads=grads):
+            acc += torch.cat([g.reshape(-1) for g in grads]).double()
+
+        times = {}
+        for label, fn in (("step", step), ("guard", guard), ("axpy", axpy)):
+            fn()
+            ts = []
+            for _ in range(reps):
+                t0 = CLOCK()
+                fn()
+                ts.append(CLOCK() - t0)
+            times[label] = 1e3 * statistics.median(ts)
+        print(
+            f"| {name} | {n / 1e6:.2f}M | {times['step']:.1f} | {times['guard']:.1f} "
+            f"({times['guard'] / times['step']:.3f} of a component) | {times['axpy']:.2f} "
+            f"({times['axpy'] / times['step']:.3f}) |"
+        )
+    print(
+        "- per probe: guard once, so its share of E is (guard / component) / m; per component:"
+        " keep and two-pass add 1 + |η| axpys, dyadic about 2 per level"
+    )
+
+
 def many(args) -> None:
     """Per-sample norms and dots for 50,000 components, streaming over batches."""
     n, b, feats = args.many_n, 500, 784
@@ -584,7 +735,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", type=int, default=None, help="batches of 64 per epoch")
     ap.add_argument("--no-lstm", action="store_true", help="skip the LSTM LM tables")
     ap.add_argument("--no-cnn", action="store_true", help="skip the per-sample CNN table")
-    ap.add_argument("--only", choices=("per-sample", "routes", "checks"), default=None)
+    ap.add_argument(
+        "--only",
+        choices=("per-sample", "routes", "checks", "kept", "fixed"),
+        default=None,
+        help="one group of tables: kept and fixed are issue 13's",
+    )
+    ap.add_argument(
+        "--no-naive", action="store_true", help="routes: skip the naive two-pass per size"
+    )
     ap.add_argument(
         "--clock",
         choices=("wall", "cpu"),
@@ -631,6 +790,10 @@ def main(argv: list[str] | None = None) -> int:
         tables += route_tables(args)
     if args.only in (None, "checks"):
         tables += check_tables(args)
+    if args.only in (None, "kept"):
+        tables += kept_tables(args)
+    if args.only in (None, "fixed"):
+        fixed_costs(args)
     for t in tables:
         print(t.render())
     return 0

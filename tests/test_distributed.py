@@ -334,7 +334,8 @@ def test_two_ranks_return_the_one_process_result(probed, name, build, kwargs):
 
 def test_the_per_sample_fallback_cases_did_fall_back(probed):
     tie = probed[0]["per-sample-structural-fallback"]
-    assert tie.route == "per-sample+fallback" and "emb.weight" in tie.verification["fallback"]
+    # batch_sizes=[1] under route="auto" keeps the factors (issue 13): per-sample-kept
+    assert tie.route == "per-sample-kept+fallback" and "emb.weight" in tie.verification["fallback"]
     assert any(e["stage"] == "structural" for e in tie.verification["events"])
     axis = probed[0]["per-sample-spot-fallback"]
     assert axis.verification["attempts"] == 2

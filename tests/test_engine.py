@@ -257,13 +257,18 @@ def test_dyadic_drop_last_matches_partitions():
 @pytest.mark.parametrize(
     "case", [c for c in CASES if not c.batch_coupled and c.per_sample_ok], ids=lambda c: c.id
 )
-def test_per_sample_route(case):
+@pytest.mark.parametrize("route", ["auto", "per-sample", "per-sample-kept"])
+def test_per_sample_route(case, route):
     model, comps = case.build()
     X, Y = comps._source
     singles = Components.from_tensors(X, Y, batch_size=1, seed=comps.seed)
     before = snapshot(model)
-    result = probe(model, case.loss_fn, comps, ETAS, batch_sizes=[1], keep_full_grad=True)
-    assert result.route == "per-sample" and result.batch_size == 1
+    result = probe(
+        model, case.loss_fn, comps, ETAS, route=route, batch_sizes=[1], keep_full_grad=True
+    )
+    # auto keeps the factors when they fit the memory budget (they do here)
+    assert result.route == ("per-sample-kept" if route == "auto" else route)
+    assert result.batch_size == 1
     assert result.m == len(X)
     ref = brute_force_stats(model, case.loss_fn, singles)
     assert_matches(result, ref, case.rtol)

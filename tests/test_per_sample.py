@@ -64,7 +64,8 @@ class GPTTie(nn.Module):
         return F.linear(self.emb(x).sum(1), self.emb.weight)
 
 
-def test_failure_1_weight_used_outside_its_module():
+@pytest.mark.parametrize("route", ["per-sample-kept", "per-sample"])
+def test_failure_1_weight_used_outside_its_module(route):
     X, Y = torch.tensor([[0], [1]]), torch.tensor([0, 1])
     model = GPTTie()
     with pytest.warns(PerSampleFallbackWarning, match=r"emb\.weight.*structural"):
@@ -73,6 +74,7 @@ def test_failure_1_weight_used_outside_its_module():
             F.cross_entropy,
             Components.from_tensors(X, Y, batch_size=2),
             ETAS,
+            route=route,
             batch_sizes=[1],
         )
     np.testing.assert_allclose(res.norms, [0.7310585786, 0.4297924150], rtol=1e-6)  # float32
@@ -80,13 +82,14 @@ def test_failure_1_weight_used_outside_its_module():
     np.testing.assert_allclose(res.norms, ref.norms, rtol=1e-6)
     np.testing.assert_allclose(res.dots, ref.dots, rtol=1e-6)
     assert res.grad_norm == pytest.approx(ref.grad_norm, rel=1e-6)
-    assert res.route == "per-sample+fallback"
+    assert res.route == f"{route}+fallback"
     assert "emb.weight" in res.verification["fallback"]
     with pytest.raises(VerificationError, match=r"emb\.weight.*strict=True"):
         probe(
             model,
             F.cross_entropy,
             Components.from_tensors(X, Y, batch_size=2),
+            route=route,
             batch_sizes=[1],
             strict=True,
         )
@@ -106,7 +109,8 @@ class WeightDropOnly(nn.Module):
         return self.dec(out.transpose(0, 1))
 
 
-def test_failure_2_weightdrop_lstm_fixed_masks():
+@pytest.mark.parametrize("route", ["per-sample-kept", "per-sample"])
+def test_failure_2_weightdrop_lstm_fixed_masks(route):
     """One DropConnect mask per chunk, replayed when the LSTM is re-run per sample."""
     from clipscope.engine.guard import component_seed
 
@@ -115,7 +119,7 @@ def test_failure_2_weightdrop_lstm_fixed_masks():
     gen = torch.Generator().manual_seed(1)
     X, Y = torch.randint(0, 7, (6, 5), generator=gen), torch.randint(0, 7, (6, 5), generator=gen)
     comps = Components.from_tensors(X, Y, batch_size=3)  # 2 chunks of 3 samples
-    res = probe(model, lm_loss, comps, ETAS, batch_sizes=[1], dropout="fixed", seed=4)
+    res = probe(model, lm_loss, comps, ETAS, route=route, dropout="fixed", seed=4)
     rows = []
     for c in range(2):
         with torch.random.fork_rng(devices=[]):
@@ -131,7 +135,10 @@ def test_failure_2_weightdrop_lstm_fixed_masks():
     np.testing.assert_allclose(res.norms, G.norm(dim=1).numpy(), rtol=1e-10)
     np.testing.assert_allclose(res.dots, (G @ full).numpy(), rtol=1e-10)
     assert res.grad_norm == pytest.approx(float(full.norm()), rel=1e-10)
-    assert res.route == "per-sample"  # exact by the module-local loop, no fallback
+    for eta in ETAS:
+        total = sum(min(1.0, eta / float(n)) * g for g, n in zip(G, G.norm(dim=1), strict=True))
+        assert res.clipped[eta][0] == pytest.approx(float(total.norm()), rel=1e-10)
+    assert res.route == route  # exact by the module-local loop, no fallback
     assert res.verification["rules"]["rnn"] == "rnn-loop"
 
 
@@ -228,7 +235,7 @@ def test_failure_5_string_padding(conv):
         ref = reference_probe(model, F.cross_entropy, singles(X, Y), ETAS)
         np.testing.assert_allclose(res.norms, ref.norms, rtol=1e-10)
         np.testing.assert_allclose(res.dots, ref.dots, rtol=1e-10)
-        assert res.route == "per-sample"
+        assert res.route == "per-sample-kept"
 
 
 def test_failure_6_flattened_logits_clear_error():
@@ -389,6 +396,109 @@ def test_bad_spot_checks_refused():
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="spot_checks"):
             probe(nn.Linear(3, 2), F.cross_entropy, comps, batch_sizes=[1], spot_checks=bad)
+
+
+# ----------------------------------------------------------------------------- factor keeping
+
+
+def _lstm_lm():
+    torch.manual_seed(0)
+
+    class LM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(11, 4)
+            self.rnn = nn.LSTM(4, 5, num_layers=2, batch_first=True)
+            self.dec = nn.Linear(5, 11)
+
+        def forward(self, x):
+            return self.dec(self.rnn(self.emb(x))[0])
+
+    gen = torch.Generator().manual_seed(1)
+    X, Y = (
+        torch.randint(0, 11, (10, 6), generator=gen),
+        torch.randint(0, 11, (10, 6), generator=gen),
+    )
+    return LM().double(), Components.from_tensors(X, Y, batch_size=4), singles(X, Y)
+
+
+def test_kept_route_equals_brute_force_and_says_what_it_kept():
+    model, comps, ones = _lstm_lm()
+    res = probe(model, lm_loss, comps, ETAS, batch_sizes=[1])
+    assert res.route == "per-sample-kept"
+    factors = res.info["factors"]
+    assert factors["kept"] and 0 < factors["bytes"] <= factors["budget"] == 1 << 30
+    assert factors["reason"] is None
+    ref = reference_probe(model, lm_loss, ones, ETAS)
+    np.testing.assert_allclose(res.norms, ref.norms, rtol=1e-10)
+    np.testing.assert_allclose(res.dots, ref.dots, rtol=1e-10)
+    for eta in ETAS:
+        assert res.clipped[eta][0] == pytest.approx(ref.clipped[eta][0], rel=1e-10)
+        assert res.clipped[eta][1] == pytest.approx(ref.clipped[eta][1], rel=1e-10)
+    assert res.verification["structural_checks"] > 0 and res.verification["spot_checks"] == 4
+
+
+def test_kept_route_over_budget_auto_runs_two_passes_explicit_refuses():
+    model, comps, ones = _lstm_lm()
+    before = [p.detach().clone() for p in model.parameters()]
+    res = probe(model, lm_loss, comps, ETAS, batch_sizes=[1], memory_budget=1000)
+    assert res.route == "per-sample"
+    factors = res.info["factors"]
+    assert not factors["kept"] and factors["bytes"] > 1000
+    assert "more than memory_budget=1000" in factors["reason"]
+    ref = reference_probe(model, lm_loss, ones, ETAS)
+    np.testing.assert_allclose(res.dots, ref.dots, rtol=1e-10)
+    with pytest.raises(ValueError, match=r"per-sample-kept.*memory_budget=1000.*per-sample"):
+        probe(model, lm_loss, comps, ETAS, route="per-sample-kept", memory_budget=1000)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+    # the explicit two-pass route keeps nothing
+    assert probe(model, lm_loss, comps, route="per-sample").info["factors"]["kept"] is False
+
+
+def test_kept_route_estimate_from_the_first_chunk():
+    """A budget between one chunk's factors and all of them: refused after chunk 1 of 3."""
+    model, comps, _ = _lstm_lm()
+    full = probe(model, lm_loss, comps, batch_sizes=[1]).info["factors"]["bytes"]
+    with pytest.raises(ValueError, match="from 4 of 10 samples"):
+        probe(model, lm_loss, comps, route="per-sample-kept", memory_budget=full // 2)
+
+
+def test_kept_route_frees_its_factors():
+    """The decoder's inputs are kept factors during the probe, and freed after it."""
+    model, comps, _ = _lstm_lm()
+    refs = []
+    model.dec.register_forward_hook(lambda m, i, o: refs.append(weakref.ref(i[0])))
+    res = probe(model, lm_loss, comps, ETAS, batch_sizes=[1])
+    assert res.route == "per-sample-kept"
+    assert refs and all(r() is None for r in refs)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    B=st.integers(1, 4),
+    T=st.integers(1, 5),
+    P=st.integers(1, 7),
+    Q=st.integers(1, 7),
+    E=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_tokens_identities(B, T, P, Q, E, seed):
+    """⟨Σ_t b_t a_tᵀ, V⟩ = Σ_t b_t·(V a_t) either way round; Σ_j w_j g_j = (w ⊙ b)ᵀ a."""
+    from clipscope.engine.per_sample.factors import Tokens, token_dots
+
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(B, T, P, generator=gen, dtype=torch.float64)
+    b = torch.randn(B, T, Q, generator=gen, dtype=torch.float64)
+    V = torch.randn(Q, P, generator=gen, dtype=torch.float64)
+    w = torch.rand(E, B, generator=gen, dtype=torch.float64)
+    per = torch.einsum("btq,btp->bqp", b, a)
+    torch.testing.assert_close(token_dots(a, b, V), (per * V).sum((1, 2)), rtol=1e-12, atol=1e-12)
+    kept = Tokens(a, b, weight="weight", bias="bias", shape=(Q, P))
+    torch.testing.assert_close(
+        kept.weighted("weight", w), torch.einsum("eb,bqp->eqp", w, per), rtol=1e-12, atol=1e-12
+    )
+    torch.testing.assert_close(kept.weighted("bias", w), w @ b.sum(1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(kept.sq("bias"), b.sum(1).square().sum(1), rtol=1e-12, atol=0)
 
 
 # ----------------------------------------------------------------------------- the functions

@@ -6,6 +6,8 @@ the module's calls (:func:`record_calls`); then the family's rules must give
 * ``per_sample``: the per-sample ``‖g_j(p)‖²`` of each of its parameters and the
   projection of ``Σ_j g_j(p)`` on the structural check's directions,
 * ``dots``: ``⟨g_j, v⟩`` over its parameters for a random v,
+* ``factors``: the kept form of the factor-keeping route, giving the same norms,
+  projections and dots, and the weighted sums ``Σ_j w_j g_j(p)`` of the clipped sums,
 
 equal to the same quantities from each sample's own float64 autograd call.
 """
@@ -41,6 +43,17 @@ class Head(nn.Module):
         if self.seq_first:
             h = h.transpose(0, 1)
         return torch.tanh(h).reshape(h.shape[0], -1) @ self.readout.to(h.dtype)
+
+
+class Twice(nn.Module):
+    """The same module called twice (its calls' factors add up)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.inner = module
+
+    def forward(self, x):
+        return self.inner(torch.tanh(self.inner(x)))
 
 
 @dataclass(frozen=True)
@@ -97,6 +110,20 @@ LAYERS = [
         32,
     ),
     Layer(
+        "conv2d-kept-raw-factors",  # 576 weights > 64 input + output numbers per sample
+        "conv",
+        lambda: nn.Conv2d(8, 8, 3, padding=1),
+        _f(8, 2, 2),
+        32,
+    ),
+    Layer(
+        "conv1d-kept-raw-factors-two-calls",
+        "conv",
+        lambda: Twice(nn.Conv1d(6, 6, 3, padding=1, padding_mode="reflect")),
+        _f(6, 3),
+        18,
+    ),
+    Layer(
         "conv3d-replicate",
         "conv",
         lambda: nn.Conv3d(2, 2, 2, padding=1, padding_mode="replicate"),
@@ -116,6 +143,13 @@ LAYERS = [
         lambda: nn.ConvTranspose2d(2, 2, 2, stride=2, padding=1),
         _f(2, 3, 3),
         32,
+    ),
+    Layer(
+        "conv-transpose2d-kept-raw-factors",  # 144 weights > 80 numbers per sample
+        "conv",
+        lambda: nn.ConvTranspose2d(4, 4, 3, stride=2, padding=1, output_padding=1),
+        _f(4, 2, 2),
+        64,
     ),
     Layer(
         "conv-transpose3d-dilation",
@@ -191,7 +225,7 @@ def test_family_rules_match_brute_force(layer: Layer):
     plan = Plan(model)
     assert not plan.fallback, plan.fallback
     served = record_calls(model, F.cross_entropy, x, y, plan)
-    (mod, family, attrs, calls) = served["module"]
+    (mod, family, attrs, calls) = served["module.inner" if "module.inner" in served else "module"]
     assert family.name == layer.family
     params = [getattr(mod, a) for a in attrs]
     rows = per_sample_grads_reference(model, F.cross_entropy, x, y, params)
@@ -213,6 +247,60 @@ def test_family_rules_match_brute_force(layer: Layer):
     flat = torch.cat([vectors[a].reshape(-1) for a in attrs])
     dots = family.dots(mod, calls, attrs, vectors, x.shape[0])
     torch.testing.assert_close(dots, rows @ flat, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("layer", LAYERS, ids=[c.id for c in LAYERS])
+def test_family_factors_match_brute_force(layer: Layer):
+    """The kept form: norms, projections, dots and γ-weighted sums, all from the factors."""
+    model, x, y = _build(layer)
+    plan = Plan(model)
+    served = record_calls(model, F.cross_entropy, x, y, plan)
+    (mod, family, attrs, calls) = served["module.inner" if "module.inner" in served else "module"]
+    params = [getattr(mod, a) for a in attrs]
+    rows = per_sample_grads_reference(model, F.cross_entropy, x, y, params)
+    B = x.shape[0]
+    per_param = dict(zip(attrs, torch.split(rows, [p.numel() for p in params], dim=1), strict=True))
+    dirs = {a: plan.directions[plan.index[id(getattr(mod, a))]] for a in attrs}
+    kept = family.factors(mod, calls, attrs, B)
+    assert set(kept.names) == set(attrs)
+    assert kept.nbytes > 0
+    ghost = kept.ghost(attrs, dirs)
+    gen = torch.Generator().manual_seed(3)
+    weights = torch.rand(2, B, generator=gen, dtype=torch.float64)
+    vectors = {
+        a: torch.randn(getattr(mod, a).shape, generator=gen, dtype=torch.float64) for a in attrs
+    }
+    for a in attrs:
+        G, shape = per_param[a], getattr(mod, a).shape
+        torch.testing.assert_close(ghost[a].sq, G.square().sum(1), rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(kept.sq(a), G.square().sum(1), rtol=1e-10, atol=1e-14)
+        total = G.sum(0).reshape(shape)
+        torch.testing.assert_close(ghost[a].proj, dirs[a].of_tensor(total), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(
+            kept.weighted(a, weights), (weights @ G).reshape(2, *shape), rtol=1e-10, atol=1e-12
+        )
+        one = kept.dots({a: vectors[a]})
+        torch.testing.assert_close(one, G @ vectors[a].reshape(-1), rtol=1e-10, atol=1e-12)
+    flat = torch.cat([vectors[a].reshape(-1) for a in attrs])
+    torch.testing.assert_close(kept.dots(vectors), rows @ flat, rtol=1e-10, atol=1e-12)
+
+
+def test_kept_forms_are_the_smaller_ones():
+    """Convolutions keep raw factors or per-sample weights, whichever holds fewer numbers."""
+    from clipscope.engine.per_sample.conv import ConvFactors
+    from clipscope.engine.per_sample.factors import Rows
+
+    def kept_weight(layer_id):
+        layer = next(c for c in LAYERS if c.id == layer_id)
+        model, x, y = _build(layer)
+        plan = Plan(model)
+        mod, family, attrs, calls = record_calls(model, F.cross_entropy, x, y, plan)["module"]
+        return family.factors(mod, calls, attrs, x.shape[0]).owner["weight"]
+
+    assert isinstance(kept_weight("conv2d-kept-raw-factors"), ConvFactors)
+    assert isinstance(kept_weight("conv-transpose2d-kept-raw-factors"), ConvFactors)
+    assert isinstance(kept_weight("conv2d-wide-materialized"), Rows)
+    assert isinstance(kept_weight("linear-sequence-materialized"), Rows)
 
 
 def test_every_family_is_tested():

@@ -39,13 +39,22 @@ Routes (DESIGN §4), all exact, all compared in the tests with
     whose check fails come from an exact fallback, with a warning, and
     ``result.route`` is then ``"per-sample+fallback"``. Refuses train-mode
     BatchNorm.
+``"per-sample-kept"``
+    the per-sample route whose pass 1 also keeps, per layer, the factors the
+    rules need (:mod:`clipscope.engine.per_sample.kept`) while they fit
+    ``memory_budget``; the dots and clipped sums then follow from them once
+    ∇f is known, without running the model again. Same checks, same
+    fallbacks. When the factors do not fit it refuses (``ValueError``, after
+    the chunk that showed it); ``"auto"`` runs ``"per-sample"`` instead.
 
 Every route checks its result for consistency (Cauchy–Schwarz, ``Σ d_i =
 m‖∇f‖²``) and warns (``strict=True``: raises) on a violation.
 
 ``route="auto"`` picks ``dyadic`` when several batch sizes are asked for,
-``per-sample`` for ``batch_sizes=[1]``, else ``keep`` when it fits the memory
-budget, else ``two-pass``; ``result.route`` says which ran.
+``per-sample-kept`` for ``batch_sizes=[1]`` when its factors fit the memory
+budget (``per-sample`` when not), else ``keep`` when it fits the memory
+budget, else ``two-pass``; ``result.route`` says which ran, and
+``result.info["factors"]`` what the per-sample routes kept.
 
 Reductions are sums (``Σ g_i``, ``Σ γ_i g_i``, per-component scalars placed by
 index). Under an initialised ``torch.distributed`` process group the same call
@@ -94,8 +103,8 @@ from clipscope.math.stats import check_eta
 
 __all__ = ["ROUTES", "probe", "reference_probe"]
 
-ROUTES = ("auto", "two-pass", "keep", "dyadic", "per-sample")
-DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes for the keep route's stored g_i
+ROUTES = ("auto", "two-pass", "keep", "dyadic", "per-sample", "per-sample-kept")
+DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes for the keep route's g_i, per-sample-kept's factors
 _CHUNK_ROWS = 256  # rows of the kept matrix cast to float64 at a time
 
 
@@ -226,14 +235,16 @@ def probe(
         The fixed partition; ``f = (1/m) Σ_i f_i``.
     etas : iterable of float
         Thresholds η > 0 (``inf`` allowed) for the clipped sums.
-    route : {"auto", "two-pass", "keep", "dyadic", "per-sample"}
+    route : {"auto", "two-pass", "keep", "dyadic", "per-sample", "per-sample-kept"}
         See the module docstring.
     dropout : {"off", "fixed"}
         Dropout policy (:mod:`clipscope.engine.guard`).
     seed : int
         Seed of the ``"fixed"`` dropout masks.
     memory_budget : int
-        Bytes the keep route may use for the stored ``g_i``.
+        Bytes the keep route may use for the stored ``g_i``, and the
+        per-sample-kept route for its kept factors (estimated from the first
+        chunk, checked at every chunk; per process under torch.distributed).
     batch_sizes : sequence of int, optional
         Dyadic: ``[b, 2b, 4b, ...]`` with ``b`` the components' batch size;
         ``[1]`` asks for per-sample components.
@@ -288,6 +299,10 @@ def probe(
     if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 0:
         raise ValueError(f"memory_budget must be a non-negative int (bytes), got {memory_budget!r}")
     _check_components(components)
+    # per-sample-kept is the per-sample route keeping its factors: every check of it applies
+    keep_factors: bool | str = False
+    if route == "per-sample-kept":
+        route, keep_factors = "per-sample", "required"
     form = check_loss_fn(loss_fn, components, route, batch_sizes)  # fits route and batches
     params = trainable_params(model, params)
     flat = _Flat(model, params)
@@ -304,7 +319,7 @@ def probe(
         ranks.check_same(_fingerprints(model, loss_fn, components, params, arguments))
     if route == "auto":
         if batch_sizes is not None and list(batch_sizes) == [1] and base_b != 1:
-            route = "per-sample"
+            route, keep_factors = "per-sample", "auto"
         elif len(sizes_dyadic) > 1:
             route = "dyadic"
         elif _dist.Shard(m, ranks).largest * flat.n * flat.dtype.itemsize <= memory_budget:
@@ -365,10 +380,13 @@ def probe(
         if route == "per-sample":
             result, verification = _per_sample(
                 model, loss_fn, components, flat, etas, dropout, seed, progress, strict,
-                spot_checks, shard,
+                spot_checks, shard, keep_factors, memory_budget,
             )  # fmt: skip
+            info["factors"] = verification.pop("factors")
+            if info["factors"]["kept"]:
+                route = "per-sample-kept"
             if verification["fallback"] or verification["dots_fallback"]:
-                route = "per-sample+fallback"
+                route += "+fallback"
         elif route == "keep":
             result = _keep(model, loss_fn, components, flat, etas, dropout, seed, progress, shard)
         else:
@@ -590,7 +608,19 @@ def _keep(model, loss_fn, components, flat, etas, dropout, seed, progress, shard
 
 
 def _per_sample(
-    model, loss_fn, components, flat, etas, dropout, seed, progress, strict, spot_checks, shard
+    model,
+    loss_fn,
+    components,
+    flat,
+    etas,
+    dropout,
+    seed,
+    progress,
+    strict,
+    spot_checks,
+    shard,
+    keep_factors=False,
+    memory_budget=DEFAULT_MEMORY_BUDGET,
 ):
     """Batch-size-1 components; the given components are processed as chunks.
 
@@ -610,6 +640,14 @@ def _per_sample(
     ``shard``: this rank's chunks; the plan's fallbacks and the spot checks'
     failures are merged over the ranks (:func:`_merge_plan`), so every rank
     takes the same decisions and returns the same record.
+
+    ``keep_factors`` (``"auto"``, ``"required"`` or False): pass 1 also keeps each
+    chunk's per-sample gradients in factored form
+    (:class:`~clipscope.engine.per_sample.kept.KeptChunk`) while their estimated
+    total fits ``memory_budget`` (per process: this rank's chunks); pass 2 then
+    takes the chunk's dots and γ-weighted sums from them instead of running the
+    model. ``"auto"`` drops them when they do not fit (on every rank when on
+    one); ``"required"`` raises ``ValueError``.
     """
     from clipscope.engine.per_sample import Plan
     from clipscope.engine.per_sample.batch import kernels_for_derivatives
@@ -622,8 +660,11 @@ def _per_sample(
         plan = Plan(model, flat.params, seed=seed, strict=strict)
         for attempt in range(3):
             result, failures = _per_sample_once(
-                model, loss_fn, components, flat, etas, dropout, seed, progress, plan, spot, shard
-            )
+                model, loss_fn, components, flat, etas, dropout, seed, progress, plan, spot,
+                shard, keep_factors, memory_budget,
+            )  # fmt: skip
+            if not result["factors"]["kept"]:
+                keep_factors = False  # a rerun does not try again what did not fit
             if not failures["params"] and failures["dots"] is None:
                 break
             if attempt == 2:
@@ -636,19 +677,35 @@ def _per_sample(
                 plan.demote(
                     list(failures["params"]), "spot-norm", next(iter(failures["params"].values()))
                 )
-            if failures["dots"] is not None:
+            # kept factors: a parameter's wrong split makes its dots wrong too; rerun with it
+            # on the fallback before blaming the dots (a second dot failure demotes them)
+            blame_params = result["factors"]["kept"] and failures["params"] and attempt == 0
+            if failures["dots"] is not None and not blame_params:
                 plan.demote_dots("spot-dot", failures["dots"])
             if attempt == 1:  # the second failure: nothing from the rules any more
                 plan.demote(range(len(flat.params)), "spot-norm", "a second spot-check failure")
                 plan.demote_dots("spot-dot", "a second spot-check failure")
     record = plan.record()
     record.update(result.pop("spot"))
+    record["factors"] = result.pop("factors")
     record["attempts"] = attempt + 1
     return [result], record
 
 
 def _per_sample_once(
-    model, loss_fn, components, flat, etas, dropout, seed, progress, plan, spot, shard
+    model,
+    loss_fn,
+    components,
+    flat,
+    etas,
+    dropout,
+    seed,
+    progress,
+    plan,
+    spot,
+    shard,
+    keep_factors=False,
+    memory_budget=DEFAULT_MEMORY_BUDGET,
 ):
     from clipscope.engine import per_sample
     from clipscope.engine.per_sample.fallback import fallback_stats
@@ -660,10 +717,15 @@ def _per_sample_once(
     params = flat.params
     spot_sq: dict[int, dict[int, float]] = {}
     ghost_losses: list[torch.Tensor] = []
+    kept: list = []  # each chunk's KeptChunk while the factors fit the budget
+    factors = {"kept": bool(keep_factors), "bytes": 0, "budget": memory_budget, "reason": None}
+    mine = int(sum(offsets[c + 1] - offsets[c] for c in shard.indices))  # this rank's samples
+    seen = 0
+    required, requested = keep_factors == "required", bool(keep_factors)
     for c in _progress(shard.indices, len(shard), progress, "per-sample pass 1"):
         x, y = components.batch(c, flat.device)
         with rng_for_component(dropout, seed, c):
-            ghost = per_sample.ghost_pass(model, loss_fn, x, y, plan=plan)
+            ghost = per_sample.ghost_pass(model, loss_fn, x, y, plan=plan, keep=bool(keep_factors))
         a, b = offsets[c], offsets[c + 1]
         sq_norms[a:b] = ghost.sq_norms.detach().double().cpu().numpy()
         losses[a:b] = ghost.losses.detach().double().cpu().numpy()
@@ -674,6 +736,37 @@ def _per_sample_once(
         for j in spot[(spot >= a) & (spot < b)]:
             spot_sq[int(j)] = {k: float(v[j - a]) for k, v in ghost.per_param.items()}
         ghost_losses.append(ghost.losses)
+        if keep_factors:
+            kept.append(ghost.kept)
+            factors["bytes"] += ghost.kept.nbytes
+            seen += b - a
+            estimate = int(factors["bytes"] * mine // seen)  # all chunks, from those seen
+            if estimate > memory_budget:
+                reason = (
+                    f"the per-sample factors need about {estimate} bytes (from {seen} of "
+                    f"{mine} samples), more than memory_budget={memory_budget}"
+                )
+                if required and shard.ranks is None:
+                    raise ValueError(
+                        f"route='per-sample-kept': {reason}; use route='per-sample' (two "
+                        "passes, bounded memory) or a larger memory_budget"
+                    )
+                keep_factors, kept = False, []
+                factors.update(kept=False, bytes=estimate, reason=reason)
+        del ghost
+    if requested and shard.ranks is not None:  # every rank keeps, or none does
+        states = shard.objects((factors["kept"], factors["bytes"], factors["reason"]))
+        failed = next((s for s in states if not s[0]), None)
+        if failed is not None:
+            if required:
+                raise ValueError(
+                    f"route='per-sample-kept': {failed[2]} (on one rank); use "
+                    "route='per-sample' (two passes, bounded memory) or a larger memory_budget"
+                )
+            kept = []
+            factors.update(kept=False, bytes=failed[1], reason=failed[2])
+        else:
+            factors["bytes"] = max(s[1] for s in states)  # the largest rank's, as the budget
     sq_norms, losses = shard.complete(sq_norms, losses, offsets=offsets)
     full = shard.sum_(sum_grad) / n_samples
     _merge_plan(plan, shard)  # pass 2 runs with every rank's fallbacks, as one process would
@@ -696,13 +789,19 @@ def _per_sample_once(
     }
     batch1 = sorted(plan.batch1)
     reduced = flat.dtype not in (torch.float32, torch.float64)
+    # a dot that failed its spot check is not taken from the same factors again
+    use_kept = bool(kept) and plan.dots_fallback is None
     for c in _progress(shard.indices, len(shard), progress, "per-sample pass 2"):
         x, y = components.batch(c, flat.device)
         a, b = offsets[c], offsets[c + 1]
-        with rng_for_component(dropout, seed, c):
-            d = per_sample.per_sample_dots(
-                model, loss_fn, x, y, vector, plan=plan, expect_losses=ghost_losses[c - shard.start]
-            )
+        if use_kept:
+            d = kept[c - shard.start].dots(vector)
+        else:
+            with rng_for_component(dropout, seed, c):
+                d = per_sample.per_sample_dots(
+                    model, loss_fn, x, y, vector, plan=plan,
+                    expect_losses=ghost_losses[c - shard.start],
+                )  # fmt: skip
         dots[a:b] = d.detach().double().cpu().numpy()
         local = [int(j) - a for j in spot[(spot >= a) & (spot < b)]]
         if local:
@@ -723,6 +822,11 @@ def _per_sample_once(
                     spot_record,
                 )
         if not etas:
+            continue
+        if use_kept:  # Σ_j γ_j(η) g_j from the kept factors, no backward
+            for k, w in kept[c - shard.start].weighted(gam[:, a:b]).items():
+                start = sum(flat.numels[:k])
+                clip_acc[:, start : start + flat.numels[k]] += w.reshape(len(etas), -1)
             continue
         # γ-weighted sums: one backward of Σ_j γ_j ℓ_j per η (exact for every parameter whose
         # batch gradient is the sum of its per-sample gradients), the rest from batch-1 passes;
@@ -759,6 +863,7 @@ def _per_sample_once(
         "batch_size": 1,
         "mismatch": 0.0,
         "spot": spot_record,
+        "factors": factors,
     }, failures
 
 

@@ -30,7 +30,6 @@ import torch
 __all__ = [
     "CHUNK_ELEMENTS",
     "Directions",
-    "bias_sq_norm",
     "cat_tokens",
     "dense_grad",
     "gram_sq_norm",
@@ -139,11 +138,6 @@ def _ghost_gram(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         gb = torch.bmm(b[s : s + step], b[s : s + step].transpose(1, 2))
         out[s : s + step] = (ga * gb).sum((1, 2), dtype=torch.float64)
     return out
-
-
-def bias_sq_norm(b: torch.Tensor) -> torch.Tensor:
-    """``‖Σ_t b_t‖²`` for every sample, ``b`` ``(B, T, Q)`` -> float64 ``(B,)``."""
-    return sq_sum(b.sum(1, dtype=torch.float64), (1,))
 
 
 class Directions:

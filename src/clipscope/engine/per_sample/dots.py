@@ -1,9 +1,21 @@
-r"""Pass 2 of the per-sample route: ``⟨∇ℓ_j, v⟩`` for every sample as one forward-mode JVP.
+r"""Pass 2 of the per-sample route: ``⟨∇ℓ_j, v⟩`` for every sample, two ways.
 
-With ``L(θ) = (ℓ_1(θ), …, ℓ_B(θ))`` the per-sample loss vector of one batch
-forward, ``J_L(θ) v = (⟨∇ℓ_1, v⟩, …, ⟨∇ℓ_B, v⟩)``: one ``torch.func.jvp`` of
-``functional_call(model, θ)`` along v gives all B dots at about the cost of
-a forward.
+``"jvp"`` (forward mode). With ``L(θ) = (ℓ_1(θ), …, ℓ_B(θ))`` the per-sample
+loss vector of one batch forward, ``J_L(θ) v = (⟨∇ℓ_1, v⟩, …, ⟨∇ℓ_B, v⟩)``:
+one ``torch.func.jvp`` of ``functional_call(model, θ)`` along v gives all B
+dots at about the cost of two forwards.
+
+``"ghost"`` (reverse mode, a ghost product). One hooked forward and one
+backward w.r.t. the layer outputs only (no parameter gradient is formed), then
+each layer's dots from its recorded calls, ``Σ_t b_t·(V a_t)`` for a Linear and
+the nn.LSTM gate gradients, ``⟨b_j, conv(a_j; V)⟩`` for a convolution
+(:meth:`~clipscope.engine.per_sample.family.LayerFamily.dots`). Forward-mode
+AD through CPU ``nn.LSTM`` runs without oneDNN and measured 1.6–2.2 E on the
+bench's LSTM LM; the ghost product needs neither and is the default for models
+with recurrent modules (``method="auto"``), the JVP for the others. Unlike the
+JVP it trusts the layer rules, so it runs only with a plan whose rules pass 1
+checked structurally (the probe's), and the spot check compares its dots with
+the spot samples' own backward.
 
 Where a gradient is **not** the derivative, the JVP is adjusted or bypassed:
 torch's backward gives an Embedding's ``padding_idx`` row gradient 0 (that
@@ -22,6 +34,7 @@ dots of 4e5 > 65504); a float32 JVP whose dots overflow is redone the same way.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -37,10 +50,37 @@ from clipscope.engine.per_sample.batch import (
     randomness_active,
 )
 from clipscope.engine.per_sample.fallback import choose_mode, fallback_stats
+from clipscope.engine.per_sample.family import Unsupported
 from clipscope.engine.per_sample.plan import Plan
 from clipscope.errors import NonFiniteError
 
-__all__ = ["per_sample_dots", "split_vector"]
+__all__ = ["DOT_METHODS", "dot_method", "per_sample_dots", "split_vector"]
+
+DOT_METHODS = ("auto", "jvp", "ghost")
+
+
+def dot_method(model: nn.Module, method: str = "auto", plan: Plan | None = None) -> str:
+    """Resolve ``"auto"``: ``"ghost"`` for a model with recurrent modules, else ``"jvp"``.
+
+    The ghost product trusts the layer rules, so it needs a ``plan`` whose rules
+    pass 1 (:func:`~clipscope.engine.per_sample.ghost_pass`) has checked
+    structurally: without one ``"auto"`` means ``"jvp"`` (forward mode differentiates
+    the model itself and needs no rule), and ``"ghost"`` raises ``ValueError``.
+    """
+    if method not in DOT_METHODS:
+        raise ValueError(f"method must be one of {DOT_METHODS}, got {method!r}")
+    checked = plan is not None and (
+        plan.unchecked or plan.structural_checks > 0 or not plan.ghost_modules()
+    )
+    if method == "ghost" and not checked:
+        raise ValueError(
+            "method='ghost' takes the dots from the layer rules, which only a plan checked "
+            "by ghost_pass (its structural check) vouches for: pass that plan, or use 'jvp'"
+        )
+    if method != "auto":
+        return method
+    recurrent = any(isinstance(m, nn.RNNBase) for m in model.modules())
+    return "ghost" if recurrent and checked else "jvp"
 
 
 def split_vector(vector: Any, params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -80,12 +120,17 @@ def per_sample_dots(
     *,
     plan: Plan | None = None,
     expect_losses: torch.Tensor | None = None,
+    method: str = "auto",
 ) -> torch.Tensor:
-    """``⟨∇ℓ_j, v⟩`` for every sample j, float64 ``(B,)``, as one forward-mode JVP.
+    """``⟨∇ℓ_j, v⟩`` for every sample j, float64 ``(B,)``: one JVP or one ghost product.
 
     ``vector`` is a flat tensor (the ``params`` concatenated in order) or one
-    tensor per parameter. ``plan`` (default: a new one over ``params``) says
-    which parameters' dots must come from per-sample gradients instead.
+    tensor per parameter. ``method`` (``"auto"``, ``"jvp"``, ``"ghost"``): see
+    the module docstring and :func:`dot_method`; the ghost product covers the
+    parameters a rule serves (and needs a ``plan`` that pass 1 checked), the
+    others come from their per-sample gradients. ``plan``
+    (default: a new one over ``params``) says which parameters' dots must come
+    from per-sample gradients instead.
     ``expect_losses`` (the per-sample losses of pass 1) are compared with the
     losses of the forward-mode pass, which it computes anyway: if they differ
     (the same RNG drew other dropout masks -- torch draws a non-contiguous
@@ -102,6 +147,8 @@ def per_sample_dots(
     True
     """
     batch = check_inputs(model, loss_fn, x)
+    if method not in DOT_METHODS:
+        raise ValueError(f"method must be one of {DOT_METHODS}, got {method!r}")
     if plan is None:
         plan = Plan(model, params)
     params = plan.params
@@ -111,14 +158,23 @@ def per_sample_dots(
     # (the chunk's), so that a fallback after the JVP sees the same masks
     snapshot = rng_snapshot(x.device) if randomness else None
     n = len(params)
+    method = dot_method(model, method, plan)
     forward = [] if plan.dots_fallback else [k for k in range(n) if k not in plan.batch1]
+    if method == "ghost":  # the rules' parameters; the others from per-sample gradients
+        forward = [k for k in forward if k not in plan.fallback]
     dots = torch.zeros(batch, dtype=torch.float64, device=x.device)
     if forward:
         try:
             with rng_replay(snapshot) if snapshot is not None else contextlib.nullcontext():
-                losses, jvp_dots = _jvp_dots(model, loss_fn, x, y, plan, forward, tangents, batch)
-        except (NotImplementedError, RuntimeError) as exc:
-            plan.demote_dots("jvp", f"forward-mode AD failed ({_first_line(exc)})")
+                if method == "ghost":
+                    losses, jvp_dots = _ghost_dots(model, loss_fn, x, y, plan, tangents, batch)
+                else:
+                    losses, jvp_dots = _jvp_dots(
+                        model, loss_fn, x, y, plan, forward, tangents, batch
+                    )
+        except (NotImplementedError, RuntimeError, Unsupported) as exc:
+            what = "forward-mode AD" if method == "jvp" else "the ghost product"
+            plan.demote_dots(method, f"{what} failed ({_first_line(exc)})")
             forward = []
         else:
             differ = _losses_differ(losses, expect_losses, plan.params[0].dtype)
@@ -170,6 +226,33 @@ def _losses_differ(got: torch.Tensor, expected: torch.Tensor | None, dtype) -> s
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def _ghost_dots(model, loss_fn, x, y, plan, tangents, batch):
+    """Reverse-mode ghost product: the served layers' dots from one hooked forward and backward."""
+    from clipscope.engine.per_sample.ghost import recorded_products
+
+    reduced = plan.params[0].dtype not in (torch.float32, torch.float64)
+    scale = 1.0
+    for _ in range(2):  # float16/bfloat16: a batch backward that overflows, seeded smaller
+        calls, losses = recorded_products(model, loss_fn, x, y, plan, scale)
+        dots = torch.zeros(batch, dtype=torch.float64, device=x.device)
+        for mname, mod, fam, attrs in plan.ghost_modules():
+            problem = next((c.problem for c in calls[id(mod)] if c.problem), None)
+            if problem is not None:
+                raise Unsupported(f"{mname or type(mod).__name__}: {problem}")
+            vectors = {a: tangents[plan.index[id(getattr(mod, a))]] for a in attrs}
+            dots += fam.dots(mod, calls[id(mod)], attrs, vectors, batch).to(dots.device)
+        dots = dots / scale
+        if bool(torch.isfinite(dots).all()) or not reduced or scale != 1.0:
+            break
+        scale = 2.0 ** -math.ceil(math.log2(max(2, batch)))
+    if not bool(torch.isfinite(dots).all()):
+        raise NonFiniteError(
+            f"per-sample dots of samples {torch.nonzero(~torch.isfinite(dots)).flatten().tolist()}"
+            " are not finite; nothing was changed"
+        )
+    return losses, dots
 
 
 def _jvp_dots(model, loss_fn, x, y, plan, ks, tangents, batch) -> torch.Tensor:

@@ -31,9 +31,10 @@ import torch
 from torch import nn
 
 from clipscope.engine.per_sample._common import CHUNK_ELEMENTS, Directions, cat_tokens, up
-from clipscope.engine.per_sample.family import LayerFamily, ParamGhost, grads_of, zeros
+from clipscope.engine.per_sample.factors import Factors, Zero, storage_bytes
+from clipscope.engine.per_sample.family import LayerFamily, grads_of
 
-__all__ = ["EmbeddingFamily", "batch1_reason"]
+__all__ = ["EmbeddingFactors", "EmbeddingFamily", "batch1_reason"]
 
 
 def batch1_reason(mod: nn.Module) -> str | None:
@@ -58,6 +59,56 @@ def _tokens(mod: nn.Embedding, calls, batch: int):
     return idx, b
 
 
+class EmbeddingFactors(Factors):
+    """Token ids ``(B, T)`` and output gradients ``(B, T, D)`` (padding tokens' zeroed)."""
+
+    def __init__(self, idx: torch.Tensor, b: torch.Tensor, shape: tuple[int, ...]) -> None:
+        self.idx, self.b, self.shape = idx, b, tuple(shape)
+        self.names = ("weight",)
+
+    def kept_tensors(self):  # noqa: D102
+        return [self.idx, self.b]
+
+    @property
+    def nbytes(self) -> int:  # noqa: D102
+        return storage_bytes(self.kept_tensors())
+
+    def sq(self, name):
+        """Same-token Gram sums of the output gradients."""
+        idx, b = self.idx, self.b
+        T = idx.shape[1]
+        sq = torch.zeros(idx.shape[0], dtype=torch.float64, device=b.device)
+        step = max(1, CHUNK_ELEMENTS // max(1, T * T))
+        for s in range(0, idx.shape[0], step):
+            i, bb = idx[s : s + step], b[s : s + step]
+            same = i.unsqueeze(2) == i.unsqueeze(1)
+            gram = torch.bmm(bb, bb.transpose(1, 2))
+            sq[s : s + step] = (gram * same).sum((1, 2), dtype=torch.float64)
+        return sq
+
+    def proj(self, name, dirs: Directions):
+        """``⟨Σ_t e_{i_t} b_tᵀ, u wᵀ⟩ = Σ_t u[i_t] (b_t·w)``."""
+        b = self.b
+        bw = (b.reshape(-1, b.shape[-1]) @ dirs.w.to(b.dtype)).double()
+        return (dirs.u[self.idx.reshape(-1)] * bw).sum(0)
+
+    def dots(self, vectors):
+        """``Σ_t b_t·V[i_t]`` per sample."""
+        rows = vectors["weight"].to(self.b.dtype)[self.idx]  # (B, T, D)
+        return (rows * self.b).sum((1, 2), dtype=torch.float64)
+
+    def weighted(self, name, weights):
+        """``Σ_j w_j Σ_t`` of ``b_t`` added to row ``i_t``, for every row of ``weights``."""
+        w = weights.to(self.b.device).double()
+        flat_idx = self.idx.reshape(-1)
+        b = self.b.double()
+        out = torch.zeros(w.shape[0], *self.shape, dtype=torch.float64, device=self.b.device)
+        for e in range(w.shape[0]):
+            scaled = (b * w[e].view(-1, 1, 1)).reshape(-1, b.shape[-1])
+            out[e].index_add_(0, flat_idx, scaled)
+        return out
+
+
 class EmbeddingFamily(LayerFamily):
     """``nn.Embedding`` with any ``padding_idx``, ``max_norm`` and ``sparse``."""
 
@@ -68,27 +119,16 @@ class EmbeddingFamily(LayerFamily):
         """Not for ``scale_grad_by_freq`` (see the module docstring)."""
         return super().claims(mod) and not mod.scale_grad_by_freq
 
-    def per_sample(self, mod, calls, names, batch, dirs: dict[str, Directions]):
-        """Same-token Gram sums of the output gradients."""
-        device = mod.weight.device
-        d = dirs["weight"]
+    def factors(self, mod, calls, names, batch):
+        """Keep the token ids and output gradients of every call."""
         tk = _tokens(mod, calls, batch)
         if tk is None:
-            return {"weight": ParamGhost(zeros(batch, device), zeros(d.u.shape[1], device))}
-        idx, b = tk
-        T = idx.shape[1]
-        sq = zeros(batch, device)
-        step = max(1, CHUNK_ELEMENTS // max(1, T * T))
-        for s in range(0, batch, step):
-            i, bb = idx[s : s + step], b[s : s + step]
-            same = i.unsqueeze(2) == i.unsqueeze(1)
-            gram = torch.bmm(bb, bb.transpose(1, 2))
-            sq[s : s + step] = (gram * same).sum((1, 2), dtype=torch.float64)
-        # ⟨Σ_t e_{i_t} b_tᵀ, u wᵀ⟩ = Σ_t u[i_t] (b_t·w)
-        proj = (d.u[idx.reshape(-1)] * (b.reshape(-1, b.shape[-1]) @ d.w.to(b.dtype)).double()).sum(
-            0
-        )
-        return {"weight": ParamGhost(sq, proj)}
+            return Zero({"weight": tuple(mod.weight.shape)}, batch, mod.weight.device)
+        return EmbeddingFactors(tk[0], tk[1], mod.weight.shape)
+
+    def per_sample(self, mod, calls, names, batch, dirs: dict[str, Directions]):
+        """Same-token Gram sums of the output gradients."""
+        return self.factors(mod, calls, names, batch).ghost(["weight"], dirs)
 
     def batch_grad(self, mod, calls, names, batch):
         """``Σ_t`` of ``b_t`` added to row ``i_t``."""
@@ -101,9 +141,4 @@ class EmbeddingFamily(LayerFamily):
 
     def dots(self, mod, calls, names, vectors, batch):
         """``Σ_t b_t·V[i_t]`` per sample."""
-        tk = _tokens(mod, calls, batch)
-        if tk is None:
-            return zeros(batch, mod.weight.device)
-        idx, b = tk
-        rows = vectors["weight"].to(b.dtype)[idx]  # (B, T, D)
-        return (rows * b).sum((1, 2), dtype=torch.float64)
+        return self.factors(mod, calls, names, batch).dots({"weight": vectors["weight"]})

@@ -56,6 +56,9 @@ class FallbackStats:
         For each row ``w`` of ``weights``, per parameter: ``Σ_j w_j g_j(p)`` (float64).
     mode : str
         The mode that ran (``"vmap"`` falls back to ``"loop"`` if it raises).
+    rows : list of Tensor or None
+        With ``keep_rows=True``: per parameter, the per-sample gradients
+        ``(B, *shape)`` themselves (the factor-keeping route keeps them).
     """
 
     sq: list[torch.Tensor]
@@ -63,6 +66,7 @@ class FallbackStats:
     dots: torch.Tensor | None
     weighted: list[list[torch.Tensor]] | None
     mode: str
+    rows: list[torch.Tensor] | None = None
 
 
 def choose_mode(model: nn.Module, randomness: bool) -> str:
@@ -142,6 +146,7 @@ def fallback_stats(
     losses: torch.Tensor | None = None,
     vector: Sequence[torch.Tensor] | None = None,
     weights: torch.Tensor | None = None,
+    keep_rows: bool = False,
 ) -> FallbackStats:
     """Norms, sums, dots with ``vector`` and ``weights``-weighted sums of the per-sample gradients.
 
@@ -149,15 +154,16 @@ def fallback_stats(
     ``"vmap"`` that raises (an op without a batching rule) is redone as
     ``"loop"``; :attr:`FallbackStats.mode` says which ran.
     """
+    args = (losses, vector, weights, keep_rows)
     try:
-        return _stats(model, loss_fn, x, y, params, mode, losses, vector, weights)
+        return _stats(model, loss_fn, x, y, params, mode, *args)
     except (RuntimeError, NotImplementedError, ValueError):
         if mode != "vmap":
             raise
-        return _stats(model, loss_fn, x, y, params, "loop", losses, vector, weights)
+        return _stats(model, loss_fn, x, y, params, "loop", *args)
 
 
-def _stats(model, loss_fn, x, y, params, mode, losses, vector, weights) -> FallbackStats:
+def _stats(model, loss_fn, x, y, params, mode, losses, vector, weights, keep) -> FallbackStats:
     params = list(params)
     batch = x.shape[0]
     device = x.device
@@ -169,8 +175,11 @@ def _stats(model, loss_fn, x, y, params, mode, losses, vector, weights) -> Fallb
     if weights is not None:
         weights = weights.to(device=device, dtype=torch.float64)
         weighted = [[torch.zeros_like(s) for s in sums] for _ in range(weights.shape[0])]
+    rows: list[list[torch.Tensor]] = [[] for _ in params]
     for s, gs in per_sample_grads(model, loss_fn, x, y, params, mode, losses=losses):
         for k, g in enumerate(gs):
+            if keep:
+                rows[k].append(g.detach())
             g64 = g.detach().double().reshape(g.shape[0], -1)
             sq[k][s] = (g64 * g64).sum(1)
             sums[k] += g64.sum(0).reshape(sums[k].shape)
@@ -179,4 +188,5 @@ def _stats(model, loss_fn, x, y, params, mode, losses, vector, weights) -> Fallb
             if weighted is not None:
                 for e in range(weights.shape[0]):
                     weighted[e][k] += (weights[e, s] @ g64).reshape(sums[k].shape)
-    return FallbackStats(sq, sums, dots, weighted, mode)
+    kept = [torch.cat(r) for r in rows] if keep else None
+    return FallbackStats(sq, sums, dots, weighted, mode, kept)

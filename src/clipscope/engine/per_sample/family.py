@@ -216,9 +216,9 @@ def materialized_ghost(
     step = max(1, CHUNK_ELEMENTS // max(1, numel))
     for start in range(0, batch, step):
         s = slice(start, min(batch, start + step))
-        G = per_sample(s)
-        sq[s] = (G.double() ** 2).sum(1)
-        part = G.sum(0, dtype=torch.float64)
+        G = per_sample(s).double()
+        sq[s] = (G * G).sum(1)
+        part = G.sum(0)
         total = part if total is None else total + part
     if total is None:
         return ParamGhost(sq, torch.zeros(dirs.u.shape[1], dtype=torch.float64, device=device))

@@ -37,13 +37,15 @@ from clipscope.engine.per_sample.batch import (
     per_sample_from_output,
     randomness_active,
 )
+from clipscope.engine.per_sample.factors import Rows
 from clipscope.engine.per_sample.fallback import choose_mode, fallback_stats
 from clipscope.engine.per_sample.family import Call, LayerFamily, Unsupported
+from clipscope.engine.per_sample.kept import KeptChunk
 from clipscope.engine.per_sample.plan import Plan
 from clipscope.engine.verify import structural_error, tolerance
 from clipscope.errors import NonFiniteError
 
-__all__ = ["GhostPass", "ghost_pass", "per_sample_sq_norms", "record_calls"]
+__all__ = ["GhostPass", "ghost_pass", "per_sample_sq_norms", "record_calls", "recorded_products"]
 
 
 class GhostPass(NamedTuple):
@@ -60,12 +62,16 @@ class GhostPass(NamedTuple):
         mean-loss gradient).
     per_param : dict
         ``{parameter index: (B,) float64 ‖g_j(p)‖²}`` (the spot check's input).
+    kept : KeptChunk or None
+        With ``keep=True``: every parameter's per-sample gradients in the kept
+        form its norms came from (:mod:`~clipscope.engine.per_sample.kept`).
     """
 
     sq_norms: torch.Tensor
     losses: torch.Tensor
     grad_sum: list[torch.Tensor]
     per_param: dict[int, torch.Tensor]
+    kept: KeptChunk | None = None
 
 
 def _store(slots: list, k: int, g: torch.Tensor) -> None:
@@ -129,7 +135,8 @@ def _all_finite(tensors: list[torch.Tensor]) -> bool:
 def _norm(t: torch.Tensor) -> float:
     if t.layout != torch.strided:
         t = t.coalesce().values() if t.is_sparse else t.values()
-    return float(torch.linalg.vector_norm(t, dtype=torch.float64))
+    # a float64 copy: torch's reduction with dtype=float64 is several times slower on CPU
+    return float(torch.linalg.vector_norm(t.double()))
 
 
 def ghost_pass(
@@ -140,6 +147,7 @@ def ghost_pass(
     params: Sequence[torch.Tensor] | None = None,
     *,
     plan: Plan | None = None,
+    keep: bool = False,
 ) -> GhostPass:
     """One hooked forward + backward: per-sample ``‖∇ℓ_j‖²``, losses ``ℓ_j`` and ``∇Σ_j ℓ_j``.
 
@@ -151,6 +159,11 @@ def ghost_pass(
     :class:`~clipscope.engine.per_sample.plan.Plan` over ``params``, every
     trainable parameter by default). Leaves the model's parameters, ``.grad``,
     buffers and flags unchanged (the backward uses ``torch.autograd.grad``).
+
+    With ``keep=True`` the norms come from each rule's kept form
+    (:meth:`LayerFamily.factors`) and the fallback's per-sample gradients are
+    kept too: ``result.kept`` then gives every dot and weighted sum of the
+    chunk's per-sample gradients without another pass.
     """
     batch = check_inputs(model, loss_fn, x)
     if plan is None:
@@ -165,15 +178,19 @@ def ghost_pass(
             "per sample while dropout draws masks for the batch (dropout='fixed' in train mode); "
             "use dropout='off' or mini-batch components"
         )
-    result = _ghost_once(model, loss_fn, x, y, plan, batch, randomness, 1.0)
+    result = _ghost_once(model, loss_fn, x, y, plan, batch, randomness, 1.0, keep)
     if result is None:  # float16/bfloat16: the batch sum overflowed, the samples did not
         scale = 2.0 ** -math.ceil(math.log2(max(2, batch)))
-        result = _ghost_once(model, loss_fn, x, y, plan, batch, randomness, scale)
+        result = _ghost_once(model, loss_fn, x, y, plan, batch, randomness, scale, keep)
     return result
 
 
-def _forward_backward(model, loss_fn, x, y, plan, active, batch, scale, retain):
-    """Run the hooked batch forward and the one backward of ``scale·Σ_j ℓ_j``."""
+def _forward_backward(model, loss_fn, x, y, plan, active, batch, scale, retain, outputs_only=False):
+    """Run the hooked batch forward and the one backward of ``scale·Σ_j ℓ_j``.
+
+    ``outputs_only``: the backward runs w.r.t. the recorded outputs only (their
+    gradients are all a product of the factors needs); no parameter gradient.
+    """
     rec = _Recorder(active, batch)
     try:
         with torch.enable_grad():
@@ -186,10 +203,11 @@ def _forward_backward(model, loss_fn, x, y, plan, active, batch, scale, retain):
             f"per-sample losses of samples {bad} are not finite; nothing was changed"
         )
     seed = torch.full_like(losses, scale)
-    if plan.unchecked and all(t._version == v for t, v in outputs):
-        # benchmarks only: w.r.t. the layer outputs (the hooks get every b) and the
-        # fallback's parameters; autograd never forms the served layers' weight gradients
-        rest = [k for k in range(len(plan.params)) if k in plan.fallback]
+    if (plan.unchecked or outputs_only) and all(t._version == v for t, v in outputs):
+        # w.r.t. the layer outputs (the hooks get every b) and, for the benchmarks'
+        # unchecked pass 1, the fallback's parameters: autograd never forms the served
+        # layers' weight gradients
+        rest = [] if outputs_only else [k for k in range(len(plan.params)) if k in plan.fallback]
         inputs = [t for t, _ in outputs] + [plan.params[k] for k in rest]
         with torch.enable_grad():
             found = torch.autograd.grad(
@@ -227,7 +245,30 @@ def record_calls(
     return {mname: (mod, fam, attrs, calls[id(mod)]) for mname, mod, fam, attrs in active}
 
 
-def _ghost_once(model, loss_fn, x, y, plan, batch, randomness, scale) -> GhostPass | None:
+def recorded_products(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    x: torch.Tensor,
+    y: Any,
+    plan: Plan,
+    scale: float = 1.0,
+) -> tuple[dict[int, list[Call]], torch.Tensor]:
+    """One hooked forward and a backward of ``scale·Σ_j ℓ_j`` w.r.t. the recorded outputs only.
+
+    ``({id(module): calls}, losses)`` for the modules a rule still serves: the
+    reverse-mode pass of the per-sample dots (each layer's ``⟨g_j, v⟩`` follows
+    from its calls, :meth:`LayerFamily.dots`), cheaper than a full backward by
+    the parameters' gradients.
+    """
+    batch = check_inputs(model, loss_fn, x)
+    active = plan.ghost_modules()
+    calls, losses, _ = _forward_backward(
+        model, loss_fn, x, y, plan, active, batch, scale, False, outputs_only=True
+    )
+    return calls, losses.detach()
+
+
+def _ghost_once(model, loss_fn, x, y, plan, batch, randomness, scale, keep) -> GhostPass | None:
     params = plan.params
     active = plan.ghost_modules()
     calls, losses, grads = _forward_backward(
@@ -249,6 +290,7 @@ def _ghost_once(model, loss_fn, x, y, plan, batch, randomness, scale) -> GhostPa
     tol = tolerance(params[0].dtype)
     per_param: dict[int, torch.Tensor] = {}
     unchecked_sums: dict[int, torch.Tensor] = {}
+    kept: list = []  # (factors, {attribute: parameter index}, scale) with keep=True
     for mname, mod, fam, attrs in active:
         ks = [plan.index[id(getattr(mod, a))] for a in attrs]
         problem = next((c.problem for c in calls[id(mod)] if c.problem), None)
@@ -257,7 +299,12 @@ def _ghost_once(model, loss_fn, x, y, plan, batch, randomness, scale) -> GhostPa
             continue
         dirs = {a: plan.directions[k] for a, k in zip(attrs, ks, strict=True)}
         try:
-            res = fam.per_sample(mod, calls[id(mod)], attrs, batch, dirs)
+            if keep:
+                factors = fam.factors(mod, calls[id(mod)], attrs, batch)
+                res = factors.ghost(attrs, dirs)
+                kept.append((factors, {}, scale))
+            else:
+                res = fam.per_sample(mod, calls[id(mod)], attrs, batch, dirs)
         except Unsupported as exc:
             plan.demote(ks, "rule", str(exc))
             continue
@@ -266,6 +313,8 @@ def _ghost_once(model, loss_fn, x, y, plan, batch, randomness, scale) -> GhostPa
             for a, k in zip(attrs, ks, strict=True):
                 per_param[k] = res[a].sq / (scale * scale)
                 unchecked_sums[k] = totals[a].double() / scale
+                if keep:
+                    kept[-1][1][a] = k
             continue
         for a, k in zip(attrs, ks, strict=True):
             ghost = res[a]
@@ -287,6 +336,8 @@ def _ghost_once(model, loss_fn, x, y, plan, batch, randomness, scale) -> GhostPa
                 continue
             plan.note_structural(err)
             per_param[k] = ghost.sq / (scale * scale)
+            if keep:
+                kept[-1][1][a] = k
     grad_sum: list[torch.Tensor | None] = [None] * len(params)
     for k in per_param:
         if k in unchecked_sums:
@@ -313,16 +364,21 @@ def _ghost_once(model, loss_fn, x, y, plan, batch, randomness, scale) -> GhostPa
                 [params[k] for k in ks],
                 mode,
                 losses=losses if mode == "graph" else None,
+                keep_rows=keep,
             )
             if mode == "vmap" and fs.mode != "vmap":
                 plan.vmap_failed = True
+            if keep:
+                names = {plan.names[k]: k for k in ks}
+                kept.append((Rows(dict(zip(names, fs.rows, strict=True))), names, 1.0))
             for i, k in enumerate(ks):
                 per_param[k] = fs.sq[i]
                 grad_sum[k] = fs.sums[i]
     sq = torch.zeros(batch, dtype=torch.float64, device=x.device)
     for v in per_param.values():
         sq += v.to(sq.device)
-    return GhostPass(sq, losses.detach(), grad_sum, per_param)
+    chunk = KeptChunk(batch, kept) if keep else None
+    return GhostPass(sq, losses.detach(), grad_sum, per_param, chunk)
 
 
 def per_sample_sq_norms(

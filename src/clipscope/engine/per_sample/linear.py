@@ -23,20 +23,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from clipscope.engine.per_sample._common import (
-    Directions,
-    bias_sq_norm,
-    cat_tokens,
-    gram_sq_norm,
-    up,
-)
-from clipscope.engine.per_sample.family import (
-    Call,
-    LayerFamily,
-    ParamGhost,
-    grads_of,
-    zeros,
-)
+from clipscope.engine.per_sample._common import CHUNK_ELEMENTS, Directions, cat_tokens, up
+from clipscope.engine.per_sample.factors import Joined, Rows, Tokens, Zero
+from clipscope.engine.per_sample.family import Call, LayerFamily, grads_of
 
 __all__ = ["LinearFamily"]
 
@@ -57,22 +46,37 @@ class LinearFamily(LayerFamily):
     name = "linear"
     module_types = (nn.Linear,)
 
+    def factors(self, mod, calls, names, batch):
+        """Keep the tokens ``(a, b)``, or the per-sample weight matrices where those are smaller.
+
+        ``T(P + Q) > PQ`` (long sequences through a narrow layer): the per-sample
+        matrices ``Σ_t b_t a_tᵀ`` are formed once (``bmm``) and kept instead.
+        """
+        shapes = {n: tuple(getattr(mod, n).shape) for n in names}
+        tk = tokens(calls, batch)
+        if tk is None:
+            return Zero(shapes, batch, mod.weight.device)
+        a, b = up(tk[0]), up(tk[1])
+        T, P, Q = a.shape[1], a.shape[2], b.shape[2]
+        weight = "weight" if "weight" in names else None
+        bias = "bias" if "bias" in names else None
+        if weight is None or T == 1 or T * (P + Q) <= P * Q:
+            return Tokens(a, b, weight=weight, bias=bias, shape=shapes.get("weight"))
+        step = max(1, CHUNK_ELEMENTS // max(1, P * Q))
+        G = torch.cat(
+            [
+                torch.bmm(b[s : s + step].transpose(1, 2), a[s : s + step])
+                for s in range(0, batch, step)
+            ]
+        )
+        parts = [Rows({"weight": G})]
+        if bias is not None:
+            parts.append(Tokens(None, b, bias="bias"))
+        return Joined(parts)
+
     def per_sample(self, mod, calls, names, batch, dirs: dict[str, Directions]):
         """Ghost norms of ``weight`` and ``bias`` from the recorded ``(a, b)``."""
-        device = mod.weight.device
-        tk = tokens(calls, batch)
-        out = {}
-        for name in names:
-            k = dirs[name].u.shape[1]
-            if tk is None:
-                out[name] = ParamGhost(zeros(batch, device), zeros(k, device))
-            elif name == "weight":
-                a, b = tk
-                out[name] = ParamGhost(gram_sq_norm(a, b), dirs[name].of_factors(a, b))
-            else:
-                b = tk[1]
-                out[name] = ParamGhost(bias_sq_norm(b), dirs[name].of_vector(b))
-        return out
+        return self.factors(mod, calls, names, batch).ghost(names, dirs)
 
     def batch_grad(self, mod, calls, names, batch):
         """``Σ_{j,t} b_t a_tᵀ`` and ``Σ_{j,t} b_t``."""
@@ -91,12 +95,9 @@ class LinearFamily(LayerFamily):
     def dots(self, mod, calls, names, vectors, batch):
         """``Σ_t b_t·(V a_t) + b_t·v_bias`` per sample."""
         tk = tokens(calls, batch)
-        out = zeros(batch, mod.weight.device)
         if tk is None:
-            return out
-        a, b = up(tk[0]), up(tk[1])
-        if "weight" in names:
-            out += ((a @ vectors["weight"].to(a.dtype).t()) * b).sum((1, 2), dtype=torch.float64)
-        if "bias" in names:
-            out += (b @ vectors["bias"].to(b.dtype)).sum(1, dtype=torch.float64)
-        return out
+            return torch.zeros(batch, dtype=torch.float64, device=mod.weight.device)
+        weight = "weight" if "weight" in names else None
+        bias = "bias" if "bias" in names else None
+        kept = Tokens(tk[0], tk[1], weight=weight, bias=bias, shape=tuple(mod.weight.shape))
+        return kept.dots({n: vectors[n] for n in names})

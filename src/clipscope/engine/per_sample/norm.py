@@ -23,8 +23,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from clipscope.engine.per_sample._common import Directions, sq_sum, up
-from clipscope.engine.per_sample.family import LayerFamily, ParamGhost, grads_of, zeros
+from clipscope.engine.per_sample._common import Directions, up
+from clipscope.engine.per_sample.factors import Rows, Zero
+from clipscope.engine.per_sample.family import LayerFamily, grads_of
 
 __all__ = ["NormFamily"]
 
@@ -101,21 +102,21 @@ class NormFamily(LayerFamily):
             gb = cb if gb is None else gb + cb
         return gw, gb
 
+    def factors(self, mod, calls, names, batch):
+        """Keep the per-sample affine gradients themselves (as small as the parameters)."""
+        gw, gb = self._grads(mod, calls, batch)
+        rows = {}
+        for name, g in (("weight", gw), ("bias", gb)):
+            if name in names and g is not None:
+                rows[name] = g.reshape(batch, *getattr(mod, name).shape)
+        if not rows:
+            shapes = {n: tuple(getattr(mod, n).shape) for n in names}
+            return Zero(shapes, batch, next(iter(mod.parameters())).device)
+        return Rows(rows)
+
     def per_sample(self, mod, calls, names, batch, dirs: dict[str, Directions]):
         """Affine gradients formed per sample (they are as small as the parameters)."""
-        device = next(iter(mod.parameters())).device
-        gw, gb = self._grads(mod, calls, batch)
-        out = {}
-        for name in names:
-            d = dirs[name]
-            g = gw if name == "weight" else gb
-            if g is None:
-                out[name] = ParamGhost(zeros(batch, device), zeros(d.u.shape[1], device))
-                continue
-            g = g.reshape(batch, -1)
-            total = g.sum(0, dtype=torch.float64).reshape(d.Q, d.P)
-            out[name] = ParamGhost(sq_sum(g, (1,)), d.of_tensor(total))
-        return out
+        return self.factors(mod, calls, names, batch).ghost(names, dirs)
 
     def batch_grad(self, mod, calls, names, batch):
         """Sum the per-sample affine gradients."""
@@ -129,10 +130,4 @@ class NormFamily(LayerFamily):
 
     def dots(self, mod, calls, names, vectors, batch):
         """``⟨g_j(weight), v_w⟩ + ⟨g_j(bias), v_b⟩`` per sample."""
-        device = next(iter(mod.parameters())).device
-        gw, gb = self._grads(mod, calls, batch)
-        out = zeros(batch, device)
-        for name, g in (("weight", gw), ("bias", gb)):
-            if name in names and g is not None:
-                out += g.reshape(batch, -1).double() @ vectors[name].reshape(-1).double()
-        return out
+        return self.factors(mod, calls, names, batch).dots({n: vectors[n] for n in names})

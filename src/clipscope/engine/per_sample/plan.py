@@ -77,7 +77,8 @@ VERIFICATION_STAGES = ("structural", "spot-norm", "spot-dot")
 class Event:
     """Parameters (or the dots) moved to an exact fallback, when and why."""
 
-    stage: str  # "plan", "record", "rule", "structural", "spot-norm", "spot-dot", "jvp"
+    # "plan", "record", "rule", "structural", "spot-norm", "spot-dot", "jvp", "ghost"
+    stage: str
     params: tuple[str, ...]
     reason: str
 

@@ -38,14 +38,13 @@ from torch import nn
 from clipscope.engine.guard import dropout_modules
 from clipscope.engine.per_sample._common import (
     Directions,
-    bias_sq_norm,
     cat_tokens,
-    gram_sq_norm,
     rng_replay,
     rng_snapshot,
     sq_sum,
     up,
 )
+from clipscope.engine.per_sample.factors import Joined, Rows, Tokens, Zero
 from clipscope.engine.per_sample.family import Call, LayerFamily, ParamGhost, Unsupported, zeros
 from clipscope.engine.verify import tolerance
 
@@ -163,24 +162,32 @@ class LSTMFamily(LayerFamily):
             for layer in range(mod.num_layers)
         ]
 
+    def factors(self, mod, calls, names, batch):
+        """Keep per layer ``(x_t, δ_t)`` (W_ih), ``(h_{t-1}, δ_t)`` (W_hh), ``Σ_t δ_t`` (biases)."""
+        layers = self._layers(mod, calls)
+        if layers is None:
+            shapes = {n: tuple(getattr(mod, n).shape) for n in names}
+            return Zero(shapes, batch, mod.weight_ih_l0.device)
+        parts = []
+        for layer, (a_in, h_prev, delta) in enumerate(layers):
+            per_bias = delta.sum(1)  # shared by bias_ih and bias_hh: the same gradient
+            for kind, a in (("ih", a_in), ("hh", h_prev)):
+                w, b = f"weight_{kind}_l{layer}", f"bias_{kind}_l{layer}"
+                parts.append(
+                    Tokens(
+                        a,
+                        delta,
+                        weight=w if w in names else None,
+                        bias=b if b in names else None,
+                        shape=tuple(getattr(mod, w).shape),
+                        per_bias=per_bias,
+                    )
+                )
+        return Joined(parts)
+
     def per_sample(self, mod, calls, names, batch, dirs: dict[str, Directions]):
         """Sequence-Linear ghost norms from the gate gradients."""
-        device = mod.weight_ih_l0.device
-        layers = self._layers(mod, calls)
-        out = {}
-        for name in names:
-            d = dirs[name]
-            if layers is None:
-                out[name] = ParamGhost(zeros(batch, device), zeros(d.u.shape[1], device))
-                continue
-            kind, layer = name.rsplit("_l", 1)
-            a_in, h_prev, delta = layers[int(layer)]
-            if kind.startswith("weight"):
-                a = a_in if kind == "weight_ih" else h_prev
-                out[name] = ParamGhost(gram_sq_norm(a, delta), d.of_factors(a, delta))
-            else:
-                out[name] = ParamGhost(bias_sq_norm(delta), d.of_vector(delta))
-        return out
+        return self.factors(mod, calls, names, batch).ghost(names, dirs)
 
     def batch_grad(self, mod, calls, names, batch):
         """``Σ_{j,t} δ_t x_tᵀ`` etc. from the gate gradients."""
@@ -202,20 +209,7 @@ class LSTMFamily(LayerFamily):
 
     def dots(self, mod, calls, names, vectors, batch):
         """``Σ_t δ_t·(V x_t)`` etc. per sample."""
-        out = zeros(batch, mod.weight_ih_l0.device)
-        layers = self._layers(mod, calls)
-        if layers is None:
-            return out
-        for name in names:
-            kind, layer = name.rsplit("_l", 1)
-            a_in, h_prev, delta = layers[int(layer)]
-            v = vectors[name].to(delta.dtype)
-            if kind.startswith("weight"):
-                a = a_in if kind == "weight_ih" else h_prev
-                out += ((a @ v.t()) * delta).sum((1, 2), dtype=torch.float64)
-            else:
-                out += (delta @ v).sum(1, dtype=torch.float64)
-        return out
+        return self.factors(mod, calls, names, batch).dots({n: vectors[n] for n in names})
 
 
 def _random(mod: nn.Module) -> bool:
@@ -314,6 +308,14 @@ class RNNLoopFamily(LayerFamily):
             proj = zeros(d.u.shape[1], device) if sums[n] is None else d.of_tensor(sums[n])
             out[n] = ParamGhost(sq[n], proj)
         return out
+
+    def factors(self, mod, calls, names, batch):
+        """Keep the per-sample gradients of the module's own parameters, from the loop."""
+        rows = {n: [] for n in names}
+        for _, gs in self._per_sample_grads(mod, calls, names, batch):
+            for n, g in zip(names, gs, strict=True):
+                rows[n].append(g.detach())
+        return Rows({n: torch.stack(r) for n, r in rows.items()})
 
     def batch_grad(self, mod, calls, names, batch):
         """Sum the per-sample gradients of the loop."""
