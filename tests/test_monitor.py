@@ -271,6 +271,32 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path):
     assert sorted(p.name for p in other.iterdir()) == ["epochs.csv"]
 
 
+def test_a_refused_monitor_leaves_the_run_it_found_untouched(tmp_path):
+    """Running one's script twice: the second Monitor is refused and writes nothing on exit."""
+    run = tmp_path / "run"
+
+    def train() -> None:
+        model, loss_fn, comps = problem()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        with Monitor(model, loss_fn, comps, eta=0.5, every=2, run_dir=run) as monitor:
+            for s in range(4):
+                monitor.step(s)
+                opt.zero_grad()
+                loss_fn(
+                    model(comps.batch(s % len(comps))[0]), comps.batch(s % len(comps))[1]
+                ).backward()
+                monitor.gradient()
+                opt.step()
+
+    train()
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert len(read_rows(run / "epochs.csv")["epoch"]) >= 2
+    with pytest.raises(FileExistsError, match="another run"):
+        train()
+    after = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert after == before
+
+
 class Items(torch.utils.data.Dataset):
     def __init__(self, X, Y):
         self.X, self.Y, self.n = X, Y, len(X)

@@ -566,8 +566,14 @@ class Monitor:
     def _start(self) -> None:
         if self._started:
             return
+        try:
+            self._units.start(self)
+        except BaseException:
+            # Refused (e.g. run_dir holds another run): nothing of this run was
+            # written, so close() and __exit__ must not write either.
+            self._closed = True
+            raise
         self._started = True
-        self._units.start(self)
         if self._open is not None:  # resumed inside an interval: who needs its steps
             row = next(r for r in reversed(self.rows) if r.get("epoch") == self._open)
             self._units.plan(self._point(self._open, int(row["step"])))
