@@ -304,6 +304,23 @@ def test_resume_with_force_is_logged(tmp_path):
     assert len(read_rows(tmp_path / "r")) == 3
 
 
+def test_force_cannot_resume_a_checkpoint_of_another_model(tmp_path, capsys):
+    """--force overrides settings, not the model: refused (exit 2) before anything is written."""
+    from clipscope.cli import main
+
+    cfg = write_config(tmp_path, epochs=1)
+    run = tmp_path / "r"
+    assert train(cfg, run, echo=quiet) == 0
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    wider = write_config(tmp_path, epochs=1, dim=5, name="wider.toml")  # another weight shape
+    assert main(["train", str(wider), "--out", str(run), "--resume", "--force"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be resumed with this config, even with --force" in err
+    assert "weights of other shapes" in err
+    after = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert after == before
+
+
 def test_resume_of_completed_run_changes_nothing(golden, tmp_path):
     cfg_path, run = golden["sgd"]
     copy = tmp_path / "copy"

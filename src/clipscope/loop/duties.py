@@ -266,8 +266,11 @@ class Checkpointing(Unit):
         self._loop = loop
         directory = self.directory
         payload = on_writer(
-            lambda: directory.open(resume=self.resume, force=self.force, setting=loop.setting)
-        )
+            lambda: directory.open(
+                resume=self.resume, force=self.force, setting=loop.setting,
+                fits=lambda state: _model_misfit(loop.model, state),
+            )
+        )  # fmt: skip
         if payload is not None:
             loop.load_state_dict(payload)
             on_writer(lambda: directory.restore_rows(loop.state.rows))
@@ -326,6 +329,33 @@ def _toml_text(setting: Mapping[str, Any], header: str) -> str:
     lines = [f"# {header}"]
     lines += [f"{k} = {_toml_value(v)}" for k, v in setting.items() if v is not None]
     return "\n".join(lines) + "\n"
+
+
+def _model_misfit(model: nn.Module, state: Mapping[str, Any]) -> str | None:
+    """Why a checkpoint's model weights cannot be loaded into ``model``; None when they can.
+
+    Compares the names and shapes of ``model.state_dict()`` with the
+    checkpoint's ``"model"`` entry (nothing is loaded).
+    """
+    saved = state.get("model")
+    if not isinstance(saved, Mapping):
+        return "it holds no model weights"
+    own = model.state_dict()
+    missing = sorted(set(own) - set(saved))
+    extra = sorted(set(saved) - set(own))
+    shapes = [
+        f"{k}: {tuple(saved[k].shape)} -> {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in saved and tuple(getattr(saved[k], "shape", v.shape)) != tuple(v.shape)
+    ]
+    parts = []
+    if missing:
+        parts.append(f"the model has weights the checkpoint lacks ({', '.join(missing[:4])})")
+    if extra:
+        parts.append(f"the checkpoint has weights the model lacks ({', '.join(extra[:4])})")
+    if shapes:
+        parts.append(f"weights of other shapes ({'; '.join(shapes[:4])})")
+    return "; ".join(parts) or None
 
 
 class Records(Unit):

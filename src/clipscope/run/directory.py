@@ -208,7 +208,12 @@ class RunDirectory:
         self.log = log or (lambda text: None)
 
     def open(
-        self, *, resume: bool, force: bool = False, setting: Mapping[str, Any]
+        self,
+        *,
+        resume: bool,
+        force: bool = False,
+        setting: Mapping[str, Any],
+        fits: Callable[[Mapping[str, Any]], str | None] | None = None,
     ) -> dict[str, Any] | None:
         """Check the directory, create it, and on resume return the newest loadable checkpoint.
 
@@ -219,7 +224,10 @@ class RunDirectory:
         its checksum, else :class:`~clipscope.errors.UnloadableCheckpointError`;
         each reason is listed, never a silent fresh start); the checkpoint's
         setting differs from ``setting`` (:class:`~clipscope.errors.ConfigError`
-        listing ``key: old -> new``) unless ``force`` (then logged). A resume
+        listing ``key: old -> new``) unless ``force`` (then logged); even under
+        ``force``, a checkpoint that ``fits(state)`` says does not fit the loop
+        (a reason string: another model, other components) is refused with
+        :class:`~clipscope.errors.ConfigError`. A resume
         on other torch/CUDA/numpy/Python versions is logged as a warning. Then
         the folders are created, stray temporary files removed, newer
         unloadable checkpoints renamed ``*.corrupt``, and :attr:`files` written.
@@ -255,7 +263,16 @@ class RunDirectory:
             reasons = "; ".join(str(e) for e in failures)
             raise kind(f"no checkpoint in {self.checkpoints} can be resumed: {reasons}")
         if found is not None:
-            self._check_setting(found[1], setting, force)
+            forced = self._check_setting(found[1], setting, force)
+            reason = None if fits is None else fits(found[1])
+            if reason is not None:
+                raise ConfigError(
+                    f"the checkpoint {found[0]} cannot be resumed with this config, even with "
+                    f"--force: {reason}. Resume with the config the run was started with, or "
+                    "choose another output directory"
+                )
+            if forced:
+                self.log(f"--force: resuming {self.path} with changed settings:\n  {forced}")
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         self.components.mkdir(parents=True, exist_ok=True)
         for item in clean_tmp(self.path):
@@ -276,7 +293,10 @@ class RunDirectory:
             atomic_write_text(self.path / name, text)
         return None if found is None else found[1]
 
-    def _check_setting(self, state: Mapping[str, Any], current: Mapping[str, Any], force: bool):
+    def _check_setting(
+        self, state: Mapping[str, Any], current: Mapping[str, Any], force: bool
+    ) -> str | None:
+        """Refuse changed settings unless ``force``; return the changes ``force`` lets through."""
         stored = state.get("setting") or {}
         if "format" in state:
             keys = set(stored) | set(current)
@@ -288,14 +308,14 @@ class RunDirectory:
             keys = set(stored)
         diff = setting_diff(stored, current, keys)
         if not diff:
-            return
+            return None
         shown = "\n  ".join(diff)
         if not force:
             raise ConfigError(
                 f"--resume with other settings than the run in {self.path} was started with:\n"
                 f"  {shown}\n(use --force to resume anyway)"
             )
-        self.log(f"--force: resuming {self.path} with changed settings:\n  {shown}")
+        return shown
 
     def save(
         self, payload: Mapping[str, Any], *, seq: int, rows: Sequence[Mapping], keep: int = 3
