@@ -375,3 +375,39 @@ def test_an_exception_in_the_loop_is_recorded_as_failed(tmp_path):
             raise RuntimeError("boom")
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["status"] == "failed" and "boom" in summary["message"]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw-fused"])
+def test_a_second_gradient_call_before_the_parameters_change_warns(optimizer):
+    """Gradient accumulation calling gradient() per micro-batch would record extra updates."""
+    import warnings
+
+    from clipscope.loop.monitor import RepeatedGradientWarning
+
+    model, loss_fn, comps = problem()
+    params = list(model.parameters())
+    opt = (
+        torch.optim.SGD(params, lr=0.05)
+        if optimizer == "sgd"
+        else torch.optim.AdamW(params, lr=0.01, fused=True)
+    )
+    x, y = comps.batch(0)
+    monitor = Monitor(model, loss_fn, comps, eta=0.5, every=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a plain loop (fused optimizers included) never warns
+        for s in range(3):
+            monitor.step(s)
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            monitor.gradient()
+            opt.step()
+    monitor.step(3)
+    opt.zero_grad()
+    loss_fn(model(x), y).backward()  # two micro-batches, a gradient() call after each
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        monitor.gradient()  # the first call after an optimizer step: fine
+    loss_fn(model(x), y).backward()
+    with pytest.warns(RepeatedGradientWarning, match="once, after the last micro-batch"):
+        monitor.gradient()
+    monitor.close()

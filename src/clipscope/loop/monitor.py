@@ -50,6 +50,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -79,10 +80,14 @@ from clipscope.loop.measures import (
 from clipscope.loop.units import Finish, IntervalEnd, Point, Step, Unit, Units
 from clipscope.run.directory import RunDirectory, setting_diff
 
-__all__ = ["STATE_FORMAT", "Monitor"]
+__all__ = ["STATE_FORMAT", "Monitor", "RepeatedGradientWarning"]
 
 #: ``format`` of :meth:`Monitor.state_dict`.
 STATE_FORMAT = 1
+
+
+class RepeatedGradientWarning(UserWarning):
+    """:meth:`Monitor.gradient` was called twice without the parameters changing in between."""
 
 
 def _quiet(text: str) -> None:
@@ -282,6 +287,7 @@ class Monitor:
         self._interval_steps = 0
         self._updates = 0  # updates reported since the last step() call
         self._pending: Step | None = None
+        self._pending_mark: tuple = ()
         self._started = False
         self._closed = False
         self._elapsed = 0.0
@@ -410,7 +416,17 @@ class Monitor:
                 "no trainable parameter has a .grad: call Monitor.gradient() after backward() "
                 "and before optimizer.zero_grad()"
             )
+        mark = self._mark()
+        if self._pending is not None and self._unchanged(mark):
+            warnings.warn(
+                "Monitor.gradient() was called again before the parameters changed: each call "
+                "records one optimizer update. With gradient accumulation call it once, after "
+                "the last micro-batch's backward()",
+                RepeatedGradientWarning,
+                stacklevel=2,
+            )
         self._flush()  # a second update before the next step() call
+        self._pending_mark = mark
         products = None
         if grad_norm is None:  # one pass gives the norm and the cosine's dot product
             products = gradient_products(self.params, self._step_gradient.full)
@@ -427,6 +443,24 @@ class Monitor:
         if self._units.step_gradient:
             self._units.before_update(step)
         self._pending = step
+
+    def _mark(self) -> tuple[tuple[int, ...], list[torch.Tensor]]:
+        """Return what tells whether an optimizer step ran since the last call.
+
+        The parameters' in-place update counters (most optimizers advance them;
+        fused ones do not) and a copy of each parameter's first entry.
+        """
+        with torch.no_grad():
+            firsts = [p.detach().reshape(-1)[:1].clone() for p in self.params]
+        return tuple(p._version for p in self.params), firsts
+
+    def _unchanged(self, mark: tuple[tuple[int, ...], list[torch.Tensor]]) -> bool:
+        old = self._pending_mark
+        return (
+            bool(old)
+            and old[0] == mark[0]
+            and all(torch.equal(a, b) for a, b in zip(old[1], mark[1], strict=True))
+        )
 
     def _amend_pending(self, number: int, grad_norm: float) -> bool:
         """Give the recorded, not yet applied update ``number`` its norm (integrations)."""
