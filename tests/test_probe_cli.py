@@ -112,7 +112,18 @@ def bad_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
         (["--checkpoint", str(tmp_path / "missing.pt")], "no such checkpoint"),
         (["--checkpoint", str(loose)], "run directory"),
         (["--config", str(LS_CONFIG), "--checkpoint", str(loose)], "checksum"),
+        (["--per-sample", "--levels", "3"], "--per-sample and --levels exclude each other"),
+        (["--per-sample", "--route", "keep"], "--per-sample needs --route per-sample or"),
     ]
+
+
+def test_per_sample_json_says_what_was_checked_and_kept(tmp_path, capsys):
+    out = tmp_path / "p.csv"
+    assert cli_main(["probe", "--per-sample", "--samples", "64", "--out", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)["results"]["1"]
+    assert result["route"].startswith("per-sample-kept")
+    assert result["verification"]["spot_checks"] > 0
+    assert result["factors"] is not None
 
 
 def test_bad_input_exit_2_and_no_table(tmp_path, capsys):

@@ -94,7 +94,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--dropout", choices=DROPOUT_POLICIES, default=None, help="default off or the config's"
     )
-    parser.add_argument("--out", default="probe.csv", help="CSV path for the per-component table")
+    parser.add_argument(
+        "--out", default="probe.csv", help="CSV of the per-component table (default probe.csv)"
+    )
     parser.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.set_defaults(func=run)
@@ -150,7 +152,7 @@ def load_task(args: argparse.Namespace) -> tuple[nn.Module, Any, Any, dict[str, 
     given = [flag for flag, value in builtin.items() if value is not None]
     if given:
         raise ValueError(
-            f"{', '.join(given)} apply to built-in tasks only; set batch_size / n_samples / "
+            f"{', '.join(given)}: for built-in tasks only; set batch_size / n_samples / "
             f"bptt in the config {config}"
         )
     cfg = load_config(config)
@@ -191,8 +193,19 @@ def load_task(args: argparse.Namespace) -> tuple[nn.Module, Any, Any, dict[str, 
     return model, loss_fn, comps, settings
 
 
+#: The routes that give batch-size-1 components (``--per-sample``).
+PER_SAMPLE_ROUTES = ("per-sample", "per-sample-kept")
+
+
 def run(args: argparse.Namespace) -> int:
     """Probe the task, write the CSV, print the summary."""
+    if args.per_sample and args.levels is not None:
+        raise ValueError("--per-sample and --levels exclude each other (one batch size: 1)")
+    if args.per_sample and args.route not in (None, "auto", *PER_SAMPLE_ROUTES):
+        raise ValueError(
+            f"--per-sample needs --route {' or '.join(PER_SAMPLE_ROUTES)} (or auto), "
+            f"got --route {args.route}"
+        )
     out = Path(args.out)
     if out.exists() and not args.force:
         raise FileExistsError(f"{out} exists (use --force to overwrite)")
@@ -222,7 +235,14 @@ def run(args: argparse.Namespace) -> int:
         "point": settings.get("point", "built-in task at its seeded initialization"),
         "components": comps.describe(),
         "csv": str(out),
-        "results": {str(b): r.summary() for b, r in results.items()},
+        "results": {
+            str(b): {
+                **r.summary(),
+                "verification": r.verification or None,  # per-sample: checks and fallbacks
+                "factors": r.info.get("factors"),  # per-sample-kept: what was kept
+            }
+            for b, r in results.items()
+        },
     }
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
