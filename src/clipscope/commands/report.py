@@ -16,8 +16,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="rebuild figures and report.html from a run or study directory (no gradients)",
         description=(
             "Rebuild the figures, findings.json and the self-contained HTML report of a run "
-            "directory (from `clipscope train`) or a study directory (from `clipscope "
-            "reproduce`) from its stored records only; never recomputes gradients."
+            "directory (from `clipscope train` or a Monitor's run_dir) or a study directory "
+            "(from `clipscope reproduce`) from its stored records only; never recomputes "
+            "gradients."
         ),
     )
     parser.add_argument("directory", help="run or study directory")

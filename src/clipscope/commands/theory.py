@@ -40,7 +40,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "condition (37)/(44), both sides of (38)/(45) and the IGC drift bound (42)."
         ),
     )
-    parser.add_argument("run_dir", help="a run directory written by 'clipscope train'")
+    parser.add_argument("run_dir", help="a run directory (clipscope train, or a Monitor's)")
     parser.add_argument("--json", action="store_true", help="print the full result as JSON")
     parser.add_argument("--fit", choices=FIT_METHODS, default="hull", help="the (L0, L1) fit")
     parser.add_argument(
