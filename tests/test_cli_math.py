@@ -158,3 +158,18 @@ def test_bounds_bad_input_exits_2_as_a_process():
     proc = clipscope("bounds", "--method", "sgd", *SGD_ARGS, "--c2", "0", "--grad-norms", "1")
     assert proc.returncode == 2
     assert "clipscope bounds: error:" in proc.stderr and "c2" in proc.stderr
+
+
+def test_version_and_report_help_do_not_import_the_heavy_libraries():
+    """`clipscope --version` answers at once; `report` loads matplotlib only when it runs."""
+    code = (
+        "import sys\n"
+        "from clipscope.cli import main, build_parser\n"
+        "assert main(['--version']) == 0\n"
+        "assert 'torch' not in sys.modules, 'torch'\n"
+        "build_parser('report')\n"
+        "assert 'matplotlib' not in sys.modules, 'matplotlib'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().startswith("clipscope ")

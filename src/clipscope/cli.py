@@ -39,6 +39,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` and run the chosen sub-command; return its exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--version"]:  # answered without importing any command (torch, matplotlib)
+        print(f"clipscope {__version__}")
+        return 0
     first = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(first if first in command_names() else None)
     args = parser.parse_args(argv)

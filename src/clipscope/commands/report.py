@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 
 from clipscope.math.advice import DEFAULT_TARGET
-from clipscope.report import build_report
-from clipscope.report.findings import FINDINGS_FILE
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -35,6 +33,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Build the report and say where it is."""
+    from clipscope.report import build_report  # matplotlib and scipy: only when it runs
+    from clipscope.report.findings import FINDINGS_FILE
+
     path = build_report(args.directory, args.out, target=args.target)
     print(f"report: {path}")
     print(f"findings: {path.parent / FINDINGS_FILE}")
