@@ -228,6 +228,20 @@ def test_example_config_is_valid():
 # -- run directory ------------------------------------------------------------------
 
 
+def test_summary_is_strict_json(golden):
+    """NaN / inf never appear as bare tokens (jq, JavaScript reject them): null and "inf"."""
+
+    def refuse(token):
+        raise AssertionError(f"non-standard JSON token {token}")
+
+    for method in ("sgd", "igc"):
+        _, run = golden[method]
+        summary = json.loads((run / "summary.json").read_text(), parse_constant=refuse)
+        assert summary["status"] == "completed"
+    row = json.loads((golden["sgd"][1] / "summary.json").read_text())["last_row"]
+    assert row["igc_drift"] is None  # no drift without the cyclic order: NaN in epochs.csv
+
+
 def test_run_directory_contents(golden):
     cfg_path, run = golden["igc"]
     resolved = load_config(run / "config.toml")

@@ -357,8 +357,23 @@ class RunDirectory:
         atomic_write_bytes(self.path / name, data)
 
     def finish(self, summary: Mapping[str, Any]) -> None:
-        """Write ``summary.json`` (status, epoch, step, rows, last_row, counts, message)."""
-        self.write_text("summary.json", json.dumps(dict(summary), indent=2, default=str) + "\n")
+        """Write ``summary.json`` (status, epoch, step, rows, last_row, counts, message).
+
+        Strict JSON: a NaN is written as ``null``, ±∞ as ``"inf"`` / ``"-inf"``.
+        """
+        text = json.dumps(_strict(dict(summary)), indent=2, default=str, allow_nan=False)
+        self.write_text("summary.json", text + "\n")
+
+
+def _strict(value: Any) -> Any:
+    """``value`` with every non-finite float replaced: NaN -> None, ±inf -> "inf" / "-inf"."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, Mapping):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
 
 
 # -- reading ---------------------------------------------------------------------------
