@@ -541,10 +541,11 @@ def kept_tables(args) -> list[Table]:
     Three models: the small CNN, the LSTM LM (10k vocabulary) and a batch-first LSTM LM with
     a 3,000-word vocabulary, the one a new user would write. ``route="per-sample-kept"``
     keeps pass 1's factors and runs no second model pass; ``route="per-sample"`` runs
-    pass 2 (a JVP for the CNN, the reverse-mode ghost product for the LSTMs). The probe
-    turns oneDNN off for recurrent models itself (forward-mode AD and the dropout masks
-    need it); the baseline is the plain epoch as a user runs it, and for the LSTMs the
-    same epoch with oneDNN off is one more row, so both ratios can be read.
+    pass 2 (a JVP for the CNN, the reverse-mode ghost product for the LSTMs). The two-pass
+    route turns oneDNN off for recurrent models itself (forward-mode AD, and the same
+    kernels in both passes for the dropout masks); the kept route runs no forward-mode AD
+    and keeps it on. The baseline is the plain epoch as a user runs it, and for the LSTMs
+    the same epoch with oneDNN off is one more row, so both ratios can be read.
     """
     if probe is None:
         return []
@@ -590,7 +591,7 @@ def kept_tables(args) -> list[Table]:
                 with torch.backends.mkldnn.flags(enabled=False):
                     plain_epoch(m, f, b, p)
 
-            methods["plain epoch with oneDNN off (the kernels the probe runs)"] = plain_off
+            methods["plain epoch with oneDNN off (the two-pass route's kernels)"] = plain_off
         t = run_table(
             f"issue 13, per-sample routes: {title}",
             methods,
@@ -603,7 +604,7 @@ def kept_tables(args) -> list[Table]:
             + (f"; {factors['reason']}" if factors["reason"] else "")
         )
         if recurrent:
-            t.notes.append("baseline: oneDNN on (torch's default); the probe turns it off itself")
+            t.notes.append("baseline: oneDNN on (torch's default); the two-pass route turns it off")
         tables.append(t)
     return tables
 

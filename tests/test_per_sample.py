@@ -455,6 +455,32 @@ def test_kept_route_over_budget_auto_runs_two_passes_explicit_refuses():
     assert probe(model, lm_loss, comps, route="per-sample").info["factors"]["kept"] is False
 
 
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")
+def test_kept_route_keeps_onednn_two_passes_turn_it_off():
+    """The kept route runs no forward-mode AD: the model's own kernels (oneDNN) throughout.
+
+    The two-pass route's JVP needs oneDNN off, for both passes (same kernels, same masks);
+    an auto probe whose factors are dropped over the budget starts again without oneDNN.
+    """
+    model, comps, ones = _lstm_lm()
+    seen: list[bool] = []
+    model.rnn.register_forward_hook(lambda m, i, o: seen.append(torch.backends.mkldnn.enabled))
+    with torch.backends.mkldnn.flags(enabled=True):
+        assert probe(model, lm_loss, comps, route="per-sample-kept").route == "per-sample-kept"
+        assert seen and all(seen)
+        seen.clear()
+        probe(model, lm_loss, comps, route="per-sample")
+        assert seen and not any(seen[2:])  # after the repeatability check's two forwards
+        seen.clear()
+        res = probe(model, lm_loss, comps, ETAS, batch_sizes=[1], memory_budget=1000)
+        assert res.route == "per-sample" and "memory_budget=1000" in res.info["factors"]["reason"]
+        # the repeatability check, chunk 1 (factors dropped), then every forward without oneDNN
+        assert seen[:3] == [True, True, True] and seen[3:] and not any(seen[3:])
+    ref = reference_probe(model, lm_loss, ones, ETAS)
+    np.testing.assert_allclose(res.norms, ref.norms, rtol=1e-10)
+    np.testing.assert_allclose(res.dots, ref.dots, rtol=1e-10)
+
+
 def test_kept_route_estimate_from_the_first_chunk():
     """A budget between one chunk's factors and all of them: refused after chunk 1 of 3."""
     model, comps, _ = _lstm_lm()

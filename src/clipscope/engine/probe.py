@@ -654,15 +654,29 @@ def _per_sample(
 
     n_samples = int(sum(components.sizes))
     spot = verify.spot_samples(n_samples, spot_checks, seed)
-    # every forward of the route with the kernels the forward-mode pass needs: a dropout
-    # mask is drawn in memory order, and oneDNN's LSTM lays its output out differently
-    with dropout_policy(model, dropout), kernels_for_derivatives(model):
+    # every forward of one attempt with the same kernels: a dropout mask is drawn in memory
+    # order, and oneDNN's LSTM lays its output out differently. An attempt whose pass 2 may
+    # run forward-mode AD (which oneDNN's LSTM lacks) runs all of it without oneDNN; one that
+    # keeps the factors runs no forward-mode AD and keeps oneDNN (the model's own kernels).
+    # Should the factors be dropped in pass 1 (over the budget), that attempt stops and runs
+    # again from the start without oneDNN, so both passes still see the same kernels.
+    with dropout_policy(model, dropout):
         plan = Plan(model, flat.params, seed=seed, strict=strict)
         for attempt in range(3):
-            result, failures = _per_sample_once(
-                model, loss_fn, components, flat, etas, dropout, seed, progress, plan, spot,
-                shard, keep_factors, memory_budget,
-            )  # fmt: skip
+            onednn = bool(keep_factors) and plan.dots_fallback is None
+            with kernels_for_derivatives(model, onednn=onednn):
+                result, failures = _per_sample_once(
+                    model, loss_fn, components, flat, etas, dropout, seed, progress, plan, spot,
+                    shard, keep_factors, memory_budget, stop_if_dropped=onednn,
+                )  # fmt: skip
+            if result is None:  # the factors did not fit: the two-pass attempt, from the start
+                keep_factors, dropped = False, failures["dropped"]
+                with kernels_for_derivatives(model):
+                    result, failures = _per_sample_once(
+                        model, loss_fn, components, flat, etas, dropout, seed, progress, plan,
+                        spot, shard, False, memory_budget,
+                    )  # fmt: skip
+                result["factors"] = dropped  # what was tried, and why it was dropped
             if not result["factors"]["kept"]:
                 keep_factors = False  # a rerun does not try again what did not fit
             if not failures["params"] and failures["dots"] is None:
@@ -706,7 +720,13 @@ def _per_sample_once(
     shard,
     keep_factors=False,
     memory_budget=DEFAULT_MEMORY_BUDGET,
+    stop_if_dropped=False,
 ):
+    """One attempt of :func:`_per_sample`: ``(result, failures)``.
+
+    ``stop_if_dropped``: when the factors are dropped (over the budget, on any
+    rank), stop after pass 1 and return ``(None, {"dropped": factors})``.
+    """
     from clipscope.engine import per_sample
     from clipscope.engine.per_sample.fallback import fallback_stats
 
@@ -753,6 +773,8 @@ def _per_sample_once(
                     )
                 keep_factors, kept = False, []
                 factors.update(kept=False, bytes=estimate, reason=reason)
+                if stop_if_dropped:
+                    break
         del ghost
     if requested and shard.ranks is not None:  # every rank keeps, or none does
         states = shard.objects((factors["kept"], factors["bytes"], factors["reason"]))
@@ -767,6 +789,8 @@ def _per_sample_once(
             factors.update(kept=False, bytes=failed[1], reason=failed[2])
         else:
             factors["bytes"] = max(s[1] for s in states)  # the largest rank's, as the budget
+    if stop_if_dropped and requested and not factors["kept"]:
+        return None, {"dropped": factors}
     sq_norms, losses = shard.complete(sq_norms, losses, offsets=offsets)
     full = shard.sum_(sum_grad) / n_samples
     _merge_plan(plan, shard)  # pass 2 runs with every rank's fallbacks, as one process would

@@ -82,8 +82,8 @@ def up(t: torch.Tensor) -> torch.Tensor:
 
 def sq_sum(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     """``Σ t²`` over ``dims`` in float64 (squared in float64, so nothing overflows)."""
-    t = t.to(torch.float64)
-    return (t * t).sum(dims)
+    t = t.to(torch.float64, copy=True)  # a copy of its own: squared in place
+    return t.square_().sum(dims)
 
 
 def dense_grad(g: torch.Tensor | None, p: torch.Tensor) -> torch.Tensor:

@@ -138,7 +138,7 @@ def randomness_active(model: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def kernels_for_derivatives(model: nn.Module) -> Iterator[None]:
+def kernels_for_derivatives(model: nn.Module, onednn: bool = False) -> Iterator[None]:
     """Kernels with forward-mode AD rules for the block, restored afterwards.
 
     CPU ``nn.LSTM``/``nn.GRU`` under oneDNN and the fused attention kernels
@@ -146,9 +146,13 @@ def kernels_for_derivatives(model: nn.Module) -> Iterator[None]:
     ``nn.TransformerEncoderLayer`` fast path) have no forward-AD rule: oneDNN
     is turned off, scaled-dot-product attention runs its math backend and the
     ``nn.MultiheadAttention`` fast path is disabled. Same values, other kernels.
+
+    ``onednn=True`` leaves oneDNN as it is (for a block that runs no forward-mode
+    AD: the factor-keeping route's passes); the attention settings still apply,
+    since the fused attention paths bypass the hooks of the modules inside.
     """
     with contextlib.ExitStack() as stack:
-        if any(isinstance(m, nn.RNNBase) for m in model.modules()):
+        if not onednn and any(isinstance(m, nn.RNNBase) for m in model.modules()):
             with warnings.catch_warnings():
                 # torch 2.x warns about TF32 on Intel GPUs whenever the flags are set
                 warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")

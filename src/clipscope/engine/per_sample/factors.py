@@ -80,11 +80,13 @@ def token_dots(a: torch.Tensor, b: torch.Tensor, v: torch.Tensor) -> torch.Tenso
     """
     a, b = up(a), up(b)
     v = v.to(a.dtype)
+    # the product is a fresh tensor: multiply in place, and let the reduction accumulate
+    # in float64 without a float64 copy of the (B, T, ·) product
     if b.shape[-1] > a.shape[-1]:
-        prod = (b @ v) * a
+        prod = (b @ v).mul_(a)
     else:
-        prod = (a @ v.t()) * b
-    return prod.double().sum((1, 2))
+        prod = (a @ v.t()).mul_(b)
+    return prod.sum((1, 2), dtype=torch.float64)
 
 
 class Factors:
@@ -219,7 +221,7 @@ class Rows(Factors):
         return sq_sum(self._flat(name), (1,))
 
     def proj(self, name, dirs):  # noqa: D102
-        total = self._flat(name).double().sum(0)
+        total = self._flat(name).sum(0, dtype=torch.float64)
         return dirs.of_tensor(total.reshape(dirs.Q, dirs.P))
 
     def dots(self, vectors):  # noqa: D102
