@@ -106,6 +106,7 @@ __all__ = ["ROUTES", "probe", "reference_probe"]
 ROUTES = ("auto", "two-pass", "keep", "dyadic", "per-sample", "per-sample-kept")
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes for the keep route's g_i, per-sample-kept's factors
 _CHUNK_ROWS = 256  # rows of the kept matrix cast to float64 at a time
+REPEAT_ROWS = 8  # samples the per-sample route's repeatability check evaluates twice
 
 
 # -- small helpers -------------------------------------------------------------
@@ -368,9 +369,10 @@ def probe(
     }
     # f_i must be a function of x: a forward drawing random numbers the dropout
     # policy does not control would make every statistic a sample of noise.
+    # The per-sample route's components are samples: its first REPEAT_ROWS, not a chunk.
     check_repeatable(
         model, loss_fn, components, form=form, dropout=dropout, seed=seed,
-        device=flat.params[0].device,
+        device=flat.params[0].device, rows=REPEAT_ROWS if route == "per-sample" else None,
     )  # fmt: skip
     verification: dict = {}
     # dyadic: whole top-level parents per rank, so that no parent straddles two ranks
@@ -655,28 +657,20 @@ def _per_sample(
     n_samples = int(sum(components.sizes))
     spot = verify.spot_samples(n_samples, spot_checks, seed)
     # every forward of one attempt with the same kernels: a dropout mask is drawn in memory
-    # order, and oneDNN's LSTM lays its output out differently. An attempt whose pass 2 may
-    # run forward-mode AD (which oneDNN's LSTM lacks) runs all of it without oneDNN; one that
-    # keeps the factors runs no forward-mode AD and keeps oneDNN (the model's own kernels).
-    # Should the factors be dropped in pass 1 (over the budget), that attempt stops and runs
-    # again from the start without oneDNN, so both passes still see the same kernels.
+    # order, and oneDNN's LSTM lays its output out differently. oneDNN is only ever turned
+    # off for models with recurrent modules (kernels_for_derivatives), and their pass 2 is
+    # the reverse-mode ghost product (dot_method), not forward-mode AD, which oneDNN's LSTM
+    # lacks: so every attempt keeps the model's own kernels, kept factors or not, and an
+    # auto attempt whose factors are dropped over the budget goes on as two passes. Only
+    # a dot fallback after a failed spot check runs with oneDNN off.
     with dropout_policy(model, dropout):
         plan = Plan(model, flat.params, seed=seed, strict=strict)
         for attempt in range(3):
-            onednn = bool(keep_factors) and plan.dots_fallback is None
-            with kernels_for_derivatives(model, onednn=onednn):
+            with kernels_for_derivatives(model, onednn=plan.dots_fallback is None):
                 result, failures = _per_sample_once(
                     model, loss_fn, components, flat, etas, dropout, seed, progress, plan, spot,
-                    shard, keep_factors, memory_budget, stop_if_dropped=onednn,
+                    shard, keep_factors, memory_budget,
                 )  # fmt: skip
-            if result is None:  # the factors did not fit: the two-pass attempt, from the start
-                keep_factors, dropped = False, failures["dropped"]
-                with kernels_for_derivatives(model):
-                    result, failures = _per_sample_once(
-                        model, loss_fn, components, flat, etas, dropout, seed, progress, plan,
-                        spot, shard, False, memory_budget,
-                    )  # fmt: skip
-                result["factors"] = dropped  # what was tried, and why it was dropped
             if not result["factors"]["kept"]:
                 keep_factors = False  # a rerun does not try again what did not fit
             if not failures["params"] and failures["dots"] is None:
@@ -720,13 +714,8 @@ def _per_sample_once(
     shard,
     keep_factors=False,
     memory_budget=DEFAULT_MEMORY_BUDGET,
-    stop_if_dropped=False,
 ):
-    """One attempt of :func:`_per_sample`: ``(result, failures)``.
-
-    ``stop_if_dropped``: when the factors are dropped (over the budget, on any
-    rank), stop after pass 1 and return ``(None, {"dropped": factors})``.
-    """
+    """One attempt of :func:`_per_sample`: ``(result, failures)``."""
     from clipscope.engine import per_sample
     from clipscope.engine.per_sample.fallback import fallback_stats
 
@@ -749,10 +738,13 @@ def _per_sample_once(
         a, b = offsets[c], offsets[c + 1]
         sq_norms[a:b] = ghost.sq_norms.detach().double().cpu().numpy()
         losses[a:b] = ghost.losses.detach().double().cpu().numpy()
-        chunk_sum = torch.cat([g.reshape(-1).double() for g in ghost.grad_sum])
-        if not bool(torch.isfinite(chunk_sum).all()) or not np.isfinite(sq_norms[a:b]).all():
+        # a finite float64 sum means finite entries (the elementwise test only when it is not)
+        total = sum(float(g.sum()) for g in ghost.grad_sum)
+        finite = math.isfinite(total) or all(bool(torch.isfinite(g).all()) for g in ghost.grad_sum)
+        if not finite or not np.isfinite(sq_norms[a:b]).all():
             raise NonFiniteError(f"chunk {c}: non-finite per-sample gradient; nothing was changed")
-        sum_grad += chunk_sum
+        for part, g in zip(flat.unflatten(sum_grad), ghost.grad_sum, strict=True):
+            part += g  # float64 views of sum_grad, one per parameter
         for j in spot[(spot >= a) & (spot < b)]:
             spot_sq[int(j)] = {k: float(v[j - a]) for k, v in ghost.per_param.items()}
         ghost_losses.append(ghost.losses)
@@ -773,8 +765,6 @@ def _per_sample_once(
                     )
                 keep_factors, kept = False, []
                 factors.update(kept=False, bytes=estimate, reason=reason)
-                if stop_if_dropped:
-                    break
         del ghost
     if requested and shard.ranks is not None:  # every rank keeps, or none does
         states = shard.objects((factors["kept"], factors["bytes"], factors["reason"]))
@@ -789,8 +779,6 @@ def _per_sample_once(
             factors.update(kept=False, bytes=failed[1], reason=failed[2])
         else:
             factors["bytes"] = max(s[1] for s in states)  # the largest rank's, as the budget
-    if stop_if_dropped and requested and not factors["kept"]:
-        return None, {"dropped": factors}
     sq_norms, losses = shard.complete(sq_norms, losses, offsets=offsets)
     full = shard.sum_(sum_grad) / n_samples
     _merge_plan(plan, shard)  # pass 2 runs with every rank's fallbacks, as one process would

@@ -343,7 +343,8 @@ def _ghost_once(model, loss_fn, x, y, plan, batch, randomness, scale, keep) -> G
         if k in unchecked_sums:
             grad_sum[k] = unchecked_sums[k]
         else:
-            grad_sum[k] = dense_grad(grads[k], params[k]).double() / scale
+            g = dense_grad(grads[k], params[k]).double()
+            grad_sum[k] = g if scale == 1.0 else g / scale
     rest = [k for k in range(len(params)) if k not in per_param]
     if rest:
         del grads
