@@ -169,7 +169,10 @@ class Directions:
         self.P = int(math.prod(shape[1:])) if len(shape) > 1 else 1
         u = torch.randn(self.Q, k, dtype=torch.float64, generator=generator)
         w = torch.randn(self.P, k, dtype=torch.float64, generator=generator)
-        self.u, self.w = u.to(device), w.to(device)
+        # column-major (the same values): a product with k columns reads them as k contiguous
+        # rows, 3x faster on CPU than row-major ones (a (2240, 3000) by (3000, 2) product);
+        # .to(dtype) keeps the layout
+        self.u, self.w = (t.t().contiguous().t().to(device) for t in (u, w))
 
     def to(self, device: torch.device) -> Directions:
         """Move to ``device`` in place (a no-op when already there); returns self."""
