@@ -1,11 +1,13 @@
 r"""Recurrent layers: a ghost rule for ``nn.LSTM``, a module-local loop for the rest.
 
-**nn.LSTM** (unidirectional, no projection, any number of layers): the LSTM is
-unrolled again in Python at the recorded input and initial state, with the
-weights as constants (gate order i, f, g, o as in ``nn.LSTM``), and
-``Σ_k ⟨o^k, b^k⟩`` over its outputs (sequence, ``h_n``, ``c_n``) is
-differentiated w.r.t. the gate pre-activations, giving the gate gradients
-``δ_t``. Then, per layer,
+**nn.LSTM** (unidirectional, no projection, any number of layers): the gate
+gradients ``δ_t``, the derivatives of ``Σ_k ⟨o^k, b^k⟩`` over the call's
+outputs (sequence, ``h_n``, ``c_n``) w.r.t. the gate pre-activations (gate
+order i, f, g, o as in ``nn.LSTM``), come from the cell equations at the
+recorded input and initial state and a backpropagation through time written
+out (no autograd graph). The last layer's states ``h_t`` are the call's own
+output, so its pre-activations are one batched product; the lower layers run
+step by step. Then, per layer,
 
 .. math:: g_j(W_{ih}) = \sum_t δ_{jt} x_{jt}^\top,\quad
           g_j(W_{hh}) = \sum_t δ_{jt} h_{j,t-1}^\top,\quad
