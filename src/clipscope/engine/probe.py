@@ -685,14 +685,16 @@ def _per_sample(
                 plan.demote(
                     list(failures["params"]), "spot-norm", next(iter(failures["params"].values()))
                 )
-            # kept factors: a parameter's wrong split makes its dots wrong too; rerun with it
-            # on the fallback before blaming the dots (a second dot failure demotes them)
-            blame_params = result["factors"]["kept"] and failures["params"] and attempt == 0
+            # dots from factors (kept or rebuilt): a parameter's wrong split makes its dots
+            # wrong too; rerun with it on the fallback before blaming the dots (a second dot
+            # failure demotes them)
+            blame_params = result.pop("dots_from_factors") and failures["params"] and attempt == 0
             if failures["dots"] is not None and not blame_params:
                 plan.demote_dots("spot-dot", failures["dots"])
             if attempt == 1:  # the second failure: nothing from the rules any more
                 plan.demote(range(len(flat.params)), "spot-norm", "a second spot-check failure")
                 plan.demote_dots("spot-dot", "a second spot-check failure")
+    result.pop("dots_from_factors", None)
     record = plan.record()
     record.update(result.pop("spot"))
     record["factors"] = result.pop("factors")
@@ -717,6 +719,7 @@ def _per_sample_once(
 ):
     """One attempt of :func:`_per_sample`: ``(result, failures)``."""
     from clipscope.engine import per_sample
+    from clipscope.engine.per_sample.dots import losses_differ
     from clipscope.engine.per_sample.fallback import fallback_stats
 
     n_samples = int(sum(components.sizes))
@@ -803,11 +806,24 @@ def _per_sample_once(
     reduced = flat.dtype not in (torch.float32, torch.float64)
     # a dot that failed its spot check is not taken from the same factors again
     use_kept = bool(kept) and plan.dots_fallback is None
+    # Two passes with η given: pass 2 forms each chunk's factors again (pass 1 with keep=True,
+    # one chunk at a time), and its dots and every clipped sum follow from them: one forward
+    # and backward instead of the dot pass, a forward and a backward per η
+    rebuild = not use_kept and bool(etas) and plan.dots_fallback is None
+    from_factors = use_kept or rebuild  # (the same on every rank: a failed dot blames them)
     for c in _progress(shard.indices, len(shard), progress, "per-sample pass 2"):
         x, y = components.batch(c, flat.device)
         a, b = offsets[c], offsets[c + 1]
-        if use_kept:
-            d = kept[c - shard.start].dots(vector)
+        chunk = kept[c - shard.start] if use_kept else None
+        if rebuild:
+            with rng_for_component(dropout, seed, c):
+                again = per_sample.ghost_pass(model, loss_fn, x, y, plan=plan, keep=True)
+            # the same masks as pass 1, or the chunk takes the dot pass and backwards below
+            if losses_differ(again.losses, ghost_losses[c - shard.start], flat.dtype) is None:
+                chunk = again.kept
+            del again
+        if chunk is not None:
+            d = chunk.dots(vector)
         else:
             with rng_for_component(dropout, seed, c):
                 d = per_sample.per_sample_dots(
@@ -835,8 +851,8 @@ def _per_sample_once(
                 )
         if not etas:
             continue
-        if use_kept:  # Σ_j γ_j(η) g_j from the kept factors, no backward
-            for k, w in kept[c - shard.start].weighted(gam[:, a:b]).items():
+        if chunk is not None:  # Σ_j γ_j(η) g_j from the factors, no backward
+            for k, w in chunk.weighted(gam[:, a:b]).items():
                 start = sum(flat.numels[:k])
                 clip_acc[:, start : start + flat.numels[k]] += w.reshape(len(etas), -1)
             continue
@@ -876,6 +892,7 @@ def _per_sample_once(
         "mismatch": 0.0,
         "spot": spot_record,
         "factors": factors,
+        "dots_from_factors": from_factors,
     }, failures
 
 
