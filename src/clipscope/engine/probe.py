@@ -628,11 +628,16 @@ def _per_sample(
 
     Pass 1 per chunk: :func:`~clipscope.engine.per_sample.ghost_pass` (per-sample
     ``‖∇ℓ_j‖²`` by the layer rules, each checked structurally, ``ℓ_j``, and
-    ``∇Σ_j ℓ_j``), so ``∇f = (1/N) Σ_j ∇ℓ_j``. Pass 2 per chunk:
-    :func:`~clipscope.engine.per_sample.per_sample_dots` (one forward-mode JVP
-    along ∇f), the spot check of the chunk's spot samples, and
-    ``Σ_j γ_j(η) ∇ℓ_j = ∇ Σ_j γ_j(η) ℓ_j`` by one backward per η. Chunk ``c`` runs
-    under the ``"fixed"`` dropout seed ``(seed, c)`` in both passes.
+    ``∇Σ_j ℓ_j``), so ``∇f = (1/N) Σ_j ∇ℓ_j``. Pass 2 per chunk: the dots
+    from the kept factors (``keep_factors``); else, with η given, from the
+    chunk's factors formed again (``ghost_pass(keep=True)``), whose γ-weighted
+    sums give every ``Σ_j γ_j(η) ∇ℓ_j``; else
+    :func:`~clipscope.engine.per_sample.per_sample_dots` (a forward-mode JVP or
+    the ghost product along ∇f). A chunk whose second pass does not reproduce
+    pass 1's losses (other dropout masks), or whose dots fell back, takes the
+    dot pass and ``∇ Σ_j γ_j(η) ℓ_j``, one backward per η. Then the spot check
+    of the chunk's spot samples. Chunk ``c`` runs under the ``"fixed"`` dropout
+    seed ``(seed, c)`` in both passes.
 
     A failed spot check moves the parameters concerned (or the dots) to the
     exact fallback and runs the probe again; after two such rounds everything
