@@ -140,6 +140,9 @@ class Tokens(Factors):
         The weight's shape (``(Q, P)``).
     per_bias : Tensor, optional
         ``Σ_t b_{jt}`` when already formed (shared by the two biases of an LSTM layer).
+    shared : dict, optional
+        Where the Gram matrices of ``b`` are kept for another Tokens with the same ``b``
+        (an LSTM layer's two weights).
     """
 
     def __init__(
@@ -151,6 +154,7 @@ class Tokens(Factors):
         bias: str | None = None,
         shape: tuple[int, ...] | None = None,
         per_bias: torch.Tensor | None = None,
+        shared: dict | None = None,
     ) -> None:
         self.a = None if a is None else up(a)
         self.b = up(b)
@@ -158,6 +162,7 @@ class Tokens(Factors):
         self.shape = tuple(shape) if shape is not None else (self.b.shape[-1], -1)
         self.names = tuple(n for n in (weight, bias) if n is not None)
         self._per_bias = per_bias
+        self._shared = shared
 
     @property
     def per_bias(self) -> torch.Tensor:
@@ -172,7 +177,7 @@ class Tokens(Factors):
 
     def sq(self, name):  # noqa: D102
         if name == self.weight:
-            return gram_sq_norm(self.a, self.b)
+            return gram_sq_norm(self.a, self.b, self._shared)
         return sq_sum(self.per_bias, (1,))
 
     def proj(self, name, dirs):  # noqa: D102

@@ -241,6 +241,7 @@ class LSTMFamily(LayerFamily):
         parts = []
         for layer, (a_in, h_prev, delta) in enumerate(layers):
             per_bias = delta.sum(1)  # shared by bias_ih and bias_hh: the same gradient
+            shared: dict = {}  # δ's Gram matrices, shared by weight_ih and weight_hh
             for kind, a in (("ih", a_in), ("hh", h_prev)):
                 w, b = f"weight_{kind}_l{layer}", f"bias_{kind}_l{layer}"
                 parts.append(
@@ -251,6 +252,7 @@ class LSTMFamily(LayerFamily):
                         bias=b if b in names else None,
                         shape=tuple(getattr(mod, w).shape),
                         per_bias=per_bias,
+                        shared=shared,
                     )
                 )
         return Joined(parts)
