@@ -739,17 +739,33 @@ def _per_sample_once(
     mine = int(sum(offsets[c + 1] - offsets[c] for c in shard.indices))  # this rank's samples
     seen = 0
     required, requested = keep_factors == "required", bool(keep_factors)
+    # Two passes (no factors kept): pass 1 only sums the chunks' gradients for ∇f, and pass 2
+    # forms each chunk's factors (pass 1 of the kept route, one chunk at a time) and takes
+    # the norms, the dots and the clipped sums from them. After a dot fallback: the classic
+    # order (norms in pass 1, dots by the dot pass).
+    light = not keep_factors and plan.dots_fallback is None
+    reduced = flat.dtype not in (torch.float32, torch.float64)
     for c in _progress(shard.indices, len(shard), progress, "per-sample pass 1"):
         x, y = components.batch(c, flat.device)
+        if light:
+            a, b = offsets[c], offsets[c + 1]
+            with rng_for_component(dropout, seed, c):
+                ell, grad_sum = _chunk_gradient(model, loss_fn, x, y, flat, plan, reduced)
+            losses[a:b] = ell.double().cpu().numpy()
+            if not _finite_parts(grad_sum) or not np.isfinite(losses[a:b]).all():
+                raise NonFiniteError(
+                    f"chunk {c}: non-finite per-sample gradient; nothing was changed"
+                )
+            for part, g in zip(flat.unflatten(sum_grad), grad_sum, strict=True):
+                part += g  # float64 views of sum_grad, one per parameter
+            ghost_losses.append(ell)
+            continue
         with rng_for_component(dropout, seed, c):
             ghost = per_sample.ghost_pass(model, loss_fn, x, y, plan=plan, keep=bool(keep_factors))
         a, b = offsets[c], offsets[c + 1]
         sq_norms[a:b] = ghost.sq_norms.detach().double().cpu().numpy()
         losses[a:b] = ghost.losses.detach().double().cpu().numpy()
-        # a finite float64 sum means finite entries (the elementwise test only when it is not)
-        total = sum(float(g.sum()) for g in ghost.grad_sum)
-        finite = math.isfinite(total) or all(bool(torch.isfinite(g).all()) for g in ghost.grad_sum)
-        if not finite or not np.isfinite(sq_norms[a:b]).all():
+        if not _finite_parts(ghost.grad_sum) or not np.isfinite(sq_norms[a:b]).all():
             raise NonFiniteError(f"chunk {c}: non-finite per-sample gradient; nothing was changed")
         for part, g in zip(flat.unflatten(sum_grad), ghost.grad_sum, strict=True):
             part += g  # float64 views of sum_grad, one per parameter
@@ -787,13 +803,13 @@ def _per_sample_once(
             factors.update(kept=False, bytes=failed[1], reason=failed[2])
         else:
             factors["bytes"] = max(s[1] for s in states)  # the largest rank's, as the budget
-    sq_norms, losses = shard.complete(sq_norms, losses, offsets=offsets)
+    if not light:  # (the light attempt's norms come in pass 2)
+        sq_norms, losses = shard.complete(sq_norms, losses, offsets=offsets)
+        gam = torch.from_numpy(_gammas(np.sqrt(sq_norms), etas)).to(flat.device)
     full = shard.sum_(sum_grad) / n_samples
     _merge_plan(plan, shard)  # pass 2 runs with every rank's fallbacks, as one process would
     full_parts = flat.unflatten(full)
     gnorm = _norm64(full)
-    norms = np.sqrt(sq_norms)
-    gam = torch.from_numpy(_gammas(norms, etas)).to(flat.device)
     clip_acc = torch.zeros(len(etas), flat.n, dtype=torch.float64, device=flat.device)
     dots = np.zeros(n_samples)
     vector = list(full_parts)
@@ -808,18 +824,38 @@ def _per_sample_once(
         "tolerance": tol,
     }
     batch1 = sorted(plan.batch1)
-    reduced = flat.dtype not in (torch.float32, torch.float64)
     # a dot that failed its spot check is not taken from the same factors again
     use_kept = bool(kept) and plan.dots_fallback is None
-    # Two passes with η given: pass 2 forms each chunk's factors again (pass 1 with keep=True,
-    # one chunk at a time), and its dots and every clipped sum follow from them: one forward
-    # and backward instead of the dot pass, a forward and a backward per η
-    rebuild = not use_kept and bool(etas) and plan.dots_fallback is None
-    from_factors = use_kept or rebuild  # (the same on every rank: a failed dot blames them)
+    # Factors dropped over the budget in pass 1, η given: pass 2 forms each chunk's factors
+    # again, and its dots and every clipped sum follow from them: one forward and backward
+    # instead of the dot pass, a forward and a backward per η
+    rebuild = not (use_kept or light) and bool(etas) and plan.dots_fallback is None
+    # (the same on every rank: a failed dot blames the parameters first)
+    from_factors = use_kept or rebuild or light
     for c in _progress(shard.indices, len(shard), progress, "per-sample pass 2"):
         x, y = components.batch(c, flat.device)
         a, b = offsets[c], offsets[c + 1]
         chunk = kept[c - shard.start] if use_kept else None
+        if light:
+            with rng_for_component(dropout, seed, c):
+                ghost = per_sample.ghost_pass(model, loss_fn, x, y, plan=plan, keep=True)
+            differ = losses_differ(ghost.losses, ghost_losses[c - shard.start], flat.dtype)
+            if differ is not None and failures["dots"] is None:  # ∇f has other masks: again
+                failures["dots"] = (
+                    f"chunk {c}: pass 2 does not reproduce pass 1's losses ({differ})"
+                )
+            sq_norms[a:b] = ghost.sq_norms.detach().double().cpu().numpy()
+            if not np.isfinite(sq_norms[a:b]).all():
+                raise NonFiniteError(
+                    f"chunk {c}: non-finite per-sample gradient; nothing was changed"
+                )
+            for j in spot[(spot >= a) & (spot < b)]:
+                spot_sq[int(j)] = {k: float(v[j - a]) for k, v in ghost.per_param.items()}
+            chunk = ghost.kept
+            del ghost
+            gam_c = torch.from_numpy(_gammas(np.sqrt(sq_norms[a:b]), etas)).to(flat.device)
+        else:
+            gam_c = gam[:, a:b]
         if rebuild:
             with rng_for_component(dropout, seed, c):
                 again = per_sample.ghost_pass(model, loss_fn, x, y, plan=plan, keep=True)
@@ -857,7 +893,7 @@ def _per_sample_once(
         if not etas:
             continue
         if chunk is not None:  # Σ_j γ_j(η) g_j from the factors, no backward
-            for k, w in chunk.weighted(gam[:, a:b]).items():
+            for k, w in chunk.weighted(gam_c).items():
                 start = sum(flat.numels[:k])
                 clip_acc[:, start : start + flat.numels[k]] += w.reshape(len(etas), -1)
             continue
@@ -868,12 +904,12 @@ def _per_sample_once(
         fs = None
         if batch1:
             fs = fallback_stats(
-                model, loss_fn, x, y, [params[k] for k in batch1], "loop", weights=gam[:, a:b]
+                model, loss_fn, x, y, [params[k] for k in batch1], "loop", weights=gam_c
             )
         with rng_for_component(dropout, seed, c):
             ell = per_sample.per_sample_losses(model, loss_fn, x, y)
             for e in range(len(etas)):
-                weights = (gam[e, a:b] * scale).to(ell.dtype)
+                weights = (gam_c[e] * scale).to(ell.dtype)
                 g = flat.grad((weights * ell).sum(), c, retain_graph=e + 1 < len(etas))
                 g = g.double() / scale
                 if fs is not None:
@@ -883,6 +919,9 @@ def _per_sample_once(
                 clip_acc[e] += g
     shard.sum_(clip_acc)
     (dots,) = shard.complete(dots, offsets=offsets)
+    if light:
+        sq_norms, losses = shard.complete(sq_norms, losses, offsets=offsets)
+    norms = np.sqrt(sq_norms)
     failures, spot_record = _merge_checks(failures, spot_record, shard)
     _merge_plan(plan, shard)
     clipped = {eta: _cos(clip_acc[k], full) for k, eta in enumerate(etas)}
@@ -899,6 +938,47 @@ def _per_sample_once(
         "factors": factors,
         "dots_from_factors": from_factors,
     }, failures
+
+
+def _finite_parts(parts) -> bool:
+    """Whether every entry of the float64 tensors is finite.
+
+    A finite float64 sum means finite entries; the elementwise test runs only when it is not.
+    """
+    total = sum(float(g.sum()) for g in parts)
+    return math.isfinite(total) or all(bool(torch.isfinite(g).all()) for g in parts)
+
+
+def _chunk_gradient(model, loss_fn, x, y, flat, plan, reduced):
+    """Pass 1 of the two-pass per-sample route for one chunk: ``(ℓ, Σ_j ∇ℓ_j)``.
+
+    The per-sample losses ``(B,)`` and, per parameter, the float64 sum of the
+    chunk's per-sample gradients: one backward of ``Σ_j ℓ_j`` (its batch gradient
+    is that sum for every parameter whose gradient is the derivative), the
+    parameters that need batch-1 passes (``plan.batch1``) from them.
+    float16/bfloat16 scale the seed so that the batch sum cannot overflow.
+    """
+    from clipscope.engine.per_sample import per_sample_losses
+    from clipscope.engine.per_sample._common import dense_grad
+    from clipscope.engine.per_sample.fallback import fallback_stats
+
+    params = flat.params
+    batch1 = sorted(plan.batch1)
+    rest = [k for k in range(len(params)) if k not in plan.batch1]
+    scale = 2.0 ** -math.ceil(math.log2(max(2, x.shape[0]))) if reduced else 1.0
+    ell = per_sample_losses(model, loss_fn, x, y)
+    out: list[torch.Tensor | None] = [None] * len(params)
+    if rest:
+        seed = ell.sum() if scale == 1.0 else (ell * scale).sum()
+        grads = torch.autograd.grad(seed, [params[k] for k in rest], allow_unused=True)
+        for k, g in zip(rest, grads, strict=True):
+            g = dense_grad(g, params[k]).double()
+            out[k] = g if scale == 1.0 else g / scale
+    if batch1:
+        fs = fallback_stats(model, loss_fn, x, y, [params[k] for k in batch1], "loop")
+        for i, k in enumerate(batch1):
+            out[k] = fs.sums[i].double().reshape(params[k].shape)
+    return ell.detach(), out
 
 
 def _merge_plan(plan, shard) -> None:
