@@ -745,6 +745,7 @@ def _per_sample_once(
     # order (norms in pass 1, dots by the dot pass).
     light = not keep_factors and plan.dots_fallback is None
     reduced = flat.dtype not in (torch.float32, torch.float64)
+    actual: list = []  # light, float32/64: each chunk's ∇Σ_j ℓ_j as its norms and projections
     for c in _progress(shard.indices, len(shard), progress, "per-sample pass 1"):
         x, y = components.batch(c, flat.device)
         if light:
@@ -759,6 +760,11 @@ def _per_sample_once(
             for part, g in zip(flat.unflatten(sum_grad), grad_sum, strict=True):
                 part += g  # float64 views of sum_grad, one per parameter
             ghost_losses.append(ell)
+            if not reduced:  # what pass 2's structural check compares with: no weight gradient
+                actual.append(
+                    [(float(torch.linalg.vector_norm(g)), d.of_tensor(g))
+                     for g, d in zip(grad_sum, plan.directions, strict=True)]
+                )  # fmt: skip
             continue
         with rng_for_component(dropout, seed, c):
             ghost = per_sample.ghost_pass(model, loss_fn, x, y, plan=plan, keep=bool(keep_factors))
@@ -837,8 +843,11 @@ def _per_sample_once(
         a, b = offsets[c], offsets[c + 1]
         chunk = kept[c - shard.start] if use_kept else None
         if light:
+            given = actual[c - shard.start] if actual else None
             with rng_for_component(dropout, seed, c):
-                ghost = per_sample.ghost_pass(model, loss_fn, x, y, plan=plan, keep=True)
+                ghost = per_sample.ghost_pass(
+                    model, loss_fn, x, y, plan=plan, keep=True, actual=given
+                )
             differ = losses_differ(ghost.losses, ghost_losses[c - shard.start], flat.dtype)
             if differ is not None and failures["dots"] is None:  # ∇f has other masks: again
                 failures["dots"] = (

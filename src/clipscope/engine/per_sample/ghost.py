@@ -59,7 +59,8 @@ class GhostPass(NamedTuple):
         ``(B,)`` detached per-sample losses ``ℓ_j`` (the model's dtype).
     grad_sum : list of torch.Tensor
         ``∇ Σ_j ℓ_j`` for each parameter, float64 (divide by B for the batch's
-        mean-loss gradient).
+        mean-loss gradient); None for a parameter whose batch gradient was given
+        (``ghost_pass(actual=...)``).
     per_param : dict
         ``{parameter index: (B,) float64 ‖g_j(p)‖²}`` (the spot check's input).
     kept : KeptChunk or None
@@ -69,7 +70,7 @@ class GhostPass(NamedTuple):
 
     sq_norms: torch.Tensor
     losses: torch.Tensor
-    grad_sum: list[torch.Tensor]
+    grad_sum: list[torch.Tensor | None]
     per_param: dict[int, torch.Tensor]
     kept: KeptChunk | None = None
 
@@ -148,6 +149,7 @@ def ghost_pass(
     *,
     plan: Plan | None = None,
     keep: bool = False,
+    actual: Sequence[tuple[float, torch.Tensor]] | None = None,
 ) -> GhostPass:
     """One hooked forward + backward: per-sample ``‖∇ℓ_j‖²``, losses ``ℓ_j`` and ``∇Σ_j ℓ_j``.
 
@@ -164,6 +166,15 @@ def ghost_pass(
     (:meth:`LayerFamily.factors`) and the fallback's per-sample gradients are
     kept too: ``result.kept`` then gives every dot and weighted sum of the
     chunk's per-sample gradients without another pass.
+
+    ``actual``: the batch gradient ``∇Σ_j ℓ_j`` of this very batch, known from
+    an earlier pass (the same masks), as ``(‖G_p‖, plan.directions[p]`` applied
+    to ``G_p)`` per parameter, float64 (:meth:`Directions.of_tensor`). The
+    backward then runs w.r.t. the layer outputs only (autograd forms no
+    parameter gradient), the structural check compares each rule's account
+    with these, and ``result.grad_sum`` is None for every parameter. float32
+    and float64 models only (``ValueError`` otherwise: a float16 batch sum may
+    overflow where the samples do not, and then needs the scaled backward).
     """
     batch = check_inputs(model, loss_fn, x)
     if plan is None:
@@ -178,7 +189,14 @@ def ghost_pass(
             "per sample while dropout draws masks for the batch (dropout='fixed' in train mode); "
             "use dropout='off' or mini-batch components"
         )
-    result = _ghost_once(model, loss_fn, x, y, plan, batch, randomness, 1.0, keep)
+    if actual is not None:
+        if plan.params[0].dtype not in (torch.float32, torch.float64):
+            raise ValueError("actual= needs a float32 or float64 model")
+        if len(actual) != len(plan.params):
+            raise ValueError(
+                f"actual needs one (norm, projections) per parameter, {len(plan.params)}"
+            )
+    result = _ghost_once(model, loss_fn, x, y, plan, batch, randomness, 1.0, keep, actual)
     if result is None:  # float16/bfloat16: the batch sum overflowed, the samples did not
         scale = 2.0 ** -math.ceil(math.log2(max(2, batch)))
         result = _ghost_once(model, loss_fn, x, y, plan, batch, randomness, scale, keep)
@@ -268,14 +286,20 @@ def recorded_products(
     return calls, losses.detach()
 
 
-def _ghost_once(model, loss_fn, x, y, plan, batch, randomness, scale, keep) -> GhostPass | None:
+def _ghost_once(
+    model, loss_fn, x, y, plan, batch, randomness, scale, keep, actual=None
+) -> GhostPass | None:
     params = plan.params
     active = plan.ghost_modules()
     calls, losses, grads = _forward_backward(
-        model, loss_fn, x, y, plan, active, batch, scale, randomness
-    )
+        model, loss_fn, x, y, plan, active, batch, scale, randomness,
+        outputs_only=actual is not None,
+    )  # fmt: skip
     # a finite float64 norm means finite entries (the elementwise test only when it is not)
-    norms = [None if g is None else _norm(g) for g in grads]
+    if actual is not None:  # (checked finite by the pass that formed them)
+        norms = [float(n) for n, _ in actual]
+    else:
+        norms = [None if g is None else _norm(g) for g in grads]
     if not all(n is None or math.isfinite(n) for n in norms) and not _all_finite(
         [g for g in grads if g is not None]
     ):
@@ -318,11 +342,14 @@ def _ghost_once(model, loss_fn, x, y, plan, batch, randomness, scale, keep) -> G
             continue
         for a, k in zip(attrs, ks, strict=True):
             ghost = res[a]
-            actual = grads[k]
-            if actual is None:
-                actual = torch.zeros_like(params[k])
+            if actual is not None:
+                seen = actual[k][1].to(ghost.proj.device)
+            else:
+                seen = plan.directions[k].of_tensor(
+                    grads[k] if grads[k] is not None else torch.zeros_like(params[k])
+                )
             bound = (norms[k] or 0.0) + float(ghost.sq.clamp(min=0).sqrt().sum())
-            err = structural_error(ghost.proj, plan.directions[k].of_tensor(actual), bound)
+            err = structural_error(ghost.proj, seen, bound)
             if not err <= tol:
                 where = mname or type(mod).__name__
                 plan.demote(
@@ -342,7 +369,7 @@ def _ghost_once(model, loss_fn, x, y, plan, batch, randomness, scale, keep) -> G
     for k in per_param:
         if k in unchecked_sums:
             grad_sum[k] = unchecked_sums[k]
-        else:
+        elif actual is None:
             g = dense_grad(grads[k], params[k]).double()
             grad_sum[k] = g if scale == 1.0 else g / scale
     rest = [k for k in range(len(params)) if k not in per_param]
