@@ -46,6 +46,7 @@ import atexit
 import contextlib
 import datetime
 import hashlib
+import importlib
 import math
 import os
 import signal
@@ -141,6 +142,12 @@ def init_from_env(device: str = "cpu", timeout: float | None = None) -> bool:
     if str(device).startswith("cuda"):
         backend = "nccl"
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    # torch.distributed.nn.functional binds ``group.WORLD`` into default arguments when
+    # first imported. torch imports it lazily (torch.use_deterministic_algorithms ->
+    # inductor -> FSDP -> _shard); after init_process_group that binding would keep the
+    # group alive past destroy_process_group, and gloo's worker threads with it (see
+    # shutdown). Imported now, it binds None, the default group.
+    importlib.import_module("torch.distributed.nn.functional")
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=float(seconds)))
     atexit.register(shutdown)
     return True
@@ -164,7 +171,18 @@ def distributed_setup() -> dict[str, Any]:
 
 
 def shutdown() -> None:
-    """Destroy the default process group (after :func:`init_from_env` returned True)."""
+    """Destroy the default process group (after :func:`init_from_env` returned True).
+
+    ``destroy_process_group`` frees the group -- which joins gloo's worker
+    threads while the interpreter is still alive -- only when nothing else
+    references it. When something does (``torch.distributed.nn.functional``'s
+    default arguments did when it was imported after ``init_process_group``;
+    :func:`init_from_env` now imports it first), the threads run on into
+    interpreter shutdown: one that drops the last collective's tensors there
+    needs the GIL, Python ends the thread inside a C++ destructor, and the
+    process aborts (SIGABRT, "terminate called without an active exception")
+    after all its work is done.
+    """
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
