@@ -50,6 +50,7 @@ import importlib
 import math
 import os
 import signal
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -233,20 +234,18 @@ def _is_dtensor(p: torch.Tensor) -> bool:
 
 
 def _fsdp_classes() -> tuple[type, ...]:
-    out: list[type] = []
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
+    """FSDP's module classes, from ``torch.distributed.fsdp`` only if it is imported already.
 
-        out.append(FullyShardedDataParallel)
-    except ImportError:  # pragma: no cover - builds without FSDP
-        pass
-    try:
-        from torch.distributed.fsdp import FSDPModule
-
-        out.append(FSDPModule)
-    except ImportError:  # pragma: no cover - older torch
-        pass
-    return tuple(out)
+    A model that contains an FSDP module implies the import happened; importing
+    it here would not find one more, and it would be harmful: FSDP imports
+    ``torch.distributed.nn.functional``, whose default arguments bind
+    ``group.WORLD`` at import time, so after ``init_process_group`` they keep the
+    group alive past ``destroy_process_group`` (its gloo threads then outlive
+    the interpreter: SIGABRT at exit, see :func:`shutdown`).
+    """
+    module = sys.modules.get("torch.distributed.fsdp")
+    names = ("FullyShardedDataParallel", "FSDPModule")
+    return tuple(c for c in (getattr(module, n, None) for n in names) if isinstance(c, type))
 
 
 # -- collectives ---------------------------------------------------------------------------
