@@ -825,10 +825,46 @@ def test_the_monitor_under_torchrun_with_ddp(trained, tmp_path):
     assert [r["step"] for r in written] == ["0", "2", "4"]
 
 
+def worker_shutdown(out: Path) -> None:
+    """``init_from_env``, a late import of ``torch.distributed.nn``, a broadcast, ``shutdown``.
+
+    torch imports ``torch.distributed.nn.functional`` lazily (e.g.
+    ``torch.use_deterministic_algorithms`` -> inductor -> FSDP); imported after
+    the group exists, its default arguments held the group, so ``shutdown``
+    left it and gloo's threads alive into interpreter exit (an intermittent SIGABRT).
+    Reports whether the group object was freed and how many gloo threads remain.
+    """
+    import gc
+    import importlib
+    import weakref
+
+    from clipscope.engine.distributed import init_from_env, on_writer, shutdown
+
+    assert init_from_env(timeout=TIMEOUT)
+    rank = dist.get_rank()
+    importlib.import_module("torch.distributed.nn.functional")  # torch may import it any time
+
+    group = weakref.ref(dist.group.WORLD)
+    on_writer(lambda: "written")  # a broadcast: tensors the gloo worker threads held
+    shutdown()
+    gc.collect()
+    threads = [(task / "comm").read_text().strip() for task in Path("/proc/self/task").iterdir()]
+    result = {"freed": group() is None, "gloo": sum(t.startswith("gloo") for t in threads)}
+    torch.save(result, out / f"rank{rank}.pt")
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc")
+def test_shutdown_frees_the_group_and_its_gloo_threads(tmp_path):
+    """The group dies at ``shutdown``, not at interpreter exit (where it could SIGABRT)."""
+    ranks = _read(tmp_path, launch("shutdown", str(tmp_path)))
+    assert ranks == [{"freed": True, "gloo": 0}] * 2
+
+
 WORKERS = {
     "probe": worker_probe,
     "fit": worker_fit,
     "train": worker_train,
+    "shutdown": worker_shutdown,
 }
 
 if __name__ == "__main__":

@@ -46,9 +46,11 @@ import atexit
 import contextlib
 import datetime
 import hashlib
+import importlib
 import math
 import os
 import signal
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -141,6 +143,12 @@ def init_from_env(device: str = "cpu", timeout: float | None = None) -> bool:
     if str(device).startswith("cuda"):
         backend = "nccl"
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    # torch.distributed.nn.functional binds ``group.WORLD`` into default arguments when
+    # first imported. torch imports it lazily (torch.use_deterministic_algorithms ->
+    # inductor -> FSDP -> _shard); after init_process_group that binding would keep the
+    # group alive past destroy_process_group, and gloo's worker threads with it (see
+    # shutdown). Imported now, it binds None, the default group.
+    importlib.import_module("torch.distributed.nn.functional")
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=float(seconds)))
     atexit.register(shutdown)
     return True
@@ -164,7 +172,18 @@ def distributed_setup() -> dict[str, Any]:
 
 
 def shutdown() -> None:
-    """Destroy the default process group (after :func:`init_from_env` returned True)."""
+    """Destroy the default process group (after :func:`init_from_env` returned True).
+
+    ``destroy_process_group`` frees the group -- which joins gloo's worker
+    threads while the interpreter is still alive -- only when nothing else
+    references it. When something does (``torch.distributed.nn.functional``'s
+    default arguments did when it was imported after ``init_process_group``;
+    :func:`init_from_env` now imports it first), the threads run on into
+    interpreter shutdown: one that drops the last collective's tensors there
+    needs the GIL, Python ends the thread inside a C++ destructor, and the
+    process aborts (SIGABRT, "terminate called without an active exception")
+    after all its work is done.
+    """
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -215,20 +234,18 @@ def _is_dtensor(p: torch.Tensor) -> bool:
 
 
 def _fsdp_classes() -> tuple[type, ...]:
-    out: list[type] = []
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
+    """FSDP's module classes, from ``torch.distributed.fsdp`` only if it is imported already.
 
-        out.append(FullyShardedDataParallel)
-    except ImportError:  # pragma: no cover - builds without FSDP
-        pass
-    try:
-        from torch.distributed.fsdp import FSDPModule
-
-        out.append(FSDPModule)
-    except ImportError:  # pragma: no cover - older torch
-        pass
-    return tuple(out)
+    A model that contains an FSDP module implies the import happened; importing
+    it here would not find one more, and it would be harmful: FSDP imports
+    ``torch.distributed.nn.functional``, whose default arguments bind
+    ``group.WORLD`` at import time, so after ``init_process_group`` they keep the
+    group alive past ``destroy_process_group`` (its gloo threads then outlive
+    the interpreter: SIGABRT at exit, see :func:`shutdown`).
+    """
+    module = sys.modules.get("torch.distributed.fsdp")
+    names = ("FullyShardedDataParallel", "FSDPModule")
+    return tuple(c for c in (getattr(module, n, None) for n in names) if isinstance(c, type))
 
 
 # -- collectives ---------------------------------------------------------------------------
