@@ -626,18 +626,24 @@ def _per_sample(
 ):
     """Batch-size-1 components; the given components are processed as chunks.
 
-    Pass 1 per chunk: :func:`~clipscope.engine.per_sample.ghost_pass` (per-sample
-    ``‖∇ℓ_j‖²`` by the layer rules, each checked structurally, ``ℓ_j``, and
-    ``∇Σ_j ℓ_j``), so ``∇f = (1/N) Σ_j ∇ℓ_j``. Pass 2 per chunk: the dots
-    from the kept factors (``keep_factors``); else, with η given, from the
-    chunk's factors formed again (``ghost_pass(keep=True)``), whose γ-weighted
-    sums give every ``Σ_j γ_j(η) ∇ℓ_j``; else
-    :func:`~clipscope.engine.per_sample.per_sample_dots` (a forward-mode JVP or
-    the ghost product along ∇f). A chunk whose second pass does not reproduce
-    pass 1's losses (other dropout masks), or whose dots fell back, takes the
-    dot pass and ``∇ Σ_j γ_j(η) ℓ_j``, one backward per η. Then the spot check
-    of the chunk's spot samples. Chunk ``c`` runs under the ``"fixed"`` dropout
-    seed ``(seed, c)`` in both passes.
+    Kept factors (``keep_factors``): pass 1 per chunk is
+    :func:`~clipscope.engine.per_sample.ghost_pass` with ``keep=True`` (per-sample
+    ``‖∇ℓ_j‖²`` by the layer rules, each checked structurally, ``ℓ_j``,
+    ``∇Σ_j ℓ_j`` and the chunk's factors), so ``∇f = (1/N) Σ_j ∇ℓ_j``; pass 2
+    takes the dots and the γ-weighted sums from the kept factors.
+
+    Two passes: pass 1 per chunk is one plain backward of ``Σ_j ℓ_j``
+    (:func:`_chunk_gradient`), whose gradient is kept only as its norm and its
+    projections on the structural check's directions; pass 2 per chunk is
+    ``ghost_pass(keep=True, actual=...)`` (a backward w.r.t. the layer outputs
+    only), and the chunk's norms, dots and γ-weighted sums come from its
+    factors. After a dot fallback, the classic order: ``ghost_pass`` norms in
+    pass 1; in pass 2 :func:`~clipscope.engine.per_sample.per_sample_dots` and
+    ``∇ Σ_j γ_j(η) ℓ_j`` by one backward per η. Factors dropped over the budget
+    in pass 1 of an ``auto`` attempt: pass 2 forms each chunk's factors again
+    when η are given, else takes the dot pass. Then the spot check of the
+    chunk's spot samples. Chunk ``c`` runs under the ``"fixed"`` dropout seed
+    ``(seed, c)`` in both passes.
 
     A failed spot check moves the parameters concerned (or the dots) to the
     exact fallback and runs the probe again; after two such rounds everything
