@@ -576,10 +576,10 @@ def kept_tables(args) -> list[Table]:
         factors = kept.info["factors"]
         methods = {
             "**probe(batch_sizes=[1]) → route='per-sample-kept', end to end**": partial(
-                probe, model, loss_fn, comps, route="per-sample-kept"
+                probe, model, loss_fn, comps, args.etas, route="per-sample-kept"
             ),
             "probe(route='per-sample'), two passes, end to end": partial(
-                probe, model, loss_fn, comps, route="per-sample"
+                probe, model, loss_fn, comps, args.etas, route="per-sample"
             ),
         }
         t = run_table(
@@ -593,6 +593,8 @@ def kept_tables(args) -> list[Table]:
             f"for {len(X)} samples (budget {factors['budget'] / 2**30:.0f} GiB)"
             + (f"; {factors['reason']}" if factors["reason"] else "")
         )
+        if args.etas:
+            t.notes.append(f"both routes with η = {args.etas} (clipped sums for each)")
         tables.append(t)
     return tables
 
@@ -740,6 +742,12 @@ def main(argv: list[str] | None = None) -> int:
         help="time by the wall clock (default) or by this process's CPU time",
     )
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N)")
+    ap.add_argument(
+        "--etas",
+        type=lambda text: [float(v) for v in text.split(",") if v],
+        default=[],
+        help="clipping thresholds η for --only kept, comma-separated (default: none)",
+    )
     ap.add_argument(
         "--no-memory",
         action="store_true",
