@@ -728,3 +728,37 @@ def test_linear_any_shape(B, lead, P, Q, bias, seed):
         warnings.simplefilter("error")
         got = per_sample_sq_norms(model, F.mse_loss, x, y)
     torch.testing.assert_close(got, rows.square().sum(1), rtol=1e-10, atol=1e-300)
+
+
+class OnlyBare(nn.Module):
+    """A bare parameter no layer rule serves: nothing is recorded in any pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(5, 3, dtype=torch.float64))
+
+    def forward(self, x):
+        return x @ self.w
+
+
+@pytest.mark.filterwarnings("ignore::clipscope.engine.verify.PerSampleFallbackWarning")
+@pytest.mark.parametrize("route", ["per-sample-kept", "per-sample"])
+@pytest.mark.parametrize("case", ["bare", "tie-demoted-in-chunk-0"])
+def test_nothing_recorded_in_a_chunk_still_runs_and_is_exact(route, case):
+    """No served module (from the start, or after chunk 0 moved the only one to the fallback)."""
+    torch.manual_seed(0)
+    if case == "bare":
+        model = OnlyBare()
+        X, Y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
+    else:
+        model = GPTTie()
+        X, Y = torch.tensor([[0], [1], [1], [0]]), torch.tensor([0, 1, 0, 1])
+    ref = reference_probe(model, F.cross_entropy, Components.from_tensors(X, Y, batch_size=1), ETAS)
+    res = probe(
+        model, F.cross_entropy, Components.from_tensors(X, Y, batch_size=2), ETAS, route=route
+    )
+    rtol = 1e-10 if case == "bare" else 1e-6  # (GPTTie is float32)
+    np.testing.assert_allclose(res.norms, ref.norms, rtol=rtol)
+    np.testing.assert_allclose(res.dots, ref.dots, rtol=rtol, atol=1e-12)
+    for eta in ETAS:
+        assert res.clipped[eta][0] == pytest.approx(ref.clipped[eta][0], rel=rtol)

@@ -227,10 +227,12 @@ def _forward_backward(model, loss_fn, x, y, plan, active, batch, scale, retain, 
         # layers' weight gradients
         rest = [] if outputs_only else [k for k in range(len(plan.params)) if k in plan.fallback]
         inputs = [t for t, _ in outputs] + [plan.params[k] for k in rest]
-        with torch.enable_grad():
-            found = torch.autograd.grad(
-                losses, inputs, grad_outputs=seed, allow_unused=True, retain_graph=retain
-            )
+        found: tuple = ()
+        if inputs:  # (none when no module is served: then nothing to differentiate here)
+            with torch.enable_grad():
+                found = torch.autograd.grad(
+                    losses, inputs, grad_outputs=seed, allow_unused=True, retain_graph=retain
+                )
         grads = [None] * len(plan.params)
         for k, g in zip(rest, found[len(outputs) :], strict=True):
             grads[k] = g
