@@ -762,3 +762,51 @@ def test_nothing_recorded_in_a_chunk_still_runs_and_is_exact(route, case):
     np.testing.assert_allclose(res.dots, ref.dots, rtol=rtol, atol=1e-12)
     for eta in ETAS:
         assert res.clipped[eta][0] == pytest.approx(ref.clipped[eta][0], rel=rtol)
+
+
+def test_passes_that_differ_move_the_dots_not_the_rules():
+    """Randomness only pass 2 sees (noise under autograd) is named as such, not blamed on rules."""
+    from clipscope.engine.verify import VerificationError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    X, Y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,))
+    comps = Components.from_tensors(X, Y, batch_size=4)
+
+    def noisy(out, y):  # pass 1's plain forward runs under autograd too: both passes differ
+        return F.cross_entropy(out * (1 + torch.rand(()) * torch.is_grad_enabled()), y)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = probe(model, noisy, comps, ETAS, route="per-sample", spot_checks=0)
+    stages = [(e["stage"], e["reason"]) for e in res.verification["events"]]
+    assert stages and all(stage == "spot-dot" for stage, _ in stages), stages
+    assert "does not reproduce pass 1's losses" in stages[0][1]
+    assert res.verification["fallback"] == {} and res.verification["attempts"] == 2
+    with pytest.raises(VerificationError, match="does not reproduce pass 1's losses"):
+        probe(model, noisy, comps, ETAS, route="per-sample", spot_checks=0, strict=True)
+
+
+@pytest.mark.filterwarnings("ignore::clipscope.engine.verify.PerSampleFallbackWarning")
+def test_two_pass_keeps_no_large_fallback_rows_and_stays_exact(monkeypatch):
+    """Over the rows limit a chunk's dots and clipped sums come from the dot pass and backwards."""
+    import importlib
+
+    probe_module = importlib.import_module("clipscope.engine.probe")
+    monkeypatch.setattr(probe_module, "_LIGHT_ROWS", 0)
+    torch.manual_seed(0)
+    model = NanoGPT().double()  # tied head: the embedding is on the fallback
+    X = torch.randint(0, 11, (6, 5))
+    Y = torch.randint(0, 11, (6, 5))
+    ones = Components.from_tensors(X, Y, batch_size=1)
+    ref = reference_probe(model, lm_loss, ones, ETAS)
+    res = probe(
+        model, lm_loss, Components.from_tensors(X, Y, batch_size=3), ETAS, route="per-sample"
+    )
+    assert res.verification["fallback"]
+    np.testing.assert_allclose(res.norms, ref.norms, rtol=1e-10)
+    scale = ref.norms * ref.grad_norm
+    assert np.all(np.abs(res.dots - ref.dots) <= 1e-10 * scale)
+    for eta in ETAS:
+        assert res.clipped[eta][0] == pytest.approx(ref.clipped[eta][0], rel=1e-10)
+        assert res.clipped[eta][1] == pytest.approx(ref.clipped[eta][1], rel=1e-9, abs=1e-9)

@@ -107,6 +107,10 @@ ROUTES = ("auto", "two-pass", "keep", "dyadic", "per-sample", "per-sample-kept")
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes for the keep route's g_i, per-sample-kept's factors
 _CHUNK_ROWS = 256  # rows of the kept matrix cast to float64 at a time
 REPEAT_ROWS = 8  # samples the per-sample route's repeatability check evaluates twice
+# two-pass per-sample route: a chunk whose fallback parameters' per-sample gradients would
+# exceed this many elements keeps no factors in pass 2 (its dots and clipped sums then come
+# from the dot pass and one backward per η, in bounded memory)
+_LIGHT_ROWS = 1 << 24
 
 
 # -- small helpers -------------------------------------------------------------
@@ -692,14 +696,18 @@ def _per_sample(
                     f"gradients ({failures}): the components are not reproducible (randomness "
                     "that the dropout policy does not control?)"
                 )
-            if failures["params"]:  # one event: the first sample's reason speaks for all
+            # passes that saw other random numbers say nothing about the rules: the dots go
+            # to per-sample gradients (the classic order), the parameters stay
+            differ = failures.get("passes_differ", False)
+            if failures["params"] and not differ:  # one event: the first sample's reason
                 plan.demote(
                     list(failures["params"]), "spot-norm", next(iter(failures["params"].values()))
                 )
             # dots from factors (kept or rebuilt): a parameter's wrong split makes its dots
             # wrong too; rerun with it on the fallback before blaming the dots (a second dot
             # failure demotes them)
-            blame_params = result.pop("dots_from_factors") and failures["params"] and attempt == 0
+            from_factors = result.pop("dots_from_factors")
+            blame_params = from_factors and failures["params"] and attempt == 0 and not differ
             if failures["dots"] is not None and not blame_params:
                 plan.demote_dots("spot-dot", failures["dots"])
             if attempt == 1:  # the second failure: nothing from the rules any more
@@ -852,13 +860,18 @@ def _per_sample_once(
             given = actual[c - shard.start] if actual else None
             with rng_for_component(dropout, seed, c):
                 ghost = per_sample.ghost_pass(
-                    model, loss_fn, x, y, plan=plan, keep=True, actual=given
-                )
-            differ = losses_differ(ghost.losses, ghost_losses[c - shard.start], flat.dtype)
-            if differ is not None and failures["dots"] is None:  # ∇f has other masks: again
-                failures["dots"] = (
-                    f"chunk {c}: pass 2 does not reproduce pass 1's losses ({differ})"
-                )
+                    model, loss_fn, x, y, plan=plan, keep=True, actual=given,
+                    expect_losses=ghost_losses[c - shard.start], keep_limit=_LIGHT_ROWS,
+                )  # fmt: skip
+            if ghost.mismatch is not None:  # other random numbers than pass 1: ∇f, the rules'
+                # check and the dots would mix two sets of components; the attempt is redone
+                # in the classic order with the dots from per-sample gradients
+                failures["passes_differ"] = True
+                if failures["dots"] is None:
+                    failures["dots"] = (
+                        f"chunk {c}: pass 2 does not reproduce pass 1's losses ({ghost.mismatch})"
+                    )
+                continue  # (this chunk's numbers stay 0; nothing of the attempt is kept)
             sq_norms[a:b] = ghost.sq_norms.detach().double().cpu().numpy()
             if not np.isfinite(sq_norms[a:b]).all():
                 raise NonFiniteError(
@@ -866,7 +879,7 @@ def _per_sample_once(
                 )
             for j in spot[(spot >= a) & (spot < b)]:
                 spot_sq[int(j)] = {k: float(v[j - a]) for k, v in ghost.per_param.items()}
-            chunk = ghost.kept
+            chunk = ghost.kept  # None: the fallback's rows over _LIGHT_ROWS (the dot pass below)
             del ghost
             gam_c = torch.from_numpy(_gammas(np.sqrt(sq_norms[a:b]), etas)).to(flat.device)
         else:
@@ -1051,6 +1064,8 @@ def _merge_checks(failures, record, shard):
     merged: dict[str, Any] = {"params": {}, "dots": None}
     worst = {"spot_max_norm_error": 0.0, "spot_max_dot_error": 0.0}
     for rank_failures, rank_record in shard.objects((failures, record)):
+        if rank_failures.get("passes_differ"):
+            merged["passes_differ"] = True
         for k, message in rank_failures["params"].items():
             merged["params"].setdefault(k, message)
         if merged["dots"] is None:

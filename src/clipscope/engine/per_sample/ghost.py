@@ -66,6 +66,9 @@ class GhostPass(NamedTuple):
     kept : KeptChunk or None
         With ``keep=True``: every parameter's per-sample gradients in the kept
         form its norms came from (:mod:`~clipscope.engine.per_sample.kept`).
+    mismatch : str or None
+        With ``expect_losses``: why the losses differ from those (then nothing
+        else was computed: ``sq_norms`` are zeros, ``per_param`` is empty).
     """
 
     sq_norms: torch.Tensor
@@ -73,6 +76,7 @@ class GhostPass(NamedTuple):
     grad_sum: list[torch.Tensor | None]
     per_param: dict[int, torch.Tensor]
     kept: KeptChunk | None = None
+    mismatch: str | None = None
 
 
 def _store(slots: list, k: int, g: torch.Tensor) -> None:
@@ -150,6 +154,8 @@ def ghost_pass(
     plan: Plan | None = None,
     keep: bool = False,
     actual: Sequence[tuple[float, torch.Tensor]] | None = None,
+    expect_losses: torch.Tensor | None = None,
+    keep_limit: int | None = None,
 ) -> GhostPass:
     """One hooked forward + backward: per-sample ``‖∇ℓ_j‖²``, losses ``ℓ_j`` and ``∇Σ_j ℓ_j``.
 
@@ -175,6 +181,13 @@ def ghost_pass(
     with these, and ``result.grad_sum`` is None for every parameter. float32
     and float64 models only (``ValueError`` otherwise: a float16 batch sum may
     overflow where the samples do not, and then needs the scaled backward).
+    ``keep_limit`` (with ``keep=True``): when the fallback's per-sample gradients
+    would hold more than this many elements, nothing is kept (``result.kept``
+    None; the fallback then runs in bounded pieces, as without ``keep``).
+    ``expect_losses``: that pass's per-sample losses. If this forward's differ
+    (other random numbers), nothing is checked or computed and
+    ``result.mismatch`` says why: a structural check against another pass's
+    gradient would blame the rules for it.
     """
     batch = check_inputs(model, loss_fn, x)
     if plan is None:
@@ -196,7 +209,10 @@ def ghost_pass(
             raise ValueError(
                 f"actual needs one (norm, projections) per parameter, {len(plan.params)}"
             )
-    result = _ghost_once(model, loss_fn, x, y, plan, batch, randomness, 1.0, keep, actual)
+    result = _ghost_once(
+        model, loss_fn, x, y, plan, batch, randomness, 1.0, keep, actual, expect_losses,
+        keep_limit,
+    )  # fmt: skip
     if result is None:  # float16/bfloat16: the batch sum overflowed, the samples did not
         scale = 2.0 ** -math.ceil(math.log2(max(2, batch)))
         result = _ghost_once(model, loss_fn, x, y, plan, batch, randomness, scale, keep)
@@ -289,14 +305,31 @@ def recorded_products(
 
 
 def _ghost_once(
-    model, loss_fn, x, y, plan, batch, randomness, scale, keep, actual=None
+    model,
+    loss_fn,
+    x,
+    y,
+    plan,
+    batch,
+    randomness,
+    scale,
+    keep,
+    actual=None,
+    expect=None,
+    keep_limit=None,
 ) -> GhostPass | None:
+    from clipscope.engine.per_sample.dots import losses_differ
+
     params = plan.params
     active = plan.ghost_modules()
     calls, losses, grads = _forward_backward(
         model, loss_fn, x, y, plan, active, batch, scale, randomness,
         outputs_only=actual is not None,
     )  # fmt: skip
+    differ = losses_differ(losses.detach(), expect, params[0].dtype)
+    if differ is not None:
+        zero = torch.zeros(batch, dtype=torch.float64, device=x.device)
+        return GhostPass(zero, losses.detach(), [None] * len(params), {}, None, differ)
     # a finite float64 norm means finite entries (the elementwise test only when it is not)
     if actual is not None:  # (checked finite by the pass that formed them)
         norms = [float(n) for n, _ in actual]
@@ -377,6 +410,9 @@ def _ghost_once(
     rest = [k for k in range(len(params)) if k not in per_param]
     if rest:
         del grads
+        if keep and keep_limit is not None:
+            if batch * sum(params[k].numel() for k in rest) > keep_limit:
+                keep, kept = False, []  # the fallback in bounded pieces; nothing kept
         groups = [
             ([k for k in rest if k in plan.batch1], "loop"),
             ([k for k in rest if k not in plan.batch1], choose_mode(model, randomness)),
