@@ -541,11 +541,9 @@ def kept_tables(args) -> list[Table]:
     Three models: the small CNN, the LSTM LM (10k vocabulary) and a batch-first LSTM LM with
     a 3,000-word vocabulary, the one a new user would write. ``route="per-sample-kept"``
     keeps pass 1's factors and runs no second model pass; ``route="per-sample"`` runs
-    pass 2 (a JVP for the CNN, the reverse-mode ghost product for the LSTMs). The two-pass
-    route turns oneDNN off for recurrent models itself (forward-mode AD, and the same
-    kernels in both passes for the dropout masks); the kept route runs no forward-mode AD
-    and keeps it on. The baseline is the plain epoch as a user runs it, and for the LSTMs
-    the same epoch with oneDNN off is one more row, so both ratios can be read.
+    pass 2 (a JVP for the CNN, the reverse-mode ghost product for the LSTMs). Neither
+    route runs forward-mode AD on a recurrent model, so both keep torch's default kernels
+    (oneDNN on), as the baseline does: the plain epoch as a user runs it.
     """
     if probe is None:
         return []
@@ -574,24 +572,16 @@ def kept_tables(args) -> list[Table]:
         comps = Components.from_tensors(X, Y, batch_size=64)
         params = list(model.parameters())
         batches = list(comps)
-        recurrent = any(isinstance(m, nn.RNNBase) for m in model.modules())
         kept = probe(model, loss_fn, comps, batch_sizes=[1])  # auto: what it picks, and why
         factors = kept.info["factors"]
         methods = {
             "**probe(batch_sizes=[1]) → route='per-sample-kept', end to end**": partial(
-                probe, model, loss_fn, comps, route="per-sample-kept"
+                probe, model, loss_fn, comps, args.etas, route="per-sample-kept"
             ),
             "probe(route='per-sample'), two passes, end to end": partial(
-                probe, model, loss_fn, comps, route="per-sample"
+                probe, model, loss_fn, comps, args.etas, route="per-sample"
             ),
         }
-        if recurrent:
-
-            def plain_off(m=model, f=loss_fn, b=batches, p=params):
-                with torch.backends.mkldnn.flags(enabled=False):
-                    plain_epoch(m, f, b, p)
-
-            methods["plain epoch with oneDNN off (the two-pass route's kernels)"] = plain_off
         t = run_table(
             f"issue 13, per-sample routes: {title}",
             methods,
@@ -603,8 +593,8 @@ def kept_tables(args) -> list[Table]:
             f"for {len(X)} samples (budget {factors['budget'] / 2**30:.0f} GiB)"
             + (f"; {factors['reason']}" if factors["reason"] else "")
         )
-        if recurrent:
-            t.notes.append("baseline: oneDNN on (torch's default); the two-pass route turns it off")
+        if args.etas:
+            t.notes.append(f"both routes with η = {args.etas} (clipped sums for each)")
         tables.append(t)
     return tables
 
@@ -752,6 +742,12 @@ def main(argv: list[str] | None = None) -> int:
         help="time by the wall clock (default) or by this process's CPU time",
     )
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N)")
+    ap.add_argument(
+        "--etas",
+        type=lambda text: [float(v) for v in text.split(",") if v],
+        default=[],
+        help="clipping thresholds η for --only kept, comma-separated (default: none)",
+    )
     ap.add_argument(
         "--no-memory",
         action="store_true",

@@ -206,6 +206,9 @@ def _probe_cases():
         ("lm-keep", lm, {"route": "keep", "keep_full_grad": True}),
         ("per-sample-structural-fallback", tie, {"batch_sizes": [1]}),
         ("per-sample-spot-fallback", axis, {"batch_sizes": [1]}),
+        # two passes with η: pass 2 forms each chunk's factors again
+        ("per-sample-two-pass", mlp, {"route": "per-sample"}),
+        ("per-sample-two-pass-spot-fallback", axis, {"route": "per-sample"}),
     ]
 
 

@@ -456,11 +456,12 @@ def test_kept_route_over_budget_auto_runs_two_passes_explicit_refuses():
 
 
 @pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")
-def test_kept_route_keeps_onednn_two_passes_turn_it_off():
-    """The kept route runs no forward-mode AD: the model's own kernels (oneDNN) throughout.
+def test_per_sample_routes_keep_onednn_on_recurrent_models():
+    """Neither route runs forward-mode AD on a recurrent model: its own kernels throughout.
 
-    The two-pass route's JVP needs oneDNN off, for both passes (same kernels, same masks);
-    an auto probe whose factors are dropped over the budget starts again without oneDNN.
+    The kept route takes the dots from its factors, the two-pass route from the
+    reverse-mode ghost product; an auto probe whose factors are dropped over the budget
+    goes on as two passes (no restart: pass 1 ran with pass 2's kernels).
     """
     model, comps, ones = _lstm_lm()
     seen: list[bool] = []
@@ -470,12 +471,14 @@ def test_kept_route_keeps_onednn_two_passes_turn_it_off():
         assert seen and all(seen)
         seen.clear()
         probe(model, lm_loss, comps, route="per-sample")
-        assert seen and not any(seen[2:])  # after the repeatability check's two forwards
+        assert seen and all(seen)
         seen.clear()
         res = probe(model, lm_loss, comps, ETAS, batch_sizes=[1], memory_budget=1000)
         assert res.route == "per-sample" and "memory_budget=1000" in res.info["factors"]["reason"]
-        # the repeatability check, chunk 1 (factors dropped), then every forward without oneDNN
-        assert seen[:3] == [True, True, True] and seen[3:] and not any(seen[3:])
+        assert seen and all(seen)
+        # repeatability (2); per chunk pass 1 and pass 2 (with η: the chunk's factors formed
+        # again, its dots and clipped sums from them); the spot checks: no restart
+        assert len(seen) == 2 + 2 * len(comps) + res.verification["spot_checks"]
     ref = reference_probe(model, lm_loss, ones, ETAS)
     np.testing.assert_allclose(res.norms, ref.norms, rtol=1e-10)
     np.testing.assert_allclose(res.dots, ref.dots, rtol=1e-10)
@@ -725,3 +728,85 @@ def test_linear_any_shape(B, lead, P, Q, bias, seed):
         warnings.simplefilter("error")
         got = per_sample_sq_norms(model, F.mse_loss, x, y)
     torch.testing.assert_close(got, rows.square().sum(1), rtol=1e-10, atol=1e-300)
+
+
+class OnlyBare(nn.Module):
+    """A bare parameter no layer rule serves: nothing is recorded in any pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(5, 3, dtype=torch.float64))
+
+    def forward(self, x):
+        return x @ self.w
+
+
+@pytest.mark.filterwarnings("ignore::clipscope.engine.verify.PerSampleFallbackWarning")
+@pytest.mark.parametrize("route", ["per-sample-kept", "per-sample"])
+@pytest.mark.parametrize("case", ["bare", "tie-demoted-in-chunk-0"])
+def test_nothing_recorded_in_a_chunk_still_runs_and_is_exact(route, case):
+    """No served module (from the start, or after chunk 0 moved the only one to the fallback)."""
+    torch.manual_seed(0)
+    if case == "bare":
+        model = OnlyBare()
+        X, Y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
+    else:
+        model = GPTTie()
+        X, Y = torch.tensor([[0], [1], [1], [0]]), torch.tensor([0, 1, 0, 1])
+    ref = reference_probe(model, F.cross_entropy, Components.from_tensors(X, Y, batch_size=1), ETAS)
+    res = probe(
+        model, F.cross_entropy, Components.from_tensors(X, Y, batch_size=2), ETAS, route=route
+    )
+    rtol = 1e-10 if case == "bare" else 1e-6  # (GPTTie is float32)
+    np.testing.assert_allclose(res.norms, ref.norms, rtol=rtol)
+    np.testing.assert_allclose(res.dots, ref.dots, rtol=rtol, atol=1e-12)
+    for eta in ETAS:
+        assert res.clipped[eta][0] == pytest.approx(ref.clipped[eta][0], rel=rtol)
+
+
+def test_passes_that_differ_move_the_dots_not_the_rules():
+    """Randomness only pass 2 sees (noise under autograd) is named as such, not blamed on rules."""
+    from clipscope.engine.verify import VerificationError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    X, Y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,))
+    comps = Components.from_tensors(X, Y, batch_size=4)
+
+    def noisy(out, y):  # pass 1's plain forward runs under autograd too: both passes differ
+        return F.cross_entropy(out * (1 + torch.rand(()) * torch.is_grad_enabled()), y)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = probe(model, noisy, comps, ETAS, route="per-sample", spot_checks=0)
+    stages = [(e["stage"], e["reason"]) for e in res.verification["events"]]
+    assert stages and all(stage == "spot-dot" for stage, _ in stages), stages
+    assert "does not reproduce pass 1's losses" in stages[0][1]
+    assert res.verification["fallback"] == {} and res.verification["attempts"] == 2
+    with pytest.raises(VerificationError, match="does not reproduce pass 1's losses"):
+        probe(model, noisy, comps, ETAS, route="per-sample", spot_checks=0, strict=True)
+
+
+@pytest.mark.filterwarnings("ignore::clipscope.engine.verify.PerSampleFallbackWarning")
+def test_two_pass_keeps_no_large_fallback_rows_and_stays_exact(monkeypatch):
+    """Over the rows limit a chunk's dots and clipped sums come from the dot pass and backwards."""
+    import importlib
+
+    probe_module = importlib.import_module("clipscope.engine.probe")
+    monkeypatch.setattr(probe_module, "_LIGHT_ROWS", 0)
+    torch.manual_seed(0)
+    model = NanoGPT().double()  # tied head: the embedding is on the fallback
+    X = torch.randint(0, 11, (6, 5))
+    Y = torch.randint(0, 11, (6, 5))
+    ones = Components.from_tensors(X, Y, batch_size=1)
+    ref = reference_probe(model, lm_loss, ones, ETAS)
+    res = probe(
+        model, lm_loss, Components.from_tensors(X, Y, batch_size=3), ETAS, route="per-sample"
+    )
+    assert res.verification["fallback"]
+    np.testing.assert_allclose(res.norms, ref.norms, rtol=1e-10)
+    scale = ref.norms * ref.grad_norm
+    assert np.all(np.abs(res.dots - ref.dots) <= 1e-10 * scale)
+    for eta in ETAS:
+        assert res.clipped[eta][0] == pytest.approx(ref.clipped[eta][0], rel=1e-10)
+        assert res.clipped[eta][1] == pytest.approx(ref.clipped[eta][1], rel=1e-9, abs=1e-9)

@@ -318,3 +318,20 @@ def test_subclass_with_its_own_forward_is_not_claimed():
     assert not linear.claims(Scaled(2, 2))
     embedding = next(f for f in FAMILIES if f.name == "embedding")
     assert not embedding.claims(nn.Embedding(3, 2, scale_grad_by_freq=True))
+
+
+@pytest.mark.parametrize("P, Q", [(3, 5), (5, 3)])
+def test_tokens_weighted_in_groups_equals_the_brute_force(monkeypatch, P, Q):
+    """Several rows of weights at once, in groups when they would not fit one product."""
+    from clipscope.engine.per_sample import factors
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(4, 3, P, dtype=torch.float64, generator=gen)
+    b = torch.randn(4, 3, Q, dtype=torch.float64, generator=gen)
+    w = torch.rand(5, 4, dtype=torch.float64, generator=gen)
+    G = torch.einsum("btq,btp->bqp", b, a)  # per-sample gradients (4, Q, P)
+    want = torch.einsum("eb,bqp->eqp", w, G)
+    tokens = factors.Tokens(a, b, weight="w", shape=(Q, P))
+    torch.testing.assert_close(tokens.weighted("w", w), want, rtol=1e-12, atol=1e-12)
+    monkeypatch.setattr(factors, "CHUNK_ELEMENTS", 2 * 4 * 3 * min(P, Q))  # two rows a group
+    torch.testing.assert_close(tokens.weighted("w", w), want, rtol=1e-12, atol=1e-12)

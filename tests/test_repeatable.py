@@ -86,3 +86,30 @@ def test_check_repeatable_returns_both_values_and_tolerates_rounding():
     )  # fmt: skip
     assert a == b
     assert 0 < REPEAT_TOLERANCE < 1e-3
+
+
+def test_the_per_sample_route_checks_its_first_samples_not_a_whole_chunk():
+    from clipscope.engine.probe import REPEAT_ROWS
+
+    model, comps = nn.Linear(4, 3), components(m=2, b=16)
+    model.rows = []
+    model.register_forward_pre_hook(lambda mod, args: mod.rows.append(args[0].shape[0]))
+    check_repeatable(
+        model, F.cross_entropy, comps, form="output_target", dropout="off", seed=0,
+        device=torch.device("cpu"), rows=3,
+    )  # fmt: skip
+    assert model.rows == [3, 3]
+    model.rows.clear()
+    probe(model, F.cross_entropy, comps, batch_sizes=[1], spot_checks=0)
+    assert model.rows[:2] == [REPEAT_ROWS, REPEAT_ROWS]  # then pass 1 on whole chunks
+    assert model.rows[2] == 16
+    model.rows.clear()
+    probe(model, F.cross_entropy, comps, route="two-pass")
+    assert model.rows[:2] == [16, 16]  # a mini-batch component: the whole batch
+
+
+def test_the_per_sample_route_still_refuses_train_mode_dropout_on_its_first_samples():
+    torch.manual_seed(1)
+    model = TrainModeDropout()
+    with pytest.raises(ValueError, match="changed between two evaluations"):
+        probe(model, F.cross_entropy, components(m=2, b=32), batch_sizes=[1], dropout="off")

@@ -332,6 +332,7 @@ def check_repeatable(
     dropout: str,
     seed: int,
     device: torch.device,
+    rows: int | None = None,
 ) -> tuple[float, float]:
     """Evaluate component 0 twice at the current parameters; refuse a loss that changes.
 
@@ -342,6 +343,14 @@ def check_repeatable(
     :func:`~clipscope.engine.guard.model_guard` (the model, its buffers and the
     caller's RNG stream are left as found). Costs two forward passes of one
     component.
+
+    ``rows``: evaluate only the first ``rows`` samples of the first batch: the
+    per-sample route, whose components are single samples (its first ``rows``
+    components in one forward: more random numbers drawn than by one sample,
+    so that equal masks by chance are unlikely), so that the check costs two
+    small forwards instead of two of a whole chunk. The batch's ``x`` (and
+    ``y``, when it is a tensor) then has the samples along dim 0, as the
+    per-sample route requires.
 
     Returns
     -------
@@ -360,10 +369,12 @@ def check_repeatable(
     values = []
     with model_guard(model), torch.no_grad(), dropout_policy(model, dropout):
         for _ in range(2):
+            batch = components.batch(0, device)
+            if rows is not None:
+                batch = _first_rows(batch, rows)
             with rng_for_component(dropout, seed, 0):
                 loss, _ = component_loss(
-                    model, loss_fn, components.batch(0, device),
-                    form=form, sequential=sequential, index=0,
+                    model, loss_fn, batch, form=form, sequential=sequential, index=0,
                 )  # fmt: skip
             values.append(float(loss))
     a, b = values
@@ -378,3 +389,14 @@ def check_repeatable(
             "model's dropout probabilities to 0"
         )
     return a, b
+
+
+def _first_rows(batch: Any, rows: int) -> Any:
+    """``(x[:rows], y[:rows])`` of an ``(x, y)`` batch (``y`` as it is when not a tensor)."""
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        return batch
+    x, y = batch
+    if not isinstance(x, torch.Tensor) or x.dim() == 0:
+        return batch
+    y = y[:rows] if isinstance(y, torch.Tensor) and y.dim() > 0 else y
+    return x[:rows], y

@@ -106,6 +106,11 @@ __all__ = ["ROUTES", "probe", "reference_probe"]
 ROUTES = ("auto", "two-pass", "keep", "dyadic", "per-sample", "per-sample-kept")
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes for the keep route's g_i, per-sample-kept's factors
 _CHUNK_ROWS = 256  # rows of the kept matrix cast to float64 at a time
+REPEAT_ROWS = 8  # samples the per-sample route's repeatability check evaluates twice
+# two-pass per-sample route: a chunk whose fallback parameters' per-sample gradients would
+# exceed this many elements keeps no factors in pass 2 (its dots and clipped sums then come
+# from the dot pass and one backward per η, in bounded memory)
+_LIGHT_ROWS = 1 << 24
 
 
 # -- small helpers -------------------------------------------------------------
@@ -368,9 +373,10 @@ def probe(
     }
     # f_i must be a function of x: a forward drawing random numbers the dropout
     # policy does not control would make every statistic a sample of noise.
+    # The per-sample route's components are samples: its first REPEAT_ROWS, not a chunk.
     check_repeatable(
         model, loss_fn, components, form=form, dropout=dropout, seed=seed,
-        device=flat.params[0].device,
+        device=flat.params[0].device, rows=REPEAT_ROWS if route == "per-sample" else None,
     )  # fmt: skip
     verification: dict = {}
     # dyadic: whole top-level parents per rank, so that no parent straddles two ranks
@@ -624,13 +630,24 @@ def _per_sample(
 ):
     """Batch-size-1 components; the given components are processed as chunks.
 
-    Pass 1 per chunk: :func:`~clipscope.engine.per_sample.ghost_pass` (per-sample
-    ``‖∇ℓ_j‖²`` by the layer rules, each checked structurally, ``ℓ_j``, and
-    ``∇Σ_j ℓ_j``), so ``∇f = (1/N) Σ_j ∇ℓ_j``. Pass 2 per chunk:
-    :func:`~clipscope.engine.per_sample.per_sample_dots` (one forward-mode JVP
-    along ∇f), the spot check of the chunk's spot samples, and
-    ``Σ_j γ_j(η) ∇ℓ_j = ∇ Σ_j γ_j(η) ℓ_j`` by one backward per η. Chunk ``c`` runs
-    under the ``"fixed"`` dropout seed ``(seed, c)`` in both passes.
+    Kept factors (``keep_factors``): pass 1 per chunk is
+    :func:`~clipscope.engine.per_sample.ghost_pass` with ``keep=True`` (per-sample
+    ``‖∇ℓ_j‖²`` by the layer rules, each checked structurally, ``ℓ_j``,
+    ``∇Σ_j ℓ_j`` and the chunk's factors), so ``∇f = (1/N) Σ_j ∇ℓ_j``; pass 2
+    takes the dots and the γ-weighted sums from the kept factors.
+
+    Two passes: pass 1 per chunk is one plain backward of ``Σ_j ℓ_j``
+    (:func:`_chunk_gradient`), whose gradient is kept only as its norm and its
+    projections on the structural check's directions; pass 2 per chunk is
+    ``ghost_pass(keep=True, actual=...)`` (a backward w.r.t. the layer outputs
+    only), and the chunk's norms, dots and γ-weighted sums come from its
+    factors. After a dot fallback, the classic order: ``ghost_pass`` norms in
+    pass 1; in pass 2 :func:`~clipscope.engine.per_sample.per_sample_dots` and
+    ``∇ Σ_j γ_j(η) ℓ_j`` by one backward per η. Factors dropped over the budget
+    in pass 1 of an ``auto`` attempt: pass 2 forms each chunk's factors again
+    when η are given, else takes the dot pass. Then the spot check of the
+    chunk's spot samples. Chunk ``c`` runs under the ``"fixed"`` dropout seed
+    ``(seed, c)`` in both passes.
 
     A failed spot check moves the parameters concerned (or the dots) to the
     exact fallback and runs the probe again; after two such rounds everything
@@ -655,28 +672,20 @@ def _per_sample(
     n_samples = int(sum(components.sizes))
     spot = verify.spot_samples(n_samples, spot_checks, seed)
     # every forward of one attempt with the same kernels: a dropout mask is drawn in memory
-    # order, and oneDNN's LSTM lays its output out differently. An attempt whose pass 2 may
-    # run forward-mode AD (which oneDNN's LSTM lacks) runs all of it without oneDNN; one that
-    # keeps the factors runs no forward-mode AD and keeps oneDNN (the model's own kernels).
-    # Should the factors be dropped in pass 1 (over the budget), that attempt stops and runs
-    # again from the start without oneDNN, so both passes still see the same kernels.
+    # order, and oneDNN's LSTM lays its output out differently. oneDNN is only ever turned
+    # off for models with recurrent modules (kernels_for_derivatives), and their pass 2 is
+    # the reverse-mode ghost product (dot_method), not forward-mode AD, which oneDNN's LSTM
+    # lacks: so every attempt keeps the model's own kernels, kept factors or not, and an
+    # auto attempt whose factors are dropped over the budget goes on as two passes. Only
+    # a dot fallback after a failed spot check runs with oneDNN off.
     with dropout_policy(model, dropout):
         plan = Plan(model, flat.params, seed=seed, strict=strict)
         for attempt in range(3):
-            onednn = bool(keep_factors) and plan.dots_fallback is None
-            with kernels_for_derivatives(model, onednn=onednn):
+            with kernels_for_derivatives(model, onednn=plan.dots_fallback is None):
                 result, failures = _per_sample_once(
                     model, loss_fn, components, flat, etas, dropout, seed, progress, plan, spot,
-                    shard, keep_factors, memory_budget, stop_if_dropped=onednn,
+                    shard, keep_factors, memory_budget,
                 )  # fmt: skip
-            if result is None:  # the factors did not fit: the two-pass attempt, from the start
-                keep_factors, dropped = False, failures["dropped"]
-                with kernels_for_derivatives(model):
-                    result, failures = _per_sample_once(
-                        model, loss_fn, components, flat, etas, dropout, seed, progress, plan,
-                        spot, shard, False, memory_budget,
-                    )  # fmt: skip
-                result["factors"] = dropped  # what was tried, and why it was dropped
             if not result["factors"]["kept"]:
                 keep_factors = False  # a rerun does not try again what did not fit
             if not failures["params"] and failures["dots"] is None:
@@ -687,18 +696,24 @@ def _per_sample(
                     f"gradients ({failures}): the components are not reproducible (randomness "
                     "that the dropout policy does not control?)"
                 )
-            if failures["params"]:  # one event: the first sample's reason speaks for all
+            # passes that saw other random numbers say nothing about the rules: the dots go
+            # to per-sample gradients (the classic order), the parameters stay
+            differ = failures.get("passes_differ", False)
+            if failures["params"] and not differ:  # one event: the first sample's reason
                 plan.demote(
                     list(failures["params"]), "spot-norm", next(iter(failures["params"].values()))
                 )
-            # kept factors: a parameter's wrong split makes its dots wrong too; rerun with it
-            # on the fallback before blaming the dots (a second dot failure demotes them)
-            blame_params = result["factors"]["kept"] and failures["params"] and attempt == 0
+            # dots from factors (kept or rebuilt): a parameter's wrong split makes its dots
+            # wrong too; rerun with it on the fallback before blaming the dots (a second dot
+            # failure demotes them)
+            from_factors = result.pop("dots_from_factors")
+            blame_params = from_factors and failures["params"] and attempt == 0 and not differ
             if failures["dots"] is not None and not blame_params:
                 plan.demote_dots("spot-dot", failures["dots"])
             if attempt == 1:  # the second failure: nothing from the rules any more
                 plan.demote(range(len(flat.params)), "spot-norm", "a second spot-check failure")
                 plan.demote_dots("spot-dot", "a second spot-check failure")
+    result.pop("dots_from_factors", None)
     record = plan.record()
     record.update(result.pop("spot"))
     record["factors"] = result.pop("factors")
@@ -720,14 +735,10 @@ def _per_sample_once(
     shard,
     keep_factors=False,
     memory_budget=DEFAULT_MEMORY_BUDGET,
-    stop_if_dropped=False,
 ):
-    """One attempt of :func:`_per_sample`: ``(result, failures)``.
-
-    ``stop_if_dropped``: when the factors are dropped (over the budget, on any
-    rank), stop after pass 1 and return ``(None, {"dropped": factors})``.
-    """
+    """One attempt of :func:`_per_sample`: ``(result, failures)``."""
     from clipscope.engine import per_sample
+    from clipscope.engine.per_sample.dots import losses_differ
     from clipscope.engine.per_sample.fallback import fallback_stats
 
     n_samples = int(sum(components.sizes))
@@ -742,17 +753,42 @@ def _per_sample_once(
     mine = int(sum(offsets[c + 1] - offsets[c] for c in shard.indices))  # this rank's samples
     seen = 0
     required, requested = keep_factors == "required", bool(keep_factors)
+    # Two passes (no factors kept): pass 1 only sums the chunks' gradients for ∇f, and pass 2
+    # forms each chunk's factors (pass 1 of the kept route, one chunk at a time) and takes
+    # the norms, the dots and the clipped sums from them. After a dot fallback: the classic
+    # order (norms in pass 1, dots by the dot pass).
+    light = not keep_factors and plan.dots_fallback is None
+    reduced = flat.dtype not in (torch.float32, torch.float64)
+    actual: list = []  # light, float32/64: each chunk's ∇Σ_j ℓ_j as its norms and projections
     for c in _progress(shard.indices, len(shard), progress, "per-sample pass 1"):
         x, y = components.batch(c, flat.device)
+        if light:
+            a, b = offsets[c], offsets[c + 1]
+            with rng_for_component(dropout, seed, c):
+                ell, grad_sum = _chunk_gradient(model, loss_fn, x, y, flat, plan, reduced)
+            losses[a:b] = ell.double().cpu().numpy()
+            if not _finite_parts(grad_sum) or not np.isfinite(losses[a:b]).all():
+                raise NonFiniteError(
+                    f"chunk {c}: non-finite per-sample gradient; nothing was changed"
+                )
+            for part, g in zip(flat.unflatten(sum_grad), grad_sum, strict=True):
+                part += g  # float64 views of sum_grad, one per parameter
+            ghost_losses.append(ell)
+            if not reduced:  # what pass 2's structural check compares with: no weight gradient
+                actual.append(
+                    [(float(torch.linalg.vector_norm(g)), d.of_tensor(g))
+                     for g, d in zip(grad_sum, plan.directions, strict=True)]
+                )  # fmt: skip
+            continue
         with rng_for_component(dropout, seed, c):
             ghost = per_sample.ghost_pass(model, loss_fn, x, y, plan=plan, keep=bool(keep_factors))
         a, b = offsets[c], offsets[c + 1]
         sq_norms[a:b] = ghost.sq_norms.detach().double().cpu().numpy()
         losses[a:b] = ghost.losses.detach().double().cpu().numpy()
-        chunk_sum = torch.cat([g.reshape(-1).double() for g in ghost.grad_sum])
-        if not bool(torch.isfinite(chunk_sum).all()) or not np.isfinite(sq_norms[a:b]).all():
+        if not _finite_parts(ghost.grad_sum) or not np.isfinite(sq_norms[a:b]).all():
             raise NonFiniteError(f"chunk {c}: non-finite per-sample gradient; nothing was changed")
-        sum_grad += chunk_sum
+        for part, g in zip(flat.unflatten(sum_grad), ghost.grad_sum, strict=True):
+            part += g  # float64 views of sum_grad, one per parameter
         for j in spot[(spot >= a) & (spot < b)]:
             spot_sq[int(j)] = {k: float(v[j - a]) for k, v in ghost.per_param.items()}
         ghost_losses.append(ghost.losses)
@@ -773,8 +809,6 @@ def _per_sample_once(
                     )
                 keep_factors, kept = False, []
                 factors.update(kept=False, bytes=estimate, reason=reason)
-                if stop_if_dropped:
-                    break
         del ghost
     if requested and shard.ranks is not None:  # every rank keeps, or none does
         states = shard.objects((factors["kept"], factors["bytes"], factors["reason"]))
@@ -789,15 +823,13 @@ def _per_sample_once(
             factors.update(kept=False, bytes=failed[1], reason=failed[2])
         else:
             factors["bytes"] = max(s[1] for s in states)  # the largest rank's, as the budget
-    if stop_if_dropped and requested and not factors["kept"]:
-        return None, {"dropped": factors}
-    sq_norms, losses = shard.complete(sq_norms, losses, offsets=offsets)
+    if not light:  # (the light attempt's norms come in pass 2)
+        sq_norms, losses = shard.complete(sq_norms, losses, offsets=offsets)
+        gam = torch.from_numpy(_gammas(np.sqrt(sq_norms), etas)).to(flat.device)
     full = shard.sum_(sum_grad) / n_samples
     _merge_plan(plan, shard)  # pass 2 runs with every rank's fallbacks, as one process would
     full_parts = flat.unflatten(full)
     gnorm = _norm64(full)
-    norms = np.sqrt(sq_norms)
-    gam = torch.from_numpy(_gammas(norms, etas)).to(flat.device)
     clip_acc = torch.zeros(len(etas), flat.n, dtype=torch.float64, device=flat.device)
     dots = np.zeros(n_samples)
     vector = list(full_parts)
@@ -812,14 +844,55 @@ def _per_sample_once(
         "tolerance": tol,
     }
     batch1 = sorted(plan.batch1)
-    reduced = flat.dtype not in (torch.float32, torch.float64)
     # a dot that failed its spot check is not taken from the same factors again
     use_kept = bool(kept) and plan.dots_fallback is None
+    # Factors dropped over the budget in pass 1, η given: pass 2 forms each chunk's factors
+    # again, and its dots and every clipped sum follow from them: one forward and backward
+    # instead of the dot pass, a forward and a backward per η
+    rebuild = not (use_kept or light) and bool(etas) and plan.dots_fallback is None
+    # (the same on every rank: a failed dot blames the parameters first)
+    from_factors = use_kept or rebuild or light
     for c in _progress(shard.indices, len(shard), progress, "per-sample pass 2"):
         x, y = components.batch(c, flat.device)
         a, b = offsets[c], offsets[c + 1]
-        if use_kept:
-            d = kept[c - shard.start].dots(vector)
+        chunk = kept[c - shard.start] if use_kept else None
+        if light:
+            given = actual[c - shard.start] if actual else None
+            with rng_for_component(dropout, seed, c):
+                ghost = per_sample.ghost_pass(
+                    model, loss_fn, x, y, plan=plan, keep=True, actual=given,
+                    expect_losses=ghost_losses[c - shard.start], keep_limit=_LIGHT_ROWS,
+                )  # fmt: skip
+            if ghost.mismatch is not None:  # other random numbers than pass 1: ∇f, the rules'
+                # check and the dots would mix two sets of components; the attempt is redone
+                # in the classic order with the dots from per-sample gradients
+                failures["passes_differ"] = True
+                if failures["dots"] is None:
+                    failures["dots"] = (
+                        f"chunk {c}: pass 2 does not reproduce pass 1's losses ({ghost.mismatch})"
+                    )
+                continue  # (this chunk's numbers stay 0; nothing of the attempt is kept)
+            sq_norms[a:b] = ghost.sq_norms.detach().double().cpu().numpy()
+            if not np.isfinite(sq_norms[a:b]).all():
+                raise NonFiniteError(
+                    f"chunk {c}: non-finite per-sample gradient; nothing was changed"
+                )
+            for j in spot[(spot >= a) & (spot < b)]:
+                spot_sq[int(j)] = {k: float(v[j - a]) for k, v in ghost.per_param.items()}
+            chunk = ghost.kept  # None: the fallback's rows over _LIGHT_ROWS (the dot pass below)
+            del ghost
+            gam_c = torch.from_numpy(_gammas(np.sqrt(sq_norms[a:b]), etas)).to(flat.device)
+        else:
+            gam_c = gam[:, a:b]
+        if rebuild:
+            with rng_for_component(dropout, seed, c):
+                again = per_sample.ghost_pass(model, loss_fn, x, y, plan=plan, keep=True)
+            # the same masks as pass 1, or the chunk takes the dot pass and backwards below
+            if losses_differ(again.losses, ghost_losses[c - shard.start], flat.dtype) is None:
+                chunk = again.kept
+            del again
+        if chunk is not None:
+            d = chunk.dots(vector)
         else:
             with rng_for_component(dropout, seed, c):
                 d = per_sample.per_sample_dots(
@@ -847,8 +920,8 @@ def _per_sample_once(
                 )
         if not etas:
             continue
-        if use_kept:  # Σ_j γ_j(η) g_j from the kept factors, no backward
-            for k, w in kept[c - shard.start].weighted(gam[:, a:b]).items():
+        if chunk is not None:  # Σ_j γ_j(η) g_j from the factors, no backward
+            for k, w in chunk.weighted(gam_c).items():
                 start = sum(flat.numels[:k])
                 clip_acc[:, start : start + flat.numels[k]] += w.reshape(len(etas), -1)
             continue
@@ -859,12 +932,12 @@ def _per_sample_once(
         fs = None
         if batch1:
             fs = fallback_stats(
-                model, loss_fn, x, y, [params[k] for k in batch1], "loop", weights=gam[:, a:b]
+                model, loss_fn, x, y, [params[k] for k in batch1], "loop", weights=gam_c
             )
         with rng_for_component(dropout, seed, c):
             ell = per_sample.per_sample_losses(model, loss_fn, x, y)
             for e in range(len(etas)):
-                weights = (gam[e, a:b] * scale).to(ell.dtype)
+                weights = (gam_c[e] * scale).to(ell.dtype)
                 g = flat.grad((weights * ell).sum(), c, retain_graph=e + 1 < len(etas))
                 g = g.double() / scale
                 if fs is not None:
@@ -874,6 +947,9 @@ def _per_sample_once(
                 clip_acc[e] += g
     shard.sum_(clip_acc)
     (dots,) = shard.complete(dots, offsets=offsets)
+    if light:
+        sq_norms, losses = shard.complete(sq_norms, losses, offsets=offsets)
+    norms = np.sqrt(sq_norms)
     failures, spot_record = _merge_checks(failures, spot_record, shard)
     _merge_plan(plan, shard)
     clipped = {eta: _cos(clip_acc[k], full) for k, eta in enumerate(etas)}
@@ -888,7 +964,49 @@ def _per_sample_once(
         "mismatch": 0.0,
         "spot": spot_record,
         "factors": factors,
+        "dots_from_factors": from_factors,
     }, failures
+
+
+def _finite_parts(parts) -> bool:
+    """Whether every entry of the float64 tensors is finite.
+
+    A finite float64 sum means finite entries; the elementwise test runs only when it is not.
+    """
+    total = sum(float(g.sum()) for g in parts)
+    return math.isfinite(total) or all(bool(torch.isfinite(g).all()) for g in parts)
+
+
+def _chunk_gradient(model, loss_fn, x, y, flat, plan, reduced):
+    """Pass 1 of the two-pass per-sample route for one chunk: ``(ℓ, Σ_j ∇ℓ_j)``.
+
+    The per-sample losses ``(B,)`` and, per parameter, the float64 sum of the
+    chunk's per-sample gradients: one backward of ``Σ_j ℓ_j`` (its batch gradient
+    is that sum for every parameter whose gradient is the derivative), the
+    parameters that need batch-1 passes (``plan.batch1``) from them.
+    float16/bfloat16 scale the seed so that the batch sum cannot overflow.
+    """
+    from clipscope.engine.per_sample import per_sample_losses
+    from clipscope.engine.per_sample._common import dense_grad
+    from clipscope.engine.per_sample.fallback import fallback_stats
+
+    params = flat.params
+    batch1 = sorted(plan.batch1)
+    rest = [k for k in range(len(params)) if k not in plan.batch1]
+    scale = 2.0 ** -math.ceil(math.log2(max(2, x.shape[0]))) if reduced else 1.0
+    ell = per_sample_losses(model, loss_fn, x, y)
+    out: list[torch.Tensor | None] = [None] * len(params)
+    if rest:
+        seed = ell.sum() if scale == 1.0 else (ell * scale).sum()
+        grads = torch.autograd.grad(seed, [params[k] for k in rest], allow_unused=True)
+        for k, g in zip(rest, grads, strict=True):
+            g = dense_grad(g, params[k]).double()
+            out[k] = g if scale == 1.0 else g / scale
+    if batch1:
+        fs = fallback_stats(model, loss_fn, x, y, [params[k] for k in batch1], "loop")
+        for i, k in enumerate(batch1):
+            out[k] = fs.sums[i].double().reshape(params[k].shape)
+    return ell.detach(), out
 
 
 def _merge_plan(plan, shard) -> None:
@@ -946,6 +1064,8 @@ def _merge_checks(failures, record, shard):
     merged: dict[str, Any] = {"params": {}, "dots": None}
     worst = {"spot_max_norm_error": 0.0, "spot_max_dot_error": 0.0}
     for rank_failures, rank_record in shard.objects((failures, record)):
+        if rank_failures.get("passes_differ"):
+            merged["passes_differ"] = True
         for k, message in rank_failures["params"].items():
             merged["params"].setdefault(k, message)
         if merged["dots"] is None:

@@ -98,13 +98,16 @@ def cat_tokens(tensors: list[torch.Tensor]) -> torch.Tensor:
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors, 1)
 
 
-def gram_sq_norm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def gram_sq_norm(a: torch.Tensor, b: torch.Tensor, shared: dict | None = None) -> torch.Tensor:
     """``‖Σ_t b_t a_tᵀ‖²`` for every sample, float64 ``(B,)``.
 
     ``a`` ``(B, T, P)``, ``b`` ``(B, T, Q)``. Whichever costs less: the ghost
     identity ``Σ_{t,s} (a_t·a_s)(b_t·b_s)`` (Li et al. 2021) when
     ``T(P + Q) ≤ PQ``, else the per-sample matrices in chunks. ``T = 1`` is
-    ``‖a‖²‖b‖²`` (Goodfellow 2015).
+    ``‖a‖²‖b‖²`` (Goodfellow 2015). ``shared``: a dict through which the
+    Gram matrices ``b bᵀ`` pass to the next call with the same ``b`` (an LSTM
+    layer's two weights share their gate gradients), when they fit one chunk;
+    that call removes them.
 
     >>> a, b = torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(2, 3, 5, dtype=torch.float64)
     >>> G = torch.einsum("btq,btp->bqp", b, a)
@@ -117,7 +120,7 @@ def gram_sq_norm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if T == 1:
         return sq_sum(a, (1, 2)) * sq_sum(b, (1, 2))
     if T * (P + Q) <= P * Q:
-        out = _ghost_gram(a, b)
+        out = _ghost_gram(a, b, shared)
         if not bool(torch.isfinite(out).all()) and a.dtype != torch.float64:
             out = _ghost_gram(a.double(), b.double())
         return out
@@ -129,13 +132,20 @@ def gram_sq_norm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _ghost_gram(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _ghost_gram(a: torch.Tensor, b: torch.Tensor, shared: dict | None = None) -> torch.Tensor:
     out = torch.empty(a.shape[0], dtype=torch.float64, device=a.device)
     T = a.shape[1]
     step = max(1, CHUNK_ELEMENTS // max(1, T * T))
+    whole = step >= a.shape[0]  # one chunk: b bᵀ may be kept for the next call with this b
     for s in range(0, a.shape[0], step):
         ga = torch.bmm(a[s : s + step], a[s : s + step].transpose(1, 2))
-        gb = torch.bmm(b[s : s + step], b[s : s + step].transpose(1, 2))
+        gb = None
+        if whole and shared is not None:
+            gb = shared.pop("gram", None)  # the second call takes it: nothing stays behind
+        if gb is None:
+            gb = torch.bmm(b[s : s + step], b[s : s + step].transpose(1, 2))
+            if whole and shared is not None:
+                shared["gram"] = gb
         out[s : s + step] = (ga * gb).sum((1, 2), dtype=torch.float64)
     return out
 
@@ -169,7 +179,10 @@ class Directions:
         self.P = int(math.prod(shape[1:])) if len(shape) > 1 else 1
         u = torch.randn(self.Q, k, dtype=torch.float64, generator=generator)
         w = torch.randn(self.P, k, dtype=torch.float64, generator=generator)
-        self.u, self.w = u.to(device), w.to(device)
+        # column-major (the same values): a product with k columns reads them as k contiguous
+        # rows, 3x faster on CPU than row-major ones (a (2240, 3000) by (3000, 2) product);
+        # .to(dtype) keeps the layout
+        self.u, self.w = (t.t().contiguous().t().to(device) for t in (u, w))
 
     def to(self, device: torch.device) -> Directions:
         """Move to ``device`` in place (a no-op when already there); returns self."""

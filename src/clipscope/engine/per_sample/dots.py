@@ -54,7 +54,7 @@ from clipscope.engine.per_sample.family import Unsupported
 from clipscope.engine.per_sample.plan import Plan
 from clipscope.errors import NonFiniteError
 
-__all__ = ["DOT_METHODS", "dot_method", "per_sample_dots", "split_vector"]
+__all__ = ["DOT_METHODS", "dot_method", "losses_differ", "per_sample_dots", "split_vector"]
 
 DOT_METHODS = ("auto", "jvp", "ghost")
 
@@ -177,7 +177,7 @@ def per_sample_dots(
             plan.demote_dots(method, f"{what} failed ({_first_line(exc)})")
             forward = []
         else:
-            differ = _losses_differ(losses, expect_losses, plan.params[0].dtype)
+            differ = losses_differ(losses, expect_losses, plan.params[0].dtype)
             if differ is None:
                 dots += jvp_dots
             else:
@@ -210,7 +210,12 @@ def per_sample_dots(
     return dots
 
 
-def _losses_differ(got: torch.Tensor, expected: torch.Tensor | None, dtype) -> str | None:
+def losses_differ(got: torch.Tensor, expected: torch.Tensor | None, dtype) -> str | None:
+    """Why two evaluations' per-sample losses differ (beyond ``dtype``'s tolerance), or None.
+
+    ``expected`` None means nothing to compare. Used to tell that a second pass drew
+    other dropout masks than pass 1.
+    """
     if expected is None:
         return None
     from clipscope.engine.verify import tolerance

@@ -40,7 +40,13 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from clipscope.engine.per_sample._common import Directions, gram_sq_norm, sq_sum, up
+from clipscope.engine.per_sample._common import (
+    CHUNK_ELEMENTS,
+    Directions,
+    gram_sq_norm,
+    sq_sum,
+    up,
+)
 from clipscope.engine.per_sample.family import ParamGhost
 
 __all__ = [
@@ -140,6 +146,9 @@ class Tokens(Factors):
         The weight's shape (``(Q, P)``).
     per_bias : Tensor, optional
         ``Σ_t b_{jt}`` when already formed (shared by the two biases of an LSTM layer).
+    shared : dict, optional
+        Where the Gram matrices of ``b`` are kept for another Tokens with the same ``b``
+        (an LSTM layer's two weights).
     """
 
     def __init__(
@@ -151,6 +160,7 @@ class Tokens(Factors):
         bias: str | None = None,
         shape: tuple[int, ...] | None = None,
         per_bias: torch.Tensor | None = None,
+        shared: dict | None = None,
     ) -> None:
         self.a = None if a is None else up(a)
         self.b = up(b)
@@ -158,6 +168,7 @@ class Tokens(Factors):
         self.shape = tuple(shape) if shape is not None else (self.b.shape[-1], -1)
         self.names = tuple(n for n in (weight, bias) if n is not None)
         self._per_bias = per_bias
+        self._shared = shared
 
     @property
     def per_bias(self) -> torch.Tensor:
@@ -172,7 +183,7 @@ class Tokens(Factors):
 
     def sq(self, name):  # noqa: D102
         if name == self.weight:
-            return gram_sq_norm(self.a, self.b)
+            return gram_sq_norm(self.a, self.b, self._shared)
         return sq_sum(self.per_bias, (1,))
 
     def proj(self, name, dirs):  # noqa: D102
@@ -193,13 +204,24 @@ class Tokens(Factors):
         w = weights.to(device=self.b.device)
         if name == self.bias:
             return w.double() @ self.per_bias.double()
-        a2 = self.a.reshape(-1, self.a.shape[-1])
         B, T, Q = self.b.shape
+        P = self.a.shape[-1]
+        # the weights are per sample: scale the narrower factor, for several rows of weights
+        # at once (one product with E·min(P, Q) columns), in groups of bounded size
+        narrow, wide = (self.a, self.b) if P <= Q else (self.b, self.a)
+        n = narrow.shape[-1]
+        wide2 = wide.reshape(B * T, -1)
+        step = max(1, CHUNK_ELEMENTS // max(1, B * T * n))
         out = []
-        for e in range(w.shape[0]):
-            scaled = self.b * w[e].to(self.b.dtype).view(B, 1, 1)
-            out.append((scaled.reshape(B * T, Q).t() @ a2).double())
-        return torch.stack(out).reshape(w.shape[0], *self.shape)
+        for s in range(0, w.shape[0], step):
+            we = w[s : s + step].to(narrow.dtype)
+            E = we.shape[0]
+            scaled = narrow.unsqueeze(0) * we.view(E, B, 1, 1)  # (E, B, T, n)
+            scaled = scaled.permute(1, 2, 0, 3).reshape(B * T, E * n)
+            prod = wide2.t() @ scaled  # (wide, E·n)
+            prod = prod.reshape(-1, E, n).permute(1, 0, 2)  # (E, wide, n)
+            out.append((prod if P <= Q else prod.transpose(1, 2)).double())  # (E, Q, P)
+        return torch.cat(out).reshape(w.shape[0], *self.shape)
 
 
 class Rows(Factors):

@@ -59,19 +59,24 @@ class GhostPass(NamedTuple):
         ``(B,)`` detached per-sample losses ``ℓ_j`` (the model's dtype).
     grad_sum : list of torch.Tensor
         ``∇ Σ_j ℓ_j`` for each parameter, float64 (divide by B for the batch's
-        mean-loss gradient).
+        mean-loss gradient); None for a parameter whose batch gradient was given
+        (``ghost_pass(actual=...)``).
     per_param : dict
         ``{parameter index: (B,) float64 ‖g_j(p)‖²}`` (the spot check's input).
     kept : KeptChunk or None
         With ``keep=True``: every parameter's per-sample gradients in the kept
         form its norms came from (:mod:`~clipscope.engine.per_sample.kept`).
+    mismatch : str or None
+        With ``expect_losses``: why the losses differ from those (then nothing
+        else was computed: ``sq_norms`` are zeros, ``per_param`` is empty).
     """
 
     sq_norms: torch.Tensor
     losses: torch.Tensor
-    grad_sum: list[torch.Tensor]
+    grad_sum: list[torch.Tensor | None]
     per_param: dict[int, torch.Tensor]
     kept: KeptChunk | None = None
+    mismatch: str | None = None
 
 
 def _store(slots: list, k: int, g: torch.Tensor) -> None:
@@ -148,6 +153,9 @@ def ghost_pass(
     *,
     plan: Plan | None = None,
     keep: bool = False,
+    actual: Sequence[tuple[float, torch.Tensor]] | None = None,
+    expect_losses: torch.Tensor | None = None,
+    keep_limit: int | None = None,
 ) -> GhostPass:
     """One hooked forward + backward: per-sample ``‖∇ℓ_j‖²``, losses ``ℓ_j`` and ``∇Σ_j ℓ_j``.
 
@@ -164,6 +172,22 @@ def ghost_pass(
     (:meth:`LayerFamily.factors`) and the fallback's per-sample gradients are
     kept too: ``result.kept`` then gives every dot and weighted sum of the
     chunk's per-sample gradients without another pass.
+
+    ``actual``: the batch gradient ``∇Σ_j ℓ_j`` of this very batch, known from
+    an earlier pass (the same masks), as ``(‖G_p‖, plan.directions[p]`` applied
+    to ``G_p)`` per parameter, float64 (:meth:`Directions.of_tensor`). The
+    backward then runs w.r.t. the layer outputs only (autograd forms no
+    parameter gradient), the structural check compares each rule's account
+    with these, and ``result.grad_sum`` is None for every parameter. float32
+    and float64 models only (``ValueError`` otherwise: a float16 batch sum may
+    overflow where the samples do not, and then needs the scaled backward).
+    ``keep_limit`` (with ``keep=True``): when the fallback's per-sample gradients
+    would hold more than this many elements, nothing is kept (``result.kept``
+    None; the fallback then runs in bounded pieces, as without ``keep``).
+    ``expect_losses``: that pass's per-sample losses. If this forward's differ
+    (other random numbers), nothing is checked or computed and
+    ``result.mismatch`` says why: a structural check against another pass's
+    gradient would blame the rules for it.
     """
     batch = check_inputs(model, loss_fn, x)
     if plan is None:
@@ -178,7 +202,17 @@ def ghost_pass(
             "per sample while dropout draws masks for the batch (dropout='fixed' in train mode); "
             "use dropout='off' or mini-batch components"
         )
-    result = _ghost_once(model, loss_fn, x, y, plan, batch, randomness, 1.0, keep)
+    if actual is not None:
+        if plan.params[0].dtype not in (torch.float32, torch.float64):
+            raise ValueError("actual= needs a float32 or float64 model")
+        if len(actual) != len(plan.params):
+            raise ValueError(
+                f"actual needs one (norm, projections) per parameter, {len(plan.params)}"
+            )
+    result = _ghost_once(
+        model, loss_fn, x, y, plan, batch, randomness, 1.0, keep, actual, expect_losses,
+        keep_limit,
+    )  # fmt: skip
     if result is None:  # float16/bfloat16: the batch sum overflowed, the samples did not
         scale = 2.0 ** -math.ceil(math.log2(max(2, batch)))
         result = _ghost_once(model, loss_fn, x, y, plan, batch, randomness, scale, keep)
@@ -209,10 +243,12 @@ def _forward_backward(model, loss_fn, x, y, plan, active, batch, scale, retain, 
         # layers' weight gradients
         rest = [] if outputs_only else [k for k in range(len(plan.params)) if k in plan.fallback]
         inputs = [t for t, _ in outputs] + [plan.params[k] for k in rest]
-        with torch.enable_grad():
-            found = torch.autograd.grad(
-                losses, inputs, grad_outputs=seed, allow_unused=True, retain_graph=retain
-            )
+        found: tuple = ()
+        if inputs:  # (none when no module is served: then nothing to differentiate here)
+            with torch.enable_grad():
+                found = torch.autograd.grad(
+                    losses, inputs, grad_outputs=seed, allow_unused=True, retain_graph=retain
+                )
         grads = [None] * len(plan.params)
         for k, g in zip(rest, found[len(outputs) :], strict=True):
             grads[k] = g
@@ -268,14 +304,37 @@ def recorded_products(
     return calls, losses.detach()
 
 
-def _ghost_once(model, loss_fn, x, y, plan, batch, randomness, scale, keep) -> GhostPass | None:
+def _ghost_once(
+    model,
+    loss_fn,
+    x,
+    y,
+    plan,
+    batch,
+    randomness,
+    scale,
+    keep,
+    actual=None,
+    expect=None,
+    keep_limit=None,
+) -> GhostPass | None:
+    from clipscope.engine.per_sample.dots import losses_differ
+
     params = plan.params
     active = plan.ghost_modules()
     calls, losses, grads = _forward_backward(
-        model, loss_fn, x, y, plan, active, batch, scale, randomness
-    )
+        model, loss_fn, x, y, plan, active, batch, scale, randomness,
+        outputs_only=actual is not None,
+    )  # fmt: skip
+    differ = losses_differ(losses.detach(), expect, params[0].dtype)
+    if differ is not None:
+        zero = torch.zeros(batch, dtype=torch.float64, device=x.device)
+        return GhostPass(zero, losses.detach(), [None] * len(params), {}, None, differ)
     # a finite float64 norm means finite entries (the elementwise test only when it is not)
-    norms = [None if g is None else _norm(g) for g in grads]
+    if actual is not None:  # (checked finite by the pass that formed them)
+        norms = [float(n) for n, _ in actual]
+    else:
+        norms = [None if g is None else _norm(g) for g in grads]
     if not all(n is None or math.isfinite(n) for n in norms) and not _all_finite(
         [g for g in grads if g is not None]
     ):
@@ -318,11 +377,14 @@ def _ghost_once(model, loss_fn, x, y, plan, batch, randomness, scale, keep) -> G
             continue
         for a, k in zip(attrs, ks, strict=True):
             ghost = res[a]
-            actual = grads[k]
-            if actual is None:
-                actual = torch.zeros_like(params[k])
+            if actual is not None:
+                seen = actual[k][1].to(ghost.proj.device)
+            else:
+                seen = plan.directions[k].of_tensor(
+                    grads[k] if grads[k] is not None else torch.zeros_like(params[k])
+                )
             bound = (norms[k] or 0.0) + float(ghost.sq.clamp(min=0).sqrt().sum())
-            err = structural_error(ghost.proj, plan.directions[k].of_tensor(actual), bound)
+            err = structural_error(ghost.proj, seen, bound)
             if not err <= tol:
                 where = mname or type(mod).__name__
                 plan.demote(
@@ -342,11 +404,15 @@ def _ghost_once(model, loss_fn, x, y, plan, batch, randomness, scale, keep) -> G
     for k in per_param:
         if k in unchecked_sums:
             grad_sum[k] = unchecked_sums[k]
-        else:
-            grad_sum[k] = dense_grad(grads[k], params[k]).double() / scale
+        elif actual is None:
+            g = dense_grad(grads[k], params[k]).double()
+            grad_sum[k] = g if scale == 1.0 else g / scale
     rest = [k for k in range(len(params)) if k not in per_param]
     if rest:
         del grads
+        if keep and keep_limit is not None:
+            if batch * sum(params[k].numel() for k in rest) > keep_limit:
+                keep, kept = False, []  # the fallback in bounded pieces; nothing kept
         groups = [
             ([k for k in rest if k in plan.batch1], "loop"),
             ([k for k in rest if k not in plan.batch1], choose_mode(model, randomness)),

@@ -1,11 +1,13 @@
 r"""Recurrent layers: a ghost rule for ``nn.LSTM``, a module-local loop for the rest.
 
-**nn.LSTM** (unidirectional, no projection, any number of layers): the LSTM is
-unrolled again in Python at the recorded input and initial state, with the
-weights as constants (gate order i, f, g, o as in ``nn.LSTM``), and
-``Σ_k ⟨o^k, b^k⟩`` over its outputs (sequence, ``h_n``, ``c_n``) is
-differentiated w.r.t. the gate pre-activations, giving the gate gradients
-``δ_t``. Then, per layer,
+**nn.LSTM** (unidirectional, no projection, any number of layers): the gate
+gradients ``δ_t``, the derivatives of ``Σ_k ⟨o^k, b^k⟩`` over the call's
+outputs (sequence, ``h_n``, ``c_n``) w.r.t. the gate pre-activations (gate
+order i, f, g, o as in ``nn.LSTM``), come from the cell equations at the
+recorded input and initial state and a backpropagation through time written
+out (no autograd graph). The last layer's states ``h_t`` are the call's own
+output, so its pre-activations are one batched product; the lower layers run
+step by step. Then, per layer,
 
 .. math:: g_j(W_{ih}) = \sum_t δ_{jt} x_{jt}^\top,\quad
           g_j(W_{hh}) = \sum_t δ_{jt} h_{j,t-1}^\top,\quad
@@ -73,6 +75,28 @@ def _record_rnn(mod: nn.RNNBase, args: tuple, output: Any, batch: int) -> tuple[
     return call, list(tensors)
 
 
+def _activate(pre: torch.Tensor) -> torch.Tensor:
+    """Gate activations in place of the pre-activations ``i|f|g|o`` (last dim ``4H``)."""
+    H = pre.shape[-1] // 4
+    pre[..., : 2 * H].sigmoid_()
+    pre[..., 2 * H : 3 * H].tanh_()
+    pre[..., 3 * H :].sigmoid_()
+    return pre
+
+
+def _cell_scan(act: torch.Tensor, c0: torch.Tensor, H: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``c_t = f_t ⊙ c_{t-1} + i_t ⊙ g_t`` over t: ``(c_{t-1}, c_t)``, each ``(B, T, H)``."""
+    B, T = act.shape[0], act.shape[1]
+    ig = act[..., :H] * act[..., 2 * H : 3 * H]
+    f = act[..., H : 2 * H]
+    cs = torch.empty(B, T, H, dtype=act.dtype, device=act.device)
+    c = c0
+    for t in range(T):
+        c = torch.addcmul(ig[:, t], f[:, t], c, out=cs[:, t])
+    c_prev = torch.cat([c0.unsqueeze(1), cs[:, :-1]], 1)
+    return c_prev, cs
+
+
 def _used(calls: list[Call]) -> list[Call]:
     return [c for c in calls if any(g is not None for g in c.grads)]
 
@@ -98,11 +122,23 @@ class LSTMFamily(LayerFamily):
         return None
 
     def record(self, mod, args, output, batch, before=None):
-        """Input, initial state, and the gradients of ``(output, h_n, c_n)``."""
-        return _record_rnn(mod, args, output, batch)
+        """Input, initial state, output sequence, and the gradients of ``(output, h_n, c_n)``."""
+        call, outs = _record_rnn(mod, args, output, batch)
+        if call.problem is None:
+            call.extra["out"] = outs[0].detach()
+        return call, outs
 
     def _tokens(self, mod: nn.LSTM, call: Call) -> list[tuple]:
-        """Per layer: inputs ``x_t``, previous states ``h_{t-1}`` and gate gradients ``δ_t``."""
+        """Per layer: inputs ``x_t``, previous states ``h_{t-1}`` and gate gradients ``δ_t``.
+
+        A forward through the cell equations records each step's gate
+        activations, then backpropagation through time by hand (no autograd
+        graph) gives ``δ_t``. The last layer's states are the batch call's own
+        output, so its gate pre-activations are one batched product and only the
+        cell state runs step by step; the recomputed ``h_t = o_t ⊙ tanh(c_t)``
+        must reproduce that output (to the dtype's tolerance), else the rule
+        refuses (:class:`Unsupported`) and the parameters fall back, visibly.
+        """
         x = up(call.inputs[0])
         x = x if mod.batch_first else x.transpose(0, 1)
         B, T = x.shape[0], x.shape[1]
@@ -111,47 +147,81 @@ class LSTMFamily(LayerFamily):
         h0 = c0 = x.new_zeros(L, B, H)
         if hx is not None:
             h0, c0 = up(hx[0]), up(hx[1])
-        per_layer, gates, finals_h, finals_c = [], [], [], []
+        recorded = call.extra.get("out")
+        forward = []  # per layer: (input, h_{t-1}, activations i|f|g|o, c_{t-1}, tanh c_t)
         layer_in = x
-        with torch.enable_grad():
-            for layer in range(L):
-                w_ih = up(getattr(mod, f"weight_ih_l{layer}").detach())
-                w_hh = up(getattr(mod, f"weight_hh_l{layer}").detach())
-                xw = layer_in @ w_ih.t()
-                if mod.bias:
-                    xw = xw + up(getattr(mod, f"bias_ih_l{layer}").detach())
-                    xw = xw + up(getattr(mod, f"bias_hh_l{layer}").detach())
-                if not xw.requires_grad:  # layer 0: all constants; the gates need a graph
-                    xw.requires_grad_()
+        for layer in range(L):
+            w_ih, w_hh = self._weight(mod, "ih", layer), self._weight(mod, "hh", layer)
+            pre = layer_in @ w_ih.t()  # (B, T, 4H)
+            if mod.bias:
+                pre += self._weight(mod, "bias_ih", layer) + self._weight(mod, "bias_hh", layer)
+            if layer == L - 1 and recorded is not None:
+                hs = up(recorded)
+                hs = hs if mod.batch_first else hs.transpose(0, 1)
+                h_prev = torch.cat([h0[layer].unsqueeze(1), hs[:, :-1]], 1)
+                pre += h_prev @ w_hh.t()
+                act = _activate(pre)
+                c_prev, cs = _cell_scan(act, c0[layer], H)
+                tanh_c = torch.tanh(cs)
+                err = float((act[..., 3 * H :] * tanh_c - hs).abs().max()) if hs.numel() else 0.0
+                scale = float(hs.abs().max()) if hs.numel() else 0.0
+                if not err <= tolerance(mod.weight_ih_l0.dtype) * max(scale, 1.0):
+                    raise Unsupported(
+                        f"the LSTM cell equations do not reproduce the batch call's output (max "
+                        f"difference {err:.3g}): a modified output or another cell"
+                    )
+            else:  # a lower layer: its states step by step
+                act, hs = torch.empty_like(pre), pre.new_empty(B, T, H)
                 h, c = h0[layer], c0[layer]
-                hs, prev, gl = [], [], []
                 for t in range(T):
-                    prev.append(h)
-                    g = xw[:, t] + h @ w_hh.t()
-                    gl.append(g)
-                    i, f, gg, o = g.chunk(4, 1)
-                    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(gg)
-                    h = torch.sigmoid(o) * torch.tanh(c)
-                    hs.append(h)
-                per_layer.append((layer_in, torch.stack(prev, 1).detach()))
-                gates.append(gl)
-                finals_h.append(h)
-                finals_c.append(c)
-                layer_in = torch.stack(hs, 1)
-            out = layer_in if mod.batch_first else layer_in.transpose(0, 1)
-            outs = (out, torch.stack(finals_h), torch.stack(finals_c))
-            total = sum(
-                (o * up(g)).sum() for o, g in zip(outs, call.grads, strict=True) if g is not None
-            )
-            flat = [g for gl in gates for g in gl]
-            deltas = torch.autograd.grad(total, flat, allow_unused=True)
-        deltas = [
-            torch.zeros_like(g) if d is None else d for g, d in zip(flat, deltas, strict=True)
-        ]
+                    a_t = act[:, t]
+                    a_t.copy_(_activate(torch.addmm(pre[:, t], h, w_hh.t())))
+                    c = torch.addcmul(a_t[:, :H] * a_t[:, 2 * H : 3 * H], a_t[:, H : 2 * H], c)
+                    h = torch.mul(a_t[:, 3 * H :], torch.tanh(c), out=hs[:, t])
+                h_prev = torch.cat([h0[layer].unsqueeze(1), hs[:, :-1]], 1)
+                c_prev, cs = _cell_scan(act, c0[layer], H)
+                tanh_c = torch.tanh(cs)
+            forward.append((layer_in, h_prev, act, c_prev, tanh_c))
+            layer_in = hs
+        # backward through time: δ_t = ∂(Σ_k ⟨o^k, b^k⟩)/∂(gate pre-activations at t)
+        g_out, g_h, g_c = (None if g is None else up(g) for g in call.grads)
+        if g_out is not None and not mod.batch_first:
+            g_out = g_out.transpose(0, 1)
+        above = g_out  # the gradient w.r.t. the current layer's output sequence
+        deltas: list[torch.Tensor] = [None] * L  # type: ignore[list-item]
+        for layer in reversed(range(L)):
+            _, _, act, c_prev, tanh_c = forward[layer]
+            i, f, g, o = act.split(H, -1)
+            # δ_t = [dc_t ⊙ K_i, dc_t ⊙ K_f, dc_t ⊙ K_g, dh_t ⊙ K_o]: the factors not on the chain
+            k_i, k_f = g * i * (1 - i), c_prev * f * (1 - f)
+            k_g, k_o = i * (1 - g * g), tanh_c * o * (1 - o)
+            to_c = o * (1 - tanh_c * tanh_c)  # ∂c_t/∂h_t's share: dc_t += dh_t ⊙ to_c
+            w_hh = self._weight(mod, "hh", layer)
+            dh = x.new_zeros(B, H) if g_h is None else g_h[layer].clone()
+            dc = x.new_zeros(B, H) if g_c is None else g_c[layer].clone()
+            delta = torch.empty_like(act)
+            for t in reversed(range(T)):
+                if above is not None:
+                    dh += above[:, t]
+                dc += dh * to_c[:, t]
+                d_t = delta[:, t]
+                torch.mul(k_i[:, t], dc, out=d_t[:, :H])
+                torch.mul(k_f[:, t], dc, out=d_t[:, H : 2 * H])
+                torch.mul(k_g[:, t], dc, out=d_t[:, 2 * H : 3 * H])
+                torch.mul(k_o[:, t], dh, out=d_t[:, 3 * H :])
+                dc = dc * f[:, t]
+                dh = d_t @ w_hh
+            deltas[layer] = delta
+            if layer > 0:
+                above = delta @ self._weight(mod, "ih", layer)
         return [
-            (a_in.detach(), h_prev, torch.stack(deltas[layer * T : (layer + 1) * T], 1))
-            for layer, (a_in, h_prev) in enumerate(per_layer)
+            (inp, h_prev, deltas[layer]) for layer, (inp, h_prev, _, _, _) in enumerate(forward)
         ]
+
+    @staticmethod
+    def _weight(mod: nn.LSTM, kind: str, layer: int) -> torch.Tensor:
+        name = f"weight_{kind}_l{layer}" if kind in ("ih", "hh") else f"{kind}_l{layer}"
+        return up(getattr(mod, name).detach())
 
     def _layers(self, mod, calls):
         tokens = [self._tokens(mod, c) for c in _used(calls)]
@@ -171,6 +241,7 @@ class LSTMFamily(LayerFamily):
         parts = []
         for layer, (a_in, h_prev, delta) in enumerate(layers):
             per_bias = delta.sum(1)  # shared by bias_ih and bias_hh: the same gradient
+            shared: dict = {}  # δ's Gram matrices, shared by weight_ih and weight_hh
             for kind, a in (("ih", a_in), ("hh", h_prev)):
                 w, b = f"weight_{kind}_l{layer}", f"bias_{kind}_l{layer}"
                 parts.append(
@@ -181,6 +252,7 @@ class LSTMFamily(LayerFamily):
                         bias=b if b in names else None,
                         shape=tuple(getattr(mod, w).shape),
                         per_bias=per_bias,
+                        shared=shared,
                     )
                 )
         return Joined(parts)
