@@ -738,7 +738,6 @@ def _per_sample_once(
 ):
     """One attempt of :func:`_per_sample`: ``(result, failures)``."""
     from clipscope.engine import per_sample
-    from clipscope.engine.per_sample.dots import losses_differ
     from clipscope.engine.per_sample.fallback import fallback_stats
 
     n_samples = int(sum(components.sizes))
@@ -888,7 +887,8 @@ def _per_sample_once(
             with rng_for_component(dropout, seed, c):
                 again = per_sample.ghost_pass(model, loss_fn, x, y, plan=plan, keep=True)
             # the same masks as pass 1, or the chunk takes the dot pass and backwards below
-            if losses_differ(again.losses, ghost_losses[c - shard.start], flat.dtype) is None:
+            differ = verify.losses_differ(again.losses, ghost_losses[c - shard.start], flat.dtype)
+            if differ is None:
                 chunk = again.kept
             del again
         if chunk is not None:

@@ -58,6 +58,7 @@ __all__ = [
     "PerSampleFallbackWarning",
     "VerificationError",
     "check_consistency",
+    "losses_differ",
     "spot_samples",
     "tolerance",
 ]
@@ -158,3 +159,19 @@ def check_consistency(
         else 0.0,
         "dots_sum_relative_error": sum_err / sum_scale if sum_scale > 0 else 0.0,
     }
+
+
+def losses_differ(got: torch.Tensor, expected: torch.Tensor | None, dtype) -> str | None:
+    """Why two evaluations' per-sample losses differ (beyond ``dtype``'s tolerance), or None.
+
+    ``expected`` None means nothing to compare. Used to tell that a second pass drew
+    other dropout masks than pass 1.
+    """
+    if expected is None:
+        return None
+    got, expected = got.double(), expected.to(got.device).double()
+    err = float((got - expected).abs().max())
+    scale = float(expected.abs().max())
+    if err <= tolerance(dtype) * scale + 1e-300:
+        return None
+    return f"largest difference {err:.3g} for losses up to {scale:.3g}"

@@ -52,9 +52,10 @@ from clipscope.engine.per_sample.batch import (
 from clipscope.engine.per_sample.fallback import choose_mode, fallback_stats
 from clipscope.engine.per_sample.family import Unsupported
 from clipscope.engine.per_sample.plan import Plan
+from clipscope.engine.verify import losses_differ
 from clipscope.errors import NonFiniteError
 
-__all__ = ["DOT_METHODS", "dot_method", "losses_differ", "per_sample_dots", "split_vector"]
+__all__ = ["DOT_METHODS", "dot_method", "per_sample_dots", "split_vector"]
 
 DOT_METHODS = ("auto", "jvp", "ghost")
 
@@ -208,24 +209,6 @@ def per_sample_dots(
                 )
             dots += fs.dots
     return dots
-
-
-def losses_differ(got: torch.Tensor, expected: torch.Tensor | None, dtype) -> str | None:
-    """Why two evaluations' per-sample losses differ (beyond ``dtype``'s tolerance), or None.
-
-    ``expected`` None means nothing to compare. Used to tell that a second pass drew
-    other dropout masks than pass 1.
-    """
-    if expected is None:
-        return None
-    from clipscope.engine.verify import tolerance
-
-    got, expected = got.double(), expected.to(got.device).double()
-    err = float((got - expected).abs().max())
-    scale = float(expected.abs().max())
-    if err <= tolerance(dtype) * scale + 1e-300:
-        return None
-    return f"largest difference {err:.3g} for losses up to {scale:.3g}"
 
 
 def _first_line(exc: BaseException) -> str:

@@ -42,7 +42,7 @@ from clipscope.engine.per_sample.fallback import choose_mode, fallback_stats
 from clipscope.engine.per_sample.family import Call, LayerFamily, Unsupported
 from clipscope.engine.per_sample.kept import KeptChunk
 from clipscope.engine.per_sample.plan import Plan
-from clipscope.engine.verify import structural_error, tolerance
+from clipscope.engine.verify import losses_differ, structural_error, tolerance
 from clipscope.errors import NonFiniteError
 
 __all__ = ["GhostPass", "ghost_pass", "per_sample_sq_norms", "record_calls", "recorded_products"]
@@ -318,8 +318,6 @@ def _ghost_once(
     expect=None,
     keep_limit=None,
 ) -> GhostPass | None:
-    from clipscope.engine.per_sample.dots import losses_differ
-
     params = plan.params
     active = plan.ghost_modules()
     calls, losses, grads = _forward_backward(
