@@ -31,9 +31,11 @@ Routes (DESIGN §4), all exact, all compared in the tests with
     parent's). Memory O(levels·n + m).
 ``"per-sample"``
     every sample of the given components (used as chunks) is a component of
-    batch size 1: per-sample norms and dots come from
-    :mod:`clipscope.engine.per_sample` (ghost norms, forward-mode dots), ``∇f``
-    from the same chunk backwards. Every rule is verified
+    batch size 1, in two passes of bounded memory: pass 1 sums each chunk's
+    gradient for ``∇f``; pass 2 forms each chunk's per-sample factors
+    (:mod:`clipscope.engine.per_sample`: ghost norms, never per-sample
+    gradients where a rule exists) and takes the norms, the dots with ``∇f``
+    and the clipped sums from them. Every rule is verified
     (:mod:`clipscope.engine.verify`: a structural check at every chunk, a spot
     check of ``spot_checks`` seeded samples); parameters without a rule or
     whose check fails come from an exact fallback, with a warning, and
