@@ -335,3 +335,23 @@ def test_tokens_weighted_in_groups_equals_the_brute_force(monkeypatch, P, Q):
     torch.testing.assert_close(tokens.weighted("w", w), want, rtol=1e-12, atol=1e-12)
     monkeypatch.setattr(factors, "CHUNK_ELEMENTS", 2 * 4 * 3 * min(P, Q))  # two rows a group
     torch.testing.assert_close(tokens.weighted("w", w), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rows_in_float64_blocks_equal_the_whole_and_leave_the_rows_alone(monkeypatch, dtype):
+    from clipscope.engine.per_sample import factors
+
+    gen = torch.Generator().manual_seed(0)
+    G = torch.randn(5, 2, 3, dtype=dtype, generator=gen)
+    v = torch.randn(2, 3, dtype=torch.float64, generator=gen)
+    w = torch.rand(3, 5, dtype=torch.float64, generator=gen)
+    kept = G.clone()
+    monkeypatch.setattr(factors, "_BLOCK", 12)  # two rows a block: three blocks
+    rows = factors.Rows({"w": G})
+    flat = G.double().reshape(5, -1)
+    torch.testing.assert_close(rows.sq("w"), flat.square().sum(1), rtol=1e-12, atol=0)
+    torch.testing.assert_close(rows.dots({"w": v}), flat @ v.reshape(-1), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(
+        rows.weighted("w", w), (w @ flat).reshape(3, 2, 3), rtol=1e-12, atol=1e-14
+    )
+    assert torch.equal(rows.rows["w"], kept.to(rows.rows["w"].dtype))  # nothing squared in place

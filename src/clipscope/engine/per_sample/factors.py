@@ -224,8 +224,14 @@ class Tokens(Factors):
         return torch.cat(out).reshape(w.shape[0], *self.shape)
 
 
+_BLOCK = 1 << 18  # elements of the rows cast to float64 at a time (2 MiB)
+
+
 class Rows(Factors):
-    """Materialized per-sample gradients: ``{name: (B, *shape)}`` in the work dtype."""
+    """Materialized per-sample gradients: ``{name: (B, *shape)}`` in the work dtype.
+
+    Norms, dots and weighted sums are formed in float64, a block of rows at a time.
+    """
 
     def __init__(self, rows: Mapping[str, torch.Tensor]) -> None:
         self.rows = {n: up(r.detach()) for n, r in rows.items()}
@@ -239,8 +245,22 @@ class Rows(Factors):
         r = self.rows[name]
         return r.reshape(r.shape[0], -1)
 
+    def _blocks(self, name: str):
+        """``(rows, the rows in float64)`` in blocks of at most ``_BLOCK`` elements.
+
+        A float64 block may be the kept rows themselves (float64 models): read only.
+        """
+        flat = self._flat(name)
+        step = max(1, _BLOCK // max(1, flat.shape[1]))
+        for s in range(0, flat.shape[0], step):
+            yield slice(s, s + step), flat[s : s + step].double()
+
     def sq(self, name):  # noqa: D102
-        return sq_sum(self._flat(name), (1,))
+        flat = self._flat(name)
+        out = torch.empty(flat.shape[0], dtype=torch.float64, device=flat.device)
+        for rows, block in self._blocks(name):
+            out[rows] = block.square().sum(1)
+        return out
 
     def proj(self, name, dirs):  # noqa: D102
         total = self._flat(name).sum(0, dtype=torch.float64)
@@ -251,12 +271,18 @@ class Rows(Factors):
         out = torch.zeros(first.shape[0], dtype=torch.float64, device=first.device)
         for name, v in vectors.items():
             if name in self.rows:
-                out += self._flat(name).double() @ v.reshape(-1).double()
+                v64 = v.reshape(-1).double()
+                for rows, block in self._blocks(name):
+                    out[rows] += block @ v64
         return out
 
     def weighted(self, name, weights):  # noqa: D102
         r = self.rows[name]
-        flat = weights.to(r.device).double() @ self._flat(name).double()
+        w = weights.to(r.device).double()
+        n = self._flat(name).shape[1]
+        flat = torch.zeros(w.shape[0], n, dtype=torch.float64, device=r.device)
+        for rows, block in self._blocks(name):
+            flat += w[:, rows] @ block
         return flat.reshape(weights.shape[0], *r.shape[1:])
 
 
