@@ -788,7 +788,8 @@ def test_passes_that_differ_move_the_dots_not_the_rules():
 
 
 @pytest.mark.filterwarnings("ignore::clipscope.engine.verify.PerSampleFallbackWarning")
-def test_two_pass_keeps_no_large_fallback_rows_and_stays_exact(monkeypatch):
+@pytest.mark.parametrize("how", ["two-pass", "kept-dropped-over-budget"])
+def test_two_pass_keeps_no_large_fallback_rows_and_stays_exact(monkeypatch, how):
     """Over the rows limit a chunk's dots and clipped sums come from the dot pass and backwards."""
     import importlib
 
@@ -800,9 +801,12 @@ def test_two_pass_keeps_no_large_fallback_rows_and_stays_exact(monkeypatch):
     Y = torch.randint(0, 11, (6, 5))
     ones = Components.from_tensors(X, Y, batch_size=1)
     ref = reference_probe(model, lm_loss, ones, ETAS)
-    res = probe(
-        model, lm_loss, Components.from_tensors(X, Y, batch_size=3), ETAS, route="per-sample"
-    )
+    comps = Components.from_tensors(X, Y, batch_size=3)
+    if how == "two-pass":
+        res = probe(model, lm_loss, comps, ETAS, route="per-sample")
+    else:  # auto keeps the factors, drops them over the budget, forms them again per chunk
+        res = probe(model, lm_loss, comps, ETAS, batch_sizes=[1], memory_budget=1)
+        assert res.info["factors"]["kept"] is False
     assert res.verification["fallback"]
     np.testing.assert_allclose(res.norms, ref.norms, rtol=1e-10)
     scale = ref.norms * ref.grad_norm

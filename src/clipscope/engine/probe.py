@@ -109,9 +109,10 @@ ROUTES = ("auto", "two-pass", "keep", "dyadic", "per-sample", "per-sample-kept")
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes for the keep route's g_i, per-sample-kept's factors
 _CHUNK_ROWS = 256  # rows of the kept matrix cast to float64 at a time
 REPEAT_ROWS = 8  # samples the per-sample route's repeatability check evaluates twice
-# two-pass per-sample route: a chunk whose fallback parameters' per-sample gradients would
-# exceed this many elements keeps no factors in pass 2 (its dots and clipped sums then come
-# from the dot pass and one backward per η, in bounded memory)
+# two-pass per-sample route (and the rebuild after kept factors were dropped): a chunk whose
+# fallback parameters' per-sample gradients would exceed this many elements keeps no factors
+# in pass 2 (its dots and clipped sums then come from the dot pass and one backward per η,
+# in bounded memory)
 _LIGHT_ROWS = 1 << 24
 
 
@@ -887,7 +888,9 @@ def _per_sample_once(
             gam_c = gam[:, a:b]
         if rebuild:
             with rng_for_component(dropout, seed, c):
-                again = per_sample.ghost_pass(model, loss_fn, x, y, plan=plan, keep=True)
+                again = per_sample.ghost_pass(
+                    model, loss_fn, x, y, plan=plan, keep=True, keep_limit=_LIGHT_ROWS
+                )
             # the same masks as pass 1, or the chunk takes the dot pass and backwards below
             differ = verify.losses_differ(again.losses, ghost_losses[c - shard.start], flat.dtype)
             if differ is None:
