@@ -689,6 +689,7 @@ def _per_sample(
                     model, loss_fn, components, flat, etas, dropout, seed, progress, plan, spot,
                     shard, keep_factors, memory_budget,
                 )  # fmt: skip
+            from_factors = result.pop("dots_from_factors")
             if not result["factors"]["kept"]:
                 keep_factors = False  # a rerun does not try again what did not fit
             if not failures["params"] and failures["dots"] is None:
@@ -709,14 +710,12 @@ def _per_sample(
             # dots from factors (kept or rebuilt): a parameter's wrong split makes its dots
             # wrong too; rerun with it on the fallback before blaming the dots (a second dot
             # failure demotes them)
-            from_factors = result.pop("dots_from_factors")
             blame_params = from_factors and failures["params"] and attempt == 0 and not differ
             if failures["dots"] is not None and not blame_params:
                 plan.demote_dots("spot-dot", failures["dots"])
             if attempt == 1:  # the second failure: nothing from the rules any more
                 plan.demote(range(len(flat.params)), "spot-norm", "a second spot-check failure")
                 plan.demote_dots("spot-dot", "a second spot-check failure")
-    result.pop("dots_from_factors", None)
     record = plan.record()
     record.update(result.pop("spot"))
     record["factors"] = result.pop("factors")
@@ -764,36 +763,33 @@ def _per_sample_once(
     actual: list = []  # light, float32/64: each chunk's ∇Σ_j ℓ_j as its norms and projections
     for c in _progress(shard.indices, len(shard), progress, "per-sample pass 1"):
         x, y = components.batch(c, flat.device)
-        if light:
-            a, b = offsets[c], offsets[c + 1]
-            with rng_for_component(dropout, seed, c):
+        a, b = offsets[c], offsets[c + 1]
+        with rng_for_component(dropout, seed, c):
+            if light:
+                ghost = None
                 ell, grad_sum = _chunk_gradient(model, loss_fn, x, y, flat, plan, reduced)
-            losses[a:b] = ell.double().cpu().numpy()
-            if not _finite_parts(grad_sum) or not np.isfinite(losses[a:b]).all():
-                raise NonFiniteError(
-                    f"chunk {c}: non-finite per-sample gradient; nothing was changed"
+            else:
+                ghost = per_sample.ghost_pass(
+                    model, loss_fn, x, y, plan=plan, keep=bool(keep_factors)
                 )
-            for part, g in zip(flat.unflatten(sum_grad), grad_sum, strict=True):
-                part += g  # float64 views of sum_grad, one per parameter
-            ghost_losses.append(ell)
+                ell, grad_sum = ghost.losses, ghost.grad_sum
+                sq_norms[a:b] = ghost.sq_norms.detach().double().cpu().numpy()
+        losses[a:b] = ell.detach().double().cpu().numpy()
+        finite = np.isfinite(sq_norms[a:b]).all() and np.isfinite(losses[a:b]).all()
+        if not finite or not _finite_parts(grad_sum):
+            raise NonFiniteError(f"chunk {c}: non-finite per-sample gradient; nothing was changed")
+        for part, g in zip(flat.unflatten(sum_grad), grad_sum, strict=True):
+            part += g  # float64 views of sum_grad, one per parameter
+        ghost_losses.append(ell)
+        if ghost is None:
             if not reduced:  # what pass 2's structural check compares with: no weight gradient
                 actual.append(
                     [(float(torch.linalg.vector_norm(g)), d.of_tensor(g))
                      for g, d in zip(grad_sum, plan.directions, strict=True)]
                 )  # fmt: skip
             continue
-        with rng_for_component(dropout, seed, c):
-            ghost = per_sample.ghost_pass(model, loss_fn, x, y, plan=plan, keep=bool(keep_factors))
-        a, b = offsets[c], offsets[c + 1]
-        sq_norms[a:b] = ghost.sq_norms.detach().double().cpu().numpy()
-        losses[a:b] = ghost.losses.detach().double().cpu().numpy()
-        if not _finite_parts(ghost.grad_sum) or not np.isfinite(sq_norms[a:b]).all():
-            raise NonFiniteError(f"chunk {c}: non-finite per-sample gradient; nothing was changed")
-        for part, g in zip(flat.unflatten(sum_grad), ghost.grad_sum, strict=True):
-            part += g  # float64 views of sum_grad, one per parameter
         for j in spot[(spot >= a) & (spot < b)]:
             spot_sq[int(j)] = {k: float(v[j - a]) for k, v in ghost.per_param.items()}
-        ghost_losses.append(ghost.losses)
         if keep_factors:
             kept.append(ghost.kept)
             factors["bytes"] += ghost.kept.nbytes

@@ -171,15 +171,16 @@ class LSTMFamily(LayerFamily):
                         f"difference {err:.3g}): a modified output or another cell"
                     )
             else:  # a lower layer: its states step by step
-                act, hs = torch.empty_like(pre), pre.new_empty(B, T, H)
+                act, hs, cs = torch.empty_like(pre), pre.new_empty(B, T, H), pre.new_empty(B, T, H)
                 h, c = h0[layer], c0[layer]
                 for t in range(T):
                     a_t = act[:, t]
                     a_t.copy_(_activate(torch.addmm(pre[:, t], h, w_hh.t())))
-                    c = torch.addcmul(a_t[:, :H] * a_t[:, 2 * H : 3 * H], a_t[:, H : 2 * H], c)
+                    i_g = a_t[:, :H] * a_t[:, 2 * H : 3 * H]
+                    c = torch.addcmul(i_g, a_t[:, H : 2 * H], c, out=cs[:, t])
                     h = torch.mul(a_t[:, 3 * H :], torch.tanh(c), out=hs[:, t])
                 h_prev = torch.cat([h0[layer].unsqueeze(1), hs[:, :-1]], 1)
-                c_prev, cs = _cell_scan(act, c0[layer], H)
+                c_prev = torch.cat([c0[layer].unsqueeze(1), cs[:, :-1]], 1)
                 tanh_c = torch.tanh(cs)
             forward.append((layer_in, h_prev, act, c_prev, tanh_c))
             layer_in = hs
