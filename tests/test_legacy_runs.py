@@ -41,6 +41,25 @@ def rows_of(run: Path) -> list[dict[str, str]]:
         return [{k: v for k, v in r.items() if k not in skip} for r in csv.DictReader(handle)]
 
 
+#: Rows written on the fixtures' machine against rows written on this one: float64 results of
+#: the same code on CPUs of another kind differ in the last bits (their vectorised reductions
+#: add in another order); four epochs of a float64 least-squares run stay within 1e-12.
+CROSS_MACHINE_RTOL = 1e-12
+
+
+def same_rows(old: list[dict[str, str]], new: list[dict[str, str]]) -> None:
+    """Assert the same columns in order, non-numeric values equal, numbers to the rtol."""
+    assert [list(r) for r in old] == [list(r) for r in new]
+    for a, b in zip(old, new, strict=True):
+        for key in a:
+            try:
+                x, y = float(a[key]), float(b[key])
+            except ValueError:
+                assert a[key] == b[key], key
+                continue
+            np.testing.assert_allclose(y, x, rtol=CROSS_MACHINE_RTOL, atol=1e-300, err_msg=key)
+
+
 def params_of(run: Path) -> dict[str, torch.Tensor]:
     return latest_checkpoint(run / "checkpoints")[1]["model"]
 
@@ -88,28 +107,33 @@ def test_killed_old_run_resumes_to_todays_uninterrupted_run(name, fresh, tmp_pat
     assert train(LEGACY / RUNS[name], run, resume=True, echo=messages.append) == 0
     assert any("resumed at epoch" in m for m in messages)
     gold = fresh[name]
-    assert rows_of(run) == rows_of(gold)
+    # The killed run's rows before the kill, and the checkpoint it resumes from, were written
+    # on the fixture's machine; ``gold`` runs wholly on this one. A CPU of another kind rounds
+    # the same float64 reductions differently in the last one or two bits (vectorised sums),
+    # so the comparison across machines allows float64 rounding, 1e-12 relative, as
+    # test_todays_run_reproduces_the_old_completed_run does. Bitwise equality of a kill and
+    # resume on one machine is tests/test_runner.py's (both sides run here).
+    same_rows(rows_of(run), rows_of(gold))
     pa, pb = params_of(run), params_of(gold)
-    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert pa.keys() == pb.keys()
+    assert all(torch.allclose(pa[k], pb[k], rtol=CROSS_MACHINE_RTOL, atol=0) for k in pa)
     for item in sorted((gold / "components").glob("*.npz")):
         with np.load(item) as a, np.load(run / "components" / item.name) as b:
-            assert all(np.array_equal(a[k], b[k]) for k in a.files if k not in NEWER)
+            for k in a.files:
+                if k not in NEWER:
+                    np.testing.assert_allclose(b[k], a[k], rtol=CROSS_MACHINE_RTOL, atol=1e-300)
     if name == "ntasgd":
         xa = torch.load(run / "averaged_model.pt", weights_only=True)
         xb = torch.load(gold / "averaged_model.pt", weights_only=True)
-        assert all(torch.equal(xa[k], xb[k]) for k in xa)
+        assert all(torch.allclose(xa[k], xb[k], rtol=CROSS_MACHINE_RTOL, atol=0) for k in xa)
 
 
 @pytest.mark.parametrize("name", list(RUNS))
 def test_todays_run_reproduces_the_old_completed_run(name, fresh):
-    """Same config, same numbers (to float64 rounding, in case the old run's CPU differed)."""
-    old, new = rows_of(LEGACY / f"{name}-completed"), rows_of(fresh[name])
-    assert [list(r) for r in old] == [list(r) for r in new]  # the same columns, in order
-    for a, b in zip(old, new, strict=True):
-        for key in a:
-            np.testing.assert_allclose(float(b[key]), float(a[key]), rtol=1e-12, atol=1e-300)
+    """Same config, same numbers (to float64 rounding: the old run's CPU may differ)."""
+    same_rows(rows_of(LEGACY / f"{name}-completed"), rows_of(fresh[name]))
     pa, pb = params_of(LEGACY / f"{name}-completed"), params_of(fresh[name])
-    assert all(torch.allclose(pa[k], pb[k], rtol=1e-12, atol=0) for k in pa)
+    assert all(torch.allclose(pa[k], pb[k], rtol=CROSS_MACHINE_RTOL, atol=0) for k in pa)
 
 
 def test_probe_and_theory_read_old_checkpoints(tmp_path, capsys):
