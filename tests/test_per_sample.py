@@ -793,7 +793,7 @@ def test_two_pass_keeps_no_large_fallback_rows_and_stays_exact(monkeypatch, how)
     """Over the rows limit a chunk's dots and clipped sums come from the dot pass and backwards."""
     import importlib
 
-    probe_module = importlib.import_module("clipscope.engine.probe")
+    probe_module = importlib.import_module("clipscope.engine.per_sample_route")
     monkeypatch.setattr(probe_module, "_LIGHT_ROWS", 0)
     torch.manual_seed(0)
     model = NanoGPT().double()  # tied head: the embedding is on the fallback
