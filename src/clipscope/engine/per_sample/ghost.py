@@ -16,6 +16,9 @@ output depends on sample j only, so ``b_j = ∂ℓ_j/∂output_j``). Then:
    served (so ∇f never depends on a rule being right) and the sum of the
    fallback's per-sample gradients for the others.
 
+The hooks are :class:`~clipscope.engine.per_sample.recorder.ModuleRecorder`'s;
+the steps are :func:`_batch_norms` (the backward's norms, overflow), ``_Rules``
+(steps 1-2, one module at a time) and :func:`_fallback` (step 3).
 Norms of disjoint parameter sets add up. Under float16/bfloat16 a batch
 gradient that overflows is recomputed with the backward seeded by ``2^-⌈log2 B⌉``
 (the per-sample quantities are unscaled exactly, in float64).
@@ -23,7 +26,6 @@ gradient that overflows is recomputed with the backward seeded by ``2^-⌈log2 B
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -42,6 +44,7 @@ from clipscope.engine.per_sample.fallback import choose_mode, fallback_stats
 from clipscope.engine.per_sample.family import Call, LayerFamily, Unsupported
 from clipscope.engine.per_sample.kept import KeptChunk
 from clipscope.engine.per_sample.plan import Plan
+from clipscope.engine.per_sample.recorder import ModuleRecorder
 from clipscope.engine.verify import losses_differ, structural_error, tolerance
 from clipscope.errors import NonFiniteError
 
@@ -77,52 +80,6 @@ class GhostPass(NamedTuple):
     per_param: dict[int, torch.Tensor]
     kept: KeptChunk | None = None
     mismatch: str | None = None
-
-
-def _store(slots: list, k: int, g: torch.Tensor) -> None:
-    slots[k] = g.detach()
-
-
-class _Recorder:
-    """Forward (pre-)hooks that keep each call of the served modules for their rules."""
-
-    def __init__(self, modules: Sequence[tuple], batch: int) -> None:
-        self.batch = batch
-        self.calls: dict[int, list[Call]] = {id(m): [] for _, m, _, _ in modules}
-        self.outputs: list[tuple[torch.Tensor, int]] = []  # (hooked output, its version)
-        self._before: dict[int, list[Any]] = {id(m): [] for _, m, _, _ in modules}
-        self.handles = []
-        for _, mod, fam, _ in modules:
-            if type(fam).before is not LayerFamily.before:
-                self.handles.append(
-                    mod.register_forward_pre_hook(functools.partial(self._pre, fam))
-                )
-            self.handles.append(mod.register_forward_hook(functools.partial(self._post, fam)))
-
-    def _pre(self, fam: Any, mod: nn.Module, args: tuple) -> None:
-        self._before[id(mod)].append(fam.before(mod))
-
-    def _post(self, fam: Any, mod: nn.Module, args: tuple, output: Any) -> None:
-        stack = self._before[id(mod)]
-        before = stack.pop() if stack else None
-        try:
-            call, outs = fam.record(mod, args, output, self.batch, before)
-        except Exception as exc:  # a hook must not break the user's forward
-            call, outs = Call(problem=f"recording the call failed: {exc}"), []
-        # the slot list is referenced by the tensor hooks only: output -> grad_fn ->
-        # hook -> slot never points back at the output (a cycle through C++ that
-        # Python's garbage collector could not free)
-        self.calls[id(mod)].append(call)
-        for k, t in enumerate(outs):
-            if isinstance(t, torch.Tensor) and t.requires_grad:
-                t.register_hook(functools.partial(_store, call.grads, k))
-                self.outputs.append((t, t._version))
-
-    def remove(self) -> list[tuple[torch.Tensor, int]]:
-        for h in self.handles:
-            h.remove()
-        outputs, self.outputs = self.outputs, []
-        return outputs
 
 
 def _finite(t: torch.Tensor) -> bool:
@@ -225,7 +182,7 @@ def _forward_backward(model, loss_fn, x, y, plan, active, batch, scale, retain, 
     ``outputs_only``: the backward runs w.r.t. the recorded outputs only (their
     gradients are all a product of the factors needs); no parameter gradient.
     """
-    rec = _Recorder(active, batch)
+    rec = ModuleRecorder(active, batch)
     try:
         with torch.enable_grad():
             losses = per_sample_from_output(loss_fn, model(x), y, batch)
@@ -318,6 +275,11 @@ def _ghost_once(
     expect=None,
     keep_limit=None,
 ) -> GhostPass | None:
+    """One hooked forward and backward of ``scale·Σ_j ℓ_j``, then steps 1-4 of the module docstring.
+
+    None when the float16/bfloat16 batch gradient overflowed at ``scale = 1``
+    (:func:`ghost_pass` runs it again with a smaller seed).
+    """
     params = plan.params
     active = plan.ghost_modules()
     calls, losses, grads = _forward_backward(
@@ -328,121 +290,183 @@ def _ghost_once(
     if differ is not None:
         zero = torch.zeros(batch, dtype=torch.float64, device=x.device)
         return GhostPass(zero, losses.detach(), [None] * len(params), {}, None, differ)
-    # a finite float64 norm means finite entries (the elementwise test only when it is not)
+    norms = _batch_norms(plan, grads, actual, batch, scale)
+    if norms is None:
+        return None
+    rules = _Rules(plan, batch, scale, keep, actual, grads, norms)
+    for mname, mod, fam, attrs in active:  # 1-2: each rule's answer, checked
+        rules.serve(mname, mod, fam, attrs, calls[id(mod)])
+    grad_sum = rules.grad_sums()  # 4: the actual backward's, for the parameters served
+    rest = [k for k in range(len(params)) if k not in rules.per_param]
+    if rest:  # 3: the rest from the exact fallback
+        del grads
+        rules.grads = None
+        if keep and keep_limit is not None:
+            if batch * sum(params[k].numel() for k in rest) > keep_limit:
+                keep, rules.kept = False, []  # the fallback in bounded pieces; nothing kept
+        _fallback(model, loss_fn, x, y, plan, rest, randomness, losses, keep, rules, grad_sum)
+    sq = torch.zeros(batch, dtype=torch.float64, device=x.device)
+    for v in rules.per_param.values():
+        sq += v.to(sq.device)
+    chunk = KeptChunk(batch, rules.kept) if keep else None
+    return GhostPass(sq, losses.detach(), grad_sum, rules.per_param, chunk)
+
+
+def _batch_norms(plan, grads, actual, batch, scale) -> list[float | None] | None:
+    """``‖∇_p Σ_j ℓ_j‖`` per parameter (None where unused); None when float16/bfloat16 overflowed.
+
+    ``actual``: the norms an earlier pass formed (and checked finite). A
+    non-finite batch gradient otherwise raises :class:`NonFiniteError`.
+    """
+    params = plan.params
     if actual is not None:  # (checked finite by the pass that formed them)
         norms = [float(n) for n, _ in actual]
     else:
         norms = [None if g is None else _norm(g) for g in grads]
-    if not all(n is None or math.isfinite(n) for n in norms) and not _all_finite(
+    # a finite float64 norm means finite entries (the elementwise test only when it is not)
+    if all(n is None or math.isfinite(n) for n in norms) or _all_finite(
         [g for g in grads if g is not None]
     ):
-        if scale == 1.0 and params[0].dtype not in (torch.float32, torch.float64):
-            return None
-        bad = [plan.names[k] for k, g in enumerate(grads) if g is not None and not _finite(g)]
-        raise NonFiniteError(
-            f"the batch gradient of {batch} samples is not finite in parameter(s) "
-            f"{', '.join(bad)} although every per-sample loss is; nothing was changed"
-            + ("" if scale == 1.0 else f" (it overflows {params[0].dtype}: run in float32)")
-        )
-    tol = tolerance(params[0].dtype)
-    per_param: dict[int, torch.Tensor] = {}
-    unchecked_sums: dict[int, torch.Tensor] = {}
-    kept: list = []  # (factors, {attribute: parameter index}, scale) with keep=True
-    for mname, mod, fam, attrs in active:
+        return norms
+    if scale == 1.0 and params[0].dtype not in (torch.float32, torch.float64):
+        return None
+    bad = [plan.names[k] for k, g in enumerate(grads) if g is not None and not _finite(g)]
+    raise NonFiniteError(
+        f"the batch gradient of {batch} samples is not finite in parameter(s) "
+        f"{', '.join(bad)} although every per-sample loss is; nothing was changed"
+        + ("" if scale == 1.0 else f" (it overflows {params[0].dtype}: run in float32)")
+    )
+
+
+class _Rules:
+    """The answers of the rules a plan still serves in one batch, each checked structurally.
+
+    ``per_param`` collects ``{parameter index: (B,) float64 ‖g_j(p)‖²}`` of the
+    parameters whose rule passed; ``kept`` (with ``keep``) their kept forms as
+    ``(factors, {attribute: parameter index}, scale)``. A parameter whose rule
+    refused a call, or failed the check, is moved to the fallback (:meth:`Plan.demote`).
+    """
+
+    def __init__(self, plan, batch, scale, keep, actual, grads, norms) -> None:
+        self.plan, self.batch, self.scale, self.keep = plan, batch, scale, keep
+        self.actual, self.grads, self.norms = actual, grads, norms
+        self.tol = tolerance(plan.params[0].dtype)
+        self.per_param: dict[int, torch.Tensor] = {}
+        self.unchecked_sums: dict[int, torch.Tensor] = {}
+        self.kept: list = []
+
+    def serve(self, mname, mod, fam, attrs, calls) -> None:
+        """One module: its rule's answer (norms and projections), each parameter checked."""
+        plan = self.plan
         ks = [plan.index[id(getattr(mod, a))] for a in attrs]
-        problem = next((c.problem for c in calls[id(mod)] if c.problem), None)
+        problem = next((c.problem for c in calls if c.problem), None)
         if problem is not None:
             plan.demote(ks, "record", problem)
-            continue
+            return
         dirs = {a: plan.directions[k] for a, k in zip(attrs, ks, strict=True)}
         try:
-            if keep:
-                factors = fam.factors(mod, calls[id(mod)], attrs, batch)
-                res = factors.ghost(attrs, dirs)
-                kept.append((factors, {}, scale))
-            else:
-                res = fam.per_sample(mod, calls[id(mod)], attrs, batch, dirs)
+            res = self._answer(mod, fam, calls, attrs, dirs)
         except Unsupported as exc:
             plan.demote(ks, "rule", str(exc))
-            continue
+            return
         if plan.unchecked:
-            totals = fam.batch_grad(mod, calls[id(mod)], attrs, batch)
+            totals = fam.batch_grad(mod, calls, attrs, self.batch)
             for a, k in zip(attrs, ks, strict=True):
-                per_param[k] = res[a].sq / (scale * scale)
-                unchecked_sums[k] = totals[a].double() / scale
-                if keep:
-                    kept[-1][1][a] = k
-            continue
+                self._accept(a, k, res[a])
+                self.unchecked_sums[k] = totals[a].double() / self.scale
+            return
         for a, k in zip(attrs, ks, strict=True):
-            ghost = res[a]
-            if actual is not None:
-                seen = actual[k][1].to(ghost.proj.device)
-            else:
-                seen = plan.directions[k].of_tensor(
-                    grads[k] if grads[k] is not None else torch.zeros_like(params[k])
-                )
-            bound = (norms[k] or 0.0) + float(ghost.sq.clamp(min=0).sqrt().sum())
-            err = structural_error(ghost.proj, seen, bound)
-            if not err <= tol:
-                where = mname or type(mod).__name__
-                plan.demote(
-                    [k],
-                    "structural",
-                    f"the {fam.name} rule of {where} accounts for a batch gradient that differs "
-                    f"from the actual one (relative error {err:.2g} > {tol:g}): the parameter "
-                    "is used outside the module's recorded calls, or the module changes it "
-                    "during forward",
-                )
-                continue
-            plan.note_structural(err)
-            per_param[k] = ghost.sq / (scale * scale)
-            if keep:
-                kept[-1][1][a] = k
-    grad_sum: list[torch.Tensor | None] = [None] * len(params)
-    for k in per_param:
-        if k in unchecked_sums:
-            grad_sum[k] = unchecked_sums[k]
-        elif actual is None:
-            g = dense_grad(grads[k], params[k]).double()
-            grad_sum[k] = g if scale == 1.0 else g / scale
-    rest = [k for k in range(len(params)) if k not in per_param]
-    if rest:
-        del grads
-        if keep and keep_limit is not None:
-            if batch * sum(params[k].numel() for k in rest) > keep_limit:
-                keep, kept = False, []  # the fallback in bounded pieces; nothing kept
-        groups = [
-            ([k for k in rest if k in plan.batch1], "loop"),
-            ([k for k in rest if k not in plan.batch1], choose_mode(model, randomness)),
-        ]
-        for ks, mode in groups:
-            if not ks:
-                continue
-            if mode == "vmap" and plan.vmap_failed:
-                mode = "loop"
-            fs = fallback_stats(
-                model,
-                loss_fn,
-                x,
-                y,
-                [params[k] for k in ks],
-                mode,
-                losses=losses if mode == "graph" else None,
-                keep_rows=keep,
+            if self._structural(mname, mod, fam, k, res[a]):
+                self._accept(a, k, res[a])
+
+    def _answer(self, mod, fam, calls, attrs, dirs):
+        """Return the rule's :class:`ParamGhost` per attribute (its kept form's with ``keep``)."""
+        if not self.keep:
+            return fam.per_sample(mod, calls, attrs, self.batch, dirs)
+        factors = fam.factors(mod, calls, attrs, self.batch)
+        res = factors.ghost(attrs, dirs)
+        self.kept.append((factors, {}, self.scale))
+        return res
+
+    def _accept(self, a, k, ghost) -> None:
+        self.per_param[k] = ghost.sq / (self.scale * self.scale)
+        if self.keep:
+            self.kept[-1][1][a] = k
+
+    def _structural(self, mname, mod, fam, k, ghost) -> bool:
+        """Check one parameter structurally; a failure moves it to the fallback."""
+        plan = self.plan
+        if self.actual is not None:
+            seen = self.actual[k][1].to(ghost.proj.device)
+        else:
+            g = self.grads[k]
+            seen = plan.directions[k].of_tensor(
+                g if g is not None else torch.zeros_like(plan.params[k])
             )
-            if mode == "vmap" and fs.mode != "vmap":
-                plan.vmap_failed = True
-            if keep:
-                names = {plan.names[k]: k for k in ks}
-                kept.append((Rows(dict(zip(names, fs.rows, strict=True))), names, 1.0))
-            for i, k in enumerate(ks):
-                per_param[k] = fs.sq[i]
-                grad_sum[k] = fs.sums[i]
-    sq = torch.zeros(batch, dtype=torch.float64, device=x.device)
-    for v in per_param.values():
-        sq += v.to(sq.device)
-    chunk = KeptChunk(batch, kept) if keep else None
-    return GhostPass(sq, losses.detach(), grad_sum, per_param, chunk)
+        bound = (self.norms[k] or 0.0) + float(ghost.sq.clamp(min=0).sqrt().sum())
+        err = structural_error(ghost.proj, seen, bound)
+        if not err <= self.tol:
+            where = mname or type(mod).__name__
+            plan.demote(
+                [k],
+                "structural",
+                f"the {fam.name} rule of {where} accounts for a batch gradient that differs "
+                f"from the actual one (relative error {err:.2g} > {self.tol:g}): the parameter "
+                "is used outside the module's recorded calls, or the module changes it "
+                "during forward",
+            )
+            return False
+        plan.note_structural(err)
+        return True
+
+    def grad_sums(self) -> list[torch.Tensor | None]:
+        """``∇ Σ_j ℓ_j`` of the parameters served: the actual backward's (float64, unscaled)."""
+        params = self.plan.params
+        grad_sum: list[torch.Tensor | None] = [None] * len(params)
+        for k in self.per_param:
+            if k in self.unchecked_sums:
+                grad_sum[k] = self.unchecked_sums[k]
+            elif self.actual is None:
+                g = dense_grad(self.grads[k], params[k]).double()
+                grad_sum[k] = g if self.scale == 1.0 else g / self.scale
+        return grad_sum
+
+
+def _fallback(model, loss_fn, x, y, plan, rest, randomness, losses, keep, rules, grad_sum):
+    """Exact per-sample norms and sums of the parameters ``rest`` no rule serves.
+
+    Two groups: the parameters defined by batch-1 passes (``plan.batch1``, a
+    loop) and the others (:func:`choose_mode`); with ``keep`` their per-sample
+    gradients are kept as rows.
+    """
+    params = plan.params
+    groups = [
+        ([k for k in rest if k in plan.batch1], "loop"),
+        ([k for k in rest if k not in plan.batch1], choose_mode(model, randomness)),
+    ]
+    for ks, mode in groups:
+        if not ks:
+            continue
+        if mode == "vmap" and plan.vmap_failed:
+            mode = "loop"
+        fs = fallback_stats(
+            model,
+            loss_fn,
+            x,
+            y,
+            [params[k] for k in ks],
+            mode,
+            losses=losses if mode == "graph" else None,
+            keep_rows=keep,
+        )
+        if mode == "vmap" and fs.mode != "vmap":
+            plan.vmap_failed = True
+        if keep:
+            names = {plan.names[k]: k for k in ks}
+            rules.kept.append((Rows(dict(zip(names, fs.rows, strict=True))), names, 1.0))
+        for i, k in enumerate(ks):
+            rules.per_param[k] = fs.sq[i]
+            grad_sum[k] = fs.sums[i]
 
 
 def per_sample_sq_norms(

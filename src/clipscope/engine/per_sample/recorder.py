@@ -1,0 +1,93 @@
+"""What the ghost pass records during the batch forward, for the rules to read.
+
+:class:`ModuleRecorder` hooks the modules a module rule serves
+(:meth:`~clipscope.engine.per_sample.family.LayerFamily.record`): each call of
+such a module becomes a :class:`~clipscope.engine.per_sample.family.Call`, and
+a tensor hook on each output it names fills in that output's gradient
+``b = ∂(Σ_k ℓ_k)/∂output`` during the one backward.
+
+A recorder has three parts the ghost pass relies on: ``calls`` (what the rules
+read), ``outputs`` (what a backward w.r.t. the layer outputs differentiates) and
+``remove()``. A recorder for rules matched by how a *parameter is used* (a
+``torch.overrides.TorchFunctionMode`` seeing ``F.linear``, a broadcast add or
+``F.layer_norm`` during the same forward; see
+:meth:`~clipscope.engine.per_sample.registry.RuleRegistry.use_rules`) belongs
+beside this one, with the same three parts.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from clipscope.engine.per_sample.family import Call, LayerFamily
+
+__all__ = ["ModuleRecorder"]
+
+
+def _store(slots: list, k: int, g: torch.Tensor) -> None:
+    slots[k] = g.detach()
+
+
+class ModuleRecorder:
+    """Forward (pre-)hooks that keep each call of the served modules for their rules.
+
+    Parameters
+    ----------
+    modules : sequence of ``(name, module, rule, attributes)``
+        What :meth:`Plan.ghost_modules` returns: each module is hooked for its rule.
+    batch : int
+        The batch size B (a rule refuses a call without the samples on dim 0).
+
+    Attributes
+    ----------
+    calls : dict
+        ``{id(module): [Call, ...]}``, one :class:`Call` per forward call, in call
+        order; each call's ``grads`` are filled by tensor hooks during the backward.
+    outputs : list
+        ``(hooked output, its version)``: the tensors a backward w.r.t. the layer
+        outputs only differentiates (:func:`~clipscope.engine.per_sample.ghost.ghost_pass`).
+    """
+
+    def __init__(self, modules: Sequence[tuple], batch: int) -> None:
+        self.batch = batch
+        self.calls: dict[int, list[Call]] = {id(m): [] for _, m, _, _ in modules}
+        self.outputs: list[tuple[torch.Tensor, int]] = []  # (hooked output, its version)
+        self._before: dict[int, list[Any]] = {id(m): [] for _, m, _, _ in modules}
+        self.handles = []
+        for _, mod, fam, _ in modules:
+            if type(fam).before is not LayerFamily.before:
+                self.handles.append(
+                    mod.register_forward_pre_hook(functools.partial(self._pre, fam))
+                )
+            self.handles.append(mod.register_forward_hook(functools.partial(self._post, fam)))
+
+    def _pre(self, fam: Any, mod: nn.Module, args: tuple) -> None:
+        self._before[id(mod)].append(fam.before(mod))
+
+    def _post(self, fam: Any, mod: nn.Module, args: tuple, output: Any) -> None:
+        stack = self._before[id(mod)]
+        before = stack.pop() if stack else None
+        try:
+            call, outs = fam.record(mod, args, output, self.batch, before)
+        except Exception as exc:  # a hook must not break the user's forward
+            call, outs = Call(problem=f"recording the call failed: {exc}"), []
+        # the slot list is referenced by the tensor hooks only: output -> grad_fn ->
+        # hook -> slot never points back at the output (a cycle through C++ that
+        # Python's garbage collector could not free)
+        self.calls[id(mod)].append(call)
+        for k, t in enumerate(outs):
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                t.register_hook(functools.partial(_store, call.grads, k))
+                self.outputs.append((t, t._version))
+
+    def remove(self) -> list[tuple[torch.Tensor, int]]:
+        """Remove the hooks; return the hooked outputs with their versions."""
+        for h in self.handles:
+            h.remove()
+        outputs, self.outputs = self.outputs, []
+        return outputs
