@@ -14,8 +14,10 @@ Two quantities per sample, without holding the B gradients:
 * ``⟨g_j, v⟩`` -- :func:`per_sample_dots` (pass 2): one forward-mode JVP of
   the per-sample loss vector along v.
 
-One module per layer family holds its preconditions and its rules
-(:class:`~clipscope.engine.per_sample.family.LayerFamily`):
+One file per layer family holds its claim, record step and rules
+(:class:`~clipscope.engine.per_sample.family.LayerFamily`) and registers them
+in the open rule registry (:mod:`.registry`, :func:`register_module_rule`);
+importing this package imports every built-in rule file:
 
 ========================  =====================================================
 :mod:`.linear`            ``nn.Linear`` on any leading dims (Goodfellow 2015; Li et al. 2021)
@@ -26,9 +28,11 @@ One module per layer family holds its preconditions and its rules
                           module by a module-local per-sample loop
 ========================  =====================================================
 
-Everything else -- a parameter without a rule (a bare ``nn.Parameter``,
-``nn.MultiheadAttention``, ``PReLU``), a tied weight, a rule whose check
-failed -- gets its exact per-sample gradients from :mod:`.fallback`, and a
+A user's own rule is registered the same way, from the user's code
+(``docs/engine.md``, "How to add a layer rule"). Everything else -- a
+parameter without a rule (a bare ``nn.Parameter``, ``nn.MultiheadAttention``,
+``PReLU``), a tied weight, a rule whose check failed -- gets its exact
+per-sample gradients from :mod:`.fallback`, and a
 :class:`~clipscope.engine.verify.PerSampleFallbackWarning` says which and why.
 :class:`~clipscope.engine.per_sample.plan.Plan` records every such decision.
 
@@ -40,21 +44,31 @@ the sample axis raises ``ValueError`` saying what to change.
 compare everything with.
 """
 
+from clipscope.engine.per_sample import conv, embedding, linear, norm, rnn  # noqa: F401 (rules)
 from clipscope.engine.per_sample.batch import per_sample_losses
 from clipscope.engine.per_sample.dots import per_sample_dots
 from clipscope.engine.per_sample.family import LayerFamily
 from clipscope.engine.per_sample.ghost import GhostPass, ghost_pass, per_sample_sq_norms
-from clipscope.engine.per_sample.plan import FAMILIES, Plan
+from clipscope.engine.per_sample.plan import Plan
 from clipscope.engine.per_sample.reference import per_sample_grads_reference
+from clipscope.engine.per_sample.registry import (
+    FAMILIES,
+    RuleRegistry,
+    register_module_rule,
+    registry,
+)
 
 __all__ = [
     "FAMILIES",
     "GhostPass",
     "LayerFamily",
     "Plan",
+    "RuleRegistry",
     "ghost_pass",
     "per_sample_dots",
     "per_sample_grads_reference",
     "per_sample_losses",
     "per_sample_sq_norms",
+    "register_module_rule",
+    "registry",
 ]

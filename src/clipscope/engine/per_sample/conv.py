@@ -51,6 +51,7 @@ from clipscope.engine.per_sample.family import (
     single_input_record,
     zeros,
 )
+from clipscope.engine.per_sample.registry import register_module_rule
 
 __all__ = ["ConvFactors", "ConvFamily", "per_sample_weight_grads"]
 
@@ -256,11 +257,11 @@ class ConvFactors(Factors):
         return torch.stack(out)
 
 
+@register_module_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d, *_TRANSPOSED)
 class ConvFamily(LayerFamily):
     """``nn.Conv{1,2,3}d`` and ``nn.ConvTranspose{1,2,3}d``."""
 
     name = "conv"
-    module_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d, *_TRANSPOSED)
 
     def record(self, mod, args, output, batch, before=None):
         """One batched input ``(B, C, *spatial)``."""

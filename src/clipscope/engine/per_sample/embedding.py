@@ -22,7 +22,7 @@ Options:
   gradients, and the per-sample gradient is not the derivative (forward-mode
   dots would miss the scaling). Not claimed here: such a weight's per-sample
   norms, sums, dots and clipped sums all come from batch-1 backward passes
-  (:func:`batch1_reason`).
+  (:meth:`EmbeddingFamily.batch1`, for ``nn.EmbeddingBag`` too).
 """
 
 from __future__ import annotations
@@ -33,18 +33,9 @@ from torch import nn
 from clipscope.engine.per_sample._common import CHUNK_ELEMENTS, Directions, cat_tokens, up
 from clipscope.engine.per_sample.factors import Factors, Zero, storage_bytes
 from clipscope.engine.per_sample.family import LayerFamily, grads_of
+from clipscope.engine.per_sample.registry import register_module_rule
 
-__all__ = ["EmbeddingFactors", "EmbeddingFamily", "batch1_reason"]
-
-
-def batch1_reason(mod: nn.Module) -> str | None:
-    """Why a module's per-sample gradient is defined only by a batch-1 backward, or None."""
-    if isinstance(mod, (nn.Embedding, nn.EmbeddingBag)) and mod.scale_grad_by_freq:
-        return (
-            "scale_grad_by_freq=True: torch divides the gradient by the token counts of the "
-            "whole batch, so per-sample gradients come from batch-1 backward passes"
-        )
-    return None
+__all__ = ["EmbeddingFactors", "EmbeddingFamily"]
 
 
 def _tokens(mod: nn.Embedding, calls, batch: int):
@@ -109,15 +100,24 @@ class EmbeddingFactors(Factors):
         return out
 
 
+@register_module_rule(nn.Embedding)
 class EmbeddingFamily(LayerFamily):
     """``nn.Embedding`` with any ``padding_idx``, ``max_norm`` and ``sparse``."""
 
     name = "embedding"
-    module_types = (nn.Embedding,)
 
     def claims(self, mod):
         """Not for ``scale_grad_by_freq`` (see the module docstring)."""
         return super().claims(mod) and not mod.scale_grad_by_freq
+
+    def batch1(self, mod):
+        """``scale_grad_by_freq``: the gradient is defined per batch (module docstring)."""
+        if isinstance(mod, (nn.Embedding, nn.EmbeddingBag)) and mod.scale_grad_by_freq:
+            return (
+                "scale_grad_by_freq=True: torch divides the gradient by the token counts of the "
+                "whole batch, so per-sample gradients come from batch-1 backward passes"
+            )
+        return None
 
     def factors(self, mod, calls, names, batch):
         """Keep the token ids and output gradients of every call."""
@@ -125,10 +125,6 @@ class EmbeddingFamily(LayerFamily):
         if tk is None:
             return Zero({"weight": tuple(mod.weight.shape)}, batch, mod.weight.device)
         return EmbeddingFactors(tk[0], tk[1], mod.weight.shape)
-
-    def per_sample(self, mod, calls, names, batch, dirs: dict[str, Directions]):
-        """Same-token Gram sums of the output gradients."""
-        return self.factors(mod, calls, names, batch).ghost(["weight"], dirs)
 
     def batch_grad(self, mod, calls, names, batch):
         """``Σ_t`` of ``b_t`` added to row ``i_t``."""
@@ -138,7 +134,3 @@ class EmbeddingFamily(LayerFamily):
             idx, b = tk
             w.index_add_(0, idx.reshape(-1), b.reshape(-1, b.shape[-1]).double())
         return {"weight": w}
-
-    def dots(self, mod, calls, names, vectors, batch):
-        """``Σ_t b_t·V[i_t]`` per sample."""
-        return self.factors(mod, calls, names, batch).dots({"weight": vectors["weight"]})

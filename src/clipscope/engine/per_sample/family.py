@@ -1,26 +1,41 @@
-"""The interface every layer family implements, and the registry of families.
+"""The interface every per-sample layer rule implements.
 
-A **layer family** (one module per family, like Opacus' one grad-sampler per
-layer type) owns three things for the module types it covers:
+A **layer rule** (one file per family of layers, like Opacus' one grad-sampler
+per layer type) is a :class:`LayerFamily` subclass registered in
+:mod:`~clipscope.engine.per_sample.registry` by its decorator. It owns, for the
+modules it claims:
 
-1. its **preconditions** -- :meth:`LayerFamily.claims` (the module types and
-   options its formulas cover, checked once when the probe is planned) and
-   :meth:`LayerFamily.precondition` (the module's current state, e.g. train
-   mode);
-2. what it **records** from each call -- :meth:`LayerFamily.record` keeps the
-   inputs it needs (detached) and names the outputs whose gradients it needs;
-   the ghost pass fills those gradients (``b = ∂(Σ_k ℓ_k)/∂output``) during its
-   one backward;
-3. its **rules**, pure functions of the recorded calls:
-   :meth:`LayerFamily.per_sample` gives, per parameter, the per-sample squared
-   norms ``‖g_j(p)‖²`` and the projection of the batch gradient the rule
-   accounts for on the structural-check directions; :meth:`LayerFamily.dots`
-   gives ``⟨g_j(θ_mod), v⟩`` for a vector ``v`` given per parameter.
+1. its **claim and preconditions** -- :meth:`LayerFamily.claims` (the module
+   types and options its formulas cover, checked once when the probe is
+   planned) and :meth:`LayerFamily.precondition` (the module's current state,
+   e.g. train mode); :meth:`LayerFamily.param_names` (the parameters it
+   computes). Two hooks are asked of every module of the model whether the
+   rule claims it or not: :meth:`LayerFamily.batch1` (a gradient defined per
+   batch) and :meth:`LayerFamily.excludes` (modules no rule may serve);
+2. its **record step** -- :meth:`LayerFamily.record` keeps the inputs it needs
+   (detached) and names the outputs whose gradients it needs; the ghost pass
+   fills those gradients (``b = ∂(Σ_k ℓ_k)/∂output``) during its one backward;
+3. its **forms**, pure functions of the recorded calls:
 
-Nothing in a rule depends on when it runs: a route that keeps the recorded
-calls of pass 1 (issue 13's factor-keeping route) can call ``dots`` once ∇f
-is known, without a second forward. The ghost pass verifies every rule's
-result (:mod:`clipscope.engine.verify`); a family never has to be trusted.
+   * kept-factor form, :meth:`LayerFamily.factors`: the per-sample gradients as
+     a :class:`~clipscope.engine.per_sample.factors.Factors` (``Tokens``,
+     ``Rows``, ``Joined``, ``Zero`` or the family's own), from which norms,
+     dots and γ-weighted sums follow;
+   * ghost-norm form, :meth:`LayerFamily.per_sample`: per parameter the
+     per-sample squared norms ``‖g_j(p)‖²`` and the **structural-check
+     directions** -- the projection of the batch gradient the rule accounts for
+     on the parameter's :class:`~clipscope.engine.per_sample._common.Directions`
+     (:class:`ParamGhost`); by default the kept form's ``sq`` and ``proj``;
+   * dots form, :meth:`LayerFamily.dots`: ``⟨g_j(θ_mod), v⟩`` for a vector
+     ``v`` given per parameter; by default the kept form's ``dots``;
+   * :meth:`LayerFamily.batch_grad`: ``Σ_j g_j(p)`` in full, for the tests and
+     the benchmarks (the probe takes the batch gradient from autograd).
+
+Nothing in a rule depends on when it runs: the factor-keeping route keeps the
+recorded calls' factors of pass 1 and takes ``dots`` once ∇f is known, without
+a second forward. The ghost pass verifies every rule's result
+(:mod:`clipscope.engine.verify`: the structural check of each chunk, the spot
+check of a few samples); a rule never has to be trusted.
 
 A rule that meets something it cannot handle at run time (samples not on
 dim 0, a packed sequence, a re-run that does not reproduce the batch) raises
@@ -30,7 +45,7 @@ the parameters then go to an exact fallback, visibly.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -96,10 +111,13 @@ class ParamGhost:
 
 
 class LayerFamily:
-    """Base class: the preconditions, records and rules of one family of layers.
+    """Base class: the claim, record step and forms of one family of layers.
 
-    Subclasses set :attr:`name` and :attr:`module_types` and implement
-    :meth:`per_sample` and :meth:`dots`; most keep the default
+    A subclass sets :attr:`name`, is registered with
+    :func:`~clipscope.engine.per_sample.registry.register_module_rule` (which
+    sets :attr:`module_types`), and implements :meth:`factors` and
+    :meth:`batch_grad`; :meth:`per_sample` and :meth:`dots` follow from the
+    factors unless the family has a cheaper form. Most keep the default
     :meth:`record` (one input, one output, samples on dim 0 of both).
     """
 
@@ -127,6 +145,25 @@ class LayerFamily:
         """Why the rules cannot serve ``mod`` in its current state, or ``None``."""
         return None
 
+    def batch1(self, mod: nn.Module) -> str | None:
+        """Why ``mod``'s gradient is defined only per batch (batch-1 passes serve it), or None.
+
+        Asked of every module of the model, claimed or not, before any claim:
+        a module whose batch backward is not the sum of its per-sample
+        gradients (it divides by batch counts) gets its per-sample norms, sums,
+        dots and clipped sums from batch-1 backward passes.
+        """
+        return None
+
+    def excludes(self, mod: nn.Module) -> Mapping[nn.Module, str]:
+        """Return ``{module: reason}``: modules inside or around ``mod`` that no rule may serve.
+
+        Asked of every module of the model, claimed or not. For a module that
+        uses another module's parameters without calling it (the exclusion
+        holds for every rule; their parameters go to the exact fallback).
+        """
+        return {}
+
     def before(self, mod: nn.Module) -> Any:
         """Run in a forward pre-hook; the return value reaches :meth:`record` as ``before``."""
         return None
@@ -137,6 +174,15 @@ class LayerFamily:
         """Keep what the rules need from one call; return the call and the outputs to hook."""
         return single_input_record(mod, args, output, batch)
 
+    def factors(self, mod: nn.Module, calls: list[Call], names: list[str], batch: int) -> Any:
+        """Return the per-sample gradients of ``names`` in a kept form (a ``Factors``).
+
+        :class:`~clipscope.engine.per_sample.factors.Factors` with ``sq``,
+        ``proj``, ``dots`` and ``weighted`` for each of ``names``; ``Zero`` when
+        no call reached the loss. The factor-keeping route keeps it between passes.
+        """
+        raise NotImplementedError
+
     def per_sample(
         self,
         mod: nn.Module,
@@ -145,8 +191,11 @@ class LayerFamily:
         batch: int,
         dirs: dict[str, Directions],
     ) -> dict[str, ParamGhost]:
-        """Per-sample squared norms and batch-gradient projections of ``mod``'s ``names``."""
-        raise NotImplementedError
+        """Per-sample squared norms and batch-gradient projections of ``mod``'s ``names``.
+
+        Default: from :meth:`factors` (its ``sq`` and ``proj`` on ``dirs``).
+        """
+        return self.factors(mod, calls, names, batch).ghost(names, dirs)
 
     def dots(
         self,
@@ -156,8 +205,11 @@ class LayerFamily:
         vectors: dict[str, torch.Tensor],
         batch: int,
     ) -> torch.Tensor:
-        """``⟨g_j, v⟩`` over ``mod``'s ``names`` for every sample, float64 ``(B,)``."""
-        raise NotImplementedError
+        """``⟨g_j, v⟩`` over ``mod``'s ``names`` for every sample, float64 ``(B,)``.
+
+        Default: from :meth:`factors`.
+        """
+        return self.factors(mod, calls, names, batch).dots({n: vectors[n] for n in names})
 
     def batch_grad(
         self, mod: nn.Module, calls: list[Call], names: list[str], batch: int

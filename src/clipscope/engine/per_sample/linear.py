@@ -16,6 +16,12 @@ calls into one sum. Preconditions: ``nn.Linear`` or a subclass that keeps
 ``nn.Linear.forward`` (``NonDynamicallyQuantizableLinear``); the samples on
 dim 0 of input and output. A weight also used outside the module
 (``F.linear(h, emb.weight)``) is caught by the structural check, not here.
+
+Excluded (:meth:`LinearFamily.excludes`): the modules inside an
+``nn.MultiheadAttention``, which passes ``out_proj.weight`` to
+``F.multi_head_attention_forward`` without calling ``out_proj`` (a Linear this
+rule would otherwise claim). A rule for ``nn.MultiheadAttention`` itself would
+take this exclusion over.
 """
 
 from __future__ import annotations
@@ -23,9 +29,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from clipscope.engine.per_sample._common import CHUNK_ELEMENTS, Directions, cat_tokens, up
+from clipscope.engine.per_sample._common import CHUNK_ELEMENTS, cat_tokens, up
 from clipscope.engine.per_sample.factors import Joined, Rows, Tokens, Zero
 from clipscope.engine.per_sample.family import Call, LayerFamily, grads_of
+from clipscope.engine.per_sample.registry import register_module_rule
 
 __all__ = ["LinearFamily"]
 
@@ -40,11 +47,22 @@ def tokens(calls: list[Call], batch: int) -> tuple[torch.Tensor, torch.Tensor] |
     return a, b
 
 
+_INSIDE_ATTENTION = (
+    "nn.MultiheadAttention uses its projections' weights without calling them as modules"
+)
+
+
+@register_module_rule(nn.Linear)
 class LinearFamily(LayerFamily):
     """``nn.Linear`` (and subclasses with its forward)."""
 
     name = "linear"
-    module_types = (nn.Linear,)
+
+    def excludes(self, mod):
+        """Every module inside an ``nn.MultiheadAttention`` (module docstring)."""
+        if not isinstance(mod, nn.MultiheadAttention):
+            return {}
+        return {child: _INSIDE_ATTENTION for child in mod.modules() if child is not mod}
 
     def factors(self, mod, calls, names, batch):
         """Keep the tokens ``(a, b)``, or the per-sample weight matrices where those are smaller.
@@ -73,10 +91,6 @@ class LinearFamily(LayerFamily):
         if bias is not None:
             parts.append(Tokens(None, b, bias="bias"))
         return Joined(parts)
-
-    def per_sample(self, mod, calls, names, batch, dirs: dict[str, Directions]):
-        """Ghost norms of ``weight`` and ``bias`` from the recorded ``(a, b)``."""
-        return self.factors(mod, calls, names, batch).ghost(names, dirs)
 
     def batch_grad(self, mod, calls, names, batch):
         """``Σ_{j,t} b_t a_tᵀ`` and ``Σ_{j,t} b_t``."""

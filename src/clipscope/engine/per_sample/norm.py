@@ -23,9 +23,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from clipscope.engine.per_sample._common import Directions, up
+from clipscope.engine.per_sample._common import up
 from clipscope.engine.per_sample.factors import Rows, Zero
 from clipscope.engine.per_sample.family import LayerFamily, grads_of
+from clipscope.engine.per_sample.registry import register_module_rule
 
 __all__ = ["NormFamily"]
 
@@ -75,11 +76,11 @@ def _affine_grads(mod: nn.Module, a: torch.Tensor, b: torch.Tensor):
     return prod.sum(2), bb.sum(2)
 
 
+@register_module_rule(nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, *_INSTANCE, _BATCH)
 class NormFamily(LayerFamily):
     """LayerNorm, RMSNorm, GroupNorm, InstanceNorm (affine) and eval-mode BatchNorm."""
 
     name = "norm"
-    module_types = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, *_INSTANCE, _BATCH)
 
     def claims(self, mod):
         """Any of the types with its own forward (BatchNorm subclasses keep ``_BatchNorm``'s)."""
@@ -114,10 +115,6 @@ class NormFamily(LayerFamily):
             return Zero(shapes, batch, next(iter(mod.parameters())).device)
         return Rows(rows)
 
-    def per_sample(self, mod, calls, names, batch, dirs: dict[str, Directions]):
-        """Affine gradients formed per sample (they are as small as the parameters)."""
-        return self.factors(mod, calls, names, batch).ghost(names, dirs)
-
     def batch_grad(self, mod, calls, names, batch):
         """Sum the per-sample affine gradients."""
         gw, gb = self._grads(mod, calls, batch)
@@ -127,7 +124,3 @@ class NormFamily(LayerFamily):
                 p = getattr(mod, name)
                 out[name] = torch.zeros_like(p) if g is None else g.sum(0).reshape(p.shape)
         return out
-
-    def dots(self, mod, calls, names, vectors, batch):
-        """``⟨g_j(weight), v_w⟩ + ⟨g_j(bias), v_b⟩`` per sample."""
-        return self.factors(mod, calls, names, batch).dots({n: vectors[n] for n in names})

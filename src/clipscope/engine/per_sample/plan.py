@@ -1,14 +1,18 @@
 """Which rule serves which parameter, and everything that happened to that choice.
 
 A :class:`Plan` is made once per per-sample probe. For every module that
-registers a wanted parameter it asks the families of :data:`FAMILIES`, in
+registers a wanted parameter it asks the rules of the registry
+(:meth:`~clipscope.engine.per_sample.registry.RuleRegistry.module_rules`), in
 order, whether they claim the module and whether its preconditions hold; the
 first that does serves the parameters it names. Everything else goes to the
-exact fallback with a reason: no rule for the module type, a parameter
-registered in two modules (tied weights: ``‖g_1 + g_2‖² ≠ ‖g_1‖² + ‖g_2‖²``),
-the children of ``nn.MultiheadAttention`` (it reads ``out_proj.weight``
-without calling ``out_proj``), a gradient torch defines per batch
-(``scale_grad_by_freq``). During the probe the checks of
+exact fallback with a reason, in this order: a parameter registered in two
+modules (tied weights: ``‖g_1 + g_2‖² ≠ ‖g_1‖² + ‖g_2‖²``), a gradient torch
+defines per batch (a rule's ``batch1`` hook: ``scale_grad_by_freq``), a module
+a rule excludes (its ``excludes`` hook: the children of
+``nn.MultiheadAttention``, which reads ``out_proj.weight`` without calling
+``out_proj``), no rule for the module type, no rule for the parameter. The
+planner names no layer: every such decision comes from a rule file. During
+the probe the checks of
 :mod:`clipscope.engine.verify` move more parameters to the fallback
 (:meth:`Plan.demote`); each move is an :class:`Event`, warned about as a
 :class:`~clipscope.engine.verify.PerSampleFallbackWarning` (or raised as a
@@ -28,15 +32,11 @@ from torch import nn
 
 from clipscope.engine.losses import trainable_params
 from clipscope.engine.per_sample._common import Directions
-from clipscope.engine.per_sample.conv import ConvFamily
-from clipscope.engine.per_sample.embedding import EmbeddingFamily, batch1_reason
 from clipscope.engine.per_sample.family import LayerFamily
-from clipscope.engine.per_sample.linear import LinearFamily
-from clipscope.engine.per_sample.norm import NormFamily
-from clipscope.engine.per_sample.rnn import LSTMFamily, RNNLoopFamily
+from clipscope.engine.per_sample.registry import registry
 from clipscope.engine.verify import PerSampleFallbackWarning, VerificationError
 
-__all__ = ["FAMILIES", "VERIFICATION_STAGES", "Event", "Plan", "unchecked_for_benchmarks"]
+__all__ = ["VERIFICATION_STAGES", "Event", "Plan", "unchecked_for_benchmarks"]
 
 _UNCHECKED = False
 
@@ -59,16 +59,6 @@ def unchecked_for_benchmarks() -> Iterator[None]:
         _UNCHECKED = previous
 
 
-#: The families, in the order they are asked (the LSTM ghost before the generic loop).
-FAMILIES: tuple[LayerFamily, ...] = (
-    LinearFamily(),
-    ConvFamily(),
-    EmbeddingFamily(),
-    NormFamily(),
-    LSTMFamily(),
-    RNNLoopFamily(),
-)
-
 #: Stages whose events are failed checks (``strict=True`` raises on them).
 VERIFICATION_STAGES = ("structural", "spot-norm", "spot-dot")
 
@@ -90,6 +80,17 @@ class Event:
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe record."""
         return {"stage": self.stage, "params": list(self.params), "reason": self.reason}
+
+
+def _no_rule(mod, attr, excluded, family, why) -> str | None:
+    """Why no rule serves ``mod.attr`` (an exclusion, no rule, not its parameter), or None."""
+    if excluded is not None:
+        return excluded
+    if family is None:
+        return f"no per-sample rule for {type(mod).__name__}" + (f" ({why})" if why else "")
+    if attr not in family.param_names(mod):
+        return f"no per-sample rule for parameter {attr!r} of {type(mod).__name__}"
+    return None
 
 
 def _names(model: nn.Module, params: list[torch.Tensor]) -> list[str]:
@@ -148,18 +149,8 @@ class Plan:
 
     # -- planning ------------------------------------------------------------
     def _plan(self) -> None:
-        registered: dict[int, list[str]] = {}
-        for mname, mod in self.model.named_modules():
-            for attr, p in mod._parameters.items():
-                if p is not None and id(p) in self.index:
-                    registered.setdefault(id(p), []).append(f"{mname}.{attr}" if mname else attr)
-        inside_mha = {
-            id(child)
-            for m in self.model.modules()
-            if isinstance(m, nn.MultiheadAttention)
-            for child in m.modules()
-            if child is not m
-        }
+        registered = self._registrations()
+        excluded = registry.excluded(self.model)
         planned: dict[str, list[str]] = {}
         for mname, mod in self.model.named_modules():
             own = {
@@ -169,15 +160,10 @@ class Plan:
             }
             if not own:
                 continue
-            b1 = batch1_reason(mod)
+            b1 = registry.batch1(mod)
             family, why = None, None
-            if b1 is None and id(mod) not in inside_mha:
-                for fam in FAMILIES:
-                    if fam.claims(mod):
-                        why = fam.precondition(mod)
-                        if why is None:
-                            family = fam
-                            break
+            if b1 is None and id(mod) not in excluded:
+                family, why = registry.rule_for(mod)
             covered = []
             for attr, p in own.items():
                 k = self.index[id(p)]
@@ -191,26 +177,26 @@ class Plan:
                 elif b1 is not None:
                     reason = f"{type(mod).__name__}({b1})"
                     self.batch1.add(k)
-                elif id(mod) in inside_mha:
-                    reason = (
-                        "nn.MultiheadAttention uses its projections' weights without calling "
-                        "them as modules"
-                    )
-                elif family is None:
-                    reason = f"no per-sample rule for {type(mod).__name__}" + (
-                        f" ({why})" if why else ""
-                    )
-                elif attr not in family.param_names(mod):
-                    reason = f"no per-sample rule for parameter {attr!r} of {type(mod).__name__}"
                 else:
-                    covered.append(attr)
-                    continue
+                    reason = _no_rule(mod, attr, excluded.get(id(mod)), family, why)
+                    if reason is None:
+                        covered.append(attr)
+                        continue
                 self.fallback[k] = reason
                 planned.setdefault(reason, []).append(self.names[k])
             if covered:
                 self.modules.append((mname, mod, family, covered))
         for reason, names in planned.items():
             self._event(Event("plan", tuple(names), reason))
+
+    def _registrations(self) -> dict[int, list[str]]:
+        """``{id(parameter): the names it is registered under}`` for the wanted parameters."""
+        registered: dict[int, list[str]] = {}
+        for mname, mod in self.model.named_modules():
+            for attr, p in mod._parameters.items():
+                if p is not None and id(p) in self.index:
+                    registered.setdefault(id(p), []).append(f"{mname}.{attr}" if mname else attr)
+        return registered
 
     # -- state -----------------------------------------------------------------
     def ghost_modules(self) -> list[tuple[str, nn.Module, LayerFamily, list[str]]]:

@@ -48,6 +48,7 @@ from clipscope.engine.per_sample._common import (
 )
 from clipscope.engine.per_sample.factors import Joined, Rows, Tokens, Zero
 from clipscope.engine.per_sample.family import Call, LayerFamily, ParamGhost, Unsupported, zeros
+from clipscope.engine.per_sample.registry import register_module_rule
 from clipscope.engine.verify import tolerance
 
 __all__ = ["LSTMFamily", "RNNLoopFamily"]
@@ -101,11 +102,11 @@ def _used(calls: list[Call]) -> list[Call]:
     return [c for c in calls if any(g is not None for g in c.grads)]
 
 
+@register_module_rule(nn.LSTM)
 class LSTMFamily(LayerFamily):
     """``nn.LSTM``: unidirectional, no projection; gate-gradient ghost norms."""
 
     name = "lstm"
-    module_types = (nn.LSTM,)
 
     def claims(self, mod):
         """``nn.LSTM``'s own forward, unidirectional, ``proj_size == 0``."""
@@ -258,10 +259,6 @@ class LSTMFamily(LayerFamily):
                 )
         return Joined(parts)
 
-    def per_sample(self, mod, calls, names, batch, dirs: dict[str, Directions]):
-        """Sequence-Linear ghost norms from the gate gradients."""
-        return self.factors(mod, calls, names, batch).ghost(names, dirs)
-
     def batch_grad(self, mod, calls, names, batch):
         """``Σ_{j,t} δ_t x_tᵀ`` etc. from the gate gradients."""
         layers = self._layers(mod, calls)
@@ -280,20 +277,17 @@ class LSTMFamily(LayerFamily):
                 out[name] = d2.sum(0)
         return out
 
-    def dots(self, mod, calls, names, vectors, batch):
-        """``Σ_t δ_t·(V x_t)`` etc. per sample."""
-        return self.factors(mod, calls, names, batch).dots({n: vectors[n] for n in names})
-
 
 def _random(mod: nn.Module) -> bool:
     return any(m.training for m in dropout_modules(mod))
 
 
+# the generic loop claims every recurrent module: asked after the rules for specific ones
+@register_module_rule(nn.RNNBase, order=100)
 class RNNLoopFamily(LayerFamily):
     """Any ``nn.RNNBase`` (GRU, RNN, LSTM variants, subclasses): a per-sample loop of the module."""
 
     name = "rnn-loop"
-    module_types = (nn.RNNBase,)
     plain_forward = False
 
     def param_names(self, mod):
