@@ -8,7 +8,11 @@ Utilities shared with the runner and the smoothness code:
 * :func:`dropout_modules`, :func:`batch_coupled_modules`, :func:`trainable_params`.
 
 The probe itself: :func:`probe` -> :class:`ProbeResult` (or :class:`MultiProbeResult`
-for several batch sizes), and its brute-force twin :func:`reference_probe`.
+for several batch sizes), and its brute-force twin :func:`reference_probe`
+(:mod:`clipscope.engine.probe`: the entry and the choice of route;
+:mod:`~clipscope.engine.dense` and :mod:`~clipscope.engine.per_sample_route` the
+routes; :mod:`~clipscope.engine.per_sample` the per-sample layer rules and their
+registry).
 Hessian-vector products and ∇f in one pass: :mod:`clipscope.engine.hvp`
 (:func:`hvp`, :func:`full_gradient`).
 

@@ -70,6 +70,12 @@ Batches are moved to the device of the first parameter.
 The probe leaves the model exactly as found (:func:`~clipscope.engine.guard.model_guard`):
 parameters, buffers, ``.grad``, train/eval flags and the global RNG. It uses
 ``torch.autograd.grad`` and never writes ``.grad``.
+
+This module checks the arguments, chooses the route once and runs it: the
+dense routes are in :mod:`clipscope.engine.dense`, the per-sample routes'
+driver in :mod:`clipscope.engine.per_sample_route` (the layer rules in
+:mod:`clipscope.engine.per_sample`), what the routes share in
+:mod:`clipscope.engine.common`.
 """
 
 from __future__ import annotations

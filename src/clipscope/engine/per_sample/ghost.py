@@ -480,7 +480,7 @@ def per_sample_sq_norms(
 
     ``ℓ_j = loss_fn(model(x_j), y_j)``; the norm runs over ``params`` (default:
     every trainable parameter, tied ones once). Layers with a rule
-    (:data:`~clipscope.engine.per_sample.plan.FAMILIES`) never materialize
+    (:data:`~clipscope.engine.per_sample.registry.registry`) never materialize
     per-sample gradients (Goodfellow 2015; Li et al. 2021) and are checked
     structurally; other parameters come from an exact fallback, with a
     :class:`~clipscope.engine.verify.PerSampleFallbackWarning`. Train-mode
