@@ -63,36 +63,18 @@ def sweep(model, loss_fn, components, flat, etas, dropout, seed, progress, n_lev
         model, loss_fn, components, dropout=dropout, seed=seed, device=flat.device, only=shard.only
     )
     for i, loss in progress_bar(shard.losses(stream), len(shard), progress, "probe pass 1"):
-        g = flat.grad(loss, i).double()
-        s = sizes[i]
-        base = levels[0]
-        base.norms.append(norm64(g))
-        base.losses.append(float(loss.detach()))
-        base.sizes.append(s)
-        base.sum_grad += g
-        for level, lev in enumerate(levels[1:], start=1):
-            lev.pending.add_(g, alpha=s)
-            lev.pending_loss += s * float(loss.detach())
-            lev.pending_w += s
-            lev.pending_count += 1
-            if lev.pending_count == 1 << level:
-                lev.close_parent()
+        _add_child(levels, flat.grad(loss, i).double(), sizes[i], loss)
     for lev in levels[1:]:
         if lev.pending_count and not drop_last:
             lev.close_parent()
-    full_sums = shard.sum_(torch.stack([lev.sum_grad for lev in levels]))
-    for level, lev in enumerate(levels):  # every rank's parents, in index order
-        lev.norms, lev.losses, sizes_l = shard.gather(lev.norms, lev.losses, lev.sizes)
-        lev.norms, lev.losses = list(lev.norms), list(lev.losses)
-        lev.sizes, lev.sum_grad = [int(v) for v in sizes_l], full_sums[level]
-    full = [lev.sum_grad / len(lev.norms) for lev in levels]
-    full_mat = torch.stack(full)  # (L, n)
+    full = _complete(levels, shard)
     # parent of child i at level l, and its weight s_i / s_P
     parent = [[i >> level for i in range(m)] for level in range(n_levels)]
     gam = [gammas(np.array(lev.norms), etas) for lev in levels]  # (E, m_l)
     child_dots = np.zeros((n_levels, m))
     clip_acc = torch.zeros(n_levels * len(etas), flat.n, dtype=torch.float64, device=flat.device)
     mismatch = 0.0
+    full_mat = torch.stack(full)  # (L, n)
     # pass 2: dots with each level's ∇f, clipped sums
     stream = component_losses(
         model, loss_fn, components, dropout=dropout, seed=seed, device=flat.device, only=shard.only
@@ -103,44 +85,80 @@ def sweep(model, loss_fn, components, flat, etas, dropout, seed, progress, n_lev
         mismatch = max(mismatch, abs(norm64(g) - n1) / n1 if n1 > 0 else norm64(g))
         child_dots[:, i] = (full_mat @ g).cpu().numpy()
         if etas:
-            coef = np.empty((n_levels, len(etas)))
-            for level in range(n_levels):
-                p = parent[level][i]
-                if p >= len(levels[level].norms):  # a dropped incomplete parent
-                    coef[level] = 0.0
-                    continue
-                coef[level] = gam[level][:, p] * sizes[i] / levels[level].sizes[p]
+            coef = _clip_coefficients(levels, parent, gam, sizes, i, len(etas))
             clip_acc.addr_(torch.from_numpy(coef.reshape(-1)).to(flat.device), g)
     shard.sum_(clip_acc)
     mismatch = shard.max(mismatch)
     child_dots = np.stack(shard.complete(*child_dots))
-    out = []
+    return [
+        _level_result(level, lev, components, parent, child_dots, clip_acc, full, etas, mismatch)
+        for level, lev in enumerate(levels)
+    ]
+
+
+def _add_child(levels: list[_Level], g: torch.Tensor, s: int, loss: torch.Tensor) -> None:
+    """Component ``g`` (size ``s``) at the base level, and into each level's pending parent."""
+    base = levels[0]
+    base.norms.append(norm64(g))
+    base.losses.append(float(loss.detach()))
+    base.sizes.append(s)
+    base.sum_grad += g
+    for level, lev in enumerate(levels[1:], start=1):
+        lev.pending.add_(g, alpha=s)
+        lev.pending_loss += s * float(loss.detach())
+        lev.pending_w += s
+        lev.pending_count += 1
+        if lev.pending_count == 1 << level:
+            lev.close_parent()
+
+
+def _complete(levels: list[_Level], shard) -> list[torch.Tensor]:
+    """Every rank's parents, in index order; return each level's ∇f."""
+    full_sums = shard.sum_(torch.stack([lev.sum_grad for lev in levels]))
     for level, lev in enumerate(levels):
-        m_l = len(lev.norms)
-        weights = np.array(sizes, dtype=np.float64)
-        dots = np.zeros(m_l)
-        for i in range(m):
-            p = parent[level][i]
-            if p < m_l:
-                dots[p] += weights[i] * child_dots[level, i]
-        dots /= np.array(lev.sizes, dtype=np.float64)
-        clipped = {
-            eta: norm_and_cos(clip_acc[level * len(etas) + k], full[level])
-            for k, eta in enumerate(etas)
-        }
-        out.append(
-            {
-                "norms": np.array(lev.norms),
-                "dots": dots,
-                "losses": np.array(lev.losses),
-                "sizes": np.array(lev.sizes),
-                "full": full[level],
-                "clipped": clipped,
-                "batch_size": int(components.batch_size) << level,
-                "mismatch": mismatch,
-            }
-        )
-    return out
+        lev.norms, lev.losses, sizes_l = shard.gather(lev.norms, lev.losses, lev.sizes)
+        lev.norms, lev.losses = list(lev.norms), list(lev.losses)
+        lev.sizes, lev.sum_grad = [int(v) for v in sizes_l], full_sums[level]
+    return [lev.sum_grad / len(lev.norms) for lev in levels]
+
+
+def _clip_coefficients(levels, parent, gam, sizes, i, n_etas) -> np.ndarray:
+    """``γ_{P(i)}(η)·s_i/s_P`` of child i for each level and η, ``(L, |η|)``."""
+    coef = np.empty((len(levels), n_etas))
+    for level in range(len(levels)):
+        p = parent[level][i]
+        if p >= len(levels[level].norms):  # a dropped incomplete parent
+            coef[level] = 0.0
+            continue
+        coef[level] = gam[level][:, p] * sizes[i] / levels[level].sizes[p]
+    return coef
+
+
+def _level_result(level, lev, components, parent, child_dots, clip_acc, full, etas, mismatch):
+    """One batch size's sums: the parents' dots ``d_P = Σ_c s_c d_c / s_P``, the clipped sums."""
+    sizes = [int(s) for s in components.sizes]
+    m_l = len(lev.norms)
+    weights = np.array(sizes, dtype=np.float64)
+    dots = np.zeros(m_l)
+    for i in range(len(components)):
+        p = parent[level][i]
+        if p < m_l:
+            dots[p] += weights[i] * child_dots[level, i]
+    dots /= np.array(lev.sizes, dtype=np.float64)
+    clipped = {
+        eta: norm_and_cos(clip_acc[level * len(etas) + k], full[level])
+        for k, eta in enumerate(etas)
+    }
+    return {
+        "norms": np.array(lev.norms),
+        "dots": dots,
+        "losses": np.array(lev.losses),
+        "sizes": np.array(lev.sizes),
+        "full": full[level],
+        "clipped": clipped,
+        "batch_size": int(components.batch_size) << level,
+        "mismatch": mismatch,
+    }
 
 
 def keep_pass(model, loss_fn, components, flat, etas, dropout, seed, progress, shard):
