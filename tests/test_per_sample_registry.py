@@ -117,6 +117,14 @@ def singles(X, Y):
     return Components.from_tensors(X, Y, batch_size=1)
 
 
+def scale_problem():
+    """Return the float64 model, its components of 3 samples, the brute force at batch 1."""
+    model = model_with_scale()
+    X, Y = data()
+    ref = reference_probe(model, F.cross_entropy, singles(X, Y), ETAS)
+    return model, Components.from_tensors(X, Y, batch_size=3), ref
+
+
 def assert_per_sample_exact(res, ref, rtol):
     np.testing.assert_allclose(res.norms, ref.norms, rtol=rtol, atol=0)
     atol = rtol * float(np.max(ref.norms)) * ref.grad_norm
@@ -188,10 +196,7 @@ def test_a_user_rule_serves_the_probe_exactly(route, dtype):
     ids=["wrong-sum-structural", "wrong-split-spot"],
 )
 def test_a_wrong_user_rule_is_caught_and_the_numbers_stay_exact(rule, stage, attempts, route):
-    model = model_with_scale()
-    X, Y = data()
-    comps = Components.from_tensors(X, Y, batch_size=3)
-    ref = reference_probe(model, F.cross_entropy, singles(X, Y), ETAS)
+    model, comps, ref = scale_problem()
     with registry.scoped():
         register_module_rule(Scale)(rule)
         with pytest.warns(
@@ -294,10 +299,7 @@ def test_batch1_hook_sends_a_parameter_to_batch_one_passes_exactly():
         def batch1(self, mod):
             return "a test's per-batch gradient" if isinstance(mod, Scale) else None
 
-    model = model_with_scale()
-    X, Y = data()
-    comps = Components.from_tensors(X, Y, batch_size=3)
-    ref = reference_probe(model, F.cross_entropy, singles(X, Y), ETAS)
+    model, comps, ref = scale_problem()
     with registry.scoped():
         register_module_rule(Scale)(PerBatch)
         with pytest.warns(PerSampleFallbackWarning, match=r"Scale\(a test's per-batch gradient\)"):

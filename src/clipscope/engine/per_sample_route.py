@@ -3,7 +3,7 @@ r"""The per-sample routes of the probe: every sample of the given components is 
 ``"per-sample"`` and ``"per-sample-kept"`` (:func:`run_per_sample`) treat the
 given components as chunks of samples; each sample ``j`` is a component of
 batch size 1 with loss ``ℓ_j``, and ``∇f = (1/N) Σ_j ∇ℓ_j``. One attempt
-(:class:`_Attempt`) runs in named steps:
+(:meth:`_Attempt.run`) runs in named steps:
 
 1. **pass 1, per chunk** (:meth:`_Attempt.pass1_chunk`): the chunk's losses and
    ``Σ_j ∇ℓ_j`` for ∇f -- a plain backward (two passes, :func:`_chunk_gradient`),
@@ -124,10 +124,10 @@ def run_per_sample(
         plan = Plan(model, flat.params, seed=seed, strict=strict)
         for attempt in range(3):
             with kernels_for_derivatives(model, onednn=plan.dots_fallback is None):
-                result, failures = _per_sample_once(
-                    model, loss_fn, components, flat, etas, dropout, seed, progress, plan, spot,
-                    shard, keep_factors, memory_budget,
-                )  # fmt: skip
+                result, failures = _Attempt(
+                    model, loss_fn, components, flat, etas, dropout, seed, plan, spot, shard,
+                    keep_factors, memory_budget,
+                ).run(progress)  # fmt: skip
             from_factors = result.pop("dots_from_factors")
             if not result["factors"]["kept"]:
                 keep_factors = False  # a rerun does not try again what did not fit
@@ -165,35 +165,6 @@ def _demote_after(plan, failures, from_factors, attempt) -> None:
         plan.demote_dots("spot-dot", "a second spot-check failure")
 
 
-def _per_sample_once(
-    model,
-    loss_fn,
-    components,
-    flat,
-    etas,
-    dropout,
-    seed,
-    progress,
-    plan,
-    spot,
-    shard,
-    keep_factors,
-    memory_budget,
-):
-    """One attempt of :func:`run_per_sample`: ``(result, failures)``."""
-    run = _Attempt(
-        model, loss_fn, components, flat, etas, dropout, seed, plan, spot, shard,
-        keep_factors, memory_budget,
-    )  # fmt: skip
-    for c in progress_bar(shard.indices, len(shard), progress, "per-sample pass 1"):
-        run.pass1_chunk(c)
-    run.agree_on_factors()
-    run.between()
-    for c in progress_bar(shard.indices, len(shard), progress, "per-sample pass 2"):
-        run.pass2_chunk(c)
-    return run.result()
-
-
 class _Attempt:
     """The state of one attempt of the per-sample route, and its steps (module docstring).
 
@@ -229,6 +200,17 @@ class _Attempt:
         self.reduced = flat.dtype not in (torch.float32, torch.float64)
         # light, float32/64: each chunk's ∇Σ_j ℓ_j as its norms and projections
         self.actual: list = []
+
+    def run(self, progress: bool):
+        """Pass 1, between the passes, pass 2: ``(result, failures)``."""
+        shard = self.shard
+        for c in progress_bar(shard.indices, len(shard), progress, "per-sample pass 1"):
+            self.pass1_chunk(c)
+        self.agree_on_factors()
+        self.between()
+        for c in progress_bar(shard.indices, len(shard), progress, "per-sample pass 2"):
+            self.pass2_chunk(c)
+        return self.result()
 
     def _chunk(self, c: int):
         """Chunk ``c``'s batch on the parameters' device and its samples ``[a, b)``."""
