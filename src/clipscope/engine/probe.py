@@ -224,15 +224,7 @@ def probe(
             components, batch_sizes, sizes_dyadic, flat, ranks, memory_budget
         )
     _check_route(route, model, components, batch_sizes, sizes_dyadic, flat, ranks, memory_budget)
-    info = {
-        "dropout": dropout,
-        "seed": seed,
-        "components": components.describe(),
-        "n_params": flat.n,
-        "dtype": str(flat.dtype).replace("torch.", ""),
-        "n_samples": int(sum(components.sizes)),
-        "processes": 1 if ranks is None else ranks.world,
-    }
+    info = _provenance(dropout, seed, components, flat, ranks)
     # f_i must be a function of x: a forward drawing random numbers the dropout
     # policy does not control would make every statistic a sample of noise.
     # The per-sample route's components are samples: its first REPEAT_ROWS, not a chunk.
@@ -291,6 +283,19 @@ def _run_dense(
     return sweep(
         model, loss_fn, components, flat, etas, dropout, seed, progress, n_levels, shard
     ), {}
+
+
+def _provenance(dropout, seed, components, flat, ranks) -> dict[str, Any]:
+    """``result.info``: the route's inputs, the partition, the parameters, the processes."""
+    return {
+        "dropout": dropout,
+        "seed": seed,
+        "components": components.describe(),
+        "n_params": flat.n,
+        "dtype": str(flat.dtype).replace("torch.", ""),
+        "n_samples": int(sum(components.sizes)),
+        "processes": 1 if ranks is None else ranks.world,
+    }
 
 
 def _check_counts(spot_checks: Any, memory_budget: Any) -> None:
