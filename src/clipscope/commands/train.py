@@ -7,6 +7,7 @@ ranks split every step and probe; rank 0 writes (``docs/distributed.md``).
 from __future__ import annotations
 
 import argparse
+import math
 
 from clipscope.train import train
 
@@ -51,6 +52,9 @@ def run(args: argparse.Namespace) -> int:
     """Run the config; the exit code says how it ended."""
     if args.force and not args.resume:
         raise ValueError("--force only applies together with --resume")
+    timeout = args.dist_timeout  # checked in every process, not only under torchrun
+    if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+        raise ValueError(f"--dist-timeout must be a positive number of seconds, got {timeout!r}")
     return train(
         args.config, args.out, resume=args.resume, force=args.force, dist_timeout=args.dist_timeout
     )
