@@ -24,11 +24,15 @@ What differs is the order (:data:`METHODS`):
   and say so here.)
 
 η = ``math.inf`` gives the unclipped baselines, bitwise equal to plain SGD
-(``clip_grads_`` leaves gradients untouched then). Momentum, weight decay and a
-learning-rate schedule (``"constant"``, ``"step"``, ``"cosine"``) are options the
-paper's pure methods leave off; weight decay is added by the optimizer *after*
-clipping (it is not part of the clipped gradient), momentum averages clipped
-gradients. All are recorded.
+(``clip_grads_`` leaves gradients untouched then). The optimizer
+(:data:`OPTIMIZERS`: ``"sgd"``, ``"adam"``, ``"adamw"``; :func:`make_optimizer`),
+momentum, weight decay and a learning-rate schedule (``"constant"``,
+``"step"``, ``"cosine"``) are options the paper's pure methods leave off: the
+optimizer steps on the clipped gradient C(g; η); weight decay is added by the
+optimizer *after* clipping (SGD and Adam: an L2 term ``λx`` added to C(g; η);
+AdamW: the decoupled ``x ← x(1 − αλ)``), so it is never part of the clipped
+gradient; momentum (SGD) and Adam's moments average clipped gradients. All
+are recorded (:func:`describe_optimizer`).
 
 Sequential (language-model) components: under ``"igc"`` the recurrent state
 flows from step to step, detached (truncated BPTT), and restarts from zeros at
