@@ -80,6 +80,7 @@ __all__ = [
     "dump_config",
     "load_config",
     "parse_config",
+    "resume_setting",
 ]
 
 # -- choice lists (each defined once; methods, schedules and dropout policies live with
@@ -274,6 +275,22 @@ def check_setting(key: str, value: Any) -> Any:
     raise ConfigError(f"config: unknown key '{key}'")  # pragma: no cover - a field without a rule
 
 
+def resume_setting(values: dict[str, Any]) -> dict[str, Any]:
+    """Return what a resume compares of plain setting values: all but ``progress``.
+
+    Keys added after the checkpoint format (:data:`_NEWER_KEYS`) are left out
+    while at their defaults, so runs started before they existed resume unchanged.
+
+    >>> resume_setting({"lr": 0.1, "optimizer": "sgd", "progress": False})
+    {'lr': 0.1}
+    """
+    return {
+        k: v
+        for k, v in values.items()
+        if k != "progress" and not (k in _NEWER_KEYS and v == _NEWER_KEYS[k])
+    }
+
+
 def _validate_fields(obj: Any) -> None:
     """Validate and normalize every field of a frozen config dataclass in place."""
     for f in fields(obj):
@@ -359,11 +376,7 @@ class FitConfig:
         files, the optimizer's name and Adam's settings, ``zhang_gamma``) are
         left out while at their defaults, so older runs resume unchanged.
         """
-        return {
-            k: v
-            for k, v in self.to_dict().items()
-            if k != "progress" and not (k in _NEWER_KEYS and v == _NEWER_KEYS[k])
-        }
+        return resume_setting(self.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
         """Return all fields as plain values (tuples become lists)."""

@@ -38,7 +38,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from clipscope.config import _NEWER_KEYS, FitConfig
+from clipscope.config import FitConfig, resume_setting
 from clipscope.engine import batch_coupled_modules, trainable_params
 from clipscope.engine import distributed as _dist
 from clipscope.engine.losses import check_loss_fn, component_loss
@@ -428,8 +428,8 @@ def _optimizer_setting(config: FitConfig, optimizer: torch.optim.Optimizer) -> d
 
     A config key set away from its default (``lr`` always) must equal the
     optimizer's first param group's value: otherwise the record would describe
-    another run. Keys at the defaults of :data:`~clipscope.config._NEWER_KEYS`
-    stay out of the setting, as :meth:`FitConfig.setting` leaves them out.
+    another run. New keys at their defaults stay out of the setting
+    (:func:`~clipscope.config.resume_setting`), as in :meth:`FitConfig.setting`.
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(
@@ -447,8 +447,7 @@ def _optimizer_setting(config: FitConfig, optimizer: torch.optim.Optimizer) -> d
                 f"fit: {key} = {ours[key]!r}, but the optimizer you passed has {key} = "
                 f"{described[key]!r} ({described['class']}): set it in one place"
             )
-    out = {k: described[k] for k in _OPTIMIZER_KEYS if k in described}
-    return {k: v for k, v in out.items() if not (k in _NEWER_KEYS and v == _NEWER_KEYS[k])}
+    return resume_setting({k: described[k] for k in _OPTIMIZER_KEYS if k in described})
 
 
 def _reducer(group, model, components, params, optimizer, setting, config, say):
