@@ -18,8 +18,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "train",
         help="train with a clipped incremental method, probing every epoch, into a run directory",
         description=(
-            "Train with SGD-/IGC-/RR-clip (or shuffle-once, Zhang et al.) as the TOML config says, "
-            "probing the clipping statistics at the start of every epoch. Exit codes: 0 done, "
+            "Train with SGD-/IGC-/RR-clip (or shuffle-once, Zhang et al.) as the TOML config says "
+            "(each component gradient clipped exactly, then an SGD, Adam or AdamW step: "
+            "optimizer = sgd | adam | adamw), probing the clipping statistics at the start of "
+            "every epoch. Exit codes: 0 done, "
             "2 bad config or refused directory, 3 non-finite loss, gradient or step (last good "
             "checkpoint kept), 4 I/O error (e.g. disk full), 5 another torchrun process died or "
             "timed out, 130/143 interrupted by SIGINT/SIGTERM (checkpointed; continue with "
@@ -43,7 +45,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         metavar="SECONDS",
         help="under torchrun: how long a process waits for the others at a collective before "
-        "it stops with exit 5 (default: $CLIPSCOPE_DIST_TIMEOUT or 600)",
+        "it stops with exit 5, a positive number (default: $CLIPSCOPE_DIST_TIMEOUT or 600)",
     )
     parser.set_defaults(func=run)
 
