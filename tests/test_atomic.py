@@ -115,3 +115,76 @@ def test_prune_and_clean(tmp_path):
 def test_no_checkpoint(tmp_path):
     assert latest_checkpoint(tmp_path / "missing") is None
     assert os.listdir(tmp_path) == []
+
+
+class _SpyHandle:
+    """A real file handle that logs its write and flush calls into ``calls``."""
+
+    def __init__(self, path, mode, calls):
+        self._handle, self._calls, self.path = open(path, mode), calls, path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.close()
+
+    def write(self, data):
+        self._calls.append(("write", self.path, len(data)))
+        return self._handle.write(data)
+
+    def flush(self):
+        self._calls.append(("flush", self.path))
+        self._handle.flush()
+
+    def fileno(self):
+        return self._handle.fileno()
+
+
+@pytest.mark.parametrize("size", [10, 100_000], ids=["smaller-than-a-buffer", "larger"])
+def test_the_writer_flushes_then_fsyncs_complete_bytes_then_renames(tmp_path, monkeypatch, size):
+    """The system calls of one atomic write, in order, with the bytes on disk at fsync time.
+
+    write → flush → fsync(file) with every byte on disk → replace(tmp, target) →
+    fsync(directory). Without the flush a small payload would still sit in Python's
+    buffer when fsync runs (a power loss then leaves an empty file after the rename).
+    """
+    import stat
+
+    calls, data = [], bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def spy_open(path, mode="r", *args, **kwargs):
+        return _SpyHandle(path, mode, calls)
+
+    def spy_fsync(fd):
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            calls.append(("fsync-dir",))
+        else:
+            on_disk = None
+            if os.path.exists("/proc/self"):  # what another process would read now
+                with open(os.readlink(f"/proc/self/fd/{fd}"), "rb") as handle:
+                    on_disk = handle.read()
+            calls.append(("fsync", info.st_size, on_disk))
+        real_fsync(fd)
+
+    def spy_replace(src, dst):
+        calls.append(("replace", os.fspath(src), os.fspath(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(atomic, "open", spy_open, raising=False)
+    monkeypatch.setattr(atomic.os, "fsync", spy_fsync)
+    monkeypatch.setattr(atomic.os, "replace", spy_replace)
+    target = tmp_path / "payload.bin"
+    atomic.atomic_write_bytes(target, data)
+    monkeypatch.undo()
+    kinds = [c[0] for c in calls]
+    assert kinds == ["write", "flush", "fsync", "replace", "fsync-dir"], kinds
+    tmp = calls[0][1]
+    assert calls[1][1] == tmp and os.path.dirname(tmp) == str(tmp_path)  # same file system
+    _, size_at_fsync, on_disk = calls[2]
+    assert size_at_fsync == len(data)
+    assert on_disk is None or on_disk == data  # every byte, before the rename
+    assert calls[3][1:] == (os.fspath(tmp), os.fspath(target))
+    assert target.read_bytes() == data

@@ -35,6 +35,7 @@ COVERED = {
     # docs/training.md
     "clipscope train configs/least_squares_igc.toml --out runs/ls-igc": "test_train_and_report",
     "clipscope report runs/ls-igc": "test_train_and_report",
+    "clipscope train configs/least_squares_adamw.toml --out runs/ls-adamw": "test_train_adamw",
     # docs/engine.md
     "clipscope probe --config configs/least_squares_igc.toml --out x0.csv": "test_probe_commands",
     "clipscope probe --checkpoint runs/ls-igc/checkpoints/ckpt_0000000016.pt --out last.csv": (
@@ -166,6 +167,17 @@ def test_train_and_report(ls_run, workdir):
     assert json.loads((ls_run / "summary.json").read_text())["status"] == "completed"
     ok(run("clipscope report runs/ls-igc", workdir))
     assert (ls_run / "report.html").is_file() and (ls_run / "findings.json").is_file()
+
+
+def test_train_adamw(workdir):
+    """docs/training.md, "Optimizers": the AdamW example trains and records its optimizer."""
+    ok(run("clipscope train configs/least_squares_adamw.toml --out runs/ls-adamw", workdir))
+    run_dir = workdir / "runs" / "ls-adamw"
+    config = (run_dir / "config.toml").read_text()
+    assert 'optimizer = "adamw"' in config and "weight_decay = 0.01" in config
+    env = json.loads((run_dir / "env.json").read_text())
+    assert env["optimizer"]["class"] == "torch.optim.adamw.AdamW"
+    assert env["optimizer"]["betas"] == [0.9, 0.99]
 
 
 def test_probe_commands(ls_run, workdir):

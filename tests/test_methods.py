@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import numpy as np
@@ -12,11 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from clipscope.atomic import latest_checkpoint
 from clipscope.clipping import grad_norm
 from clipscope.components import Components, SequentialComponents
-from clipscope.errors import NonFiniteError
-from clipscope.loop import fit, nt_asgd_switch
-from clipscope.methods import METHODS, clipped_step, make_order
+from clipscope.errors import ConfigError, NonFiniteError
+from clipscope.loop import Needs, Unit, fit, nt_asgd_switch
+from clipscope.methods import METHODS, clipped_step, make_optimizer, make_order
 
 
 @pytest.fixture(autouse=True)
@@ -285,6 +287,121 @@ def test_fit_with_any_optimizer_clips_before_its_step():
     assert torch.equal(flat(model), flat(ref))
 
 
+def hand_adam(model, loss_fn, comps, method, *, lr, eta, epochs, seed, betas, eps, wd, decoupled):
+    """Adam / AdamW on C(g; η), written out in float64 (no torch.optim).
+
+    Adam's L2 term is added to the clipped gradient (its moments average C(g; η) + λx);
+    AdamW first shrinks x by (1 − αλ), then steps on the moments of C(g; η) alone.
+    Returns the norms of the clipped gradients (what the units see in ``.grad``).
+    """
+    params = list(model.parameters())
+    b1, b2 = betas
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    clipped, t = [], 0
+    for order in hand_order(method, comps.m, seed, epochs):
+        for i in order:
+            t += 1
+            x, y = comps.batch(i)
+            grads = torch.autograd.grad(loss_fn(model(x), y), params)
+            n = float(grad_norm(grads))
+            c = [g * min(1.0, eta / n) for g in grads]
+            clipped.append(float(grad_norm(c)))
+            with torch.no_grad():
+                for k, p in enumerate(params):
+                    g = c[k] if decoupled else c[k] + wd * p
+                    if decoupled:
+                        p.mul_(1 - lr * wd)
+                    m[k] = b1 * m[k] + (1 - b1) * g
+                    v[k] = b2 * v[k] + (1 - b2) * g * g
+                    m_hat, v_hat = m[k] / (1 - b1**t), v[k] / (1 - b2**t)
+                    p.sub_(lr * m_hat / (v_hat.sqrt() + eps))
+    return clipped
+
+
+class _ClippedNorms(Unit):
+    """Records ‖.grad‖ before every update: the gradient the optimizer is handed."""
+
+    name = "clipped_norms"
+
+    def __init__(self):
+        self.norms = []
+
+    def needs(self, point):
+        return Needs.STEP_GRADIENT
+
+    def before_update(self, step):
+        self.norms.append(float(grad_norm([p.grad for p in step.params])))
+
+
+@pytest.mark.parametrize("problem", PROBLEMS)
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+@pytest.mark.parametrize("method", ["sgd", "igc", "rr"])
+@pytest.mark.parametrize("eta", [0.3, math.inf], ids=["eta0.3", "eta-inf"])
+def test_fit_with_adam_and_adamw_equals_a_float64_hand_loop(problem, optimizer, method, eta):
+    """Clip each component gradient exactly, then the optimizer's step; decay outside the clip."""
+    model, loss_fn, comps = problem()
+    kw = dict(lr=0.02, eta=eta, epochs=3, seed=5, betas=(0.8, 0.95), eps=1e-6)
+    clipped = hand_adam(copy.deepcopy(model), loss_fn, comps, method, wd=0.1,
+                        decoupled=optimizer == "adamw", **kw)  # fmt: skip
+    ref = copy.deepcopy(model)
+    hand_adam(ref, loss_fn, comps, method, wd=0.1, decoupled=optimizer == "adamw", **kw)
+    spy = _ClippedNorms()
+    hist = fit(model, loss_fn, comps, method, optimizer=optimizer, weight_decay=0.1,
+               units=[spy], progress=False, **kw)  # fmt: skip
+    torch.testing.assert_close(flat(model), flat(ref), rtol=1e-12, atol=1e-14)
+    # the units see C(g; η) itself: the decay is not part of the clipped gradient
+    np.testing.assert_allclose(spy.norms, clipped, rtol=1e-12)
+    if eta < math.inf:
+        assert max(spy.norms) <= eta * (1 + 1e-12) and any(
+            n == pytest.approx(eta) for n in spy.norms
+        )
+    assert hist.steps == 3 * comps.m
+
+
+def test_adamw_decay_is_decoupled_and_adam_decay_is_l2_after_the_clip():
+    """One step from x with g = ∇f: AdamW's and Adam's first steps, by their formulas."""
+    w0 = torch.tensor([3.0, -4.0], dtype=torch.float64)
+    for optimizer in ("adam", "adamw"):
+        w = nn.Parameter(w0.clone())
+        opt = make_optimizer([w], 0.1, weight_decay=0.5, optimizer=optimizer, eps=0.0)
+        norm = clipped_step(opt, lambda w=w: 0.5 * (w**2).sum(), eta=1.0)  # g = w, ‖g‖ = 5
+        assert norm == 5.0
+        c = w0 / 5.0  # C(g; 1)
+        if optimizer == "adamw":  # x(1 − αλ) − α·sign(c): the first Adam step is ±α
+            expected = w0 * (1 - 0.1 * 0.5) - 0.1 * torch.sign(c)
+        else:  # moments of c + λx: the sign of c + λx
+            expected = w0 - 0.1 * torch.sign(c + 0.5 * w0)
+        torch.testing.assert_close(w.detach(), expected, rtol=1e-15, atol=1e-15)
+
+
+def test_a_users_optimizer_is_recorded_and_contradictions_are_refused(tmp_path):
+    model, loss_fn, comps = least_squares()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=0.01)
+    fit(model, loss_fn, comps, "igc", lr=0.05, epochs=1, optimizer=opt, progress=False,
+        run_dir=tmp_path / "run")  # fmt: skip
+    _, state = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    assert state["setting"]["momentum"] == 0.9 and state["setting"]["weight_decay"] == 0.01
+    assert "optimizer" not in state["setting"]  # "sgd": the default, left out as before
+    env = json.loads((tmp_path / "run" / "env.json").read_text())
+    assert env["optimizer"]["class"] == "torch.optim.sgd.SGD"
+    assert env["optimizer"]["momentum"] == 0.9 and env["optimizer"]["schedule"] == "constant"
+    adam = torch.optim.Adam(model.parameters(), lr=0.05, betas=(0.5, 0.6))
+    fit(model, loss_fn, comps, "igc", lr=0.05, epochs=1, optimizer=adam, progress=False,
+        run_dir=tmp_path / "adam")  # fmt: skip
+    _, state = latest_checkpoint(tmp_path / "adam" / "checkpoints")
+    assert state["setting"]["optimizer"] == "adam" and state["setting"]["betas"] == [0.5, 0.6]
+    before = flat(model).clone()
+    for opt, kw, key in [
+        (torch.optim.SGD(model.parameters(), lr=0.2), {}, "lr"),
+        (torch.optim.SGD(model.parameters(), lr=0.05), {"momentum": 0.5}, "momentum"),
+        (torch.optim.Adam(model.parameters(), lr=0.05), {"weight_decay": 0.1}, "weight_decay"),
+    ]:
+        with pytest.raises(ConfigError, match=f"fit: {key} = .* but the optimizer you passed"):
+            fit(model, loss_fn, comps, "igc", lr=0.05, optimizer=opt, progress=False, **kw)
+    assert torch.equal(flat(model), before)
+
+
 @pytest.mark.parametrize("method", ["sgd", "igc", "rr"])
 def test_probing_does_not_disturb_training(method):
     """Probes every epoch vs never: identical parameters (dropout draws included)."""
@@ -508,6 +625,15 @@ def test_step_schedule_recorded():
         ({"optimizer_switch": "asgd"}, "optimizer_switch"),
         ({"optimizer_switch": "nt-asgd", "nonmono": 0, "heldout": float}, "nonmono"),
         ({"optimizer_switch": "nt-asgd"}, "heldout"),
+        ({"optimizer": "rmsprop"}, "optimizer"),
+        ({"optimizer": "adam", "momentum": 0.9}, "momentum.*betas"),
+        ({"optimizer": "adamw", "betas": (0.9, 1.0)}, "betas"),
+        ({"optimizer": "adamw", "betas": (0.9,)}, "betas"),
+        ({"optimizer": "adam", "eps": 0.0}, "eps"),
+        ({"optimizer": "adam", "weight_decay": -0.1}, "weight_decay"),
+        ({"betas": (0.5, 0.9)}, "betas.*optimizer = 'sgd'"),
+        ({"eps": 1e-6}, "eps.*optimizer = 'sgd'"),
+        ({"optimizer": "adamw", "optimizer_switch": "nt-asgd", "heldout": float}, "NT-ASGD"),
     ],
 )
 def test_bad_arguments_raise_before_training(kwargs, match):

@@ -9,6 +9,7 @@ uninterrupted one; bad input is refused before anything is written.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import subprocess
@@ -411,3 +412,103 @@ def test_a_second_gradient_call_before_the_parameters_change_warns(optimizer):
     with pytest.warns(RepeatedGradientWarning, match="once, after the last micro-batch"):
         monitor.gradient()
     monitor.close()
+
+
+# -- a model whose trainable parameters change mid-run (issue 24, item 5) ---------------
+
+
+def _change(case, model):
+    """Change the parameter set the way a user would."""
+    torch.manual_seed(11)
+    if case == "new-head":
+        model[2] = nn.Linear(8, 1).double()
+    elif case == "freeze":
+        model[0].weight.requires_grad_(False)
+    elif case == "unfreeze":
+        model[0].weight.requires_grad_(True)
+    elif case == "append":
+        model.append(nn.Linear(1, 1).double())
+
+
+def _trainable(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _flat64(tensors):
+    return torch.cat([t.detach().reshape(-1).double() for t in tensors])
+
+
+@pytest.mark.parametrize("at", [4, 6], ids=["mid-interval", "at-a-probe"])
+@pytest.mark.parametrize("case", ["new-head", "freeze", "unfreeze", "append"])
+def test_a_changed_parameter_set_restarts_what_depends_on_it(tmp_path, case, at):
+    """Step norms, cosines and secants against a float64 brute force over the current set.
+
+    The user's optimizer covers the trainable parameters only, so a frozen one keeps
+    its last (stale) ``.grad``: the Monitor must not read it.
+    """
+    model, loss_fn, comps = problem()
+    if case == "unfreeze":
+        model[0].weight.requires_grad_(False)
+    every, steps = 3, 12
+    messages = []
+    monitor = Monitor(model, loss_fn, comps, eta=0.5, every=every, run_dir=tmp_path / "run",
+                      log=messages.append)  # fmt: skip
+    opt = torch.optim.SGD(_trainable(model), lr=0.1)
+    probes, expected = {}, []  # step -> (ids, x, ∇f); one (norm, cos) per update
+    for step in range(steps + 1):
+        if step == at:
+            _change(case, model)
+            opt = torch.optim.SGD(_trainable(model), lr=0.1)
+        monitor.step(step)
+        ids = [id(p) for p in _trainable(model)]
+        if step % every == 0:
+            ref = reference_probe(model, loss_fn, comps, params=_trainable(model))
+            probes[step] = (ids, _flat64(_trainable(model)), _flat64(ref.full_grad))
+        if step == steps:
+            break
+        x, y = comps.batch(step % comps.m)
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        g = _flat64(p.grad for p in _trainable(model))
+        last_ids, _, full = probes[step - step % every]
+        cos = float(g @ full / (g.norm() * full.norm())) if last_ids == ids else math.nan
+        expected.append((float(g.norm()), cos))
+        monitor.gradient()
+        opt.step()
+    monitor.close()
+    run = tmp_path / "run"
+    arrays = [np.load(run / "components" / f"epoch_{k:04d}_steps.npz") for k in range(4)]
+    norms = np.concatenate([a["step_grad_norm"] for a in arrays])
+    cos = np.concatenate([a["step_cos"] for a in arrays])
+    np.testing.assert_allclose(norms, [n for n, _ in expected], rtol=1e-12)
+    np.testing.assert_allclose(cos, [c for _, c in expected], rtol=1e-10, atol=1e-12)
+    assert np.isnan(cos).sum() == (2 if at == 4 else 0)  # the rest of the changed interval
+    traj = read_rows(run / "epochs.csv")["traj_smoothness"]
+    points = sorted(probes)
+    for k, (a, b) in enumerate(itertools.pairwise(points)):
+        ids_a, x_a, g_a = probes[a]
+        ids_b, x_b, g_b = probes[b]
+        want = float((g_b - g_a).norm() / (x_b - x_a).norm()) if ids_a == ids_b else math.nan
+        np.testing.assert_allclose(traj[k], want, rtol=1e-10, err_msg=f"row {k}")
+    assert np.isnan(traj).sum() == 2  # the secant across the change, and the last row
+    notes = [m for m in messages if "trainable parameters changed" in m]
+    assert len(notes) == 1 and ("update 5" in notes[0] if at == 4 else "step 6" in notes[0])
+
+
+def test_a_state_loaded_into_a_model_with_other_parameters_restarts_them(tmp_path):
+    """Resume a Monitor after appending a module: no length error, no secant across it."""
+    model, loss_fn, comps = problem()
+    first = Monitor(model, loss_fn, comps, eta=0.5, every=3)
+    opt = run_loop(model, loss_fn, comps, 5, [first])
+    state = first.state_dict()
+    model.append(nn.Linear(1, 1).double())
+    messages = []
+    second = Monitor(model, loss_fn, comps, eta=0.5, every=3, log=messages.append)
+    second.load_state_dict(state)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    run_loop(model, loss_fn, comps, 10, [second], start=5, opt=opt)
+    second.close()
+    traj = [r["traj_smoothness"] for r in second.rows]
+    assert math.isfinite(traj[0]) and math.isnan(traj[1]) and math.isfinite(traj[2])
+    assert math.isfinite(second.rows[2]["train_cos"])
+    assert any("other trainable parameters" in m for m in messages)

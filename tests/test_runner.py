@@ -49,6 +49,7 @@ checkpoint_every = {{every}}
 progress = false
 """
 TOTAL_STEPS = EPOCHS * M
+ADAMW = {"optimizer": '"adamw"', "betas": "[0.8, 0.95]", "eps": 1e-6, "weight_decay": 0.1}
 # Runs of the crash-safety tests: config changes and the step of the SIGKILL (None: random).
 # With lr = 3 the held-out loss at x_3 is worse than at x_1: NT-ASGD averages from step 25 on,
 # and the kill at step 29 falls after the checkpoint at step 27 that holds x̄ of 3 iterates.
@@ -56,6 +57,9 @@ VARIANTS = {
     "sgd": ({"method": "sgd"}, None),
     "igc": ({"method": "igc"}, None),
     "nt-asgd": ({"method": "sgd", "lr": 3.0, "optimizer_switch": '"nt-asgd"', "nonmono": 1}, 29),
+    # AdamW: its moments and step count are in the checkpoint (issue 22)
+    "adamw-igc": ({"method": "igc", **ADAMW}, None),
+    "adamw-rr": ({"method": "rr", **ADAMW}, None),
 }
 
 
@@ -157,44 +161,47 @@ def run_and_signal(tmp_path: Path, config: Path, out: Path, at: int, sig: str):
 # -- config ---------------------------------------------------------------------
 
 
+BAD_CONFIGS = [
+    ({"epoch": 3}, "epoch"),
+    ({"eta": 0}, "eta"),
+    ({"eta": -1.0}, "eta"),
+    ({"eta": math.nan}, "eta"),
+    ({"eta": "big"}, "eta"),
+    ({"etas": [0.1, 0.0]}, "etas"),
+    ({"etas": 0.1}, "etas"),
+    ({"lr": 0}, "lr"),
+    ({"lr": "0.1"}, "lr"),
+    ({"method": "adam"}, "method"),
+    ({"epochs": -1}, "epochs"),
+    ({"epochs": 2.5}, "epochs"),
+    ({"batch_size": 0}, "batch_size"),
+    ({"batch_size": True}, "batch_size"),
+    ({"momentum": 1.0}, "momentum"),
+    ({"dropout": "random"}, "dropout"),
+    ({"last_batch": "pad"}, "last_batch"),
+    ({"milestones": [1, "x"]}, "milestones"),
+    ({"heldout": 1}, "heldout"),
+    ({"device": ""}, "device"),
+    ({"task": "gan"}, "task"),
+    ({"model_kwargs": [1, 2]}, "model_kwargs"),
+    ({"task": "language_model", "ar_alpha": -1.0}, "ar_alpha"),
+    ({"task": "language_model", "tar_beta": "1"}, "tar_beta"),
+    ({"task": "language_model", "tar_beta": math.inf}, "tar_beta"),
+    ({"ar_alpha": 2.0}, "ar_alpha"),  # AR/TAR only for language models
+    ({"task": "classification", "tar_beta": 1.0}, "tar_beta"),
+    ({"heldout_tokens": -1}, "heldout_tokens"),
+    ({"heldout_tokens": 1.5}, "heldout_tokens"),
+    ({"optimizer_switch": "asgd"}, "optimizer_switch"),
+    ({"optimizer_switch": "nt-asgd", "nonmono": 0}, "nonmono"),
+    ({"nonmono": True}, "nonmono"),
+    ({"task": "classification", "optimizer_switch": "nt-asgd"}, "optimizer_switch"),
+    ({"optimizer_switch": "nt-asgd", "heldout": False}, "optimizer_switch"),
+]
+
+
 @pytest.mark.parametrize(
     "raw,key",
-    [
-        ({"epoch": 3}, "epoch"),
-        ({"eta": 0}, "eta"),
-        ({"eta": -1.0}, "eta"),
-        ({"eta": math.nan}, "eta"),
-        ({"eta": "big"}, "eta"),
-        ({"etas": [0.1, 0.0]}, "etas"),
-        ({"etas": 0.1}, "etas"),
-        ({"lr": 0}, "lr"),
-        ({"lr": "0.1"}, "lr"),
-        ({"method": "adam"}, "method"),
-        ({"epochs": -1}, "epochs"),
-        ({"epochs": 2.5}, "epochs"),
-        ({"batch_size": 0}, "batch_size"),
-        ({"batch_size": True}, "batch_size"),
-        ({"momentum": 1.0}, "momentum"),
-        ({"dropout": "random"}, "dropout"),
-        ({"last_batch": "pad"}, "last_batch"),
-        ({"milestones": [1, "x"]}, "milestones"),
-        ({"heldout": 1}, "heldout"),
-        ({"device": ""}, "device"),
-        ({"task": "gan"}, "task"),
-        ({"model_kwargs": [1, 2]}, "model_kwargs"),
-        ({"task": "language_model", "ar_alpha": -1.0}, "ar_alpha"),
-        ({"task": "language_model", "tar_beta": "1"}, "tar_beta"),
-        ({"task": "language_model", "tar_beta": math.inf}, "tar_beta"),
-        ({"ar_alpha": 2.0}, "ar_alpha"),  # AR/TAR only for language models
-        ({"task": "classification", "tar_beta": 1.0}, "tar_beta"),
-        ({"heldout_tokens": -1}, "heldout_tokens"),
-        ({"heldout_tokens": 1.5}, "heldout_tokens"),
-        ({"optimizer_switch": "asgd"}, "optimizer_switch"),
-        ({"optimizer_switch": "nt-asgd", "nonmono": 0}, "nonmono"),
-        ({"nonmono": True}, "nonmono"),
-        ({"task": "classification", "optimizer_switch": "nt-asgd"}, "optimizer_switch"),
-        ({"optimizer_switch": "nt-asgd", "heldout": False}, "optimizer_switch"),
-    ],
+    BAD_CONFIGS,
     ids=lambda v: str(v) if not isinstance(v, dict) else "-".join(map(str, v.items())),
 )
 def test_bad_config_names_the_key(raw, key):
@@ -215,7 +222,9 @@ def test_bad_config_file_refused_before_anything_runs(tmp_path):
 def test_eta_inf_spellings_and_roundtrip():
     assert parse_config({"eta": "inf"}).eta == math.inf
     assert parse_config({"eta": math.inf, "etas": [0.5, "inf"]}).etas == (0.5, math.inf)
-    cfg = TrainConfig(eta=0.25, etas=(0.1, math.inf), milestones=(2, 5), method="rr")
+    cfg = TrainConfig(
+        eta=0.25, etas=(0.1, math.inf), schedule="step", milestones=(2, 5), method="rr"
+    )
     assert parse_config(tomllib.loads(dump_config(cfg))) == cfg
     assert config_diff(cfg, cfg) == []
 
@@ -379,6 +388,13 @@ def test_sigkill_at_random_step_then_resume_is_bitwise_equal(golden, killed, tmp
         averaged = state["units"]["nt_asgd"]["count"]
         assert averaged > 0 and not (killed_run / "averaged_model.pt").exists()
         assert [r["asgd_active"] for r in read_rows(gold)] == ["0.0", "0.0", "0.0", "1.0", "1.0"]
+    if method.startswith("adamw"):  # the case is meaningful: the moments crossed the kill
+        _, state = latest_checkpoint(killed_run / "checkpoints")
+        moments = state["optimizer"]["state"][0]
+        assert float(moments["step"]) == state["loop"]["step"] > 0
+        assert float(moments["exp_avg_sq"].abs().sum()) > 0
+        config = tomllib.loads((gold / "config.toml").read_text())
+        assert config["optimizer"] == "adamw" and config["betas"] == [0.8, 0.95]
 
 
 def test_sigterm_checkpoints_at_component_boundary_and_exits_143(golden, tmp_path):

@@ -146,3 +146,48 @@ def test_unit_state_round_trips(unit):
 def test_two_units_of_one_name_are_refused():
     with pytest.raises(ValueError, match="share a name"):
         Units([StepStatistics(), StepStatistics()])
+
+
+def test_a_gradient_of_norm_exactly_eta_is_not_clipped_nor_counted_as_clipped():
+    """The boundary ‖g‖ = η: C(g; η) = g (bitwise), and no share counts it as clipped.
+
+    f_i(w) = ⟨a_i, w⟩ has the gradient a_i exactly: norms 5 (= η), 10 and 1. The
+    steps use C, the rows count ``n_i > η`` (the probe's ``clipped_fraction``, the
+    steps' ``train_clipped_share``), the Step's indicator likewise.
+    """
+    a = torch.tensor([[3.0, 4.0], [6.0, 8.0], [0.6, 0.8]], dtype=torch.float64)
+    comps = Components.from_tensors(a, torch.zeros(3, dtype=torch.float64), batch_size=1)
+    model = nn.Linear(2, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, -1.0]]))
+    w0 = model.weight.detach().clone()
+    eta, lr = 5.0, 0.5
+    spy = _BeforeUpdate()
+    hist = fit(model, lambda out, y: out.sum(), comps, "igc", lr=lr, eta=eta, epochs=1,
+               units=[spy], progress=False)  # fmt: skip
+    # C(a_1; 5) = a_1 (norm exactly η: untouched), C(a_2; 5) = a_2/2, C(a_3; 5) = a_3
+    expected = [a[0], a[1] / 2, a[2]]
+    assert all(torch.equal(g, e) for g, e in zip(spy.grads, expected, strict=True))
+    assert torch.equal(model.weight.detach(), w0 - lr * (a[0] + a[1] / 2 + a[2]))
+    assert hist.rows[0]["clipped_fraction"] == 1 / 3  # only the norm 10
+    assert hist.rows[0]["train_clipped_share"] == 1 / 3
+    assert spy.indicators == [0.0, 1.0, 0.0]
+    on = Step(1, 0, eta, eta, 0.0, [])
+    assert on.clip_indicator == 0.0
+    assert Step(1, 0, eta, math.nextafter(eta, math.inf), 0.0, []).clip_indicator == 1.0
+
+
+class _BeforeUpdate(Unit):
+    """Keeps the gradient each update is handed and the step's clip indicator."""
+
+    name = "before_update"
+
+    def __init__(self):
+        self.grads, self.indicators = [], []
+
+    def needs(self, point):
+        return Needs.STEP_GRADIENT
+
+    def before_update(self, step):
+        self.grads.append(step.params[0].grad.detach().reshape(-1).clone())
+        self.indicators.append(step.clip_indicator)

@@ -84,7 +84,9 @@ def test_config_keys_are_checked_at_parse(raw, key):
 def test_default_file_names_stay_out_of_the_resume_setting():
     """Runs started before train_file / heldout_file existed still resume."""
     assert "train_file" not in TrainConfig().setting()
-    named = TrainConfig(data="ptb", train_file="ptb.valid.txt", heldout_file="ptb.test.txt")
+    named = TrainConfig(
+        task="language_model", data="ptb", train_file="ptb.valid.txt", heldout_file="ptb.test.txt"
+    )
     assert named.setting()["train_file"] == "ptb.valid.txt"
 
 

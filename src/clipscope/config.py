@@ -1,14 +1,21 @@
 """Settings: the one place they are parsed and validated, and the one home of each choice list.
 
-Two frozen dataclasses share one set of validators (:func:`check_setting`):
+Two frozen dataclasses, each setting declared once, one validator per key
+(:func:`check_setting`):
 
 * :class:`FitConfig` -- the training loop's settings (:func:`clipscope.fit`);
-* :class:`TrainConfig` -- one flat TOML file per run (``clipscope train``): the
-  task (model, data, partition, runtime) plus every :class:`FitConfig` key under
-  the same name (:meth:`TrainConfig.fit_config`).
+* :class:`TrainConfig` -- one flat TOML file per run (``clipscope train``): a
+  subclass of :class:`FitConfig` that adds the task (model, data, partition,
+  runtime), so every loop key is a TOML key under the same name
+  (:meth:`TrainConfig.fit_config` hands them to the loop).
 
-Every field has a default and a comment saying what it means; a TOML file only
-lists what it changes. :func:`load_config` validates the whole file before
+A new setting is one commented field line plus its rule in :func:`check_setting`
+(and, when only some values of another setting read it, one line in a scope
+table). Every field has a default and a comment saying what it means; a TOML
+file only lists what it changes. A key that the rest of the config ignores --
+``bptt`` or ``model`` for ``task = "least_squares"``, ``betas`` for
+``optimizer = "sgd"``, ``momentum`` for Adam -- is refused unless it holds its
+default. :func:`load_config` validates the whole file before
 anything runs: an unknown key, a wrong type or a bad value raises
 :class:`~clipscope.errors.ConfigError` (a ``ValueError``) naming the key. η may
 be written ``eta = inf`` (a TOML float) or ``eta = "inf"``; ``eta``, every entry
@@ -52,11 +59,12 @@ from clipscope.data.splits import WORD_CORPORA
 from clipscope.engine.guard import DROPOUT_POLICIES
 from clipscope.errors import ConfigError
 from clipscope.math.stats import check_eta
-from clipscope.methods import METHODS, SCHEDULES
+from clipscope.methods import ADAPTIVE_OPTIMIZERS, METHODS, OPTIMIZERS, SCHEDULES
 from clipscope.run.directory import setting_diff
 
 __all__ = [
     "DTYPES",
+    "FIT_KEYS",
     "LAST_BATCH",
     "MAX_SEED",
     "OPTIMIZER_SWITCHES",
@@ -64,6 +72,7 @@ __all__ = [
     "TASKS",
     "FitConfig",
     "TrainConfig",
+    "available_memory",
     "check_device",
     "check_resources",
     "check_setting",
@@ -71,6 +80,7 @@ __all__ = [
     "dump_config",
     "load_config",
     "parse_config",
+    "resume_setting",
 ]
 
 # -- choice lists (each defined once; methods, schedules and dropout policies live with
@@ -88,6 +98,7 @@ MAX_SEED = 2**63 - 1
 _CHOICES: dict[str, tuple[str, ...]] = {
     "task": TASKS,
     "method": METHODS,
+    "optimizer": OPTIMIZERS,
     "schedule": SCHEDULES,
     "last_batch": LAST_BATCH,
     "route": RUN_ROUTES,
@@ -122,6 +133,7 @@ _FLOAT_RANGE: dict[str, tuple[float, bool, float, bool]] = {
     "weight_decay": (0.0, True, math.inf, False),
     "schedule_gamma": (0.0, True, math.inf, False),
     "smoothness_tol": (0.0, False, 1.0, False),
+    "eps": (0.0, False, math.inf, False),
 }
 _BOOL = {"heldout", "deterministic", "progress", "smoothness_components"}
 _STRING = {"model", "data", "data_dir"}
@@ -129,7 +141,14 @@ _STRING = {"model", "data", "data_dir"}
 _OPTIONAL_STRING = {"train_file", "heldout_file"}
 #: Keys added after checkpoint format 2: left out of a resume's setting while at their
 #: default, so runs started before they existed still resume.
-_NEWER_KEYS = {"train_file": "", "heldout_file": ""}
+_NEWER_KEYS: dict[str, Any] = {
+    "train_file": "",
+    "heldout_file": "",
+    "optimizer": "sgd",
+    "betas": [0.9, 0.999],
+    "eps": 1e-8,
+    "zhang_gamma": None,
+}
 
 
 def _bad(key: str, value: Any, why: str) -> ConfigError:
@@ -207,6 +226,13 @@ def check_setting(key: str, value: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             raise _bad(key, value, "expected a list of thresholds")
         return tuple(_eta(key, v) for v in value)
+    if key == "betas":
+        if not isinstance(value, (list, tuple)) or len(value) != 2:
+            raise _bad(key, value, "expected two numbers [beta1, beta2], each in [0, 1)")
+        for v in value:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
+                raise _bad(key, list(value), "expected two numbers [beta1, beta2], each in [0, 1)")
+        return (float(value[0]), float(value[1]))
     if key == "milestones":
         if not isinstance(value, (list, tuple)):
             raise _bad(key, value, "expected a list of epochs")
@@ -249,42 +275,64 @@ def check_setting(key: str, value: Any) -> Any:
     raise ConfigError(f"config: unknown key '{key}'")  # pragma: no cover - a field without a rule
 
 
+def resume_setting(values: dict[str, Any]) -> dict[str, Any]:
+    """Return what a resume compares of plain setting values: all but ``progress``.
+
+    Keys added after the checkpoint format (:data:`_NEWER_KEYS`) are left out
+    while at their defaults, so runs started before they existed resume unchanged.
+
+    >>> resume_setting({"lr": 0.1, "optimizer": "sgd", "progress": False})
+    {'lr': 0.1}
+    """
+    return {
+        k: v
+        for k, v in values.items()
+        if k != "progress" and not (k in _NEWER_KEYS and v == _NEWER_KEYS[k])
+    }
+
+
 def _validate_fields(obj: Any) -> None:
     """Validate and normalize every field of a frozen config dataclass in place."""
     for f in fields(obj):
         object.__setattr__(obj, f.name, check_setting(f.name, getattr(obj, f.name)))
 
 
-_FIT_KEYS = (
-    "method lr eta epochs seed momentum weight_decay schedule milestones schedule_gamma "
-    "zhang_gamma optimizer_switch nonmono probe_every etas route dropout smoothness_every "
-    "smoothness_components smoothness_tol smoothness_max_iter checkpoint_every "
-    "keep_checkpoints progress"
-).split()
-
-
 @dataclass(frozen=True, kw_only=True)
 class FitConfig:
     """The settings of :func:`clipscope.fit`'s loop (validated on construction).
 
-    Raises :class:`~clipscope.errors.ConfigError` naming the first bad field.
+    The one declaration of every loop setting: :class:`TrainConfig` inherits
+    these fields under the same names (a new setting is one line here plus its
+    rule in :func:`check_setting`).
+
+    Raises :class:`~clipscope.errors.ConfigError` naming the first bad field, or
+    a setting that does not apply (``betas`` with ``optimizer = "sgd"``,
+    ``momentum`` with Adam, ``zhang_gamma`` without ``method = "zhang"``, ...).
 
     >>> FitConfig(lr=0.1, eta="inf").eta
     inf
+    >>> FitConfig(lr=0.1, optimizer="adamw", betas=[0.9, 0.95], weight_decay=0.1).betas
+    (0.9, 0.95)
     """
 
     # -- method ---------------------------------------------------------------
     method: str = "igc"  # sgd | igc | rr | shuffle_once | zhang (clipscope.methods)
-    lr: float  # constant step α > 0 (the paper's methods)
+    lr: float  # step size α > 0 (constant unless a schedule is set)
     eta: float = math.inf  # clipping threshold η > 0; inf = no clipping
     epochs: int = 1  # epochs of m steps each; 0 = only the diagnostics at x_0
-    seed: int = 0  # seed of the order's generator
-    momentum: float = 0.0  # SGD momentum (not in the paper's methods)
-    weight_decay: float = 0.0  # L2 decay added by the optimizer after clipping
+    seed: int = 0  # seed of the order's generator (clipscope train: also of the model init)
+    # -- optimizer: it steps on C(∇f_i; η); the paper's methods are sgd without options -----
+    optimizer: str = "sgd"  # sgd | adam | adamw (torch.optim; clipscope.methods.make_optimizer)
+    momentum: float = 0.0  # sgd only: heavy-ball momentum, in [0, 1) (averages clipped gradients)
+    betas: tuple[float, float] = (0.9, 0.999)  # adam / adamw only: moment decay rates, in [0, 1)
+    eps: float = 1e-8  # adam / adamw only: added to √v̂ in the denominator, > 0
+    weight_decay: float = 0.0  # sgd / adam: L2 term λx added to C(g; η); adamw: decoupled decay
     schedule: str = "constant"  # constant | step | cosine, stepped once per epoch
-    milestones: tuple[int, ...] = ()  # step schedule: epochs (>= 1) where α is multiplied by gamma
-    schedule_gamma: float = 0.1  # step schedule factor
-    zhang_gamma: float | None = None  # method "zhang": the step-length cap γ (default η)
+    milestones: tuple[
+        int, ...
+    ] = ()  # schedule = "step": epochs (>= 1) where α is multiplied by gamma
+    schedule_gamma: float = 0.1  # schedule = "step": the factor
+    zhang_gamma: float | None = None  # method = "zhang": the step-length cap γ (default η)
     optimizer_switch: str = "none"  # none | nt-asgd (average the iterates once heldout stalls)
     nonmono: int = 5  # NT-ASGD: compare with the best heldout of > nonmono checks ago
     # -- probes ---------------------------------------------------------------
@@ -293,7 +341,7 @@ class FitConfig:
     route: str = "auto"  # engine route for the run's own components: auto | two-pass | keep
     dropout: str = "off"  # dropout policy of the probes: off | fixed masks
     smoothness_every: int = 0  # Lanczos ‖∇²f(x_k)‖ at every k-th probe (and the last); 0 = off
-    smoothness_components: bool = False  # also ‖∇²f_i(x_k)‖ per component (A5)
+    smoothness_components: bool = False  # also ‖∇²f_i(x_k)‖ per component (A5), in the .npz
     smoothness_tol: float = 1e-4  # relative tolerance of the Lanczos stopping rule, in (0, 1)
     smoothness_max_iter: int = 30  # most Hessian-vector products per Lanczos solve
     # -- run directory and display --------------------------------------------
@@ -303,24 +351,64 @@ class FitConfig:
 
     def __post_init__(self) -> None:
         _validate_fields(self)
+        _check_scopes(self, _LOOP_SCOPE)
+        if self.optimizer in ADAPTIVE_OPTIMIZERS:
+            if self.method == "zhang":
+                raise _bad(
+                    "method",
+                    "zhang",
+                    "Zhang et al.'s step caps the length of an SGD step at γ; with "
+                    f"optimizer = {self.optimizer!r} the step is not α·g: use optimizer = 'sgd'",
+                )
+            if self.optimizer_switch == "nt-asgd":
+                raise _bad(
+                    "optimizer_switch",
+                    "nt-asgd",
+                    "NT-ASGD (Merity et al., 2018) switches SGD to averaged SGD; it is not "
+                    f"defined for optimizer = {self.optimizer!r}: use optimizer = 'sgd' or "
+                    "optimizer_switch = 'none'",
+                )
 
     def setting(self) -> dict[str, Any]:
-        """Every field but ``progress`` as plain values: what a resume must match."""
-        return {k: v for k, v in _plain(self).items() if k != "progress"}
+        """Every field but ``progress`` as plain values: what a resume must match.
+
+        Keys added after the checkpoint format (:data:`_NEWER_KEYS`: the data
+        files, the optimizer's name and Adam's settings, ``zhang_gamma``) are
+        left out while at their defaults, so older runs resume unchanged.
+        """
+        return resume_setting(self.to_dict())
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return all fields as plain values (tuples become lists)."""
+        return _plain(self)
+
+
+#: The loop's fields, in declaration order (what :meth:`TrainConfig.fit_config` hands over).
+FIT_KEYS = tuple(f.name for f in fields(FitConfig))
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainConfig:
-    """A training run. Flat on purpose: ``epochs.csv`` and reports read these keys by name."""
+class TrainConfig(FitConfig):
+    """A training run: the task, then every :class:`FitConfig` field under the same name.
+
+    Flat on purpose: ``epochs.csv``, ``config.toml`` and reports read these keys
+    by name. Keys that only some tasks read (``model``, ``data``, ``bptt``,
+    ``dim``, ...: :data:`_TASK_SCOPE`) are refused by another task unless at
+    their default.
+    """
 
     # -- task ---------------------------------------------------------------
     task: str = "least_squares"  # least_squares (built in) | classification | language_model
-    model: str = "linear"  # clipscope.models.build_model name (ignored by least_squares)
-    model_kwargs: tuple[tuple[str, Any], ...] = ()  # TOML inline table of build_model kwargs
-    data: str = "synthetic"  # clipscope.data.load_splits name (ignored by least_squares)
-    data_dir: str = "data"  # folder handed to loaders that read files (CIFAR-10, PTB)
-    train_file: str = ""  # ptb / mikolov: the file in data_dir to train on ("" = ptb.train.txt)
-    heldout_file: str = ""  # ptb / mikolov: the held-out file in data_dir ("" = ptb.valid.txt)
+    model: str = "linear"  # classification / LM: clipscope.models.build_model name
+    model_kwargs: tuple[tuple[str, Any], ...] = ()  # classification / LM: build_model kwargs
+    data: str = "synthetic"  # classification / LM: clipscope.data.load_splits name
+    data_dir: str = "data"  # classification / LM: folder of loaders that read files
+    train_file: str = (
+        ""  # LM on ptb / mikolov: the file in data_dir to train on ("" = ptb.train.txt)
+    )
+    heldout_file: str = (
+        ""  # LM on ptb / mikolov: the held-out file in data_dir ("" = ptb.valid.txt)
+    )
     n_samples: int = 256  # first N training samples (tokens for LMs); 0 = all
     dim: int = 8  # least_squares: number of features
     noise: float = 0.5  # least_squares: std of the label noise
@@ -330,48 +418,21 @@ class TrainConfig:
     ar_alpha: float = 0.0  # language_model: AR weight α in every f_i (awd_lstm_loss); 0 = off
     tar_beta: float = 0.0  # language_model: TAR weight β in every f_i (awd_lstm_loss); 0 = off
     last_batch: str = "keep"  # keep | drop the smaller last batch (recorded)
-    data_seed: int = 0  # seed of the data and of the fixed partition, in [0, 2**63)
-    # -- method (FitConfig) ---------------------------------------------------
-    method: str = "igc"  # sgd | igc | rr | shuffle_once | zhang
-    lr: float = 0.01  # constant step α (the paper's methods)
-    eta: float = math.inf  # clipping threshold η > 0; inf = no clipping
-    epochs: int = 10  # epochs of m steps each; 0 = only the diagnostics at x_0
-    seed: int = 0  # seed of the model init and of the order's generator, in [0, 2**63)
-    momentum: float = 0.0  # SGD momentum (not in the paper's methods)
-    weight_decay: float = 0.0  # L2 decay added after clipping (not in the paper's methods)
-    schedule: str = "constant"  # constant | step | cosine (per epoch)
-    milestones: tuple[int, ...] = ()  # step schedule: epochs (>= 1) where α is multiplied by gamma
-    schedule_gamma: float = 0.1  # step schedule factor
-    optimizer_switch: str = "none"  # none | nt-asgd (average the iterates once heldout stalls)
-    nonmono: int = 5  # NT-ASGD: compare with the best heldout of > nonmono epoch ends ago
-    # -- probes (FitConfig) ---------------------------------------------------
-    probe_every: int = 1  # probe at the start of every k-th epoch (and at the end); 0 = never
-    etas: tuple[float, ...] = ()  # extra thresholds for the rho@η columns
-    route: str = "auto"  # engine route for the run's own components: auto | two-pass | keep
-    dropout: str = "off"  # dropout policy of the probes: off | fixed masks
+    data_seed: int = 0  # least_squares / classification: seed of the data and partition
     heldout: bool = True  # evaluate the held-out metric at each probe
-    # -- smoothness (clipscope.loop.Smoothness; columns hess_norm, traj_smoothness) ---
-    smoothness_every: int = 0  # Lanczos ‖∇²f(x_k)‖ at every k-th probe (and the last); 0 = never
-    smoothness_components: bool = False  # also ‖∇²f_i(x_k)‖ per component (A5), in the .npz
-    smoothness_tol: float = 1e-4  # relative tolerance of the Lanczos stopping rule, in (0, 1)
-    smoothness_max_iter: int = 30  # most Hessian-vector products per Lanczos solve
     # -- runtime ------------------------------------------------------------
     device: str = "cpu"  # torch device (must exist here: check_resources)
     dtype: str = "float32"  # float32 | float64 parameters and data
     deterministic: bool = True  # torch.use_deterministic_algorithms
     threads: int = 0  # torch.set_num_threads, at most the CPUs here; 0 = torch's default
-    checkpoint_every: int = 0  # also checkpoint every this many steps; 0 = epoch ends only
-    keep_checkpoints: int = 3  # newest checkpoints kept (older ones pruned)
-    progress: bool = True  # tqdm progress bars
+    # -- a file's defaults where the loop has none or another -----------------
+    lr: float = 0.01  # FitConfig.lr (required there)
+    epochs: int = 10  # FitConfig.epochs
 
     def __post_init__(self) -> None:
-        _validate_fields(self)
+        super().__post_init__()
         task = self.task
-        for key in ("ar_alpha", "tar_beta"):
-            if getattr(self, key) and task != "language_model":
-                raise _bad(
-                    key, getattr(self, key), f"AR/TAR need task = 'language_model', not {task!r}"
-                )
+        _check_scopes(self, _TASK_SCOPE)
         for key in ("train_file", "heldout_file"):
             if getattr(self, key) and self.data not in WORD_CORPORA:
                 raise _bad(
@@ -392,19 +453,7 @@ class TrainConfig:
 
     def fit_config(self) -> FitConfig:
         """Return the loop's settings: every :class:`FitConfig` field, by name."""
-        return FitConfig(**{k: getattr(self, k) for k in _FIT_KEYS if hasattr(self, k)})
-
-    def setting(self) -> dict[str, Any]:
-        """Every field but ``progress`` as plain values: what a resume must match.
-
-        Keys added after the checkpoint format (``train_file``, ``heldout_file``)
-        are left out while at their defaults, so older runs resume unchanged.
-        """
-        return {
-            k: v
-            for k, v in self.to_dict().items()
-            if k != "progress" and not (k in _NEWER_KEYS and v == _NEWER_KEYS[k])
-        }
+        return FitConfig(**{k: getattr(self, k) for k in FIT_KEYS})
 
     def to_dict(self) -> dict[str, Any]:
         """Return all fields as plain values (tuples become lists, ``model_kwargs`` a dict)."""
@@ -413,6 +462,63 @@ class TrainConfig:
             k: list(v) if isinstance(v, tuple) else v for k, v in self.model_kwargs
         }
         return out
+
+
+_LIBRARY_TASKS = ("classification", "language_model")
+_LM = ("language_model",)
+#: Settings only some values of another setting read: key -> (that setting, its values).
+#: A config refuses such a key at another value unless it holds its default (a resolved
+#: ``config.toml`` lists every key, at its default where unused). Checked by the dataclass
+#: that owns the deciding key (:func:`_check_scopes`).
+_LOOP_SCOPE: dict[str, tuple[str, tuple[Any, ...]]] = {
+    "momentum": ("optimizer", ("sgd",)),
+    "betas": ("optimizer", ("adam", "adamw")),
+    "eps": ("optimizer", ("adam", "adamw")),
+    "zhang_gamma": ("method", ("zhang",)),
+    "milestones": ("schedule", ("step",)),
+    "schedule_gamma": ("schedule", ("step",)),
+}
+_TASK_SCOPE: dict[str, tuple[str, tuple[Any, ...]]] = {
+    "model": ("task", _LIBRARY_TASKS),
+    "model_kwargs": ("task", _LIBRARY_TASKS),
+    "data": ("task", _LIBRARY_TASKS),
+    "data_dir": ("task", _LIBRARY_TASKS),
+    "train_file": ("task", _LM),
+    "heldout_file": ("task", _LM),
+    "dim": ("task", ("least_squares",)),
+    "noise": ("task", ("least_squares",)),
+    "bptt": ("task", _LM),
+    "heldout_tokens": ("task", _LM),
+    "ar_alpha": ("task", _LM),
+    "tar_beta": ("task", _LM),
+    "data_seed": ("task", ("least_squares", "classification")),
+}
+_HINTS = {
+    ("momentum", "adam"): "; Adam's momentum is betas[0]",
+    ("momentum", "adamw"): "; AdamW's momentum is betas[0]",
+}
+
+
+def _check_scopes(config: Any, scope: dict[str, tuple[str, tuple[Any, ...]]]) -> None:
+    """ConfigError naming a key set away from its default where its owner setting ignores it."""
+    defaults = {f.name: f.default for f in fields(config)}
+    for key, (owner, values) in scope.items():
+        value, where = getattr(config, key), getattr(config, owner)
+        if where in values or value == check_setting(key, defaults[key]):
+            continue
+        shown = " or ".join(repr(v) for v in values)
+        raise _bad(
+            key,
+            dict(value) if key == "model_kwargs" else _plain_value(value),
+            f"read only with {owner} = {shown}; this config has {owner} = {where!r}, "
+            f"which ignores it: remove the key{_HINTS.get((key, where), '')}",
+        )
+
+
+def _plain_value(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_plain_value(v) for v in value]
+    return value
 
 
 def _plain(config: Any) -> dict[str, Any]:
@@ -476,6 +582,23 @@ def load_config(path: str | Path) -> TrainConfig:
 # -- what depends on the machine ------------------------------------------------------
 
 
+def available_memory(device: str = "cpu") -> int | None:
+    """Bytes of memory available now on ``device``, or None when unknown.
+
+    CPU: ``MemAvailable`` of ``/proc/meminfo`` (else ``sysconf``); CUDA: the free
+    memory ``torch.cuda.mem_get_info`` reports; other devices: None.
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(dev)[0])
+        except (RuntimeError, AssertionError):  # pragma: no cover - no usable CUDA here
+            return None
+    if dev.type != "cpu":
+        return None
+    return _available_memory()
+
+
 def _available_memory() -> int | None:
     """Bytes of memory available now (``MemAvailable``), or None when unknown."""
     try:
@@ -513,7 +636,10 @@ def check_resources(config: TrainConfig) -> None:
     The device must exist; ``threads`` may not exceed the CPUs
     (``os.cpu_count()``: more only slows a run, and very many crash torch's
     thread pool at exit); the synthetic least-squares data must fit in the
-    available memory (the message says how many bytes it would need).
+    available memory (the message says how many bytes it would need). A
+    library model's memory is checked where it is built, before it is
+    allocated (:func:`clipscope.tasks.check_model_memory`: the model on the
+    ``meta`` device needs the data's vocabulary).
 
     Raises
     ------
@@ -563,13 +689,17 @@ def _toml_value(value: Any) -> str:
 def dump_config(config: TrainConfig) -> str:
     """Return the resolved config as TOML (every field), readable back by :func:`load_config`.
 
-    >>> cfg = parse_config({"eta": 0.5, "model_kwargs": {"hidden": [8, 4]}})
+    >>> cfg = parse_config({"task": "classification", "eta": 0.5, "model_kwargs": {"hidden": [8]}})
     >>> parse_config(tomllib.loads(dump_config(cfg))) == cfg
     True
     """
     lines = ["# clipscope resolved training config (every field; see clipscope.config)"]
     values = config.to_dict()
-    lines += [f"{f.name} = {_toml_value(values[f.name])}" for f in fields(config)]
+    task = [f.name for f in fields(config) if f.name not in FIT_KEYS]
+    for header, keys in (("the task", task), ("the loop (clipscope.FitConfig)", FIT_KEYS)):
+        lines.append(f"# -- {header}")
+        # None (zhang_gamma's "default: η") has no TOML spelling: left out, read back as None
+        lines += [f"{k} = {_toml_value(values[k])}" for k in keys if values[k] is not None]
     return "\n".join(lines) + "\n"
 
 

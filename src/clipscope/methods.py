@@ -24,11 +24,15 @@ What differs is the order (:data:`METHODS`):
   and say so here.)
 
 η = ``math.inf`` gives the unclipped baselines, bitwise equal to plain SGD
-(``clip_grads_`` leaves gradients untouched then). Momentum, weight decay and a
-learning-rate schedule (``"constant"``, ``"step"``, ``"cosine"``) are options the
-paper's pure methods leave off; weight decay is added by the optimizer *after*
-clipping (it is not part of the clipped gradient), momentum averages clipped
-gradients. All are recorded.
+(``clip_grads_`` leaves gradients untouched then). The optimizer
+(:data:`OPTIMIZERS`: ``"sgd"``, ``"adam"``, ``"adamw"``; :func:`make_optimizer`),
+momentum, weight decay and a learning-rate schedule (``"constant"``,
+``"step"``, ``"cosine"``) are options the paper's pure methods leave off: the
+optimizer steps on the clipped gradient C(g; η); weight decay is added by the
+optimizer *after* clipping (SGD and Adam: an L2 term ``λx`` added to C(g; η);
+AdamW: the decoupled ``x ← x(1 − αλ)``), so it is never part of the clipped
+gradient; momentum (SGD) and Adam's moments average clipped gradients. All
+are recorded (:func:`describe_optimizer`).
 
 Sequential (language-model) components: under ``"igc"`` the recurrent state
 flows from step to step, detached (truncated BPTT), and restarts from zeros at
@@ -58,7 +62,9 @@ from clipscope.clipping import check_eta, clip_grads_, grad_norm
 from clipscope.errors import NonFiniteError
 
 __all__ = [
+    "ADAPTIVE_OPTIMIZERS",
     "METHODS",
+    "OPTIMIZERS",
     "SCHEDULES",
     "Cyclic",
     "Order",
@@ -67,12 +73,17 @@ __all__ = [
     "WithReplacement",
     "check_method",
     "clipped_step",
+    "describe_optimizer",
     "make_optimizer",
     "make_order",
     "make_schedule",
 ]
 
 SCHEDULES = ("constant", "step", "cosine")
+#: The optimizers a config may name (``torch.optim.SGD``, ``Adam``, ``AdamW``).
+OPTIMIZERS = ("sgd", "adam", "adamw")
+#: Those with a preconditioner P = diag(√v̂) + ε (issue 22's ρ_P reads their state).
+ADAPTIVE_OPTIMIZERS = ("adam", "adamw")
 
 
 # -- orders -------------------------------------------------------------------
@@ -226,13 +237,75 @@ def make_order(method: str, m: int, seed: int = 0) -> Order:
 
 
 def make_optimizer(
-    params: Iterable[torch.Tensor], lr: float, momentum: float = 0.0, weight_decay: float = 0.0
-) -> torch.optim.SGD:
-    """``torch.optim.SGD`` with the run's α, momentum and weight decay (the paper: 0 and 0).
+    params: Iterable[torch.Tensor],
+    lr: float,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    *,
+    optimizer: str = "sgd",
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> torch.optim.Optimizer:
+    r"""Return the run's ``torch.optim`` optimizer; it steps on the clipped gradient C(g; η).
 
+    * ``"sgd"`` -- ``torch.optim.SGD(lr, momentum, weight_decay)`` (the paper: 0 and 0);
+    * ``"adam"`` -- ``torch.optim.Adam(lr, betas, eps, weight_decay)``: the L2 term
+      ``λx`` is added by torch to the gradient it is given, i.e. *after* clipping,
+      so the moments average ``C(g; η) + λx`` and the clipped part excludes the decay;
+    * ``"adamw"`` -- ``torch.optim.AdamW(lr, betas, eps, weight_decay)``: decoupled
+      decay ``x ← x − αλx`` first, then the Adam step on the moments of ``C(g; η)``
+      alone (Loshchilov & Hutter, 2019).
+
+    Every other option is torch's default (no amsgrad, no nesterov, no dampening).
     The values are a :class:`clipscope.config.FitConfig`'s, validated there.
+
+    >>> w = torch.nn.Parameter(torch.zeros(2))
+    >>> type(make_optimizer([w], 0.1, optimizer="adamw", weight_decay=0.1)).__name__
+    'AdamW'
     """
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if optimizer in ADAPTIVE_OPTIMIZERS:
+        if momentum:
+            raise ValueError(f"optimizer {optimizer!r} takes no momentum (its betas[0] is one)")
+        kind = torch.optim.Adam if optimizer == "adam" else torch.optim.AdamW
+        return kind(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {optimizer!r}; valid choices: {', '.join(OPTIMIZERS)}")
+
+
+#: The hyperparameters :func:`describe_optimizer` reads from a param group, when present.
+_HYPER = ("lr", "momentum", "dampening", "nesterov", "betas", "eps", "weight_decay", "amsgrad")
+_NAMES = {torch.optim.SGD: "sgd", torch.optim.Adam: "adam", torch.optim.AdamW: "adamw"}
+
+
+def describe_optimizer(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Return what a run records of its optimizer: its class and first param group's settings.
+
+    ``{"optimizer": "sgd" | "adam" | "adamw" (exactly those torch classes) or the
+    class's qualified name, "class": qualified name, "param_groups": k, and each
+    of lr, momentum, dampening, nesterov, betas (a list), eps, weight_decay,
+    amsgrad the first group has}``; plain values only (JSON and TOML).
+
+    >>> w = torch.nn.Parameter(torch.zeros(2))
+    >>> d = describe_optimizer(torch.optim.Adam([w], lr=0.1))
+    >>> d["optimizer"], d["class"], d["betas"]
+    ('adam', 'torch.optim.adam.Adam', [0.9, 0.999])
+    """
+    kind = type(optimizer)
+    qualified = f"{kind.__module__}.{kind.__qualname__}"
+    group = optimizer.param_groups[0]
+    out: dict[str, Any] = {
+        "optimizer": _NAMES.get(kind, qualified),
+        "class": qualified,
+        "param_groups": len(optimizer.param_groups),
+    }
+    for key in _HYPER:
+        if key in group:
+            value = group[key]
+            if isinstance(value, torch.Tensor):
+                value = value.tolist()
+            out[key] = [float(v) for v in value] if isinstance(value, (tuple, list)) else value
+    return out
 
 
 def make_schedule(

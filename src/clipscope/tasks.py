@@ -29,10 +29,18 @@ from torch import nn
 from torch.nn import functional as F
 
 from clipscope.components import Components, SequentialComponents, detach_state
-from clipscope.config import TrainConfig
+from clipscope.config import TrainConfig, available_memory
 from clipscope.errors import ConfigError
 
-__all__ = ["BUILTIN_TASKS", "Task", "build_task", "builtin_task", "lm_loss"]
+__all__ = [
+    "BUILTIN_TASKS",
+    "Task",
+    "build_task",
+    "builtin_task",
+    "check_model_memory",
+    "lm_loss",
+    "model_state_bytes",
+]
 
 BUILTIN_TASKS = ("mlp", "lstm")
 
@@ -62,8 +70,10 @@ def build_task(cfg: TrainConfig) -> Task:
     ------
     ConfigError
         An unknown ``data`` or ``model`` name, ``model_kwargs`` the model does
-        not take, AR/TAR with a model that does not record its activations, a
-        held-out split too short for ``heldout_tokens``.
+        not take or a model whose training state does not fit in the memory
+        available (:func:`check_model_memory`, before anything is allocated),
+        AR/TAR with a model that does not record its activations, a held-out
+        split too short for ``heldout_tokens``.
     """
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
     if cfg.task == "least_squares":
@@ -109,6 +119,13 @@ def _least_squares(cfg: TrainConfig, dtype: torch.dtype):
 
 
 def _model(cfg: TrainConfig, dtype: torch.dtype, **extra: Any) -> nn.Module:
+    """Build the config's model: refused by name (ConfigError) before anything is allocated.
+
+    The model is first built on the ``meta`` device (shapes only, no memory) and
+    its memory checked (:func:`check_model_memory`); a build the estimate missed
+    that still runs out of memory is refused the same way, not as an allocator
+    traceback.
+    """
     from clipscope.models import MODEL_NAMES, build_model
 
     if cfg.model not in MODEL_NAMES:
@@ -116,12 +133,63 @@ def _model(cfg: TrainConfig, dtype: torch.dtype, **extra: Any) -> nn.Module:
             f"config: bad value for 'model': {cfg.model!r} (valid: {', '.join(MODEL_NAMES)})"
         )
     kwargs = {**dict(cfg.model_kwargs), **extra}
+    given = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.model_kwargs}
+    try:
+        with torch.device("meta"):
+            shapes = build_model(cfg.model, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"config: bad value for 'model_kwargs': {given!r} ({exc})") from None
+    except Exception:
+        shapes = None
+    if shapes is not None:
+        check_model_memory(cfg, shapes)
     torch.manual_seed(cfg.seed)
     try:
         return build_model(cfg.model, **kwargs).to(dtype)
     except (TypeError, ValueError) as exc:
-        given = {k: v for k, v in cfg.model_kwargs}
         raise ConfigError(f"config: bad value for 'model_kwargs': {given!r} ({exc})") from None
+    except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if not isinstance(exc, MemoryError) and "alloc" not in text and "memory" not in text:
+            raise
+        raise ConfigError(
+            f"config: bad value for 'model_kwargs': {given!r} (model {cfg.model!r} does not "
+            f"fit in memory on {cfg.device}: {text})"
+        ) from None
+
+
+def model_state_bytes(model: nn.Module, cfg: TrainConfig) -> tuple[int, int]:
+    """Return ``(parameters, bytes)``: the model's parameter count and what training keeps.
+
+    Bytes = (weights + gradients + the optimizer's state per parameter) × the
+    dtype's size, plus the buffers: 2 copies for SGD, 3 with momentum, 4 for
+    Adam/AdamW (two moments). A lower bound of a run's memory (activations,
+    the data and the probe's ∇f come on top). Tied weights count once. Works
+    on a ``meta`` model (nothing allocated).
+    """
+    itemsize = 8 if cfg.dtype == "float64" else 4
+    params = {id(p): p.numel() for p in model.parameters()}
+    buffers = sum(b.numel() for b in model.buffers())
+    copies = 2 + (2 if cfg.optimizer in ("adam", "adamw") else 1 if cfg.momentum else 0)
+    n = sum(params.values())
+    return n, (copies * n + buffers) * itemsize
+
+
+def check_model_memory(cfg: TrainConfig, model: nn.Module) -> None:
+    """ConfigError naming ``model_kwargs`` when the model's training state exceeds the memory.
+
+    ``model`` is the config's model built on the ``meta`` device; the memory is
+    what is available now on ``cfg.device`` (:func:`clipscope.config.available_memory`).
+    """
+    n, need = model_state_bytes(model, cfg)
+    have = available_memory(cfg.device)
+    if have is not None and need > have:
+        given = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.model_kwargs}
+        raise ConfigError(
+            f"config: bad value for 'model_kwargs': {given!r} (model {cfg.model!r} has {n:,} "
+            f"parameters; their {cfg.dtype} weights, gradients and {cfg.optimizer} state need "
+            f"at least {need:,} bytes, but {have:,} bytes of memory are available on {cfg.device})"
+        )
 
 
 def _library_task(cfg: TrainConfig, dtype: torch.dtype):

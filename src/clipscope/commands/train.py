@@ -7,6 +7,7 @@ ranks split every step and probe; rank 0 writes (``docs/distributed.md``).
 from __future__ import annotations
 
 import argparse
+import math
 
 from clipscope.train import train
 
@@ -17,8 +18,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "train",
         help="train with a clipped incremental method, probing every epoch, into a run directory",
         description=(
-            "Train with SGD-/IGC-/RR-clip (or shuffle-once, Zhang et al.) as the TOML config says, "
-            "probing the clipping statistics at the start of every epoch. Exit codes: 0 done, "
+            "Train with SGD-/IGC-/RR-clip (or shuffle-once, Zhang et al.) as the TOML config says "
+            "(each component gradient clipped exactly, then an SGD, Adam or AdamW step: "
+            "optimizer = sgd | adam | adamw), probing the clipping statistics at the start of "
+            "every epoch. Exit codes: 0 done, "
             "2 bad config or refused directory, 3 non-finite loss, gradient or step (last good "
             "checkpoint kept), 4 I/O error (e.g. disk full), 5 another torchrun process died or "
             "timed out, 130/143 interrupted by SIGINT/SIGTERM (checkpointed; continue with "
@@ -42,7 +45,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         metavar="SECONDS",
         help="under torchrun: how long a process waits for the others at a collective before "
-        "it stops with exit 5 (default: $CLIPSCOPE_DIST_TIMEOUT or 600)",
+        "it stops with exit 5, a positive number (default: $CLIPSCOPE_DIST_TIMEOUT or 600)",
     )
     parser.set_defaults(func=run)
 
@@ -51,6 +54,9 @@ def run(args: argparse.Namespace) -> int:
     """Run the config; the exit code says how it ended."""
     if args.force and not args.resume:
         raise ValueError("--force only applies together with --resume")
+    timeout = args.dist_timeout  # checked in every process, not only under torchrun
+    if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+        raise ValueError(f"--dist-timeout must be a positive number of seconds, got {timeout!r}")
     return train(
         args.config, args.out, resume=args.resume, force=args.force, dist_timeout=args.dist_timeout
     )

@@ -36,6 +36,7 @@ from clipscope.engine import model_guard
 from clipscope.engine.conventions import gradient_conventions
 from clipscope.engine.distributed import distributed_setup, on_writer
 from clipscope.loop.units import Finish, IntervalEnd, Point, Step, Unit
+from clipscope.methods import describe_optimizer
 from clipscope.run.directory import RunDirectory
 from clipscope.run.env import environment
 
@@ -71,7 +72,11 @@ def nt_asgd_switch(previous: Sequence[float], current: float, nonmono: int) -> b
 
 
 def _write_env(directory: RunDirectory, loop: Any, seed: int, dropout: str) -> None:
-    """Write ``env.json``: versions, device, dtype, seed, components, gradient conventions."""
+    """Write ``env.json``: versions, device, dtype, seed, components, gradient conventions.
+
+    Under ``fit`` also ``optimizer``: the optimizer's class and first param group's
+    settings as it starts (:func:`~clipscope.methods.describe_optimizer`) and the schedule.
+    """
     param = loop.params[0]
     env = environment(
         device=str(param.device), dtype=str(param.dtype).removeprefix("torch."), seed=seed
@@ -79,6 +84,9 @@ def _write_env(directory: RunDirectory, loop: Any, seed: int, dropout: str) -> N
     env["components"] = loop.components.describe()
     env["conventions"] = gradient_conventions(loop.model, loop.components, dropout)
     env["distributed"] = distributed_setup()
+    optimizer = getattr(loop, "optimizer", None)  # fit's loop; the Monitor's user keeps theirs
+    if optimizer is not None:
+        env["optimizer"] = {**describe_optimizer(optimizer), "schedule": loop.config.schedule}
     directory.write_text("env.json", json.dumps(env, indent=2, default=str) + "\n")
 
 

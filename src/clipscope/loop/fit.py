@@ -38,7 +38,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from clipscope.config import FitConfig
+from clipscope.config import FitConfig, resume_setting
 from clipscope.engine import batch_coupled_modules, trainable_params
 from clipscope.engine import distributed as _dist
 from clipscope.engine.losses import check_loss_fn, component_loss
@@ -53,7 +53,13 @@ from clipscope.loop.measures import (
 )
 from clipscope.loop.state import History, LoopState, upgrade_checkpoint
 from clipscope.loop.units import Finish, IntervalEnd, Point, Step, Unit, Units
-from clipscope.methods import clipped_step, make_optimizer, make_order, make_schedule
+from clipscope.methods import (
+    clipped_step,
+    describe_optimizer,
+    make_optimizer,
+    make_order,
+    make_schedule,
+)
 from clipscope.run.directory import CHECKPOINT_FORMAT, RunDirectory
 
 __all__ = ["Loop", "check_batch_coupling", "fit", "fit_loop", "standard_units"]
@@ -148,6 +154,16 @@ class Loop:
         """α of the first parameter group now."""
         return float(self.optimizer.param_groups[0]["lr"])
 
+    @property
+    def preconditioner(self) -> torch.optim.Optimizer | None:
+        """The optimizer whose state is the step's preconditioner P (Adam, AdamW), else None.
+
+        The hook for issue 22's preconditioned statistics: P = diag(√v̂) + ε,
+        bias-corrected, read from this optimizer's state (never changed). The
+        engine's probe does not take it yet; no ρ_P column is written until it does.
+        """
+        return self.optimizer if isinstance(self.optimizer, torch.optim.Adam) else None
+
     def state_dict(self) -> dict[str, Any]:
         """Return the checkpoint payload (under torch.distributed: called by every rank)."""
         cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
@@ -205,7 +221,7 @@ def fit(
     run_dir: str | Path | RunDirectory | None = None,
     resume: bool = False,
     force: bool = False,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: str | torch.optim.Optimizer | None = None,
     units: Sequence[Unit] = (),
     on_step: Callable[[int, int, float], None] | None = None,
     log: Callable[[str], None] | None = None,
@@ -220,6 +236,9 @@ def fit(
     ``milestones``, ``schedule_gamma``, ``zhang_gamma``, ``dropout``,
     ``route``, ``checkpoint_every``, ``keep_checkpoints``, ``smoothness_every``
     and its options, ``optimizer_switch``, ``nonmono``, ``progress``).
+    ``optimizer`` is either a setting (``"sgd"``, ``"adam"``, ``"adamw"``, with
+    ``betas``, ``eps``, ``weight_decay``, and ``momentum`` for SGD) or an
+    optimizer object of your own (see :func:`fit_loop`).
 
     >>> from clipscope.components import Components
     >>> X, Y = torch.randn(8, 2), torch.randn(8)
@@ -230,6 +249,8 @@ def fit(
     >>> h.status, len(h.rows), h.steps
     ('completed', 3, 4)
     """
+    if isinstance(optimizer, str):
+        settings["optimizer"], optimizer = optimizer, None
     config = FitConfig(method=method, **settings)
     return fit_loop(
         model, loss_fn, components, config, heldout=heldout, run_dir=run_dir, resume=resume,
@@ -272,8 +293,13 @@ def fit_loop(
         Continue the run in ``run_dir`` from its newest loadable checkpoint;
         accept a changed setting (logged).
     optimizer : torch.optim.Optimizer, optional
-        Any optimizer over the model's parameters (default: SGD with ``lr``,
-        ``momentum``, ``weight_decay``); it steps on the clipped gradient.
+        Any optimizer over the model's parameters; it steps on the clipped
+        gradient. Default: the config's (:func:`clipscope.methods.make_optimizer`:
+        ``optimizer``, ``lr``, ``momentum``, ``betas``, ``eps``,
+        ``weight_decay``). The run records the given optimizer's class and first
+        param group (:func:`clipscope.methods.describe_optimizer`) in place of the
+        config's optimizer keys, which must then be left at their defaults or
+        agree with it (``lr`` always).
     units : sequence of Unit
         More units, run after the standard ones (:func:`standard_units`).
     on_step : callable, optional
@@ -285,7 +311,8 @@ def fit_loop(
     ------
     ConfigError
         NT-ASGD without ``heldout``; a size-1 component under train-mode
-        BatchNorm (nothing has run).
+        BatchNorm; an ``optimizer`` object whose settings contradict the
+        config's (nothing has run).
     NonFiniteError
         A non-finite loss, gradient or step (the last good checkpoint is kept).
     Interrupted
@@ -311,7 +338,13 @@ def fit_loop(
     setting = {**(config.setting() if directory is None or directory.setting is None
                   else directory.setting), "m": m}  # fmt: skip
     params = trainable_params(model)
-    optimizer = optimizer or make_optimizer(params, config.lr, config.momentum, config.weight_decay)
+    if optimizer is None:
+        optimizer = make_optimizer(
+            params, config.lr, config.momentum, config.weight_decay, optimizer=config.optimizer,
+            betas=config.betas, eps=config.eps,
+        )  # fmt: skip
+    else:  # the user's: the record says what it is
+        setting.update(_optimizer_setting(config, optimizer))
     reducer = None if group is None else _reducer(group, model, components, params, optimizer,
                                                   setting, config, say)  # fmt: skip
     all_units = Units(
@@ -384,6 +417,37 @@ def fit_loop(
         bar.close()
     history.run_dir = None if directory is None else directory.path
     return _finish(all_units, loop, history, "completed", None)
+
+
+#: The config keys an optimizer object of the user's replaces in the run's record.
+_OPTIMIZER_KEYS = ("optimizer", "momentum", "betas", "eps", "weight_decay")
+
+
+def _optimizer_setting(config: FitConfig, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Return the optimizer keys of the setting from the user's ``optimizer``; refuse clashes.
+
+    A config key set away from its default (``lr`` always) must equal the
+    optimizer's first param group's value: otherwise the record would describe
+    another run. New keys at their defaults stay out of the setting
+    (:func:`~clipscope.config.resume_setting`), as in :meth:`FitConfig.setting`.
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            "optimizer must be 'sgd', 'adam', 'adamw' or a torch.optim.Optimizer, got "
+            f"{type(optimizer).__name__}"
+        )
+    described = describe_optimizer(optimizer)
+    defaults = FitConfig(lr=config.lr).to_dict()
+    ours = config.to_dict()
+    for key in ("lr", *_OPTIMIZER_KEYS):
+        if key not in described or (key != "lr" and ours[key] == defaults[key]):
+            continue
+        if ours[key] != described[key]:
+            raise ConfigError(
+                f"fit: {key} = {ours[key]!r}, but the optimizer you passed has {key} = "
+                f"{described[key]!r} ({described['class']}): set it in one place"
+            )
+    return resume_setting({k: described[k] for k in _OPTIMIZER_KEYS if k in described})
 
 
 def _reducer(group, model, components, params, optimizer, setting, config, say):

@@ -159,7 +159,12 @@ class Smoothness(Unit):
     ∇f finite, and the measurement is a diagnostic. Everything runs under
     ``model_guard``: training is bitwise the same with or without it.
 
-    State: the previous probe's ``{"epoch", "x", "g"}`` (16 bytes per parameter).
+    A change of the trainable parameter set between two probes (the
+    ``Monitor``: :meth:`parameters_changed`; or shapes that differ from the
+    kept point's) leaves that secant NaN: x and ∇f of different parameter sets
+    are not comparable. The next probe starts over.
+
+    State: the previous probe's ``{"epoch", "x", "g", "shapes"}`` (16 bytes per parameter).
 
     Parameters
     ----------
@@ -269,17 +274,32 @@ class Smoothness(Unit):
         with torch.no_grad():
             x = torch.cat([p.detach().reshape(-1).to(torch.float64) for p in point.params]).clone()
         g = torch.cat([t.reshape(-1).to(torch.float64) for t in point.probe.full_grad]).clone()
+        shapes = [list(p.shape) for p in point.params]
         prev = self.previous
+        if prev is not None and (
+            prev.get("shapes", shapes) != shapes or prev["x"].numel() != x.numel()
+        ):
+            point.log(
+                f"note: the trainable parameters at epoch {point.epoch} are not those of "
+                f"epoch {prev['epoch']}: no secant (traj_smoothness) between them"
+            )
+            prev = None
         if prev is not None:
             before = next(
                 (r for r in reversed(point.rows) if r.get("epoch") == prev["epoch"]), None
             )
             if before is not None:
                 before["traj_smoothness"] = trajectory_smoothness(prev["x"], prev["g"], x, g)
-        self.previous = None if point.last else {"epoch": point.epoch, "x": x, "g": g}
+        self.previous = (
+            None if point.last else {"epoch": point.epoch, "x": x, "g": g, "shapes": shapes}
+        )
+
+    def parameters_changed(self, params: list[torch.Tensor]) -> None:
+        """Forget the kept point: no secant across a change of the parameter set."""
+        self.previous = None
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"previous": {"epoch", "x", "g"} or None}``."""
+        """``{"previous": {"epoch", "x", "g", "shapes"} or None}``."""
         return {"previous": self.previous}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -336,6 +356,10 @@ class IGCDrift(Unit):
                 if p.grad is not None
             )
         self.sum += dot
+
+    def parameters_changed(self, params: list[torch.Tensor]) -> None:
+        """Stop measuring this interval (its drift stays NaN): ∇f_k is of other parameters."""
+        self.sum, self.full_grad, self.descent = math.nan, None, math.nan
 
     def at_interval_end(self, end: IntervalEnd) -> None:
         """Write ``igc_drift`` into the row of x_k; stop measuring."""
@@ -477,8 +501,12 @@ class StepGradient(Unit):
     writes them to ``components/epoch_XXXX_steps.npz``). Cost per step: one
     pass over the gradient and ∇f_k (two dot products per parameter tensor).
 
-    State: ∇f_k (in the gradients' dtype: 4 bytes per float32 parameter) and the
-    interval's per-step values.
+    When the trainable parameter set changes inside an interval (the
+    ``Monitor``: :meth:`parameters_changed`), ∇f_k belongs to the old set: the
+    cosines of the interval's later steps are NaN; norms and losses go on.
+
+    State: ∇f_k (in the gradients' dtype: 4 bytes per float32 parameter), whether
+    the interval is measured, and its per-step values.
     """
 
     name = "step_gradient"
@@ -487,6 +515,7 @@ class StepGradient(Unit):
     def __init__(self) -> None:
         self.full: list[torch.Tensor] | None = None
         self.full_norm = math.nan
+        self.active = False  # whether the current interval is measured
         self.records: dict[str, list[float]] = {f: [] for f in self._FIELDS}
         self.pending_cos = math.nan
 
@@ -505,6 +534,11 @@ class StepGradient(Unit):
             for g, p in zip(result.full_grad, point.params, strict=True)
         ]
         self.full_norm = float(result.grad_norm)
+        self.active = True
+
+    def parameters_changed(self, params: list[torch.Tensor]) -> None:
+        """Drop ∇f_k (of the old parameters): NaN cosines until the next probe."""
+        self.full, self.full_norm, self.pending_cos = None, math.nan, math.nan
 
     def before_update(self, step: Step) -> None:
         """cos∠(g, ∇f_k) of the gradient in ``.grad``."""
@@ -518,7 +552,7 @@ class StepGradient(Unit):
 
     def after_update(self, step: Step) -> None:
         """Record the step (its cosine from :meth:`before_update`)."""
-        if self.full is None:
+        if not self.active:
             return
         values = (step.number, step.grad_norm, step.clip_indicator, self.pending_cos, step.loss)
         for name, value in zip(self._FIELDS, values, strict=True):
@@ -527,7 +561,7 @@ class StepGradient(Unit):
 
     def at_interval_end(self, end: IntervalEnd) -> None:
         """``train_cos``, ``train_min_cos`` into the row of x_k; the per-step arrays; start over."""
-        if self.full is not None:
+        if self.active:
             cos = [c for c in self.records["step_cos"] if not math.isnan(c)]
             if end.row is not None:
                 end.row["train_cos"] = sum(cos) / len(cos) if cos else math.nan
@@ -538,13 +572,15 @@ class StepGradient(Unit):
 
     def _reset(self) -> None:
         self.full, self.full_norm, self.pending_cos = None, math.nan, math.nan
+        self.active = False
         self.records = {f: [] for f in self._FIELDS}
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"full", "full_norm", "records", "pending_cos"}``."""
+        """``{"full", "full_norm", "active", "records", "pending_cos"}``."""
         return {
             "full": self.full,
             "full_norm": self.full_norm,
+            "active": self.active,
             "records": {k: list(v) for k, v in self.records.items()},
             "pending_cos": self.pending_cos,
         }
@@ -553,6 +589,7 @@ class StepGradient(Unit):
         """Continue from :meth:`state_dict`."""
         self.full = state.get("full")
         self.full_norm = state.get("full_norm", math.nan)
+        self.active = bool(state.get("active", self.full is not None))
         records = state.get("records") or {}
         self.records = {f: list(records.get(f, [])) for f in self._FIELDS}
         self.pending_cos = state.get("pending_cos", math.nan)

@@ -20,6 +20,8 @@ drives the same hooks in the same order; an *interval* is the updates between
 two consecutive points)::
 
     start(loop)                           once, before anything
+    parameters_changed(params)            the Monitor: whenever the model's trainable
+                                          parameters became another set (any time)
     for each point x_k:                   fit: the start of epoch k (k = 0 … E)
         needs(point) for every unit  ->   the probe runs once if any needs PROBE
         at_point(point)                   every unit, in order
@@ -285,6 +287,15 @@ class Unit:
     def finish(self, end: Finish) -> None:
         """Once, when the run ends (also on an error or a signal)."""
 
+    def parameters_changed(self, params: list[torch.Tensor]) -> None:
+        """React to another set of trainable parameters, now ``params``.
+
+        The ``Monitor`` calls it when the user's model changed its parameter set
+        (a re-created layer, a freeze or unfreeze, an appended module). A unit
+        whose state is shaped like the parameters (a kept x_k or ∇f_k) drops it
+        here and restarts at the next point.
+        """
+
     def state_dict(self) -> dict[str, Any]:
         """Return what a checkpoint keeps of this unit (plain values and tensors)."""
         return {}
@@ -374,11 +385,15 @@ class Units(Sequence[Unit]):
         needs = self.plan(point)
         if Needs.PROBE in needs:
             try:
+                # Hook for issue 22's preconditioned statistics: with an adaptive
+                # optimizer, ``point.loop.preconditioner`` is the optimizer whose
+                # state gives P; the probe will take it once the engine does.
                 with model_guard(point.model):
                     point.probe = probe(
                         point.model,
                         point.loss_fn,
                         point.components,
+                        params=point.params,
                         etas=(),
                         route=self.route,
                         dropout=self.dropout,
@@ -418,6 +433,11 @@ class Units(Sequence[Unit]):
         """Every unit's :meth:`Unit.finish`."""
         for unit in self._units:
             unit.finish(end)
+
+    def parameters_changed(self, params: list[torch.Tensor]) -> None:
+        """Every unit's :meth:`Unit.parameters_changed`."""
+        for unit in self._units:
+            unit.parameters_changed(params)
 
     def state_dict(self) -> dict[str, dict[str, Any]]:
         """Return ``{unit name: its state}`` for the units that keep any."""
