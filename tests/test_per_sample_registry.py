@@ -52,14 +52,19 @@ def no_leak():
 
 
 class Scale(nn.Module):
-    """``y = x ⊙ weight`` over the last dim, any leading dims (LayerScale-like)."""
+    """``y = x ⊙ weight`` over the last dim, any leading dims (LayerScale-like).
+
+    Written with ``torch.addcmul``, which no use rule serves (``x * weight`` would be
+    served by the broadcast use rule without any module rule): without a rule of
+    its own the weight is on the fallback.
+    """
 
     def __init__(self, features: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.randn(features))
 
     def forward(self, x):
-        return x * self.weight
+        return torch.addcmul(torch.zeros_like(x), x, self.weight)
 
 
 class ScaleRule(LayerFamily):
@@ -175,7 +180,7 @@ def test_a_user_rule_serves_the_probe_exactly(route, dtype):
     twin = copy.deepcopy(model).double()  # the float64 brute force of the same weights
     ref = reference_probe(twin, F.cross_entropy, singles(X.double(), Y), ETAS)
     rtol = 1e-10 if dtype == torch.float64 else 1e-6
-    with pytest.warns(PerSampleFallbackWarning, match="no per-sample rule for Scale"):
+    with pytest.warns(PerSampleFallbackWarning, match="no per-sample rule for Scale; used by"):
         without = probe(model, F.cross_entropy, comps, ETAS, route=route, batch_sizes=[1])
     assert without.route.endswith("+fallback") and "1.weight" in without.verification["fallback"]
     with registry.scoped():
@@ -244,9 +249,10 @@ def test_a_rule_refuses_a_module_by_its_precondition():
         register_module_rule(Scale, order=-1)(
             named(ScaleRule, "scale-eval-only", precondition=train_mode)
         )
-        with pytest.warns(PerSampleFallbackWarning, match=r"no per-sample rule for Scale \(train"):
-            plan = Plan(model.train())
-        assert plan.fallback == {0: "no per-sample rule for Scale (train mode)"}
+        plan = Plan(model.train())  # left to its uses: addcmul, which no use rule serves
+        assert plan.fallback == {} and plan.by_use == {
+            0: "no per-sample rule for Scale (train mode)"
+        }
         assert Plan(model.eval()).modules[0][2].name == "scale-eval-only"
         # a later rule that claims the module serves it when the first refuses
         register_module_rule(Scale)(ScaleRule)
@@ -319,11 +325,11 @@ def test_the_built_in_exclusions_come_from_the_rule_files():
     with registry.scoped():
         registry.unregister("embedding")
         registry.unregister("linear")
-        with pytest.warns(PerSampleFallbackWarning):
-            assert Plan(emb).batch1 == set()
-            assert Plan(attention).fallback[2] == (
-                "no per-sample rule for NonDynamicallyQuantizableLinear"
-            )
+        # without a rule, the parameters are left to their uses (no fallback at plan time)
+        assert Plan(emb).batch1 == set() and Plan(emb).by_use == {
+            0: "no per-sample rule for Embedding"
+        }
+        assert Plan(attention).by_use[2] == "no per-sample rule for NonDynamicallyQuantizableLinear"
 
 
 # ----------------------------------------------------------------------------- isolation

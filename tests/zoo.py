@@ -481,9 +481,9 @@ ZOO: list[Arch] = [
         ints(11, 6),
         lm_loss,
         seed=24,
-        # wte: the tied head uses it outside the module (structural check); wpe: its
-        # output (T, d) has no sample axis, it is broadcast over the batch (record)
-        fallback=("wte.weight", "wpe.weight"),
+        # wte: its embedding rule and the tied head's use (F.linear) summed with their cross
+        # term; wpe: its output (T, d) has no sample axis, so the use recorder follows it to
+        # the broadcast add and carries the add's per-sample gradient back through the lookup
     ),
     Arch(
         "weightdrop-lstm-lm-train-fixed",
@@ -508,15 +508,14 @@ ZOO: list[Arch] = [
         dropout="fixed",
         train=True,
     ),
-    Arch("bare-parameter", BareParameter, feats(5), ints(3), seed=27, fallback=("scale", "shift")),
+    Arch("bare-parameter", BareParameter, feats(5), ints(3), seed=27),  # served by their uses
     Arch(
         "tied-modules",
         TiedModules,
         ints(6, 5),
         ints(6, 5),
         lm_loss,
-        seed=28,
-        fallback=("emb.weight",),
+        seed=28,  # the tied weight: both modules' rules, summed with their cross term
     ),
     Arch("shared-linear-inplace-relu", Shared, feats(4), ints(2), seed=29),
     Arch(

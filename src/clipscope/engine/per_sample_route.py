@@ -555,7 +555,7 @@ def _merge_plan(plan, shard) -> None:
         return
     states = shard.objects(
         (plan.events, plan.fallback, plan.dots_fallback, plan.structural_checks,
-         plan.structural_max_error, plan.vmap_failed)
+         plan.structural_max_error, plan.vmap_failed, plan.served_by)
     )  # fmt: skip
     mine = {(e.stage, e.params, e.reason) for e in plan.events}
     events: list = []
@@ -586,6 +586,11 @@ def _merge_plan(plan, shard) -> None:
     plan.structural_checks = sum(s[3] for s in states)
     plan.structural_max_error = max(s[4] for s in states)
     plan.vmap_failed = any(s[5] for s in states)
+    served: dict[int, list[str]] = {}
+    for s in states:  # the rules that summed a parameter's uses, on any rank
+        for k, rules in s[6].items():
+            served[k] = sorted(set(served.get(k, [])) | set(rules))
+    plan.served_by = served
 
 
 def _merge_checks(failures, record, shard):

@@ -223,7 +223,10 @@ def _ghost_dots(model, loss_fn, x, y, plan, tangents, batch):
     reduced = plan.params[0].dtype not in (torch.float32, torch.float64)
     scale = 1.0
     for _ in range(2):  # float16/bfloat16: a batch backward that overflows, seeded smaller
-        calls, losses = recorded_products(model, loss_fn, x, y, plan, scale)
+        calls, losses, parts, problems = recorded_products(model, loss_fn, x, y, plan, scale)
+        if problems:  # (pass 1 served every use it saw; this chunk makes another)
+            k, why = min(problems.items())
+            raise Unsupported(f"{plan.names[k]}: {why}")
         dots = torch.zeros(batch, dtype=torch.float64, device=x.device)
         for mname, mod, fam, attrs in plan.ghost_modules():
             problem = next((c.problem for c in calls[id(mod)] if c.problem), None)
@@ -231,6 +234,10 @@ def _ghost_dots(model, loss_fn, x, y, plan, tangents, batch):
                 raise Unsupported(f"{mname or type(mod).__name__}: {problem}")
             vectors = {a: tangents[plan.index[id(getattr(mod, a))]] for a in attrs}
             dots += fam.dots(mod, calls[id(mod)], attrs, vectors, batch).to(dots.device)
+        for k, kept in parts.items():  # the uses outside module rules add up (dots are linear)
+            if k not in plan.fallback:
+                for f, name in kept:
+                    dots += f.dots({name: tangents[k]}).to(dots.device)
         dots = dots / scale
         if bool(torch.isfinite(dots).all()) or not reduced or scale != 1.0:
             break

@@ -26,6 +26,7 @@ gradient that overflows is recomputed with the backward seeded by ``2^-⌈log2 B
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -39,12 +40,14 @@ from clipscope.engine.per_sample.batch import (
     per_sample_from_output,
     randomness_active,
 )
-from clipscope.engine.per_sample.factors import Rows
+from clipscope.engine.per_sample.factors import Rows, Zero
 from clipscope.engine.per_sample.fallback import choose_mode, fallback_stats
-from clipscope.engine.per_sample.family import Call, LayerFamily, Unsupported
+from clipscope.engine.per_sample.family import Call, LayerFamily, ParamGhost, Unsupported
 from clipscope.engine.per_sample.kept import KeptChunk
 from clipscope.engine.per_sample.plan import Plan
 from clipscope.engine.per_sample.recorder import ModuleRecorder
+from clipscope.engine.per_sample.summed import Summed
+from clipscope.engine.per_sample.uses import UseRecorder
 from clipscope.engine.verify import losses_differ, structural_error, tolerance
 from clipscope.errors import NonFiniteError
 
@@ -176,23 +179,47 @@ def ghost_pass(
     return result
 
 
+class _Recorded(NamedTuple):
+    """One hooked forward and its backward: module calls, losses, gradients, the uses."""
+
+    calls: dict[int, list[Call]]
+    losses: torch.Tensor
+    grads: list
+    uses: UseRecorder | None
+
+
 def _forward_backward(model, loss_fn, x, y, plan, active, batch, scale, retain, outputs_only=False):
     """Run the hooked batch forward and the one backward of ``scale·Σ_j ℓ_j``.
 
+    Two recorders watch the forward: the module rules' (:class:`ModuleRecorder`)
+    and, for every parameter not on the fallback, the use recorder
+    (:class:`~clipscope.engine.per_sample.uses.UseRecorder`: the parameters'
+    uses outside the calls their module rules serve).
     ``outputs_only``: the backward runs w.r.t. the recorded outputs only (their
     gradients are all a product of the factors needs); no parameter gradient.
     """
-    rec = ModuleRecorder(active, batch)
+    tracked = plan.tracked()
+    rec = ModuleRecorder(active, batch, index=plan.index if tracked else None)
+    uses = None
+    if tracked:
+        uses = UseRecorder(plan.params, batch, owned=rec.owned, wanted=tracked)
+        rec.is_data = uses.is_data
+        uses.mark_data(x)
     try:
         with torch.enable_grad():
-            losses = per_sample_from_output(loss_fn, model(x), y, batch)
+            with uses if uses is not None else contextlib.nullcontext():
+                out = model(x)
+            losses = per_sample_from_output(loss_fn, out, y, batch)
     finally:
-        outputs = rec.remove()
+        outputs = rec.remove() + (uses.outputs if uses is not None else [])
     if not bool(torch.isfinite(losses).all()):
         bad = torch.nonzero(~torch.isfinite(losses)).flatten().tolist()
         raise NonFiniteError(
             f"per-sample losses of samples {bad} are not finite; nothing was changed"
         )
+    # a use's parameter-derived operand computed by anything but a closed form is carried
+    # back through its own graph after this backward (uses.chain_back): keep the graph
+    retain = retain or (uses is not None and uses.needs_graph)
     seed = torch.full_like(losses, scale)
     if (plan.unchecked or outputs_only) and all(t._version == v for t, v in outputs):
         # w.r.t. the layer outputs (the hooks get every b) and, for the benchmarks'
@@ -209,12 +236,12 @@ def _forward_backward(model, loss_fn, x, y, plan, active, batch, scale, retain, 
         grads = [None] * len(plan.params)
         for k, g in zip(rest, found[len(outputs) :], strict=True):
             grads[k] = g
-        return rec.calls, losses, grads
+        return _Recorded(rec.calls, losses, grads, uses)
     with torch.enable_grad():
         grads = torch.autograd.grad(
             losses, plan.params, grad_outputs=seed, allow_unused=True, retain_graph=retain
         )
-    return rec.calls, losses, grads
+    return _Recorded(rec.calls, losses, list(grads), uses)
 
 
 def record_calls(
@@ -234,7 +261,7 @@ def record_calls(
     batch = check_inputs(model, loss_fn, x)
     plan = Plan(model) if plan is None else plan
     active = plan.ghost_modules()
-    calls, _, _ = _forward_backward(model, loss_fn, x, y, plan, active, batch, 1.0, False)
+    calls = _forward_backward(model, loss_fn, x, y, plan, active, batch, 1.0, False).calls
     return {mname: (mod, fam, attrs, calls[id(mod)]) for mname, mod, fam, attrs in active}
 
 
@@ -245,20 +272,23 @@ def recorded_products(
     y: Any,
     plan: Plan,
     scale: float = 1.0,
-) -> tuple[dict[int, list[Call]], torch.Tensor]:
+) -> tuple[dict[int, list[Call]], torch.Tensor, dict, dict]:
     """One hooked forward and a backward of ``scale·Σ_j ℓ_j`` w.r.t. the recorded outputs only.
 
-    ``({id(module): calls}, losses)`` for the modules a rule still serves: the
-    reverse-mode pass of the per-sample dots (each layer's ``⟨g_j, v⟩`` follows
-    from its calls, :meth:`LayerFamily.dots`), cheaper than a full backward by
-    the parameters' gradients.
+    ``({id(module): calls}, losses, use parts, use problems)`` for the modules a
+    rule still serves and the uses of the parameters outside them
+    (:meth:`UseRecorder.parts`): the reverse-mode pass of the per-sample dots
+    (each layer's ``⟨g_j, v⟩`` follows from its calls, :meth:`LayerFamily.dots`,
+    each use's from its kept form), cheaper than a full backward by the
+    parameters' gradients.
     """
     batch = check_inputs(model, loss_fn, x)
     active = plan.ghost_modules()
-    calls, losses, _ = _forward_backward(
+    rec = _forward_backward(
         model, loss_fn, x, y, plan, active, batch, scale, False, outputs_only=True
     )
-    return calls, losses.detach()
+    parts, problems = rec.uses.parts() if rec.uses is not None else ({}, {})
+    return rec.calls, rec.losses.detach(), parts, problems
 
 
 def _ghost_once(
@@ -282,7 +312,7 @@ def _ghost_once(
     """
     params = plan.params
     active = plan.ghost_modules()
-    calls, losses, grads = _forward_backward(
+    calls, losses, grads, uses = _forward_backward(
         model, loss_fn, x, y, plan, active, batch, scale, randomness,
         outputs_only=actual is not None,
     )  # fmt: skip
@@ -294,8 +324,10 @@ def _ghost_once(
     if norms is None:
         return None
     rules = _Rules(plan, batch, scale, keep, actual, grads, norms)
+    parts = rules.uses(uses, active)
     for mname, mod, fam, attrs in active:  # 1-2: each rule's answer, checked
         rules.serve(mname, mod, fam, attrs, calls[id(mod)])
+    rules.serve_sums(parts)  # the parameters with several uses, or served by their uses
     grad_sum = rules.grad_sums()  # 4: the actual backward's, for the parameters served
     rest = [k for k in range(len(params)) if k not in rules.per_param]
     if rest:  # 3: the rest from the exact fallback
@@ -354,9 +386,41 @@ class _Rules:
         self.per_param: dict[int, torch.Tensor] = {}
         self.unchecked_sums: dict[int, torch.Tensor] = {}
         self.kept: list = []
+        self.multi: set[int] = set()  # parameters with several uses: summed (serve_sums)
+        self.sources: dict[int, list] = {}  # their module rules' (factors, attribute)
+        self.rule_names: dict[int, list[str]] = {}  # the rules each summed parameter took
+
+    def uses(self, uses: UseRecorder | None, active) -> dict[int, list]:
+        """Read the use recorder: demote what a use cannot serve; return the served uses.
+
+        Also decides which parameters have several uses (registered in several
+        served modules, or a module's parameter also used outside its calls):
+        their rules' kept forms are summed with the uses' in :meth:`serve_sums`.
+        """
+        plan = self.plan
+        parts, problems = uses.parts() if uses is not None else ({}, {})
+        for k, why in sorted(problems.items()):
+            if k in plan.by_use:
+                reason = f"{plan.by_use[k]}; {why}"
+            else:
+                reason = f"used outside the calls its module rule serves: {why}"
+            plan.demote([k], "use", reason)
+        parts = {k: v for k, v in parts.items() if k not in plan.fallback}
+        for k in parts:
+            self.rule_names.setdefault(k, []).extend(sorted(uses.rules_of.get(k, ())))
+        seen: dict[int, int] = {}
+        for _, mod, _, attrs in active:
+            for a in attrs:
+                k = plan.index[id(getattr(mod, a))]
+                seen[k] = seen.get(k, 0) + 1
+        self.multi = {k for k, n in seen.items() if n > 1} | (set(parts) & set(seen))
+        return parts
 
     def serve(self, mname, mod, fam, attrs, calls) -> None:
-        """One module: its rule's answer (norms and projections), each parameter checked."""
+        """One module: its rule's answer (norms and projections), each parameter checked.
+
+        Attributes with several uses only hand their kept form on to :meth:`serve_sums`.
+        """
         plan = self.plan
         ks = [plan.index[id(getattr(mod, a))] for a in attrs]
         problem = next((c.problem for c in calls if c.problem), None)
@@ -364,36 +428,74 @@ class _Rules:
             plan.demote(ks, "record", problem)
             return
         dirs = {a: plan.directions[k] for a, k in zip(attrs, ks, strict=True)}
+        shared = [a for a, k in zip(attrs, ks, strict=True) if k in self.multi]
         try:
-            res = self._answer(mod, fam, calls, attrs, dirs)
+            res = self._answer(mod, fam, calls, attrs, dirs, shared)
         except Unsupported as exc:
             plan.demote(ks, "rule", str(exc))
             return
-        if plan.unchecked:
-            totals = fam.batch_grad(mod, calls, attrs, self.batch)
-            for a, k in zip(attrs, ks, strict=True):
-                self._accept(a, k, res[a])
-                self.unchecked_sums[k] = totals[a].double() / self.scale
-            return
         for a, k in zip(attrs, ks, strict=True):
-            if self._structural(mname, mod, fam, k, res[a]):
+            if a in shared:
+                continue
+            if plan.unchecked:
+                self._accept(a, k, res[a])
+                total = fam.batch_grad(mod, calls, [a], self.batch)[a]
+                self.unchecked_sums[k] = total.double() / self.scale
+            elif self._structural(mname or type(mod).__name__, fam.name, k, res[a]):
                 self._accept(a, k, res[a])
 
-    def _answer(self, mod, fam, calls, attrs, dirs):
-        """Return the rule's :class:`ParamGhost` per attribute (its kept form's with ``keep``)."""
-        if not self.keep:
+    def _answer(self, mod, fam, calls, attrs, dirs, shared=()):
+        """Return the rule's :class:`ParamGhost` per attribute (its kept form's with ``keep``).
+
+        The kept form of ``shared`` attributes goes to :attr:`sources` instead.
+        """
+        own = [a for a in attrs if a not in shared]
+        if not self.keep and not shared:
             return fam.per_sample(mod, calls, attrs, self.batch, dirs)
         factors = fam.factors(mod, calls, attrs, self.batch)
-        res = factors.ghost(attrs, dirs)
-        self.kept.append((factors, {}, self.scale))
+        for a in shared:
+            k = self.plan.index[id(getattr(mod, a))]
+            self.sources.setdefault(k, [])
+            if not isinstance(factors, Zero):  # (a module whose calls were all batch-free)
+                self.sources[k].append((factors, a))
+                self.rule_names.setdefault(k, []).append(fam.name)
+        res = factors.ghost(own, dirs)
+        if self.keep:
+            self.kept.append((factors, {}, self.scale))
         return res
+
+    def serve_sums(self, parts: dict[int, list]) -> None:
+        """Serve the parameters with several uses, or only uses: summed kept forms, checked."""
+        plan = self.plan
+        for k in sorted(set(self.sources) | set(parts)):
+            if k in plan.fallback:
+                continue  # demoted meanwhile (a module rule that refused one of its calls)
+            mine = self.sources.get(k, []) + parts.get(k, [])
+            if not mine:  # no call with data, no use that reached the loss
+                shape = tuple(plan.params[k].shape)
+                mine = [(Zero({"p": shape}, self.batch, plan.params[k].device), "p")]
+            if len(mine) == 1:
+                factors, name = mine[0]
+            else:
+                factors, name = Summed(mine, "p", plan.params[k].shape, self.batch), "p"
+            ghost = ParamGhost(factors.sq(name), factors.proj(name, plan.directions[k]))
+            if self.keep:
+                self.kept.append((factors, {}, self.scale))
+            if plan.unchecked:
+                self._accept(name, k, ghost)
+                ones = torch.ones(1, self.batch, dtype=torch.float64)
+                total = factors.weighted(name, ones)[0]
+                self.unchecked_sums[k] = total / self.scale
+            elif self._structural(f"the uses of {plan.names[k]}", "use", k, ghost):
+                self._accept(name, k, ghost)
+                plan.served_by.setdefault(k, sorted(set(self.rule_names.get(k, []))))
 
     def _accept(self, a, k, ghost) -> None:
         self.per_param[k] = ghost.sq / (self.scale * self.scale)
         if self.keep:
             self.kept[-1][1][a] = k
 
-    def _structural(self, mname, mod, fam, k, ghost) -> bool:
+    def _structural(self, where, rule, k, ghost) -> bool:
         """Check one parameter structurally; a failure moves it to the fallback."""
         plan = self.plan
         if self.actual is not None:
@@ -406,11 +508,10 @@ class _Rules:
         bound = (self.norms[k] or 0.0) + float(ghost.sq.clamp(min=0).sqrt().sum())
         err = structural_error(ghost.proj, seen, bound)
         if not err <= self.tol:
-            where = mname or type(mod).__name__
             plan.demote(
                 [k],
                 "structural",
-                f"the {fam.name} rule of {where} accounts for a batch gradient that differs "
+                f"the {rule} rule of {where} accounts for a batch gradient that differs "
                 f"from the actual one (relative error {err:.2g} > {self.tol:g}): the parameter "
                 "is used outside the module's recorded calls, or the module changes it "
                 "during forward",

@@ -4,14 +4,19 @@ A :class:`Plan` is made once per per-sample probe. For every module that
 registers a wanted parameter it asks the rules of the registry
 (:meth:`~clipscope.engine.per_sample.registry.RuleRegistry.module_rules`), in
 order, whether they claim the module and whether its preconditions hold; the
-first that does serves the parameters it names. Everything else goes to the
-exact fallback with a reason, in this order: a parameter registered in two
-modules (tied weights: ``‖g_1 + g_2‖² ≠ ‖g_1‖² + ‖g_2‖²``), a gradient torch
-defines per batch (a rule's ``batch1`` hook: ``scale_grad_by_freq``), a module
-a rule excludes (its ``excludes`` hook: the children of
-``nn.MultiheadAttention``, which reads ``out_proj.weight`` without calling
-``out_proj``), no rule for the module type, no rule for the parameter. The
-planner names no layer: every such decision comes from a rule file. During
+first that does serves the parameters it names. A parameter registered in
+several modules (a tied weight) is served by the rule of each, and the
+per-sample gradients of its uses are summed with their cross terms
+(:mod:`~clipscope.engine.per_sample.summed`). Two kinds of parameter go to
+the exact fallback at once, with the reason: a gradient torch defines per
+batch (a rule's ``batch1`` hook: ``scale_grad_by_freq``) and a module a rule
+excludes (its ``excludes`` hook: the children of ``nn.MultiheadAttention``,
+which reads ``out_proj.weight`` without calling ``out_proj``). A parameter no
+module rule serves (a bare ``nn.Parameter``, a module without a rule) is left
+to its **uses** (:attr:`Plan.by_use`; :mod:`~clipscope.engine.per_sample.uses`):
+the first recorded forward either serves every use it makes or names the one
+it cannot, and then it goes to the fallback with both reasons. The planner
+names no layer: every such decision comes from a rule file. During
 the probe the checks of
 :mod:`clipscope.engine.verify` move more parameters to the fallback
 (:meth:`Plan.demote`); each move is an :class:`Event`, warned about as a
@@ -67,7 +72,7 @@ VERIFICATION_STAGES = ("structural", "spot-norm", "spot-dot")
 class Event:
     """Parameters (or the dots) moved to an exact fallback, when and why."""
 
-    # "plan", "record", "rule", "structural", "spot-norm", "spot-dot", "jvp", "ghost"
+    # "plan", "record", "rule", "use", "structural", "spot-norm", "spot-dot", "jvp", "ghost"
     stage: str
     params: tuple[str, ...]
     reason: str
@@ -141,6 +146,10 @@ class Plan:
         self.dots_fallback: str | None = None  # why every dot comes from per-sample gradients
         self.vmap_failed = False
         self.modules: list[tuple[str, nn.Module, LayerFamily, list[str]]] = []
+        # parameters no module rule serves, each with why: their uses decide (uses.py)
+        self.by_use: dict[int, str] = {}
+        # parameters served by the sum of several rules (module and use rules), which ones
+        self.served_by: dict[int, list[str]] = {}
         self.structural_checks = 0
         self.structural_max_error = 0.0
         gen = torch.Generator().manual_seed(int(seed) & 0x7FFFFFFFFFFFFFFF)
@@ -149,7 +158,6 @@ class Plan:
 
     # -- planning ------------------------------------------------------------
     def _plan(self) -> None:
-        registered = self._registrations()
         excluded = registry.excluded(self.model)
         planned: dict[str, list[str]] = {}
         for mname, mod in self.model.named_modules():
@@ -167,36 +175,34 @@ class Plan:
             covered = []
             for attr, p in own.items():
                 k = self.index[id(p)]
-                if k in self.fallback:  # a tied weight met again
+                if k in self.fallback:  # a tied weight met again, after a batch-1 module
                     continue
-                if len(registered[id(p)]) > 1:
-                    reason = (
-                        f"tied: registered as {' and '.join(registered[id(p)])}; the per-sample "
-                        "norm of a shared weight needs the cross term of its uses"
-                    )
-                elif b1 is not None:
+                if b1 is not None:
                     reason = f"{type(mod).__name__}({b1})"
                     self.batch1.add(k)
+                elif id(mod) in excluded:
+                    reason = excluded[id(mod)]
                 else:
-                    reason = _no_rule(mod, attr, excluded.get(id(mod)), family, why)
-                    if reason is None:
+                    why_not = _no_rule(mod, attr, None, family, why)
+                    if why_not is None:
                         covered.append(attr)
-                        continue
+                    else:  # a bare parameter, a module without a rule: its uses may serve it
+                        self.by_use.setdefault(k, why_not)
+                    continue
                 self.fallback[k] = reason
+                self.by_use.pop(k, None)
                 planned.setdefault(reason, []).append(self.names[k])
             if covered:
                 self.modules.append((mname, mod, family, covered))
+        # a weight registered in several modules (tied) is served by each of their rules and
+        # its uses elsewhere, summed with their cross terms (summed.py)
+        for k in set(self.by_use) & self._covered():
+            self.by_use.pop(k)
         for reason, names in planned.items():
             self._event(Event("plan", tuple(names), reason))
 
-    def _registrations(self) -> dict[int, list[str]]:
-        """``{id(parameter): the names it is registered under}`` for the wanted parameters."""
-        registered: dict[int, list[str]] = {}
-        for mname, mod in self.model.named_modules():
-            for attr, p in mod._parameters.items():
-                if p is not None and id(p) in self.index:
-                    registered.setdefault(id(p), []).append(f"{mname}.{attr}" if mname else attr)
-        return registered
+    def _covered(self) -> set[int]:
+        return {self.index[id(getattr(mod, a))] for _, mod, _, attrs in self.modules for a in attrs}
 
     # -- state -----------------------------------------------------------------
     def ghost_modules(self) -> list[tuple[str, nn.Module, LayerFamily, list[str]]]:
@@ -207,6 +213,10 @@ class Plan:
             if left:
                 out.append((mname, mod, fam, left))
         return out
+
+    def tracked(self) -> set[int]:
+        """Parameters not on the fallback: the use recorder follows them outside module rules."""
+        return {k for k in range(len(self.params)) if k not in self.fallback}
 
     def demote(self, indices: Iterable[int], stage: str, reason: str) -> None:
         """Move parameters to the fallback after a failed check (raises under ``strict``)."""
@@ -246,6 +256,11 @@ class Plan:
                 mname or type(mod).__name__: fam.name for mname, mod, fam, _ in self.ghost_modules()
             },
             "fallback": {self.names[k]: reason for k, reason in sorted(self.fallback.items())},
+            "uses": {
+                self.names[k]: rules
+                for k, rules in sorted(self.served_by.items())
+                if k not in self.fallback
+            },
             "dots_fallback": self.dots_fallback,
             "events": [e.to_dict() for e in self.events],
             "structural_checks": self.structural_checks,

@@ -18,7 +18,7 @@ beside this one, with the same three parts.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -42,6 +42,13 @@ class ModuleRecorder:
         What :meth:`Plan.ghost_modules` returns: each module is hooked for its rule.
     batch : int
         The batch size B (a rule refuses a call without the samples on dim 0).
+    index : dict, optional
+        ``{id(parameter): index}``: with it the recorder keeps, while a served
+        module runs, the indices of the parameters its rule serves (:meth:`owned`,
+        which the use recorder skips), and leaves out a call none of whose tensor
+        arguments is data (``is_data``, set by the use recorder): such a call
+        (``wpe(arange(T))``) computes from parameters and constants only, and the
+        use recorder follows its output to where it meets the samples.
 
     Attributes
     ----------
@@ -53,25 +60,46 @@ class ModuleRecorder:
         outputs only differentiates (:func:`~clipscope.engine.per_sample.ghost.ghost_pass`).
     """
 
-    def __init__(self, modules: Sequence[tuple], batch: int) -> None:
+    def __init__(
+        self, modules: Sequence[tuple], batch: int, index: dict[int, int] | None = None
+    ) -> None:
         self.batch = batch
         self.calls: dict[int, list[Call]] = {id(m): [] for _, m, _, _ in modules}
         self.outputs: list[tuple[torch.Tensor, int]] = []  # (hooked output, its version)
         self._before: dict[int, list[Any]] = {id(m): [] for _, m, _, _ in modules}
+        self.is_data: Callable[[torch.Tensor], bool] | None = None
+        self._serves: dict[int, frozenset[int]] = {}
+        self._running: list[frozenset[int]] = []
+        if index is not None:
+            for _, mod, _, attrs in modules:
+                self._serves[id(mod)] = frozenset(index[id(getattr(mod, a))] for a in attrs)
         self.handles = []
         for _, mod, fam, _ in modules:
-            if type(fam).before is not LayerFamily.before:
+            if type(fam).before is not LayerFamily.before or index is not None:
                 self.handles.append(
                     mod.register_forward_pre_hook(functools.partial(self._pre, fam))
                 )
             self.handles.append(mod.register_forward_hook(functools.partial(self._post, fam)))
 
+    def owned(self) -> frozenset[int]:
+        """Return the indices of the parameters the rules of the modules running now serve."""
+        return frozenset().union(*self._running) if self._running else frozenset()
+
     def _pre(self, fam: Any, mod: nn.Module, args: tuple) -> None:
-        self._before[id(mod)].append(fam.before(mod))
+        if type(fam).before is not LayerFamily.before:
+            self._before[id(mod)].append(fam.before(mod))
+        if self._serves:
+            self._running.append(self._serves[id(mod)])
 
     def _post(self, fam: Any, mod: nn.Module, args: tuple, output: Any) -> None:
         stack = self._before[id(mod)]
         before = stack.pop() if stack else None
+        if self._serves and self._running:
+            self._running.pop()
+        if self.is_data is not None:
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            if tensors and not any(self.is_data(a) for a in tensors):
+                return  # parameters and constants only: the use recorder follows the output
         try:
             call, outs = fam.record(mod, args, output, self.batch, before)
         except Exception as exc:  # a hook must not break the user's forward

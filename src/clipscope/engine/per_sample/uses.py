@@ -725,6 +725,8 @@ class UseRecorder(TorchFunctionMode):
     owned : callable
         ``owned() -> set of parameter indices`` whose uses are served by the
         module rule whose call is running (skipped here).
+    wanted : iterable of int, optional
+        The indices to follow (default: all); the others are constants here.
 
     After the forward, :attr:`sites` holds the uses (a site with ``problem``
     could not be served), :attr:`unserved` the parameters met in a call no
@@ -735,11 +737,13 @@ class UseRecorder(TorchFunctionMode):
         self,
         params: Sequence[torch.Tensor],
         batch: int,
-        owned: Callable[[], set[int]] = set,
+        owned: Callable[[], Iterable[int]] = frozenset,
+        wanted: Iterable[int] | None = None,
     ) -> None:
         super().__init__()
         self.params = list(params)
-        self.index = {id(p): k for k, p in enumerate(self.params)}
+        keep = None if wanted is None else set(wanted)
+        self.index = {id(p): k for k, p in enumerate(self.params) if keep is None or k in keep}
         self.batch = int(batch)
         self.owned = owned
         self._data: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
@@ -748,6 +752,7 @@ class UseRecorder(TorchFunctionMode):
         self.unserved: dict[int, str] = {}
         self.outputs: list[tuple[torch.Tensor, int]] = []
         self.needs_graph = False
+        self.rules_of: dict[int, set[str]] = {}  # parameter -> the use rules that served it
 
     # -- tags ----------------------------------------------------------------------------
     def mark_data(self, *values: Any) -> None:
@@ -827,7 +832,7 @@ class UseRecorder(TorchFunctionMode):
                 yield k, a
 
     def _open_site(self, func, derived) -> UseSite | None:
-        owned = self.owned()
+        owned = frozenset(self.owned())
         mine = [(pos, t, s) for pos, t, s in derived if not s.params <= owned]
         if not mine:
             return None
@@ -896,6 +901,7 @@ class UseRecorder(TorchFunctionMode):
                         source, grad, shape, self.batch, self.params, site.skip, tensor
                     ):
                         parts.setdefault(k, []).append((f, f.names[0]))
+                        self.rules_of.setdefault(k, set()).add(site.rule.name)
             except Unsupported as exc:
                 for k in ks:
                     problems.setdefault(k, f"{site.rule.name} use: {exc}")
