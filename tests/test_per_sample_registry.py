@@ -152,11 +152,24 @@ def test_built_in_rules_are_registered_in_their_order():
     assert {n: f.name for n, _, f, _ in plan.modules} == {"a": "lstm", "b": "rnn-loop"}
 
 
-def test_use_rules_is_an_empty_read_only_lookup():
+def test_use_rules_are_a_read_only_lookup_a_user_can_extend():
+    from clipscope.engine.per_sample.uses import UseRule, register_use_rule
+
     uses = registry.use_rules()
-    assert dict(uses) == {}
+    assert uses[F.linear].name == "linear" and uses[torch.add].name == "broadcast"
+    assert uses[torch.cat].name == "concatenate" and uses[F.layer_norm].name == "norm"
     with pytest.raises(TypeError):
         uses[F.linear] = object()  # type: ignore[index]
+    assert torch.einsum not in uses
+    with registry.scoped():
+
+        @register_use_rule
+        class Mine(UseRule):
+            name = "mine"
+            functions = (torch.einsum,)
+
+        assert registry.use_rules()[torch.einsum].name == "mine"
+    assert torch.einsum not in registry.use_rules()
 
 
 # ----------------------------------------------------------------------------- a user's rule

@@ -44,7 +44,7 @@ the sample axis raises ``ValueError`` saying what to change.
 compare everything with.
 """
 
-from clipscope.engine.per_sample import conv, embedding, linear, norm, rnn  # noqa: F401 (rules)
+from clipscope.engine.per_sample import conv, embedding, linear, norm, rnn, uses  # noqa: F401 (rules)
 from clipscope.engine.per_sample.batch import per_sample_losses
 from clipscope.engine.per_sample.dots import per_sample_dots
 from clipscope.engine.per_sample.family import LayerFamily

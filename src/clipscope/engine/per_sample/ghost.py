@@ -383,6 +383,11 @@ class _Rules:
         self.plan, self.batch, self.scale, self.keep = plan, batch, scale, keep
         self.actual, self.grads, self.norms = actual, grads, norms
         self.tol = tolerance(plan.params[0].dtype)
+        # every parameter's error is measured against its own scale and, at least, the whole
+        # batch gradient's norm: an error below τ of that changes no result by more than τ,
+        # and a parameter whose gradient vanishes by symmetry (an attention key's bias: the
+        # softmax ignores a shift) is all rounding on both sides
+        self.floor = math.sqrt(sum(n * n for n in norms if n is not None))
         self.per_param: dict[int, torch.Tensor] = {}
         self.unchecked_sums: dict[int, torch.Tensor] = {}
         self.kept: list = []
@@ -505,7 +510,7 @@ class _Rules:
             seen = plan.directions[k].of_tensor(
                 g if g is not None else torch.zeros_like(plan.params[k])
             )
-        bound = (self.norms[k] or 0.0) + float(ghost.sq.clamp(min=0).sqrt().sum())
+        bound = (self.norms[k] or 0.0) + float(ghost.sq.clamp(min=0).sqrt().sum()) + self.floor
         err = structural_error(ghost.proj, seen, bound)
         if not err <= self.tol:
             plan.demote(

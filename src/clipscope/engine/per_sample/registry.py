@@ -39,9 +39,12 @@ The planner only iterates the registry; it never names a layer.
 **Use rules** (:meth:`RuleRegistry.use_rules`): the second kind of entry,
 rules matched by how a *parameter is used* -- a torch function such as
 ``F.linear``, a broadcast add or multiply, ``F.layer_norm`` -- seen during the
-recorded forward (a ``torch.overrides.TorchFunctionMode`` beside
-:class:`~clipscope.engine.per_sample.recorder.ModuleRecorder`). The lookup is
-there and empty: nothing registers such a rule yet.
+recorded forward by :class:`~clipscope.engine.per_sample.uses.UseRecorder` (a
+``torch.overrides.TorchFunctionMode`` beside
+:class:`~clipscope.engine.per_sample.recorder.ModuleRecorder`). A use rule is
+a :class:`~clipscope.engine.per_sample.uses.UseRule` registered for the torch
+functions it serves with :func:`~clipscope.engine.per_sample.uses.register_use_rule`
+(:meth:`RuleRegistry.register_use`); the built-in ones live in ``uses.py``.
 
 **Isolation.** :meth:`RuleRegistry.scoped` restores the registry on exit (a
 test that registers a rule must not leak it into others);
@@ -81,8 +84,9 @@ class RuleRegistry:
     >>> from clipscope.engine.per_sample import registry
     >>> [rule.name for rule in registry.module_rules()][-2:]  # the LSTM ghost first
     ['lstm', 'rnn-loop']
-    >>> dict(registry.use_rules())  # nothing registers a use rule yet
-    {}
+    >>> import torch.nn.functional as F
+    >>> registry.use_rules()[F.linear].name  # a weight read by F.linear outside nn.Linear
+    'linear'
     """
 
     def __init__(self) -> None:
@@ -132,6 +136,17 @@ class RuleRegistry:
 
         return decorate
 
+    def register_use(self, rule: Any, functions: Sequence[Callable]) -> Any:
+        """Serve the uses of a parameter through ``functions`` by ``rule``; return it.
+
+        A later registration for the same function replaces the earlier one.
+        """
+        if not functions:
+            raise ValueError("a use rule names the torch functions it serves")
+        for fn in functions:
+            self._use[fn] = rule
+        return rule
+
     def unregister(self, rule: LayerFamily | type | str) -> None:
         """Remove a rule given as its instance, its class or its name (``KeyError`` if absent)."""
         keep = [e for e in self._module if not _matches(e.rule, rule)]
@@ -154,12 +169,11 @@ class RuleRegistry:
         return tuple(e.rule for e in self._module)
 
     def use_rules(self) -> Mapping[Callable, Any]:
-        """Return the use rules, ``{torch function: rule}`` (read-only; empty: none exists yet).
+        """Return the use rules, ``{torch function: rule}`` (read-only).
 
-        Reserved for rules matched by how a parameter is used (``F.linear``,
-        broadcast ``torch.add``/``torch.mul``, ``F.layer_norm``, ...): the
-        recorder of such uses asks it for the rule of each torch function it
-        sees a parameter pass through.
+        Rules matched by how a parameter is used (``F.linear``, broadcast
+        ``torch.add``/``torch.mul``, ``F.layer_norm``, ...): the use recorder asks
+        it for the rule of each torch function it sees a parameter pass through.
         """
         return MappingProxyType(self._use)
 

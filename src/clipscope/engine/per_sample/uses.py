@@ -67,9 +67,9 @@ from torch.utils._pytree import tree_flatten
 from clipscope.engine.per_sample.embedding import EmbeddingFactors
 from clipscope.engine.per_sample.factors import Factors, Rows, Tokens
 from clipscope.engine.per_sample.family import Unsupported
+from clipscope.engine.per_sample.registry import registry
 
 __all__ = [
-    "USE_RULES",
     "Source",
     "UseRecorder",
     "UseRule",
@@ -172,18 +172,14 @@ class UseRule:
         raise NotImplementedError
 
 
-#: torch function -> the rule that serves its uses.
-USE_RULES: dict[Callable, UseRule] = {}
-
-
 def register_use_rule(cls: type[UseRule]) -> type[UseRule]:
     """Class decorator: serve the uses of ``cls.functions`` by an instance of ``cls``.
 
-    A later registration for the same function replaces the earlier one.
+    Registered in :data:`~clipscope.engine.per_sample.registry.registry`
+    (:meth:`~clipscope.engine.per_sample.registry.RuleRegistry.register_use`); a
+    later registration for the same function replaces the earlier one.
     """
-    rule = cls()
-    for fn in cls.functions:
-        USE_RULES[fn] = rule
+    registry.register_use(cls(), cls.functions)
     return cls
 
 
@@ -836,7 +832,7 @@ class UseRecorder(TorchFunctionMode):
         mine = [(pos, t, s) for pos, t, s in derived if not s.params <= owned]
         if not mine:
             return None
-        rule = USE_RULES.get(func)
+        rule = registry.use_rules().get(func)
         name = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
         if rule is None:
             for _, _, s in mine:
