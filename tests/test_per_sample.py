@@ -826,3 +826,42 @@ def test_two_pass_keeps_no_large_fallback_rows_and_stays_exact(monkeypatch, how)
     for eta in ETAS:
         assert res.clipped[eta][0] == pytest.approx(ref.clipped[eta][0], rel=1e-10)
         assert res.clipped[eta][1] == pytest.approx(ref.clipped[eta][1], rel=1e-9, abs=1e-9)
+
+
+class _Scale(torch.autograd.Function):
+    """``x * w`` behind a custom autograd.Function (its forward runs without a graph)."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return x * w
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        return g * w, (g * x).sum(0)
+
+
+@pytest.mark.parametrize("route", ["per-sample-kept", "per-sample"])
+def test_a_use_inside_a_custom_function_fails_the_structural_check(route):
+    """The use recorder sees ``x * w`` inside the Function, but no gradient reaches it there."""
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+            self.w = nn.Parameter(torch.randn(4))
+
+        def forward(self, x):
+            return self.lin(_Scale.apply(x, self.w))
+
+    torch.manual_seed(0)
+    model = Model().double()
+    X, Y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    comps = Components.from_tensors(X, Y, batch_size=3)
+    with pytest.warns(PerSampleFallbackWarning, match=r"\bw\b.*\[structural\]"):
+        res = probe(model, F.cross_entropy, comps, ETAS, route=route, batch_sizes=[1])
+    ref = reference_probe(model, F.cross_entropy, singles(X, Y), ETAS)
+    np.testing.assert_allclose(res.norms, ref.norms, rtol=1e-10)
+    np.testing.assert_allclose(res.dots, ref.dots, rtol=1e-10, atol=1e-14)
+    assert set(res.verification["fallback"]) == {"w"}

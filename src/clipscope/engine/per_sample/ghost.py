@@ -472,7 +472,9 @@ class _Rules:
     def serve_sums(self, parts: dict[int, list]) -> None:
         """Serve the parameters with several uses, or only uses: summed kept forms, checked."""
         plan = self.plan
-        for k in sorted(set(self.sources) | set(parts)):
+        # (a parameter left to its uses with none recorded is checked as zero: a use the
+        # recorder could not see, inside a custom autograd.Function, fails the check)
+        for k in sorted(set(self.sources) | set(parts) | set(plan.by_use)):
             if k in plan.fallback:
                 continue  # demoted meanwhile (a module rule that refused one of its calls)
             mine = self.sources.get(k, []) + parts.get(k, [])
