@@ -358,7 +358,7 @@ class _Rules:
     def serve(self, mname, mod, fam, attrs, calls) -> None:
         """One module: its rule's answer (norms and projections), each parameter checked."""
         plan = self.plan
-        ks = [plan.index[id(getattr(mod, a))] for a in attrs]
+        ks = [plan.index[id(mod.get_parameter(a))] for a in attrs]
         problem = next((c.problem for c in calls if c.problem), None)
         if problem is not None:
             plan.demote(ks, "record", problem)

@@ -10,7 +10,11 @@ modules (tied weights: ``‖g_1 + g_2‖² ≠ ‖g_1‖² + ‖g_2‖²``), a g
 defines per batch (a rule's ``batch1`` hook: ``scale_grad_by_freq``), a module
 a rule excludes (its ``excludes`` hook: the children of
 ``nn.MultiheadAttention``, which reads ``out_proj.weight`` without calling
-``out_proj``), no rule for the module type, no rule for the parameter. The
+``out_proj``), no rule for the module type, no rule for the parameter. A rule
+may name parameters registered on a child module (dotted names from
+:meth:`LayerFamily.param_names`, resolved by ``mod.get_parameter``): they are
+served with the module that uses them, and the child is not asked again (the
+``nn.MultiheadAttention`` rule serves ``out_proj.weight`` this way). The
 planner names no layer: every such decision comes from a rule file. During
 the probe the checks of
 :mod:`clipscope.engine.verify` move more parameters to the fallback
@@ -152,18 +156,24 @@ class Plan:
         registered = self._registrations()
         excluded = registry.excluded(self.model)
         planned: dict[str, list[str]] = {}
+        through: set[int] = set()  # parameters a rule serves through a module above theirs
         for mname, mod in self.model.named_modules():
             own = {
                 attr: p
                 for attr, p in mod._parameters.items()
-                if p is not None and id(p) in self.index
+                if p is not None and id(p) in self.index and id(p) not in through
             }
-            if not own:
-                continue
             b1 = registry.batch1(mod)
             family, why = None, None
             if b1 is None and id(mod) not in excluded:
                 family, why = registry.rule_for(mod)
+            if family is not None:  # a child's parameters the rule serves (dotted names)
+                for attr in family.param_names(mod):
+                    p = mod.get_parameter(attr) if "." in attr else None
+                    if p is not None and id(p) in self.index and id(p) not in through:
+                        own[attr] = p
+            if not own:
+                continue
             covered = []
             for attr, p in own.items():
                 k = self.index[id(p)]
@@ -181,6 +191,8 @@ class Plan:
                     reason = _no_rule(mod, attr, excluded.get(id(mod)), family, why)
                     if reason is None:
                         covered.append(attr)
+                        if "." in attr:
+                            through.add(id(p))
                         continue
                 self.fallback[k] = reason
                 planned.setdefault(reason, []).append(self.names[k])
@@ -203,7 +215,7 @@ class Plan:
         """Return the modules a rule still serves, with the attributes not moved to the fallback."""
         out = []
         for mname, mod, fam, attrs in self.modules:
-            left = [a for a in attrs if self.index[id(getattr(mod, a))] not in self.fallback]
+            left = [a for a in attrs if self.index[id(mod.get_parameter(a))] not in self.fallback]
             if left:
                 out.append((mname, mod, fam, left))
         return out

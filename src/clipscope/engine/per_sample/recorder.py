@@ -17,6 +17,7 @@ beside this one, with the same three parts.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Sequence
 from typing import Any
@@ -59,12 +60,19 @@ class ModuleRecorder:
         self.outputs: list[tuple[torch.Tensor, int]] = []  # (hooked output, its version)
         self._before: dict[int, list[Any]] = {id(m): [] for _, m, _, _ in modules}
         self.handles = []
-        for _, mod, fam, _ in modules:
-            if type(fam).before is not LayerFamily.before:
-                self.handles.append(
-                    mod.register_forward_pre_hook(functools.partial(self._pre, fam))
-                )
-            self.handles.append(mod.register_forward_hook(functools.partial(self._post, fam)))
+        # each rule's recording context (LayerFamily.recording), held until remove()
+        self._recording = contextlib.ExitStack()
+        try:
+            for _, mod, fam, _ in modules:
+                self._recording.enter_context(fam.recording(mod))
+                if type(fam).before is not LayerFamily.before:
+                    self.handles.append(
+                        mod.register_forward_pre_hook(functools.partial(self._pre, fam))
+                    )
+                self.handles.append(mod.register_forward_hook(functools.partial(self._post, fam)))
+        except BaseException:
+            self.remove()
+            raise
 
     def _pre(self, fam: Any, mod: nn.Module, args: tuple) -> None:
         self._before[id(mod)].append(fam.before(mod))
@@ -86,8 +94,10 @@ class ModuleRecorder:
                 self.outputs.append((t, t._version))
 
     def remove(self) -> list[tuple[torch.Tensor, int]]:
-        """Remove the hooks; return the hooked outputs with their versions."""
+        """Remove the hooks, exit the rules' recording contexts; return the hooked outputs."""
         for h in self.handles:
             h.remove()
+        self.handles = []
+        self._recording.close()
         outputs, self.outputs = self.outputs, []
         return outputs
