@@ -442,15 +442,23 @@ def test_a_function_that_cannot_be_opened_is_refused_visibly(monkeypatch):
     _exact_with_attention_fallback(Attend, "not a plain Python function")
 
 
-def test_a_parameter_used_in_an_unknown_way_is_refused_visibly(monkeypatch):
-    """A torch whose in-projection multiplies the packed weight first: not a projection or view."""
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda w: w * 1.0, r"in_proj_weight is used through .*mul"),
+        (lambda w: w[torch.arange(w.shape[0])], "in_proj_weight is copied"),  # an indexing copy
+    ],
+    ids=["another-op", "a-copy"],
+)
+def test_a_parameter_used_in_an_unknown_way_is_refused_visibly(monkeypatch, change, match):
+    """A torch whose in-projection changes the packed weight first: not a projection or view."""
     original = F._in_projection_packed
 
-    def scaled(q, k, v, w, b=None):
-        return original(q, k, v, w * 1.0, b)
+    def changed(q, k, v, w, b=None):
+        return original(q, k, v, change(w), b)
 
-    monkeypatch.setattr(F, "_in_projection_packed", scaled)
-    _exact_with_attention_fallback(Attend, r"in_proj_weight is used through .*mul")
+    monkeypatch.setattr(F, "_in_projection_packed", changed)
+    _exact_with_attention_fallback(Attend, match)
 
 
 def test_attention_that_bypasses_the_function_is_refused_visibly(monkeypatch):

@@ -94,8 +94,17 @@ __all__ = ["MultiheadAttentionFamily", "RowBlocks"]
 _OWN = ("in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 _KV_BIAS = ("bias_k", "bias_v")
 _CHILD = ("out_proj.weight", "out_proj.bias")
-# ops that only take views of a parameter (its blocks of rows), seen before the projections
-_VIEWS = (torch.Tensor.split, torch.Tensor.chunk, torch.split, torch.chunk)
+# ops that take views of a parameter (its blocks of rows) before the projections; each
+# output must share the parameter's storage (a copy would hide the use that follows)
+_VIEWS = (
+    torch.Tensor.split,
+    torch.Tensor.chunk,
+    torch.Tensor.narrow,
+    torch.Tensor.__getitem__,
+    torch.split,
+    torch.chunk,
+    torch.narrow,
+)
 _INSIDE_ATTENTION = (
     "nn.MultiheadAttention uses its projections' weights without calling them as modules"
 )
@@ -265,6 +274,9 @@ class _Capture(TorchFunctionMode):
             self.outputs.append(out)
             return
         if func in _VIEWS:
+            owner = next((n for n in map(self._owner, _tensors((args, kwargs))) if n), None)
+            if owner is not None and any(self._owner(t) is None for t in _tensors(out)):
+                self._refuse(f"{owner} is copied inside F.multi_head_attention_forward")
             return
         for t in _tensors((args, kwargs)):
             name = self._owner(t)
