@@ -473,6 +473,33 @@ def test_attention_that_bypasses_the_function_is_refused_visibly(monkeypatch):
     _exact_with_attention_fallback(Attend, "did not run")
 
 
+class Unbatched(Attend):
+    """Each sample's tokens through the attention alone: unbatched ``(T, E)`` calls."""
+
+    def forward(self, x):
+        h = torch.stack([self.inner(t, t, t)[0] for t in x])
+        return torch.tanh(h).mean(1) @ self.readout.to(h.dtype)
+
+
+class Windows(Attend):
+    """Attention within windows of 2 tokens: the attention's batch axis holds 2B rows."""
+
+    def forward(self, x):
+        B = x.shape[0]
+        w = x[:, :4].reshape(2 * B, 2, E)
+        h = self.inner(w, w, w)[0].reshape(B, 4, E)
+        return torch.tanh(h).mean(1) @ self.readout.to(h.dtype)
+
+
+@pytest.mark.parametrize(
+    "model_fn, match",
+    [(Unbatched, "unbatched input"), (Windows, "got a batch of 6 along dim 0")],
+    ids=["unbatched", "windows-on-the-batch-axis"],
+)
+def test_attention_without_the_samples_on_its_batch_axis_is_refused_visibly(model_fn, match):
+    _exact_with_attention_fallback(model_fn, match)
+
+
 def test_the_wrapper_is_removed_after_an_exception():
     class Fails(Attend):
         def forward(self, x):
