@@ -24,6 +24,7 @@ from torch.nn import functional as F
 
 from clipscope.engine.per_sample import FAMILIES, Plan, per_sample_grads_reference
 from clipscope.engine.per_sample.ghost import record_calls
+from zoo import Conv1D, SelfAttend
 
 
 class Head(nn.Module):
@@ -177,6 +178,16 @@ LAYERS = [
     Layer("instancenorm-affine", "norm", lambda: nn.InstanceNorm1d(3, affine=True), _f(3, 5), 15),
     Layer("batchnorm-eval", "norm", lambda: nn.BatchNorm1d(3).eval(), _f(3), 3),
     Layer(
+        "multihead-attention",
+        "multihead-attention",
+        lambda: SelfAttend(nn.MultiheadAttention(3, 1, batch_first=True)),
+        _f(4, 3),
+        12,
+    ),  # every option: tests/test_per_sample_attention.py
+    Layer("hf-conv1d", "hf-conv1d", lambda: Conv1D(8, 6), _f(3, 6), 24),
+    Layer("hf-conv1d-materialized", "hf-conv1d", lambda: Conv1D(2, 2), _f(6, 2), 12),
+    Layer("hf-conv1d-one-token", "hf-conv1d", lambda: Conv1D(3, 5), _f(5), 3),
+    Layer(
         "lstm-2-layers",
         "lstm",
         lambda: nn.LSTM(3, 2, num_layers=2, batch_first=True),
@@ -227,22 +238,23 @@ def test_family_rules_match_brute_force(layer: Layer):
     served = record_calls(model, F.cross_entropy, x, y, plan)
     (mod, family, attrs, calls) = served["module.inner" if "module.inner" in served else "module"]
     assert family.name == layer.family
-    params = [getattr(mod, a) for a in attrs]
+    params = [mod.get_parameter(a) for a in attrs]
     rows = per_sample_grads_reference(model, F.cross_entropy, x, y, params)
     sizes = [p.numel() for p in params]
     per_param = dict(zip(attrs, torch.split(rows, sizes, dim=1), strict=True))
-    dirs = {a: plan.directions[plan.index[id(getattr(mod, a))]] for a in attrs}
+    dirs = {a: plan.directions[plan.index[id(mod.get_parameter(a))]] for a in attrs}
     ghost = family.per_sample(mod, calls, attrs, x.shape[0], dirs)
     totals = family.batch_grad(mod, calls, attrs, x.shape[0])
     for a in attrs:
         G = per_param[a]
         torch.testing.assert_close(ghost[a].sq, G.square().sum(1), rtol=1e-10, atol=1e-14)
-        total = G.sum(0).reshape(getattr(mod, a).shape)
+        total = G.sum(0).reshape(mod.get_parameter(a).shape)
         torch.testing.assert_close(ghost[a].proj, dirs[a].of_tensor(total), rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(totals[a].double(), total, rtol=1e-10, atol=1e-12)
     gen = torch.Generator().manual_seed(2)
     vectors = {
-        a: torch.randn(getattr(mod, a).shape, generator=gen, dtype=torch.float64) for a in attrs
+        a: torch.randn(mod.get_parameter(a).shape, generator=gen, dtype=torch.float64)
+        for a in attrs
     }
     flat = torch.cat([vectors[a].reshape(-1) for a in attrs])
     dots = family.dots(mod, calls, attrs, vectors, x.shape[0])
@@ -256,11 +268,11 @@ def test_family_factors_match_brute_force(layer: Layer):
     plan = Plan(model)
     served = record_calls(model, F.cross_entropy, x, y, plan)
     (mod, family, attrs, calls) = served["module.inner" if "module.inner" in served else "module"]
-    params = [getattr(mod, a) for a in attrs]
+    params = [mod.get_parameter(a) for a in attrs]
     rows = per_sample_grads_reference(model, F.cross_entropy, x, y, params)
     B = x.shape[0]
     per_param = dict(zip(attrs, torch.split(rows, [p.numel() for p in params], dim=1), strict=True))
-    dirs = {a: plan.directions[plan.index[id(getattr(mod, a))]] for a in attrs}
+    dirs = {a: plan.directions[plan.index[id(mod.get_parameter(a))]] for a in attrs}
     kept = family.factors(mod, calls, attrs, B)
     assert set(kept.names) == set(attrs)
     assert kept.nbytes > 0
@@ -268,10 +280,11 @@ def test_family_factors_match_brute_force(layer: Layer):
     gen = torch.Generator().manual_seed(3)
     weights = torch.rand(2, B, generator=gen, dtype=torch.float64)
     vectors = {
-        a: torch.randn(getattr(mod, a).shape, generator=gen, dtype=torch.float64) for a in attrs
+        a: torch.randn(mod.get_parameter(a).shape, generator=gen, dtype=torch.float64)
+        for a in attrs
     }
     for a in attrs:
-        G, shape = per_param[a], getattr(mod, a).shape
+        G, shape = per_param[a], mod.get_parameter(a).shape
         torch.testing.assert_close(ghost[a].sq, G.square().sum(1), rtol=1e-10, atol=1e-14)
         torch.testing.assert_close(kept.sq(a), G.square().sum(1), rtol=1e-10, atol=1e-14)
         total = G.sum(0).reshape(shape)
@@ -287,6 +300,7 @@ def test_family_factors_match_brute_force(layer: Layer):
 
 def test_kept_forms_are_the_smaller_ones():
     """Convolutions keep raw factors or per-sample weights, whichever holds fewer numbers."""
+    from clipscope.engine.per_sample import factors
     from clipscope.engine.per_sample.conv import ConvFactors
     from clipscope.engine.per_sample.factors import Rows
 
@@ -301,6 +315,8 @@ def test_kept_forms_are_the_smaller_ones():
     assert isinstance(kept_weight("conv-transpose2d-kept-raw-factors"), ConvFactors)
     assert isinstance(kept_weight("conv2d-wide-materialized"), Rows)
     assert isinstance(kept_weight("linear-sequence-materialized"), Rows)
+    assert isinstance(kept_weight("hf-conv1d-materialized"), Rows)
+    assert isinstance(kept_weight("hf-conv1d"), factors.Tokens)
 
 
 def test_every_family_is_tested():

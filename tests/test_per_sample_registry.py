@@ -37,7 +37,9 @@ from clipscope.engine.per_sample.family import grads_of
 from clipscope.engine.verify import PerSampleFallbackWarning, VerificationError
 
 ETAS = (0.05, 0.5, math.inf)
-BUILT_IN = ("conv", "embedding", "linear", "norm", "lstm", "rnn-loop")
+BUILT_IN = (
+    "conv", "embedding", "hf-conv1d", "linear", "multihead-attention", "norm", "lstm", "rnn-loop"
+)  # fmt: skip
 
 
 @pytest.fixture(autouse=True)
@@ -334,15 +336,17 @@ def test_the_built_in_exclusions_come_from_the_rule_files():
     attention = nn.MultiheadAttention(4, 2)
     with pytest.warns(PerSampleFallbackWarning):
         assert Plan(emb).batch1 == {0}
-        assert "without calling them" in Plan(attention).fallback[2]
+    assert Plan(attention).fallback == {}  # its rule serves out_proj.weight too
     with registry.scoped():
         registry.unregister("embedding")
-        registry.unregister("linear")
+        registry.unregister("multihead-attention")  # the rule and its exclusion hook
         # without a rule, the parameters are left to their uses (no fallback at plan time)
-        assert Plan(emb).batch1 == set() and Plan(emb).by_use == {
-            0: "no per-sample rule for Embedding"
-        }
-        assert Plan(attention).by_use[2] == "no per-sample rule for NonDynamicallyQuantizableLinear"
+        assert Plan(emb).batch1 == set()
+        assert Plan(emb).by_use == {0: "no per-sample rule for Embedding"}
+        plan = Plan(attention)
+        assert plan.fallback == {}
+        assert plan.by_use == {k: "no per-sample rule for MultiheadAttention" for k in (0, 1)}
+        assert [n for n, *_ in plan.modules] == ["out_proj"]  # the linear rule's now
 
 
 # ----------------------------------------------------------------------------- isolation

@@ -5,14 +5,16 @@ per-sample routes -- ``"auto"``, which keeps the factors (``"per-sample-kept"``:
 dots and clipped sums from pass 1's factors), and the two-pass ``"per-sample"`` --
 and every number compared with the brute force: each sample's gradient by its own float64
 autograd call (through its chunk's batch forward where dropout draws masks),
-explicit norms, dots and clipped sums. Tolerances: 1e-10 relative for float64
-models, 1e-6 for float32 ones. The parameters that reach the exact fallback
-must be exactly the expected ones, and the route must say so.
+explicit norms, dots and clipped sums, and each sample's loss in float64.
+Tolerances: 1e-10 relative for float64 models, 1e-6 for float32 ones. The
+parameters that reach the exact fallback must be exactly the expected ones, and
+the route must say so.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 
 import numpy as np
@@ -23,20 +25,42 @@ from clipscope.components import Components
 from clipscope.engine import probe
 from clipscope.engine.guard import component_seed, dropout_policy
 from clipscope.engine.per_sample import per_sample_grads_reference
+from clipscope.engine.per_sample.batch import per_sample_from_output
 from clipscope.engine.verify import PerSampleFallbackWarning
 from zoo import ETAS, ZOO, Arch
 
 
+def _losses64(arch: Arch, model, X, Y, states) -> np.ndarray:
+    """Each sample's loss in float64: alone, or in its chunk's batch forward with its masks."""
+    twin = copy.deepcopy(model).double()
+    X = X.double() if X.is_floating_point() else X
+    Y = Y.double() if Y.is_floating_point() else Y
+    with torch.no_grad():
+        if states is None:
+            with dropout_policy(twin, "off"):
+                out = [arch.loss_fn(twin(X[j : j + 1]), Y[j : j + 1]) for j in range(arch.n)]
+            return torch.stack(out).numpy()
+        out = []
+        for state, s in zip(states, range(0, arch.n, arch.chunk), strict=True):
+            with torch.random.fork_rng(devices=[]):
+                torch.random.set_rng_state(state)
+                x, y = X[s : s + arch.chunk], Y[s : s + arch.chunk]
+                out.append(per_sample_from_output(arch.loss_fn, twin(x), y, x.shape[0]))
+        return torch.cat(out).numpy()
+
+
 def brute_force(arch: Arch, model, X, Y) -> dict:
-    """float64 per-sample gradients, then explicit sums, as the definitions say."""
+    """float64 per-sample gradients and losses, then explicit sums, as the definitions say."""
+    states = None
     if arch.dropout == "fixed" and arch.train:
-        rows = []
+        rows, states = [], []
         for c, s in enumerate(range(0, arch.n, arch.chunk)):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(component_seed(0, c))
                 state = torch.random.get_rng_state()
             x, y = X[s : s + arch.chunk], Y[s : s + arch.chunk]
             rows.append(per_sample_grads_reference(model, arch.loss_fn, x, y, rng_state=state))
+            states.append(state)
         G = torch.cat(rows)
     else:
         with dropout_policy(model, "off"):
@@ -48,6 +72,7 @@ def brute_force(arch: Arch, model, X, Y) -> dict:
         total = sum(min(1.0, eta / float(n)) * g for g, n in zip(G, norms, strict=True))
         clipped[eta] = (float(total.norm()), float(total @ full / (total.norm() * full.norm())))
     return {
+        "losses": _losses64(arch, model, X, Y, states),
         "norms": norms.numpy(),
         "dots": (G @ full).numpy(),
         "grad_norm": float(full.norm()),
@@ -82,6 +107,8 @@ def test_zoo_matches_float64_brute_force(arch: Arch, route: str):
         )
     ref = brute_force(arch, model, X, Y)
     rtol = arch.rtol
+    scale = float(np.max(np.abs(ref["losses"])))
+    np.testing.assert_allclose(result.losses, ref["losses"], rtol=rtol, atol=rtol * scale)
     np.testing.assert_allclose(result.norms, ref["norms"], rtol=rtol, atol=0)
     atol = rtol * float(np.max(ref["norms"])) * ref["grad_norm"]
     np.testing.assert_allclose(result.dots, ref["dots"], rtol=0, atol=atol)

@@ -159,9 +159,9 @@ def conv_norms() -> nn.Module:
 
 
 class Attention(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, dropout: float = 0.0) -> None:
         super().__init__()
-        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.attn = nn.MultiheadAttention(4, 2, dropout=dropout, batch_first=True)
         self.out = nn.Linear(4, 3)
 
     def forward(self, x):
@@ -314,6 +314,70 @@ class SampleAxisInside(nn.Module):
         return self.out(h.mean(1))
 
 
+class Conv1D(nn.Module):
+    """A stand-in for Hugging Face's ``transformers.pytorch_utils.Conv1D`` (its code, verbatim).
+
+    ``y = x W + b`` with ``W`` ``(nx, nf)``. Its ``__module__`` names the transformers
+    module, as the rule's detection (by name and module path) needs: the tests run the
+    rule without importing transformers.
+    """
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.nx = nx
+        self.weight = nn.Parameter(torch.empty(nx, nf))
+        self.bias = nn.Parameter(torch.zeros(nf))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x):
+        size_out = x.size()[:-1] + (self.nf,)  # noqa: RUF005 (transformers' code as it is)
+        x = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+        x = x.view(size_out)
+        return x
+
+
+Conv1D.__module__ = "transformers.pytorch_utils"
+
+
+class SelfAttend(nn.Module):
+    """``inner(x, x, x)[0]``: an ``nn.MultiheadAttention`` as a one-input module."""
+
+    def __init__(self, inner: nn.MultiheadAttention) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x, x, x)[0]
+
+
+class GPT2Block(nn.Module):
+    """A GPT-2 block written with the stand-in Conv1D (c_attn, c_proj, c_fc), tied head."""
+
+    def __init__(self, vocab: int = 11, d: int = 8, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.wte = nn.Embedding(vocab, d)
+        self.ln_1 = nn.LayerNorm(d)
+        self.c_attn = Conv1D(3 * d, d)
+        self.c_proj = Conv1D(d, d)
+        self.ln_2 = nn.LayerNorm(d)
+        self.c_fc = Conv1D(4 * d, d)
+        self.c_mlp = Conv1D(d, 4 * d)
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, idx):
+        x = self.wte(idx)
+        B, T, C = x.shape
+        q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+        x = x + self.c_mlp(F.gelu(self.c_fc(self.ln_2(x))))
+        return self.head(self.ln_f(x))
+
+
 def prelu_mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(5, 6), nn.PReLU(), nn.Linear(6, 3))
 
@@ -409,12 +473,6 @@ ZOO: list[Arch] = [
         feats(5, 4),
         ints(3),
         seed=16,
-        fallback=(
-            "attn.in_proj_weight",
-            "attn.in_proj_bias",
-            "attn.out_proj.weight",
-            "attn.out_proj.bias",
-        ),
     ),
     Arch(
         "transformer-encoder-layer",
@@ -423,12 +481,15 @@ ZOO: list[Arch] = [
         ints(3),
         seed=17,
         train=True,  # dropout modules switched off by the "off" policy
-        fallback=(
-            "layer.self_attn.in_proj_weight",
-            "layer.self_attn.in_proj_bias",
-            "layer.self_attn.out_proj.weight",
-            "layer.self_attn.out_proj.bias",
-        ),
+    ),
+    Arch(
+        "multihead-attention-dropout-fixed",
+        lambda: Attention(dropout=0.3),
+        feats(5, 4),
+        ints(3),
+        seed=32,
+        dropout="fixed",
+        train=True,  # attention dropout inside the call: each sample's weights, the chunk's masks
     ),
     Arch(
         "gru-bidirectional-2-layers",
@@ -530,6 +591,7 @@ ZOO: list[Arch] = [
         attempts=2,
     ),
     Arch("prelu", prelu_mlp, feats(5), ints(3), seed=31, fallback=("1.weight",)),
+    Arch("gpt2-block-hf-conv1d", GPT2Block, ints(11, 6), ints(11, 6), lm_loss, seed=33),
 ]
 # float32 twins of a selection (1e-6 against the float64 brute force)
 ZOO += [
@@ -547,6 +609,8 @@ ZOO += [
         "nanogpt-tied-head",
         "embedding-padding-idx-max-norm",
         "multihead-attention",
+        "transformer-encoder-layer",
+        "gpt2-block-hf-conv1d",
     )
 ]
 

@@ -26,13 +26,16 @@ importing this package imports every built-in rule file:
 :mod:`.norm`              LayerNorm, RMSNorm, GroupNorm, InstanceNorm, eval BatchNorm
 :mod:`.rnn`               ``nn.LSTM`` by its gate gradients; any other recurrent
                           module by a module-local per-sample loop
+:mod:`.attention`         ``nn.MultiheadAttention`` (its projections seen inside
+                          ``F.multi_head_attention_forward``, ``out_proj`` included)
+:mod:`.hf_conv1d`         Hugging Face's ``Conv1D`` (GPT-2), without importing transformers
 ========================  =====================================================
 
 A user's own rule is registered the same way, from the user's code
 (``docs/engine.md``, "How to add a layer rule"). Everything else -- a
-parameter without a rule (a bare ``nn.Parameter``, ``nn.MultiheadAttention``,
-``PReLU``), a tied weight, a rule whose check failed -- gets its exact
-per-sample gradients from :mod:`.fallback`, and a
+parameter without a rule (a bare ``nn.Parameter``, ``PReLU``), a tied
+weight, a rule whose check failed -- gets its exact per-sample gradients
+from :mod:`.fallback`, and a
 :class:`~clipscope.engine.verify.PerSampleFallbackWarning` says which and why.
 :class:`~clipscope.engine.per_sample.plan.Plan` records every such decision.
 
@@ -44,7 +47,16 @@ the sample axis raises ``ValueError`` saying what to change.
 compare everything with.
 """
 
-from clipscope.engine.per_sample import conv, embedding, linear, norm, rnn, uses  # noqa: F401 (rules)
+from clipscope.engine.per_sample import (  # noqa: F401 (the rule files register themselves)
+    attention,
+    conv,
+    embedding,
+    hf_conv1d,
+    linear,
+    norm,
+    rnn,
+    uses,
+)
 from clipscope.engine.per_sample.batch import per_sample_losses
 from clipscope.engine.per_sample.dots import per_sample_dots
 from clipscope.engine.per_sample.family import LayerFamily

@@ -232,7 +232,7 @@ def _ghost_dots(model, loss_fn, x, y, plan, tangents, batch):
             problem = next((c.problem for c in calls[id(mod)] if c.problem), None)
             if problem is not None:
                 raise Unsupported(f"{mname or type(mod).__name__}: {problem}")
-            vectors = {a: tangents[plan.index[id(getattr(mod, a))]] for a in attrs}
+            vectors = {a: tangents[plan.index[id(mod.get_parameter(a))]] for a in attrs}
             dots += fam.dots(mod, calls[id(mod)], attrs, vectors, batch).to(dots.device)
         for k, kept in parts.items():  # the uses outside module rules add up (dots are linear)
             if k not in plan.fallback:

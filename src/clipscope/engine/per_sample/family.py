@@ -9,8 +9,11 @@ modules it claims:
    types and options its formulas cover, checked once when the probe is
    planned) and :meth:`LayerFamily.precondition` (the module's current state,
    e.g. train mode); :meth:`LayerFamily.param_names` (the parameters it
-   computes). Two hooks are asked of every module of the model whether the
-   rule claims it or not: :meth:`LayerFamily.batch1` (a gradient defined per
+   computes; dotted names such as ``out_proj.weight`` for parameters registered
+   on a child module that the module uses without calling it);
+   :meth:`LayerFamily.recording` (a context around the recorded forward). Two
+   hooks are asked of every module of the model whether the rule claims it or
+   not: :meth:`LayerFamily.batch1` (a gradient defined per
    batch) and :meth:`LayerFamily.excludes` (modules no rule may serve);
 2. its **record step** -- :meth:`LayerFamily.record` keeps the inputs it needs
    (detached) and names the outputs whose gradients it needs; the ghost pass
@@ -45,6 +48,7 @@ the parameters then go to an exact fallback, visibly.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -136,7 +140,12 @@ class LayerFamily:
         return any(isinstance(mod, t) and type(mod).forward is t.forward for t in self.module_types)
 
     def param_names(self, mod: nn.Module) -> tuple[str, ...]:
-        """Attributes of ``mod`` holding the parameters the rules compute."""
+        """Names of the parameters the rules compute, as ``mod.get_parameter`` takes them.
+
+        Default: ``weight`` and ``bias`` where they are parameters of ``mod``. A
+        dotted name (``"out_proj.weight"``) serves a parameter registered on a
+        child module; the planner then gives it to this rule, not to the child's.
+        """
         return tuple(
             n for n in ("weight", "bias") if isinstance(getattr(mod, n, None), nn.Parameter)
         )
@@ -167,6 +176,20 @@ class LayerFamily:
     def before(self, mod: nn.Module) -> Any:
         """Run in a forward pre-hook; the return value reaches :meth:`record` as ``before``."""
         return None
+
+    def recording(self, mod: nn.Module) -> contextlib.AbstractContextManager:
+        """Return a context held around the whole recorded forward of a served module.
+
+        :class:`~clipscope.engine.per_sample.recorder.ModuleRecorder` enters it for
+        every module it hooks when it is created and exits it in ``remove()``
+        (also after an exception). For a rule that must see inside the module's
+        call, where a pre-hook is too late (``nn.Module.__call__`` has looked up
+        ``forward`` before the pre-hooks run): e.g. wrap ``mod.forward`` for the
+        block, and restore it on exit. What it captures reaches :meth:`record`
+        through the rule's own state; it must not change any value the forward
+        computes. Default: none (``contextlib.nullcontext()``).
+        """
+        return contextlib.nullcontext()
 
     def record(
         self, mod: nn.Module, args: tuple, output: Any, batch: int, before: Any = None

@@ -416,7 +416,7 @@ class _Rules:
         seen: dict[int, int] = {}
         for _, mod, _, attrs in active:
             for a in attrs:
-                k = plan.index[id(getattr(mod, a))]
+                k = plan.index[id(mod.get_parameter(a))]
                 seen[k] = seen.get(k, 0) + 1
         self.multi = {k for k, n in seen.items() if n > 1} | (set(parts) & set(seen))
         return parts
@@ -427,7 +427,7 @@ class _Rules:
         Attributes with several uses only hand their kept form on to :meth:`serve_sums`.
         """
         plan = self.plan
-        ks = [plan.index[id(getattr(mod, a))] for a in attrs]
+        ks = [plan.index[id(mod.get_parameter(a))] for a in attrs]
         problem = next((c.problem for c in calls if c.problem), None)
         if problem is not None:
             plan.demote(ks, "record", problem)
@@ -459,7 +459,7 @@ class _Rules:
             return fam.per_sample(mod, calls, attrs, self.batch, dirs)
         factors = fam.factors(mod, calls, attrs, self.batch)
         for a in shared:
-            k = self.plan.index[id(getattr(mod, a))]
+            k = self.plan.index[id(mod.get_parameter(a))]
             self.sources.setdefault(k, [])
             if not isinstance(factors, Zero):  # (a module whose calls were all batch-free)
                 self.sources[k].append((factors, a))

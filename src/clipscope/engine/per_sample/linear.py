@@ -16,12 +16,9 @@ calls into one sum. Preconditions: ``nn.Linear`` or a subclass that keeps
 ``nn.Linear.forward`` (``NonDynamicallyQuantizableLinear``); the samples on
 dim 0 of input and output. A weight also used outside the module
 (``F.linear(h, emb.weight)``) is caught by the structural check, not here.
-
-Excluded (:meth:`LinearFamily.excludes`): the modules inside an
-``nn.MultiheadAttention``, which passes ``out_proj.weight`` to
-``F.multi_head_attention_forward`` without calling ``out_proj`` (a Linear this
-rule would otherwise claim). A rule for ``nn.MultiheadAttention`` itself would
-take this exclusion over.
+``nn.MultiheadAttention``'s ``out_proj`` (a Linear it reads but never calls)
+is served by :mod:`~clipscope.engine.per_sample.attention`, which keeps every
+rule, this one included, off the attention's children.
 """
 
 from __future__ import annotations
@@ -47,22 +44,11 @@ def tokens(calls: list[Call], batch: int) -> tuple[torch.Tensor, torch.Tensor] |
     return a, b
 
 
-_INSIDE_ATTENTION = (
-    "nn.MultiheadAttention uses its projections' weights without calling them as modules"
-)
-
-
 @register_module_rule(nn.Linear)
 class LinearFamily(LayerFamily):
     """``nn.Linear`` (and subclasses with its forward)."""
 
     name = "linear"
-
-    def excludes(self, mod):
-        """Every module inside an ``nn.MultiheadAttention`` (module docstring)."""
-        if not isinstance(mod, nn.MultiheadAttention):
-            return {}
-        return {child: _INSIDE_ATTENTION for child in mod.modules() if child is not mod}
 
     def factors(self, mod, calls, names, batch):
         """Keep the tokens ``(a, b)``, or the per-sample weight matrices where those are smaller.

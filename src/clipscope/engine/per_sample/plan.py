@@ -4,19 +4,24 @@ A :class:`Plan` is made once per per-sample probe. For every module that
 registers a wanted parameter it asks the rules of the registry
 (:meth:`~clipscope.engine.per_sample.registry.RuleRegistry.module_rules`), in
 order, whether they claim the module and whether its preconditions hold; the
-first that does serves the parameters it names. A parameter registered in
-several modules (a tied weight) is served by the rule of each, and the
-per-sample gradients of its uses are summed with their cross terms
+first that does serves the parameters it names. A rule may name parameters
+registered on a child module (dotted names from :meth:`LayerFamily.param_names`,
+resolved by ``mod.get_parameter``): they are served with the module that uses
+them, and the child is not asked again (the ``nn.MultiheadAttention`` rule
+serves ``out_proj.weight`` this way). A parameter registered in several
+modules (a tied weight) is served by the rule of each, and the per-sample
+gradients of its uses are summed with their cross terms
 (:mod:`~clipscope.engine.per_sample.summed`). Two kinds of parameter go to
 the exact fallback at once, with the reason: a gradient torch defines per
 batch (a rule's ``batch1`` hook: ``scale_grad_by_freq``) and a module a rule
-excludes (its ``excludes`` hook: the children of ``nn.MultiheadAttention``,
-which reads ``out_proj.weight`` without calling ``out_proj``). A parameter no
-module rule serves (a bare ``nn.Parameter``, a module without a rule) is left
-to its **uses** (:attr:`Plan.by_use`; :mod:`~clipscope.engine.per_sample.uses`):
-the first recorded forward either serves every use it makes or names the one
-it cannot, and then it goes to the fallback with both reasons. The planner
-names no layer: every such decision comes from a rule file. During
+excludes (its ``excludes`` hook: the children of a refused
+``nn.MultiheadAttention``, which reads ``out_proj.weight`` without calling
+``out_proj``). A parameter no module rule serves (a bare ``nn.Parameter``, a
+module without a rule) is left to its **uses** (:attr:`Plan.by_use`;
+:mod:`~clipscope.engine.per_sample.uses`): the first recorded forward either
+serves every use it makes or names the one it cannot, and then it goes to the
+fallback with both reasons. The planner names no layer: every such decision
+comes from a rule file. During
 the probe the checks of
 :mod:`clipscope.engine.verify` move more parameters to the fallback
 (:meth:`Plan.demote`); each move is an :class:`Event`, warned about as a
@@ -160,18 +165,24 @@ class Plan:
     def _plan(self) -> None:
         excluded = registry.excluded(self.model)
         planned: dict[str, list[str]] = {}
+        through: set[int] = set()  # parameters a rule serves through a module above theirs
         for mname, mod in self.model.named_modules():
             own = {
                 attr: p
                 for attr, p in mod._parameters.items()
-                if p is not None and id(p) in self.index
+                if p is not None and id(p) in self.index and id(p) not in through
             }
-            if not own:
-                continue
             b1 = registry.batch1(mod)
             family, why = None, None
             if b1 is None and id(mod) not in excluded:
                 family, why = registry.rule_for(mod)
+            if family is not None:  # a child's parameters the rule serves (dotted names)
+                for attr in family.param_names(mod):
+                    p = mod.get_parameter(attr) if "." in attr else None
+                    if p is not None and id(p) in self.index and id(p) not in through:
+                        own[attr] = p
+            if not own:
+                continue
             covered = []
             for attr, p in own.items():
                 k = self.index[id(p)]
@@ -186,6 +197,8 @@ class Plan:
                     why_not = _no_rule(mod, attr, None, family, why)
                     if why_not is None:
                         covered.append(attr)
+                        if "." in attr:
+                            through.add(id(p))
                     else:  # a bare parameter, a module without a rule: its uses may serve it
                         self.by_use.setdefault(k, why_not)
                     continue
@@ -202,14 +215,16 @@ class Plan:
             self._event(Event("plan", tuple(names), reason))
 
     def _covered(self) -> set[int]:
-        return {self.index[id(getattr(mod, a))] for _, mod, _, attrs in self.modules for a in attrs}
+        return {
+            self.index[id(mod.get_parameter(a))] for _, mod, _, attrs in self.modules for a in attrs
+        }
 
     # -- state -----------------------------------------------------------------
     def ghost_modules(self) -> list[tuple[str, nn.Module, LayerFamily, list[str]]]:
         """Return the modules a rule still serves, with the attributes not moved to the fallback."""
         out = []
         for mname, mod, fam, attrs in self.modules:
-            left = [a for a in attrs if self.index[id(getattr(mod, a))] not in self.fallback]
+            left = [a for a in attrs if self.index[id(mod.get_parameter(a))] not in self.fallback]
             if left:
                 out.append((mname, mod, fam, left))
         return out

@@ -17,6 +17,7 @@ beside this one, with the same three parts.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -72,14 +73,21 @@ class ModuleRecorder:
         self._running: list[frozenset[int]] = []
         if index is not None:
             for _, mod, _, attrs in modules:
-                self._serves[id(mod)] = frozenset(index[id(getattr(mod, a))] for a in attrs)
+                self._serves[id(mod)] = frozenset(index[id(mod.get_parameter(a))] for a in attrs)
         self.handles = []
-        for _, mod, fam, _ in modules:
-            if type(fam).before is not LayerFamily.before or index is not None:
-                self.handles.append(
-                    mod.register_forward_pre_hook(functools.partial(self._pre, fam))
-                )
-            self.handles.append(mod.register_forward_hook(functools.partial(self._post, fam)))
+        # each rule's recording context (LayerFamily.recording), held until remove()
+        self._recording = contextlib.ExitStack()
+        try:
+            for _, mod, fam, _ in modules:
+                self._recording.enter_context(fam.recording(mod))
+                if type(fam).before is not LayerFamily.before or index is not None:
+                    self.handles.append(
+                        mod.register_forward_pre_hook(functools.partial(self._pre, fam))
+                    )
+                self.handles.append(mod.register_forward_hook(functools.partial(self._post, fam)))
+        except BaseException:
+            self.remove()
+            raise
 
     def owned(self) -> frozenset[int]:
         """Return the indices of the parameters the rules of the modules running now serve."""
@@ -114,8 +122,10 @@ class ModuleRecorder:
                 self.outputs.append((t, t._version))
 
     def remove(self) -> list[tuple[torch.Tensor, int]]:
-        """Remove the hooks; return the hooked outputs with their versions."""
+        """Remove the hooks, exit the rules' recording contexts; return the hooked outputs."""
         for h in self.handles:
             h.remove()
+        self.handles = []
+        self._recording.close()
         outputs, self.outputs = self.outputs, []
         return outputs
