@@ -100,7 +100,7 @@ class Odd(nn.Module):
 
 
 class Unserved(nn.Module):
-    """Uses no rule serves: einsum, a division, samples moved off dim 0."""
+    """Uses no rule serves: einsum, atan2, samples moved off dim 0."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -111,7 +111,7 @@ class Unserved(nn.Module):
     def forward(self, x):
         h = torch.einsum("bi,ij->bj", x, self.a)
         h = (h.t() + self.b[:, None]).t()
-        return (h / self.c).sum(1)
+        return torch.atan2(h, self.c).sum(1)
 
 
 def lm_loss(out, y):
@@ -261,7 +261,7 @@ def test_unserved_uses_are_named():
     names = [n for n, _ in model.named_parameters()]
     reasons = {names[k]: r for k, r in problems.items()}
     assert "einsum" in reasons["a"] and "no per-sample use rule" in reasons["a"]
-    assert "div" in reasons["c"]
+    assert "atan2" in reasons["c"]
     assert "not along its dim 0" in reasons["b"]
     assert not parts
 
@@ -289,7 +289,7 @@ def test_a_parameter_as_large_as_the_batch_is_not_split_row_by_row():
     batch=st.integers(1, 4),
     tail=st.lists(st.integers(1, 3), min_size=1, max_size=3),
     keep=st.data(),
-    op=st.sampled_from(["add", "sub", "rsub", "mul", "iadd"]),
+    op=st.sampled_from(["add", "sub", "rsub", "mul", "iadd", "div", "rdiv", "idiv", "imul"]),
 )
 def test_broadcast_uses_equal_the_brute_force(batch, tail, keep, op):
     """``x ∘ P`` for any shape of P broadcast against ``x (B, *tail)``."""
@@ -302,7 +302,8 @@ def test_broadcast_uses_equal_the_brute_force(batch, tail, keep, op):
     class M(nn.Module):
         def __init__(self):
             super().__init__()
-            self.p = nn.Parameter(torch.randn(pshape, dtype=torch.float64))
+            # away from 0: the quotients stay of moderate size
+            self.p = nn.Parameter(0.5 + torch.rand(pshape, dtype=torch.float64))
 
         def forward(self, x):
             if op == "add":
@@ -313,6 +314,16 @@ def test_broadcast_uses_equal_the_brute_force(batch, tail, keep, op):
                 h = self.p - x
             elif op == "mul":
                 h = x * self.p
+            elif op == "div":
+                h = x / self.p
+            elif op == "rdiv":
+                h = self.p / (1.5 + torch.tanh(x))
+            elif op == "idiv":
+                h = x.clone()
+                h /= self.p
+            elif op == "imul":
+                h = x.clone()
+                h.mul_(self.p)
             else:
                 h = x.clone()
                 h += self.p
@@ -327,7 +338,11 @@ def test_broadcast_uses_equal_the_brute_force(batch, tail, keep, op):
     G = brute_force(model, F.mse_loss, x, y, params)[0].reshape(batch, -1)
     kept = Summed(parts[0], "p", params[0].shape, batch)
     assert_close(kept.sq("p"), (G * G).sum(1), (G * G).sum(1).max() + 1e-300)
-    assert_close(G.sum(0), actual[0].reshape(-1), G.abs().max() + 1e-300)
+    v = torch.randn(params[0].shape, dtype=torch.float64)
+    assert_close(kept.dots({"p": v}), G @ v.reshape(-1), G.norm(dim=1).max() * v.norm() + 1e-300)
+    ones = torch.ones(1, batch, dtype=torch.float64)
+    total = kept.weighted("p", ones).reshape(-1)
+    assert_close(total, actual[0].reshape(-1), G.abs().max() + 1e-300)
 
 
 # -- cross terms between kept forms ------------------------------------------------------------

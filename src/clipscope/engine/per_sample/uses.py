@@ -34,6 +34,7 @@ The rules here, with sample j's gradient of the parameter-derived operand
 ===========================  ====================================================
 ``x + D``, ``x - D``, ``D - x``  ``± Σ_{broadcast dims} b_j``
 ``x * D``                    ``Σ_{broadcast dims} b_j ⊙ x_j``
+``D / x``, ``x / D``         ``Σ b_j / x_j``, ``−Σ b_j ⊙ (x_j / D) / D``
 ``F.linear(x, D_W, D_b)``    ``Σ_t b_{jt} x_{jt}ᵀ`` and ``Σ_t b_{jt}`` (tokens)
 ``x @ D``                    ``Σ_t x_{jt} b_{jt}ᵀ`` (tokens)
 ``F.embedding(ids, D)``      rows ``ids_j`` of ``b_j`` (an embedding's form)
@@ -208,15 +209,25 @@ def _samples_problem(what: str, t: Any, batch: int) -> str:
 _ADD = (torch.add, _T.add, _T.add_, _T.__add__, _T.__radd__, _T.__iadd__)
 _SUB = (torch.sub, _T.sub, _T.sub_, _T.__sub__, _T.__isub__, torch.subtract, _T.subtract)
 _MUL = (torch.mul, _T.mul, _T.mul_, _T.__mul__, _T.__rmul__, _T.__imul__, torch.multiply)
-_INPLACE = {_T.add_, _T.__iadd__, _T.sub_, _T.__isub__, _T.mul_, _T.__imul__}
+_DIV = (
+    torch.div, _T.div, _T.div_, _T.__truediv__, _T.__itruediv__, torch.true_divide,
+    _T.true_divide, torch.divide, _T.divide,
+)  # fmt: skip
+_INPLACE = {
+    _T.add_, _T.__iadd__, _T.sub_, _T.__isub__, _T.mul_, _T.__imul__, _T.div_, _T.__itruediv__
+}  # fmt: skip
 
 
 @register_use_rule
 class ElementwiseRule(UseRule):
-    """``x ± D`` and ``x * D`` with ``D`` broadcast over the samples (or one row per sample)."""
+    """``x ± D``, ``x * D``, ``x / D``, ``D / x``, ``D`` broadcast (or one row per sample).
+
+    The output gradient ``b`` times the operation's derivative in ``D`` -- ``±1``,
+    ``x``, ``1/x``, ``−(x/D)/D`` -- summed over the dims along which ``D`` is broadcast.
+    """
 
     name = "broadcast"
-    functions = _ADD + _SUB + _MUL
+    functions = _ADD + _SUB + _MUL + _DIV
     arg_names = ("input", "other")
 
     def record(self, site, args, kwargs, out, batch):
@@ -230,29 +241,44 @@ class ElementwiseRule(UseRule):
             raise Unsupported(_samples_problem("the data operand", other, batch))
         if len(shape) > out.dim() or (len(shape) == out.dim() and shape[0] not in (1, batch)):
             raise Unsupported(f"an operand of shape {tuple(shape)} against {tuple(out.shape)}")
+        if site.func in _DIV and kwargs.get("rounding_mode", args[2] if len(args) > 2 else None):
+            raise Unsupported("a rounded division (its derivative is 0 almost everywhere)")
         alpha = kwargs.get("alpha", args[2] if len(args) > 2 else 1)
         sign = 1.0
         if site.func in _SUB and role == 1:
             sign = -1.0
         if site.func in _ADD + _SUB and role == 1:  # alpha scales the second operand
             sign *= float(alpha)
-        site.kept.update(sign=sign, mul=site.func in _MUL, out_shape=tuple(out.shape))
-        if site.func in _MUL:
-            kept = site.kept.pop("pre", None)
-            site.kept["other"] = _keep(other.detach() if kept is None else kept)
+        site.kept.update(sign=sign, out_shape=tuple(out.shape))
+        kept = site.kept.pop("pre", None)  # the data operand before an in-place op changed it
+        data = other.detach() if kept is None else kept
+        if site.func in _MUL:  # ∂(x D)/∂D = x
+            site.kept["factor"] = _keep(data)
+        elif site.func in _DIV and role == 0:  # ∂(D / x)/∂D = 1 / x
+            site.kept["factor"] = _keep(data)
+            site.kept["reciprocal"] = True
+        elif site.func in _DIV:  # ∂(x / D)/∂D = −(x / D) / D
+            site.kept["factor"] = _keep(out.detach())
+            site.kept["over"] = _keep(args[1].detach())
         return [out]
 
     def before(self, site: UseSite, args: tuple) -> None:
-        """In-place multiplication: keep the data operand's value before it is overwritten."""
+        """In-place product or quotient: keep the data operand before it is overwritten."""
         ((role, _, _),) = site.operands
-        if site.func in _INPLACE and site.func in _MUL and role == 1:
+        if site.func in _INPLACE and site.func in _MUL + _DIV and role == 1:
             site.kept["pre"] = args[0].detach().clone()
 
     def grads(self, site, batch):
         ((_, _, shape),) = site.operands
         b = site.grads[0]
-        if site.kept["mul"]:
-            b = b * _kept(site.kept["other"], "the data operand of a product")
+        if "factor" in site.kept:
+            factor = _kept(site.kept["factor"], "an operand of the product or quotient")
+            if site.kept.get("reciprocal"):
+                b = b / factor
+            elif "over" in site.kept:
+                b = -(b * factor) / _kept(site.kept["over"], "the divisor")
+            else:
+                b = b * factor
         elif site.kept["sign"] != 1.0:
             b = b * site.kept["sign"]
         nd = b.dim() - 1
