@@ -77,6 +77,7 @@ __all__ = [
     "mean_loss",
     "param_names",
     "trainable_params",
+    "weighted_component_loss",
 ]
 
 #: The two forms of a loss function (:func:`loss_form`).
