@@ -173,12 +173,31 @@ class GPTTie(nn.Module):
         return _Head.apply(self.emb(x).sum(1), self.emb.weight)
 
 
+_CLASS_WEIGHT = torch.tensor([0.2, 1.0, 3.0], dtype=torch.float64)
+
+
+def weighted_ce(out, y):
+    """Class-weighted cross-entropy: not additive in the sample counts (a merge fallback)."""
+    return F.cross_entropy(out, y, weight=_CLASS_WEIGHT)
+
+
+def weighted_ce_sum(out, y):
+    """Return the same loss with its declared weights: merged by them."""
+    return F.cross_entropy(out, y, weight=_CLASS_WEIGHT, reduction="sum"), _CLASS_WEIGHT[y].sum()
+
+
 def _probe_cases():
     """``(id, build, kwargs)``: ``build()`` -> (model, loss_fn, components), identical per rank."""
     from zoo import SampleAxisInside
 
     def mlp():
         return _mlp(), F.cross_entropy, _classification()
+
+    def mlp_weighted():
+        return _mlp(), weighted_ce, _classification()
+
+    def mlp_declared():
+        return _mlp(), weighted_ce_sum, _classification()
 
     def mlp_dropout():
         return _mlp(dropout=0.3), F.cross_entropy, _classification()
@@ -211,6 +230,9 @@ def _probe_cases():
         ("keep-full-grad", mlp, {"route": "keep", "keep_full_grad": True}),
         ("dyadic-2", mlp, {"levels": 2}),
         ("dyadic-3", mlp, {"levels": 3}),  # blocks of 4 components: 4 + 3
+        # the merge check fails on a parent of each rank: every larger size by its own pass
+        ("dyadic-merge-fallback", mlp_weighted, {"levels": 3}),
+        ("dyadic-declared", mlp_declared, {"levels": 3}),
         ("per-sample", mlp, {"batch_sizes": [1]}),
         ("fixed-dropout", mlp_dropout, {"route": "two-pass", "dropout": "fixed", "seed": 7}),
         ("batchnorm-train", mlp_bn, {"route": "keep"}),
@@ -262,6 +284,9 @@ def assert_same_result(got, want, rtol=RTOL):
                 torch.testing.assert_close(a, c, rtol=rtol, atol=rtol * w.grad_norm)
         for key in ("fallback", "dots_fallback", "events", "rules", "attempts", "spot_samples"):
             assert g.verification.get(key) == w.verification.get(key), key
+        if "merge" in w.verification:  # (each rank checks parents of its own block)
+            for key in ("passed", "weights", "own_pass"):
+                assert g.verification["merge"][key] == w.verification["merge"][key], key
 
 
 # -- workers (run by torch.distributed.run: python test_distributed.py MODE OUT) ---------------
@@ -357,6 +382,14 @@ def test_the_per_sample_fallback_cases_did_fall_back(probed):
     axis = probed[0]["per-sample-spot-fallback"]
     assert axis.verification["attempts"] == 2
     assert any(e["stage"] == "spot-norm" for e in axis.verification["events"])
+
+
+def test_the_merge_check_decides_alike_on_every_rank(probed):
+    for rank in (0, 1):
+        fallback = probed[rank]["dyadic-merge-fallback"][5].verification["merge"]
+        assert not fallback["passed"] and fallback["own_pass"] == [10, 20]
+        declared = probed[rank]["dyadic-declared"][5].verification["merge"]
+        assert declared["passed"] and declared["weights"] == "declared"
 
 
 def test_a_failure_on_one_rank_is_raised_on_both(probed):

@@ -23,6 +23,7 @@ from torch.nn import functional as F
 
 from clipscope.components import Components
 from clipscope.engine import probe, reference_probe
+from clipscope.engine.common import Flat, package
 from clipscope.engine.per_sample import (
     Plan,
     ghost_pass,
@@ -385,11 +386,27 @@ def test_consistency_flags_warn_and_strict_raises():
         # of component 0, would refuse the loss before the consistency check runs)
         return F.cross_entropy(out * (1 + torch.rand(()) * torch.is_grad_enabled()), y)
 
-    with pytest.warns(ConsistencyWarning, match="dots_sum_mismatch"):
-        res = probe(model, noisy, comps, route="two-pass")
-    assert "dots_sum_mismatch" in res.verification["consistency"]["flags"]
+    # such components change between the passes: that is an error before any sum is kept
+    for strict in (False, True):
+        with pytest.raises(VerificationError, match="pass 2 recomputed"):
+            probe(model, noisy, comps, route="two-pass", strict=strict)
+    # the consistency check on sums that are not those of one set of gradients
+    flat = Flat(model, list(model.parameters()))
+    full = torch.zeros(flat.n, dtype=torch.float64)
+    full[0] = 1.0
+
+    def sums():
+        return [{
+            "norms": np.array([1.0, 1.0]), "dots": np.array([3.0, -1.0]), "losses": np.zeros(2),
+            "sizes": np.array([4, 4]), "full": full, "clipped": {}, "batch_size": 4,
+            "mismatch": 0.0,
+        }]  # fmt: skip
+
+    with pytest.warns(ConsistencyWarning, match="cauchy_schwarz_violation"):
+        res = package(sums(), "two-pass", {}, flat, False, {}, strict=False)
+    assert "cauchy_schwarz_violation" in res.verification["consistency"]["flags"]
     with pytest.raises(VerificationError, match="strict=True"):
-        probe(model, noisy, comps, route="two-pass", strict=True)
+        package(sums(), "two-pass", {}, flat, False, {}, strict=True)
 
 
 def test_planned_fallbacks_are_visible_but_not_errors_under_strict():
@@ -488,9 +505,11 @@ def test_per_sample_routes_keep_onednn_on_recurrent_models():
         res = probe(model, lm_loss, comps, ETAS, batch_sizes=[1], memory_budget=1000)
         assert res.route == "per-sample" and "memory_budget=1000" in res.info["factors"]["reason"]
         assert seen and all(seen)
-        # repeatability (2); per chunk pass 1 and pass 2 (with η: the chunk's factors formed
-        # again, its dots and clipped sums from them); the spot checks: no restart
-        assert len(seen) == 2 + 2 * len(comps) + res.verification["spot_checks"]
+        # repeatability (2), autograd (1), independent samples (the first rows together,
+        # then each alone); per chunk pass 1 and pass 2 (with η: the chunk's factors
+        # formed again, its dots and clipped sums from them); the spot checks: no restart
+        entry = 2 + 1 + 1 + res.info["independent_samples"]["samples"]
+        assert len(seen) == entry + 2 * len(comps) + res.verification["spot_checks"]
     ref = reference_probe(model, lm_loss, ones, ETAS)
     np.testing.assert_allclose(res.norms, ref.norms, rtol=1e-10)
     np.testing.assert_allclose(res.dots, ref.dots, rtol=1e-10)

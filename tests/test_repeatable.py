@@ -102,7 +102,10 @@ def test_the_per_sample_route_checks_its_first_samples_not_a_whole_chunk():
     model.rows.clear()
     probe(model, F.cross_entropy, comps, batch_sizes=[1], spot_checks=0)
     assert model.rows[:2] == [REPEAT_ROWS, REPEAT_ROWS]  # then pass 1 on whole chunks
-    assert model.rows[2] == 16
+    # the entry checks: repeatable (twice), autograd-compatible (once), independent samples
+    # (the rows together, then each alone); none of them runs a whole chunk
+    entry = model.rows[: model.rows.index(16)]
+    assert entry == [REPEAT_ROWS] * 4 + [1] * REPEAT_ROWS
     model.rows.clear()
     probe(model, F.cross_entropy, comps, route="two-pass")
     assert model.rows[:2] == [16, 16]  # a mini-batch component: the whole batch

@@ -340,6 +340,32 @@ class Components:
         self._device = None if device is None else torch.device(device)
         return self
 
+    def with_batch_size(self, batch_size: int) -> Components:
+        """Return the same samples, seed, ``drop_last`` and collate partitioned at ``batch_size``.
+
+        With the same seed the sample order does not depend on B, so component
+        ``p`` at ``2^l B`` is the union of components ``2^l p … 2^l p + 2^l - 1`` at
+        ``B`` (the dyadic route's parents; their batches are collated anew, so a
+        padding collate pads to the parent's longest sample).
+
+        >>> c = Components.from_tensors(torch.arange(5.0), torch.arange(5), 2, seed=0)
+        >>> [ix.tolist() for ix in c.with_batch_size(4).indices] == [
+        ...     c.indices[0].tolist() + c.indices[1].tolist(), c.indices[2].tolist()]
+        True
+        """
+        out = Components(
+            self._source,
+            self.n_samples,
+            batch_size=batch_size,
+            seed=self.seed,
+            drop_last=self.drop_last,
+            kind=self._kind,
+            collate_fn=self._collate_fn,
+        )
+        out.batch_structure, out._structure_text = self.batch_structure, self._structure_text
+        out._device = self._device
+        return out
+
     def _collate(self, items: list) -> Any:
         if self._collate_fn is not None:
             out = self._collate_fn(items)

@@ -1,4 +1,4 @@
-"""Leave the model exactly as found: :func:`model_guard` and the dropout / BatchNorm policies.
+"""Leave the model as found: :func:`model_guard`, the buffer hold, the dropout / BatchNorm policies.
 
 A probe (or a Hessian-vector product, or any diagnostic) runs forwards and
 backwards on a model that belongs to a training run. Those must not leak into
@@ -6,6 +6,17 @@ the run: BatchNorm forwards in train mode update running statistics, dropout
 draws from the global RNG, a ``.backward()`` accumulates into ``.grad``, and a
 policy switches modules between train and eval. :func:`model_guard` snapshots
 all of that and restores it on exit, also on an exception.
+
+Buffers a forward rewrites (DESIGN §5): train-mode ``spectral_norm`` (both
+``torch.nn.utils.spectral_norm`` and ``torch.nn.utils.parametrizations.spectral_norm``)
+runs a step of power iteration in every forward, writing the vectors it reads
+(``weight_u``, ``_u``, ``_v``): evaluated one after another, each component
+would see another state, and two evaluations of one component differ.
+:class:`BufferHold` holds every buffer at its value at the start of a probe:
+the engine restores whatever a forward wrote before the next evaluation, and
+names what it restored (:attr:`BufferHold.written`). BatchNorm in train mode
+writes running statistics it does not read in train mode: holding them changes
+no output (and :func:`model_guard` restores them afterwards anyway).
 
 Dropout policy (DESIGN §4: a component must give the same gradient every time
 it is evaluated at the same parameters):
@@ -40,7 +51,9 @@ from torch import nn
 
 __all__ = [
     "DROPOUT_POLICIES",
+    "BufferHold",
     "batch_coupled_modules",
+    "check_buffers_held",
     "check_dropout_policy",
     "component_seed",
     "dropout_modules",
@@ -88,8 +101,14 @@ def model_guard(model: nn.Module) -> Iterator[nn.Module]:
     params = list(model.parameters())
     saved_params = [p.detach().clone() for p in params]
     saved_grads = [(p.grad, None if p.grad is None else p.grad.detach().clone()) for p in params]
-    buffers = [b for b in model.buffers() if b is not None]
-    saved_buffers = [b.detach().clone() for b in buffers]
+    # (module, attribute, tensor): a module that replaces a buffer gets its own tensor back
+    buffers = [
+        (mod, attr, b)
+        for mod in model.modules()
+        for attr, b in mod._buffers.items()
+        if b is not None
+    ]
+    saved_buffers = {id(b): b.detach().clone() for _, _, b in buffers}
     modes = [(mod, mod.training) for mod in model.modules()]
     cpu_rng = torch.random.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if _cuda_in_use() else None
@@ -103,13 +122,119 @@ def model_guard(model: nn.Module) -> Iterator[nn.Module]:
                 if obj is not None:
                     obj.copy_(values)
                 p.grad = obj
-            for b, v in zip(buffers, saved_buffers, strict=True):
-                b.copy_(v)
+            for mod, attr, b in buffers:
+                mod._buffers[attr] = b
+                b.copy_(saved_buffers[id(b)])
         for mod, flag in modes:
             mod.training = flag
         torch.random.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
+
+
+class BufferHold:
+    """Hold a model's buffers at their current values: :meth:`restore` before every evaluation.
+
+    Made at the start of a probe (or of one pass over the components), it keeps a
+    copy of every buffer; :meth:`restore` puts back each buffer written since
+    (detected by the tensor's version counter, which every in-place write
+    increments, or by the module holding another tensor under that name) and
+    adds its name to :attr:`written`. So every component is evaluated from the
+    same buffers, whatever ran before it. Costs one copy of the buffers and, per
+    :meth:`restore`, a look at each buffer's version (a copy only of those written).
+
+    >>> m = nn.utils.parametrizations.spectral_norm(nn.Linear(3, 3))
+    >>> hold = BufferHold(m)
+    >>> u = m.parametrizations.weight[0]._u.clone()
+    >>> _ = m(torch.randn(2, 3))  # train mode: one power-iteration step writes _u and _v
+    >>> hold.restore(), torch.equal(m.parametrizations.weight[0]._u, u)
+    (['parametrizations.weight.0._u', 'parametrizations.weight.0._v'], True)
+    >>> hold.written
+    ['parametrizations.weight.0._u', 'parametrizations.weight.0._v']
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model)!r}")
+        self._slots: list[list[Any]] = []  # [name, module, attribute, tensor, version, copy]
+        seen: set[int] = set()
+        for mname, mod in model.named_modules():
+            for attr, buf in mod._buffers.items():
+                if buf is None or id(buf) in seen:
+                    continue
+                seen.add(id(buf))
+                name = f"{mname}.{attr}" if mname else attr
+                self._slots.append([name, mod, attr, buf, _version(buf), buf.detach().clone()])
+        #: Names of the buffers a forward wrote (restored), in the order first seen.
+        self.written: list[str] = []
+        self._by_value: set[str] = set()  # written without a new version: restored always
+
+    def restore(self, scan: bool = False) -> list[str]:
+        """Put back every buffer written since the last call; return their names.
+
+        A write is seen by the tensor's version counter, or by the module holding
+        another tensor. A kernel may also write a buffer in place without a new
+        version (BatchNorm's running statistics): ``scan=True`` compares every
+        buffer's values too (once, after the first forward, is enough: a buffer
+        found so is restored before every later evaluation).
+        """
+        changed = []
+        with torch.no_grad():
+            for slot in self._slots:
+                name, mod, attr, buf, version, saved = slot
+                now = mod._buffers.get(attr)
+                written = now is not buf or name in self._by_value
+                if not written:
+                    if version is None or scan:  # (an inference tensor has no version)
+                        written = not torch.equal(buf, saved)
+                        if written and version is not None:
+                            self._by_value.add(name)
+                    else:
+                        written = _version(buf) != version
+                if not written:
+                    continue
+                if now is not buf:  # the module replaced its buffer: give it its own back
+                    mod._buffers[attr] = buf
+                buf.copy_(saved)
+                slot[4] = _version(buf)
+                changed.append(name)
+                if name not in self.written:
+                    self.written.append(name)
+        return changed
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return int(t._version)
+    except RuntimeError:  # inference tensors keep no version counter
+        return None
+
+
+def check_buffers_held(route: str, written: list[str]) -> None:
+    """Refuse a route that cannot hold the buffers a forward writes (the per-sample route).
+
+    The mini-batch routes evaluate every component from the probe-start buffers
+    (:class:`BufferHold`). The per-sample route's forwards (the hooked chunk
+    forwards, the batch-1 fallback and spot checks) are not held, so a forward
+    that rewrites a buffer it reads would give each of them another state.
+
+    Raises
+    ------
+    ValueError
+        ``route`` is ``"per-sample"`` and ``written`` names a buffer.
+
+    >>> check_buffers_held("two-pass", ["0.weight_u"])
+    >>> check_buffers_held("per-sample", [])
+    """
+    if route == "per-sample" and written:
+        raise ValueError(
+            f"route='per-sample' needs buffers that the forward does not rewrite, but a forward "
+            f"of the model wrote {written[:5]}{' …' if len(written) > 5 else ''} (e.g. "
+            "train-mode spectral_norm's power iteration, which reads them again): each "
+            "per-sample evaluation would see another state. Put those modules in eval mode, "
+            "or use a mini-batch route (two-pass, keep, dyadic), which evaluates every "
+            "component from the probe-start buffers"
+        )
 
 
 def dropout_modules(model: nn.Module) -> list[nn.Module]:

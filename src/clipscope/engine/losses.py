@@ -24,6 +24,19 @@ so every consumer sees the same ``f_i``.
     ``(x, y)`` pair (a dict, one tensor, a triple) is refused with a message
     naming the other form; it is never unpacked.
 
+**Declared weights.** A loss whose value is a *weighted* mean -- the token
+mean of a padded language-model batch (``ignore_index=-100``), a class-weighted
+cross-entropy -- may return ``(sum, count)`` instead of the mean: two 0-d
+tensors (or a number for ``count``), ``sum`` the weighted sum of the per-token
+(per-sample) losses and ``count`` the total weight, a positive constant (not a
+function of the parameters). The component's loss is then
+``f_i = sum / count``, the same number the mean form gives, and ``count`` is its
+declared weight: the dyadic route merges two components by these weights
+(``f_P = (sum_a + sum_b)/(count_a + count_b)``), not by their sample counts.
+:func:`component_loss` returns ``f_i``; :func:`component_losses` yields the
+weights with ``weights=True``; :func:`mean_loss` turns such a loss into its mean
+form (the per-sample route: each sample's own weighted mean).
+
 The rule never guesses from the batch or from a trial call. A function whose
 first parameter is ``model`` but whose second is not ``batch`` is ambiguous and
 refused (:class:`TypeError`); rename its parameters to say which form it is.
@@ -35,6 +48,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -43,6 +57,7 @@ from torch import nn
 
 from clipscope.components import detach_state
 from clipscope.engine.guard import (
+    BufferHold,
     check_dropout_policy,
     dropout_policy,
     model_guard,
@@ -52,13 +67,17 @@ from clipscope.engine.guard import (
 __all__ = [
     "LOSS_FORMS",
     "REPEAT_TOLERANCE",
+    "check_grad_compatible",
     "check_loss_fn",
     "check_repeatable",
     "component_loss",
     "component_losses",
+    "declared_mean",
     "loss_form",
+    "mean_loss",
     "param_names",
     "trainable_params",
+    "weighted_component_loss",
 ]
 
 #: The two forms of a loss function (:func:`loss_form`).
@@ -182,13 +201,37 @@ def component_loss(
     ``"model_batch"``: ``loss_fn(model, batch)``, state ``None``.
     ``"output_target"``: ``loss_fn(model(x), y)``; sequential components:
     ``output, state = model(x, state)``, the new state returned detached.
+    A loss returning ``(sum, count)`` (declared weights, module docstring) gives
+    ``f_i = sum / count``; :func:`weighted_component_loss` also returns ``count``.
 
     Raises
     ------
     TypeError
         An ``"output_target"`` loss given a batch that is not an ``(x, y)`` pair.
     ValueError
-        The loss is not a 0-d tensor (the batch's mean loss).
+        The loss is neither a 0-d tensor (the batch's mean loss) nor a valid
+        ``(sum, count)`` (:func:`declared_mean`).
+    """
+    loss, _, state = weighted_component_loss(
+        model, loss_fn, batch, form=form, state=state, sequential=sequential, index=index
+    )
+    return loss, state
+
+
+def weighted_component_loss(
+    model: nn.Module,
+    loss_fn: Callable[..., Any],
+    batch: Any,
+    *,
+    form: str,
+    state: Any = None,
+    sequential: bool = False,
+    index: int | None = None,
+) -> tuple[torch.Tensor, float | None, Any]:
+    """Return ``(f_i, weight, state)``: :func:`component_loss` and the declared weight.
+
+    ``weight`` is the ``count`` of a loss returning ``(sum, count)``, None for a
+    loss returning its mean (whose weight is then the component's sample count).
     """
     which = f"component {index}" if index is not None else "the batch"
     if form != "model_batch" and (not isinstance(batch, (tuple, list)) or len(batch) != 2):
@@ -211,14 +254,101 @@ def component_loss(
         call = "loss_fn(model, batch)" if form == "model_batch" else "loss_fn(model(x), y)"
         _note(exc, f"clipscope: while computing {which}'s loss as {call} ({_RULE})")
         raise
-    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-        raise ValueError(
-            f"loss_fn must return a scalar tensor (the batch's mean loss), got "
-            f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__} "
-            f"for {which} (called as "
-            f"{'loss_fn(model, batch)' if form == 'model_batch' else 'loss_fn(model(x), y)'})"
-        )
-    return loss, state
+    call = "loss_fn(model, batch)" if form == "model_batch" else "loss_fn(model(x), y)"
+    loss, weight = declared_mean(loss, f"{which} (called as {call})")
+    return loss, weight, state
+
+
+def declared_mean(value: Any, which: str = "the batch") -> tuple[torch.Tensor, float | None]:
+    """Return ``(f, weight)`` from what a loss returned: its mean, or ``(sum, count)``.
+
+    A 0-d tensor is the mean itself (weight None). A pair ``(sum, count)`` is a
+    declared-weight loss (module docstring): ``f = sum / count``, weight
+    ``float(count)``.
+
+    Raises
+    ------
+    ValueError
+        Anything else; a ``count`` that is not a finite number > 0 or depends
+        on the parameters (``requires_grad``: merging by it would not give the
+        parent's gradient).
+
+    >>> declared_mean(torch.tensor(2.0))
+    (tensor(2.), None)
+    >>> declared_mean((torch.tensor(6.0), torch.tensor(3)))
+    (tensor(2.), 3.0)
+    """
+    if isinstance(value, torch.Tensor) and value.dim() == 0:
+        return value, None
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        total, count = value
+        if isinstance(total, torch.Tensor) and total.dim() == 0:
+            if isinstance(count, torch.Tensor) and count.dim() == 0:
+                if count.requires_grad:
+                    raise ValueError(
+                        f"loss_fn returned (sum, count) for {which} with a count that depends on "
+                        "the parameters (requires_grad): the declared weight must be a constant "
+                        "(a token count, a sum of class weights); detach it"
+                    )
+                weight = float(count)
+            elif isinstance(count, (int, float)) and not isinstance(count, bool):
+                weight = float(count)
+            else:
+                weight = None
+            if weight is not None:
+                if not (math.isfinite(weight) and weight > 0):
+                    raise ValueError(
+                        f"loss_fn returned (sum, count) for {which} with count = {weight!r}: "
+                        "a weighted mean needs a finite weight > 0 (a batch whose tokens are "
+                        "all ignore_index has no loss; leave it out of the data)"
+                    )
+                return total / weight, weight
+    shape = (
+        tuple(value.shape)
+        if isinstance(value, torch.Tensor)
+        else f"{type(value).__name__} of {len(value)}"
+        if isinstance(value, (tuple, list))
+        else type(value).__name__
+    )
+    raise ValueError(
+        f"loss_fn must return a scalar tensor (the batch's mean loss) or a pair (sum, count) "
+        f"of 0-d tensors (a weighted sum and its positive weight), got {shape} for {which}"
+    )
+
+
+def mean_loss(loss_fn: Callable[..., Any]) -> Callable[..., torch.Tensor]:
+    """``loss_fn`` in its mean form: ``sum / count`` where it returns ``(sum, count)``.
+
+    For code that needs a scalar loss, such as the per-sample route, where each
+    sample's component is its own weighted mean ``ℓ_j = sum_j / count_j``. Pure
+    tensor arithmetic, so ``torch.func.vmap`` batches it; a sample whose count
+    is 0 gives a non-finite ``ℓ_j`` (refused as such). A loss returning its mean
+    is returned unchanged.
+
+    >>> f = mean_loss(lambda out, y: ((out - y).square().sum(), out.new_tensor(out.numel())))
+    >>> float(f(torch.ones(4), torch.zeros(4)))
+    1.0
+    """
+    if getattr(loss_fn, "_clipscope_mean_of", None) is not None:
+        return loss_fn
+
+    def mean_form(output: Any, target: Any) -> torch.Tensor:
+        value = loss_fn(output, target)
+        if isinstance(value, (tuple, list)) and len(value) == 2:
+            total, count = value
+            if isinstance(count, torch.Tensor):
+                if count.requires_grad:
+                    raise ValueError(
+                        "loss_fn returned (sum, count) with a count that depends on the "
+                        "parameters (requires_grad): the declared weight must be a constant"
+                    )
+                count = count.to(total.dtype)
+            return total / count
+        return value
+
+    mean_form._clipscope_mean_of = loss_fn  # type: ignore[attr-defined]
+    mean_form.__qualname__ = getattr(loss_fn, "__qualname__", type(loss_fn).__name__)
+    return mean_form
 
 
 def trainable_params(model: nn.Module, params: Iterable[torch.Tensor] | None = None) -> list:
@@ -261,7 +391,9 @@ def component_losses(
     params: Iterable[torch.Tensor] | None = None,
     only: Iterable[int] | None = None,
     device: torch.device | str | None = None,
-) -> Iterator[tuple[int, torch.Tensor]]:
+    weights: bool = False,
+    hold: BufferHold | None = None,
+) -> Iterator[tuple]:
     """Yield ``(i, f_i)`` for each component in order, ``f_i`` a differentiable scalar.
 
     ``f_i`` (:func:`component_loss`: ``loss_fn(model(x_i), y_i)`` or
@@ -278,10 +410,20 @@ def component_losses(
     generator runs; ``"fixed"`` runs component ``i``'s forward under an RNG
     seeded from ``(seed, i)``, so repeated evaluations see identical masks.
 
-    The generator changes BatchNorm running statistics (train-mode forwards)
-    and, for ``"off"``, dropout flags until it finishes or is closed: run it
-    inside :func:`~clipscope.engine.guard.model_guard` when the model must stay
-    untouched (:func:`~clipscope.engine.probe` does).
+    Buffers: every component is evaluated from the buffers as they were when
+    the generator started (``hold``, a :class:`~clipscope.engine.guard.BufferHold`
+    made then if not given): whatever a forward wrote (train-mode
+    ``spectral_norm``'s power-iteration vectors, BatchNorm's running statistics)
+    is put back before the next forward and when the generator finishes, and
+    ``hold.written`` names it. Without that, a forward that reads what an
+    earlier one wrote would make ``f_i`` depend on the components before it.
+
+    ``weights=True`` yields ``(i, f_i, w_i)``: ``w_i`` the declared weight of a
+    loss returning ``(sum, count)`` (module docstring), None for a mean loss.
+
+    The generator changes dropout flags (``"off"``) until it finishes or is
+    closed: run it inside :func:`~clipscope.engine.guard.model_guard` when the
+    model must stay untouched (:func:`~clipscope.engine.probe` does).
 
     ``params`` is validated (non-empty, trainable) but not otherwise used here;
     callers pass the same list to ``autograd.grad``.
@@ -294,22 +436,34 @@ def component_losses(
     if wanted is not None and any(not 0 <= i < m for i in wanted):
         raise IndexError(f"component indices {sorted(wanted)} out of range for m = {m}")
     sequential = bool(getattr(components, "sequential", False))
-    with dropout_policy(model, dropout):
-        state = None
-        for i in range(m):
-            if wanted is not None and i not in wanted:
-                if not sequential:
+    hold = BufferHold(model) if hold is None else hold
+    forwards = 0  # the values of every buffer are compared once, after the first forward
+    try:
+        with dropout_policy(model, dropout):
+            state = None
+            for i in range(m):
+                if wanted is not None and i not in wanted:
+                    if not sequential:
+                        continue
+                    hold.restore(scan=forwards == 1)
+                    forwards += 1
+                    with torch.no_grad(), rng_for_component(dropout, seed, i):
+                        _, state = model(*_args(components, i, device, state))
+                    state = detach_state(state)
                     continue
-                with torch.no_grad(), rng_for_component(dropout, seed, i):
-                    _, state = model(*_args(components, i, device, state))
-                state = detach_state(state)
-                continue
-            with torch.enable_grad(), rng_for_component(dropout, seed, i):
-                batch = components.batch(i, device) if device is not None else components.batch(i)
-                loss, state = component_loss(
-                    model, loss_fn, batch, form=form, state=state, sequential=sequential, index=i
-                )
-            yield i, loss
+                hold.restore(scan=forwards == 1)  # (after the caller's backward of f_{i-1})
+                forwards += 1
+                with torch.enable_grad(), rng_for_component(dropout, seed, i):
+                    batch = (
+                        components.batch(i, device) if device is not None else components.batch(i)
+                    )
+                    loss, weight, state = weighted_component_loss(
+                        model, loss_fn, batch, form=form, state=state, sequential=sequential,
+                        index=i,
+                    )  # fmt: skip
+                yield (i, loss, weight) if weights else (i, loss)
+    finally:
+        hold.restore(scan=forwards == 1)
 
 
 def _args(components: Any, i: int, device: Any, state: Any) -> tuple:
@@ -333,13 +487,17 @@ def check_repeatable(
     seed: int,
     device: torch.device,
     rows: int | None = None,
+    hold: BufferHold | None = None,
 ) -> tuple[float, float]:
     """Evaluate component 0 twice at the current parameters; refuse a loss that changes.
 
     A component's gradient is only defined when f_0 is a function of the
     parameters (DESIGN §4): the dropout policy must control every random
     number the forward draws. Both evaluations run without gradients, under
-    the policy and component 0's RNG (``"fixed"``), inside
+    the policy and component 0's RNG (``"fixed"``), from the same buffers
+    (``hold``, a :class:`~clipscope.engine.guard.BufferHold` made here if not
+    given: what the first forward wrote is put back before the second, as every
+    route does, and ``hold.written`` names it), inside
     :func:`~clipscope.engine.guard.model_guard` (the model, its buffers and the
     caller's RNG stream are left as found). Costs two forward passes of one
     component.
@@ -368,7 +526,9 @@ def check_repeatable(
     sequential = bool(getattr(components, "sequential", False))
     values = []
     with model_guard(model), torch.no_grad(), dropout_policy(model, dropout):
-        for _ in range(2):
+        hold = BufferHold(model) if hold is None else hold
+        for k in range(2):
+            hold.restore(scan=k == 1)  # every buffer the first forward wrote, by value too
             batch = components.batch(0, device)
             if rows is not None:
                 batch = _first_rows(batch, rows)
@@ -389,6 +549,91 @@ def check_repeatable(
             "model's dropout probabilities to 0"
         )
     return a, b
+
+
+#: The grad_fn of a reentrant ``torch.utils.checkpoint`` region in an autograd graph.
+_REENTRANT_NODE = "CheckpointFunctionBackward"
+
+
+def check_grad_compatible(
+    model: nn.Module,
+    loss_fn: Callable[..., torch.Tensor],
+    components: Any,
+    *,
+    form: str,
+    dropout: str,
+    seed: int,
+    device: torch.device,
+    rows: int | None = None,
+) -> None:
+    """Refuse a model whose gradient ``torch.autograd.grad`` cannot take: reentrant checkpointing.
+
+    The engine differentiates with ``torch.autograd.grad`` (it never writes
+    ``.grad``). Activation checkpointing with ``use_reentrant=True`` (the
+    default of ``torch.utils.checkpoint`` before torch 2.4, and of Hugging Face's
+    ``gradient_checkpointing_enable()``) supports only ``.backward()``: torch
+    raises "incompatible with .grad()" at the first gradient, and a region whose
+    inputs do not require grad silently gives its parameters no gradient at all.
+    One forward of component 0 (its first ``rows`` samples, as
+    :func:`check_repeatable`) with gradients on, under the dropout policy and
+    :func:`~clipscope.engine.guard.model_guard`, looks for a reentrant region:
+    a ``CheckpointFunctionBackward`` node in the graph, or torch's warning that
+    none of a reentrant region's inputs requires grad. Costs one forward.
+
+    Raises
+    ------
+    ValueError
+        A reentrant checkpoint region ran; the message names the fix
+        (``use_reentrant=False``).
+    """
+    sequential = bool(getattr(components, "sequential", False))
+    with model_guard(model), torch.enable_grad(), dropout_policy(model, dropout):
+        batch = components.batch(0, device)
+        if rows is not None:
+            batch = _first_rows(batch, rows)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with rng_for_component(dropout, seed, 0):
+                loss, _ = component_loss(
+                    model, loss_fn, batch, form=form, sequential=sequential, index=0
+                )
+        # torch's reentrant checkpoint warns when none of a region's inputs requires grad
+        # (the region then has no graph node and its parameters get no gradient)
+        silent = any(
+            "checkpoint" in str(w.filename) and "requires_grad=True" in str(w.message)
+            for w in caught
+        )
+        for w in caught:  # the others as the user's code would have seen them
+            if not silent or "requires_grad=True" not in str(w.message):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        found = silent or _has_node(loss.grad_fn, _REENTRANT_NODE)
+        del loss
+    if found:
+        raise ValueError(
+            "the model uses reentrant activation checkpointing (torch.utils.checkpoint with "
+            "use_reentrant=True, as Hugging Face's gradient_checkpointing_enable() does by "
+            "default), which supports only .backward(): clipscope differentiates each component "
+            "with torch.autograd.grad, which it cannot serve (torch raises 'incompatible with "
+            ".grad()', or gives the region's parameters no gradient at all). Use "
+            "use_reentrant=False (torch.utils.checkpoint.checkpoint(..., use_reentrant=False); "
+            "Hugging Face: model.gradient_checkpointing_enable(gradient_checkpointing_kwargs="
+            '{"use_reentrant": False})), or turn checkpointing off while probing'
+        )
+
+
+def _has_node(fn: Any, name: str) -> bool:
+    """Whether the autograd graph below ``fn`` holds a node of class ``name``."""
+    seen: set[int] = set()
+    stack = [fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if type(node).__name__ == name:
+            return True
+        stack.extend(child for child, _ in getattr(node, "next_functions", ()))
+    return False
 
 
 def _first_rows(batch: Any, rows: int) -> Any:

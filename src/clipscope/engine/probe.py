@@ -21,10 +21,14 @@ Routes (DESIGN §4), all exact, all compared in the tests with
     float64 matrix-vector products. About one epoch.
 ``"dyadic"``
     one two-pass sweep at the smallest batch size ``b`` serves ``b, 2b, 4b, …``:
-    the mean loss of a parent batch is the size-weighted mean of its two
-    consecutive children's, so ``g_P = (s_a g_a + s_b g_b)/(s_a + s_b)`` and, for
-    the level's own ``∇f_l``, ``d_P = (s_a d_a + s_b d_b)/(s_a + s_b)``; the clipped
-    sum is ``Σ_P γ_P g_P = Σ_c γ_{P(c)} (s_c/s_P) g_c``. Unequal last batches
+    the loss of a parent batch is the weighted mean of its two consecutive
+    children's (weights ``w``: declared by a loss returning ``(sum, count)``, else
+    the sample counts), so ``g_P = (w_a g_a + w_b g_b)/(w_a + w_b)`` and, for
+    the level's own ``∇f_l``, ``d_P = (w_a d_a + w_b d_b)/(w_a + w_b)``; the clipped
+    sum is ``Σ_P γ_P g_P = Σ_c γ_{P(c)} (w_c/w_P) g_c``. That assumption is
+    checked first on a few parents per level
+    (:func:`~clipscope.engine.dense.check_merge`); where it fails, each larger
+    batch size gets its own two-pass sweep, with a warning. Unequal last batches
     enter with their true weights; with ``drop_last`` an incomplete parent is
     dropped, which is exactly the partition at batch size ``2^l b``. Refuses
     train-mode BatchNorm (the children's batch statistics are not the
@@ -89,15 +93,24 @@ from torch import nn
 
 from clipscope.engine import distributed as _dist
 from clipscope.engine.common import Flat, check_etas, norm_and_cos, package
-from clipscope.engine.dense import keep_pass, sweep
-from clipscope.engine.guard import batch_coupled_modules, check_dropout_policy, model_guard
+from clipscope.engine.dense import dyadic, keep_pass, sweep
+from clipscope.engine.guard import (
+    BufferHold,
+    batch_coupled_modules,
+    check_buffers_held,
+    check_dropout_policy,
+    model_guard,
+)
 from clipscope.engine.losses import (
+    check_grad_compatible,
     check_loss_fn,
     check_repeatable,
     component_losses,
+    mean_loss,
     trainable_params,
 )
 from clipscope.engine.result import MultiProbeResult, ProbeResult
+from clipscope.engine.verify import tolerance
 
 __all__ = ["ROUTES", "probe", "reference_probe"]
 
@@ -136,8 +149,9 @@ def probe(
     loss_fn : callable
         ``loss_fn(output, target)``, or ``loss_fn(model, batch)`` when its first two
         parameters are named so (:func:`~clipscope.engine.losses.loss_form`) ->
-        the batch's **mean** loss (a 0-d tensor). The per-sample route needs the
-        first form.
+        the batch's **mean** loss (a 0-d tensor), or ``(sum, count)`` for a
+        weighted mean with its declared weight (:mod:`clipscope.engine.losses`).
+        The per-sample route needs the first form.
     components : Components or SequentialComponents
         The fixed partition; ``f = (1/m) Σ_i f_i``.
     etas : iterable of float
@@ -182,6 +196,22 @@ def probe(
     -------
     ProbeResult or MultiProbeResult
         ``MultiProbeResult`` (``{batch size: ProbeResult}``) for the dyadic route.
+
+    Raises
+    ------
+    ValueError
+        Before anything runs, for what no route can serve exactly (each named in
+        the table of ``docs/engine.md``, "What clipscope checks at run time"): a
+        loss that changes between two evaluations, reentrant activation
+        checkpointing, a declared weight that is not a positive constant;
+        train-mode BatchNorm on the dyadic and per-sample routes; on the
+        per-sample route buffers a forward rewrites and samples that interact
+        in the forward.
+    VerificationError
+        Pass 2 saw other components than pass 1 (strict or not); with
+        ``strict=True`` also any failed check that would otherwise fall back or warn.
+    NonFiniteError
+        A NaN or infinite loss or gradient (nothing is returned).
 
     Examples
     --------
@@ -228,10 +258,26 @@ def probe(
     # f_i must be a function of x: a forward drawing random numbers the dropout
     # policy does not control would make every statistic a sample of noise.
     # The per-sample route's components are samples: its first REPEAT_ROWS, not a chunk.
+    rows = REPEAT_ROWS if route == "per-sample" else None
+    device = flat.params[0].device
+    hold = BufferHold(model)  # every route evaluates its components from these buffers
     check_repeatable(
-        model, loss_fn, components, form=form, dropout=dropout, seed=seed,
-        device=flat.params[0].device, rows=REPEAT_ROWS if route == "per-sample" else None,
+        model, loss_fn, components, form=form, dropout=dropout, seed=seed, device=device,
+        rows=rows, hold=hold,
     )  # fmt: skip
+    check_buffers_held(route, hold.written)  # the per-sample route cannot hold them
+    info["buffers_held"] = list(hold.written)
+    # torch.autograd.grad must be able to differentiate the model (no reentrant checkpoint)
+    check_grad_compatible(
+        model, loss_fn, components, form=form, dropout=dropout, seed=seed, device=device,
+        rows=rows,
+    )  # fmt: skip
+    if route == "per-sample":
+        # a sample's component is its own (weighted) mean loss, in a forward of its own
+        loss_fn = mean_loss(loss_fn)
+        info["independent_samples"] = _check_independent_samples(
+            model, loss_fn, components, device, tolerance(flat.dtype), seed
+        )
     # dyadic: whole top-level parents per rank, so that no parent straddles two ranks
     m = len(components)
     shard = _dist.Shard(m, ranks, align=1 << (len(sizes_dyadic) - 1) if route == "dyadic" else 1)
@@ -246,7 +292,7 @@ def probe(
             levels_ = len(sizes_dyadic) if route == "dyadic" else 1
             result, verification = _run_dense(
                 route, model, loss_fn, components, flat, etas, dropout, seed, progress, levels_,
-                shard,
+                shard, strict,
             )  # fmt: skip
     return package(result, route, info, flat, keep_full_grad, verification, strict)
 
@@ -275,14 +321,34 @@ def _run_per_sample(
 
 
 def _run_dense(
-    route, model, loss_fn, components, flat, etas, dropout, seed, progress, n_levels, shard
-):
-    """Run the keep, two-pass or dyadic route: ``(results per level, verification)``."""
+    route, model, loss_fn, components, flat, etas, dropout, seed, progress, n_levels, shard,
+    strict,
+):  # fmt: skip
+    """Run the keep, two-pass or dyadic route: ``(results per level, verification)``.
+
+    The dyadic route's verification holds its merge check (``"merge"``).
+    """
     if route == "keep":
         return keep_pass(model, loss_fn, components, flat, etas, dropout, seed, progress, shard), {}
+    if route == "dyadic":
+        return dyadic(
+            model, loss_fn, components, flat, etas, dropout, seed, progress, n_levels, shard,
+            strict,
+        )  # fmt: skip
     return sweep(
         model, loss_fn, components, flat, etas, dropout, seed, progress, n_levels, shard
     ), {}
+
+
+def _check_independent_samples(model, loss_fn, components, device, tol, seed):
+    """Check the per-sample route's premise on the first REPEAT_ROWS samples of the first chunk."""
+    # imported here: `import clipscope.engine` does not load the per-sample machinery
+    from clipscope.engine.per_sample.batch import check_independent_samples
+
+    x, y = components.batch(0, device)
+    return check_independent_samples(
+        model, loss_fn, x[:REPEAT_ROWS], y[:REPEAT_ROWS], tol, seed=seed
+    )
 
 
 def _provenance(dropout, seed, components, flat, ranks) -> dict[str, Any]:
@@ -335,6 +401,12 @@ def _check_route(route, model, components, batch_sizes, sizes_dyadic, flat, rank
         )
     if route in ("dyadic", "per-sample"):
         _check_independent(route, model, components)
+    if route == "dyadic" and not hasattr(components, "with_batch_size"):
+        raise ValueError(
+            "route='dyadic' checks a parent batch against its children, so its components "
+            "must regroup at a larger batch size (clipscope.Components.with_batch_size); got "
+            f"{type(components).__name__}"
+        )
     if route == "dyadic" and getattr(components, "drop_last", False):
         empty = [b for k, b in enumerate(sizes_dyadic) if m >> k == 0]
         if empty:

@@ -10,15 +10,24 @@ rule's batch gradient ``Σ_j g_j(p)`` is compared with the parameter's actual
 batch gradient from the same backward, projected on ``k`` random rank-one
 matrices ``R_i = u_i w_iᵀ`` (:class:`~clipscope.engine.per_sample._common.Directions`):
 
-.. math:: |⟨G_\text{rule} - G_\text{actual}, R_i⟩| \le τ · (‖G_\text{actual}‖ + Σ_j ‖g_j(p)‖).
+.. math:: |⟨G_\text{rule} - G_\text{actual}, R_i⟩| \le
+          τ · \big(‖G_\text{actual}‖ + (Σ_j ‖g_j(p)‖^2)^{1/2}\big) + ε ‖G‖,
 
-A weight also used outside its module (``F.linear(h, emb.weight)``), a module
-that rewrites its weight in forward, a module whose ``forward`` is never
-called: all leave part of the actual gradient unexplained. The right side is
-a bound on the rounding of the two sums; a real error of relative size ρ
-shows as about ρ times that scale (the projections of a fixed error have
-variance ``‖δ‖²``), so with ``k = 2`` directions an error above ~20 τ is missed
-with probability below 1e-3, and the usual errors (percents) never.
+with ε the dtype's machine epsilon and ``‖G‖`` the whole batch gradient's norm
+(all parameters). A weight also used outside its module (``F.linear(h,
+emb.weight)``), a module that rewrites its weight in forward, a module whose
+``forward`` is never called: all leave part of the actual gradient
+unexplained. The right side bounds the rounding of the two sums: a sum of B
+per-sample gradients rounds like their root sum of squares (at most √B times
+it), and ``ε‖G‖`` covers a gradient that vanishes by symmetry (an attention
+key's bias), which is rounding on both sides. A real error of relative size ρ
+shows as about ρ times the parameter's own scale (the projections of a fixed
+error have variance ``‖δ‖²``), so with ``k = 2`` directions an error of 20 τ is
+missed with probability about 2e-3 (a full-rank error) to 2e-2 (a rank-one
+error, whose projection is a product of two normals), one of 100 τ with
+probability below 1e-4 resp. 1.3e-3, and the usual errors (percents) never in
+practice. ``tests/test_structural_strength.py`` pins it in float32: a rule 3 %
+wrong shows as 1-3 %, one 0.03 % wrong as 2.6 τ, and both fall back.
 
 **(b) Spot check** (``r`` seeded samples per probe, default 4). Each spot
 sample's gradient by its own backward (a batch-1 forward, or under active
@@ -42,6 +51,18 @@ When a check fails, the parameters concerned go to an exact fallback
 (Cauchy–Schwarz) and ``Σ_i d_i = m ‖∇f‖²``; a violation beyond τ warns with
 :class:`ConsistencyWarning` (raises under ``strict``).
 
+**Pass mismatch** (two-pass and dyadic, :func:`check_pass_mismatch`): pass 2
+recomputes every ``n_i``; a relative difference from pass 1 beyond τ raises
+:class:`VerificationError`, ``strict`` or not: the dots (pass 2's ``g_i``
+against pass 1's ∇f) and the clipped sums (pass 1's ``γ_i`` on pass 2's
+``g_i``) already mix two sets of components, and no exact method can be fallen
+back to, since a component is then not a function of the parameters.
+
+**Merging** (dyadic, :func:`clipscope.engine.dense.check_merge`): a parent's loss
+against the weighted mean of its children's; where it fails the larger batch
+sizes get their own pass, with a :class:`MergeFallbackWarning` (raises under
+``strict``).
+
 The tolerance τ depends only on the model's dtype (:func:`tolerance`).
 """
 
@@ -55,9 +76,11 @@ import torch
 
 __all__ = [
     "ConsistencyWarning",
+    "MergeFallbackWarning",
     "PerSampleFallbackWarning",
     "VerificationError",
     "check_consistency",
+    "check_pass_mismatch",
     "losses_differ",
     "spot_samples",
     "tolerance",
@@ -81,6 +104,10 @@ class PerSampleFallbackWarning(UserWarning):
 
 class ConsistencyWarning(UserWarning):
     """A probe's norms and dots violate Cauchy–Schwarz or ``Σ d_i = m‖∇f‖²`` beyond rounding."""
+
+
+class MergeFallbackWarning(UserWarning):
+    """The dyadic route computed its larger batch sizes by their own pass; the message says why."""
 
 
 class VerificationError(ValueError):
@@ -119,6 +146,31 @@ def structural_error(accounted: torch.Tensor, actual: torch.Tensor, scale: float
     if err == 0.0:
         return 0.0
     return err / scale if scale > 0 else math.inf
+
+
+def check_pass_mismatch(mismatch: float, dtype: torch.dtype, batch_size: int) -> None:
+    """Raise when pass 2's norms differ from pass 1's beyond τ (module docstring: why always).
+
+    ``mismatch`` is ``max_i |n_i^(2) − n_i^(1)| / n_i^(1)`` over the components.
+
+    >>> check_pass_mismatch(0.0, torch.float32, 8)
+    >>> check_pass_mismatch(7.6e-4, torch.float32, 8)
+    Traceback (most recent call last):
+    ...
+    clipscope.engine.verify.VerificationError: pass 2 recomputed the component norms ...
+    """
+    tol = tolerance(dtype)
+    if mismatch <= tol:
+        return
+    raise VerificationError(
+        f"pass 2 recomputed the component norms at batch size {batch_size} with a relative "
+        f"difference of {mismatch:.3g} from pass 1 (tolerance {tol:g}): the components are not "
+        "the same functions of the parameters in both passes (randomness the dropout policy "
+        "does not control, a buffer the forward rewrites outside the model's buffers, a "
+        "non-deterministic kernel far beyond rounding), so the dots and clipped sums would "
+        "mix two sets of gradients; nothing is returned (strict or not: no exact method "
+        "can be fallen back to)"
+    )
 
 
 def check_consistency(

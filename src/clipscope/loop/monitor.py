@@ -65,7 +65,7 @@ from clipscope.engine import (
     trainable_params,
 )
 from clipscope.engine import distributed as _dist
-from clipscope.engine.losses import check_loss_fn, check_repeatable
+from clipscope.engine.losses import check_grad_compatible, check_loss_fn, check_repeatable
 from clipscope.errors import ConfigError, Interrupted, NonFiniteError
 from clipscope.loop.duties import Records
 from clipscope.loop.fit import check_batch_coupling
@@ -179,7 +179,9 @@ class Monitor:
     ValueError
         A loss that is not a scalar tensor, or that differs between two
         evaluations of the same component (dropout the policy cannot turn off);
-        a size-1 component under train-mode BatchNorm.
+        a size-1 component under train-mode BatchNorm; a model with reentrant
+        activation checkpointing (``use_reentrant=True``:
+        :func:`~clipscope.engine.losses.check_grad_compatible`).
     NonFiniteError
         The loss of the first component is NaN/inf now.
     FileExistsError
@@ -260,6 +262,11 @@ class Monitor:
             if self.directory.path.exists() and not self.directory.path.is_dir():
                 raise FileExistsError(f"run_dir {self.directory.path} is a file, not a directory")
         self._preflight()
+        # every probe differentiates with torch.autograd.grad: refuse now, not in the user's loop
+        check_grad_compatible(
+            model, loss, components, form=self.loss_form, dropout=self.dropout, seed=self.seed,
+            device=self.params[0].device,
+        )  # fmt: skip
         standard: list[Unit] = [ProbeStatistics(self.eta, self.etas, every=1)]
         if heldout is not None:
             standard.append(HeldOutMetric(heldout))

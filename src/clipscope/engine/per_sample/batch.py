@@ -17,11 +17,18 @@ from torch import nn
 from torch.func import vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from clipscope.engine.guard import batch_coupled_modules, dropout_modules
+from clipscope.engine.guard import (
+    batch_coupled_modules,
+    dropout_modules,
+    dropout_policy,
+    model_guard,
+    rng_for_component,
+)
 
 _ATTENTION = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 
 __all__ = [
+    "check_independent_samples",
     "check_inputs",
     "kernels_for_derivatives",
     "per_sample_from_output",
@@ -55,6 +62,85 @@ def check_inputs(model: Any, loss_fn: Any, x: Any) -> int:
             "the samples of a batch"
         )
     return int(x.shape[0])
+
+
+def check_independent_samples(
+    model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: Any, tol: float, seed: int = 0
+) -> dict[str, Any]:
+    """Refuse a model that couples the samples of a batch: the per-sample route's premise.
+
+    The per-sample route takes sample j's loss ``ℓ_j`` from the batch forward
+    (its output row j) and, where a rule fails or for its spot check, sample j's
+    gradient from a forward of sample j alone. Both are sample j's component
+    only when row j of the batch output does not depend on the other samples.
+    Train-mode BatchNorm modules are refused by name (:func:`check_inputs`); this
+    check catches the rest: batch statistics computed in the model
+    (``F.batch_norm(..., training=True)``, centring ``x - x.mean(0)``), an
+    in-batch similarity or contrastive head (an InfoNCE logit matrix ``B × B``).
+    The ``B`` samples of ``x`` (the first rows of the first chunk) are evaluated
+    once as a batch and once each alone, without gradients, dropout modules off,
+    under :func:`~clipscope.engine.guard.model_guard`; ``|ℓ_j^batch − ℓ_j^alone|``
+    must be at most ``tol`` times the largest ``|ℓ_j|``. Costs one forward of
+    ``B`` samples and ``B`` of one.
+
+    Randomness outside the dropout modules (attention dropout of a module in
+    train mode under ``dropout="fixed"``) makes the two evaluations differ by
+    itself: when a second batch forward under another seed differs from the
+    first, the check cannot tell and says so in its record (``checked`` False).
+
+    Returns ``{"samples": B, "max_error": float, "checked": bool}``.
+
+    Raises
+    ------
+    ValueError
+        A sample's loss alone differs from its loss in the batch, or a sample
+        alone cannot be evaluated (torch's error is quoted); the message says
+        what couples samples and which routes serve such a model.
+    """
+    batch = int(x.shape[0])
+    record: dict[str, Any] = {"samples": batch, "max_error": 0.0, "checked": True}
+    if batch < 2:
+        return record
+    with model_guard(model), torch.no_grad(), dropout_policy(model, "off"):
+        with rng_for_component("fixed", seed, 0):
+            together = per_sample_losses(model, loss_fn, x, y).double()
+        alone = []
+        for j in range(batch):
+            try:
+                with rng_for_component("fixed", seed, 0):
+                    alone.append(per_sample_losses(model, loss_fn, x[j : j + 1], y[j : j + 1]))
+            except (RuntimeError, ValueError) as exc:
+                raise ValueError(
+                    f"per-sample components need samples that do not interact in the forward, "
+                    f"but sample {j} alone cannot be evaluated ({exc}): the model computes "
+                    "statistics over the batch (train-mode batch normalization, e.g. through "
+                    "F.batch_norm). Use mini-batch components (route='two-pass' or 'keep'), or "
+                    "make the model normalize per sample (eval-mode BatchNorm, GroupNorm, "
+                    "LayerNorm)"
+                ) from exc
+        alone = torch.cat(alone).double()
+        scale = float(torch.maximum(together.abs(), alone.abs()).max())
+        diff = (together - alone).abs()
+        worst = int(diff.argmax())
+        error = float(diff[worst]) / scale if scale > 0 else float(diff[worst] > 0)
+        record["max_error"] = error
+        if error <= tol:
+            return record
+        with rng_for_component("fixed", seed + 1, 0):
+            again = per_sample_losses(model, loss_fn, x, y).double()
+        if float((again - together).abs().max()) > tol * max(scale, 1e-300):
+            record["checked"] = False  # random numbers outside the dropout modules
+            return record
+    raise ValueError(
+        f"per-sample components need samples that do not interact in the forward, but sample "
+        f"{worst}'s loss is {float(together[worst]):.9g} in a batch of {batch} and "
+        f"{float(alone[worst]):.9g} alone (relative difference {error:.3g} > {tol:g}): the "
+        "model couples the samples of a batch (statistics over the batch, such as "
+        "F.batch_norm in training mode or centring x - x.mean(0); an in-batch similarity or "
+        "contrastive head). Its per-sample gradients would mix batch-1 gradients with "
+        "batch-forward losses. Use mini-batch components (route='two-pass' or 'keep'), where "
+        "each component is a batch with its own statistics"
+    )
 
 
 def per_sample_from_output(

@@ -383,11 +383,14 @@ class _Rules:
         self.plan, self.batch, self.scale, self.keep = plan, batch, scale, keep
         self.actual, self.grads, self.norms = actual, grads, norms
         self.tol = tolerance(plan.params[0].dtype)
-        # every parameter's error is measured against its own scale and, at least, the whole
-        # batch gradient's norm: an error below τ of that changes no result by more than τ,
-        # and a parameter whose gradient vanishes by symmetry (an attention key's bias: the
-        # softmax ignores a shift) is all rounding on both sides
-        self.floor = math.sqrt(sum(n * n for n in norms if n is not None))
+        # every parameter's error is measured against its own scale (_structural) and a floor
+        # for a gradient that vanishes by symmetry (an attention key's bias: the softmax
+        # ignores a shift), which is rounding on both sides: the dtype's machine epsilon
+        # times the whole batch gradient's norm (as a share of τ, since the bound is scaled
+        # by τ). A floor of τ·‖G‖ itself would hide a percent-sized error of any parameter
+        # whose gradient is a small part of the whole
+        whole = math.sqrt(sum(n * n for n in norms if n is not None))
+        self.floor = whole * torch.finfo(plan.params[0].dtype).eps / self.tol
         self.per_param: dict[int, torch.Tensor] = {}
         self.unchecked_sums: dict[int, torch.Tensor] = {}
         self.kept: list = []
@@ -512,7 +515,10 @@ class _Rules:
             seen = plan.directions[k].of_tensor(
                 g if g is not None else torch.zeros_like(plan.params[k])
             )
-        bound = (self.norms[k] or 0.0) + float(ghost.sq.clamp(min=0).sqrt().sum()) + self.floor
+        # the rounding of a sum of B per-sample gradients grows like their root sum of squares
+        # (at most √B times it); their plain sum would shrink a real error's share by up to √B
+        spread = float(ghost.sq.clamp(min=0).sum().sqrt())
+        bound = (self.norms[k] or 0.0) + spread + self.floor
         err = structural_error(ghost.proj, seen, bound)
         if not err <= self.tol:
             plan.demote(
