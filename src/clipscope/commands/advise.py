@@ -94,12 +94,13 @@ def advice_of(directory: str | Path, target: float = DEFAULT_TARGET) -> dict[str
         for entry, run in task.runs:
             label = run_label(entry, run)
             points = run_points(run)
-            names = [f"{label} epoch {epoch}" for epoch, _ in points]
+            names = [f"{label} {run.point_name(epoch)}" for epoch, _ in points]
             result = advise([s for _, s in points], target, names)
             runs[label] = result.to_dict(points=True) | {"eta": _finite(run.eta)}
             name = label if single else f"{task.name}-{label}"
             title = f"{name}: ρ(η) at {len(points)} probes, target {target:g}"
-            out["_figures"].append((name, title, points, result, run.eta))
+            named = [(run.point_name(epoch), stats) for epoch, stats in points]
+            out["_figures"].append((name, title, named, result, run.eta))
         overall.pop("per_run", None)
         out["tasks"][task.name] = {"eta_advice": overall, "runs": runs}
     return out

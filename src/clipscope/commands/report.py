@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from clipscope.report import build_report  # matplotlib and scipy: only when it runs
     from clipscope.report.findings import FINDINGS_FILE
 
-    path = build_report(args.directory, args.out, target=args.target)
+    path = build_report(args.directory, args.out, target=args.target)  # makes --out's folder
     print(f"report: {path}")
     print(f"findings: {path.parent / FINDINGS_FILE}")
     print(f"figures: {path.parent / 'figures'}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from clipscope.commands._out import check_creatable
 from clipscope.train import train
 
 
@@ -51,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
     """Run the config; the exit code says how it ended."""
     if args.force and not args.resume:
         raise ValueError("--force only applies together with --resume")
+    if args.out is not None:  # bad input, exit 2 before anything is written (not an I/O error)
+        check_creatable(args.out)
     return train(
         args.config, args.out, resume=args.resume, force=args.force, dist_timeout=args.dist_timeout
     )
