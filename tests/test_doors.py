@@ -61,12 +61,16 @@ def test_report_out_into_a_missing_folder_creates_it(tmp_path):
 
 
 @pytest.mark.skipif(not LINUX_PROC, reason="needs Linux's /proc")
-def test_report_out_whose_folder_cannot_be_made_names_it(tmp_path):
+@pytest.mark.parametrize("command,out", [("report", "r.html"), ("advise", "figures")])
+def test_an_out_whose_folder_cannot_be_made_is_bad_input(tmp_path, command, out):
     write_run(tmp_path / "run", epochs=2, eta=0.5, batch=4, seed=1)
-    done = clipscope("report", str(tmp_path / "run"), "--out", "/proc/no-such-dir/r.html")
-    assert done.returncode in (2, 4), done.stderr
-    assert "/proc/no-such-dir" in done.stderr and ".tmp" not in done.stderr
+    done = clipscope(command, str(tmp_path / "run"), "--out", f"/proc/no-such-dir/{out}")
+    assert done.returncode == 2, done.stderr
+    assert "--out /proc/no-such-dir" in done.stderr and ".tmp" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "components", "config.toml", "epochs.csv",
+    ]  # fmt: skip
 
 
 def test_probe_out_into_a_missing_folder_creates_it(tmp_path):

@@ -128,10 +128,12 @@ def _line(label: str, advice: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     """Compute the advice, write the figures, print the advice."""
     from clipscope.atomic import atomic_write_bytes
+    from clipscope.commands._out import check_creatable
     from clipscope.report import plots
 
     result = advice_of(args.directory, args.target)
     folder = Path(args.out) if args.out else Path(args.directory) / "advice"
+    check_creatable(folder, "--out")  # a folder that cannot be made: exit 2, nothing written
     written = []
     for name, title, points, advice, eta in result.pop("_figures"):
         path = folder / f"{name}.png"
