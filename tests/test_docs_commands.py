@@ -71,6 +71,9 @@ COVERED = {
     "clipscope reproduce --task digits-cnn --epochs 1 --batch-sizes 64,128 --out /tmp/quick": (
         "test_reproduce_quick"
     ),
+    "clipscope reproduce --threads 0 --out clipscope-out/all-cores": NOT_RUN
+    + "minutes (= make demo on every core); --threads is checked by "
+    "tests/test_threads.py::test_reproduce_records_and_sets_its_threads",
     "clipscope report clipscope-out/reproduce": "test_reproduce_quick",
     "clipscope advise clipscope-out/reproduce": "test_reproduce_quick",
     # docs/theory.md

@@ -53,6 +53,31 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head`: not an error of ours
         sys.stderr.close()
         return 0
+    except OSError as exc:  # a full disk, a read-only folder: files already written are intact
+        print(f"clipscope {args.command}: error: I/O failure: {io_message(exc)}", file=sys.stderr)
+        return EXIT_IO
+
+
+#: Exit code of an I/O failure (``train`` returns the same).
+EXIT_IO = 4
+
+
+def io_message(exc: OSError) -> str:
+    """``exc`` in one line, naming the file meant rather than the atomic writer's temporary one.
+
+    >>> io_message(OSError(28, "No space left on device", "out/.report.html.81.tmp"))
+    'No space left on device: out/report.html'
+    """
+    import re
+    from pathlib import Path
+
+    from clipscope.atomic import TMP_SUFFIX
+
+    if not exc.filename:
+        return str(exc)
+    path = Path(str(exc.filename))
+    meant = re.fullmatch(r"\.(.+)\.\d+" + re.escape(TMP_SUFFIX), path.name)
+    return f"{exc.strerror or exc}: {path.with_name(meant.group(1)) if meant else path}"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -177,6 +177,7 @@ def plan(
     device: str = "cpu",
     progress: bool = True,
     check_data: bool = True,
+    threads: int | None = None,
 ) -> list[tuple[TaskSpec, str, int, TrainConfig]]:
     """Resolve the grid of runs ``(task, method, batch size, config)``, checking everything first.
 
@@ -184,7 +185,9 @@ def plan(
     machine checked (:func:`~clipscope.config.check_resources`: the device, the
     threads, memory) and, with ``check_data``, each task's data loaded once
     (:func:`clipscope.data.load_splits`: missing or malformed files), so a bad
-    value stops the study before anything is written.
+    value stops the study before anything is written. ``threads`` (``--threads``)
+    replaces every run's ``threads`` (0: torch's default, every core); None keeps
+    the configs' value (1 in the shipped configs, ``docs/benchmarks.md``).
 
     Raises
     ------
@@ -220,6 +223,8 @@ def plan(
                 if b == max(sizes):
                     raw.update(spec.theorem.get(method, {}))
                 raw.update(method=method, batch_size=b, device=device, progress=progress)
+                if threads is not None:
+                    raw["threads"] = threads
                 if epochs is not None:
                     raw["epochs"] = epochs
                 if data_dir:
@@ -238,6 +243,40 @@ def plan(
         for data, where, train, held in dict.fromkeys(wanted):  # each dataset once, in order
             load_splits(data, where, train_file=train, heldout_file=held)
     return grid
+
+
+def study_threads(configs: Sequence[TrainConfig]) -> dict[str, Any]:
+    """Return the torch thread counts a task's runs use, for ``study.json``.
+
+    ``setting``: the configs' ``threads`` (one value, or the list when they
+    differ; 0 = torch's default); ``intra_op``: what that gives here
+    (:func:`torch.get_num_threads` under it); ``interop``:
+    :func:`torch.get_num_interop_threads`; ``cpus``: :func:`os.cpu_count`.
+    Training's float reductions, and so every recorded number, can change
+    with ``intra_op`` (``docs/results.md``); each run's ``env.json`` records
+    the count it ran with.
+    """
+    import os
+
+    import torch
+
+    settings = sorted({c.threads for c in configs})
+    default = torch.get_num_threads()
+    resolved = sorted({s or default for s in settings})
+    return {
+        "setting": settings[0] if len(settings) == 1 else settings,
+        "intra_op": resolved[0] if len(resolved) == 1 else resolved,
+        "interop": torch.get_num_interop_threads(),
+        "cpus": os.cpu_count(),
+    }
+
+
+def _torch_settings(config_path: Path):
+    """Set a run config's threads and determinism flag for a probe outside ``train``."""
+    from clipscope.config import load_config
+    from clipscope.train import torch_settings
+
+    return torch_settings(load_config(config_path))
 
 
 def _cross_section(spec: TaskSpec, run_dir: Path, config_path: Path) -> dict[str, Any]:
@@ -330,13 +369,17 @@ def reproduce(
     resume: bool = False,
     progress: bool = True,
     echo: Callable[[str], None] = print,
+    threads: int | None = None,
 ) -> Path:
     """Run the study and build its report; return the report's path.
 
     Each run is an ordinary resumable run directory; with ``resume`` finished runs
     are kept and unfinished ones continue from their last checkpoint. Without it an
     existing non-empty ``out`` is refused; ``out`` naming a file is refused. Every
-    check (:func:`plan`) comes before anything is written.
+    check (:func:`plan`) comes before anything is written. ``threads`` replaces
+    the configs' torch thread count (0: every core); the runs and the
+    cross-sections run with it, and ``study.json`` records it
+    (:func:`study_threads`).
     """
     from clipscope.report import build_report
     from clipscope.train import train
@@ -351,6 +394,7 @@ def reproduce(
         data_dir=data_dir,
         device=device,
         progress=progress,
+        threads=threads,
     )
     init_from_env(device)  # under torchrun: every rank runs, rank 0 writes
     echo = echo if is_writer() else _quiet
@@ -370,6 +414,7 @@ def reproduce(
             "description": spec.description,
             "runs": [],
             "notes": dict(spec.notes),
+            "threads": study_threads([c for s, *_, c in grid if s.name == name]),
         }
 
     def save_study() -> None:
@@ -409,7 +454,8 @@ def reproduce(
         if spec.cross_section and runs:
             first = min(runs, key=lambda e: e["batch_size"])
             echo(f"{name}: batch-size cross-section at the final point of {first['dir']}")
-            cross = _cross_section(spec, out / first["dir"], out / first["config"])
+            with _torch_settings(out / first["config"]):
+                cross = _cross_section(spec, out / first["dir"], out / first["config"])
             rel = Path("cross_section") / f"{name}.json"
             on_writer(partial(_write_text, out / rel, json.dumps(cross, indent=2) + "\n"))
             study["tasks"][name]["cross_section"] = str(rel)
@@ -420,7 +466,8 @@ def reproduce(
             if not (resume and on_writer((out / rel).is_file)):
                 echo(f"{name}: batch-size-1 components at the final point of {first['dir']}")
                 try:  # under torchrun: the probe is split, and raises on every rank alike
-                    section = _per_sample(out / first["dir"], out / first["config"])
+                    with _torch_settings(out / first["config"]):
+                        section = _per_sample(out / first["dir"], out / first["config"])
                 except ValueError as exc:  # e.g. the per-sample route refuses train-mode BatchNorm
                     echo(f"  not computed: {exc}")
                     section = {"point": first["dir"], "reason": str(exc)}

@@ -94,12 +94,13 @@ def advice_of(directory: str | Path, target: float = DEFAULT_TARGET) -> dict[str
         for entry, run in task.runs:
             label = run_label(entry, run)
             points = run_points(run)
-            names = [f"{label} epoch {epoch}" for epoch, _ in points]
+            names = [f"{label} {run.point_name(epoch)}" for epoch, _ in points]
             result = advise([s for _, s in points], target, names)
             runs[label] = result.to_dict(points=True) | {"eta": _finite(run.eta)}
             name = label if single else f"{task.name}-{label}"
             title = f"{name}: ρ(η) at {len(points)} probes, target {target:g}"
-            out["_figures"].append((name, title, points, result, run.eta))
+            named = [(run.point_name(epoch), stats) for epoch, stats in points]
+            out["_figures"].append((name, title, named, result, run.eta))
         overall.pop("per_run", None)
         out["tasks"][task.name] = {"eta_advice": overall, "runs": runs}
     return out
@@ -127,10 +128,12 @@ def _line(label: str, advice: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     """Compute the advice, write the figures, print the advice."""
     from clipscope.atomic import atomic_write_bytes
+    from clipscope.commands._out import check_creatable
     from clipscope.report import plots
 
     result = advice_of(args.directory, args.target)
     folder = Path(args.out) if args.out else Path(args.directory) / "advice"
+    check_creatable(folder, "--out")  # a folder that cannot be made: exit 2, nothing written
     written = []
     for name, title, points, advice, eta in result.pop("_figures"):
         path = folder / f"{name}.png"

@@ -35,7 +35,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "promises the inequality only when the step-size condition holds."
         ),
     )
-    parser.add_argument("--method", choices=tuple(theory.THEOREMS), required=True)
+    parser.add_argument(
+        "--method",
+        choices=tuple(theory.THEOREMS),
+        required=True,
+        help="sgd: Theorem 3.1 (SGD-clip, (37)/(38)); igc: Theorem 3.2 (IGC-clip, (43)-(45), "
+        "needs --L0i, --L1i, --m)",
+    )
     parser.add_argument("--L0", type=float, required=True, help="L0 of f (A2)")
     parser.add_argument("--L1", type=float, required=True, help="L1 of f (A2)")
     parser.add_argument(
@@ -50,11 +56,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--alpha", type=float, required=True, help="step size α")
     parser.add_argument("--m", type=int, default=None, help="igc: number of components")
     parser.add_argument("--T", type=int, default=None, help="last index (default: from the norms)")
-    parser.add_argument("--gap", type=float, required=True, metavar="F0_MINUS_FSTAR")
+    parser.add_argument(
+        "--gap",
+        type=float,
+        required=True,
+        metavar="F0_MINUS_FSTAR",
+        help="f(x_0) − f* >= 0 (an upper bound will do: with a nonnegative loss, f(x_0))",
+    )
     norms = parser.add_mutually_exclusive_group(required=True)
     norms.add_argument("--grad-norms", default=None, help="‖∇f(x_k)‖ for k = 0..T: v0,v1,...")
     norms.add_argument(
-        "--grad-norms-file", default=None, help="text file of ‖∇f(x_k)‖ (comma/space separated)"
+        "--grad-norms-file",
+        default=None,
+        help="UTF-8 text file of ‖∇f(x_k)‖ for k = 0..T, in order: plain decimal numbers "
+        "separated by commas, spaces or newlines (no header, no comments)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=run)

@@ -34,6 +34,7 @@ from typing import Any
 from torch import nn
 
 from clipscope.atomic import atomic_write_text, load_checkpoint
+from clipscope.commands._out import make_parent
 from clipscope.config import check_resources, load_config
 from clipscope.engine import DROPOUT_POLICIES, ROUTES, MultiProbeResult, probe
 from clipscope.tasks import BUILTIN_TASKS, build_task, builtin_task
@@ -209,7 +210,10 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.force:
         raise FileExistsError(f"{out} exists (use --force to overwrite)")
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; name the CSV file to write")
     model, loss_fn, comps, settings = load_task(args)
+    make_parent(out)  # before the probe: a folder that cannot be made is named, not a .tmp file
     result = probe(
         model,
         loss_fn,

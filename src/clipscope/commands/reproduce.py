@@ -40,6 +40,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--epochs", type=int, help="override every run's number of epochs")
     parser.add_argument("--batch-sizes", type=_sizes, help="override the batch sizes, e.g. 8,16,32")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="torch threads of every run and cross-section (default: the configs' threads = 1; "
+        "0 = every core; docs/benchmarks.md)",
+    )
     parser.add_argument("--resume", action="store_true", help="keep finished runs, resume the rest")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
@@ -58,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         resume=args.resume,
         progress=not args.no_progress,
+        threads=args.threads,
     )
     from clipscope.engine.distributed import is_writer
 

@@ -42,9 +42,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("run_dir", help="a run directory (clipscope train, or a Monitor's)")
     parser.add_argument("--json", action="store_true", help="print the full result as JSON")
-    parser.add_argument("--fit", choices=FIT_METHODS, default="hull", help="the (L0, L1) fit")
     parser.add_argument(
-        "--tol", type=float, default=1e-6, help="relative tolerance of the Lanczos solves"
+        "--fit",
+        choices=FIT_METHODS,
+        default="hull",
+        help="the (L0, L1) fit of the (‖∇f‖, ‖∇²f‖) pairs (default: %(default)s: upper envelope)",
+    )
+    parser.add_argument(
+        "--tol",
+        type=float,
+        default=1e-6,
+        help="relative tolerance of the Lanczos solves run now (default: %(default)s)",
     )
     parser.add_argument(
         "--components",
@@ -101,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(_json(out), indent=2, allow_nan=False))
         return 0
-    lines = [
+    lines = [f"note: {note}" for note in out.get("notes", [])]
+    lines += [
         f"run: {out['run_dir']}  method={out['method']}  α={out['alpha']:.4g}  η={out['eta']:.4g}"
         f"  m={out['m']}  rows={out['rows']}",
         f"c1 = {out['c1']:.4g}, c2 = {out['c2']:.4g} (minimum over the probe rows)",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 
+from clipscope.commands._out import check_creatable
 from clipscope.train import train
 
 
@@ -57,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
     timeout = args.dist_timeout  # checked in every process, not only under torchrun
     if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
         raise ValueError(f"--dist-timeout must be a positive number of seconds, got {timeout!r}")
+    if args.out is not None:  # bad input, exit 2 before anything is written (not an I/O error)
+        check_creatable(args.out)
     return train(
         args.config, args.out, resume=args.resume, force=args.force, dist_timeout=args.dist_timeout
     )

@@ -108,6 +108,12 @@ def _int_at_least(name: str, value: Any, low: int) -> int:
     return value
 
 
+def _counts_as_int(row: dict[str, Any]) -> dict[str, Any]:
+    """Return a row of :meth:`Monitor.state_dict` (floats) with ``epoch`` and ``step`` as ints."""
+    return {k: int(v) if k in ("epoch", "step") and float(v).is_integer() else v
+            for k, v in row.items()}  # fmt: skip
+
+
 def _scalar(value: Any, name: str) -> float:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
@@ -314,6 +320,7 @@ class Monitor:
         self._pending_mark: tuple = ()
         self._started = False
         self._closed = False
+        self._final = False  # close(probe=True) is probing the final parameters
         self._elapsed = 0.0
         self._t0 = time.perf_counter()
         self.last_probe: ProbeResult | None = None
@@ -375,16 +382,17 @@ class Monitor:
                 f"step {step} comes after step {last}: steps never decrease (a resumed loop "
                 "loads the Monitor state saved with its own checkpoint)"
             )
-        if last is not None and step == last:
+        if last is not None and step == last and not self._final:
             return None
-        if step % self.every == 0:  # checked before the directory is opened or anything written
+        due = step % self.every == 0 or self._final  # close(probe=True) probes whatever every says
+        if due:  # checked before the directory is opened or anything written
             check = getattr(self.components, "check_unchanged", None)
             if check is not None:
                 check()
         self._start()
         self._flush()
         self._last_step, self._updates = step, 0
-        if step % self.every:
+        if not due:
             return None
         self._end_interval()
         self._refresh_params(f"the probe at step {step}")
@@ -527,10 +535,27 @@ class Monitor:
         step.grad_norm, step.clipped = float(grad_norm), None
         return True
 
-    def close(self, status: str = "completed", message: str | None = None) -> None:
-        """End the last interval and finish the run directory (``summary.json``); idempotent."""
+    def close(
+        self, status: str = "completed", message: str | None = None, *, probe: bool = False
+    ) -> None:
+        """End the last interval and finish the run directory (``summary.json``); idempotent.
+
+        With ``probe=True`` the final parameters are probed first, whatever ``every``
+        says: at step ``s + u`` (``s`` the last :meth:`step`, ``u`` the updates
+        reported with :meth:`gradient` since), unless a probe already ran there.
+        Inside ``with Monitor(...)``, call ``monitor.close(probe=True)`` as the
+        block's last statement (the exit then finds it closed).
+        """
         if self._closed:
             return
+        if probe:
+            final = 0 if self._last_step is None else self._last_step + self._updates
+            if not any(int(row["step"]) == final for row in self.rows):
+                self._final = True
+                try:
+                    self.step(final)
+                finally:
+                    self._final = False
         self._closed = True
         if not self._started:
             return
@@ -629,7 +654,7 @@ class Monitor:
         self._open = state["open"]
         self._interval_steps = int(state["interval_steps"])
         self._updates = int(state["updates"])
-        self.rows[:] = [dict(row) for row in state["rows"]]
+        self.rows[:] = [_counts_as_int(row) for row in state["rows"]]
         self._units.load_state_dict(state["units"])
         saved = state.get("param_shapes")
         if saved is not None and saved != [list(p.shape) for p in self.params]:

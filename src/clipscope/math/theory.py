@@ -56,8 +56,11 @@ import numpy as np
 from clipscope.math.stats import check_eta  # the one validator of η; clipping re-exports it
 
 __all__ = [
+    "ADAPTIVE_OPTIMIZERS",
+    "ADAPTIVE_REASON",
     "EXAMPLE1_COEFFICIENTS",
     "THEOREMS",
+    "THEOREM_SCOPE",
     "ConvergenceBound",
     "StepCondition",
     "bound_lhs",
@@ -72,10 +75,83 @@ __all__ = [
     "sgd_bound",
     "sgd_step_condition",
     "sgd_step_limit",
+    "theorem_scope",
 ]
 
 #: The methods a theorem of the paper covers, and the theorem.
 THEOREMS = {"sgd": "Theorem 3.1 (SGD-clip)", "igc": "Theorem 3.2 (IGC-clip)"}
+
+#: What each theorem covers besides (A2)-(A5): its update rule, exactly. A run outside
+#: it gets the verdict "not applicable: <reason>" (:func:`theorem_scope`), never a bound.
+THEOREM_SCOPE = {
+    "sgd": (
+        "SGD-clip (9): x_{k+1} = x_k − α C(∇f_{i_k}(x_k); η), i_k uniform with replacement, "
+        "a constant step α, a finite η, plain SGD steps (no momentum, no weight decay)"
+    ),
+    "igc": (
+        "IGC-clip (10)/(11): components in cyclic order 1..m every epoch, each step "
+        "x ← x − α C(∇f_i(x); η), a constant step α, a finite η, plain SGD steps (no "
+        "momentum, no weight decay)"
+    ),
+}
+#: Optimizers whose step is ``P⁻¹ C(g; η)`` with a preconditioner P: no theorem of the paper.
+ADAPTIVE_OPTIMIZERS = ("adam", "adamw")
+ADAPTIVE_REASON = "not covered by the paper's theorems (adaptive method)"
+
+
+def theorem_scope(
+    method: str,
+    eta: float,
+    *,
+    optimizer: str = "sgd",
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    schedule: str = "constant",
+    milestones: Sequence[int] = (),
+    schedule_gamma: float = 0.1,
+) -> str | None:
+    r"""Return None for a run inside its theorem's scope (:data:`THEOREM_SCOPE`), else why not.
+
+    Theorem 3.1 covers SGD-clip (``method = "sgd"``) and Theorem 3.2 IGC-clip
+    (``"igc"``), both with a constant step α, a finite η and the plain clipped
+    step: no momentum, no weight decay, the SGD optimizer (Qian et al., (9),
+    (10)/(11)). A ``"step"`` schedule without milestones (or with
+    ``schedule_gamma = 1``) keeps α constant and is inside. Every reason that
+    applies is given, joined by ``"; "``; an adaptive optimizer (Adam, AdamW)
+    gives :data:`ADAPTIVE_REASON` first.
+
+    >>> theorem_scope("igc", 0.5) is None
+    True
+    >>> print(theorem_scope("igc", 0.5, momentum=0.9, schedule="cosine").replace("; ", "\n"))
+    momentum = 0.9 (the theorems cover plain steps without momentum)
+    schedule = cosine (the theorems take a constant step α)
+    >>> theorem_scope("sgd", 0.5, optimizer="adam")
+    "not covered by the paper's theorems (adaptive method)"
+    """
+    reasons = []
+    if optimizer in ADAPTIVE_OPTIMIZERS:
+        reasons.append(ADAPTIVE_REASON)
+    elif optimizer != "sgd":
+        reasons.append(f"optimizer = {optimizer} (the theorems cover plain SGD steps)")
+    if method not in THEOREMS:
+        who = (
+            "a training loop of your own (Monitor): its update rule is not recorded"
+            if method == "external"
+            else f"method = {method}"
+        )
+        reasons.append(f"{who} (Theorem 3.1 covers method sgd, Theorem 3.2 method igc)")
+    if not math.isfinite(eta):
+        reasons.append("no clipping (η = ∞): the theorems are stated for a finite η")
+    if momentum:
+        reasons.append(f"momentum = {momentum:g} (the theorems cover plain steps without momentum)")
+    if weight_decay:
+        reasons.append(f"weight_decay = {weight_decay:g} (the theorems cover steps without it)")
+    constant = schedule == "constant" or (
+        schedule == "step" and (not milestones or schedule_gamma == 1)
+    )
+    if not constant:
+        reasons.append(f"schedule = {schedule} (the theorems take a constant step α)")
+    return "; ".join(reasons) or None
 
 
 # ---------------------------------------------------------------------------

@@ -14,15 +14,19 @@ the study's cross-sections. The keys (``docs/reproduce.md`` documents them):
     (:func:`scipy.stats.spearmanr`) with its exact two-sided permutation p-value
     (:func:`scipy.stats.permutation_test`, all ``n!`` orderings), and the
     per-epoch table (epochs × batch sizes) with the per-epoch Spearman
-    correlations. ``mean_cos_vs_batch_size`` / ``c2_vs_batch_size`` at the top
-    are those of the task's first method (IGC-clip where the task has it).
+    correlations, and the ``label`` of :func:`clipscope.report.labels.trend_label`
+    ("grows" only when strictly increasing). ``mean_cos_vs_batch_size`` /
+    ``c2_vs_batch_size`` at the top are those of the task's first method
+    (IGC-clip where the task has it). A study key, like the next.
 ``positive_cos_share_b1``
     From the batch-size-1 cross-section at the final point of the smallest-batch
     IGC run: the share of defined per-sample cosines that are > 0 (the paper
     reports about 90 % on CIFAR-10 / ResNet18).
 ``min_rho``
     The smallest ``ρ_k(η) = D_k(η)/(m‖∇f_k‖²)`` at the run's own η over every
-    probe of every run: did clipping ever reverse descent (``ρ < 0``)?
+    probe of every run: did clipping ever reverse descent (``ρ < 0``)? With the
+    ``label`` of :func:`clipscope.report.labels.descent_label` (a share below
+    :data:`~clipscope.report.labels.KEPT_WARN` is a warning).
 ``eta_advice``
     :func:`clipscope.math.advice.advise` over every probe of every run of the
     task: ``target``, ``eta_max`` (every ``η ≥ eta_max`` keeps ``ρ ≥ target`` at
@@ -31,8 +35,16 @@ the study's cross-sections. The keys (``docs/reproduce.md`` documents them):
 ``theorems``
     One entry per run: :func:`clipscope.report.theorem.check_theorem` on the
     records, reduced to ``verdict`` (``satisfied`` / ``violated`` / ``not
-    checked``), the ``failing`` condition, the ``deciding`` quantity, and how
+    checked`` / ``not applicable`` with its ``reason``: outside the theorem's
+    scope), the ``failing`` condition, the ``deciding`` quantity, and how
     the constants were obtained (Lanczos tolerance and iterations).
+``steps``
+    A Monitor's run only: :func:`monitor_steps`.
+``threads``, ``notes``, ``kind``
+    The torch thread counts (``study.json``'s, or each run's ``env.json``); what
+    the reader left out (a half-written last row); ``"study"`` or ``"run"``.
+
+Every label follows the rules written in ``docs/reproduce.md`` ("Labels").
 """
 
 from __future__ import annotations
@@ -51,7 +63,8 @@ from clipscope.atomic import atomic_write_text
 from clipscope.math.advice import DEFAULT_TARGET, EtaAdvice, advise, check_target
 from clipscope.math.stats import ComponentStats
 from clipscope.math.theory import THEOREMS
-from clipscope.report.theorem import check_theorem
+from clipscope.report.labels import descent_label, trend_label
+from clipscope.report.theorem import check_theorem, run_scope
 from clipscope.run.directory import RunRecord
 from clipscope.run.study import TaskRecord, load_study
 
@@ -73,7 +86,7 @@ __all__ = [
 ]
 
 FINDINGS_FILE = "findings.json"
-VERDICTS = ("satisfied", "violated", "not checked")
+VERDICTS = ("satisfied", "violated", "not checked", "not applicable")
 #: What Qian et al. (AISTATS 2021) report, for the comparisons.
 PAPER = {
     "fig1_trend": (
@@ -86,7 +99,7 @@ PAPER = {
 
 def run_label(entry: dict, run: RunRecord) -> str:
     """``METHOD-BB`` of a run, as in the study's folder names (``igc-B16``)."""
-    method = entry.get("method") or run.method
+    method = "monitor" if run.kind == "monitor" else entry.get("method") or run.method
     batch = entry.get("batch_size") or run.batch_size
     return f"{method}-B{batch}"
 
@@ -206,6 +219,7 @@ def _trend(runs: list[tuple[dict, RunRecord]], field: str) -> dict[str, Any]:
                 table[int(e)][j] = float(value)
     out = rank_trend(sizes, averaged)
     out["averaged_over"] = f"the probe rows of each run (epochs.csv column {field!r})"
+    out["label"] = trend_label(out)
     per_epoch = [rank_trend(sizes, table[k]) for k in epochs]
     out["per_epoch"] = {
         "epochs": epochs,
@@ -233,7 +247,7 @@ def fig1_trend(task: TaskRecord) -> dict[str, Any]:
         return {"method": None, "reason": "no completed runs", "by_method": {}}
     first = "igc" if "igc" in by_method else next(iter(by_method))
     paper = {
-        name: by_method[first][name]["direction"] == "increasing"
+        name: by_method[first][name]["label"]["label"] == "grows"
         for name in ("mean_cos_vs_batch_size", "c2_vs_batch_size")
     }
     return {
@@ -285,7 +299,7 @@ def positive_cos_share_b1(task: TaskRecord) -> dict[str, Any]:
 def min_rho(task: TaskRecord) -> dict[str, Any]:
     """Return the smallest ρ_k(η) at each run's own η over all probes; ``reversed`` if < 0."""
     per_run = {}
-    best: tuple[float, str, int, float] | None = None
+    best: tuple[float, str, int, float, str] | None = None
     for entry, run in task.runs:
         label, eta = run_label(entry, run), run.eta
         values = [(float(s.ratio(eta)), epoch) for epoch, s in run_points(run)]
@@ -293,17 +307,26 @@ def min_rho(task: TaskRecord) -> dict[str, Any]:
         if not values:
             continue
         value, epoch = min(values)
-        per_run[label] = {"value": value, "epoch": epoch, "eta": eta}
+        at = run.point_name(epoch)
+        per_run[label] = {"value": value, "epoch": epoch, "at": at, "eta": eta}
+        per_run[label]["label"] = descent_label(value)
         if best is None or value < best[0]:
-            best = (value, label, epoch, eta)
+            best = (value, label, epoch, eta, at)
     if best is None:
-        return {"value": None, "reason": "no per-component records", "per_run": {}}
+        return {
+            "value": None,
+            "reason": "no per-component records",
+            "per_run": {},
+            "label": descent_label(None),
+        }
     return {
         "value": best[0],
         "run": best[1],
         "epoch": best[2],
+        "at": best[4],
         "eta": best[3],
         "reversed": bool(best[0] < 0),
+        "label": descent_label(best[0]),
         "per_run": per_run,
     }
 
@@ -319,7 +342,7 @@ def eta_advice(
         pts = run_points(run)
         if not pts:
             continue
-        names = [f"{label} epoch {epoch}" for epoch, _ in pts]
+        names = [f"{label} {run.point_name(epoch)}" for epoch, _ in pts]
         per_run[label] = advise([s for _, s in pts], target, names)
         labels += names
         points += [s for _, s in pts]
@@ -364,11 +387,14 @@ def _ratio(a: float, b: float | None) -> float:
 
 
 def _verdict_of(res: dict[str, Any], run: RunRecord) -> dict[str, Any]:
-    method, eta, c1, c2 = res["method"], res["eta"], res["c1"], res["c2"]
+    c1, c2 = res["c1"], res["c2"]
     out: dict[str, Any] = {"verdict": "not checked", "failing": None, "deciding": None}
-    if method not in THEOREMS or not math.isfinite(eta):
-        out["deciding"] = {"quantity": "method / η", "value": f"{method}, η = {eta}"}
-        return out
+    if res.get("not_applicable"):
+        return out | {
+            "verdict": "not applicable",
+            "reason": res["not_applicable"],
+            "deciding": {"quantity": "the theorem's scope", "value": res["not_applicable"]},
+        }
     if not c1 > 0:
         return {
             "verdict": "violated",
@@ -433,14 +459,18 @@ def theorem_verdicts(task: TaskRecord) -> list[dict[str, Any]]:
         try:
             res = check_theorem(run)
         except (FileNotFoundError, ValueError) as exc:
+            reason = run_scope(run)
             out.append(
                 {
                     "run": label,
                     "theorem": THEOREMS.get(run.method),
-                    "verdict": "not checked",
+                    "verdict": "not checked" if reason is None else "not applicable",
                     "failing": None,
-                    "deciding": {"quantity": "records", "value": str(exc)},
+                    "deciding": {"quantity": "records", "value": str(exc)}
+                    if reason is None
+                    else {"quantity": "the theorem's scope", "value": reason},
                 }
+                | ({} if reason is None else {"reason": reason})
             )
             continue
         item = {"run": label, "theorem": res["theorem"], **_verdict_of(res, run)}
@@ -466,19 +496,65 @@ def theorem_verdicts(task: TaskRecord) -> list[dict[str, Any]]:
 # -- all of it ------------------------------------------------------------------------------
 
 
+def monitor_steps(run: RunRecord) -> dict[str, Any]:
+    """Summarise a Monitor run's per-step records: steps, share clipped at η, cosines.
+
+    From :meth:`~clipscope.run.directory.RunRecord.step_arrays` (the steps between
+    probes) and the probe rows (``step``, ``c1``: the mean cos θ_ki at each probe).
+    """
+    arrays = run.step_arrays()
+    steps = arrays.get("step", np.empty(0))
+    norms = arrays.get("step_grad_norm", np.empty(0))
+    clipped = arrays.get("step_clipped", np.empty(0))
+    cos = arrays.get("step_cos", np.empty(0))
+
+    def stat(values: np.ndarray, how) -> float:
+        values = values[np.isfinite(values)]
+        return float(how(values)) if values.size else math.nan
+
+    return {
+        "steps": int(steps.size),
+        "first_step": int(steps.min()) if steps.size else None,
+        "last_step": int(steps.max()) if steps.size else None,
+        "eta": run.eta,
+        "clipped_share": stat(clipped, np.mean),
+        "grad_norm_median": stat(norms, np.median),
+        "grad_norm_max": stat(norms, np.max),
+        "cos_mean": stat(cos, np.mean),
+        "cos_min": stat(cos, np.min),
+        "probes": {
+            "step": [int(v) if np.isfinite(v) else None for v in run.column("step")],
+            "mean_cos": run.column("c1").tolist(),
+            "rho": run.column("rho").tolist(),
+        },
+    }
+
+
 def task_findings(task: TaskRecord, target: float = DEFAULT_TARGET) -> dict[str, Any]:
-    """Every finding of one task (see the module docstring), JSON-ready."""
+    """Every finding of one task (see the module docstring), JSON-ready.
+
+    A study's task has every key; a single run directory (``kind = "run"``) has
+    no study-only keys (``fig1_trend``, ``positive_cos_share_b1``: they compare
+    runs over batch sizes, or need the study's batch-size-1 section) and, for a
+    Monitor's run, ``steps`` (:func:`monitor_steps`).
+    """
     advice, _, _ = eta_advice(task, target)
-    return _json(
-        {
-            "runs": [run_label(e, r) for e, r in task.runs],
-            "fig1_trend": fig1_trend(task),
-            "positive_cos_share_b1": positive_cos_share_b1(task),
-            "min_rho": min_rho(task),
-            "eta_advice": advice,
-            "theorems": theorem_verdicts(task),
-        }
-    )
+    out: dict[str, Any] = {"kind": task.kind, "runs": [run_label(e, r) for e, r in task.runs]}
+    if task.kind == "study":
+        out["fig1_trend"] = fig1_trend(task)
+        out["positive_cos_share_b1"] = positive_cos_share_b1(task)
+    out |= {"min_rho": min_rho(task), "eta_advice": advice, "theorems": theorem_verdicts(task)}
+    steps = {run_label(e, r): monitor_steps(r) for e, r in task.runs if r.kind == "monitor"}
+    if steps:
+        out["steps"] = steps
+    out["threads"] = task.threads or {
+        run_label(e, r): {k: r.env.get(k) for k in ("threads", "interop_threads", "cpus")}
+        for e, r in task.runs
+    }
+    notes = [note for _, r in task.runs for note in r.notes]
+    if notes:
+        out["notes"] = notes
+    return _json(out)
 
 
 def study_findings(

@@ -23,6 +23,7 @@ from clipscope.math.advice import DEFAULT_TARGET, check_target
 from clipscope.math.stats import ComponentStats
 from clipscope.report import plots
 from clipscope.report.findings import FINDINGS_FILE, eta_advice, study_findings, write_findings
+from clipscope.report.labels import BAD, NA, OK, WARN, descent_label, verdict_class
 from clipscope.report.theorem import ESTIMATES, check_theorem
 from clipscope.run.directory import RunRecord
 from clipscope.run.study import TaskRecord, load_study
@@ -34,7 +35,7 @@ h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 2em; }
 table { border-collapse: collapse; margin: 1em 0; font-size: .9em; }
 th, td { border: 1px solid #ccc; padding: .3em .6em; text-align: right; }
 th { background: #f3f3f3; } td.l, th.l { text-align: left; }
-.ok { color: #176317; } .bad { color: #a01010; } .na { color: #888; }
+.ok { color: #176317; } .bad { color: #a01010; } .warn { color: #8a5200; } .na { color: #888; }
 .figs { display: flex; flex-wrap: wrap; gap: 1em; }
 .figs img { width: 520px; border: 1px solid #eee; }
 .note { color: #555; font-size: .9em; }
@@ -59,26 +60,35 @@ class RunSummary:
     loss_last: float
 
     def cells(self) -> list[str]:
-        """Table cells, formatted."""
+        """Table cells, formatted (colours by the rules of ``docs/reproduce.md``, "Labels")."""
         bound = (
-            '<span class="na">A3 never held</span>'
+            _span(NA, "no probe with every cos θ ≥ 0")
             if self.bound33_checked == 0
             else _verdict(
                 self.bound33_held == self.bound33_checked,
                 f"{self.bound33_held}/{self.bound33_checked}",
             )
         )
+        c1 = (
+            _na()
+            if not math.isfinite(self.c1_min)
+            else _verdict(self.c1_min > 0, _num(self.c1_min))
+        )
+        c2 = (
+            _na()
+            if not math.isfinite(self.c2_min)
+            else _verdict(0 < self.c2_min <= 1, _num(self.c2_min))
+        )
+        rho = descent_label(self.rho_last)
         return [
             html.escape(self.label),
             str(self.epochs),
             _num(self.eta),
-            _verdict(self.a3_share == 1.0, _pct(self.a3_share)),
-            _num(self.c1_min),
-            _num(self.c2_min),
+            c1,
+            c2,
+            _span(NA, _pct(self.a3_share)) if math.isfinite(self.a3_share) else _na(),
             bound,
-            _verdict(self.rho_last > 0, _num(self.rho_last))
-            if math.isfinite(self.rho_last)
-            else _na(),
+            _span(rho["class"], _num(self.rho_last)) if math.isfinite(self.rho_last) else _na(),
             _pct(self.clipped_last),
             _num(self.b_noise_last),
             _num(self.loss_last),
@@ -89,10 +99,10 @@ _HEADERS = [
     "run",
     "probes",
     "η",
-    "A3 held (share of probes)",
-    "min c1",
-    "min c2 (A4)",
-    "bound (33) held",
+    "min c1 (A3: &gt; 0)",
+    "min c2 (A4: &gt; 0)",
+    "probes with every cos θ ≥ 0",
+    "bound (33) held there",
     "ρ(η) last",
     "clipped fraction last",
     "B_noise last",
@@ -115,7 +125,13 @@ def _pct(value: float) -> str:
 
 
 def _verdict(good: bool, text: str) -> str:
-    return f'<span class="{"ok" if good else "bad"}">{text}</span>'
+    return _span(OK if good else BAD, text)
+
+
+def _span(css: str, text: str) -> str:
+    """``text`` (already HTML) in a span of class ``css`` (ok, warn, bad, na)."""
+    assert css in (OK, WARN, BAD, NA)
+    return f'<span class="{css}">{text}</span>'
 
 
 def _last_finite(values: np.ndarray) -> float:
@@ -152,10 +168,8 @@ def summarize_run(entry: dict, run: RunRecord) -> RunSummary:
     if not a3:  # no component arrays: fall back on the stored rows
         c1 = list(run.column("c1"))
         c2 = list(run.column("c2"))
-    method = entry.get("method") or run.method
-    batch = entry.get("batch_size") or run.batch_size
     return RunSummary(
-        label=f"{method.upper()} B={batch}",
+        label=plots.run_title(entry, run),
         epochs=run.n_rows,
         eta=eta,
         a3_share=float(np.mean(a3)) if a3 else math.nan,
@@ -179,6 +193,7 @@ def _theory_rows(res: dict) -> list[tuple[str, str]]:
     fit = res.get("fit") or {}
     rows = [
         ("theorem", html.escape(res.get("theorem") or "none for this method")),
+        ("its scope", html.escape(res.get("scope") or "–")),
         ("estimate used", html.escape(ESTIMATES.get(res["estimate"], "none"))),
         (
             "L0, L1 (A2)",
@@ -252,8 +267,7 @@ def theory_section(task: TaskRecord) -> str:
         if part:
             parts.append(part)
         else:
-            method = entry.get("method") or run.method
-            missing.append(f"{method.upper()} B={entry.get('batch_size') or run.batch_size}")
+            missing.append(plots.run_title(entry, run))
     if missing:
         parts.append(
             f'<p class="note">Theory check of {html.escape(", ".join(missing))}: no smoothness '
@@ -269,14 +283,18 @@ def render_theory(entry: dict, run: RunRecord) -> str:
     :func:`clipscope.report.theorem.check_theorem` without a ``measure``; an empty
     string for a run without recorded smoothness values (see :func:`theory_section`).
     """
-    method = entry.get("method") or run.method
-    batch = entry.get("batch_size") or run.batch_size
-    label = html.escape(f"{method.upper()} B={batch}")
+    label = html.escape(plots.run_title(entry, run))
     try:
         res = check_theorem(run)
     except (FileNotFoundError, ValueError) as exc:
         return (
             f'<p class="note">Theory check of {label}: not possible ({html.escape(str(exc))}).</p>'
+        )
+    if res.get("not_applicable"):
+        return (
+            f'<p class="note">Theory check of {label}: '
+            + _span(NA, "not applicable: " + html.escape(res["not_applicable"]))
+            + "</p>"
         )
     if res["estimate"] is None:
         return ""  # listed by theory_section in one sentence
@@ -332,22 +350,21 @@ def render_task(
 
 
 def _fmt_trend(trend: dict, what: str) -> str:
-    if trend.get("direction") is None:
-        return _na() + f" (fewer than 2 batch sizes with finite {html.escape(what)})"
+    """One Figure 1 row: the label of :func:`clipscope.report.labels.trend_label` and the counts."""
+    label = trend.get("label") or {}
+    if not label:
+        return _na() + f" (no {html.escape(what)} trend recorded)"
     per = trend.get("per_epoch", {})
     epochs = len(per.get("epochs", []))
-    text = (
-        f"Spearman ρ_s = {trend['spearman']:.2f} over B = "
-        f"{', '.join(str(b) for b in trend['batch_sizes'])} (exact p = "
-        f"{_num(_opt(trend['p_value']))}, n = {trend['n']}); per epoch ρ_s &gt; 0 at "
-        f"{per.get('increasing_epochs', 0)}/{epochs}, strictly increasing at "
-        f"{per.get('monotone_increasing_epochs', 0)}/{epochs}"
-    )
-    grows = trend["direction"] == "increasing"
-    verdict = (
-        "grows with B, as in the paper" if grows else "does not grow with B (the paper: it does)"
-    )
-    return _verdict(grows, f"{verdict}: {text}")
+    values = ", ".join(_num(_opt(v)) for v in trend.get("values", []))
+    sizes = ", ".join(str(b) for b in trend.get("batch_sizes", []))
+    detail = f" — run averages {values} for B = {sizes}" if sizes else ""
+    if epochs:
+        detail += (
+            f"; per epoch ρ_s &gt; 0 at {per.get('increasing_epochs', 0)}/{epochs}, strictly "
+            f"increasing at {per.get('monotone_increasing_epochs', 0)}/{epochs}"
+        )
+    return _span(label["class"], html.escape(label["text"])) + detail
 
 
 def _fmt_advice(advice: dict) -> str:
@@ -369,30 +386,32 @@ def _fmt_advice(advice: dict) -> str:
     return text + f" — {advice['n_points']} probes"
 
 
+def _lanczos_text(lanczos: dict) -> str:
+    """How the constants were solved for: tolerance, products for f (and f_i when recorded)."""
+    if not lanczos:
+        return ""
+    parts = [f"Lanczos tol {lanczos.get('tol')}, ≤ {lanczos.get('iterations_max')} products (f)"]
+    if lanczos.get("component_iterations_max") is not None:
+        parts.append(f"≤ {lanczos['component_iterations_max']} (f_i)")
+    done = "all converged" if lanczos.get("all_converged") else "NOT all converged"
+    return ", ".join(parts) + f"; {done}"
+
+
 def _fmt_theorems(items: list[dict]) -> str:
-    checked = [t for t in items if t["verdict"] != "not checked"]
+    checked = [t for t in items if t["verdict"] in ("satisfied", "violated")]
     rows = []
     for t in checked:
         deciding = t.get("deciding") or {}
         value = deciding.get("value")
         shown = _num(value) if isinstance(value, (int, float)) else html.escape(str(value))
-        lanczos = t.get("lanczos") or {}
-        solved = (
-            f"Lanczos tol {lanczos.get('tol')}, ≤ {lanczos.get('iterations_max')} products (f), "
-            f"≤ {lanczos.get('component_iterations_max')} (f_i); "
-            + ("all converged" if lanczos.get("all_converged") else "NOT all converged")
-            if lanczos
-            else ""
-        )
         rows.append(
             f'<tr><td class="l">{html.escape(t["run"])}</td>'
             f'<td class="l">{html.escape(str(t["theorem"]))}</td>'
-            f"<td>{_verdict(t['verdict'] == 'satisfied', t['verdict'])}</td>"
+            f"<td>{_span(verdict_class(t['verdict']), t['verdict'])}</td>"
             f'<td class="l">{html.escape(str(t.get("failing") or "–"))}</td>'
             f'<td class="l">{html.escape(str(deciding.get("quantity", "")))} = {shown}</td>'
-            f'<td class="l">{html.escape(solved)}</td></tr>'
+            f'<td class="l">{html.escape(_lanczos_text(t.get("lanczos") or {}))}</td></tr>'
         )
-    others = [t["run"] for t in items if t["verdict"] == "not checked"]
     table = (
         '<table class="theorems"><thead><tr><th class="l">run</th><th class="l">theorem</th>'
         '<th>verdict</th><th class="l">failing</th><th class="l">deciding quantity</th>'
@@ -400,51 +419,83 @@ def _fmt_theorems(items: list[dict]) -> str:
         if rows
         else ""
     )
-    note = (
-        f'<p class="note">Not checked (no recorded smoothness values, or the theorem does '
-        f"not apply): {html.escape(', '.join(others))}.</p>"
-        if others
-        else ""
+    notes = []
+    outside = [t for t in items if t["verdict"] == "not applicable"]
+    for t in outside:
+        notes.append(
+            f'<p class="note">{html.escape(t["run"])}: '
+            + _span(NA, "not applicable: " + html.escape(str(t.get("reason"))))
+            + "</p>"
+        )
+    others = [t["run"] for t in items if t["verdict"] == "not checked"]
+    if others:
+        notes.append(
+            '<p class="note">Not checked (no recorded smoothness values, or constants that '
+            f"could not be fitted): {html.escape(', '.join(others))}.</p>"
+        )
+    return table + "".join(notes)
+
+
+def _fmt_rho(low: dict) -> str:
+    """Render the smallest ρ(η) row with its :func:`~clipscope.report.labels.descent_label`."""
+    if low.get("value") is None:
+        return _na() + " " + html.escape(low.get("reason", ""))
+    label = low.get("label") or descent_label(low["value"])
+    where = low.get("at") or f"epoch {low['epoch']}"
+    return _span(label["class"], html.escape(label["text"])) + (
+        f": ρ = {low['value']:.4g} ({html.escape(str(low['run']))}, {html.escape(where)}, "
+        f"η = {_num(low['eta'])})"
     )
-    return table + note
+
+
+def _fmt_steps(label: str, steps: dict) -> str:
+    """Render a Monitor run's steps in one line (``findings.monitor_steps``)."""
+    if not steps.get("steps"):
+        return _na() + " no per-step records (Monitor.gradient() was not called)"
+    return (
+        f"{steps['steps']:,} steps ({steps['first_step']} … {steps['last_step']}): "
+        f"{_pct(_opt(steps['clipped_share']))} clipped at η = {_num(_opt(steps['eta']))}; "
+        f"‖g‖ median {_num(_opt(steps['grad_norm_median']))}, max "
+        f"{_num(_opt(steps['grad_norm_max']))}; cos∠(g, ∇f_k) mean "
+        f"{_num(_opt(steps['cos_mean']))}, min {_num(_opt(steps['cos_min']))}"
+    )
 
 
 def findings_section(findings: dict) -> str:
-    """Render the headline: per task, the answers of ``findings.json`` in one table each."""
+    """Render the headline: per task, the answers of ``findings.json`` in one table each.
+
+    A study's task shows every row; a single run directory only the rows about
+    one run (smallest ρ(η), η advice, the theorem, and a Monitor's steps).
+    """
     parts = ['<section class="findings"><h2>Findings</h2>']
     for name, task in findings["tasks"].items():
-        trend = task["fig1_trend"]
-        share = task["positive_cos_share_b1"]
-        low = task["min_rho"]
-        method = str(trend.get("method") or "–").upper()
-        rows = [
-            (
-                f"Figure 1: mean cos θ vs batch size ({method})",
-                _fmt_trend(trend.get("mean_cos_vs_batch_size", {}), "c1"),
-            ),
-            (
-                f"Figure 1: m_g/M_g vs batch size ({method})",
-                _fmt_trend(trend.get("c2_vs_batch_size", {}), "c2"),
-            ),
-            (
-                "cos θ > 0 at batch size 1",
-                _na() + " " + html.escape(share.get("reason", ""))
-                if share.get("share") is None
-                else f"{_pct(share['share'])} of {share['n']:,} "
-                f"({html.escape(str(share['sample']))}; final point of {share['run']}, "
-                f"epoch {share['epoch']}) — the paper: {html.escape(share['paper'])}",
-            ),
-            (
-                "smallest ρ(η) at the run's η",
-                _na()
-                if low.get("value") is None
-                else _verdict(
-                    not low["reversed"],
-                    f"{low['value']:.4g} ({low['run']}, epoch {low['epoch']}, η = "
-                    f"{_num(low['eta'])}): clipping "
-                    + ("reversed descent" if low["reversed"] else "never reversed descent"),
+        rows = []
+        if task.get("kind", "study") == "study":
+            trend = task["fig1_trend"]
+            share = task["positive_cos_share_b1"]
+            method = str(trend.get("method") or "–").upper()
+            rows += [
+                (
+                    f"Figure 1: mean cos θ vs batch size ({method})",
+                    _fmt_trend(trend.get("mean_cos_vs_batch_size", {}), "c1"),
                 ),
-            ),
+                (
+                    f"Figure 1: m_g/M_g vs batch size ({method})",
+                    _fmt_trend(trend.get("c2_vs_batch_size", {}), "c2"),
+                ),
+                (
+                    "cos θ > 0 at batch size 1",
+                    _na() + " " + html.escape(share.get("reason", ""))
+                    if share.get("share") is None
+                    else f"{_pct(share['share'])} of {share['n']:,} "
+                    f"({html.escape(str(share['sample']))}; final point of {share['run']}, "
+                    f"epoch {share['epoch']}) — the paper: {html.escape(share['paper'])}",
+                ),
+            ]
+        for label, steps in (task.get("steps") or {}).items():
+            rows.append((f"steps of {label}", _fmt_steps(label, steps)))
+        rows += [
+            ("smallest ρ(η) at the run's η", _fmt_rho(task["min_rho"])),
             (
                 f"η advice (target {task['eta_advice']['target']:g})",
                 _fmt_advice(task["eta_advice"]),
@@ -453,15 +504,37 @@ def findings_section(findings: dict) -> str:
         body = "".join(
             f'<tr><td class="l">{html.escape(k)}</td><td class="l">{v}</td></tr>' for k, v in rows
         )
+        notes = "".join(
+            f'<p class="note">{_span(WARN, html.escape(n))}</p>' for n in task.get("notes", [])
+        )
+        threads = html.escape(_threads_text(task.get("threads")))
         parts.append(
             f"<h3>{html.escape(name)}</h3><table><tbody>{body}</tbody></table>"
+            + notes
             + _fmt_theorems(task["theorems"])
+            + f'<p class="note">torch threads: {threads}</p>'
         )
     parts.append(
         f'<p class="note">All of it is in <code>{FINDINGS_FILE}</code> '
-        "(keys: docs/reproduce.md).</p></section>"
+        "(keys and the rules behind every label: docs/reproduce.md).</p></section>"
     )
     return "".join(parts)
+
+
+def _threads_text(threads: dict | None) -> str:
+    """``1 intra-op (setting 1), 2 interop, 2 CPUs``, or per run from its ``env.json``."""
+    known = threads and any(
+        isinstance(v, dict) and v.get("threads") is not None for v in threads.values()
+    )
+    if not threads or ("intra_op" not in threads and not known):
+        return "not recorded"
+    if "intra_op" in threads:  # study.json's record of the task
+        return (
+            f"{threads['intra_op']} intra-op (setting {threads['setting']}; 0 = every core), "
+            f"{threads['interop']} interop, {threads['cpus']} CPUs"
+        )
+    seen = sorted({str(v.get("threads")) for v in threads.values() if isinstance(v, dict)})
+    return "intra-op " + ", ".join(seen) + " (env.json of each run)"
 
 
 def build_report(
@@ -470,13 +543,25 @@ def build_report(
     """Rebuild figures, ``findings.json`` and ``report.html`` of a study or run directory.
 
     ``findings.json`` (:mod:`clipscope.report.findings`) is written beside the
-    report; ``target`` is the η advice's share of the unclipped descent.
-    Returns the path of the written report. Never recomputes gradients.
+    report (its folder is created when missing); ``target`` is the η advice's
+    share of the unclipped descent. Returns the path of the written report.
+    Never recomputes gradients.
+
+    Raises
+    ------
+    FileNotFoundError
+        ``path`` is neither a study nor a run directory.
+    ValueError
+        A run without ``config.toml`` or rows, a malformed ``epochs.csv`` row or
+        component file (each naming the file), a target outside (0, 1].
+    OSError
+        The report cannot be written (a full disk, a read-only folder).
     """
     target = check_target(target)
     path = Path(path)
     tasks = load_study(path)
     out = Path(out) if out is not None else path / "report.html"
+    out.parent.mkdir(parents=True, exist_ok=True)
     findings = study_findings(tasks, target)
     write_findings(out.parent / FINDINGS_FILE, findings)
     sections = findings_section(findings) + "".join(
@@ -489,11 +574,13 @@ def build_report(
 <body><h1>clipscope report</h1>
 <p class="note">Built {stamp} by clipscope {__version__} from the records in
 <code>{html.escape(str(path))}</code>.
-Mean cos θ_ki is c1 (assumption A3 needs every cos ≥ 0 and c1 &gt; 0); m_g/M_g is c2 (A4).
-Bound (33): D(η) ≥ m·min(η c1, c2‖∇f‖)·‖∇f‖, checked at every probe where A3 held.
+Mean cos θ_ki is c1: assumption (A3) of the theorems is c1 &gt; 0 at every probe (min c1);
+m_g/M_g is c2 (A4). Bound (33): D(η) ≥ m·min(η c1, c2‖∇f‖)·‖∇f‖, checked at every probe
+where every cos θ_ki ≥ 0 (the stricter form (33) needs).
 ρ(η) = D(η)/(m‖∇f‖²): 1 without clipping, negative when clipping reverses descent.
 B_noise = tr(Σ)/‖∇f‖² is the gradient-noise-scale heuristic.
-The theory checks (Theorem 3.1/3.2) use only smoothness values the runs recorded.</p>
+The theory checks (Theorem 3.1/3.2) use only smoothness values the runs recorded, and only
+for runs inside a theorem's scope. Every label follows a rule of docs/reproduce.md ("Labels").</p>
 {sections}
 </body></html>
 """

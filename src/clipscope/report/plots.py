@@ -15,6 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from clipscope.math.advice import EtaAdvice, advice_grid
 from clipscope.math.smoothness import fit_components, fit_l0_l1
@@ -40,10 +41,11 @@ def _run_style(task: TaskRecord, entry: dict, run: RunRecord) -> dict:
     return {"color": f"C{sizes.index(batch) % 10}", "linestyle": _STYLES.get(method, "-")}
 
 
-def _label(entry: dict, run: RunRecord) -> str:
-    method = entry.get("method") or run.method
+def run_title(entry: dict, run: RunRecord) -> str:
+    """``IGC B=16`` for a run of ``clipscope train``; ``Monitor B=32`` for a Monitor's run."""
+    method = "Monitor" if run.kind == "monitor" else (entry.get("method") or run.method).upper()
     batch = entry.get("batch_size") or run.batch_size
-    return f"{method.upper()} B={batch}"
+    return f"{method} B={batch}"
 
 
 def _empty_note(ax, text: str) -> None:
@@ -60,29 +62,99 @@ def _finish(fig, ax, drawn: bool, empty: str, *, fontsize: int = 7, ncol: int = 
     return fig
 
 
-def per_epoch(task: TaskRecord, field: str, ylabel: str, title: str) -> plt.Figure:
-    """Plot ``field`` of ``epochs.csv`` against ``epoch``, one line per run.
+def task_clock(task: TaskRecord) -> str:
+    """``"step"`` when every run of the task is a Monitor's (probes at steps), else ``"epoch"``."""
+    return "step" if task.runs and all(run.clock == "step" for _, run in task.runs) else "epoch"
 
-    Reads: ``epoch``, ``field``. This draws the paper's Figure 1 analogs with
-    ``field="c1"`` (mean cos θ_ki, A3) and ``field="c2"`` (m_g/M_g, A4).
+
+def _integer_ticks(axis) -> None:
+    """Epochs and steps are counts: ticks at integers only."""
+    axis.set_major_locator(MaxNLocator(integer=True))
+
+
+def per_epoch(task: TaskRecord, field: str, ylabel: str, title: str) -> plt.Figure:
+    """Plot ``field`` of ``epochs.csv`` against ``epoch`` (a Monitor's runs: ``step``), per run.
+
+    Reads: ``epoch`` or ``step``, ``field``. This draws the paper's Figure 1
+    analogs with ``field="c1"`` (mean cos θ_ki, A3) and ``field="c2"``
+    (m_g/M_g, A4). The x ticks are integers.
     """
     fig, ax = plt.subplots(figsize=(6, 3.6))
     drawn = False
+    clock = task_clock(task)
     for entry, run in task.runs:
         y = run.column(field)
         if not np.isfinite(y).any():
             continue
-        x = run.column("epoch")
+        x = run.column(clock)
         if not np.isfinite(x).all():
             x = np.arange(len(y), dtype=float)
         style = _run_style(task, entry, run)
-        ax.plot(x, y, marker="o", markersize=3, label=_label(entry, run), **style)
+        ax.plot(x, y, marker="o", markersize=3, label=run_title(entry, run), **style)
         drawn = True
-    ax.set_xlabel("epoch k")
+    ax.set_xlabel("step (a probe at each marker)" if clock == "step" else "epoch k")
+    _integer_ticks(ax.xaxis)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     return _finish(fig, ax, drawn, f"no finite '{field}' values recorded", fontsize=7, ncol=2)
+
+
+def monitor_steps(task: TaskRecord) -> plt.Figure:
+    """Plot a Monitor run's steps: ‖g‖ of every step, the share clipped at η, the cosines.
+
+    Reads: the per-step arrays (``components/epoch_XXXX_steps.npz``: ``step``,
+    ``step_grad_norm``, ``step_clipped``, ``step_cos``), the run's η, and the
+    probe rows' ``step``, ``c1`` (mean cos θ_ki at each probe) and
+    ``train_clipped_share`` (the share of the steps after that probe clipped at
+    η). Top: the step norms, η dashed, clipped steps marked. Bottom: each
+    step's cos∠(g, ∇f_k) with the last probe's ∇f_k, the mean cos θ_ki at each
+    probe, and the clipped share per interval (a step line from its probe on).
+    """
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.4, 5.2), sharex=True)
+    drawn = False
+    for entry, run in task.runs:
+        if run.kind != "monitor":
+            continue
+        title = run_title(entry, run)
+        arrays = run.step_arrays()
+        steps = arrays.get("step", np.empty(0))
+        if steps.size:
+            norms, clipped = arrays["step_grad_norm"], arrays["step_clipped"] > 0
+            (line,) = top.plot(steps, norms, lw=0.8, label=f"{title} ‖g‖ per step")
+            if clipped.any():
+                top.plot(steps[clipped], norms[clipped], "x", ms=4, color="C3",
+                         label="clipped at η")  # fmt: skip
+            bottom.plot(steps, arrays["step_cos"], ".", ms=3, alpha=0.6, color=line.get_color(),
+                        label="cos∠(g, ∇f_k) per step")  # fmt: skip
+            drawn = True
+        if math.isfinite(run.eta):
+            top.axhline(run.eta, color="k", ls="--", lw=1, label=f"η = {run.eta:g}")
+        at, c1 = run.column("step"), run.column("c1")
+        ok = np.isfinite(at) & np.isfinite(c1)
+        if ok.any():
+            bottom.plot(at[ok], c1[ok], "o", color="k", ms=5, label="mean cos θ_ki at each probe")
+            drawn = True
+        share = run.column("train_clipped_share")
+        ok = np.isfinite(at) & np.isfinite(share)
+        if ok.any():
+            bottom.step(at[ok], share[ok], where="post", color="C3", lw=1.2,
+                        label="share of the interval's steps clipped")  # fmt: skip
+    top.set_ylabel("‖g‖ before clipping")
+    top.set_title(f"{task.name}: the steps of your loop", fontsize=9)
+    top.grid(alpha=0.3)
+    bottom.set_ylabel("cosine; clipped share")
+    bottom.set_xlabel("step (optimizer updates)")
+    bottom.axhline(0, color="k", lw=0.6)
+    bottom.grid(alpha=0.3)
+    _integer_ticks(bottom.xaxis)
+    if drawn:
+        top.legend(fontsize=6)
+        bottom.legend(fontsize=6)
+    else:
+        _empty_note(top, "no per-step records (call Monitor.gradient() in the loop)")
+    fig.tight_layout()
+    return fig
 
 
 def _last_stats(run: RunRecord) -> ComponentStats | None:
@@ -114,7 +186,7 @@ def cos_histogram(task: TaskRecord) -> plt.Figure:
                 bins=bins,
                 histtype="step",
                 density=True,
-                label=_label(entry, run),
+                label=run_title(entry, run),
                 **_run_style(task, entry, run),
             )
             drawn = True
@@ -141,7 +213,7 @@ def eta_profile(task: TaskRecord) -> plt.Figure:
         # from well below the typical norm (not the smallest, which may be ~0) to past the largest
         etas = np.geomspace(np.quantile(positive, 0.05) / 10, positive.max() * 3, 400)
         (line,) = ax.plot(
-            etas, stats.ratio(etas), label=_label(entry, run), **_run_style(task, entry, run)
+            etas, stats.ratio(etas), label=run_title(entry, run), **_run_style(task, entry, run)
         )
         if math.isfinite(run.eta):
             ax.axvline(run.eta, color=line.get_color(), ls=":", lw=1)
@@ -242,7 +314,7 @@ def smoothness(task: TaskRecord) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(6, 3.6))
     drawn = False
     for entry, run in task.runs:
-        label = _label(entry, run)
+        label = run_title(entry, run)
         g = run.column("grad_norm")
         h, t = run.column("hess_norm"), run.column("traj_smoothness")
         color = None
@@ -318,14 +390,15 @@ def _advice_axes(ax, lo: float) -> None:
 
 def eta_advice_run(
     title: str,
-    points: list[tuple[int, ComponentStats]],
+    points: list[tuple[int | str, ComponentStats]],
     advice: EtaAdvice,
     eta_run: float | None = None,
 ) -> plt.Figure:
     """ρ_k(η) at every probe of one run (colour: epoch), their minimum, and the advice marked.
 
     Reads the stored ``(n_i, d_i, ‖∇f_k‖)`` of each probe (``points``, from
-    :func:`clipscope.report.findings.run_points`); ``advice`` is
+    :func:`clipscope.report.findings.run_points`: ``(epoch, stats)``, or
+    ``(name, stats)`` with a name such as ``"step 24"``); ``advice`` is
     :func:`clipscope.math.advice.advise` of the same points. Nothing is recomputed.
     """
     fig, ax = plt.subplots(figsize=(6.4, 4))
@@ -340,7 +413,9 @@ def eta_advice_run(
             envelope = np.nanmin(curves, axis=0) if np.isfinite(curves).any() else curves[0]
         ax.plot(etas, envelope, color="k", lw=2, label="min over the probes")
         first, last = points[0][0], points[-1][0]
-        ax.plot([], [], color=colors[0], label=f"one probe each (epoch {first} … {last})")
+        if not isinstance(first, str):
+            first, last = f"epoch {first}", f"epoch {last}"
+        ax.plot([], [], color=colors[0], label=f"one probe each ({first} … {last})")
         _mark_advice(ax, advice, eta_run)
         _advice_axes(ax, float(np.nanmin(envelope)) if np.isfinite(envelope).any() else -1)
     ax.set_title(title, fontsize=9)
@@ -370,7 +445,7 @@ def eta_advice_task(task: TaskRecord, advice: EtaAdvice, per_run: dict) -> plt.F
                 envelope = np.nanmin(curves, axis=0)
             lowest = min(lowest, float(np.nanmin(envelope)))
             label = run_label(entry, run)
-            ax.plot(etas, envelope, label=f"{_label(entry, run)} (eta_max "
+            ax.plot(etas, envelope, label=f"{run_title(entry, run)} (eta_max "
                     f"{per_run[label].eta_max:.3g})", **_run_style(task, entry, run))  # fmt: skip
         _mark_advice(ax, advice)
         _advice_axes(ax, lowest)
@@ -389,15 +464,19 @@ def figure_png(fig: plt.Figure) -> bytes:
 def task_figures(task: TaskRecord) -> dict[str, plt.Figure]:
     """Every figure of one task, keyed by a file-name stem.
 
-    ``noise`` only when the task has a cross-section, ``smoothness`` only when a run
-    of the task recorded smoothness columns.
+    ``steps`` (first) only for a Monitor's run, ``noise`` only when the task has a
+    cross-section, ``smoothness`` only when a run of the task recorded smoothness
+    columns.
     """
+    per = "per probe" if task_clock(task) == "step" else "per epoch"
+    monitor = any(run.kind == "monitor" for _, run in task.runs)
     return (
-        {
+        ({"steps": monitor_steps(task)} if monitor else {})
+        | {
             "mean_cos": per_epoch(
-                task, "c1", "mean cos θ_ki  (c1, A3)", f"{task.name}: mean cos θ per epoch"
+                task, "c1", "mean cos θ_ki  (c1, A3)", f"{task.name}: mean cos θ {per}"
             ),
-            "c2": per_epoch(task, "c2", "m_g / M_g  (c2, A4)", f"{task.name}: m_g/M_g per epoch"),
+            "c2": per_epoch(task, "c2", "m_g / M_g  (c2, A4)", f"{task.name}: m_g/M_g {per}"),
             "cos_hist": cos_histogram(task),
             "eta_profile": eta_profile(task),
         }

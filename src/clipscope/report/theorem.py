@@ -35,6 +35,11 @@ the report hands it none. The dict holds:
   its bound (42). The run records ``igc_drift = S_k − D_k(η)``
   (:class:`clipscope.loop.IGCDrift`), a **signed** number; (39) and (42) are
   about its absolute value, so ``|igc_drift|`` is compared;
+* ``scope`` (what the run's theorem covers, :data:`clipscope.math.theory.THEOREM_SCOPE`)
+  and ``not_applicable`` (why the run lies outside it, :func:`run_scope`; None
+  inside): a run outside gets the verdict ``"not applicable: <reason>"`` and no
+  bound (a momentum, weight-decay or scheduled run, an adaptive optimizer, a
+  method without a theorem, η = ∞);
 * ``verdict``: the outcome in plain words.
 
 Without ``measure`` nothing is computed from a model: a run without
@@ -52,10 +57,10 @@ import numpy as np
 
 from clipscope.math import theory
 from clipscope.math.smoothness import FIT_METHODS, fit_components, fit_l0_l1
-from clipscope.math.theory import THEOREMS
+from clipscope.math.theory import THEOREM_SCOPE, THEOREMS
 from clipscope.run.directory import RunRecord
 
-__all__ = ["ESTIMATES", "Measure", "check_theorem"]
+__all__ = ["ESTIMATES", "Measure", "check_theorem", "run_scope"]
 
 #: ``measure(components) -> {"points": [...], "skipped_checkpoints": [...], "m": m}``:
 #: Lanczos pairs at the run's points (see :func:`clipscope.theory_check.measure_points`).
@@ -99,6 +104,25 @@ def _recorded_components(run: Any) -> tuple[np.ndarray, np.ndarray, bool, int | 
     return np.array(grads), np.array(hess), converged, m
 
 
+def run_scope(record: RunRecord) -> str | None:
+    """Why the run lies outside its theorem's scope (:func:`clipscope.math.theory.theorem_scope`).
+
+    Read from its ``config.toml``: ``method``, ``eta``, ``optimizer`` (absent in
+    older runs: ``"sgd"``), ``momentum``, ``weight_decay``, ``schedule``,
+    ``milestones``, ``schedule_gamma``. None when the run is inside it.
+    """
+    return theory.theorem_scope(
+        record.method,
+        record.eta,
+        optimizer=str(record.setting("optimizer", default="sgd")),
+        momentum=float(record.setting("momentum", default=0.0)),
+        weight_decay=float(record.setting("weight_decay", default=0.0)),
+        schedule=str(record.setting("schedule", default="constant")),
+        milestones=tuple(record.setting("milestones", default=())),
+        schedule_gamma=float(record.setting("schedule_gamma", default=0.1)),
+    )
+
+
 def check_theorem(
     record: RunRecord,
     *,
@@ -127,7 +151,8 @@ def check_theorem(
         Keys include ``estimate``, ``estimate_note``, ``L0``, ``L1``, ``fit``,
         ``L0i``, ``L1i``, ``component_estimate``, ``c1``, ``c2``,
         ``f_star_lower_bound``, ``gap``, ``bound`` (both sides of (38)/(45)
-        and the condition (37)/(44)), ``drift`` and ``verdict``.
+        and the condition (37)/(44)), ``drift``, ``scope``, ``not_applicable``,
+        ``notes`` (what the reader left out) and ``verdict``.
 
     Raises
     ------
@@ -141,12 +166,15 @@ def check_theorem(
     if not rows or "grad_norm" not in rows or "loss" not in rows:
         raise ValueError(f"{run_dir / 'epochs.csv'} has no probe rows with loss and grad_norm")
     method, eta, alpha = record.method, record.eta, record.lr
-    want_components = components or method == "igc"
+    reason = run_scope(record)
+    want_components = components or (method == "igc" and reason is None)
     grad = record.column("grad_norm")
     out: dict[str, Any] = {
         "run_dir": str(run_dir),
         "method": method,
         "theorem": THEOREMS.get(method),
+        "scope": THEOREM_SCOPE.get(method),
+        "not_applicable": reason,
         "alpha": alpha,
         "eta": eta,
         "m": None,
@@ -166,6 +194,7 @@ def check_theorem(
         "points": [],
         "skipped_checkpoints": [],
         "all_converged": True,
+        "notes": list(record.notes),  # e.g. a half-written last row of epochs.csv left out
     }
     hess = record.column("hess_norm")
     traj = record.column("traj_smoothness")
@@ -236,10 +265,8 @@ def check_theorem(
 def _verdict(out: dict, record: RunRecord) -> tuple[str, dict | None, dict | None]:
     """Return the plain-words verdict, both sides of (38)/(45) with the condition, and the drift."""
     method, eta, c1, c2 = out["method"], out["eta"], out["c1"], out["c2"]
-    if method not in THEOREMS:
-        return f"no theorem of the paper covers method {method!r}", None, None
-    if not math.isfinite(eta):
-        return "no clipping (η = ∞): the theorems are stated for a finite η", None, None
+    if out["not_applicable"]:
+        return f"not applicable: {out['not_applicable']}", None, None
     if not (c1 > 0):
         return (
             f"(A3) fails: min over the run of c1 = {c1:.4g} ≤ 0, the theorem does not apply",

@@ -111,6 +111,7 @@ COLUMNS = (
 CHECKPOINT_FORMAT = 2
 
 _EPOCH_FILE = re.compile(r"epoch_(\d+)\.npz$")
+_STEPS_FILE = re.compile(r"epoch_(\d+)_steps\.npz$")
 
 
 def eta_column(eta: float) -> str:
@@ -133,11 +134,18 @@ def _csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(names)
     for row in rows:
-        writer.writerow([_cell(row.get(name, math.nan)) for name in names])
+        writer.writerow([_cell(row.get(name, math.nan), name) for name in names])
     return buffer.getvalue()
 
 
-def _cell(value: Any) -> str:
+#: Columns that count (probe points, optimizer steps): written as integers, also when a
+#: row came back from a state that stored every value as a float (a resumed Monitor).
+INTEGER_COLUMNS = ("epoch", "step")
+
+
+def _cell(value: Any, name: str = "") -> str:
+    if name in INTEGER_COLUMNS and isinstance(value, float) and value.is_integer():
+        return str(int(value))
     if isinstance(value, float):
         return repr(value) if math.isfinite(value) else str(value)
     return str(value)
@@ -389,17 +397,47 @@ def _to_float(text: str) -> float:
         return math.nan
 
 
-def read_rows(path: str | Path) -> dict[str, np.ndarray]:
+def read_rows(path: str | Path, notes: list[str] | None = None) -> dict[str, np.ndarray]:
     """Read a CSV of numbers (``epochs.csv``) into ``{column: float64 array}``.
 
     Booleans become 1/0; empty or non-numeric cells become NaN, so a record with
-    gaps still plots (with gaps).
+    gaps still plots (with gaps). The writer ends every row with a newline and
+    writes the file atomically, so a last row without its newline or with
+    fewer cells than the header was cut off (a copy, a disk that filled up):
+    it is left out, and a sentence saying so is appended to ``notes``.
+
+    Raises
+    ------
+    ValueError
+        A row before the last with another number of cells than the header
+        (naming the file and the line).
     """
-    with open(path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
+    path = Path(path)
+    text = path.read_text()
+    table = list(csv.reader(io.StringIO(text, newline="")))
+    while table and not table[-1]:  # blank lines at the end
+        table.pop()
+    if len(table) < 2:
+        return {}
+    header, rows = table[0], table[1:]
+    unterminated = not text.endswith("\n")
+    if unterminated or len(rows[-1]) != len(header):
+        if notes is not None:
+            notes.append(
+                f"{path}: the last row (line {len(table)}) is incomplete ({len(rows[-1])} of "
+                f"{len(header)} cells{', no final newline' if unterminated else ''}): "
+                "a half-written row, left out"
+            )
+        rows = rows[:-1]
+    for line, row in enumerate(rows, 2):
+        if len(row) != len(header):
+            raise ValueError(
+                f"{path}: line {line} has {len(row)} cells, the header {len(header)}: "
+                "not an epochs.csv that clipscope wrote"
+            )
     if not rows:
         return {}
-    return {key: np.array([_to_float(r.get(key) or "") for r in rows]) for key in rows[0]}
+    return {key: np.array([_to_float(r[j]) for r in rows]) for j, key in enumerate(header)}
 
 
 @dataclass
@@ -410,6 +448,9 @@ class RunRecord:
     config: dict
     rows: dict[str, np.ndarray]
     component_files: dict[int, Path] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    env: dict = field(default_factory=dict)
+    step_files: dict[int, Path] = field(default_factory=dict)
 
     def column(self, name: str) -> np.ndarray:
         """Return a column, or NaNs of the right length when the record lacks it."""
@@ -457,39 +498,122 @@ class RunRecord:
         """The run's method name (``igc``, ``sgd``, ...)."""
         return str(self.setting("method", "train.method", "method.name", default="?"))
 
+    @property
+    def kind(self) -> str:
+        """``"monitor"`` for a :class:`clipscope.Monitor`'s run, else ``"train"``."""
+        return "monitor" if self.setting("kind") == "monitor" else "train"
+
+    @property
+    def clock(self) -> str:
+        """What names a probe: ``"step"`` for a Monitor's run, else ``"epoch"``."""
+        return "step" if self.kind == "monitor" else "epoch"
+
+    def point_name(self, epoch: int) -> str:
+        """``"epoch 3"``, or for a Monitor's run the probe's step: ``"step 24"``."""
+        if self.clock == "step":
+            epochs, steps = self.column("epoch"), self.column("step")
+            hit = np.flatnonzero(epochs == epoch)
+            if hit.size and np.isfinite(steps[hit[0]]):
+                return f"step {int(steps[hit[0]])}"
+        return f"epoch {epoch}"
+
     def components(self, epoch: int | None = None) -> dict[str, np.ndarray] | None:
-        """Per-component arrays of one epoch (the last stored one by default), or None."""
+        """Per-component arrays of one epoch (the last stored one by default), or None.
+
+        Raises
+        ------
+        ValueError
+            The file is not a readable ``.npz`` of arrays (naming it).
+        """
         if not self.component_files:
             return None
         key = max(self.component_files) if epoch is None else epoch
         path = self.component_files.get(key)
         if path is None:
             return None
-        with np.load(path) as data:
+        return _load_npz(path)
+
+    def step_arrays(self) -> dict[str, np.ndarray]:
+        """Return a Monitor's per-step records, every interval joined in step order.
+
+        From ``components/epoch_XXXX_steps.npz`` (:class:`clipscope.loop.StepGradient`):
+        ``step``, ``step_grad_norm``, ``step_clipped``, ``step_cos``, ``step_loss``
+        (float64). Empty when the run recorded none.
+        """
+        parts = [_load_npz(self.step_files[k]) for k in sorted(self.step_files)]
+        names = [n for n in ("step", "step_grad_norm", "step_clipped", "step_cos", "step_loss")
+                 if parts and all(n in p for p in parts)]  # fmt: skip
+        return {
+            n: np.concatenate([np.asarray(p[n], dtype=np.float64).reshape(-1) for p in parts])
+            for n in names
+        }
+
+
+def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` file; ValueError naming the file when it cannot be read."""
+    import zipfile
+
+    try:  # our own handle: np.load leaves its own open when the zip is truncated
+        with open(path, "rb") as handle, np.load(handle, allow_pickle=False) as data:
             return {name: np.asarray(data[name]) for name in data.files}
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+        if isinstance(exc, (FileNotFoundError, PermissionError)):
+            raise
+        raise ValueError(
+            f"{path}: not a readable component file ({type(exc).__name__}: {exc}); "
+            "move it aside or delete it to build the report without it"
+        ) from None
 
 
 def load_run(path: str | Path) -> RunRecord:
-    """Load a run directory's stored records (config, rows, component arrays).
+    """Load a run directory's stored records (config, rows, component arrays, ``env.json``).
+
+    A half-written last row of ``epochs.csv`` is left out with a note in
+    :attr:`RunRecord.notes` (:func:`read_rows`).
 
     Raises
     ------
     FileNotFoundError
         When ``path`` has no ``epochs.csv``.
+    ValueError
+        ``config.toml`` is missing or not TOML; ``epochs.csv`` holds no rows or a
+        malformed row before the last (each naming the file).
     """
     path = Path(path)
     rows_path = path / "epochs.csv"
     if not rows_path.is_file():
         raise FileNotFoundError(f"{path} is not a clipscope run directory (no epochs.csv)")
-    config: dict = {}
-    if (path / "config.toml").is_file():
-        with open(path / "config.toml", "rb") as handle:
-            config = tomllib.load(handle)
+    config_path = path / "config.toml"
+    if not config_path.is_file():
+        raise ValueError(
+            f"{path} has epochs.csv but no config.toml: the run's method, η and batch size "
+            "are unknown, so nothing can be labelled"
+        )
+    try:
+        config = tomllib.loads(config_path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{config_path}: not a TOML file ({exc})") from None
+    notes: list[str] = []
+    rows = read_rows(rows_path, notes)
+    if not rows:
+        raise ValueError(f"{rows_path} holds no probe rows (an empty or header-only file)")
     files: dict[int, Path] = {}
+    steps: dict[int, Path] = {}
     comp_dir = path / "components"
     if comp_dir.is_dir():
         for item in comp_dir.iterdir():
             match = _EPOCH_FILE.search(item.name)
             if match:
                 files[int(match.group(1))] = item
-    return RunRecord(path=path, config=config, rows=read_rows(rows_path), component_files=files)
+            match = _STEPS_FILE.search(item.name)
+            if match:
+                steps[int(match.group(1))] = item
+    env: dict = {}
+    try:
+        env = json.loads((path / "env.json").read_text())
+    except (OSError, ValueError):
+        pass  # older or partial runs: nothing recorded
+    return RunRecord(
+        path=path, config=config, rows=rows, component_files=files, notes=notes,
+        env=env if isinstance(env, dict) else {}, step_files=steps,
+    )  # fmt: skip

@@ -21,15 +21,22 @@ import torch
 
 __all__ = ["VERSION_KEYS", "environment", "environment_changes"]
 
-#: Versions that, when they differ on resume, void the promise of a bitwise-equal result.
-VERSION_KEYS = ("torch", "cuda", "numpy", "python")
+#: Versions and the intra-op thread count: when one differs on resume, a bitwise-equal
+#: result is not promised (a float reduction may be summed in another order).
+VERSION_KEYS = ("torch", "cuda", "numpy", "python", "threads")
 
 
 def environment(**extra: Any) -> dict[str, Any]:
     """Versions, device availability, threads and determinism flags, plus ``extra`` entries.
 
-    >>> sorted(environment(seed=3))[:3]
-    ['clipscope', 'cuda', 'cuda_available']
+    ``threads`` is :func:`torch.get_num_threads` (intra-op: a float reduction's
+    order, and so every number of a run, can change with it), ``interop_threads``
+    :func:`torch.get_num_interop_threads`, ``cpus`` :func:`os.cpu_count`,
+    ``omp_num_threads`` the ``OMP_NUM_THREADS`` variable (None when unset).
+
+    >>> env = environment(seed=3)
+    >>> env["seed"], env["threads"] >= 1, env["interop_threads"] >= 1
+    (3, True, True)
     """
     import clipscope
 
@@ -41,7 +48,10 @@ def environment(**extra: Any) -> dict[str, Any]:
         "numpy": np.__version__,
         "cuda": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(),
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(),  # intra-op: reductions, hence numbers, depend on it
+        "interop_threads": torch.get_num_interop_threads(),
+        "cpus": os.cpu_count(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
         "cudnn_deterministic": torch.backends.cudnn.deterministic,
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
@@ -53,16 +63,17 @@ def environment(**extra: Any) -> dict[str, Any]:
 
 
 def environment_changes(env_file: str | Path) -> list[str]:
-    """Sentences naming the versions that differ from those recorded in ``env_file``.
+    """Sentences naming the versions (and thread count) that differ from ``env_file``'s.
 
-    Empty when the file is missing or unreadable (nothing to compare with).
+    Empty when the file is missing or unreadable (nothing to compare with), and
+    for keys the file does not record.
     """
     try:
         old = json.loads(Path(env_file).read_text())
     except (OSError, ValueError):
         return []
     now = environment()
-    changed = [k for k in VERSION_KEYS if old.get(k) != now.get(k)]
+    changed = [k for k in VERSION_KEYS if k in old and old.get(k) != now.get(k)]
     if not changed:
         return []
     return [

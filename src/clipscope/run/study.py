@@ -17,7 +17,9 @@ Written by ``clipscope reproduce`` (:func:`write_study`), read by the report
 
 Each run entry is ``{"method", "batch_size", "dir", "config"}`` (relative
 paths), plus ``"exit_code"`` when the run stopped early and ``"theorem": true``
-for a run that records what Theorem 3.1 / 3.2 needs.
+for a run that records what Theorem 3.1 / 3.2 needs. Each task also records
+``"threads"``: the torch thread counts its runs and cross-sections used
+(:func:`clipscope.reproduce.study_threads`; each run's ``env.json`` has its own).
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ class TaskRecord:
     cross_section: dict | None = None
     notes: dict = field(default_factory=dict)
     per_sample: dict | None = None
+    kind: str = "study"  # "study": a task of study.json; "run": one run directory alone
+    threads: dict | None = None  # study.json's torch thread counts of the task
 
 
 def load_study(path: str | Path) -> list[TaskRecord]:
@@ -58,6 +62,9 @@ def load_study(path: str | Path) -> list[TaskRecord]:
     ------
     FileNotFoundError
         When ``path`` does not exist or is neither a study nor a run directory.
+    ValueError
+        A run directory without ``config.toml`` or rows, a ``study.json`` that is
+        not JSON (:func:`clipscope.run.directory.load_run`).
     """
     path = Path(path)
     if not path.exists():
@@ -66,9 +73,11 @@ def load_study(path: str | Path) -> list[TaskRecord]:
     if not study_file.is_file():
         run = load_run(path)
         entry = {"method": run.method, "batch_size": run.batch_size, "dir": "."}
-        return [TaskRecord(name=path.name, runs=[(entry, run)])]
-    with open(study_file) as handle:
-        study = json.load(handle)
+        return [TaskRecord(name=path.name, runs=[(entry, run)], kind="run")]
+    try:
+        study = json.loads(study_file.read_text())
+    except ValueError as exc:
+        raise ValueError(f"{study_file}: not a JSON file ({exc})") from None
     tasks = []
     for name, task in study.get("tasks", {}).items():
         runs = [(entry, load_run(path / entry["dir"])) for entry in task.get("runs", [])]
@@ -79,6 +88,7 @@ def load_study(path: str | Path) -> list[TaskRecord]:
                 cross_section=_section(path, task.get("cross_section")),
                 notes=task.get("notes", {}),
                 per_sample=_section(path, task.get("per_sample")),
+                threads=task.get("threads"),
             )
         )
     return tasks
@@ -88,5 +98,7 @@ def _section(path: Path, rel: str | None) -> dict | None:
     """Return the JSON file ``path/rel`` when the study names one and it exists, else None."""
     if not rel or not (path / rel).is_file():
         return None
-    with open(path / rel) as handle:
-        return json.load(handle)
+    try:
+        return json.loads((path / rel).read_text())
+    except ValueError as exc:
+        raise ValueError(f"{path / rel}: not a JSON file ({exc})") from None

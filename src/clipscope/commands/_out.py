@@ -1,0 +1,59 @@
+"""Output paths of the commands: checked or created before the work, named in every error."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+__all__ = ["check_creatable", "make_parent"]
+
+
+def check_creatable(path: str | Path, flag: str = "--out") -> None:
+    """Refuse a directory that cannot be created or written here, leaving nothing behind.
+
+    The nearest existing folder of ``path`` (``path`` itself when it exists) must
+    be a directory in which a new folder can be made: a uniquely named one is
+    made and removed at once (safe when several ``torchrun`` processes check
+    the same path). ``/proc/...``, a read-only file system and a file standing
+    in the path are refused.
+
+    Raises
+    ------
+    ValueError
+        Naming ``flag``, the path and the reason.
+    """
+    path = Path(path)
+    base = path
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if base.exists() and not base.is_dir():
+        what = "is a file" if base == path else f"has a file in its path: {base}"
+        if base == path:
+            return  # the command's own check says it better (an existing file is refused)
+        raise ValueError(f"{flag} {path} {what}")
+    try:
+        made = tempfile.mkdtemp(prefix=".clipscope-check-", dir=base)
+    except OSError as exc:
+        raise ValueError(
+            f"{flag} {path}: cannot create a directory in {base} ({exc.strerror or exc})"
+        ) from None
+    shutil.rmtree(made, ignore_errors=True)
+
+
+def make_parent(path: str | Path, flag: str = "--out") -> Path:
+    """Create the folder of the output file ``path`` when missing; return ``path``.
+
+    Raises
+    ------
+    ValueError
+        The folder cannot be created (naming ``flag``, the folder and the reason).
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(
+            f"{flag} {path}: cannot create its folder {path.parent} ({exc.strerror or exc})"
+        ) from None
+    return path

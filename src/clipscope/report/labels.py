@@ -1,0 +1,142 @@
+r"""The report's labels and the rules that set them (``docs/reproduce.md``, "Labels").
+
+Every word of judgement the report and ``findings.json`` print -- "grows with
+B", "kept … of the descent", "satisfied" -- comes from one function here, and
+each function is the rule written in the docs, with its thresholds named:
+
+* :func:`trend_label`: Figure 1's "grows with B" only when the run averages
+  are **strictly increasing** over at least :data:`MIN_BATCH_SIZES` batch
+  sizes (Spearman ρ_s = 1); ``RHO_WEAK ≤ ρ_s < 1`` is a warning ("rises, not
+  monotone"), ``|ρ_s| < RHO_WEAK`` "no trend", ``ρ_s ≤ −RHO_WEAK`` "falls".
+  The p-value is shown, never turned into a word: with n batch sizes the exact
+  two-sided p of ρ_s = 1 is 2/n! (0.083 for 4).
+* :func:`descent_label`: the smallest ρ(η) = D(η)/(m‖∇f‖²) at the run's η:
+  ``ρ < 0`` reversed, ``ρ = 0`` cancelled (both bad), ``0 < ρ < KEPT_WARN``
+  a warning ("kept only …"), ``ρ ≥ KEPT_WARN`` kept (good).
+* :func:`verdict_class`: a theorem verdict's colour: ``satisfied`` good,
+  ``violated`` bad, ``not checked`` / ``not applicable`` neutral.
+
+Each label is ``{"label": key, "class": css class, "text": words}``; the CSS
+classes are :data:`OK`, :data:`WARN`, :data:`BAD`, :data:`NA`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = [
+    "BAD",
+    "KEPT_WARN",
+    "MIN_BATCH_SIZES",
+    "NA",
+    "OK",
+    "RHO_WEAK",
+    "WARN",
+    "descent_label",
+    "drops",
+    "trend_label",
+    "verdict_class",
+]
+
+OK, WARN, BAD, NA = "ok", "warn", "bad", "na"
+#: |Spearman ρ_s| below this over the batch sizes is "no trend".
+RHO_WEAK = 0.5
+#: Fewest batch sizes with finite values for any trend label.
+MIN_BATCH_SIZES = 3
+#: A smallest ρ(η) in (0, KEPT_WARN) is a warning: clipping kept less than this share.
+KEPT_WARN = 0.5
+
+
+def _label(key: str, css: str, text: str) -> dict[str, str]:
+    return {"label": key, "class": css, "text": text}
+
+
+def drops(batch_sizes: Sequence[int], values: Sequence[float]) -> list[str]:
+    """Neighbouring batch sizes (finite values) where the larger one has the smaller value.
+
+    >>> drops([8, 16, 32, 64], [0.35, 0.51, 0.69, 0.64])
+    ['B = 64 below B = 32 (−0.05)']
+    """
+    pairs = [(b, v) for b, v in zip(batch_sizes, values, strict=True) if math.isfinite(v)]
+    return [
+        f"B = {b1} below B = {b0} (−{v0 - v1:.2g})" if v1 < v0 else f"B = {b1} equal to B = {b0}"
+        for (b0, v0), (b1, v1) in itertools.pairwise(pairs)
+        if v1 <= v0
+    ]
+
+
+def trend_label(trend: dict[str, Any]) -> dict[str, str]:
+    """Label one Figure 1 trend (a :func:`clipscope.report.findings.rank_trend` dict).
+
+    >>> trend_label({"batch_sizes": [8, 16, 32, 64], "values": [1, 2, 3, 4], "n": 4,
+    ...              "spearman": 1.0, "p_value": 0.083})["label"]
+    'grows'
+    >>> trend_label({"batch_sizes": [8, 16, 32, 64], "values": [1, 2, 4, 3], "n": 4,
+    ...              "spearman": 0.8, "p_value": 0.33})["class"]
+    'warn'
+    """
+    n = int(trend.get("n") or 0)
+    rho = trend.get("spearman")
+    sizes, values = trend.get("batch_sizes", []), trend.get("values", [])
+    finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if n < MIN_BATCH_SIZES or rho is None or not math.isfinite(rho):
+        why = (
+            "the values are equal at every batch size"
+            if len(finite) >= MIN_BATCH_SIZES
+            else f"fewer than {MIN_BATCH_SIZES} batch sizes with finite values ({len(finite)})"
+        )
+        return _label("undecided", NA, f"no trend can be stated: {why}")
+    p = trend.get("p_value")
+    stat = f"ρ_s = {rho:.2f}" + (
+        f", exact p = {p:.2g}" if p is not None and math.isfinite(p) else ""
+    )
+    clean = [0.0 if v is None else float(v) for v in values]
+    if rho == 1.0:
+        return _label(
+            "grows",
+            OK,
+            f"grows with B, as in the paper: strictly increasing over {n} batch sizes ({stat})",
+        )
+    if rho >= RHO_WEAK:
+        below = "; ".join(drops(sizes, clean))
+        return _label(
+            "rises_not_monotone",
+            WARN,
+            f"rises with B but not monotonically ({below}; {stat}): weaker than the paper's growth",
+        )
+    if rho > -RHO_WEAK:
+        return _label("no_trend", BAD, f"no trend with B ({stat}); the paper: it grows")
+    return _label("falls", BAD, f"falls with B ({stat}); the paper: it grows")
+
+
+def descent_label(rho: float | None) -> dict[str, str]:
+    """Label a smallest ρ(η) = D(η)/(m‖∇f‖²) at the run's η (the share of descent kept).
+
+    >>> descent_label(0.082)["text"]
+    'clipping kept only 8.2% of the unclipped descent (never reversed it)'
+    >>> descent_label(-0.1)["class"], descent_label(0.7)["class"]
+    ('bad', 'ok')
+    """
+    if rho is None or not math.isfinite(rho):
+        return _label("undecided", NA, "no finite ρ(η) recorded")
+    if rho < 0:
+        return _label("reversed", BAD, "clipping reversed descent")
+    if rho == 0:
+        return _label("cancelled", BAD, "clipping cancelled descent (ρ = 0)")
+    if rho < KEPT_WARN:
+        return _label(
+            "kept_little",
+            WARN,
+            f"clipping kept only {100 * rho:.2g}% of the unclipped descent (never reversed it)",
+        )
+    if rho >= 1:
+        return _label("kept", OK, "clipping kept all of the unclipped descent (ρ ≥ 1)")
+    return _label("kept", OK, f"clipping kept at least {100 * rho:.3g}% of the unclipped descent")
+
+
+def verdict_class(verdict: str) -> str:
+    """CSS class of a theorem verdict: ``satisfied`` ok, ``violated`` bad, the others neutral."""
+    return {"satisfied": OK, "violated": BAD}.get(verdict, NA)
