@@ -17,7 +17,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from clipscope.engine.common import gammas, norm64, norm_and_cos, progress_bar
+from clipscope.engine.common import (
+    gammas,
+    norm64,
+    norm_and_cos,
+    preconditioned_clipped,
+    progress_bar,
+)
 from clipscope.engine.losses import component_losses
 
 __all__ = ["keep_pass", "sweep"]
@@ -49,10 +55,15 @@ class _Level:
         self.pending_loss, self.pending_w, self.pending_count = 0.0, 0, 0
 
 
-def sweep(model, loss_fn, components, flat, etas, dropout, seed, progress, n_levels, shard):
+def sweep(
+    model, loss_fn, components, flat, etas, dropout, seed, progress, n_levels, shard, precond=None
+):
     """Two passes at the base batch size; levels > 1 are the dyadic parents.
 
     ``shard``: this rank's block (whole top-level parents), completed after each pass.
+    ``precond`` (a :class:`~clipscope.engine.preconditioner.Preconditioner`): pass 2
+    also dots each ``g_i`` with every level's ``u_l = P⁻¹∇f_l``, in the same product
+    as the dots with ``∇f_l``; parents' dots merge the same way.
     """
     sizes = [int(s) for s in components.sizes]
     drop_last = bool(getattr(components, "drop_last", False))
@@ -71,10 +82,12 @@ def sweep(model, loss_fn, components, flat, etas, dropout, seed, progress, n_lev
     # parent of child i at level l, and its weight s_i / s_P
     parent = [[i >> level for i in range(m)] for level in range(n_levels)]
     gam = [gammas(np.array(lev.norms), etas) for lev in levels]  # (E, m_l)
-    child_dots = np.zeros((n_levels, m))
+    us = [precond.direction(f) for f in full] if precond is not None else []
+    # rows 0..L-1: the dots with each level's ∇f_l; rows L..2L-1: with its u_l
+    child_dots = np.zeros((n_levels + len(us), m))
     clip_acc = torch.zeros(n_levels * len(etas), flat.n, dtype=torch.float64, device=flat.device)
     mismatch = 0.0
-    full_mat = torch.stack(full)  # (L, n)
+    full_mat = torch.stack(full + us)  # (L, n), or (2L, n) with u
     # pass 2: dots with each level's ∇f, clipped sums
     stream = component_losses(
         model, loss_fn, components, dropout=dropout, seed=seed, device=flat.device, only=shard.only
@@ -90,10 +103,20 @@ def sweep(model, loss_fn, components, flat, etas, dropout, seed, progress, n_lev
     shard.sum_(clip_acc)
     mismatch = shard.max(mismatch)
     child_dots = np.stack(shard.complete(*child_dots))
-    return [
-        _level_result(level, lev, components, parent, child_dots, clip_acc, full, etas, mismatch)
-        for level, lev in enumerate(levels)
-    ]
+    results = []
+    for level, lev in enumerate(levels):
+        r = _level_result(
+            level, lev, components, parent, child_dots, clip_acc, full, etas, mismatch
+        )
+        if precond is not None:
+            rows = clip_acc[level * len(etas) : (level + 1) * len(etas)]
+            r["u"] = us[level]
+            r["pdots"] = _parent_dots(level, lev, components, parent, child_dots[n_levels + level])
+            r["clipped_p"] = preconditioned_clipped(
+                rows, etas, full[level], us[level], precond.inverse
+            )
+        results.append(r)
+    return results
 
 
 def _add_child(levels: list[_Level], g: torch.Tensor, s: int, loss: torch.Tensor) -> None:
@@ -136,15 +159,7 @@ def _clip_coefficients(levels, parent, gam, sizes, i, n_etas) -> np.ndarray:
 
 def _level_result(level, lev, components, parent, child_dots, clip_acc, full, etas, mismatch):
     """One batch size's sums: the parents' dots ``d_P = Σ_c s_c d_c / s_P``, the clipped sums."""
-    sizes = [int(s) for s in components.sizes]
-    m_l = len(lev.norms)
-    weights = np.array(sizes, dtype=np.float64)
-    dots = np.zeros(m_l)
-    for i in range(len(components)):
-        p = parent[level][i]
-        if p < m_l:
-            dots[p] += weights[i] * child_dots[level, i]
-    dots /= np.array(lev.sizes, dtype=np.float64)
+    dots = _parent_dots(level, lev, components, parent, child_dots[level])
     clipped = {
         eta: norm_and_cos(clip_acc[level * len(etas) + k], full[level])
         for k, eta in enumerate(etas)
@@ -161,10 +176,24 @@ def _level_result(level, lev, components, parent, child_dots, clip_acc, full, et
     }
 
 
-def keep_pass(model, loss_fn, components, flat, etas, dropout, seed, progress, shard):
+def _parent_dots(level, lev, components, parent, child_row) -> np.ndarray:
+    """``d_P = Σ_c s_c d_c / s_P`` of the level's parents from one row of children's dots."""
+    m_l = len(lev.norms)
+    weights = np.array([int(s) for s in components.sizes], dtype=np.float64)
+    dots = np.zeros(m_l)
+    for i in range(len(components)):
+        p = parent[level][i]
+        if p < m_l:
+            dots[p] += weights[i] * child_row[i]
+    dots /= np.array(lev.sizes, dtype=np.float64)
+    return dots
+
+
+def keep_pass(model, loss_fn, components, flat, etas, dropout, seed, progress, shard, precond=None):
     """One pass storing every g_i; dots and clipped sums as chunked float64 products.
 
-    ``shard``: this rank stores and multiplies its block's rows only.
+    ``shard``: this rank stores and multiplies its block's rows only. ``precond``:
+    the dots with ``u = P⁻¹∇f`` come from the same product as those with ∇f.
     """
     m = len(components)
     G = torch.empty(len(shard), flat.n, dtype=flat.dtype, device=flat.device)
@@ -182,27 +211,37 @@ def keep_pass(model, loss_fn, components, flat, etas, dropout, seed, progress, s
         sum_grad += g
     norms, losses = shard.complete(norms, losses)
     full = shard.sum_(sum_grad) / m
-    dots = torch.zeros(m, dtype=torch.float64, device=flat.device)
+    u = precond.direction(full) if precond is not None else None
+    directions = torch.stack([full] if u is None else [full, u], 1)  # (n, 1 or 2)
+    dots = torch.zeros(m, directions.shape[1], dtype=torch.float64, device=flat.device)
     gam = torch.from_numpy(gammas(norms, etas)).to(flat.device)  # (E, m)
     clip_acc = torch.zeros(len(etas), flat.n, dtype=torch.float64, device=flat.device)
     for a in range(0, len(shard), _CHUNK_ROWS):  # a: row of G, a + start: component
         rows = G[a : a + _CHUNK_ROWS].double()
         c = a + shard.start
-        dots[c : c + len(rows)] = rows @ full
+        if u is None:
+            dots[c : c + len(rows), 0] = rows @ full
+        else:  # both dots from one read of the rows
+            dots[c : c + len(rows)] = rows @ directions
         if etas:
             clip_acc += gam[:, c : c + len(rows)] @ rows
     shard.sum_(clip_acc)
-    (dots_np,) = shard.complete(dots.cpu().numpy())
+    columns = shard.complete(*dots.t().cpu().numpy())
     clipped = {eta: norm_and_cos(clip_acc[k], full) for k, eta in enumerate(etas)}
-    return [
-        {
-            "norms": norms,
-            "dots": dots_np,
-            "losses": losses,
-            "sizes": np.array(components.sizes),
-            "full": full,
-            "clipped": clipped,
-            "batch_size": int(components.batch_size),
-            "mismatch": 0.0,
-        }
-    ]
+    result = {
+        "norms": norms,
+        "dots": columns[0],
+        "losses": losses,
+        "sizes": np.array(components.sizes),
+        "full": full,
+        "clipped": clipped,
+        "batch_size": int(components.batch_size),
+        "mismatch": 0.0,
+    }
+    if u is not None:
+        result.update(
+            u=u,
+            pdots=columns[1],
+            clipped_p=preconditioned_clipped(clip_acc, etas, full, u, precond.inverse),
+        )
+    return [result]
