@@ -60,7 +60,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Preconditioner", "as_preconditioner", "is_adam"]
+__all__ = ["Preconditioner", "as_preconditioner", "is_adam", "unwrap"]
 
 
 def is_adam(optimizer: Any) -> bool:
@@ -68,14 +68,15 @@ def is_adam(optimizer: Any) -> bool:
     return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
 
 
-def _unwrap(optimizer: Any) -> Any:
-    """Return the torch optimizer inside a wrapper (accelerate's ``AcceleratedOptimizer``)."""
-    seen = 0
-    while not isinstance(optimizer, torch.optim.Optimizer) and seen < 4:
-        inner = getattr(optimizer, "optimizer", None)
+def unwrap(optimizer: Any) -> Any:
+    """Return the torch optimizer inside a wrapper (accelerate, Lightning), else the argument."""
+    for _ in range(4):
+        if isinstance(optimizer, torch.optim.Optimizer):
+            break
+        inner = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
         if inner is None:
             break
-        optimizer, seen = inner, seen + 1
+        optimizer = inner
     return optimizer
 
 
@@ -160,7 +161,7 @@ class Preconditioner:
         ValueError
             A state that gives no P (module docstring).
         """
-        optimizer = _unwrap(optimizer)
+        optimizer = unwrap(optimizer)
         if not is_adam(optimizer):
             raise TypeError(
                 "preconditioner must be a torch.optim.Adam or AdamW (its state gives P), or one "

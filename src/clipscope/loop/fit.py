@@ -158,9 +158,8 @@ class Loop:
     def preconditioner(self) -> torch.optim.Optimizer | None:
         """The optimizer whose state is the step's preconditioner P (Adam, AdamW), else None.
 
-        The hook for issue 22's preconditioned statistics: P = diag(√v̂) + ε,
-        bias-corrected, read from this optimizer's state (never changed). The
-        engine's probe does not take it yet; no ρ_P column is written until it does.
+        Every probe reads P = diag(√v̂) + ε, bias-corrected, from this optimizer's
+        state (never changed) and records ρ_P beside ρ (:class:`ProbeStatistics`).
         """
         return self.optimizer if isinstance(self.optimizer, torch.optim.Adam) else None
 
