@@ -368,3 +368,47 @@ def test_the_direction_consistency_check():
     bad = check_direction_consistency(np.ones(2), np.array([1.5, 0.5]), 1.0, 1.0, 1e-9)
     assert bad["flags"] == ["cauchy_schwarz_violation", "dots_sum_mismatch"]
     assert bad["worst_component"] == 0
+
+
+# -- training: fit records ρ_P beside ρ at every probe -------------------------------------
+def test_fit_with_adamw_records_rho_p_from_the_state_at_each_probe(tmp_path):
+    from clipscope import fit
+    from clipscope.math.stats import DirectionStats
+    from clipscope.run.directory import PRECONDITIONED_COLUMNS, load_run
+
+    case = by_id("mlp")
+    model, comps = case.build()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.02, weight_decay=0.1)
+    fit(model, case.loss_fn, comps, "rr", lr=0.02, eta=0.3, epochs=3, etas=[0.05],
+        optimizer=opt, run_dir=tmp_path / "run", progress=False)  # fmt: skip
+    record = load_run(tmp_path / "run")
+    assert set(PRECONDITIONED_COLUMNS) <= set(record.rows) and "rho_p@0.05" in record.rows
+    np.testing.assert_array_equal(record.column("p_unset_share"), [1.0, 0.0, 0.0, 0.0])
+    assert record.column("rho_p")[0] == pytest.approx(record.column("rho")[0], rel=1e-12)
+    for k in range(4):  # every row recomputes from its component file
+        arrays = record.components(k)
+        stats = DirectionStats(
+            arrays["norms"], arrays["dots_p"], arrays["u_norm"], arrays["grad_u_inner"]
+        )
+        assert record.column("rho_p")[k] == pytest.approx(stats.ratio(0.3), rel=1e-12)
+        assert record.column("rho_p@0.05")[k] == pytest.approx(stats.ratio(0.05), rel=1e-12)
+        assert record.column("c1_p")[k] == pytest.approx(stats.c1, rel=1e-12)
+    # the last point x_3 is the final model with the final optimizer state: the brute force
+    ref = brute_preconditioned(model, case.loss_fn, comps, opt)
+    last = record.components(3)
+    np.testing.assert_allclose(last["dots_p"], ref["pdots"], rtol=1e-10, atol=1e-14)
+    assert float(last["grad_u_inner"]) == pytest.approx(ref["inner"], rel=1e-10)
+    assert record.column("decay_ratio")[3] != 0.0  # AdamW's decay, reported apart
+
+
+def test_runs_without_the_preconditioned_records_still_read(tmp_path):
+    from clipscope import fit
+    from clipscope.run.directory import load_run
+
+    case = by_id("mlp")
+    model, comps = case.build()
+    fit(model, case.loss_fn, comps, "igc", lr=0.02, eta=0.3, epochs=1,
+        run_dir=tmp_path / "sgd", progress=False)  # fmt: skip
+    record = load_run(tmp_path / "sgd")
+    assert "rho_p" not in record.rows and np.isnan(record.column("rho_p")).all()
+    assert "dots_p" not in record.components(0)

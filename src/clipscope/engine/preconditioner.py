@@ -69,12 +69,15 @@ def is_adam(optimizer: Any) -> bool:
 
 
 def unwrap(optimizer: Any) -> Any:
-    """Return the torch optimizer inside a wrapper (accelerate, Lightning), else the argument."""
+    """Return the torch optimizer inside a wrapper (accelerate, Lightning), else the argument.
+
+    accelerate's ``AcceleratedOptimizer`` is itself a ``torch.optim.Optimizer``
+    holding the real one in ``.optimizer``; Lightning's ``LightningOptimizer`` in
+    ``._optimizer``.
+    """
     for _ in range(4):
-        if isinstance(optimizer, torch.optim.Optimizer):
-            break
         inner = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
-        if inner is None:
+        if not isinstance(inner, torch.optim.Optimizer) or inner is optimizer:
             break
         optimizer = inner
     return optimizer
