@@ -193,7 +193,7 @@ def keep_pass(model, loss_fn, components, flat, etas, dropout, seed, progress, s
     """One pass storing every g_i; dots and clipped sums as chunked float64 products.
 
     ``shard``: this rank stores and multiplies its block's rows only. ``precond``:
-    the dots with ``u = P⁻¹∇f`` come from the same product as those with ∇f.
+    the dots with ``u = P⁻¹∇f`` are one more matrix-vector product per block of rows.
     """
     m = len(components)
     G = torch.empty(len(shard), flat.n, dtype=flat.dtype, device=flat.device)
@@ -212,17 +212,15 @@ def keep_pass(model, loss_fn, components, flat, etas, dropout, seed, progress, s
     norms, losses = shard.complete(norms, losses)
     full = shard.sum_(sum_grad) / m
     u = precond.direction(full) if precond is not None else None
-    directions = torch.stack([full] if u is None else [full, u], 1)  # (n, 1 or 2)
-    dots = torch.zeros(m, directions.shape[1], dtype=torch.float64, device=flat.device)
+    directions = [full] if u is None else [full, u]
+    dots = torch.zeros(m, len(directions), dtype=torch.float64, device=flat.device)
     gam = torch.from_numpy(gammas(norms, etas)).to(flat.device)  # (E, m)
     clip_acc = torch.zeros(len(etas), flat.n, dtype=torch.float64, device=flat.device)
     for a in range(0, len(shard), _CHUNK_ROWS):  # a: row of G, a + start: component
         rows = G[a : a + _CHUNK_ROWS].double()
         c = a + shard.start
-        if u is None:
-            dots[c : c + len(rows), 0] = rows @ full
-        else:  # both dots from one read of the rows
-            dots[c : c + len(rows)] = rows @ directions
+        for k, v in enumerate(directions):  # (matrix-vector products: a 2-column GEMM is slower)
+            dots[c : c + len(rows), k] = rows @ v
         if etas:
             clip_acc += gam[:, c : c + len(rows)] @ rows
     shard.sum_(clip_acc)

@@ -5,7 +5,8 @@ An Adam or AdamW step moves the parameters along ``−P⁻¹ m̂`` with
 step (SGD-clip, IGC-clip, RR-clip with Adam; Hugging Face's Trainer with
 ``max_grad_norm``), component i contributes ``−α P⁻¹ C(g_i; η)`` (momentum only
 delays the contribution: the first moment spreads it over later steps with
-weights that add up to one), so a pass over the components changes f by
+weights ``(1 − β₁)β₁^k`` that add up to one, bias correction aside), so a pass
+over the components changes f by
 ``−α Σ_i γ_i(η)⟨g_i, u⟩`` to first order, ``u = P⁻¹∇f`` (DESIGN §2,
 "Preconditioned steps"). The probe measures the dots ``d^P_i = ⟨g_i, u⟩`` beside
 ``d_i = ⟨g_i, ∇f⟩`` on every route; this module says what u is.
@@ -100,16 +101,12 @@ class Preconditioner:
     """
 
     def __init__(
-        self,
-        inverse: torch.Tensor,
-        info: dict[str, Any],
-        decay: torch.Tensor | None = None,
-        decay_in_p: torch.Tensor | None = None,
+        self, inverse: torch.Tensor, info: dict[str, Any], decays: Sequence[tuple] = ()
     ) -> None:
         self.inverse = inverse
         self.info = info
-        self._decay = decay  # λ per coordinate (times lr_rel), or None without weight decay
-        self._decay_in_p = decay_in_p  # bool per coordinate: the L2 term goes through P
+        # per parameter with weight decay: (index, start, stop, λ, lr_g / max lr, L2: through P)
+        self._decays = list(decays)
 
     # -- construction ------------------------------------------------------------
     @classmethod
@@ -181,37 +178,40 @@ class Preconditioner:
                 group_of[id(p)] = group
         lrs = [_number(group_of[id(p)]["lr"]) for p in params if id(p) in group_of]
         top = max(lrs, default=0.0)
-        parts, decay, in_p, without, not_moved, steps = [], [], [], [], [], []
+        total = sum(p.numel() for p in params)
+        inverse = torch.zeros(total, dtype=torch.float64, device=params[0].device)
+        without, not_moved, steps, decays = [], [], [], []
         groups_used: dict[int, dict] = {}
-        p_low, p_high, unset = math.inf, -math.inf, 0
-        for param, name in zip(params, names, strict=True):
+        p_low, p_high, unset, start = math.inf, -math.inf, 0, 0
+        for index, (param, name) in enumerate(zip(params, names, strict=True)):
             if param.is_complex():
                 raise ValueError(f"{name} is complex: the probe measures real parameters only")
-            n, device = param.numel(), param.device
+            part = inverse[start : start + param.numel()]
+            start += param.numel()
             group = group_of.get(id(param))
             lr = 0.0 if group is None else _number(group["lr"])
             if group is None or lr == 0.0:
-                not_moved.append(name)
-                parts.append(torch.zeros(n, dtype=torch.float64, device=device))
-                decay.append(torch.zeros(n, dtype=torch.float64, device=device))
-                in_p.append(torch.zeros(n, dtype=torch.bool, device=device))
+                not_moved.append(name)  # u is 0 there (the zeros of ``inverse``)
                 continue
             groups_used.setdefault(id(group), group)
             rel = lr / top
             state = optimizer.state.get(param)  # .get: the defaultdict gains no entry
-            p_diag = _adam_p(state, group, param, name)
-            if p_diag is None:
+            read = _adam_p(state, group, param, name)
+            if read is None:
                 without.append(name)
-                unset += n
-                p_diag = torch.ones(n, dtype=torch.float64, device=device)
+                unset += param.numel()
+                part.fill_(rel)
             else:
+                p_diag, low, high = read
                 steps.append(_number(state["step"]))
-                p_low, p_high = min(p_low, float(p_diag.min())), max(p_high, float(p_diag.max()))
-            parts.append(rel / p_diag)
+                p_low, p_high = min(p_low, low), max(p_high, high)
+                torch.reciprocal(p_diag, out=part)
+                if rel != 1.0:
+                    part.mul_(rel)
             wd = _number(group.get("weight_decay", 0.0))
-            decay.append(torch.full((n,), rel * wd, dtype=torch.float64, device=device))
-            in_p.append(torch.full((n,), not _decoupled(group, optimizer), device=device))
-        total = sum(p.numel() for p in params)
+            if wd > 0:
+                l2 = not _decoupled(group, optimizer)
+                decays.append((index, start - param.numel(), start, wd, rel, l2))
         info: dict[str, Any] = {
             "source": type(optimizer).__name__,
             "groups": [_group_record(g, optimizer) for g in groups_used.values()],
@@ -223,11 +223,7 @@ class Preconditioner:
             "p_max": p_high if steps else math.nan,
             "unset_share": unset / total if total else 0.0,
         }
-        d = torch.cat(decay)
-        any_decay = bool((d > 0).any())
-        return cls(
-            torch.cat(parts), info, d if any_decay else None, torch.cat(in_p) if any_decay else None
-        )
+        return cls(inverse, info, decays)
 
     # -- use -----------------------------------------------------------------------
     def direction(self, full: torch.Tensor) -> torch.Tensor:
@@ -244,22 +240,23 @@ class Preconditioner:
         ``⟨∇f, Δ⟩ / ⟨∇f, u⟩`` (NaN when that is 0); ``form`` is ``"none"``,
         ``"L2"`` (through P), ``"decoupled"`` or ``"mixed"``.
         """
-        if self._decay is None:
+        if not self._decays:
             return {"form": "none", "norm": 0.0, "descent": 0.0, "ratio": 0.0}
-        with torch.no_grad():
-            x64 = torch.cat([p.detach().reshape(-1).double().to(full.device) for p in params])
-        lam_x = self._decay.to(full.device) * x64
-        in_p = self._decay_in_p.to(full.device)
-        delta = torch.where(in_p, lam_x * self.inverse.to(full.device), lam_x)
-        full = full.double()
-        descent = float(full @ delta)
+        full, u = full.double(), u.double()
+        norm_sq, descent = 0.0, 0.0
+        for k, a, b, wd, rel, l2 in self._decays:
+            with torch.no_grad():
+                x = params[k].detach().reshape(-1).double()
+            # L2: Δ = λ·(rel/P)·x, so ⟨∇f, Δ⟩ = λ⟨u, x⟩; decoupled: Δ = λ·rel·x
+            along = u[a:b] if l2 else full[a:b] * rel
+            descent += wd * float(along @ x.to(along.device))
+            norm_sq += wd * wd * float(x @ x)
         inner = float(full @ u)
-        moved = self._decay > 0
-        forms = {bool(v) for v in torch.unique(in_p[moved.to(in_p.device)]).tolist()}
+        forms = {l2 for *_, l2 in self._decays}
         form = "mixed" if len(forms) > 1 else ("L2" if forms == {True} else "decoupled")
         return {
             "form": form,
-            "norm": float(torch.linalg.vector_norm(lam_x)),
+            "norm": math.sqrt(norm_sq),
             "descent": descent,
             "ratio": descent / inner if inner > 0 else math.nan,
         }
@@ -284,8 +281,8 @@ def _number(value: Any) -> float:
     return float(value.item() if isinstance(value, torch.Tensor) else value)
 
 
-def _adam_p(state: Any, group: dict, param: torch.Tensor, name: str) -> torch.Tensor | None:
-    """``√(v/(1 − β₂^t)) + ε`` in float64 from one parameter's state; None without state."""
+def _adam_p(state: Any, group: dict, param: torch.Tensor, name: str) -> tuple | None:
+    """``(√(v/(1 − β₂^t)) + ε`` in float64, its min, its max) from one state; None without one."""
     if not state or "exp_avg_sq" not in state or "step" not in state:
         return None
     t = _number(state["step"])
@@ -302,24 +299,26 @@ def _adam_p(state: Any, group: dict, param: torch.Tensor, name: str) -> torch.Te
         )
     if v.is_complex():
         raise ValueError(f"the optimizer state of {name} is complex")
-    v64 = v.detach().to(device=param.device, dtype=torch.float64).reshape(-1)
-    bad = ~(torch.isfinite(v64) & (v64 >= 0))
-    if bool(bad.any()):
-        k = int(torch.nonzero(bad)[0])
-        raise ValueError(
-            f"the optimizer state of {name} has {key}[{k}] = {float(v64[k])}: no preconditioner"
-        )
     beta2 = _number(group["betas"][1])
     eps = _number(group["eps"])
     bias = 1.0 - beta2**t
-    p_diag = torch.sqrt(v64 / bias) + eps
-    if not bool((p_diag > 0).all()):
+    # √(v/(1 − β₂^t)) + ε in float64, on a copy (the state is never written)
+    p_diag = v.detach().to(device=param.device, dtype=torch.float64, copy=True).reshape(-1)
+    p_diag.div_(bias).sqrt_().add_(eps)
+    low, high = (float(x) for x in torch.aminmax(p_diag))  # NaN if any entry is NaN
+    if not (math.isfinite(low) and math.isfinite(high)):  # a NaN, inf or negative v (√: NaN)
+        v64 = v.detach().double().reshape(-1)
+        k = int(torch.nonzero(~(torch.isfinite(v64) & (v64 >= 0)))[0])
+        raise ValueError(
+            f"the optimizer state of {name} has {key}[{k}] = {float(v64[k])}: no preconditioner"
+        )
+    if not low > 0:
         k = int(torch.nonzero(~(p_diag > 0))[0])
         raise ValueError(
             f"P = 0 at entry {k} of {name} (eps = {eps} and {key} = 0): the step would divide "
             "by zero there"
         )
-    return p_diag
+    return p_diag, low, high
 
 
 def _group_record(group: dict, optimizer: Any) -> dict[str, Any]:
