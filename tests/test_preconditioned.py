@@ -192,8 +192,30 @@ def test_dyadic_levels_each_with_their_own_u():
         assert_preconditioned(level, brute_preconditioned(model, case.loss_fn, coarse, opt), 1e-10)
 
 
-def test_classic_order_after_a_dot_fallback():
-    """A spot check fails on a model whose samples leave dim 0: the dots' fallback, with u too."""
+@pytest.mark.parametrize("route", ["per-sample", "per-sample-kept"])
+def test_classic_order_after_a_dot_fallback(route, monkeypatch):
+    """Dots from the factors that fail the spot check: the classic order's dot pass, with u too."""
+    from clipscope.engine.per_sample.kept import KeptChunk
+
+    wrong = KeptChunk.dots
+    monkeypatch.setattr(KeptChunk, "dots", lambda self, vector: wrong(self, vector) + 1.0)
+    case = by_id("mlp")
+    model, comps = case.build()
+    opt = adam_for(case, model, comps, "adamw")
+    X, Y = comps._source
+    singles = Components.from_tensors(X, Y, batch_size=1, seed=comps.seed)
+    ref = brute_preconditioned(model, case.loss_fn, singles, opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = probe(
+            model, case.loss_fn, comps, ETAS, route=route, batch_sizes=[1], preconditioner=opt
+        )
+    assert result.verification["dots_fallback"] is not None and result.route.endswith("+fallback")
+    assert_preconditioned(result, ref, 1e-10)
+
+
+def test_parameters_on_the_fallback():
+    """A spot check fails on a model whose samples leave dim 0: its parameters' fallback."""
     from zoo import SampleAxisInside
 
     torch.manual_seed(0)

@@ -52,6 +52,15 @@ Routes (DESIGN §4), all exact, all compared in the tests with
 Every route checks its result for consistency (Cauchy–Schwarz, ``Σ d_i =
 m‖∇f‖²``) and warns (``strict=True``: raises) on a violation.
 
+With ``preconditioner=`` (an Adam/AdamW whose state gives P, or P's diagonal:
+:mod:`clipscope.engine.preconditioner`) every route also measures the dots
+``d^P_i = ⟨g_i, u⟩`` with the second direction ``u = P⁻¹∇f`` where it measures
+the dots with ∇f (keep: one more matrix-vector product per block of rows;
+two-pass and dyadic: one more row in pass 2's product, each level with its own
+``u_l``; per-sample: the kept factors' dots with u, or a second dot pass after
+a dot fallback; torch.distributed: gathered like the dots), checked the same
+way (``|d^P_i| ≤ n_i‖u‖``, ``Σ_i d^P_i = m⟨∇f, u⟩``): ``result.preconditioned``.
+
 ``route="auto"`` picks ``dyadic`` when several batch sizes are asked for,
 ``per-sample-kept`` for ``batch_sizes=[1]`` when its factors fit the memory
 budget (``per-sample`` when not), else ``keep`` when it fits the memory
