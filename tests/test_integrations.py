@@ -362,7 +362,8 @@ def test_tensorboard_scalars_read_back_from_the_event_file(tmp_path):
     tb = tmp_path / "tb"
     monitor = Monitor(model, loss, comps, eta=2.0, every=3, run_dir=tmp_path / "run",
                       units=[TensorBoardScalars(tb)])  # fmt: skip
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    monitor.use_optimizer(opt)  # the preconditioned columns and step cosines too
     with monitor:
         for step in range(7):
             monitor.step(step)
@@ -375,9 +376,10 @@ def test_tensorboard_scalars_read_back_from_the_event_file(tmp_path):
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {"clipscope/loss", "clipscope/rho", "clipscope/c1", "clipscope/train_cos",
-            "clipscope/step/cos", "clipscope/step/grad_norm"} <= tags  # fmt: skip
+            "clipscope/step/cos", "clipscope/step/grad_norm", "clipscope/rho_p",
+            "clipscope/train_cos_p", "clipscope/step/cos_p"} <= tags  # fmt: skip
     rows = read_rows(tmp_path / "run" / "epochs.csv")
-    for column in ("loss", "grad_norm", "c1", "rho", "train_norm", "train_cos"):
+    for column in ("loss", "grad_norm", "c1", "rho", "train_norm", "train_cos", "rho_p"):
         scalars = events.Scalars(f"clipscope/{column}")
         assert [s.step for s in scalars] == [0, 3, 6][: len(scalars)]
         finite = rows[column][np.isfinite(rows[column])]
@@ -386,4 +388,6 @@ def test_tensorboard_scalars_read_back_from_the_event_file(tmp_path):
     scalars = events.Scalars("clipscope/step/cos")
     assert [s.step for s in scalars] == steps["step"].astype(int).tolist()
     np.testing.assert_allclose([s.value for s in scalars], steps["step_cos"], rtol=1e-6)
+    scalars = events.Scalars("clipscope/step/cos_p")
+    np.testing.assert_allclose([s.value for s in scalars], steps["step_cos_p"], rtol=1e-6)
     assert not any(math.isnan(s.value) for s in events.Scalars("clipscope/train_norm"))
