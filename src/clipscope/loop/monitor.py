@@ -210,11 +210,13 @@ class Monitor:
     Costs. A probe: the engine's, over all m components (about 2 epochs of
     forward+backward over them; ``keep``: about 1). Between probes:
     :meth:`gradient` reads the gradient once more (two dot products per
-    parameter tensor, one device synchronisation) and re-reads the model's
-    trainable parameters (``model.parameters()``: a few µs per tensor on a CPU;
-    about 0.3 ms for 200 tensors); measured overhead in ``docs/benchmarks.md``.
-    Memory: ∇f_k of the last probe in the gradients' dtype, plus x_k and ∇f_k
-    in float64 with ``smoothness_every`` not None.
+    parameter tensor -- with an Adam/AdamW one dot product and one
+    matrix-vector product with the rows ∇f_k and u_k -- and one device
+    synchronisation) and re-reads the model's trainable parameters
+    (``model.parameters()``: a few µs per tensor on a CPU; about 0.3 ms for 200
+    tensors); measured overhead in ``docs/benchmarks.md``. Memory: ∇f_k of the
+    last probe in the gradients' dtype (with an Adam/AdamW also u_k), plus x_k
+    and ∇f_k in float64 with ``smoothness_every`` not None.
 
     The trainable parameters are re-read at every probe and every
     :meth:`gradient`: when the set changes (a re-created layer, a freeze or
