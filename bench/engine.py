@@ -674,10 +674,32 @@ def preconditioned_tables(args) -> list[Table]:
                 f"{name}: with P / without = {statistics.median(ratios):.3f} (median of "
                 f"per-repeat ratios {', '.join(f'{r:.3f}' for r in ratios)})"
             )
+        t.notes.append(_reading_p_cost(model, params, opt, t))
         if args.etas:
             t.notes.append(f"every probe with η = {args.etas} (clipped sums and their cosines)")
         tables.append(t)
     return tables
+
+
+def _reading_p_cost(model, params, opt, table) -> str:
+    """Time the per-probe fixed cost alone: P from the state, u, the weight decay's record."""
+    from clipscope.engine.preconditioner import Preconditioner
+
+    names = [n for n, _ in model.named_parameters()]
+    full = torch.randn(sum(p.numel() for p in params), dtype=torch.float64)
+    times = []
+    for _ in range(7):
+        t0 = CLOCK()
+        pre = Preconditioner.from_optimizer(opt, params, names)
+        u = pre.direction(full)
+        pre.decay(params, full, u)
+        times.append(CLOCK() - t0)
+    ms = 1e3 * statistics.median(times)
+    share = ms / 1e3 / statistics.median(table.base_time)
+    return (
+        f"reading P from the AdamW state, u = P⁻¹∇f and the decay record, alone: {ms:.1f} ms "
+        f"= {share:.3f} E per probe (per level on the dyadic route)"
+    )
 
 
 def fixed_costs(args) -> None:

@@ -165,6 +165,13 @@ def test_train_and_report(ls_run, workdir):
     smoothness = {"hess_norm", "hess_converged", "hess_iterations", "traj_smoothness"}
     assert set(header) - {f"rho@{e}" for e in etas} == set(expected) - smoothness, header
     assert json.loads((ls_run / "summary.json").read_text())["status"] == "completed"
+    # an AdamW run adds exactly the documented preconditioned columns
+    ok(run("clipscope train configs/least_squares_adamw.toml --out runs/ls-adamw", workdir))
+    with (workdir / "runs" / "ls-adamw" / "epochs.csv").open() as fh:
+        adamw_header = next(csv.reader(fh))
+    adam_columns = [c for c in doc_table("training.md", "Adam/AdamW column") if c != "rho_p@η"]
+    added = {c for c in adamw_header if c not in header and not c.startswith("rho_p@")}
+    assert added == set(adam_columns), adamw_header
     ok(run("clipscope report runs/ls-igc", workdir))
     assert (ls_run / "report.html").is_file() and (ls_run / "findings.json").is_file()
 
