@@ -634,5 +634,10 @@ def test_a_resumed_adamw_monitor_ends_with_the_records_of_an_uninterrupted_one(t
     assert "train_cos_p" in whole.rows[0]
     third = Monitor(model, loss_fn, comps, **kw)
     third.load_state_dict(state["monitor"])
-    with pytest.raises(ConfigError, match="saved with optimizer AdamW"):
+    with pytest.raises(ConfigError, match="made with optimizer AdamW, this loop's is Adam"):
         third.use_optimizer(torch.optim.Adam(model.parameters()))
+    third.use_optimizer(torch.optim.AdamW(model.parameters()))  # the same kind: accepted
+    plain = Monitor(model, loss_fn, comps, **kw)
+    plain.step(0)  # started without an optimizer: an AdamW would add columns mid-run
+    with pytest.raises(ConfigError, match="made with optimizer None"):
+        plain.use_optimizer(opt)

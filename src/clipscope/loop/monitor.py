@@ -339,26 +339,27 @@ class Monitor:
     def use_optimizer(self, optimizer: Any) -> None:
         """Set the loop's optimizer (before the first :meth:`step`; the callbacks call it).
 
+        Another optimizer of the same class may replace the first one at any time
+        (a Lightning ``Trainer.fit`` creates its optimizers anew on each call).
+
         Raises
         ------
         TypeError
             Not a ``torch.optim.Optimizer`` (nor a wrapper holding one in ``.optimizer``).
-        RuntimeError
-            Another optimizer after the Monitor started (the records would mix two).
         ConfigError
-            A resumed Monitor's state was saved with another kind of optimizer.
+            An optimizer of another class than the one the Monitor started (or its
+            loaded state was saved) with: the records would mix two kinds of step.
         """
         if optimizer is None or optimizer is self.optimizer:
             return
         inner = _unwrap_optimizer(optimizer)
         if not isinstance(inner, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)!r}")
-        if getattr(self, "_started", False) and self.optimizer is not None:
-            raise RuntimeError("the Monitor already runs with another optimizer")
         name, saved = type(inner).__name__, self.setting.get("optimizer")
-        if getattr(self, "resumed", False) and saved is not None and saved != name:
+        started = getattr(self, "_started", False) or getattr(self, "resumed", False)
+        if started and saved != name:
             raise ConfigError(
-                f"the Monitor state was saved with optimizer {saved}, this loop's is {name}"
+                f"the Monitor's records were made with optimizer {saved}, this loop's is {name}"
             )
         self.optimizer = optimizer
         self.setting["optimizer"] = name
