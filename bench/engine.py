@@ -20,6 +20,7 @@ Usage::
     python bench/engine.py --only checks   # what the per-sample checks cost (issue 9)
     python bench/engine.py --only kept     # both per-sample routes end to end (issue 13)
     python bench/engine.py --only fixed    # the probe's fixed costs per probe, per component
+    python bench/engine.py --only preconditioned  # the dots with u = P⁻¹∇f (issue 22)
     python bench/engine.py --clock cpu     # process CPU time instead of wall time
     python bench/engine.py --threads 1     # torch.set_num_threads(1)
     python bench/engine.py --no-memory     # time only (no RSS sampling thread)
@@ -33,6 +34,10 @@ Issue 13: per-sample-kept ≤ 1.8× end to end on the CNN, the LSTM LM and a
 batch-first LSTM LM (``--only kept``, peak memory beside it); two-pass
 per-sample ≤ 2.3× (CNN), ≤ 2.5× (LSTM LM); keep ≤ 1.1× and dyadic (6 sizes)
 ≤ 2.2× at m ≥ 64 (``--only routes --batches 64``); fixed costs (``--only fixed``).
+Issue 22: the preconditioned statistics (``probe(..., preconditioner=AdamW)``) add
+≤ 5 % to a probe's time on every route (``--only preconditioned``: each route with
+and without the preconditioner, interleaved in one run; the ratio of the two per
+repeat).
 """
 
 from __future__ import annotations
@@ -599,6 +604,104 @@ def kept_tables(args) -> list[Table]:
     return tables
 
 
+def preconditioned_tables(args) -> list[Table]:
+    """Issue 22: every route with and without ``preconditioner=`` (an AdamW with state).
+
+    Per model, one table: each route's probe without and with the preconditioner,
+    interleaved in every repeat (run_table's rotation), against one plain epoch.
+    The note under the table is the median over repeats of (with / without) in the
+    same repeat: what the dots with ``u = P⁻¹∇f`` add to that route's probe.
+    """
+    if probe is None:
+        return []
+    gen = torch.Generator().manual_seed(5)
+    nb = args.batches
+    lb = max(2, nb // 2)
+    setups = []
+    if not args.no_cnn:
+        torch.manual_seed(0)
+        X = torch.randn(64 * nb, 3, 32, 32, generator=gen)
+        Y = torch.randint(0, 10, (64 * nb,), generator=gen)
+        setups.append((f"small CNN (545k params), {nb} batches of 64", small_cnn(),
+                       F.cross_entropy, X, Y))  # fmt: skip
+    if not args.no_lstm:
+        torch.manual_seed(0)
+        lm = LSTMLM(vocab=3_000)
+        X = torch.randint(0, 3_000, (64 * lb, 35), generator=gen)
+        Y = torch.randint(0, 3_000, (64 * lb, 35), generator=gen)
+        n = sum(p.numel() for p in lm.parameters())
+        setups.append((f"LSTM LM, batch-first, vocab 3k, {n / 1e6:.2f}M params, {lb} batches "
+                       "of 64 rows × 35", lm, lm_loss, X, Y))  # fmt: skip
+    tables = []
+    for title, model, loss_fn, X, Y in setups:
+        comps = Components.from_tensors(X, Y, batch_size=64)
+        params = list(model.parameters())
+        batches = list(comps)
+        opt = torch.optim.AdamW(params, lr=1e-4)
+        snapshot = [p.detach().clone() for p in params]
+        for x, y in batches[:2]:  # an optimizer state for every parameter
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():  # the probes see the same point as before the steps
+            for p, s in zip(params, snapshot, strict=True):
+                p.copy_(s)
+        levels = max(1, min(4, len(comps).bit_length()))
+        routes = {
+            "keep": {"route": "keep"},
+            "two-pass": {"route": "two-pass"},
+            f"dyadic, {levels} sizes": {"route": "dyadic", "levels": levels},
+            "per-sample-kept": {"route": "per-sample-kept", "batch_sizes": [1]},
+            "per-sample (two passes)": {"route": "per-sample", "batch_sizes": [1]},
+        }
+        methods = {}
+        for name, kw in routes.items():
+            for label, extra in (("", {}), (" + P", {"preconditioner": opt})):
+                methods[f"{name}{label}"] = partial(
+                    probe, model, loss_fn, comps, args.etas, **kw, **extra
+                )
+        t = run_table(
+            f"issue 22, the preconditioned statistics: {title}",
+            methods,
+            lambda m=model, f=loss_fn, b=batches, p=params: plain_epoch(m, f, b, p),
+            args.repeats,
+        )
+        for name in routes:
+            plain, with_p = t.rows[name][0], t.rows[f"{name} + P"][0]
+            ratios = [b / a for a, b in zip(plain, with_p, strict=True)]
+            t.notes.append(
+                f"{name}: with P / without = {statistics.median(ratios):.3f} (median of "
+                f"per-repeat ratios {', '.join(f'{r:.3f}' for r in ratios)})"
+            )
+        t.notes.append(_reading_p_cost(model, params, opt, t))
+        if args.etas:
+            t.notes.append(f"every probe with η = {args.etas} (clipped sums and their cosines)")
+        tables.append(t)
+    return tables
+
+
+def _reading_p_cost(model, params, opt, table) -> str:
+    """Time the per-probe fixed cost alone: P from the state, u, the weight decay's record."""
+    from clipscope.engine.preconditioner import Preconditioner
+
+    names = [n for n, _ in model.named_parameters()]
+    full = torch.randn(sum(p.numel() for p in params), dtype=torch.float64)
+    times = []
+    for _ in range(7):
+        t0 = CLOCK()
+        pre = Preconditioner.from_optimizer(opt, params, names)
+        u = pre.direction(full)
+        pre.decay(params, full, u)
+        times.append(CLOCK() - t0)
+    ms = 1e3 * statistics.median(times)
+    share = ms / 1e3 / statistics.median(table.base_time)
+    return (
+        f"reading P from the AdamW state, u = P⁻¹∇f and the decay record, alone: {ms:.1f} ms "
+        f"= {share:.3f} E per probe (per level on the dyadic route)"
+    )
+
+
 def fixed_costs(args) -> None:
     """Print the probe's fixed costs beside one component's forward+backward (issue 13).
 
@@ -728,9 +831,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-cnn", action="store_true", help="skip the per-sample CNN table")
     ap.add_argument(
         "--only",
-        choices=("per-sample", "routes", "checks", "kept", "fixed"),
+        choices=("per-sample", "routes", "checks", "kept", "fixed", "preconditioned"),
         default=None,
-        help="one group of tables: kept and fixed are issue 13's",
+        help="one group of tables: kept and fixed are issue 13's, preconditioned issue 22's",
     )
     ap.add_argument(
         "--no-naive", action="store_true", help="routes: skip the naive two-pass per size"
@@ -746,7 +849,7 @@ def main(argv: list[str] | None = None) -> int:
         "--etas",
         type=lambda text: [float(v) for v in text.split(",") if v],
         default=[],
-        help="clipping thresholds η for --only kept, comma-separated (default: none)",
+        help="clipping thresholds η for --only kept / preconditioned, comma-separated",
     )
     ap.add_argument(
         "--no-memory",
@@ -791,6 +894,8 @@ def main(argv: list[str] | None = None) -> int:
         tables += kept_tables(args)
     if args.only in (None, "fixed"):
         fixed_costs(args)
+    if args.only in (None, "preconditioned"):
+        tables += preconditioned_tables(args)
     for t in tables:
         print(t.render())
     return 0

@@ -13,7 +13,11 @@ directly. The variants:
   after clipping (the norm ``clip_grad_norm_`` returned): one pass over the
   gradient (‖g‖² and ⟨g, ∇f_k⟩ per tensor);
 * ``monitor, norm read``: ``monitor.gradient()`` before clipping, so the Monitor
-  reads the norm itself (the same single pass: ‖g‖² and ⟨g, ∇f_k⟩ together).
+  reads the norm itself (the same single pass: ‖g‖² and ⟨g, ∇f_k⟩ together);
+* ``monitor + P`` (issue 22): the Monitor given the loop's AdamW
+  (``optimizer=opt``), so every step also takes ⟨g, u_k⟩ with ``u_k = P⁻¹∇f_k``
+  (``step_cos_p``) in the same pass, ``gradient(norm)`` after clipping;
+* ``monitor + P, norm read``: the same, ``gradient()`` before clipping.
 
 No probe runs inside the timed steps (the Monitor probed x_0 before them, with
 ``every`` larger than the run). A probe's own cost is printed separately, in plain
@@ -29,7 +33,8 @@ Usage::
     python bench/monitor.py --quick               # 3 repeats of 10 steps
     python bench/monitor.py --models mlp --clock wall --threads 2
 
-Target (issue 11): ``monitor`` ≤ 1.05 × ``plain``.
+Target (issue 11): ``monitor`` ≤ 1.05 × ``plain``. Issue 22: ``monitor + P`` ≤ 1.05 ×
+``plain`` (the Monitor of an AdamW loop).
 """
 
 from __future__ import annotations
@@ -151,21 +156,31 @@ def bench(task: Task, steps: int, repeats: int, clock: Callable[[], float]) -> d
     model, n = task.model, sum(p.numel() for p in task.model.parameters())
     comps = Components.from_tensors(task.inputs, task.targets, batch_size=len(task.inputs) // 8)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    for s in range(1, 3):  # warm-up, and an optimizer state for P
+        one_step(task, opt, s, clock)
     monitors = {
-        name: Monitor(model, task.loss, comps, eta=ETA, every=10**9, smoothness_every=None)
-        for name in ("monitor", "monitor, norm read")
+        name: Monitor(
+            model,
+            task.loss,
+            comps,
+            eta=ETA,
+            every=10**9,
+            smoothness_every=None,
+            optimizer=opt if "+ P" in name else None,
+        )
+        for name in VARIANTS[1:]
     }
     t = clock()
     monitors["monitor"].step(0)  # the probe at x_0 (∇f_0 for the cosines)
     probe_time = clock() - t
-    monitors["monitor, norm read"].step(0)  # none inside the timed steps: every > the run
-    variants = {
-        "plain": {},
-        "monitor": {"monitor": monitors["monitor"]},
-        "monitor, norm read": {"monitor": monitors["monitor, norm read"], "read_norm": True},
-    }
-    for s in range(1, 3):  # warm-up
-        one_step(task, opt, s, clock)
+    t = clock()
+    monitors["monitor + P"].step(0)  # the probe with P (u_0 for the step cosines with u)
+    probe_p_time = clock() - t
+    for name in VARIANTS[1:]:
+        monitors[name].step(0)  # none inside the timed steps: every > the run
+    variants = {"plain": {}}
+    for name in VARIANTS[1:]:
+        variants[name] = {"monitor": monitors[name], "read_norm": "norm read" in name}
     times: dict[str, list[float]] = {k: [] for k in variants}
     inside: dict[str, list[float]] = {k: [] for k in variants}
     s = 3
@@ -186,7 +201,11 @@ def bench(task: Task, steps: int, repeats: int, clock: Callable[[], float]) -> d
         out[name + " calls"] = statistics.median(inside[name]) / plain
     out["probe / plain step"] = probe_time / plain
     out["probe / E"] = probe_time / (8 * plain)
+    out["probe + P / probe"] = probe_p_time / probe_time
     return out
+
+
+VARIANTS = ("plain", "monitor", "monitor, norm read", "monitor + P", "monitor + P, norm read")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,20 +225,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"clock: {args.clock}; torch {torch.__version__}, {args.threads} thread(s); "
           f"{args.repeats} repeats x {args.steps} steps per variant; eta = {ETA}")  # fmt: skip
     default_batch = {"cnn": 64, "gpt": 16, "mlp": 64}
-    header = ("model", "params", "plain step", "monitor", "(its calls)", "monitor, norm read",
-              "(its calls)", "probe / step", "probe / E")  # fmt: skip
+    header = ("model", "params", "plain step", *(f"{v} | (its calls)" for v in VARIANTS[1:]),
+              "probe / step", "probe / E", "probe + P / probe")  # fmt: skip
     print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
+    print("|" + "---|" * (len(header) + len(VARIANTS) - 1))
     for name in args.models.split(","):
         gen = torch.Generator().manual_seed(0)
         torch.manual_seed(0)
         task = TASKS[name](args.batch or default_batch[name], gen)
         r = bench(task, args.steps, args.repeats, clock)
+        cells = " | ".join(f"{r[v]:.3f} | {r[v + ' calls']:.3f}" for v in VARIANTS[1:])
         print(
-            f"| {name} | {r['params'] / 1e6:.2f}M | {r['plain step (ms)']:.1f} ms | "
-            f"{r['monitor']:.3f} | {r['monitor calls']:.3f} | {r['monitor, norm read']:.3f} | "
-            f"{r['monitor, norm read calls']:.3f} | {r['probe / plain step']:.1f} | "
-            f"{r['probe / E']:.2f} |"
+            f"| {name} | {r['params'] / 1e6:.2f}M | {r['plain step (ms)']:.1f} ms | {cells} | "
+            f"{r['probe / plain step']:.1f} | {r['probe / E']:.2f} | "
+            f"{r['probe + P / probe']:.2f} |"
         )
         print(f"|   ({task.describe}) |", file=sys.stderr)
     return 0

@@ -245,13 +245,36 @@ def _probe_cases():
         # two passes with η: pass 2 forms each chunk's factors again
         ("per-sample-two-pass", mlp, {"route": "per-sample"}),
         ("per-sample-two-pass-spot-fallback", axis, {"route": "per-sample"}),
+        # the preconditioned dots (issue 22): u = P⁻¹∇f from an AdamW's state, every route
+        ("keep-adamw", mlp, {"route": "keep", "preconditioner": _adamw}),
+        ("two-pass-adamw", mlp, {"route": "two-pass", "preconditioner": _adamw}),
+        ("dyadic-3-adamw", mlp, {"levels": 3, "preconditioner": _adamw}),
+        ("per-sample-adamw", mlp, {"batch_sizes": [1], "preconditioner": _adamw}),
+        ("per-sample-two-pass-adamw", mlp, {"route": "per-sample", "preconditioner": _adamw}),
+        ("lm-two-pass-adamw", lm, {"route": "two-pass", "preconditioner": _adamw}),
     ]
+
+
+def _adamw(model, loss_fn, comps):
+    """Two AdamW steps on components 0 and 1 (the same on every rank): a P with state."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    for i in range(2):
+        opt.zero_grad()
+        x, y = comps.batch(i)
+        out = model(x)
+        loss_fn(out[0] if isinstance(out, tuple) else out, y).backward()
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return opt
 
 
 def _run_case(build, kwargs, **extra):
     import warnings
 
     model, loss_fn, comps = build()
+    kwargs = dict(kwargs)
+    if callable(kwargs.get("preconditioner")):
+        kwargs["preconditioner"] = kwargs["preconditioner"](model, loss_fn, comps)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return probe(model, loss_fn, comps, ETAS, **kwargs, **extra)
@@ -287,6 +310,16 @@ def assert_same_result(got, want, rtol=RTOL):
         if "merge" in w.verification:  # (each rank checks parents of its own block)
             for key in ("passed", "weights", "own_pass"):
                 assert g.verification["merge"][key] == w.verification["merge"][key], key
+        assert (g.preconditioned is None) == (w.preconditioned is None)
+        if w.preconditioned is not None:
+            gp, wp = g.preconditioned, w.preconditioned
+            scale = np.maximum(w.norms * wp.direction_norm, 1e-300)
+            assert np.all(np.abs(gp.dots - wp.dots) <= rtol * scale)
+            assert gp.inner == pytest.approx(wp.inner, rel=rtol, abs=0)
+            assert gp.direction_norm == pytest.approx(wp.direction_norm, rel=rtol, abs=0)
+            for eta in wp.clipped:
+                np.testing.assert_allclose(gp.clipped[eta], wp.clipped[eta], rtol=rtol, atol=rtol)
+            assert gp.info["without_state"] == wp.info["without_state"]
 
 
 # -- workers (run by torch.distributed.run: python test_distributed.py MODE OUT) ---------------
@@ -306,9 +339,12 @@ def worker_probe(out: Path) -> None:
     except NonFiniteError as exc:
         results["nonfinite"] = f"NonFiniteError: {exc}"
     # ranks that disagree: the message names what differs
-    for what in ("model", "data", "arguments"):
+    for what in ("model", "data", "arguments", "preconditioner"):
         model, loss_fn, comps = _mlp(), F.cross_entropy, _classification()
         etas = ETAS
+        given = [torch.ones_like(p) for p in model.parameters()]
+        if rank == 1 and what == "preconditioner":
+            given[0][0, 0] = 2.0
         if rank == 1 and what == "model":
             with torch.no_grad():
                 model[0].weight[0, 0] += 1e-9
@@ -317,7 +353,7 @@ def worker_probe(out: Path) -> None:
         if rank == 1 and what == "arguments":
             etas = (0.05, 0.6, math.inf)
         try:
-            probe(model, loss_fn, comps, etas)
+            probe(model, loss_fn, comps, etas, preconditioner=given)
             results[f"disagree-{what}"] = "no error"
         except RanksDisagree as exc:
             results[f"disagree-{what}"] = str(exc)
@@ -403,6 +439,7 @@ def test_ranks_that_disagree_are_refused_naming_what_differs(probed):
         assert "data differs on rank 1" in probed[rank]["disagree-data"]
         text = probed[rank]["disagree-arguments"]
         assert "arguments differs on rank 1" in text and "etas" in text and "0.6" in text
+        assert "preconditioner differs on rank 1" in probed[rank]["disagree-preconditioner"]
 
 
 def test_a_ddp_model_is_probed_through_its_module_without_its_all_reduce(probed):

@@ -172,8 +172,11 @@ def test_train_and_report(ls_run, workdir):
     assert (ls_run / "report.html").is_file() and (ls_run / "findings.json").is_file()
 
 
-def test_train_adamw(workdir):
-    """docs/training.md, "Optimizers": the AdamW example trains and records its optimizer."""
+def test_train_adamw(ls_run, workdir):
+    """docs/training.md, "Optimizers": the AdamW example trains and records its optimizer.
+
+    Its rows add exactly the documented Adam/AdamW columns to an SGD run's.
+    """
     ok(run("clipscope train configs/least_squares_adamw.toml --out runs/ls-adamw", workdir))
     run_dir = workdir / "runs" / "ls-adamw"
     config = (run_dir / "config.toml").read_text()
@@ -181,6 +184,12 @@ def test_train_adamw(workdir):
     env = json.loads((run_dir / "env.json").read_text())
     assert env["optimizer"]["class"] == "torch.optim.adamw.AdamW"
     assert env["optimizer"]["betas"] == [0.9, 0.99]
+    with (ls_run / "epochs.csv").open() as fh, (run_dir / "epochs.csv").open() as fa:
+        sgd_header, adamw_header = next(csv.reader(fh)), next(csv.reader(fa))
+    adam_columns = [c for c in doc_table("training.md", "Adam/AdamW column") if c != "rho_p@η"]
+    added = {c for c in adamw_header if c not in sgd_header and not c.startswith("rho_p@")}
+    assert added == set(adam_columns), adamw_header
+    assert {f"rho_p@{e}" for e in ("0.1", "0.5", "1", "2", "inf")} <= set(adamw_header)
 
 
 def test_probe_commands(ls_run, workdir):

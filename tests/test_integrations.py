@@ -122,6 +122,57 @@ def test_lightning_trainer_with_the_monitor_callback(tmp_path):
     assert (tmp_path / "run" / "summary.json").is_file()
 
 
+class AdamWRegression(Regression):
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=0.05, weight_decay=0.01)
+
+
+class PreconditionedCapture(pl.Callback):
+    """The test's own ρ_P (float64 brute force, P from the trainer's optimizer) and cos(g, u)."""
+
+    def __init__(self, comps, every, eta):
+        self.comps, self.every, self.eta = comps, every, eta
+        self.u, self.rho_p, self.cos_p = None, [], []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step % self.every == 0 and batch_idx == trainer.global_step:
+            params = list(pl_module.parameters())
+            ref = reference_probe(
+                copy.deepcopy(pl_module).double(), mse, self.comps,
+                preconditioner=adam_p(trainer.optimizers[0], params),
+            )  # fmt: skip
+            self.u = torch.cat([t.reshape(-1) for t in ref.preconditioned.direction])
+            self.rho_p.append(ref.preconditioned.ratio(self.eta))
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        g = flat_grad(pl_module)
+        self.cos_p.append(float(g @ self.u / (g.norm() * self.u.norm())))
+
+
+def test_lightning_hands_its_adamw_to_the_monitor(tmp_path):
+    data, eta = regression_data(), 1.0
+    comps = Components.from_dataset(data, batch_size=8, seed=0)
+    double = Components.from_dataset(
+        TensorDataset(*(t.double() for t in data.tensors)), batch_size=8, seed=0
+    )
+    torch.manual_seed(0)
+    module = AdamWRegression()
+    monitor = Monitor(module, mse, comps, eta=eta, every=2, run_dir=tmp_path / "run")
+    capture = PreconditionedCapture(double, 2, eta)
+    lightning_fit(module, [LightningCallback(monitor), capture], max_steps=4)
+    assert monitor.setting["optimizer"] == "AdamW"
+    rows = read_rows(tmp_path / "run" / "epochs.csv")
+    np.testing.assert_allclose(rows["rho_p"], capture.rho_p, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(rows["p_unset_share"], [1.0, 0.0])
+    steps = steps_arrays(tmp_path / "run")
+    np.testing.assert_allclose(steps["step_cos_p"], capture.cos_p, rtol=1e-5, atol=1e-6)
+    # the trainer clips at another threshold than the Monitor's η: refused
+    other = Monitor(AdamWRegression(), mse, comps, eta=0.5, every=2, run_dir=tmp_path / "other")
+    with pytest.raises(ConfigError, match=r"gradient_clip_val=1.0.*eta is 0.5"):
+        lightning_fit(other.model, [LightningCallback(other)], max_steps=2)
+    assert not (tmp_path / "other").exists()
+
+
 def test_lightning_checkpoints_carry_the_monitor(tmp_path):
     comps = Components.from_dataset(regression_data(), batch_size=8, seed=0)
     torch.manual_seed(0)
@@ -161,22 +212,44 @@ def lm_loss(model, batch):
     return model(**batch).loss
 
 
+def adam_p(optimizer, params) -> list[torch.Tensor]:
+    """P = √(v/(1 − β₂^t)) + ε from an Adam/AdamW state by its formula, float64 (1: no state)."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    out = []
+    for p in params:
+        group = next(g for g in optimizer.param_groups if any(q is p for q in g["params"]))
+        state = optimizer.state.get(p)
+        if not state:
+            out.append(torch.ones_like(p, dtype=torch.float64))
+            continue
+        bias = 1 - group["betas"][1] ** float(state["step"])
+        out.append(torch.sqrt(state["exp_avg_sq"].double() / bias) + group["eps"])
+    return out
+
+
 class Capture(TrainerCallback):
-    """The test's own record: ∇f (float64 brute force) at each probe point, each applied g."""
+    """The test's own record at each probe point (float64 brute force): ∇f, u = P⁻¹∇f, ρ_P.
 
-    def __init__(self, comps, every):
-        self.comps, self.every = comps, every
-        self.full, self.cos = None, []
+    And for each applied g its cosines with ∇f and with u.
+    """
 
-    def on_step_begin(self, args, state, control, model=None, **kwargs):
+    def __init__(self, comps, every, eta):
+        self.comps, self.every, self.eta = comps, every, eta
+        self.full, self.u, self.cos, self.cos_p, self.rho_p = None, None, [], [], []
+
+    def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if state.global_step % self.every == 0:
             twin = copy.deepcopy(model).double()
-            self.full = torch.cat([g.reshape(-1) for g in reference_probe(
-                twin, lm_loss, self.comps).full_grad])  # fmt: skip
+            P = adam_p(optimizer, [p for p in model.parameters() if p.requires_grad])
+            ref = reference_probe(twin, lm_loss, self.comps, preconditioner=P)
+            self.full = torch.cat([g.reshape(-1) for g in ref.full_grad])
+            self.u = torch.cat([t.reshape(-1) for t in ref.preconditioned.direction])
+            self.rho_p.append(ref.preconditioned.ratio(self.eta))
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         g = flat_grad(model)
         self.cos.append(float(g @ self.full / (g.norm() * self.full.norm())))
+        self.cos_p.append(float(g @ self.u / (g.norm() * self.u.norm())))
 
 
 def hf_train(tmp_path, callbacks, *, eta, logging_steps, max_steps=6, save_steps=None,
@@ -200,7 +273,7 @@ def test_hugging_face_trainer_with_the_monitor_callback(tmp_path):
     eta, every = 1.1, 2
     model = gpt2()
     monitor = Monitor(model, lm_loss, comps, eta=eta, every=every, run_dir=tmp_path / "run")
-    capture = Capture(comps, every)
+    capture = Capture(comps, every, eta)
     trainer = hf_train(tmp_path, [HFCallback(monitor), capture], eta=eta, logging_steps=1,
                        model=model)  # fmt: skip
     logged = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
@@ -212,6 +285,11 @@ def test_hugging_face_trainer_with_the_monitor_callback(tmp_path):
     np.testing.assert_allclose(steps["step_cos"], capture.cos, rtol=1e-4, atol=1e-5)
     rows = read_rows(tmp_path / "run" / "epochs.csv")
     np.testing.assert_array_equal(rows["step"], [0, 2, 4])
+    # the Trainer's AdamW is the Monitor's: ρ_P at max_grad_norm, each step's cosine with u
+    assert monitor.setting["optimizer"] == "AdamW"
+    np.testing.assert_allclose(rows["rho_p"], capture.rho_p, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(rows["p_unset_share"], [1.0, 0.0, 0.0])
+    np.testing.assert_allclose(steps["step_cos_p"], capture.cos_p, rtol=1e-4, atol=1e-5)
 
     # the same run, logging rarely: where the Trainer clipped, the norm is not knowable
     model = gpt2()
@@ -284,7 +362,8 @@ def test_tensorboard_scalars_read_back_from_the_event_file(tmp_path):
     tb = tmp_path / "tb"
     monitor = Monitor(model, loss, comps, eta=2.0, every=3, run_dir=tmp_path / "run",
                       units=[TensorBoardScalars(tb)])  # fmt: skip
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    monitor.use_optimizer(opt)  # the preconditioned columns and step cosines too
     with monitor:
         for step in range(7):
             monitor.step(step)
@@ -297,9 +376,10 @@ def test_tensorboard_scalars_read_back_from_the_event_file(tmp_path):
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {"clipscope/loss", "clipscope/rho", "clipscope/c1", "clipscope/train_cos",
-            "clipscope/step/cos", "clipscope/step/grad_norm"} <= tags  # fmt: skip
+            "clipscope/step/cos", "clipscope/step/grad_norm", "clipscope/rho_p",
+            "clipscope/train_cos_p", "clipscope/step/cos_p"} <= tags  # fmt: skip
     rows = read_rows(tmp_path / "run" / "epochs.csv")
-    for column in ("loss", "grad_norm", "c1", "rho", "train_norm", "train_cos"):
+    for column in ("loss", "grad_norm", "c1", "rho", "train_norm", "train_cos", "rho_p"):
         scalars = events.Scalars(f"clipscope/{column}")
         assert [s.step for s in scalars] == [0, 3, 6][: len(scalars)]
         finite = rows[column][np.isfinite(rows[column])]
@@ -308,4 +388,6 @@ def test_tensorboard_scalars_read_back_from_the_event_file(tmp_path):
     scalars = events.Scalars("clipscope/step/cos")
     assert [s.step for s in scalars] == steps["step"].astype(int).tolist()
     np.testing.assert_allclose([s.value for s in scalars], steps["step_cos"], rtol=1e-6)
+    scalars = events.Scalars("clipscope/step/cos_p")
+    np.testing.assert_allclose([s.value for s in scalars], steps["step_cos_p"], rtol=1e-6)
     assert not any(math.isnan(s.value) for s in events.Scalars("clipscope/train_norm"))

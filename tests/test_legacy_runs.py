@@ -20,7 +20,7 @@ import torch
 from clipscope.atomic import latest_checkpoint, list_checkpoints, load_checkpoint
 from clipscope.cli import main
 from clipscope.loop.state import upgrade_checkpoint
-from clipscope.run.directory import COLUMNS, load_run
+from clipscope.run.directory import COLUMNS, PRECONDITIONED_COLUMNS, load_run
 from clipscope.train import train
 
 LEGACY = Path(__file__).resolve().parent / "fixtures" / "legacy_runs"
@@ -82,6 +82,10 @@ def test_records_of_old_runs_read(run):
     assert record.method in ("igc", "sgd") and record.eta == 1.0 and record.batch_size == 8
     arrays = record.components(0)
     assert arrays["norms"].shape == (8,) and float(arrays["grad_norm"]) > 0
+    # written before the preconditioned records (issue 22): absent, read as NaN
+    for column in PRECONDITIONED_COLUMNS:
+        assert column not in record.rows and np.isnan(record.column(column)).all()
+    assert "dots_p" not in arrays
     for path in list_checkpoints(LEGACY / run / "checkpoints"):
         payload = upgrade_checkpoint(load_checkpoint(path))
         assert {"loop", "units", "model", "optimizer", "order"} <= set(payload)

@@ -512,3 +512,132 @@ def test_a_state_loaded_into_a_model_with_other_parameters_restarts_them(tmp_pat
     assert math.isfinite(traj[0]) and math.isnan(traj[1]) and math.isfinite(traj[2])
     assert math.isfinite(second.rows[2]["train_cos"])
     assert any("other trainable parameters" in m for m in messages)
+
+
+# -- an Adam/AdamW loop: the preconditioned statistics (issue 22) ---------------------------
+def _p_of(opt, params):
+    """P from the optimizer's state by Adam's formula, float64 (1 where there is no state)."""
+    out = []
+    for p in params:
+        group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
+        state = opt.state.get(p)
+        if not state:
+            out.append(torch.ones_like(p, dtype=F64))
+            continue
+        bias = 1 - group["betas"][1] ** float(state["step"])
+        out.append(torch.sqrt(state["exp_avg_sq"].double() / bias) + group["eps"])
+    return out
+
+
+def test_an_adamw_loop_records_rho_p_and_each_steps_cosine_with_u(tmp_path):
+    """ρ_P, the cosines to u and cos(g, u_k) against a float64 brute force (float32 model)."""
+    model, loss_fn, comps = problem(dtype=torch.float32)
+    params = list(model.parameters())
+    eta, every = 0.8, 3
+    opt = torch.optim.AdamW(params, lr=0.05, weight_decay=0.1)
+    monitor = Monitor(model, loss_fn, comps, eta=eta, every=every, etas=(0.3,), optimizer=opt,
+                      run_dir=tmp_path / "run")  # fmt: skip
+    want_rows, want_cos = [], []
+    u = None
+    for step in range(9):
+        monitor.step(step)
+        if step % every == 0:  # the brute force at the same point, P from the same state
+            twin = copy.deepcopy(model).double()
+            ref = reference_probe(twin, loss_fn, _double(comps), preconditioner=_p_of(opt, params))
+            u = torch.cat([t.reshape(-1) for t in ref.preconditioned.direction])
+            pre = ref.preconditioned
+            want_rows.append((pre.ratio(eta), pre.ratio(0.3), pre.c1, pre.stats.min_cos))
+        x, y = comps.batch(step % comps.m)
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        g = torch.cat([p.grad.reshape(-1) for p in params]).double()
+        monitor.gradient()
+        want_cos.append(float(g @ u / (g.norm() * u.norm())))
+        clip_grads_(params, eta)
+        opt.step()
+    monitor.close()
+    rows = read_rows(tmp_path / "run" / "epochs.csv")
+    for k, (rho_p, rho_p3, c1_p, min_cos_p) in enumerate(want_rows):
+        assert rows["rho_p"][k] == pytest.approx(rho_p, rel=1e-5)
+        assert rows["rho_p@0.3"][k] == pytest.approx(rho_p3, rel=1e-5)
+        assert rows["c1_p"][k] == pytest.approx(c1_p, rel=1e-5, abs=1e-6)
+        assert rows["min_cos_p"][k] == pytest.approx(min_cos_p, rel=1e-5, abs=1e-6)
+    np.testing.assert_array_equal(rows["p_unset_share"], [1.0, 0.0, 0.0])
+    assert rows["rho_p"][0] == pytest.approx(rows["rho"][0], rel=1e-12)  # P = 1 at x_0
+    assert not np.allclose(rows["rho_p"][1:], rows["rho"][1:])  # P is not 1 afterwards
+    arrays = [
+        np.load(tmp_path / "run" / "components" / f"epoch_{k:04d}_steps.npz") for k in range(3)
+    ]
+    cos_p = np.concatenate([a["step_cos_p"] for a in arrays])
+    np.testing.assert_allclose(cos_p, want_cos, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(rows["train_cos_p"], [c.mean() for c in np.split(cos_p, 3)])
+    np.testing.assert_allclose(rows["train_min_cos_p"], [c.min() for c in np.split(cos_p, 3)])
+    env = json.loads((tmp_path / "run" / "env.json").read_text())
+    assert env["optimizer"]["optimizer"] == "adamw"
+
+
+def test_fit_and_the_monitor_agree_on_rho_p_with_adamw():
+    model, loss_fn, comps = problem()
+    reference = copy.deepcopy(model)
+    m = comps.m
+    history = fit(reference, loss_fn, comps, "igc", lr=0.05, eta=0.5, epochs=2, progress=False,
+                  optimizer=torch.optim.AdamW(reference.parameters(), lr=0.05))  # fmt: skip
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    monitor = Monitor(model, loss_fn, comps, eta=0.5, every=m, smoothness_every=None,
+                      optimizer=opt)  # fmt: skip
+    run_loop(model, loss_fn, comps, 2 * m, [monitor], lr=0.05, opt=opt)
+    monitor.step(2 * m, lr=0.05)
+    monitor.close()
+    assert len(monitor.rows) == len(history.rows) == 3
+    for mine, theirs in zip(monitor.rows, history.rows, strict=True):
+        for key in ("rho", "rho_p", "c1_p", "min_cos_p", "a3_p_holds", "p_unset_share"):
+            assert same(mine[key], theirs[key]), key
+
+
+def test_an_sgd_monitor_writes_no_preconditioned_column(tmp_path):
+    model, loss_fn, comps = problem()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Monitor(model, loss_fn, comps, eta=0.5, every=2, optimizer=opt,
+                 run_dir=tmp_path / "run") as monitor:  # fmt: skip
+        run_loop(model, loss_fn, comps, 4, [monitor], opt=opt)
+    assert monitor.preconditioner is None and monitor.setting["optimizer"] == "SGD"
+    rows = read_rows(tmp_path / "run" / "epochs.csv")
+    assert not any(k.endswith("_p") or "_p@" in k or k.startswith("train_cos_p") for k in rows)
+    with np.load(tmp_path / "run" / "components" / "epoch_0000_steps.npz") as steps:
+        assert "step_cos_p" not in steps.files
+
+
+def test_a_resumed_adamw_monitor_ends_with_the_records_of_an_uninterrupted_one(tmp_path):
+    kw = {"eta": 0.5, "every": 4}
+    model, loss_fn, comps = problem()
+    start = copy.deepcopy(model.state_dict())
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    with Monitor(model, loss_fn, comps, run_dir=tmp_path / "whole", optimizer=opt, **kw) as whole:
+        run_loop(model, loss_fn, comps, 12, [whole], opt=opt)
+    model.load_state_dict(start)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    first = Monitor(model, loss_fn, comps, run_dir=tmp_path / "resumed", optimizer=opt, **kw)
+    run_loop(model, loss_fn, comps, 6, [first], opt=opt)  # stop mid-interval
+    state = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(),
+                           "monitor": first.state_dict()})  # fmt: skip
+    model.load_state_dict(state["model"])
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    opt.load_state_dict(state["opt"])
+    second = Monitor(model, loss_fn, comps, run_dir=tmp_path / "resumed", **kw)
+    second.load_state_dict(state["monitor"])  # the optimizer comes after (as the callbacks do)
+    second.use_optimizer(opt)
+    with second:
+        run_loop(model, loss_fn, comps, 12, [second], start=6, opt=opt)
+    _states_equal(tmp_path / "whole", tmp_path / "resumed")
+    for mine, theirs in zip(second.rows, whole.rows, strict=True):
+        assert all(same(mine[k], v) for k, v in theirs.items() if k != "wall_time")
+    assert "train_cos_p" in whole.rows[0]
+    third = Monitor(model, loss_fn, comps, **kw)
+    third.load_state_dict(state["monitor"])
+    with pytest.raises(ConfigError, match="made with optimizer AdamW, this loop's is Adam"):
+        third.use_optimizer(torch.optim.Adam(model.parameters()))
+    third.use_optimizer(torch.optim.AdamW(model.parameters()))  # the same kind: accepted
+    plain = Monitor(model, loss_fn, comps, **kw)
+    plain.step(0)  # started without an optimizer: an AdamW would add columns mid-run
+    with pytest.raises(ConfigError, match="made with optimizer None"):
+        plain.use_optimizer(opt)

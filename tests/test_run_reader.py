@@ -203,3 +203,25 @@ def test_the_writer_keeps_counts_integer_whatever_the_row_holds(tmp_path):
     cells = dict(zip(header.split(","), row.split(","), strict=True))
     assert (cells["epoch"], cells["step"]) == ("0", "12")
     assert cells["loss"] == "1.0" and cells["lr"] == "3.0"  # other columns keep their floats
+
+
+# -- a run written by clipscope.fit(run_dir=...) ----------------------------------------------------
+
+
+def test_a_fit_run_directory_is_read_reported_and_checked(tmp_path, capsys):
+    """fit() writes config.toml (kind = "fit"), so the report and the theory check read it."""
+    torch.manual_seed(0)
+    X, Y = torch.randn(64, 5), torch.randint(0, 2, (64,))
+    comps = clipscope.Components.from_tensors(X, Y, batch_size=16, seed=0)
+    run = tmp_path / "fit"
+    clipscope.fit(torch.nn.Linear(5, 2), torch.nn.functional.cross_entropy, comps, "igc",
+                  lr=0.1, eta=0.3, epochs=1, run_dir=run, progress=False)  # fmt: skip
+    record = load_run(run)
+    assert record.setting("kind") == "fit" and record.method == "igc"
+    assert record.batch_size == 16 and record.setting("eta") == 0.3
+    assert main(["report", str(run)]) == 0 and (run / "findings.json").is_file()
+    capsys.readouterr()
+    assert main(["theory", str(run)]) == 0
+    out = capsys.readouterr().out
+    # no config to rebuild the caller's model from: nothing is measured, and it says how to record
+    assert "call fit with smoothness_every > 0" in out and "'clipscope theory'" not in out

@@ -395,6 +395,10 @@ def test_sigkill_at_random_step_then_resume_is_bitwise_equal(golden, killed, tmp
         assert float(moments["exp_avg_sq"].abs().sum()) > 0
         config = tomllib.loads((gold / "config.toml").read_text())
         assert config["optimizer"] == "adamw" and config["betas"] == [0.8, 0.95]
+        # ρ_P beside ρ at every probe (x_0: no optimizer state yet, P = 1), resumed alike
+        rows = read_rows(gold)
+        assert [r["p_unset_share"] for r in rows][:2] == ["1.0", "0.0"]
+        assert all(r["rho_p"] not in ("", "nan") for r in rows)
 
 
 def test_sigterm_checkpoints_at_component_boundary_and_exits_143(golden, tmp_path):

@@ -19,7 +19,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from clipscope.math.stats import ComponentStats, EtaProfile
+from clipscope.errors import NonFiniteError
+from clipscope.math.stats import ComponentStats, DirectionStats, EtaProfile
 
 RTOL = 1e-10
 SETTINGS = settings(deadline=None, max_examples=60)
@@ -544,3 +545,141 @@ def test_array_eta_shapes():
     np.testing.assert_allclose(s.descent(etas), s.profile()(etas), rtol=1e-14)
     assert isinstance(s.descent(1.0), float) and isinstance(s.profile()(np.float64(1.0)), float)
     np.testing.assert_allclose(s.descent(torch.tensor([0.5, 1.0])), s.descent([0.5, 1.0]))
+
+
+# --- the preconditioned direction u = P⁻¹∇f (DirectionStats; issue 22) ------------------
+class BrutePreconditioned(Brute):
+    """The components with a diagonal P: u = ∇f / P, every quantity by its definition."""
+
+    def __init__(self, g: np.ndarray, p: np.ndarray):
+        super().__init__(g)
+        self.p = np.asarray(p, dtype=np.float64)
+        self.u = self.full / self.p
+        self.un = vnorm(self.u)
+        self.inner = float(np.dot(self.full, self.u))
+        self.dp = np.array([float(np.dot(v, self.u)) for v in self.g])
+
+    def pstats(self) -> DirectionStats:
+        return DirectionStats(self.n, self.dp, self.un, self.inner)
+
+    def pdescent(self, eta):
+        s = np.zeros_like(self.full)
+        for v in self.g:
+            s = s + self.clip(v, eta)
+        return float(np.dot(s / self.p, self.full))  # ⟨P⁻¹ Σ C(g_i; η), ∇f⟩
+
+    def pratio(self, eta):
+        return self.pdescent(eta) / (self.m * self.inner)
+
+
+precond_inputs = st.tuples(
+    st.integers(0, 2**32 - 1),
+    st.integers(1, 30),
+    st.integers(1, 6),
+    st.floats(0.0, 1.5),
+    st.floats(0.0, 2.0),
+    st.floats(0.0, 3.0),  # the spread of log P
+)
+
+
+def _precond_case(params) -> BrutePreconditioned:
+    seed, m, dim, shift, spread, p_spread = params
+    g = gaussian_components(seed, m, dim, shift, spread)
+    rng = np.random.default_rng(seed + 1)
+    return BrutePreconditioned(g, np.exp(p_spread * rng.normal(size=dim)))
+
+
+@SETTINGS
+@given(params=precond_inputs, etas=st.lists(st.floats(1e-3, 1e3), min_size=1, max_size=8))
+def test_preconditioned_ratio_is_the_descent_of_the_preconditioned_clipped_step(params, etas):
+    b = _precond_case(params)
+    assume(b.inner > 1e-12 * max(1.0, float(np.max(b.n)) ** 2))
+    s = b.pstats()
+    scale = sum(vnorm(v) for v in b.g) * b.un + 1e-300
+    for eta in [*etas, math.inf]:
+        assert s.descent(eta) == pytest.approx(b.pdescent(eta), rel=1e-9, abs=1e-11 * scale)
+        assert s.profile().ratio(eta) == pytest.approx(
+            s.ratio(eta), rel=1e-9, abs=1e-11 * scale / (b.m * b.inner)
+        )
+    # Σ d^P_i = m⟨∇f, u⟩ (the identity the engine checks) and ρ_P(∞) = 1
+    assert float(np.sum(b.dp)) == pytest.approx(b.m * b.inner, rel=1e-9, abs=1e-12 * scale)
+    assert "dots_sum_mismatch" not in s.flags and "cauchy_schwarz_violation" not in s.flags
+    assert s.ratio(math.inf) == pytest.approx(1.0, rel=1e-9, abs=1e-9 * scale / (b.m * b.inner))
+    assert float(np.sum(s.beta)) == pytest.approx(b.m, rel=1e-9, abs=1e-9 * scale / b.inner)
+    ok = s.cos[s.cos_defined]
+    assert np.all((-1 <= ok) & (ok <= 1))
+
+
+@SETTINGS
+@given(params=profile_inputs, etas=st.lists(st.floats(1e-3, 1e3), min_size=1, max_size=8))
+def test_identity_preconditioner_gives_back_rho(params, etas):
+    b = _profile_case(params)
+    s = b.stats()
+    p = DirectionStats(b.n, b.d, b.fn, b.fn**2)  # P = 1: u = ∇f
+    pts = np.array([*etas, math.inf])
+    np.testing.assert_allclose(p.ratio(pts), s.ratio(pts), rtol=1e-12, atol=0, equal_nan=True)
+    np.testing.assert_allclose(p.cos, s.cos, rtol=1e-12, atol=0, equal_nan=True)
+    assert p.a3_holds == s.a3_holds and p.b2_holds == s.b2_holds
+    assert p.profile().negative_intervals() == s.profile().negative_intervals()
+    fast = EtaProfile(b.n, b.d, b.fn, inner=b.fn**2)
+    np.testing.assert_allclose(
+        fast.ratio(pts), s.profile().ratio(pts), rtol=1e-12, atol=0, equal_nan=True
+    )
+    if b.fn > 0:  # the same threshold for a target share, with the same denominator
+        assert fast.min_eta_for_ratio(0.5) == pytest.approx(
+            s.profile().min_eta_for_ratio(0.5), rel=1e-12
+        )
+
+
+@SETTINGS
+@given(
+    params=precond_inputs,
+    s_spread=st.floats(0.0, 2.0),
+    c=st.floats(1e-3, 1e3),
+    etas=st.lists(st.floats(1e-3, 1e3), min_size=1, max_size=6),
+)
+def test_preconditioned_ratio_under_diagonal_rescaling(params, s_spread, c, etas):
+    """Rescale x = S y with S a positive diagonal: gradients become S g, a metric P becomes S P S.
+
+    The dots d^P (and ⟨∇f, u⟩) are invariant, so ρ_P(∞) = 1 in both coordinates;
+    ρ_P(η) changes only through the norms the clip uses (n'_i = ‖S g_i‖). A
+    constant factor c on P leaves ρ_P unchanged for every η.
+    """
+    b = _precond_case(params)
+    assume(b.inner > 1e-12 * max(1.0, float(np.max(b.n)) ** 2))
+    rng = np.random.default_rng(params[0] + 2)
+    scale = np.exp(s_spread * rng.normal(size=b.g.shape[1]))
+    y = BrutePreconditioned(b.g * scale, b.p * scale**2)
+    np.testing.assert_allclose(y.dp, b.dp, rtol=1e-9, atol=1e-12 * np.max(np.abs(b.dp)))
+    assert y.inner == pytest.approx(b.inner, rel=1e-9)
+    direct = [
+        sum(min(1.0, e / n) * d for n, d in zip(y.n, b.dp, strict=True) if n > 0) / (b.m * b.inner)
+        for e in etas
+    ]
+    np.testing.assert_allclose(
+        y.pstats().ratio(np.array(etas)), direct, rtol=1e-8, atol=1e-10 * float(np.max(y.n))
+    )
+    assert y.pstats().ratio(math.inf) == pytest.approx(1.0, rel=1e-8)
+    scaled = BrutePreconditioned(b.g, b.p * c)
+    np.testing.assert_allclose(
+        scaled.pstats().ratio(np.array([*etas, math.inf])),
+        b.pstats().ratio(np.array([*etas, math.inf])),
+        rtol=1e-9,
+        atol=1e-11,
+    )
+
+
+def test_direction_stats_conventions_and_errors():
+    s = DirectionStats([1.0, 0.0], [0.0, 0.0], 0.0, 0.0)  # ∇f = 0: u = 0
+    assert "zero_direction" in s.flags and math.isnan(s.ratio(1.0)) and not s.a3_holds
+    assert math.isnan(s.profile().min_eta_for_ratio(0.5))
+    with pytest.raises(ValueError, match="inner"):
+        DirectionStats([1.0], [1.0], 1.0, -1.0)
+    with pytest.raises(NonFiniteError):
+        DirectionStats([1.0], [1.0], 1.0, math.nan)
+    with pytest.raises(ValueError, match="direction_norm"):
+        DirectionStats([1.0], [1.0], -1.0, 1.0)
+    bad = DirectionStats([1.0, 1.0], [1.0, 1.0], 0.5, 0.5)  # |d| > n‖u‖, Σd ≠ m⟨∇f, u⟩
+    assert "cauchy_schwarz_violation" in bad.flags and "dots_sum_mismatch" in bad.flags
+    again = DirectionStats.from_dict(json.loads(json.dumps(bad.to_dict())))
+    assert again.to_dict() == bad.to_dict() and again.summary()["flags"] == bad.flags

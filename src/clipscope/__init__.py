@@ -21,6 +21,7 @@ _EXPORTS: dict[str, str] = {
     "clip_rows": "clipscope.clipping",
     "clip_grads_": "clipscope.clipping",
     "ComponentStats": "clipscope.math.stats",
+    "DirectionStats": "clipscope.math.stats",
     "EtaProfile": "clipscope.math.stats",
     "Components": "clipscope.components",
     "SequentialComponents": "clipscope.components",

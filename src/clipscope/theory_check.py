@@ -101,7 +101,7 @@ def theory_check(
             f"{run_dir} is not a clipscope run directory (needs config.toml and epochs.csv)"
         )
     record = load_run(run_dir)
-    if record.setting("kind") == "monitor":  # a Monitor's run: no config to rebuild a model from
+    if record.setting("kind") in ("monitor", "fit"):  # the caller's model: nothing to rebuild
         measure = False
 
     def measured(want_components: bool) -> dict[str, Any]:

@@ -8,7 +8,9 @@ Utilities shared with the runner and the smoothness code:
 * :func:`dropout_modules`, :func:`batch_coupled_modules`, :func:`trainable_params`.
 
 The probe itself: :func:`probe` -> :class:`ProbeResult` (or :class:`MultiProbeResult`
-for several batch sizes), and its brute-force twin :func:`reference_probe`
+for several batch sizes; with ``preconditioner=`` an Adam/AdamW whose P gives
+``result.preconditioned``, a :class:`PreconditionedResult`:
+:mod:`clipscope.engine.preconditioner`), and its brute-force twin :func:`reference_probe`
 (:mod:`clipscope.engine.probe`: the entry and the choice of route;
 :mod:`~clipscope.engine.dense` and :mod:`~clipscope.engine.per_sample_route` the
 routes; :mod:`~clipscope.engine.per_sample` the per-sample layer rules and their
@@ -35,7 +37,7 @@ from clipscope.engine.guard import (
 from clipscope.engine.hvp import full_gradient, hvp
 from clipscope.engine.losses import component_losses, param_names, trainable_params
 from clipscope.engine.probe import ROUTES, probe, reference_probe
-from clipscope.engine.result import MultiProbeResult, ProbeResult
+from clipscope.engine.result import MultiProbeResult, PreconditionedResult, ProbeResult
 from clipscope.engine.verify import (
     ConsistencyWarning,
     PerSampleFallbackWarning,
@@ -48,6 +50,7 @@ __all__ = [
     "ConsistencyWarning",
     "MultiProbeResult",
     "PerSampleFallbackWarning",
+    "PreconditionedResult",
     "ProbeResult",
     "VerificationError",
     "batch_coupled_modules",

@@ -29,7 +29,13 @@ import torch
 
 from clipscope.engine import distributed as _dist
 from clipscope.engine import verify
-from clipscope.engine.common import gammas, norm64, norm_and_cos, progress_bar
+from clipscope.engine.common import (
+    gammas,
+    norm64,
+    norm_and_cos,
+    preconditioned_clipped,
+    progress_bar,
+)
 from clipscope.engine.guard import BufferHold, dropout_policy, rng_for_component
 from clipscope.engine.losses import component_losses, loss_form, weighted_component_loss
 
@@ -68,7 +74,9 @@ class _Level:
         self.pending_loss, self.pending_w, self.pending_size, self.pending_count = 0.0, 0.0, 0, 0
 
 
-def sweep(model, loss_fn, components, flat, etas, dropout, seed, progress, n_levels, shard):
+def sweep(
+    model, loss_fn, components, flat, etas, dropout, seed, progress, n_levels, shard, precond=None
+):
     """Two passes at the base batch size; levels > 1 are the dyadic parents.
 
     A parent's gradient is its children's, weighted by their declared weights
@@ -79,6 +87,9 @@ def sweep(model, loss_fn, components, flat, etas, dropout, seed, progress, n_lev
     Raises :class:`~clipscope.engine.verify.VerificationError` when pass 2's
     norms differ from pass 1's beyond the dtype's tolerance
     (:func:`~clipscope.engine.verify.check_pass_mismatch`).
+    ``precond`` (a :class:`~clipscope.engine.preconditioner.Preconditioner`): pass 2
+    also dots each ``g_i`` with every level's ``u_l = P⁻¹∇f_l``, in the same product
+    as the dots with ``∇f_l``; parents' dots merge the same way.
     """
     sizes = [int(s) for s in components.sizes]
     drop_last = bool(getattr(components, "drop_last", False))
@@ -109,10 +120,12 @@ def sweep(model, loss_fn, components, flat, etas, dropout, seed, progress, n_lev
     # parent of child i at level l, and its weight s_i / s_P
     parent = [[i >> level for i in range(m)] for level in range(n_levels)]
     gam = [gammas(np.array(lev.norms), etas) for lev in levels]  # (E, m_l)
-    child_dots = np.zeros((n_levels, m))
+    us = [precond.direction(f) for f in full] if precond is not None else []
+    # rows 0..L-1: the dots with each level's ∇f_l; rows L..2L-1: with its u_l
+    child_dots = np.zeros((n_levels + len(us), m))
     clip_acc = torch.zeros(n_levels * len(etas), flat.n, dtype=torch.float64, device=flat.device)
     mismatch = 0.0
-    full_mat = torch.stack(full)  # (L, n)
+    full_mat = torch.stack(full + us)  # (L, n), or (2L, n) with u
     # pass 2: dots with each level's ∇f, clipped sums
     stream = component_losses(
         model, loss_fn, components, dropout=dropout, seed=seed, device=flat.device, only=shard.only
@@ -131,21 +144,22 @@ def sweep(model, loss_fn, components, flat, etas, dropout, seed, progress, n_lev
     verify.check_pass_mismatch(mismatch, flat.dtype, int(components.batch_size))
     child_dots = np.stack(shard.complete(*child_dots))
     (all_weights,) = shard.complete(np.array(weights))
-    return [
-        _level_result(
-            level,
-            lev,
-            components,
-            parent,
-            child_dots,
-            clip_acc,
-            full,
-            etas,
-            mismatch,
-            all_weights,
+    results = []
+    for level, lev in enumerate(levels):
+        r = _level_result(
+            level, lev, components, parent, child_dots, clip_acc, full, etas, mismatch, all_weights
         )
-        for level, lev in enumerate(levels)
-    ]
+        if precond is not None:
+            rows = clip_acc[level * len(etas) : (level + 1) * len(etas)]
+            r["u"] = us[level]
+            r["pdots"] = _parent_dots(
+                level, lev, components, parent, child_dots[n_levels + level], all_weights
+            )
+            r["clipped_p"] = preconditioned_clipped(
+                rows, etas, full[level], us[level], precond.inverse
+            )
+        results.append(r)
+    return results
 
 
 def _add_child(levels: list[_Level], g: torch.Tensor, s: int, w: float, loss) -> None:
@@ -195,13 +209,7 @@ def _level_result(
     level, lev, components, parent, child_dots, clip_acc, full, etas, mismatch, weights
 ):
     """One batch size's sums: the parents' dots ``d_P = Σ_c w_c d_c / w_P``, the clipped sums."""
-    m_l = len(lev.norms)
-    dots = np.zeros(m_l)
-    for i in range(len(components)):
-        p = parent[level][i]
-        if p < m_l:
-            dots[p] += weights[i] * child_dots[level, i]
-    dots /= np.array(lev.weights, dtype=np.float64)
+    dots = _parent_dots(level, lev, components, parent, child_dots[level], weights)
     clipped = {
         eta: norm_and_cos(clip_acc[level * len(etas) + k], full[level])
         for k, eta in enumerate(etas)
@@ -220,8 +228,9 @@ def _level_result(
 
 # -- the dyadic route: the merge check, then one sweep or a sweep per batch size ---------
 def dyadic(
-    model, loss_fn, components, flat, etas, dropout, seed, progress, n_levels, shard, strict
-):
+    model, loss_fn, components, flat, etas, dropout, seed, progress, n_levels, shard, strict,
+    precond=None,
+):  # fmt: skip
     """Run the dyadic route: ``(results per batch size, {"merge": the merge check's record})``.
 
     :func:`check_merge` first. When every checked parent's loss is the weighted
@@ -238,8 +247,9 @@ def dyadic(
     record = check_merge(model, loss_fn, components, n_levels, flat, seed, shard)
     if record["passed"]:
         return sweep(
-            model, loss_fn, components, flat, etas, dropout, seed, progress, n_levels, shard
-        ), {"merge": record}
+            model, loss_fn, components, flat, etas, dropout, seed, progress, n_levels, shard,
+            precond,
+        ), {"merge": record}  # fmt: skip
     b = int(components.batch_size)
     larger = [b << level for level in range(1, n_levels)]
     message = (
@@ -252,12 +262,14 @@ def dyadic(
         raise verify.VerificationError(message + " (strict=True)")
     warnings.warn(message, verify.MergeFallbackWarning, stacklevel=4)  # probe()'s caller
     record["own_pass"] = larger
-    results = sweep(model, loss_fn, components, flat, etas, dropout, seed, progress, 1, shard)
+    results = sweep(
+        model, loss_fn, components, flat, etas, dropout, seed, progress, 1, shard, precond
+    )
     for size in larger:
         comps = components.with_batch_size(size)
         results += sweep(
             model, loss_fn, comps, flat, etas, dropout, seed, progress, 1,
-            _dist.Shard(len(comps), shard.ranks),
+            _dist.Shard(len(comps), shard.ranks), precond,
         )  # fmt: skip
     return results, {"merge": record}
 
@@ -358,10 +370,23 @@ def check_merge(model, loss_fn, components, n_levels, flat, seed, shard) -> dict
     return record
 
 
-def keep_pass(model, loss_fn, components, flat, etas, dropout, seed, progress, shard):
+def _parent_dots(level, lev, components, parent, child_row, weights) -> np.ndarray:
+    """``d_P = Σ_c w_c d_c / w_P`` of the level's parents from one row of children's dots."""
+    m_l = len(lev.norms)
+    dots = np.zeros(m_l)
+    for i in range(len(components)):
+        p = parent[level][i]
+        if p < m_l:
+            dots[p] += weights[i] * child_row[i]
+    dots /= np.array(lev.weights, dtype=np.float64)
+    return dots
+
+
+def keep_pass(model, loss_fn, components, flat, etas, dropout, seed, progress, shard, precond=None):
     """One pass storing every g_i; dots and clipped sums as chunked float64 products.
 
-    ``shard``: this rank stores and multiplies its block's rows only.
+    ``shard``: this rank stores and multiplies its block's rows only. ``precond``:
+    the dots with ``u = P⁻¹∇f`` are one more matrix-vector product per block of rows.
     """
     m = len(components)
     G = torch.empty(len(shard), flat.n, dtype=flat.dtype, device=flat.device)
@@ -379,27 +404,35 @@ def keep_pass(model, loss_fn, components, flat, etas, dropout, seed, progress, s
         sum_grad += g
     norms, losses = shard.complete(norms, losses)
     full = shard.sum_(sum_grad) / m
-    dots = torch.zeros(m, dtype=torch.float64, device=flat.device)
+    u = precond.direction(full) if precond is not None else None
+    directions = [full] if u is None else [full, u]
+    dots = torch.zeros(m, len(directions), dtype=torch.float64, device=flat.device)
     gam = torch.from_numpy(gammas(norms, etas)).to(flat.device)  # (E, m)
     clip_acc = torch.zeros(len(etas), flat.n, dtype=torch.float64, device=flat.device)
     for a in range(0, len(shard), _CHUNK_ROWS):  # a: row of G, a + start: component
         rows = G[a : a + _CHUNK_ROWS].double()
         c = a + shard.start
-        dots[c : c + len(rows)] = rows @ full
+        for k, v in enumerate(directions):  # (matrix-vector products: a 2-column GEMM is slower)
+            dots[c : c + len(rows), k] = rows @ v
         if etas:
             clip_acc += gam[:, c : c + len(rows)] @ rows
     shard.sum_(clip_acc)
-    (dots_np,) = shard.complete(dots.cpu().numpy())
+    columns = shard.complete(*dots.t().cpu().numpy())
     clipped = {eta: norm_and_cos(clip_acc[k], full) for k, eta in enumerate(etas)}
-    return [
-        {
-            "norms": norms,
-            "dots": dots_np,
-            "losses": losses,
-            "sizes": np.array(components.sizes),
-            "full": full,
-            "clipped": clipped,
-            "batch_size": int(components.batch_size),
-            "mismatch": 0.0,
-        }
-    ]
+    result = {
+        "norms": norms,
+        "dots": columns[0],
+        "losses": losses,
+        "sizes": np.array(components.sizes),
+        "full": full,
+        "clipped": clipped,
+        "batch_size": int(components.batch_size),
+        "mismatch": 0.0,
+    }
+    if u is not None:
+        result.update(
+            u=u,
+            pdots=columns[1],
+            clipped_p=preconditioned_clipped(clip_acc, etas, full, u, precond.inverse),
+        )
+    return [result]

@@ -480,6 +480,11 @@ def _digest(*objs: Any) -> str:
     return h.hexdigest()[:16]
 
 
+def digest(*objs: Any) -> str:
+    """SHA-256 (16 hex digits) of tensors, arrays, mappings, sequences and reprs (a rank check)."""
+    return _digest(*objs)
+
+
 def model_fingerprint(model: nn.Module, params: Sequence[torch.Tensor] | None = None) -> str:
     """SHA-256 (16 hex digits) of every parameter, buffer and train/eval flag of ``model``.
 

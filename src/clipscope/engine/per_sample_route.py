@@ -37,7 +37,13 @@ import numpy as np
 import torch
 
 from clipscope.engine import per_sample, verify
-from clipscope.engine.common import gammas, norm64, norm_and_cos, progress_bar
+from clipscope.engine.common import (
+    gammas,
+    norm64,
+    norm_and_cos,
+    preconditioned_clipped,
+    progress_bar,
+)
 from clipscope.engine.guard import dropout_policy, rng_for_component
 from clipscope.engine.per_sample._common import dense_grad
 from clipscope.engine.per_sample.batch import kernels_for_derivatives, randomness_active
@@ -69,6 +75,7 @@ def run_per_sample(
     *,
     keep_factors,
     memory_budget,
+    precond=None,
 ):
     """Batch-size-1 components; the given components are processed as chunks.
 
@@ -108,6 +115,11 @@ def run_per_sample(
     model. ``"auto"`` drops them when they do not fit (on every rank when on
     one); ``"required"`` raises ``ValueError``.
 
+    ``precond`` (a :class:`~clipscope.engine.preconditioner.Preconditioner`): the
+    dot step also takes ``⟨g_j, u⟩`` with ``u = P⁻¹∇f`` from the same factors (or a
+    second dot pass), and the spot step checks it against the spot samples' own
+    gradients.
+
     Returns ``([result], record)``: the route's sums for
     :func:`~clipscope.engine.common.package` and the verification record.
     """
@@ -126,7 +138,7 @@ def run_per_sample(
             with kernels_for_derivatives(model, onednn=plan.dots_fallback is None):
                 result, failures = _Attempt(
                     model, loss_fn, components, flat, etas, dropout, seed, plan, spot, shard,
-                    keep_factors, memory_budget,
+                    keep_factors, memory_budget, precond,
                 ).run(progress)  # fmt: skip
             from_factors = result.pop("dots_from_factors")
             if not result["factors"]["kept"]:
@@ -176,9 +188,10 @@ class _Attempt:
 
     def __init__(
         self, model, loss_fn, components, flat, etas, dropout, seed, plan, spot, shard,
-        keep_factors, memory_budget,
+        keep_factors, memory_budget, precond=None,
     ) -> None:  # fmt: skip
         self.model, self.loss_fn, self.components, self.flat = model, loss_fn, components, flat
+        self.precond = precond
         self.etas, self.dropout, self.seed = etas, dropout, seed
         self.plan, self.spot, self.shard = plan, spot, shard
         self.keep_factors, self.memory_budget = keep_factors, memory_budget
@@ -314,6 +327,11 @@ class _Attempt:
         _merge_plan(plan, shard)  # pass 2 runs with every rank's fallbacks, as one process would
         self.vector = list(flat.unflatten(self.full))
         self.gnorm = norm64(self.full)
+        # the preconditioned direction u = P⁻¹∇f, and each sample's dot with it
+        self.u = None if self.precond is None else self.precond.direction(self.full)
+        self.u_vector = None if self.u is None else list(flat.unflatten(self.u))
+        self.unorm = None if self.u is None else norm64(self.u)
+        self.pdots = np.zeros(self.n_samples)
         self.clip_acc = torch.zeros(len(etas), flat.n, dtype=torch.float64, device=flat.device)
         self.dots = np.zeros(self.n_samples)
         self.tol = verify.tolerance(flat.dtype)
@@ -326,6 +344,8 @@ class _Attempt:
             "spot_max_dot_error": 0.0,
             "tolerance": self.tol,
         }
+        if self.u is not None:
+            self.spot_record["spot_max_pdot_error"] = 0.0
         self.batch1 = sorted(plan.batch1)
         # a dot that failed its spot check is not taken from the same factors again
         self.use_kept = bool(self.kept) and plan.dots_fallback is None
@@ -402,16 +422,26 @@ class _Attempt:
         return again.kept if differ is None else None
 
     def dots_step(self, c, x, y, a, b, chunk) -> None:
-        """``⟨g_j, ∇f⟩`` of the chunk's samples: from its factors, else the dot pass."""
-        if chunk is not None:
-            d = chunk.dots(self.vector)
-        else:
-            with self._rng(c):
-                d = per_sample.per_sample_dots(
-                    self.model, self.loss_fn, x, y, self.vector, plan=self.plan,
-                    expect_losses=self.ghost_losses[c - self.shard.start],
-                )  # fmt: skip
-        self.dots[a:b] = d.detach().double().cpu().numpy()
+        """``⟨g_j, ∇f⟩`` (and ``⟨g_j, u⟩``) of the chunk's samples: factors, else the dot pass.
+
+        The dot pass (after a dot fallback, or where no factors were formed) runs
+        once per direction.
+        """
+        vectors = [self.vector] if self.u_vector is None else [self.vector, self.u_vector]
+        out = []
+        for vector in vectors:
+            if chunk is not None:
+                d = chunk.dots(vector)
+            else:
+                with self._rng(c):
+                    d = per_sample.per_sample_dots(
+                        self.model, self.loss_fn, x, y, vector, plan=self.plan,
+                        expect_losses=self.ghost_losses[c - self.shard.start],
+                    )  # fmt: skip
+            out.append(d.detach().double().cpu().numpy())
+        self.dots[a:b] = out[0]
+        if len(out) > 1:
+            self.pdots[a:b] = out[1]
 
     def spot_step(self, c, x, y, a, b) -> None:
         """Compare the chunk's spot samples' own backward with the route's norms and dots."""
@@ -436,6 +466,7 @@ class _Attempt:
                 self.plan,
                 self.failures,
                 self.spot_record,
+                None if self.u is None else (self.pdots[a + j], self.u, self.unorm),
             )
 
     def clipped_step(self, c, x, y, size, chunk, gam_c) -> None:
@@ -480,7 +511,7 @@ class _Attempt:
         """Every rank's pieces completed: ``(result, failures)``."""
         shard, offsets = self.shard, self.offsets
         shard.sum_(self.clip_acc)
-        (dots,) = shard.complete(self.dots, offsets=offsets)
+        dots, pdots = shard.complete(self.dots, self.pdots, offsets=offsets)
         sq_norms, losses = self.sq_norms, self.losses
         if self.light:
             sq_norms, losses = shard.complete(sq_norms, losses, offsets=offsets)
@@ -502,7 +533,17 @@ class _Attempt:
             "spot": spot_record,
             "factors": self.factors,
             "dots_from_factors": self.from_factors,
+            **self._preconditioned(pdots),
         }, failures
+
+    def _preconditioned(self, pdots) -> dict:
+        """Return the result's ``u``, ``pdots`` and ``clipped_p`` (none without P)."""
+        if self.u is None:
+            return {}
+        clipped = preconditioned_clipped(
+            self.clip_acc, self.etas, self.full, self.u, self.precond.inverse
+        )
+        return {"u": self.u, "pdots": pdots, "clipped_p": clipped}
 
 
 def _finite_parts(parts) -> bool:
@@ -598,7 +639,7 @@ def _merge_checks(failures, record, shard):
     if shard.ranks is None:
         return failures, record
     merged: dict[str, Any] = {"params": {}, "dots": None}
-    worst = {"spot_max_norm_error": 0.0, "spot_max_dot_error": 0.0}
+    worst = {key: 0.0 for key in record if key.startswith("spot_max_")}
     for rank_failures, rank_record in shard.objects((failures, record)):
         if rank_failures.get("passes_differ"):
             merged["passes_differ"] = True
@@ -626,8 +667,14 @@ def _spot_gradients(model, loss_fn, x, y, params, local, plan):
     return [torch.cat([gs[k] for _, gs in chunks]) for k in range(len(params))]
 
 
-def _spot_compare(j, own, route_sq, route_dot, full, flat, gnorm, tol, plan, failures, record):
-    """Compare sample j's own gradient with the route's per-parameter norms and its dot."""
+def _spot_compare(
+    j, own, route_sq, route_dot, full, flat, gnorm, tol, plan, failures, record, pdot=None
+):
+    """Compare sample j's own gradient with the route's per-parameter norms and its dot.
+
+    ``pdot``: ``(the route's ⟨g_j, u⟩, u, ‖u‖)`` with a preconditioner, compared the same way
+    (a mismatch fails the dots: both come from the same factors or dot pass).
+    """
     g = torch.cat([t.reshape(-1) for t in own]).double()
     own_sq = [float(v) for v in torch.stack([t.square().sum() for t in flat.unflatten(g)])]
     own_dot = float(g @ full)
@@ -651,4 +698,17 @@ def _spot_compare(j, own, route_sq, route_dot, full, flat, gnorm, tol, plan, fai
         failures["dots"] = (
             f"sample {j}: ⟨g_j, ∇f⟩ = {route_dot:.9g} on the route, {own_dot:.9g} by its own "
             "backward"
+        )
+    if pdot is None:
+        return
+    route_pdot, u, unorm = pdot
+    own_pdot = float(g @ u)
+    scale = math.sqrt(total) * unorm
+    err = abs(route_pdot - own_pdot)
+    rel = err / scale if scale > 0 else (0.0 if err == 0 else math.inf)
+    record["spot_max_pdot_error"] = max(record["spot_max_pdot_error"], rel)
+    if not err <= tol * scale + 1e-300 and failures["dots"] is None:
+        failures["dots"] = (
+            f"sample {j}: ⟨g_j, u⟩ = {route_pdot:.9g} on the route, {own_pdot:.9g} by its own "
+            "backward (u = P⁻¹∇f)"
         )

@@ -56,6 +56,15 @@ Routes (DESIGN §4), all exact, all compared in the tests with
 Every route checks its result for consistency (Cauchy–Schwarz, ``Σ d_i =
 m‖∇f‖²``) and warns (``strict=True``: raises) on a violation.
 
+With ``preconditioner=`` (an Adam/AdamW whose state gives P, or P's diagonal:
+:mod:`clipscope.engine.preconditioner`) every route also measures the dots
+``d^P_i = ⟨g_i, u⟩`` with the second direction ``u = P⁻¹∇f`` where it measures
+the dots with ∇f (keep: one more matrix-vector product per block of rows;
+two-pass and dyadic: one more row in pass 2's product, each level with its own
+``u_l``; per-sample: the kept factors' dots with u, or a second dot pass after
+a dot fallback; torch.distributed: gathered like the dots), checked the same
+way (``|d^P_i| ≤ n_i‖u‖``, ``Σ_i d^P_i = m⟨∇f, u⟩``): ``result.preconditioned``.
+
 ``route="auto"`` picks ``dyadic`` when several batch sizes are asked for,
 ``per-sample-kept`` for ``batch_sizes=[1]`` when its factors fit the memory
 budget (``per-sample`` when not), else ``keep`` when it fits the memory
@@ -84,6 +93,7 @@ driver in :mod:`clipscope.engine.per_sample_route` (the layer rules in
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -109,7 +119,8 @@ from clipscope.engine.losses import (
     mean_loss,
     trainable_params,
 )
-from clipscope.engine.result import MultiProbeResult, ProbeResult
+from clipscope.engine.preconditioner import as_preconditioner
+from clipscope.engine.result import MultiProbeResult, PreconditionedResult, ProbeResult
 from clipscope.engine.verify import tolerance
 
 __all__ = ["ROUTES", "probe", "reference_probe"]
@@ -138,6 +149,7 @@ def probe(
     strict: bool = False,
     spot_checks: int = 4,
     distributed: bool | None = None,
+    preconditioner: Any = None,
 ) -> ProbeResult | MultiProbeResult:
     """Measure ``n_i``, ``d_i``, ``f_i``, ``‖∇f‖`` and clipped sums at the current parameters.
 
@@ -191,6 +203,16 @@ def probe(
         than one rank is initialised, split the components over its ranks
         (every rank must make the same call; each returns the whole result).
         False: compute everything in this process. True: require a group.
+    preconditioner : torch.optim.Adam, torch.optim.AdamW, sequence of Tensor, optional
+        The preconditioner P of an adaptive step: the optimizer (its state is
+        read, never changed: ``P = √(v/(1 − β₂^t)) + ε`` per parameter, P = 1
+        where there is no state yet) or P's diagonal, one positive tensor per
+        probed parameter (:mod:`clipscope.engine.preconditioner`). Every route
+        then also measures ``d^P_i = ⟨g_i, u⟩`` with ``u = P⁻¹∇f`` (each dyadic
+        level with its own ∇f_l), in float64: ``result.preconditioned``
+        (:class:`~clipscope.engine.result.PreconditionedResult`;
+        ``.ratio(η)`` is ``ρ_P(η)``). Checked like the dots with ∇f
+        (``|d^P_i| ≤ n_i‖u‖``, ``Σ_i d^P_i = m⟨∇f, u⟩``).
 
     Returns
     -------
@@ -240,6 +262,7 @@ def probe(
     form = check_loss_fn(loss_fn, components, route, batch_sizes)  # fits route and batches
     params = trainable_params(model, params)
     flat = Flat(model, params)
+    precond = as_preconditioner(preconditioner, params, flat.names)
     sizes_dyadic = _dyadic_sizes(int(components.batch_size), batch_sizes, levels)
     ranks = _dist.ranks(distributed)
     if ranks is not None:  # every rank must measure the same thing
@@ -248,7 +271,9 @@ def probe(
             "memory_budget": memory_budget, "batch_sizes": batch_sizes, "levels": levels,
             "strict": strict, "spot_checks": spot_checks, "keep_full_grad": keep_full_grad,
         }  # fmt: skip
-        ranks.check_same(_fingerprints(model, loss_fn, components, params, arguments))
+        prints = _fingerprints(model, loss_fn, components, params, arguments)
+        prints["preconditioner"] = None if precond is None else _dist.digest(precond.inverse)
+        ranks.check_same(prints)
     if route == "auto":
         route, keep_factors = _auto_route(
             components, batch_sizes, sizes_dyadic, flat, ranks, memory_budget
@@ -286,20 +311,20 @@ def probe(
         if route == "per-sample":
             result, route, verification = _run_per_sample(
                 model, loss_fn, components, flat, etas, dropout, seed, progress, strict,
-                spot_checks, shard, keep_factors, memory_budget, info,
+                spot_checks, shard, keep_factors, memory_budget, info, precond,
             )  # fmt: skip
         else:
             levels_ = len(sizes_dyadic) if route == "dyadic" else 1
             result, verification = _run_dense(
                 route, model, loss_fn, components, flat, etas, dropout, seed, progress, levels_,
-                shard, strict,
+                shard, strict, precond,
             )  # fmt: skip
-    return package(result, route, info, flat, keep_full_grad, verification, strict)
+    return package(result, route, info, flat, keep_full_grad, verification, strict, precond)
 
 
 def _run_per_sample(
     model, loss_fn, components, flat, etas, dropout, seed, progress, strict, spot_checks, shard,
-    keep_factors, memory_budget, info,
+    keep_factors, memory_budget, info, precond,
 ):  # fmt: skip
     """Run the per-sample route: ``(result, the route that ran, verification)``.
 
@@ -311,7 +336,7 @@ def _run_per_sample(
 
     result, verification = run_per_sample(
         model, loss_fn, components, flat, etas, dropout, seed, progress, strict, spot_checks,
-        shard, keep_factors=keep_factors, memory_budget=memory_budget,
+        shard, keep_factors=keep_factors, memory_budget=memory_budget, precond=precond,
     )  # fmt: skip
     info["factors"] = verification.pop("factors")
     route = "per-sample-kept" if info["factors"]["kept"] else "per-sample"
@@ -322,22 +347,18 @@ def _run_per_sample(
 
 def _run_dense(
     route, model, loss_fn, components, flat, etas, dropout, seed, progress, n_levels, shard,
-    strict,
+    strict, precond,
 ):  # fmt: skip
     """Run the keep, two-pass or dyadic route: ``(results per level, verification)``.
 
     The dyadic route's verification holds its merge check (``"merge"``).
     """
+    args = (model, loss_fn, components, flat, etas, dropout, seed, progress)
     if route == "keep":
-        return keep_pass(model, loss_fn, components, flat, etas, dropout, seed, progress, shard), {}
+        return keep_pass(*args, shard, precond), {}
     if route == "dyadic":
-        return dyadic(
-            model, loss_fn, components, flat, etas, dropout, seed, progress, n_levels, shard,
-            strict,
-        )  # fmt: skip
-    return sweep(
-        model, loss_fn, components, flat, etas, dropout, seed, progress, n_levels, shard
-    ), {}
+        return dyadic(*args, n_levels, shard, strict, precond)
+    return sweep(*args, n_levels, shard, precond), {}
 
 
 def _check_independent_samples(model, loss_fn, components, device, tol, seed):
@@ -487,15 +508,20 @@ def reference_probe(
     dropout: str = "off",
     seed: int = 0,
     params: Iterable[torch.Tensor] | None = None,
+    preconditioner: Any = None,
 ) -> ProbeResult:
     """Brute force: every ``g_i`` by its own autograd call, kept in float64, explicit sums.
 
     ``∇f = (1/m) Σ_i g_i``; ``d_i = Σ_j g_ij ∇f_j``; ``Σ_i min{1, η/n_i} g_i`` summed
-    explicitly. Memory O(m·n): for tests and small problems only.
+    explicitly. With ``preconditioner`` (as for :func:`probe`): ``u_j = ∇f_j / P_j``
+    coordinate by coordinate, ``d^P_i = Σ_j g_ij u_j``, the clipped sums' cosines
+    with u and of ``P⁻¹Σ_i C(g_i; η)`` with ∇f by their definitions. Memory
+    O(m·n): for tests and small problems only.
     """
     etas = check_etas(etas)
     params = trainable_params(model, params)
     flat = Flat(model, params)
+    precond = as_preconditioner(preconditioner, params, flat.names)
     rows, losses = [], []
     with model_guard(model), torch.enable_grad():
         for i, loss in component_losses(
@@ -507,14 +533,36 @@ def reference_probe(
     full = G.sum(0) / len(rows)
     norms = torch.sqrt((G * G).sum(1))
     dots = (G * full).sum(1)
-    clipped = {}
+    clipped, sums = {}, {}
     for eta in etas:
         total = torch.zeros_like(full)
         for i in range(len(rows)):
             n = float(norms[i])
             total += (eta / n if n > eta else 1.0) * G[i]
         clipped[eta] = norm_and_cos(total, full)
+        sums[eta] = total
     info = {"dropout": dropout, "seed": seed, "n_samples": int(sum(components.sizes))}
+    preconditioned = None
+    if precond is not None:
+        p_diag = 1.0 / precond.inverse.to(full.device)  # inf where the step does not move x
+        u = torch.where(torch.isinf(p_diag), torch.zeros_like(full), full / p_diag)
+        cos_p = {}
+        for eta, total in sums.items():
+            step = total / p_diag
+            cos_p[eta] = (
+                _cos(total, u),
+                _cos(step, full),
+            )
+        preconditioned = PreconditionedResult(
+            norms=norms.cpu().numpy(),
+            dots=(G * u).sum(1).cpu().numpy(),
+            direction_norm=float(torch.sqrt((u * u).sum())),
+            inner=float((full * u).sum()),
+            clipped=cos_p,
+            info=dict(precond.info),
+            direction=[t.clone() for t in flat.unflatten(u)],
+            inverse=[t.clone() for t in flat.unflatten(1.0 / p_diag)],
+        )
     return ProbeResult(
         norms=norms.cpu().numpy(),
         dots=dots.cpu().numpy(),
@@ -526,4 +574,11 @@ def reference_probe(
         sizes=np.array(components.sizes),
         full_grad=[t.clone() for t in flat.unflatten(full)],
         info=info,
+        preconditioned=preconditioned,
     )
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``cos∠(a, b)`` by its definition (NaN when either is 0)."""
+    na, nb = float(torch.sqrt((a * a).sum())), float(torch.sqrt((b * b).sum()))
+    return float((a * b).sum()) / (na * nb) if na > 0 and nb > 0 else math.nan

@@ -18,9 +18,139 @@ from typing import Any
 
 import numpy as np
 
-from clipscope.math.stats import ComponentStats, noise_scale, predicted_cos
+from clipscope.math.stats import (
+    ComponentStats,
+    DirectionStats,
+    EtaProfile,
+    noise_scale,
+    predicted_cos,
+)
 
-__all__ = ["MultiProbeResult", "ProbeResult"]
+__all__ = ["MultiProbeResult", "PreconditionedResult", "ProbeResult"]
+
+
+@dataclass
+class PreconditionedResult:
+    r"""The dots with ``u = P⁻¹∇f`` at one point: the preconditioned descent (DESIGN §2).
+
+    With the optimizer's preconditioner P frozen at the probe, component i moves
+    the parameters along ``−P⁻¹C(g_i; η)``; one pass changes f by
+    ``−α Σ_i γ_i(η) d^P_i`` to first order, ``d^P_i = ⟨g_i, u⟩``. Every statistic
+    is :attr:`stats` (:class:`~clipscope.math.stats.DirectionStats` of
+    ``(n_i, d^P_i, ‖u‖, ⟨∇f, u⟩)``); :meth:`ratio` is
+    ``ρ_P(η) = Σ_i min{1, η/n_i} d^P_i / Σ_i d^P_i``, whose denominator is
+    ``m⟨∇f, u⟩ > 0``.
+
+    Attributes
+    ----------
+    norms : numpy.ndarray
+        ``n_i = ‖g_i‖`` (the probe's; the clip uses them), float64 ``(m,)``.
+    dots : numpy.ndarray
+        ``d^P_i = ⟨g_i, u⟩``, float64 ``(m,)``.
+    direction_norm : float
+        ``‖u‖``.
+    inner : float
+        ``⟨∇f, u⟩ = ⟨∇f, P⁻¹∇f⟩ ≥ 0``.
+    clipped : dict
+        ``{η: (cos∠(Σ_i C(g_i;η), u), cos∠(P⁻¹Σ_i C(g_i;η), ∇f))}`` for the
+        requested η: the clipped sum's cosine with u, and the angle between the
+        step one pass takes (P frozen, no momentum) and ∇f. Both have the sign
+        of the preconditioned descent ``D_P(η)``.
+    info : dict
+        How P was read (:mod:`clipscope.engine.preconditioner`: the optimizer,
+        its groups, the parameters without state yet (P = 1), those the step
+        does not move) and the weight decay's step, reported apart
+        (``decay``: ``form``, ``norm`` ‖λx‖, ``descent`` ⟨∇f, Δ⟩, ``ratio``
+        ⟨∇f, Δ⟩/⟨∇f, u⟩), and the consistency check of the dots
+        (``consistency``: Cauchy–Schwarz with ‖u‖ and ``Σ d^P_i = m⟨∇f, u⟩``).
+    direction, inverse : list of torch.Tensor or None
+        ``u`` and the diagonal of ``P⁻¹`` (float64, shaped like the
+        parameters) with ``keep_full_grad=True``.
+    """
+
+    norms: np.ndarray
+    dots: np.ndarray
+    direction_norm: float
+    inner: float
+    clipped: dict[float, tuple[float, float]] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    direction: list | None = None
+    inverse: list | None = None
+
+    def __post_init__(self) -> None:
+        self.norms = np.asarray(self.norms, dtype=np.float64)
+        self.dots = np.asarray(self.dots, dtype=np.float64)
+        self.direction_norm = float(self.direction_norm)
+        self.inner = float(self.inner)
+
+    @cached_property
+    def stats(self) -> DirectionStats:
+        """Every statistic along u (:class:`~clipscope.math.stats.DirectionStats`)."""
+        return DirectionStats(self.norms, self.dots, self.direction_norm, self.inner)
+
+    @property
+    def m(self) -> int:
+        """Number of components."""
+        return len(self.dots)
+
+    def ratio(self, eta: Any) -> np.ndarray | float:
+        """``ρ_P(η)``: 1 at ``η = ∞``, < 0 where clipping reverses the preconditioned descent."""
+        return self.stats.ratio(eta)
+
+    def descent(self, eta: Any) -> np.ndarray | float:
+        """``D_P(η) = Σ_i min{1, η/n_i} d^P_i = ⟨Σ_i C(g_i; η), u⟩``."""
+        return self.stats.descent(eta)
+
+    def profile(self) -> EtaProfile:
+        """Return the exact η-profile of ``D_P`` (its ``ratio`` is ρ_P)."""
+        return self.stats.profile()
+
+    def negative_intervals(self) -> list[tuple[float, float]]:
+        """Return the η where clipping reverses the preconditioned descent (``D_P(η) ≤ 0``)."""
+        return self.profile().negative_intervals()
+
+    @property
+    def cos(self) -> np.ndarray:
+        """``d^P_i / (n_i ‖u‖)``: each component's cosine with u."""
+        return self.stats.cos
+
+    @property
+    def c1(self) -> float:
+        """Mean cosine to u (A3 under P)."""
+        return self.stats.c1
+
+    @property
+    def a3_holds(self) -> bool:
+        """A3 under P: every defined cosine to u ``≥ 0`` and their mean ``> 0``."""
+        return self.stats.a3_holds
+
+    def summary(self) -> dict[str, Any]:
+        """Small JSON-safe summary (no per-component arrays)."""
+        stats = self.stats
+        out: dict[str, Any] = {
+            "direction_norm": self.direction_norm,
+            "inner": self.inner,
+            "c1": stats.c1,
+            "cos_min": stats.min_cos,
+            "frac_negative_cos": stats.negative_cos_share,
+            "a3_holds": stats.a3_holds,
+            "sum_dots_over_m_inner": float(np.sum(self.dots)) / (self.m * self.inner)
+            if self.inner > 0
+            else math.nan,
+            "clipped": {
+                _eta_key(eta): {"cos_u": a, "update_cos": b} for eta, (a, b) in self.clipped.items()
+            },
+            "flags": stats.flags,
+        }
+        return {k: _json_float(v) for k, v in out.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict: :meth:`summary`, the dots and ``info``."""
+        return {
+            **self.summary(),
+            "dots": [_json_float(v) for v in self.dots.tolist()],
+            "info": _json_safe(self.info),
+        }
 
 
 @dataclass
@@ -47,6 +177,9 @@ class ProbeResult:
         ∇f as float64 tensors shaped like the parameters (``keep_full_grad=True``).
     info : dict
         Provenance: dropout policy, seed, components record, pass-2 mismatch, ...
+    preconditioned : PreconditionedResult or None
+        With ``probe(..., preconditioner=...)``: the dots with ``u = P⁻¹∇f`` and
+        every statistic of the preconditioned descent (``.ratio(η)`` is ρ_P(η)).
     verification : dict
         What the engine checked (:mod:`clipscope.engine.verify`): ``consistency``
         (Cauchy–Schwarz and ``Σ d_i = m‖∇f‖²``) on every route; on the
@@ -70,6 +203,7 @@ class ProbeResult:
     full_grad: list | None = None
     info: dict[str, Any] = field(default_factory=dict)
     verification: dict[str, Any] = field(default_factory=dict)
+    preconditioned: PreconditionedResult | None = None
 
     def __post_init__(self) -> None:
         self.norms = np.asarray(self.norms, dtype=np.float64)
@@ -166,11 +300,13 @@ class ProbeResult:
             "c1": stats.c1,
             "c2": stats.c2,
         }
+        if self.preconditioned is not None:
+            out["preconditioned"] = self.preconditioned.summary()
         return {k: _json_float(v) for k, v in out.items()}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict: :meth:`summary`, the per-component arrays and ``info``."""
-        return {
+        out = {
             **self.summary(),
             "norms": [_json_float(v) for v in self.norms.tolist()],
             "dots": [_json_float(v) for v in self.dots.tolist()],
@@ -179,6 +315,9 @@ class ProbeResult:
             "info": self.info,
             "verification": self.verification,
         }
+        if self.preconditioned is not None:
+            out["preconditioned"] = self.preconditioned.to_dict()
+        return out
 
 
 class MultiProbeResult(Mapping):
@@ -240,3 +379,14 @@ def _json_float(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
     return v
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with non-finite floats as None / "inf" / "-inf", in nested dicts and lists."""
+    if isinstance(value, float):
+        return _json_float(value)
+    if isinstance(value, Mapping):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value

@@ -35,6 +35,7 @@ from clipscope.config import _toml_value, check_setting
 from clipscope.engine import model_guard
 from clipscope.engine.conventions import gradient_conventions
 from clipscope.engine.distributed import distributed_setup, on_writer
+from clipscope.engine.preconditioner import unwrap as unwrap_optimizer
 from clipscope.loop.units import Finish, IntervalEnd, Point, Step, Unit
 from clipscope.methods import describe_optimizer
 from clipscope.run.directory import RunDirectory
@@ -75,7 +76,8 @@ def _write_env(directory: RunDirectory, loop: Any, seed: int, dropout: str) -> N
     """Write ``env.json``: versions, device, dtype, seed, components, gradient conventions.
 
     Under ``fit`` also ``optimizer``: the optimizer's class and first param group's
-    settings as it starts (:func:`~clipscope.methods.describe_optimizer`) and the schedule.
+    settings as it starts (:func:`~clipscope.methods.describe_optimizer`) and the schedule;
+    the ``Monitor`` records the user's optimizer the same way when it was given one.
     """
     param = loop.params[0]
     env = environment(
@@ -84,9 +86,13 @@ def _write_env(directory: RunDirectory, loop: Any, seed: int, dropout: str) -> N
     env["components"] = loop.components.describe()
     env["conventions"] = gradient_conventions(loop.model, loop.components, dropout)
     env["distributed"] = distributed_setup()
-    optimizer = getattr(loop, "optimizer", None)  # fit's loop; the Monitor's user keeps theirs
+    optimizer = getattr(loop, "optimizer", None)  # fit's loop, or the Monitor's user's (if given)
     if optimizer is not None:
-        env["optimizer"] = {**describe_optimizer(optimizer), "schedule": loop.config.schedule}
+        config = getattr(loop, "config", None)  # the Monitor has no schedule of its own
+        env["optimizer"] = {
+            **describe_optimizer(unwrap_optimizer(optimizer)),
+            "schedule": getattr(config, "schedule", None),
+        }
     directory.write_text("env.json", json.dumps(env, indent=2, default=str) + "\n")
 
 

@@ -43,7 +43,7 @@ from clipscope.engine import batch_coupled_modules, trainable_params
 from clipscope.engine import distributed as _dist
 from clipscope.engine.losses import check_loss_fn, component_loss
 from clipscope.errors import ConfigError, Interrupted, NonFiniteError
-from clipscope.loop.duties import NTASGD, Checkpointing, OnStep
+from clipscope.loop.duties import NTASGD, Checkpointing, OnStep, _toml_text
 from clipscope.loop.measures import (
     HeldOutMetric,
     IGCDrift,
@@ -158,9 +158,8 @@ class Loop:
     def preconditioner(self) -> torch.optim.Optimizer | None:
         """The optimizer whose state is the step's preconditioner P (Adam, AdamW), else None.
 
-        The hook for issue 22's preconditioned statistics: P = diag(√v̂) + ε,
-        bias-corrected, read from this optimizer's state (never changed). The
-        engine's probe does not take it yet; no ρ_P column is written until it does.
+        Every probe reads P = diag(√v̂) + ε, bias-corrected, from this optimizer's
+        state (never changed) and records ρ_P beside ρ (:class:`ProbeStatistics`).
         """
         return self.optimizer if isinstance(self.optimizer, torch.optim.Adam) else None
 
@@ -347,6 +346,13 @@ def fit_loop(
         setting.update(_optimizer_setting(config, optimizer))
     reducer = None if group is None else _reducer(group, model, components, params, optimizer,
                                                   setting, config, say)  # fmt: skip
+    if directory is not None and "config.toml" not in directory.files:  # fit() called directly
+        # what `clipscope report` and `clipscope theory` label the run by (method, η, batch
+        # size); the model, loss and data are the caller's, so nothing can rebuild them
+        directory.files["config.toml"] = _toml_text(
+            {"kind": "fit", **setting, "batch_size": int(components.batch_size)},
+            "clipscope.fit: the loop's settings (the model, loss and data are the caller's)",
+        )
     all_units = Units(
         standard_units(config, heldout=heldout, directory=directory, resume=resume, force=force,
                        extra=units, on_step=on_step),

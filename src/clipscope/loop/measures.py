@@ -3,7 +3,8 @@ r"""The measurement units: what a row of ``epochs.csv`` holds, each from one sma
 =====================  ==========================  ==================================  =========
 unit                   needs                       fills                               state
 =====================  ==========================  ==================================  =========
-:class:`ProbeStatistics`  PROBE at its points       §2 statistics, ``rho@η``, arrays    --
+:class:`ProbeStatistics`  PROBE at its points       §2 statistics, ``rho@η``, arrays;   --
+                                                   with Adam/AdamW ``rho_p``, ...
 :class:`HeldOutMetric`  nothing (a probed point)   ``heldout``                         --
 :class:`Smoothness`    FULL_GRADIENT               ``hess_norm``, ``hess_converged``,  previous
                                                    ``hess_iterations``,                point
@@ -61,6 +62,16 @@ class ProbeStatistics(Unit):
     ``etas``; the component arrays ``norms``, ``dots``, ``losses``,
     ``grad_norm`` and ``sizes`` (from which every statistic can be recomputed).
 
+    When the probe measured the dots with ``u = P⁻¹∇f_k`` (the loop's optimizer is
+    an Adam or AdamW: ``point.probe.preconditioned``), also the preconditioned
+    columns (:data:`~clipscope.run.directory.PRECONDITIONED_COLUMNS`): ``rho_p`` =
+    ρ_P(η), ``c1_p``, ``min_cos_p``, ``neg_cos_p_share``, ``a3_p_holds`` (the
+    cosines to u), ``p_unset_share`` (coordinates without optimizer state, P = 1),
+    ``decay_ratio`` (the weight decay's descent ⟨∇f, Δ⟩/⟨∇f, u⟩), ``rho_p@η`` for
+    each η of ``etas``; and the arrays ``dots_p``, ``u_norm``, ``grad_u_inner``
+    (⟨g_i, u⟩, ‖u‖, ⟨∇f, u⟩: every preconditioned statistic recomputes from them
+    and ``norms``, :class:`~clipscope.math.stats.DirectionStats`).
+
     Parameters
     ----------
     eta : float
@@ -112,6 +123,26 @@ class ProbeStatistics(Unit):
             losses=result.losses,
             grad_norm=np.float64(result.grad_norm),
             sizes=result.sizes,
+        )
+        pre = result.preconditioned
+        if pre is None:
+            return
+        pstats = pre.stats
+        point.row.update(
+            rho_p=float(pstats.ratio(self.eta)),
+            c1_p=float(pstats.c1),
+            min_cos_p=pstats.min_cos,
+            neg_cos_p_share=pstats.negative_cos_share,
+            a3_p_holds=float(bool(pstats.a3_holds)),
+            p_unset_share=float(pre.info.get("unset_share", 0.0)),
+            decay_ratio=float(pre.info.get("decay", {}).get("ratio", math.nan)),
+        )
+        for e in self.etas:
+            point.row[eta_column(e, "rho_p")] = float(pstats.ratio(e))
+        point.arrays.update(
+            dots_p=pre.dots,
+            u_norm=np.float64(pre.direction_norm),
+            grad_u_inner=np.float64(pre.inner),
         )
 
 
@@ -436,25 +467,35 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def gradient_products(
-    params: Sequence[torch.Tensor], full: Sequence[torch.Tensor] | None = None
-) -> tuple[float, float]:
+    params: Sequence[torch.Tensor],
+    full: Sequence[torch.Tensor] | None = None,
+    *,
+    stacked: Sequence[torch.Tensor] | None = None,
+) -> tuple[float, ...]:
     r"""Return ``(‖g‖², ⟨g, v⟩)`` of the gradient ``g`` in the parameters' ``.grad``.
 
-    ``⟨g, v⟩`` is NaN without ``v``.
+    ``⟨g, v⟩`` is NaN without ``v``. With ``stacked`` -- per parameter a
+    ``(k, numel)`` matrix whose rows are k directions ``v_1 … v_k`` (the
+    ``Monitor``: ∇f_k and ``u_k = P⁻¹∇f_k``) -- return
+    ``(‖g‖², ⟨g, v_1⟩, …, ⟨g, v_k⟩)`` from one matrix-vector product per tensor
+    (one read of the gradient for all k dots).
 
     The free per-step statistics' one pass over the gradient: per parameter
     tensor a dot product in float32 (float64 for float64 gradients; float16 and
     bfloat16 are read as float32), summed across tensors in float64, with one
-    device synchronisation for both numbers. ``v`` (``full``) holds one tensor
-    per parameter in that dtype. A parameter without ``.grad`` counts as zero.
-    Relative rounding error: that of a float32 dot product within a tensor
-    (about 1e-7·√(size), ≲ 1e-5 for tensors up to 10⁷ entries); the probe's
-    statistics are float64 throughout. An overflow shows as ``inf``.
+    device synchronisation for all the numbers. ``v`` (``full``, ``stacked``)
+    holds one tensor per parameter in that dtype. A parameter without ``.grad``
+    counts as zero. Relative rounding error: that of a float32 dot product
+    within a tensor (about 1e-7·√(size), ≲ 1e-5 for tensors up to 10⁷ entries);
+    the probe's statistics are float64 throughout. An overflow shows as ``inf``.
 
     >>> w = torch.nn.Parameter(torch.zeros(2)); w.grad = torch.tensor([3.0, 4.0])
     >>> gradient_products([w], [torch.tensor([1.0, 0.0])])
     (25.0, 3.0)
+    >>> gradient_products([w], stacked=[torch.tensor([[1.0, 0.0], [0.0, 2.0]])])
+    (25.0, 3.0, 8.0)
     """
+    k_dirs = 1 if stacked is None else (stacked[0].shape[0] if len(stacked) else 1)
     sq, dots, device = [], [], None
     for k, p in enumerate(params):
         g = p.grad
@@ -467,15 +508,17 @@ def gradient_products(
         if device is None:
             device = v.device
         sq.append(torch.dot(v, v).to(device))
-        if full is not None:
-            dots.append(torch.dot(v, full[k].reshape(-1)).to(device))
+        if stacked is not None:
+            dots.append(torch.mv(stacked[k], v).to(device))
+        elif full is not None:
+            dots.append(torch.dot(v, full[k].reshape(-1)).reshape(1).to(device))
     if not sq:
-        return math.nan, math.nan
-    values = torch.stack(sq).double().sum()
-    if full is None:
-        return float(values), math.nan
-    both = torch.stack([values, torch.stack(dots).double().sum()]).tolist()  # one sync
-    return float(both[0]), float(both[1])
+        return (math.nan,) * (1 + k_dirs)
+    total = torch.stack(sq).double().sum().reshape(1)
+    if not dots:
+        return float(total), math.nan
+    values = torch.cat([total, torch.stack(dots).double().sum(0)]).tolist()  # one sync
+    return tuple(float(x) for x in values)
 
 
 class StepGradient(Unit):
@@ -493,20 +536,31 @@ class StepGradient(Unit):
       multiplies ``g`` by a positive number, so the cosine is the same before
       and after it. Clamped to [−1, 1]; NaN when ``g`` or ∇f_k is zero or not
       finite. Computed by :func:`gradient_products` (float32 within a tensor);
+    * ``step_cos_p`` (only when the probe at x_k measured the preconditioned
+      direction ``u_k = P_k⁻¹∇f_k``: an Adam/AdamW loop):
+      ``cos∠(g, u_k) = ⟨g, u_k⟩ / (‖g‖‖u_k‖)``, the step gradient's cosine with
+      ``u_k``, normalised like the probe's cosines to u (``c1_p``, ``min_cos_p``).
+      Its sign is that of ``⟨P_k⁻¹ C(g; η), ∇f_k⟩``: whether the step's clipped,
+      preconditioned update (P frozen at the probe, momentum only delaying it)
+      descends f at x_k to first order. Clipping, a positive rescaling, leaves it
+      unchanged. Computed in the same pass as ``step_cos`` (one matrix-vector
+      product per tensor with the rows ∇f_k and u_k);
     * ``step_loss``: :attr:`Step.loss`; ``step``: :attr:`Step.number`.
 
     At the interval's end the row of x_k gets ``train_cos`` (mean of the
-    defined cosines) and ``train_min_cos``, and the per-step arrays go into
-    ``end.arrays`` (the ``Monitor``'s :class:`~clipscope.loop.duties.Records`
-    writes them to ``components/epoch_XXXX_steps.npz``). Cost per step: one
-    pass over the gradient and ∇f_k (two dot products per parameter tensor).
+    defined cosines) and ``train_min_cos`` (with P also ``train_cos_p`` and
+    ``train_min_cos_p``), and the per-step arrays go into ``end.arrays`` (the
+    ``Monitor``'s :class:`~clipscope.loop.duties.Records` writes them to
+    ``components/epoch_XXXX_steps.npz``). Cost per step: one pass over the
+    gradient and ∇f_k (and u_k).
 
     When the trainable parameter set changes inside an interval (the
     ``Monitor``: :meth:`parameters_changed`), ∇f_k belongs to the old set: the
     cosines of the interval's later steps are NaN; norms and losses go on.
 
-    State: ∇f_k (in the gradients' dtype: 4 bytes per float32 parameter), whether
-    the interval is measured, and its per-step values.
+    State: ∇f_k (in the gradients' dtype: 4 bytes per float32 parameter; with P
+    the rows ∇f_k and u_k, 8 bytes), ‖u_k‖, whether the interval is measured,
+    and its per-step values.
     """
 
     name = "step_gradient"
@@ -515,81 +569,121 @@ class StepGradient(Unit):
     def __init__(self) -> None:
         self.full: list[torch.Tensor] | None = None
         self.full_norm = math.nan
+        # with P: per parameter the (2, numel) rows ∇f_k and u_k (self.full views the first)
+        self.stacked: list[torch.Tensor] | None = None
+        self.u_norm = math.nan
         self.active = False  # whether the current interval is measured
         self.records: dict[str, list[float]] = {f: [] for f in self._FIELDS}
-        self.pending_cos = math.nan
+        self.pending_cos = self.pending_cos_p = math.nan
 
     def needs(self, point: Point) -> Needs:
         """∇f_k and the step gradients, in every interval (none after the last point)."""
         return Needs.NOTHING if point.last else Needs.FULL_GRADIENT | Needs.STEP_GRADIENT
 
     def at_point(self, point: Point) -> None:
-        """Keep ∇f_k of a probed point (in each parameter's working dtype and device)."""
+        """Keep ∇f_k (and u_k) of a probed point, in each parameter's working dtype and device."""
         self._reset()
         result = point.probe
         if point.last or result is None or result.full_grad is None:
             return
-        self.full = [
-            g.detach().to(device=p.device, dtype=_work_dtype(p.dtype))
-            for g, p in zip(result.full_grad, point.params, strict=True)
-        ]
+        pre = result.preconditioned
+        if pre is not None and pre.direction is not None:
+            self.stacked = [
+                torch.stack([g.reshape(-1), u.reshape(-1)]).to(
+                    device=p.device, dtype=_work_dtype(p.dtype)
+                )
+                for g, u, p in zip(result.full_grad, pre.direction, point.params, strict=True)
+            ]
+            self.full = [
+                r[0].view(p.shape) for r, p in zip(self.stacked, point.params, strict=True)
+            ]
+            self.u_norm = float(pre.direction_norm)
+            self.records["step_cos_p"] = []
+        else:
+            self.full = [
+                g.detach().to(device=p.device, dtype=_work_dtype(p.dtype))
+                for g, p in zip(result.full_grad, point.params, strict=True)
+            ]
         self.full_norm = float(result.grad_norm)
         self.active = True
 
     def parameters_changed(self, params: list[torch.Tensor]) -> None:
-        """Drop ∇f_k (of the old parameters): NaN cosines until the next probe."""
-        self.full, self.full_norm, self.pending_cos = None, math.nan, math.nan
+        """Drop ∇f_k and u_k (of the old parameters): NaN cosines until the next probe."""
+        self.full, self.stacked = None, None
+        self.full_norm = self.u_norm = self.pending_cos = self.pending_cos_p = math.nan
 
     def before_update(self, step: Step) -> None:
-        """cos∠(g, ∇f_k) of the gradient in ``.grad``."""
+        """cos∠(g, ∇f_k) (and cos∠(g, u_k)) of the gradient in ``.grad``."""
         if self.full is None:
             return
-        products = step.products or gradient_products(step.params, self.full)
-        sq, dot = products
-        denominator = math.sqrt(sq) * self.full_norm
-        cos = dot / denominator if denominator > 0 and math.isfinite(denominator) else math.nan
-        self.pending_cos = max(-1.0, min(1.0, cos)) if math.isfinite(cos) else math.nan
+        products = step.products or gradient_products(step.params, self.full, stacked=self.stacked)
+        sq, dot = products[0], products[1]
+        self.pending_cos = _cosine(dot, sq, self.full_norm)
+        if self.stacked is not None and len(products) > 2:
+            self.pending_cos_p = _cosine(products[2], sq, self.u_norm)
 
     def after_update(self, step: Step) -> None:
-        """Record the step (its cosine from :meth:`before_update`)."""
+        """Record the step (its cosines from :meth:`before_update`)."""
         if not self.active:
             return
         values = (step.number, step.grad_norm, step.clip_indicator, self.pending_cos, step.loss)
         for name, value in zip(self._FIELDS, values, strict=True):
             self.records[name].append(float(value))
-        self.pending_cos = math.nan
+        if "step_cos_p" in self.records:
+            self.records["step_cos_p"].append(float(self.pending_cos_p))
+        self.pending_cos = self.pending_cos_p = math.nan
 
     def at_interval_end(self, end: IntervalEnd) -> None:
         """``train_cos``, ``train_min_cos`` into the row of x_k; the per-step arrays; start over."""
         if self.active:
-            cos = [c for c in self.records["step_cos"] if not math.isnan(c)]
-            if end.row is not None:
-                end.row["train_cos"] = sum(cos) / len(cos) if cos else math.nan
-                end.row["train_min_cos"] = min(cos) if cos else math.nan
+            for name, column in (("step_cos", "train_cos"), ("step_cos_p", "train_cos_p")):
+                if name not in self.records or end.row is None:
+                    continue
+                cos = [c for c in self.records[name] if not math.isnan(c)]
+                end.row[column] = sum(cos) / len(cos) if cos else math.nan
+                end.row[column.replace("train_", "train_min_")] = min(cos) if cos else math.nan
             for name, values in self.records.items():
                 end.arrays[name] = np.asarray(values, dtype=np.float64)
         self._reset()
 
     def _reset(self) -> None:
-        self.full, self.full_norm, self.pending_cos = None, math.nan, math.nan
+        self.full, self.stacked = None, None
+        self.full_norm = self.u_norm = self.pending_cos = self.pending_cos_p = math.nan
         self.active = False
         self.records = {f: [] for f in self._FIELDS}
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"full", "full_norm", "active", "records", "pending_cos"}``."""
+        """``{"full", "full_norm", "stacked", "u_norm", "active", "records", ...}``."""
         return {
-            "full": self.full,
+            "full": self.full if self.stacked is None else None,
             "full_norm": self.full_norm,
+            "stacked": self.stacked,
+            "u_norm": self.u_norm,
             "active": self.active,
             "records": {k: list(v) for k, v in self.records.items()},
             "pending_cos": self.pending_cos,
+            "pending_cos_p": self.pending_cos_p,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from :meth:`state_dict`."""
+        """Continue from :meth:`state_dict` (one saved before the preconditioned rows, too)."""
+        self.stacked = state.get("stacked")
         self.full = state.get("full")
+        if self.stacked is not None:
+            self.full = [rows[0] for rows in self.stacked]  # flat views: shapes do not matter
         self.full_norm = state.get("full_norm", math.nan)
+        self.u_norm = state.get("u_norm", math.nan)
         self.active = bool(state.get("active", self.full is not None))
         records = state.get("records") or {}
         self.records = {f: list(records.get(f, [])) for f in self._FIELDS}
+        if "step_cos_p" in records:
+            self.records["step_cos_p"] = list(records["step_cos_p"])
         self.pending_cos = state.get("pending_cos", math.nan)
+        self.pending_cos_p = state.get("pending_cos_p", math.nan)
+
+
+def _cosine(dot: float, sq: float, other_norm: float) -> float:
+    """``dot / (√sq · other_norm)`` clamped to [−1, 1]; NaN when a norm is 0 or not finite."""
+    denominator = math.sqrt(sq) * other_norm if sq >= 0 else math.nan
+    cos = dot / denominator if denominator > 0 and math.isfinite(denominator) else math.nan
+    return max(-1.0, min(1.0, cos)) if math.isfinite(cos) else math.nan

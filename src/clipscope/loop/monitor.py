@@ -66,6 +66,8 @@ from clipscope.engine import (
 )
 from clipscope.engine import distributed as _dist
 from clipscope.engine.losses import check_grad_compatible, check_loss_fn, check_repeatable
+from clipscope.engine.preconditioner import is_adam
+from clipscope.engine.preconditioner import unwrap as _unwrap_optimizer
 from clipscope.errors import ConfigError, Interrupted, NonFiniteError
 from clipscope.loop.duties import Records
 from clipscope.loop.fit import check_batch_coupling
@@ -174,6 +176,18 @@ class Monitor:
         ``log(text)``: one line per probe and the directory's messages.
     progress : bool
         A tqdm bar per probe pass.
+    optimizer : torch.optim.Optimizer, optional
+        Your loop's optimizer. An Adam or AdamW (or a wrapper holding one in
+        ``.optimizer``, as accelerate's): every probe then reads its
+        preconditioner ``P = √v̂ + ε`` (bias-corrected, from its state at the
+        probe; the state is never changed) and records the preconditioned
+        statistics beside the plain ones -- ``rho_p`` = ρ_P(η), the cosines to
+        ``u = P⁻¹∇f``, ... (:class:`~clipscope.loop.measures.ProbeStatistics`) --
+        and every step the cosine of its gradient with ``u_k``, ``step_cos_p``
+        (:class:`~clipscope.loop.measures.StepGradient`). Any other optimizer is
+        recorded by name only (SGD's P is the identity: ρ is its answer). The
+        Lightning and Hugging Face callbacks set it themselves
+        (:meth:`use_optimizer`).
 
     Raises
     ------
@@ -204,11 +218,13 @@ class Monitor:
     Costs. A probe: the engine's, over all m components (about 2 epochs of
     forward+backward over them; ``keep``: about 1). Between probes:
     :meth:`gradient` reads the gradient once more (two dot products per
-    parameter tensor, one device synchronisation) and re-reads the model's
-    trainable parameters (``model.parameters()``: a few µs per tensor on a CPU;
-    about 0.3 ms for 200 tensors); measured overhead in ``docs/benchmarks.md``.
-    Memory: ∇f_k of the last probe in the gradients' dtype, plus x_k and ∇f_k
-    in float64 with ``smoothness_every`` not None.
+    parameter tensor -- with an Adam/AdamW one dot product and one
+    matrix-vector product with the rows ∇f_k and u_k -- and one device
+    synchronisation) and re-reads the model's trainable parameters
+    (``model.parameters()``: a few µs per tensor on a CPU; about 0.3 ms for 200
+    tensors); measured overhead in ``docs/benchmarks.md``. Memory: ∇f_k of the
+    last probe in the gradients' dtype (with an Adam/AdamW also u_k), plus x_k
+    and ∇f_k in float64 with ``smoothness_every`` not None.
 
     The trainable parameters are re-read at every probe and every
     :meth:`gradient`: when the set changes (a re-created layer, a freeze or
@@ -235,6 +251,7 @@ class Monitor:
         units: Sequence[Unit] = (),
         log: Callable[[str], None] | None = None,
         progress: bool = False,
+        optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model)!r}")
@@ -308,7 +325,10 @@ class Monitor:
             "n_samples": int(d.get("N", sum(components.sizes))),
             "data_seed": d.get("seed"),
             "last_batch": d.get("last_batch"),
+            "optimizer": None,
         }
+        self.optimizer: Any = None
+        self.use_optimizer(optimizer)
         self.rows: list[dict[str, float]] = []
         self.resumed = False
         self._k = 0
@@ -324,6 +344,39 @@ class Monitor:
         self._elapsed = 0.0
         self._t0 = time.perf_counter()
         self.last_probe: ProbeResult | None = None
+
+    @property
+    def preconditioner(self) -> torch.optim.Optimizer | None:
+        """The optimizer whose state the probes read P from (an Adam or AdamW), else None."""
+        return self.optimizer if is_adam(_unwrap_optimizer(self.optimizer)) else None
+
+    def use_optimizer(self, optimizer: Any) -> None:
+        """Set the loop's optimizer (before the first :meth:`step`; the callbacks call it).
+
+        Another optimizer of the same class may replace the first one at any time
+        (a Lightning ``Trainer.fit`` creates its optimizers anew on each call).
+
+        Raises
+        ------
+        TypeError
+            Not a ``torch.optim.Optimizer`` (nor a wrapper holding one in ``.optimizer``).
+        ConfigError
+            An optimizer of another class than the one the Monitor started (or its
+            loaded state was saved) with: the records would mix two kinds of step.
+        """
+        if optimizer is None or optimizer is self.optimizer:
+            return
+        inner = _unwrap_optimizer(optimizer)
+        if not isinstance(inner, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)!r}")
+        name, saved = type(inner).__name__, self.setting.get("optimizer")
+        started = getattr(self, "_started", False) or getattr(self, "resumed", False)
+        if started and saved != name:
+            raise ConfigError(
+                f"the Monitor's records were made with optimizer {saved}, this loop's is {name}"
+            )
+        self.optimizer = optimizer
+        self.setting["optimizer"] = name
 
     # -- checks ---------------------------------------------------------------
     def _preflight(self) -> None:
@@ -462,8 +515,9 @@ class Monitor:
         self._flush()  # a second update before the next step() call
         self._pending_mark = mark
         products = None
-        if grad_norm is None:  # one pass gives the norm and the cosine's dot product
-            products = gradient_products(self.params, self._step_gradient.full)
+        if grad_norm is None:  # one pass gives the norm and the cosines' dot products
+            sg = self._step_gradient
+            products = gradient_products(self.params, sg.full, stacked=sg.stacked)
             norm = math.sqrt(products[0])
         else:
             norm = _scalar(grad_norm, "grad_norm")
@@ -643,12 +697,16 @@ class Monitor:
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise ConfigError("not a clipscope Monitor state (format missing or unknown)")
         stored = dict(state["setting"])
-        diff = setting_diff(stored, self.setting, (set(stored) | set(self.setting)) - {"run_id"})
+        keys = (set(stored) | set(self.setting)) - {"run_id"}
+        if self.optimizer is None:  # a callback hands it over later (use_optimizer checks it)
+            keys -= {"optimizer"}
+        diff = setting_diff(stored, self.setting, keys)
         if diff:
             raise ConfigError(
                 "the Monitor state was saved with other settings:\n  " + "\n  ".join(diff)
             )
         self.setting["run_id"] = stored["run_id"]
+        self.setting["optimizer"] = stored.get("optimizer", self.setting["optimizer"])
         self._k = int(state["points"])
         self._last_step = state["last_step"]
         self._open = state["open"]
@@ -722,9 +780,10 @@ class Monitor:
         self._units.at_interval_end(IntervalEnd(k, steps, row, log=self.log, loop=self))
 
     def _say(self, row: dict[str, float]) -> None:
+        extra = f"  ρ_P(η)={row['rho_p']:.4g}" if "rho_p" in row else ""
         self.log(
             f"probe {int(row['epoch'])} at step {int(row['step'])}: f={row['loss']:.6g}  "
-            f"‖∇f‖={row['grad_norm']:.4g}  c1={row['c1']:.3g}  ρ(η)={row['rho']:.4g}  "
+            f"‖∇f‖={row['grad_norm']:.4g}  c1={row['c1']:.3g}  ρ(η)={row['rho']:.4g}{extra}  "
             f"clipped components={row['clipped_fraction']:.2f}"
         )
 

@@ -66,7 +66,10 @@ class Needs(enum.Flag):
     ``PROBE``
         Run the engine's probe at x_k: ``point.probe`` gets ``n_i``, ``d_i``,
         ``f_i``, ``‖∇f_k‖`` (and every statistic through ``point.probe.stats``),
-        and the point gets a record (``point.row``).
+        and the point gets a record (``point.row``). When the loop's
+        ``preconditioner`` is an Adam/AdamW optimizer (``Loop.preconditioner``,
+        ``Monitor.preconditioner``), also the dots with ``u = P⁻¹∇f_k``
+        (``point.probe.preconditioned``, P read from its state at the probe).
     ``FULL_GRADIENT``
         When the point is probed, keep ∇f_k as float64 tensors shaped like the
         parameters (``point.probe.full_grad``). Does not by itself cause a probe.
@@ -165,10 +168,11 @@ class Step:
     clipped : bool or None
         Whether the step was clipped at ``eta``; None means ``grad_norm > eta``
         (:attr:`clip_indicator`).
-    products : (float, float) or None
-        ``(‖g‖², ⟨g, ∇f_k⟩)`` of the gradient in ``.grad`` against the last
-        probe's ∇f_k, when the loop already computed them (the Monitor reading
-        the norm itself): units reuse them instead of reading the gradient again.
+    products : tuple of float or None
+        ``(‖g‖², ⟨g, ∇f_k⟩)`` -- with a preconditioner ``(‖g‖², ⟨g, ∇f_k⟩, ⟨g, u_k⟩)``,
+        ``u_k = P⁻¹∇f_k`` -- of the gradient in ``.grad`` against the last probe,
+        when the loop already computed them (the Monitor reading the norm
+        itself): units reuse them instead of reading the gradient again.
     """
 
     number: int
@@ -182,7 +186,7 @@ class Step:
     loop: Any = None
     stop_requested: Callable[[], bool] = field(default=lambda: False, repr=False)
     clipped: bool | None = None
-    products: tuple[float, float] | None = None
+    products: tuple[float, ...] | None = None
 
     @property
     def stopping(self) -> bool:
@@ -385,9 +389,8 @@ class Units(Sequence[Unit]):
         needs = self.plan(point)
         if Needs.PROBE in needs:
             try:
-                # Hook for issue 22's preconditioned statistics: with an adaptive
-                # optimizer, ``point.loop.preconditioner`` is the optimizer whose
-                # state gives P; the probe will take it once the engine does.
+                # with an adaptive optimizer (Adam, AdamW) its state gives P, read at the
+                # probe (never changed): the probe also measures the dots with u = P⁻¹∇f
                 with model_guard(point.model):
                     point.probe = probe(
                         point.model,
@@ -400,6 +403,7 @@ class Units(Sequence[Unit]):
                         seed=self.seed,
                         keep_full_grad=Needs.FULL_GRADIENT in needs,
                         progress=self.progress,
+                        preconditioner=getattr(point.loop, "preconditioner", None),
                     )
             except NonFiniteError as exc:
                 raise NonFiniteError(f"probe at x_{point.epoch}: {exc}") from exc

@@ -40,6 +40,14 @@ Conventions for degenerate inputs (never a crash, never a silent 0/0):
 * Cosines are clamped to ``[−1, 1]`` (rounding can step outside).
 * ``t_norm`` and the (36) radicand are clamped at 0 before the square root.
 
+**Preconditioned steps** (Adam, AdamW; DESIGN §2): a step along ``−P⁻¹C(g_i; η)``
+descends along ``u = P⁻¹∇f``. :class:`DirectionStats` is the same table for the
+dots ``d^P_i = ⟨g_i, u⟩`` with one more input, ``⟨∇f, u⟩``: the preconditioned
+descent ratio ``ρ_P(η) = Σ_i γ_i(η) d^P_i / (m⟨∇f, u⟩)``, cosines to u, A3 under
+P, the exact η-profile (:class:`EtaProfile` with ``inner``). :class:`ComponentStats`
+is its case ``u = ∇f`` (P = 1), with the quantities only that case has
+(``t_norm``, (33), (36)).
+
 Also here, because it is a function of the same three inputs: the gradient
 **noise scale** (:func:`noise_scale`, a heuristic) and the mean cosine it
 predicts at other batch sizes (:func:`predicted_cos`). This module is the only
@@ -61,7 +69,14 @@ import numpy as np
 
 from clipscope.errors import NonFiniteError
 
-__all__ = ["ComponentStats", "EtaProfile", "check_eta", "noise_scale", "predicted_cos"]
+__all__ = [
+    "ComponentStats",
+    "DirectionStats",
+    "EtaProfile",
+    "check_eta",
+    "noise_scale",
+    "predicted_cos",
+]
 
 # Relative tolerances for the consistency flags (inputs may come from float32 gradients).
 _CS_RTOL = 1e-6
@@ -145,10 +160,12 @@ def _is_scalar_tensor(x: Any) -> bool:
     return hasattr(x, "numel") and hasattr(x, "dim") and x.dim() == 0
 
 
-def _validate(norms: Any, dots: Any, grad_norm: Any) -> tuple[np.ndarray, np.ndarray, float]:
+def _validate(
+    norms: Any, dots: Any, grad_norm: Any, name: str = "grad_norm"
+) -> tuple[np.ndarray, np.ndarray, float]:
     n = _to_numpy(norms, "norms")
     d = _to_numpy(dots, "dots")
-    g = _to_numpy(grad_norm, "grad_norm")
+    g = _to_numpy(grad_norm, name)
     if n.ndim != 1 or d.ndim != 1:
         raise ValueError(f"norms and dots must be 1-D, got shapes {n.shape} and {d.shape}")
     if n.shape != d.shape:
@@ -156,24 +173,39 @@ def _validate(norms: Any, dots: Any, grad_norm: Any) -> tuple[np.ndarray, np.nda
     if n.size == 0:
         raise ValueError("no components (m = 0)")
     if g.size != 1:
-        raise ValueError(f"grad_norm must be one number, got shape {g.shape}")
-    for name, arr in (("norms", n), ("dots", d)):
+        raise ValueError(f"{name} must be one number, got shape {g.shape}")
+    for label, arr in (("norms", n), ("dots", d)):
         bad = ~np.isfinite(arr)
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            raise NonFiniteError(f"{name}[{i}] = {arr[i]} is not finite")
+            raise NonFiniteError(f"{label}[{i}] = {arr[i]} is not finite")
     neg = n < 0
     if neg.any():
         i = int(np.flatnonzero(neg)[0])
         raise ValueError(f"norms[{i}] = {n[i]} is negative")
     gn = float(g.reshape(()))
     if not math.isfinite(gn):
-        raise NonFiniteError(f"grad_norm = {gn} is not finite")
+        raise NonFiniteError(f"{name} = {gn} is not finite")
     if not gn >= 0:
-        raise ValueError(f"grad_norm must be >= 0, got {gn}")
+        raise ValueError(f"{name} must be >= 0, got {gn}")
     n.setflags(write=False)
     d.setflags(write=False)
     return n, d, gn
+
+
+def _check_inner(inner: Any) -> float:
+    """``⟨∇f, v⟩`` of a descent direction: one finite number ``≥ 0``."""
+    arr = _to_numpy(inner, "inner")
+    if arr.size != 1:
+        raise ValueError(f"inner must be one number, got shape {arr.shape}")
+    value = float(arr.reshape(()))
+    if not math.isfinite(value):
+        raise NonFiniteError(f"inner = {value} is not finite")
+    if not value >= 0:
+        raise ValueError(
+            f"inner = ⟨∇f, v⟩ must be >= 0 (v = P⁻¹∇f with P positive definite), got {value}"
+        )
+    return value
 
 
 def _blocks(etas: np.ndarray, m: int):
@@ -182,38 +214,65 @@ def _blocks(etas: np.ndarray, m: int):
         yield slice(start, start + step)
 
 
-class ComponentStats:
-    """Statistics of ``m`` component gradients at one point, from ``(n, d, ‖∇f‖)``.
+class DirectionStats:
+    r"""The clipped components' descent along a direction ``v``: from ``(n, d^v, ‖v‖, ⟨∇f, v⟩)``.
 
-    See the module docstring for the formulas and for the conventions on zero
-    norms and a zero full gradient. Arrays are read-only float64; scalars are
-    plain Python floats/bools.
+    The general form of :class:`ComponentStats` (which is the case ``v = ∇f``).
+    With a step that moves the parameters along ``−A C(g_i; η)`` for a fixed
+    symmetric positive (semi)definite ``A`` -- Adam's and AdamW's preconditioner
+    ``A = P⁻¹``, frozen at the probe -- one pass over the components changes f
+    to first order by ``−α Σ_i γ_i(η) ⟨g_i, A∇f⟩``: the descent is along
+    ``v = A∇f`` (DESIGN §2, "Preconditioned steps"). Every quantity below is a
+    function of
+
+    * ``norms``: ``n_i = ‖g_i‖`` (the norms the clip uses: ``γ_i(η) = min{1, η/n_i}``),
+    * ``dots``: ``d^v_i = ⟨g_i, v⟩``,
+    * ``direction_norm``: ``‖v‖``,
+    * ``inner``: ``⟨∇f, v⟩ ≥ 0``, so that ``Σ_i d^v_i = m⟨∇f, v⟩`` (checked:
+      flag ``dots_sum_mismatch``).
+
+    =================  ========================================================
+    ``cos``            ``d^v_i / (n_i ‖v‖)``: the cosine of ``g_i`` with ``v``
+    ``beta``           ``d^v_i / ⟨∇f, v⟩``; ``Σ_i β_i = m``
+    ``descent``        ``D_v(η) = Σ_i γ_i(η) d^v_i = ⟨Σ_i C(g_i; η), v⟩``
+    ``ratio``          ``ρ_v(η) = D_v(η) / (m⟨∇f, v⟩)``; 1 at ``η = ∞``
+    ``c1``, A3, B2     as for ``∇f``, with the cosines to ``v``
+    ``c2``             ``min n_i / max n_i`` (does not depend on ``v``)
+    =================  ========================================================
+
+    With ``v = u = P⁻¹∇f``, ``ratio`` is the preconditioned descent ratio
+    ``ρ_P(η) = Σ_i min{1, η/n_i}⟨g_i, u⟩ / Σ_i ⟨g_i, u⟩``. The conventions for
+    zero norms are :class:`ComponentStats`'; ``‖v‖ = 0`` (flag
+    ``zero_direction``) or ``⟨∇f, v⟩ = 0`` make ``cos`` / ``ratio`` / ``c1`` NaN.
+    The paper's (33) and (36) are statements about ``v = ∇f`` only: they are on
+    :class:`ComponentStats`, not here.
 
     Parameters
     ----------
     norms : array_like or Tensor, shape (m,)
-        ``n_i = ‖g_i‖ ≥ 0``.
+        ``n_i ≥ 0``.
     dots : array_like or Tensor, shape (m,)
-        ``d_i = ⟨g_i, ∇f⟩``.
-    grad_norm : float or 0-d Tensor
-        ``‖∇f‖ ≥ 0`` with ``∇f = (1/m) Σ g_i``.
+        ``d^v_i = ⟨g_i, v⟩``.
+    direction_norm : float
+        ``‖v‖ ≥ 0``.
+    inner : float
+        ``⟨∇f, v⟩ ≥ 0``.
 
     Raises
     ------
     ValueError
-        Lengths differ or are 0, not 1-D, negative norms.
+        Lengths differ or are 0, not 1-D, negative norms, ``‖v‖ < 0`` or ``inner < 0``.
     NonFiniteError
-        A NaN or infinite entry (a ``ValueError`` subclass).
+        A NaN or infinite entry.
 
     Examples
     --------
-    Example 1 of the paper at ``x = 1``: ``g = (−2, −2, 10)``, ``∇f = 2``.
+    ``g = (−2, −2, 10)`` (Example 1 at x = 1), ``P = 4`` (one coordinate): ``u = 0.5``.
+    ρ_P is ρ: a scalar preconditioner only rescales the step.
 
-    >>> s = ComponentStats([2.0, 2.0, 10.0], [-4.0, -4.0, 20.0], 2.0)
-    >>> float(s.descent(2.0)), float(s.descent(math.inf)), float(s.ratio(math.inf))
-    (-4.0, 12.0, 1.0)
-    >>> s.profile().negative_intervals()
-    [(0.0, 4.0)]
+    >>> s = DirectionStats([2.0, 2.0, 10.0], [-1.0, -1.0, 5.0], 0.5, 1.0)
+    >>> float(s.ratio(2.0)), float(s.ratio(math.inf)), s.profile().negative_intervals()
+    (-0.3333333333333333, 1.0, [(0.0, 4.0)])
     """
 
     __slots__ = (
@@ -224,58 +283,61 @@ class ComponentStats:
         "_d",
         "_defined",
         "_flags",
-        "_g",
+        "_inner",
         "_m",
         "_n",
         "_profile",
         "_sorted_n",
-        "_t",
-        "_zhang",
+        "_total",
+        "_vn",
     )
+    _ZERO_FLAG = "zero_direction"
 
-    def __init__(self, norms: Any, dots: Any, grad_norm: Any) -> None:
-        n, d, g = _validate(norms, dots, grad_norm)
-        self._n, self._d, self._g, self._m = n, d, g, n.size
+    def __init__(self, norms: Any, dots: Any, direction_norm: Any, inner: Any) -> None:
+        n, d, vn = _validate(norms, dots, direction_norm, "direction_norm")
+        inner = _check_inner(inner)
+        self._setup(n, d, vn, inner, n.size * inner)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            beta = d / inner if inner > 0 else np.full(self._m, np.nan)
+        beta.setflags(write=False)
+        self._beta = beta
+        self._flags = self._make_flags()
+
+    def _setup(self, n: np.ndarray, d: np.ndarray, vn: float, inner: float, total: float) -> None:
+        """Set the arrays every direction shares: cosines, c1, c2 (``total = m⟨∇f, v⟩``)."""
+        self._n, self._d, self._vn, self._m = n, d, vn, n.size
+        self._inner, self._total = inner, total
         self._profile: EtaProfile | None = None
         self._sorted_n = np.sort(n)
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            defined = (n > 0) & (g > 0)
+            defined = (n > 0) & (vn > 0)
             cos = np.full(self._m, np.nan)
-            cos[defined] = np.clip(d[defined] / n[defined] / g, -1.0, 1.0)
-            if g > 0:
-                beta = d / g / g
-                a = np.abs(d) / g
-                t = np.sqrt(np.maximum(0.0, (n - a) * (n + a)))
-            else:
-                beta = np.full(self._m, np.nan)
-                t = np.full(self._m, np.nan)
-            rad = np.sqrt(np.maximum(0.0, n * n - 2.0 * d + g * g))
-            zhang = np.where(n > 0, rad / np.where(n > 0, n, 1.0), math.inf if g > 0 else np.nan)
-        for arr in (cos, beta, t, zhang, defined):
+            cos[defined] = np.clip(d[defined] / n[defined] / vn, -1.0, 1.0)
+        for arr in (cos, defined):
             arr.setflags(write=False)
-        self._cos, self._beta, self._t, self._zhang, self._defined = cos, beta, t, zhang, defined
+        self._cos, self._defined = cos, defined
         self._c1 = float(cos[defined].mean()) if defined.any() else math.nan
         nmax = float(n.max())
         self._c2 = float(n.min()) / nmax if nmax > 0 else math.nan
-        self._flags = self._make_flags()
 
     def _make_flags(self) -> list[str]:
-        n, d, g, m = self._n, self._d, self._g, self._m
+        n, d, vn, m = self._n, self._d, self._vn, self._m
         flags = []
         if m == 1:
             flags.append("m_is_1")
         if (n == 0).any():
             flags.append("zero_component_norm")
-        if g == 0:
-            flags.append("zero_full_gradient")
+        if vn == 0 or self._total == 0:
+            flags.append(self._ZERO_FLAG)
         if not self._defined.all():
             flags.append("undefined_cosine")
         if not self._defined.any():
             flags.append("no_defined_cosine")
         with np.errstate(over="ignore"):
-            if (np.abs(d) > n * g * (1 + _CS_RTOL) + 1e-300).any():
+            if (np.abs(d) > n * vn * (1 + _CS_RTOL) + 1e-300).any():
                 flags.append("cauchy_schwarz_violation")
-            if abs(d.sum() - m * g * g) > _SUM_RTOL * (np.abs(d).sum() + m * g * g):
+            total = self._total
+            if abs(d.sum() - total) > _SUM_RTOL * (np.abs(d).sum() + total):
                 flags.append("dots_sum_mismatch")
         return flags
 
@@ -292,18 +354,28 @@ class ComponentStats:
 
     @property
     def dots(self) -> np.ndarray:
-        """``d_i = ⟨g_i, ∇f⟩``."""
+        """``d^v_i = ⟨g_i, v⟩``."""
         return self._d
 
     @property
-    def grad_norm(self) -> float:
-        """``‖∇f‖``."""
-        return self._g
+    def direction_norm(self) -> float:
+        """``‖v‖``."""
+        return self._vn
+
+    @property
+    def inner(self) -> float:
+        """``⟨∇f, v⟩`` (``‖∇f‖²`` for :class:`ComponentStats`)."""
+        return self._inner
+
+    @property
+    def total(self) -> float:
+        """``m⟨∇f, v⟩``: what ``Σ_i d^v_i`` is, and the denominator of :meth:`ratio`."""
+        return self._total
 
     # -- per-component --------------------------------------------------------
     @property
     def cos(self) -> np.ndarray:
-        """``cos θ_i = d_i/(n_i‖∇f‖)`` in ``[−1, 1]``; NaN where ``n_i = 0`` or ``‖∇f‖ = 0``."""
+        """``d_i/(n_i‖v‖)`` in ``[−1, 1]``; NaN where ``n_i = 0`` or ``‖v‖ = 0``."""
         return self._cos
 
     @property
@@ -313,18 +385,8 @@ class ComponentStats:
 
     @property
     def beta(self) -> np.ndarray:
-        """``β_i = d_i/‖∇f‖²`` (19); ``Σ β_i = m`` (20). NaN if ``‖∇f‖ = 0``."""
+        """``β_i = d_i/⟨∇f, v⟩`` (19 for ``v = ∇f``); ``Σ β_i = m`` (20). NaN if it is 0."""
         return self._beta
-
-    @property
-    def t_norm(self) -> np.ndarray:
-        """``‖t_i‖ = sqrt(max(0, n_i² − β_i²‖∇f‖²))`` (18). NaN if ``‖∇f‖ = 0``."""
-        return self._t
-
-    @property
-    def zhang_ratios(self) -> np.ndarray:
-        """Per component ``‖g_i − ∇f‖/n_i``; inf where ``n_i = 0 < ‖∇f‖``, NaN where both 0."""
-        return self._zhang
 
     # -- scalars --------------------------------------------------------------
     @property
@@ -361,19 +423,14 @@ class ComponentStats:
         return float(np.mean(cos < 0)) if cos.size else math.nan
 
     @property
-    def zhang_ratio(self) -> float:
-        """(36): ``max_i ‖g_i − ∇f‖/n_i``, NaN entries skipped; NaN if all are NaN."""
-        z = self._zhang[~np.isnan(self._zhang)]
-        return float(z.max()) if z.size else math.nan
-
-    @property
     def flags(self) -> list[str]:
         """Names of the degenerate or suspicious features of the input.
 
-        ``m_is_1``, ``zero_component_norm``, ``zero_full_gradient``,
-        ``undefined_cosine``, ``no_defined_cosine``, ``cauchy_schwarz_violation``
-        (some ``|d_i| > n_i‖∇f‖(1+1e-6)``), ``dots_sum_mismatch``
-        (``Σ d_i`` differs from ``m‖∇f‖²`` by more than ``1e-4·(Σ|d_i| + m‖∇f‖²)``).
+        ``m_is_1``, ``zero_component_norm``, ``zero_direction`` (``zero_full_gradient``
+        for :class:`ComponentStats`), ``undefined_cosine``, ``no_defined_cosine``,
+        ``cauchy_schwarz_violation`` (some ``|d_i| > n_i‖v‖(1+1e-6)``),
+        ``dots_sum_mismatch`` (``Σ d_i`` differs from ``m⟨∇f, v⟩`` by more than
+        ``1e-4·(Σ|d_i| + m⟨∇f, v⟩)``).
         """
         return list(self._flags)
 
@@ -411,11 +468,11 @@ class ComponentStats:
         return float(out[0]) if scalar else out.reshape(etas.shape)
 
     def ratio(self, eta: Any) -> np.ndarray | float:
-        """``ρ(η) = D(η)/(m‖∇f‖²)``; 1 at ``η = ∞``, negative when clipping reverses descent.
+        """``ρ(η) = D(η)/(m⟨∇f, v⟩)``; 1 at ``η = ∞``, negative when clipping reverses descent.
 
-        NaN at every ``η`` when ``‖∇f‖ = 0``.
+        NaN at every ``η`` when ``m⟨∇f, v⟩ = 0`` (``‖∇f‖ = 0``).
         """
-        return _ratio(self.descent(eta), self._m, self._g)
+        return _ratio(self.descent(eta), self._total)
 
     def clipped_fraction(self, eta: Any) -> np.ndarray | float:
         """Share of components with ``n_i > η``."""
@@ -423,6 +480,154 @@ class ComponentStats:
         above = self._m - np.searchsorted(self._sorted_n, etas, side="right")
         out = above / self._m
         return float(out) if scalar else out
+
+    def profile(self) -> EtaProfile:
+        """Return the exact η-profile of ``D`` (built once, then cached)."""
+        if self._profile is None:
+            self._profile = EtaProfile(self._n, self._d, self._vn, inner=self._inner)
+        return self._profile
+
+    # -- export ---------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        """Plain-Python summary (floats, ints, bools, list of flags); NaN stays NaN."""
+        cos = self._cos[self._defined]
+        return {
+            "m": self._m,
+            "direction_norm": self._vn,
+            "inner": self._inner,
+            "norm_min": float(self._n.min()),
+            "norm_max": float(self._n.max()),
+            "norm_mean": float(self._n.mean()),
+            "c1": self._c1,
+            "c2": self._c2,
+            "cos_min": self.min_cos,
+            "n_negative_cos": int((cos < 0).sum()),
+            "negative_cos_share": self.negative_cos_share,
+            "a3_holds": self.a3_holds,
+            "b2_holds": self.b2_holds,
+            "flags": self.flags,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the four inputs as lists/floats; ``from_dict`` inverts it exactly."""
+        return {
+            "norms": self._n.tolist(),
+            "dots": self._d.tolist(),
+            "direction_norm": self._vn,
+            "inner": self._inner,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DirectionStats:
+        """Rebuild from :meth:`to_dict` output."""
+        return cls(data["norms"], data["dots"], data["direction_norm"], data["inner"])
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(m={self._m}, direction_norm={self._vn:.6g}, "
+            f"inner={self._inner:.6g}, flags={self._flags})"
+        )
+
+
+class ComponentStats(DirectionStats):
+    """Statistics of ``m`` component gradients at one point, from ``(n, d, ‖∇f‖)``.
+
+    :class:`DirectionStats` along ``v = ∇f`` (``‖v‖ = ‖∇f‖``, ``⟨∇f, v⟩ = ‖∇f‖²``),
+    plus what only that direction has: ``t_norm`` (18), the (36) ratios and the
+    bound (33). See the module docstring for the formulas and for the conventions
+    on zero norms and a zero full gradient. Arrays are read-only float64; scalars
+    are plain Python floats/bools.
+
+    Parameters
+    ----------
+    norms : array_like or Tensor, shape (m,)
+        ``n_i = ‖g_i‖ ≥ 0``.
+    dots : array_like or Tensor, shape (m,)
+        ``d_i = ⟨g_i, ∇f⟩``.
+    grad_norm : float or 0-d Tensor
+        ``‖∇f‖ ≥ 0`` with ``∇f = (1/m) Σ g_i``.
+
+    Raises
+    ------
+    ValueError
+        Lengths differ or are 0, not 1-D, negative norms.
+    NonFiniteError
+        A NaN or infinite entry (a ``ValueError`` subclass).
+
+    Examples
+    --------
+    Example 1 of the paper at ``x = 1``: ``g = (−2, −2, 10)``, ``∇f = 2``.
+
+    >>> s = ComponentStats([2.0, 2.0, 10.0], [-4.0, -4.0, 20.0], 2.0)
+    >>> float(s.descent(2.0)), float(s.descent(math.inf)), float(s.ratio(math.inf))
+    (-4.0, 12.0, 1.0)
+    >>> s.profile().negative_intervals()
+    [(0.0, 4.0)]
+    """
+
+    __slots__ = ("_t", "_zhang")
+    _ZERO_FLAG = "zero_full_gradient"
+
+    def __init__(self, norms: Any, dots: Any, grad_norm: Any) -> None:
+        n, d, g = _validate(norms, dots, grad_norm)
+        m = n.size
+        self._setup(n, d, g, g * g, m * g * g)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            if g > 0:
+                beta = d / g / g
+                a = np.abs(d) / g
+                t = np.sqrt(np.maximum(0.0, (n - a) * (n + a)))
+            else:
+                beta = np.full(m, np.nan)
+                t = np.full(m, np.nan)
+            rad = np.sqrt(np.maximum(0.0, n * n - 2.0 * d + g * g))
+            zhang = np.where(n > 0, rad / np.where(n > 0, n, 1.0), math.inf if g > 0 else np.nan)
+        for arr in (beta, t, zhang):
+            arr.setflags(write=False)
+        self._beta, self._t, self._zhang = beta, t, zhang
+        self._flags = self._make_flags()
+
+    @property
+    def grad_norm(self) -> float:
+        """``‖∇f‖``."""
+        return self._vn
+
+    @property
+    def cos(self) -> np.ndarray:
+        """``cos θ_i = d_i/(n_i‖∇f‖)`` in ``[−1, 1]``; NaN where ``n_i = 0`` or ``‖∇f‖ = 0``."""
+        return self._cos
+
+    @property
+    def beta(self) -> np.ndarray:
+        """``β_i = d_i/‖∇f‖²`` (19); ``Σ β_i = m`` (20). NaN if ``‖∇f‖ = 0``."""
+        return self._beta
+
+    @property
+    def t_norm(self) -> np.ndarray:
+        """``‖t_i‖ = sqrt(max(0, n_i² − β_i²‖∇f‖²))`` (18). NaN if ``‖∇f‖ = 0``."""
+        return self._t
+
+    @property
+    def zhang_ratios(self) -> np.ndarray:
+        """Per component ``‖g_i − ∇f‖/n_i``; inf where ``n_i = 0 < ‖∇f‖``, NaN where both 0."""
+        return self._zhang
+
+    @property
+    def zhang_ratio(self) -> float:
+        """(36): ``max_i ‖g_i − ∇f‖/n_i``, NaN entries skipped; NaN if all are NaN."""
+        z = self._zhang[~np.isnan(self._zhang)]
+        return float(z.max()) if z.size else math.nan
+
+    @property
+    def flags(self) -> list[str]:
+        """Names of the degenerate or suspicious features of the input.
+
+        ``m_is_1``, ``zero_component_norm``, ``zero_full_gradient``,
+        ``undefined_cosine``, ``no_defined_cosine``, ``cauchy_schwarz_violation``
+        (some ``|d_i| > n_i‖∇f‖(1+1e-6)``), ``dots_sum_mismatch``
+        (``Σ d_i`` differs from ``m‖∇f‖²`` by more than ``1e-4·(Σ|d_i| + m‖∇f‖²)``).
+        """
+        return list(self._flags)
 
     def bound33(self, eta: Any) -> np.ndarray | float:
         """Right side of (33): ``m·min{η c1, c2‖∇f‖}·‖∇f‖`` (``η c1 = 0`` when ``c1 = 0``).
@@ -433,13 +638,13 @@ class ComponentStats:
         etas, scalar = _check_etas(eta)
         with np.errstate(invalid="ignore", over="ignore"):
             ec1 = np.where(self._c1 == 0, 0.0, etas * self._c1)
-            out = self._m * np.minimum(ec1, self._c2 * self._g) * self._g
+            out = self._m * np.minimum(ec1, self._c2 * self._vn) * self._vn
         return float(out) if scalar else out
 
     def profile(self) -> EtaProfile:
         """Return the exact η-profile of ``D`` (built once, then cached)."""
         if self._profile is None:
-            self._profile = EtaProfile(self._n, self._d, self._g)
+            self._profile = EtaProfile(self._n, self._d, self._vn)
         return self._profile
 
     # -- export ---------------------------------------------------------------
@@ -452,7 +657,7 @@ class ComponentStats:
         cos = self._cos[self._defined]
         return {
             "m": self._m,
-            "grad_norm": self._g,
+            "grad_norm": self._vn,
             "norm_min": float(self._n.min()),
             "norm_max": float(self._n.max()),
             "norm_mean": float(self._n.mean()),
@@ -469,7 +674,7 @@ class ComponentStats:
 
     def to_dict(self) -> dict[str, Any]:
         """Return the three inputs as lists/floats; ``from_dict`` inverts it exactly."""
-        return {"norms": self._n.tolist(), "dots": self._d.tolist(), "grad_norm": self._g}
+        return {"norms": self._n.tolist(), "dots": self._d.tolist(), "grad_norm": self._vn}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ComponentStats:
@@ -477,13 +682,14 @@ class ComponentStats:
         return cls(data["norms"], data["dots"], data["grad_norm"])
 
     def __repr__(self) -> str:
-        return f"ComponentStats(m={self._m}, grad_norm={self._g:.6g}, flags={self._flags})"
+        return f"ComponentStats(m={self._m}, grad_norm={self._vn:.6g}, flags={self._flags})"
 
 
-def _ratio(D: np.ndarray | float, m: int, g: float) -> np.ndarray | float:
-    if g == 0:
+def _ratio(D: np.ndarray | float, total: float) -> np.ndarray | float:
+    """``D / total`` (``total = m⟨∇f, v⟩``); NaN everywhere when ``total = 0``."""
+    if total == 0:
         return math.nan if np.ndim(D) == 0 else np.full(np.shape(D), np.nan)
-    return D / (m * g * g)
+    return D / total
 
 
 class EtaProfile:
@@ -498,10 +704,17 @@ class EtaProfile:
     ``D`` is continuous, ``D(0^+) = 0`` and ``D = Σ_{n_i>0} d_i = m‖∇f‖²`` for
     ``η ≥ max n_i``. Zero components contribute nothing.
 
+    The same holds for the dots ``d^v_i = ⟨g_i, v⟩`` with another direction
+    (:class:`DirectionStats`; the preconditioned ``u = P⁻¹∇f``): give ``inner =
+    ⟨∇f, v⟩`` and ``grad_norm = ‖v‖``, and the ratio's denominator is
+    ``m⟨∇f, v⟩`` instead of ``m‖∇f‖²`` (``ratio`` is then ``ρ_P``).
+
     Parameters
     ----------
     norms, dots, grad_norm
         As for :class:`ComponentStats` (validated the same way).
+    inner : float, optional
+        ``⟨∇f, v⟩ ≥ 0`` when ``dots`` are with a direction ``v ≠ ∇f``.
 
     Examples
     --------
@@ -514,9 +727,11 @@ class EtaProfile:
     7.0
     """
 
-    def __init__(self, norms: Any, dots: Any, grad_norm: Any) -> None:
+    def __init__(self, norms: Any, dots: Any, grad_norm: Any, *, inner: Any = None) -> None:
         n, d, g = _validate(norms, dots, grad_norm)
         self._m, self._g = n.size, g
+        # the ratio's denominator: m‖∇f‖², or m⟨∇f, v⟩ for the dots with another direction v
+        self._total = n.size * g * g if inner is None else n.size * _check_inner(inner)
         pos = n > 0
         order = np.argsort(n[pos], kind="stable")
         ns, ds = n[pos][order], d[pos][order]
@@ -559,9 +774,14 @@ class EtaProfile:
             out = self._A[k] + np.where(S == 0, 0.0, etas * S)
         return float(out) if scalar else out
 
+    @property
+    def total(self) -> float:
+        """The ratio's denominator: ``m‖∇f‖²``, or ``m⟨∇f, v⟩`` (``inner`` given)."""
+        return self._total
+
     def ratio_curve(self, eta: Any) -> np.ndarray | float:
-        """``ρ(η) = D(η)/(m‖∇f‖²)`` at the given ``η`` (NaN if ``‖∇f‖ = 0``)."""
-        return _ratio(self(eta), self._m, self._g)
+        """``ρ(η) = D(η)/(m‖∇f‖²)`` (or ``/(m⟨∇f, v⟩)``) at the given ``η``; NaN if that is 0."""
+        return _ratio(self(eta), self._total)
 
     # The same names as the direct (slow) evaluations of :class:`ComponentStats`.
     def descent(self, eta: Any) -> np.ndarray | float:
@@ -605,16 +825,16 @@ class EtaProfile:
         at larger ``η``; this is the first ``η`` where it is reached. Returns
         ``0.0`` when arbitrarily small ``η`` reach it (every ``target < 0``),
         ``math.inf`` when no ``η`` does, ``math.nan`` when ``‖∇f‖ = 0``
-        (``ρ`` undefined).
+        (``ρ`` undefined; with ``inner``: when ``⟨∇f, v⟩ = 0``).
         """
         if isinstance(target, bool) or not isinstance(target, numbers.Real):
             raise ValueError(f"target must be a real number, got {target!r}")
         target = float(target)
         if math.isnan(target):
             raise ValueError("target must be a real number, got nan")
-        if self._g == 0:
+        if self._total == 0:
             return math.nan
-        T = target * self._m * self._g * self._g
+        T = target * self._total
         if T < 0:
             return 0.0
         for lo, hi, A, S in zip(self._lo, self._hi, self._A, self._S, strict=True):

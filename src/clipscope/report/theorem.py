@@ -276,12 +276,13 @@ def _verdict(out: dict, record: RunRecord) -> tuple[str, dict | None, dict | Non
     if not (0 < c2 <= 1):
         return f"(A4) fails: c2 = {c2:.4g} (a zero component gradient)", None, None
     if out["estimate"] is None:
-        return (
-            "not checked: no smoothness values recorded in this run (train with "
-            "smoothness_every > 0, or run 'clipscope theory' to measure at the checkpoints)",
-            None,
-            None,
+        how = (  # clipscope.fit(): the model is the caller's, the theory command cannot rebuild it
+            "call fit with smoothness_every > 0"
+            if record.setting("kind") == "fit"
+            else "train with smoothness_every > 0, or run 'clipscope theory' to measure at the "
+            "checkpoints"
         )
+        return f"not checked: no smoothness values recorded in this run ({how})", None, None
     if method == "igc" and out.get("component_estimate") is None:
         return (
             "not checked: per-component constants L0i, L1i are missing (train with "

@@ -7,7 +7,8 @@ Layout (every file written atomically, :mod:`clipscope.atomic`)::
                                 components, gradient conventions (:mod:`clipscope.run.env`)
     epochs.csv                  one row per probe (:data:`COLUMNS`, then more, below)
     components/epoch_XXXX.npz   per-component arrays at x_k: norms, dots, losses,
-                                grad_norm, sizes (+ hess_norms, hess_converged)
+                                grad_norm, sizes (+ hess_norms, hess_converged;
+                                + dots_p, u_norm, grad_u_inner with Adam/AdamW)
     checkpoints/ckpt_N.pt       the loop's whole state (model, optimizer, schedule,
                                 order, RNG, position, rows, every unit's state)
                                 + ckpt_N.pt.sha256 (N counts checkpoints; the newest
@@ -18,7 +19,8 @@ Layout (every file written atomically, :mod:`clipscope.atomic`)::
     averaged_model.pt           NT-ASGD only: state dict with the averaged iterate x̄
 
 ``epochs.csv`` columns: :data:`COLUMNS`, then ``rho@η`` for each extra η
-(:func:`eta_column`), then the columns of optional units in the order they ran
+(:func:`eta_column`), with an adaptive optimizer :data:`PRECONDITIONED_COLUMNS` and
+``rho_p@η``, then the columns of optional units in the order they ran
 (``hess_norm``, ``hess_converged``, ``traj_smoothness`` of
 :class:`clipscope.loop.Smoothness`; ``asgd_active``, ``heldout_avg`` of
 :class:`clipscope.loop.NTASGD`). What each column means: ``docs/training.md``.
@@ -71,6 +73,7 @@ from clipscope.run.env import environment_changes
 __all__ = [
     "CHECKPOINT_FORMAT",
     "COLUMNS",
+    "PRECONDITIONED_COLUMNS",
     "RunDirectory",
     "RunRecord",
     "eta_column",
@@ -105,6 +108,24 @@ COLUMNS = (
     "wall_time",
 )
 
+#: The columns of a probe with an adaptive optimizer's preconditioner P (Adam, AdamW), after
+#: :data:`COLUMNS` in the rows that have them (runs without one, and older runs, have none):
+#: ``rho_p`` = ρ_P(η) at the run's η, ``c1_p`` / ``min_cos_p`` / ``neg_cos_p_share`` the
+#: cosines to u = P⁻¹∇f, ``a3_p_holds`` A3 under P, ``p_unset_share`` the share of the
+#: coordinates without optimizer state (P = 1 there), ``decay_ratio`` the weight decay's
+#: descent ⟨∇f, Δ⟩/⟨∇f, u⟩ (0 without decay); then ``rho_p@η`` for each extra η
+#: (:func:`eta_column` with ``name="rho_p"``). Component files add ``dots_p`` (⟨g_i, u⟩),
+#: ``u_norm`` (‖u‖) and ``grad_u_inner`` (⟨∇f, u⟩). ``docs/training.md`` says more.
+PRECONDITIONED_COLUMNS = (
+    "rho_p",
+    "c1_p",
+    "min_cos_p",
+    "neg_cos_p_share",
+    "a3_p_holds",
+    "p_unset_share",
+    "decay_ratio",
+)
+
 #: ``format`` of the checkpoints written now. Checkpoints without it were written
 #: before the loop's units existed; :func:`clipscope.loop.state.upgrade_checkpoint`
 #: reads them.
@@ -114,13 +135,13 @@ _EPOCH_FILE = re.compile(r"epoch_(\d+)\.npz$")
 _STEPS_FILE = re.compile(r"epoch_(\d+)_steps\.npz$")
 
 
-def eta_column(eta: float) -> str:
-    """Column name of ρ at threshold η: ``rho@0.1``, ``rho@inf``.
+def eta_column(eta: float, name: str = "rho") -> str:
+    """Column name of ρ (``name="rho_p"``: of ρ_P) at threshold η: ``rho@0.1``, ``rho@inf``.
 
-    >>> eta_column(0.1), eta_column(float("inf")), eta_column(2.0)
-    ('rho@0.1', 'rho@inf', 'rho@2')
+    >>> eta_column(0.1), eta_column(float("inf")), eta_column(2.0), eta_column(2.0, "rho_p")
+    ('rho@0.1', 'rho@inf', 'rho@2', 'rho_p@2')
     """
-    return "rho@inf" if math.isinf(eta) else f"rho@{eta:g}"
+    return f"{name}@inf" if math.isinf(eta) else f"{name}@{eta:g}"
 
 
 # -- writing ---------------------------------------------------------------------------

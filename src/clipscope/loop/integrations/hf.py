@@ -21,6 +21,14 @@ The Trainer's order in an optimizer step, and what the callback does:
   every ``logging_steps``-th step), the step gets that exact value and
   ``step_clipped = grad_norm > η``. With ``logging_steps=1`` every step is exact;
 * ``on_train_end``: ``monitor.close()``;
+* ``on_train_begin``: the Trainer's optimizer is handed to the Monitor
+  (:meth:`~clipscope.loop.monitor.Monitor.use_optimizer`). With an Adam or AdamW
+  (the Trainer's default ``adamw_torch``, inside accelerate's wrapper) every
+  probe reads its preconditioner P and records ρ_P at ``max_grad_norm`` (the
+  Monitor's η) beside ρ, and every step ``step_cos_p``. A component of the
+  probe's partition plays the role of the Trainer's step mini-batch, which the
+  Trainer clips by its **global** norm: the paper's clipped component
+  gradient, then ``−lr·P⁻¹`` of it (through Adam's momentum);
 * ``on_save`` / ``on_train_begin``: the Monitor's state is saved as
   ``clipscope_monitor.pt`` in each checkpoint folder (by the main process)
   and loaded back when training resumes from that checkpoint.
@@ -78,7 +86,8 @@ class MonitorCallback(TrainerCallback):
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
     ) -> None:
-        """Check η against ``max_grad_norm``; load the Monitor's state when resuming."""
+        """Check η against ``max_grad_norm``, take the optimizer, load the state on resume."""
+        self.monitor.use_optimizer(kwargs.get("optimizer"))
         clip_at = args.max_grad_norm or 0.0
         if clip_at > 0 and not math.isclose(clip_at, self.monitor.eta, rel_tol=1e-12):
             raise ConfigError(

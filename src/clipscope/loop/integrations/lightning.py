@@ -12,6 +12,12 @@ Lightning's order of hooks in an optimizer step, and what the callback does in e
   with ``torch.nn.utils.clip_grad_norm_`` (``g·min(1, η/(‖g‖ + 1e-6))``, not
   the paper's ``min(1, η/‖g‖)``); the Monitor records the norm before it,
   ``‖g‖ > η`` (the paper's C) and the cosine with the last probe's ∇f;
+* ``on_train_start``: the trainer's (first) optimizer is handed to the Monitor
+  (:meth:`~clipscope.loop.monitor.Monitor.use_optimizer`): with an Adam or AdamW
+  every probe reads its preconditioner P and records ρ_P at the Monitor's η
+  beside ρ, and every step ``step_cos_p``. A norm clip at ``gradient_clip_val``
+  other than the Monitor's η is refused (:class:`~clipscope.errors.ConfigError`):
+  ρ and ρ_P are reported at the threshold the trainer clips at;
 * ``on_train_end``: ``monitor.close()``; ``on_exception``: the run directory's
   summary says ``failed`` / ``interrupted``;
 * ``state_dict`` / ``load_state_dict``: the Monitor's state travels in
@@ -26,6 +32,7 @@ from typing import Any
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 
+from clipscope.errors import ConfigError
 from clipscope.loop.monitor import Monitor
 
 __all__ = ["MonitorCallback"]
@@ -51,6 +58,24 @@ class MonitorCallback(Callback):
         if not isinstance(monitor, Monitor):
             raise TypeError(f"monitor must be a clipscope.Monitor, got {type(monitor)!r}")
         self.monitor = monitor
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Hand the trainer's optimizer to the Monitor; check ``gradient_clip_val`` against η."""
+        clip_at = trainer.gradient_clip_val or 0.0
+        algorithm = getattr(trainer, "gradient_clip_algorithm", None) or "norm"
+        if (
+            clip_at > 0
+            and algorithm == "norm"
+            and not math.isclose(float(clip_at), self.monitor.eta, rel_tol=1e-12)
+        ):
+            raise ConfigError(
+                f"the trainer clips at gradient_clip_val={clip_at} but the Monitor's eta is "
+                f"{self.monitor.eta}: give both the same threshold (or no gradient_clip_val to "
+                "let the Monitor only observe)"
+            )
+        optimizers = getattr(trainer, "optimizers", None) or []
+        if optimizers:
+            self.monitor.use_optimizer(optimizers[0])
 
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int

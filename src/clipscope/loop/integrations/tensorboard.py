@@ -15,7 +15,8 @@ package), in the main process only (rank 0 of an initialised process group):
   ``train_norm``, ``train_clipped_share``, ``train_cos``, ``train_min_cos``,
   ``igc_drift``) at the same ``global_step``, and, from the per-step arrays of
   :class:`~clipscope.loop.measures.StepGradient`, ``{prefix}/step/grad_norm``,
-  ``{prefix}/step/clipped`` and ``{prefix}/step/cos`` at each update's number.
+  ``{prefix}/step/clipped`` and ``{prefix}/step/cos`` (with an Adam/AdamW also
+  ``{prefix}/step/cos_p`` and the rows' ``rho_p``, ...) at each update's number.
 
 NaN values are left out (a gap in the curve). The writer is flushed at every
 interval's end and closed at the end when the unit created it.
@@ -34,7 +35,12 @@ from clipscope.loop.units import Finish, IntervalEnd, Point, Unit
 __all__ = ["TensorBoardScalars"]
 
 _SKIP = {"epoch", "step", "wall_time"}
-_STEP_ARRAYS = {"step_grad_norm": "grad_norm", "step_clipped": "clipped", "step_cos": "cos"}
+_STEP_ARRAYS = {
+    "step_grad_norm": "grad_norm",
+    "step_clipped": "clipped",
+    "step_cos": "cos",
+    "step_cos_p": "cos_p",  # with an Adam/AdamW: the cosine with u = P⁻¹∇f_k
+}
 
 
 def _main_process() -> bool:
