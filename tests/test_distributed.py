@@ -543,6 +543,9 @@ def _fit_cases():
     def dicts():
         return _mlp(), dict_loss, _dict_components()
 
+    def declared():  # class weights declared as (sum, count): combined by the counts
+        return _mlp(), weighted_ce_sum, _classification()
+
     base = {"lr": 0.2, "eta": 0.3, "epochs": 2, "etas": (0.1, math.inf), "progress": False}
     return [
         ("igc", mlp, {**base, "method": "igc"}),
@@ -556,6 +559,7 @@ def _fit_cases():
         ("lm-igc-carried-state", lm, {**base, "method": "igc", "lr": 1.0}),
         ("lm-rr", lm, {**base, "method": "rr", "lr": 1.0}),
         ("dict-batches", dicts, {**base, "method": "igc"}),
+        ("declared-weights", declared, {**base, "method": "rr", "seed": 7}),
         ("smoothness", mlp, {**base, "method": "igc", "smoothness_every": 1}),
     ]
 
@@ -620,6 +624,12 @@ def worker_fit(out: Path) -> None:
             results[f"disagree-{what}"] = "no error"
         except RanksDisagree as exc:
             results[f"disagree-{what}"] = str(exc)
+    # a loss that is not the sample-weighted mean of its parts' is refused before a step
+    try:
+        fit(_mlp(), weighted_ce, _classification(), **{**settings, "checkpoint_every": 0})
+        results["split-refused"] = "no error"
+    except ValueError as exc:
+        results["split-refused"] = str(exc)
     # the Monitor in a DistributedDataParallel loop
     from torch.nn.parallel import DistributedDataParallel
 
@@ -660,6 +670,81 @@ def test_dropout_run_resumed_after_a_crash_equals_the_uninterrupted_run(trained)
             {k: v for k, v in y.items() if k != "wall_time"}, rel=0, abs=0, nan_ok=True
         )
     assert (out / "dropout-b" / "epochs.csv").read_text().count("\n") == 4
+
+
+def test_a_loss_that_does_not_split_is_refused_on_every_rank(trained):
+    _, ranks = trained
+    for rank in (0, 1):
+        text = ranks[rank]["split-refused"]
+        assert "weighted_ce" in text and "their sample shares" in text, text
+        assert "return (sum, count)" in text, text
+
+
+def test_the_split_check_in_one_process():
+    """check_split_loss: sample-weighted means pass, class weights fail unless declared."""
+    from clipscope.engine.distributed import check_split_loss
+    from clipscope.engine.losses import loss_form
+
+    model, comps = _mlp(), _classification(n=33, batch_size=5)
+    for loss_fn, world in ((F.cross_entropy, 2), (F.cross_entropy, 3), (weighted_ce_sum, 2)):
+        record = check_split_loss(model, loss_fn, comps, world, form=loss_form(loss_fn))
+        assert record["max_error"] <= record["tolerance"] and record["components"] == [0, 6]
+    assert check_split_loss(model, weighted_ce_sum, comps, 2, form="output_target")[
+        "weights"] == "declared"  # fmt: skip
+    with pytest.raises(ValueError, match=r"component 0 has f_i = .* from its 2 parts"):
+        check_split_loss(model, weighted_ce, comps, 2, form="output_target")
+
+    def token_mean(model, batch):  # a mean over the non-padding tokens of padded rows
+        x, y = batch
+        pad = (torch.arange(y.shape[0]) % 3 == 0).unsqueeze(1).expand(-1, 4)  # (B, 4)
+        logits = model(x).unsqueeze(1).expand(-1, 4, -1)
+        labels = torch.where(pad, -100, y.unsqueeze(1).expand(-1, 4))
+        return F.cross_entropy(logits.reshape(-1, 3), labels.reshape(-1), ignore_index=-100)
+
+    with pytest.raises(ValueError, match="non-padding tokens"):
+        check_split_loss(model, token_mean, comps, 2, form="model_batch")
+
+
+def test_declared_counts_combine_the_ranks_parts_exactly():
+    """StepReducer with declared counts: Σ_r c_r g_r / Σ_r c_r, the whole batch's gradient.
+
+    Two ranks simulated in one process: rank 1's message is captured, then added to
+    rank 0's where the all-reduce would; the result is the whole batch's gradient,
+    which sample shares (4/10, 6/10) would not give with class weights.
+    """
+    from clipscope.engine.distributed import StepReducer
+
+    class FakeRank:
+        def __init__(self, rank, other=None):
+            self.rank, self.world, self.other, self.sent = rank, 2, other, None
+
+        def _call(self, what, fn, vec, *args):
+            self.sent = vec.clone()
+            if self.other is not None:
+                vec += self.other.sent
+
+    torch.manual_seed(0)
+    model = _mlp().double()
+    params = list(model.parameters())
+    x, y = torch.randn(10, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 2, 2, 1, 0, 2, 1, 2])
+    total, count = weighted_ce_sum(model(x), y)
+    want_loss = float(total / count)
+    want = [g.clone() for g in torch.autograd.grad(total / count, params)]
+    one = FakeRank(1)
+    zero = FakeRank(0, other=one)
+    for ranks in (one, zero):
+        reducer = StepReducer(ranks, params, coupled=False)
+        reducer.batch((x, y), 10)  # sets the sample share; the closure would set the count
+        a, b = reducer.part(10)
+        for p in params:
+            p.grad = None
+        part_sum, part_count = weighted_ce_sum(model(x[a:b]), y[a:b])
+        (part_sum / part_count).backward()
+        reducer.count = float(part_count)
+        loss = reducer(params, (part_sum / part_count).detach())
+    assert loss == pytest.approx(want_loss, rel=1e-14)
+    for p, g in zip(params, want, strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=1e-13, atol=1e-15)
 
 
 def test_ranks_that_disagree_on_config_or_data_are_refused(trained):

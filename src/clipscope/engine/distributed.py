@@ -67,6 +67,7 @@ __all__ = [
     "Shard",
     "StepReducer",
     "active",
+    "check_split_loss",
     "components_fingerprint",
     "distributed_setup",
     "init_from_env",
@@ -632,6 +633,104 @@ class Shard:
 
 
 # -- the training step -----------------------------------------------------------------------
+def check_split_loss(
+    model: nn.Module,
+    loss_fn: Callable[..., Any],
+    components: Any,
+    world: int,
+    *,
+    form: str,
+    seed: int = 0,
+    indices: Sequence[int] | None = None,
+) -> dict[str, Any]:
+    r"""Check that a component's loss is the weighted mean of its parts' (:class:`StepReducer`).
+
+    Training under torch.distributed splits each component's batch over the
+    ``world`` processes (:meth:`StepReducer.part`) and combines the parts'
+    losses and gradients weighted by their sample shares ``s_r/s`` (or by their
+    declared counts, for a loss returning ``(sum, count)``). That is the
+    component's own gradient exactly when
+
+    .. math:: f_i(x) = \sum_r w_r f_i^r(x) \Big/ \sum_r w_r,
+
+    which fails for a mean over the non-padding tokens of padded batches, class
+    weights or an in-batch (contrastive) loss -- unless the loss declares its
+    weights. Each process checks it alone (no communication, the same answer
+    everywhere) on the first and the last component (``indices``): the whole
+    batch's loss and each part's, without gradients, dropout off, the buffers
+    restored after each forward (sequential components from a zero state). The
+    relative difference must be at most the dtype's tolerance
+    (:func:`clipscope.engine.verify.tolerance`).
+
+    Returns the record ``{"components", "max_error", "tolerance", "weights"}``.
+
+    Raises
+    ------
+    ValueError
+        When it does not hold, naming the loss, the component and both values:
+        training would silently follow another gradient than the one process's.
+    """
+    from clipscope.engine import verify
+    from clipscope.engine.guard import BufferHold, dropout_policy
+    from clipscope.engine.losses import weighted_component_loss
+
+    m = len(components)
+    sequential = bool(getattr(components, "sequential", False))
+    chosen = sorted({0, m - 1}) if indices is None else list(indices)
+    params = [p for p in model.parameters()]
+    tol = verify.tolerance(params[0].dtype if params else torch.float32)
+    worst, where, kinds = 0.0, None, set()
+    hold = BufferHold(model)
+    with torch.no_grad(), dropout_policy(model, "off"), contextlib.ExitStack() as stack:
+        stack.callback(hold.restore, scan=True)
+        for i in chosen:
+            batch = components.batch(i)
+            size = int(components.batch_size if sequential else components.sizes[i])
+
+            def loss_of(part_batch: Any, i: int = i) -> tuple[float, float | None]:
+                hold.restore(scan=True)
+                loss, w, _ = weighted_component_loss(
+                    model, loss_fn, part_batch, form=form, sequential=sequential, index=i
+                )
+                return float(loss), w
+
+            whole, _ = loss_of(batch)
+            parts = []
+            for r in range(world):
+                a, b = r * size // world, (r + 1) * size // world
+                if b > a:
+                    sub = split_batch(batch, size, (a, b), dim=1 if sequential else 0)
+                    f, w = loss_of(sub)
+                    parts.append((f, w, (b - a) / size))
+            declared = [w is not None for _, w, _ in parts]
+            kinds.add("declared" if all(declared) else "samples")
+            weights = [w if w is not None else share for _, w, share in parts]
+            merged = sum(w * f for (f, _, _), w in zip(parts, weights, strict=True)) / sum(weights)
+            scale = max(abs(whole), abs(merged))
+            diff = abs(whole - merged)
+            error = 0.0 if diff == 0 else (diff / scale if scale > 0 else math.inf)
+            if not (math.isfinite(whole) and math.isfinite(merged)):
+                error = math.inf
+            if not error <= worst:
+                worst, where = error, (i, whole, merged, all(declared))
+    record = {"components": chosen, "max_error": worst, "tolerance": tol,
+              "weights": "declared" if kinds == {"declared"} else "samples"}  # fmt: skip
+    if not worst <= tol:
+        i, whole, merged, declared = where
+        name = getattr(loss_fn, "__qualname__", type(loss_fn).__name__)
+        weights = "their declared counts" if declared else "their sample shares"
+        raise ValueError(
+            f"under torch.distributed each of the {world} processes takes part of a component's "
+            f"batch, and the parts' losses and gradients are combined weighted by {weights}; "
+            f"for loss_fn {name!r} that is not the component's own loss: component {i} has "
+            f"f_i = {whole:.9g} from its whole batch and {merged:.9g} from its {world} parts "
+            f"(relative error {worst:.3g} > {tol:g}). A mean over non-padding tokens, class "
+            "weights or an in-batch loss do this: return (sum, count) from loss_fn (the "
+            "declared weights, docs/engine.md), or train in one process"
+        )
+    return record
+
+
 def split_batch(batch: Any, size: int, part: tuple[int, int], dim: int = 0) -> Any:
     """Return ``batch`` restricted to samples ``part = (a, b)`` of its ``size`` along ``dim``.
 
@@ -678,11 +777,18 @@ class StepReducer:
     For component ``i`` of ``s`` samples (a language-model window: ``B`` columns),
     rank ``r`` takes samples ``⌊rs/W⌋ … ⌊(r+1)s/W⌋ - 1`` (:meth:`part`), computes the
     mean loss ``f_i^r`` of its part and its gradient ``g_r``; :meth:`__call__` then
-    all-reduces, in float64 and in one message of ``n + k + 3`` numbers (``k``
+    all-reduces, in float64 and in one message of ``n + k + 6`` numbers (``k``
     parameter tensors), ``Σ_r w_r g_r`` and ``Σ_r w_r f_i^r`` with ``w_r = s_r/s``,
     which are the component's gradient and mean loss exactly (for parts of
     unequal size, and empty ones: ``w_r = 0``), plus whether each parameter has a
-    gradient, a failure flag and the stop signal. A model that couples the
+    gradient, a failure flag and the stop signal. That presumes the component's
+    loss is the sample-weighted mean of its parts' losses, which
+    :func:`check_split_loss` checks before training. A loss that declares its
+    weights (returns ``(sum, count)``, :func:`clipscope.engine.losses.declared_mean`;
+    :attr:`count` is set by the step's closure) is reduced by them instead:
+    ``(Σ_r c_r g_r / Σ_r c_r``, ``Σ_r c_r f_i^r / Σ_r c_r)`` with ``c_r`` rank
+    ``r``'s declared count, the gradient of ``Σ_r sum_r / Σ_r count_r`` exactly
+    (a mean over non-padding tokens). A model that couples the
     samples of a batch in training (``coupled``: train-mode BatchNorm) is not
     split: every rank computes the whole component and only rank 0's gradient
     enters (``w_0 = 1``), so the result is exactly one process's.
@@ -702,6 +808,9 @@ class StepReducer:
         self.numels = [p.numel() for p in self.params]
         self.n = sum(self.numels)
         self.weight = 1.0
+        #: This step's declared weight (the ``count`` of a loss returning ``(sum, count)``);
+        #: None: a loss returning its mean, weighted by the sample share.
+        self.count: float | None = None
         self.failure: BaseException | None = None
         self.loss = math.nan
         self.stop = 0
@@ -720,6 +829,7 @@ class StepReducer:
         columns (dim 1), so each rank carries the recurrent state of its columns.
         """
         a, b = self.part(size)
+        self.count = None  # the closure sets it when the loss declares its weight
         if self.coupled:
             self.weight = 1.0 if self.ranks.rank == 0 else 0.0
             return batch
@@ -771,11 +881,16 @@ class StepReducer:
         ------
         Exception
             What a rank's closure raised (on every rank).
+        ValueError
+            The loss declared its weight ``(sum, count)`` on some ranks and returned
+            its mean on others (on every rank).
         DistributedError
             A rank died or the timeout passed.
         """
-        n, k, w = self.n, len(self.params), self.weight
-        vec = torch.zeros(n + k + 4, dtype=torch.float64, device=self.params[0].device)
+        n, k = self.n, len(self.params)
+        declared = self.count is not None and not self.coupled and self.failure is None
+        w = self.count if declared else self.weight
+        vec = torch.zeros(n + k + 7, dtype=torch.float64, device=self.params[0].device)
         off = 0
         for j, (p, numel) in enumerate(zip(self.params, self.numels, strict=True)):
             g = p.grad
@@ -789,6 +904,10 @@ class StepReducer:
         vec[n + k + 1] = 1.0 if self.failure is not None else 0.0
         vec[n + k + 2] = 1.0 if stop == signal.SIGTERM else 0.0
         vec[n + k + 3] = 1.0 if stop and stop != signal.SIGTERM else 0.0
+        # the declared counts' sum, the ranks that declared one, the ranks with a mean loss
+        vec[n + k + 4] = w if declared else 0.0
+        vec[n + k + 5] = 1.0 if declared else 0.0
+        vec[n + k + 6] = 1.0 if not declared and self.weight != 0.0 else 0.0
         self.ranks._call("the all-reduce of the step's gradient", dist.all_reduce, vec)
         tail = vec[n:].cpu()
         if float(tail[k + 1]) > 0:  # some rank's closure raised: all raise, at this step
@@ -804,6 +923,15 @@ class StepReducer:
         self.stop = (
             int(signal.SIGTERM) if tail[k + 2] > 0 else int(signal.SIGINT) if tail[k + 3] > 0 else 0
         )
+        if tail[k + 5] > 0 and tail[k + 6] > 0:
+            raise ValueError(
+                "loss_fn returned (sum, count) on some processes and a mean on others for the "
+                "same component: the parts cannot be combined; return one form everywhere"
+            )
+        if tail[k + 5] > 0:  # declared weights: Σ_r c_r g_r / Σ_r c_r
+            vec[:n] /= tail[k + 4]
+            vec[n + k] /= tail[k + 4]
+            tail = vec[n:].cpu()
         off = 0
         for j, (p, numel) in enumerate(zip(self.params, self.numels, strict=True)):
             p.grad = vec[off : off + numel].view_as(p).to(p.dtype) if tail[j] > 0 else None

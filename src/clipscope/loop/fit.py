@@ -41,7 +41,7 @@ from torch import nn
 from clipscope.config import FitConfig, resume_setting
 from clipscope.engine import batch_coupled_modules, trainable_params
 from clipscope.engine import distributed as _dist
-from clipscope.engine.losses import check_loss_fn, component_loss
+from clipscope.engine.losses import check_loss_fn, loss_form, weighted_component_loss
 from clipscope.errors import ConfigError, Interrupted, NonFiniteError
 from clipscope.loop.duties import NTASGD, Checkpointing, OnStep, _toml_text
 from clipscope.loop.measures import (
@@ -344,8 +344,8 @@ def fit_loop(
         )  # fmt: skip
     else:  # the user's: the record says what it is
         setting.update(_optimizer_setting(config, optimizer))
-    reducer = None if group is None else _reducer(group, model, components, params, optimizer,
-                                                  setting, config, say)  # fmt: skip
+    reducer = None if group is None else _reducer(group, model, loss_fn, components, params,
+                                                  optimizer, setting, config, say)  # fmt: skip
     if directory is not None and "config.toml" not in directory.files:  # fit() called directly
         # what `clipscope report` and `clipscope theory` label the run by (method, η, batch
         # size); the model, loss and data are the caller's, so nothing can rebuild them
@@ -456,7 +456,7 @@ def _optimizer_setting(config: FitConfig, optimizer: torch.optim.Optimizer) -> d
     return resume_setting({k: described[k] for k in _OPTIMIZER_KEYS if k in described})
 
 
-def _reducer(group, model, components, params, optimizer, setting, config, say):
+def _reducer(group, model, loss_fn, components, params, optimizer, setting, config, say):
     """Check that every rank runs the same thing; return the step's :class:`StepReducer`."""
     hyper = {
         f"{key}[{j}]": value
@@ -480,6 +480,10 @@ def _reducer(group, model, components, params, optimizer, setting, config, say):
             else "each component's batch is split over them, its gradient all-reduced"
         )
     )
+    if not coupled:  # the parts' losses must combine into the component's (exact, or refused)
+        _dist.check_split_loss(
+            model, loss_fn, components, group.world, form=loss_form(loss_fn), seed=config.seed
+        )
     return _dist.StepReducer(group, params, coupled=coupled, seed=config.seed)
 
 
@@ -501,10 +505,12 @@ def _step(loop: Loop, i: int, carry_state: bool, stop: _StopFlag) -> Step:
         batch = reducer.batch(batch, size, sequential=sequential)
 
     def closure() -> torch.Tensor:
-        loss, box["state"] = component_loss(
+        loss, weight, box["state"] = weighted_component_loss(
             model, loop.loss_fn, batch, form=loop.loss_form,
             state=st.rnn_state if carry_state else None, sequential=sequential, index=i,
         )  # fmt: skip
+        if reducer is not None:  # a declared weight combines the ranks' parts (StepReducer)
+            reducer.count = weight
         box["loss"] = float(loss.detach())
         return loss
 
