@@ -70,11 +70,12 @@ from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
 from clipscope.engine.per_sample._common import (
-    CHUNK_ELEMENTS,
     Directions,
     cat_tokens,
     gram_sq_norm,
+    per_sample_matrices,
     sq_sum,
+    sum64,
     up,
 )
 from clipscope.engine.per_sample.factors import (
@@ -314,14 +315,7 @@ class RowBlocks(Factors):
             a, b = up(a), up(b)
             T, P, Q = a.shape[1], a.shape[2], b.shape[2]
             if materialize and T > 1 and T * (P + Q) > P * Q:
-                step = max(1, CHUNK_ELEMENTS // max(1, P * Q))
-                G = torch.cat(
-                    [
-                        torch.bmm(b[s : s + step].transpose(1, 2), a[s : s + step])
-                        for s in range(0, a.shape[0], step)
-                    ]
-                )
-                self.blocks.append((rows, None, G))
+                self.blocks.append((rows, None, per_sample_matrices(a, b)))
             else:
                 self.blocks.append((rows, a, b))
 
@@ -344,9 +338,8 @@ class RowBlocks(Factors):
         if dirs.u.shape[1] == 0:
             return out
         for rows, a, b in self.blocks:
-            if a is None:
-                total = b.sum(0, dtype=torch.float64)  # (|rows|, P)
-                out += ((total @ dirs.w) * dirs.u[rows]).sum(0)
+            if a is None:  # b: the per-sample matrices of these rows
+                out += dirs.of_rows(b, rows=rows)
             else:
                 out += dirs.of_factors(a, b, rows=rows)
         return out
@@ -357,7 +350,7 @@ class RowBlocks(Factors):
         for rows, a, b in self.blocks:
             vr = v[rows]
             if a is None:
-                d = (b * vr.to(b.dtype)).sum((1, 2), dtype=torch.float64)
+                d = sum64(b * vr.to(b.dtype), (1, 2))
             else:
                 d = token_dots(a, b, vr)
             out = d if out is None else out + d
@@ -381,7 +374,7 @@ class RowBlocks(Factors):
         out = torch.zeros(self.shape, dtype=torch.float64, device=self.blocks[0][2].device)
         for rows, a, b in self.blocks:
             if a is None:
-                out[rows] = b.sum(0, dtype=torch.float64)
+                out[rows] = sum64(b, (0,))
             else:
                 b2, a2 = b.reshape(-1, b.shape[-1]), a.reshape(-1, a.shape[-1])
                 out[rows] = (b2.t() @ a2).double()
@@ -582,7 +575,7 @@ class MultiheadAttentionFamily(LayerFamily):
             if isinstance(part, RowBlocks):
                 out[n] = part.total()
             elif isinstance(part, Rows):
-                out[n] = part.rows[n].sum(0, dtype=torch.float64)
+                out[n] = sum64(part.rows[n], (0,))
             else:
                 out[n] = torch.zeros(mod.get_parameter(n).shape, dtype=torch.float64)
         return out

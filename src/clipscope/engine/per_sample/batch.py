@@ -30,6 +30,7 @@ _ATTENTION = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerD
 __all__ = [
     "check_independent_samples",
     "check_inputs",
+    "draws_masks",
     "kernels_for_derivatives",
     "per_sample_from_output",
     "per_sample_losses",
@@ -233,9 +234,17 @@ def kernels_for_derivatives(model: nn.Module, onednn: bool = False) -> Iterator[
     is turned off, scaled-dot-product attention runs its math backend and the
     ``nn.MultiheadAttention`` fast path is disabled. Same values, other kernels.
 
-    ``onednn=True`` leaves oneDNN as it is (for a block that runs no forward-mode
-    AD: the factor-keeping route's passes); the attention settings still apply,
-    since the fused attention paths bypass the hooks of the modules inside.
+    ``onednn=True``: the block itself runs no forward-mode AD (the per-sample
+    route's attempts; a JVP inside one enters this context again with
+    ``onednn=False``). oneDNN is left as it is, and so is
+    ``F.scaled_dot_product_attention``'s kernel (the model's own, faster and
+    lighter than the math backend: it keeps no attention matrix for the
+    backward) **unless the model may draw random numbers** (:func:`draws_masks`):
+    a dropout mask drawn inside the attention depends on the kernel, and every
+    forward of an attempt (pass 1, pass 2, a JVP, the spot checks) must draw the
+    same masks, so such an attempt runs the math backend throughout. The
+    ``nn.MultiheadAttention`` fast path stays off either way: it bypasses the
+    hooks of the modules inside.
     """
     with contextlib.ExitStack() as stack:
         if not onednn and any(isinstance(m, nn.RNNBase) for m in model.modules()):
@@ -251,10 +260,22 @@ def kernels_for_derivatives(model: nn.Module, onednn: bool = False) -> Iterator[
                     ctx.__exit__(None, None, None)
 
             stack.callback(_restore)
-        # models may call F.scaled_dot_product_attention themselves (nanoGPT): always
-        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        # models may call F.scaled_dot_product_attention themselves (nanoGPT): always,
+        # where forward-mode AD runs or masks may be drawn
+        if not onednn or draws_masks(model):
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
         if any(isinstance(m, _ATTENTION) for m in model.modules()):
             previous = torch.backends.mha.get_fastpath_enabled()
             torch.backends.mha.set_fastpath_enabled(False)
             stack.callback(torch.backends.mha.set_fastpath_enabled, previous)
         yield
+
+
+def draws_masks(model: nn.Module) -> bool:
+    """Whether a forward of ``model`` may draw random numbers: any module in training mode.
+
+    Wider than :func:`randomness_active` (dropout modules only): a Hugging Face
+    attention module in training mode passes its dropout probability to
+    ``F.scaled_dot_product_attention`` itself, with no dropout module to see.
+    """
+    return any(m.training for m in model.modules())

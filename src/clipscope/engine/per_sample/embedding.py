@@ -30,7 +30,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from clipscope.engine.per_sample._common import CHUNK_ELEMENTS, Directions, cat_tokens, up
+from clipscope.engine.per_sample._common import (
+    CHUNK_ELEMENTS,
+    Directions,
+    cat_tokens,
+    sum64,
+    up,
+)
 from clipscope.engine.per_sample.factors import Factors, Zero, storage_bytes
 from clipscope.engine.per_sample.family import LayerFamily, grads_of
 from clipscope.engine.per_sample.registry import register_module_rule
@@ -74,7 +80,7 @@ class EmbeddingFactors(Factors):
             i, bb = idx[s : s + step], b[s : s + step]
             same = i.unsqueeze(2) == i.unsqueeze(1)
             gram = torch.bmm(bb, bb.transpose(1, 2))
-            sq[s : s + step] = (gram * same).sum((1, 2), dtype=torch.float64)
+            sq[s : s + step] = sum64(gram.mul_(same), (1, 2))
         return sq
 
     def proj(self, name, dirs: Directions):
@@ -86,7 +92,7 @@ class EmbeddingFactors(Factors):
     def dots(self, vectors):
         """``Σ_t b_t·V[i_t]`` per sample."""
         rows = vectors["weight"].to(self.b.dtype)[self.idx]  # (B, T, D)
-        return (rows * self.b).sum((1, 2), dtype=torch.float64)
+        return sum64(rows.mul_(self.b), (1, 2))
 
     def weighted(self, name, weights):
         """``Σ_j w_j Σ_t`` of ``b_t`` added to row ``i_t``, for every row of ``weights``."""

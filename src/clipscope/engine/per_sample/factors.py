@@ -45,6 +45,7 @@ from clipscope.engine.per_sample._common import (
     Directions,
     gram_sq_norm,
     sq_sum,
+    sum64,
     up,
 )
 from clipscope.engine.per_sample.family import ParamGhost
@@ -86,13 +87,12 @@ def token_dots(a: torch.Tensor, b: torch.Tensor, v: torch.Tensor) -> torch.Tenso
     """
     a, b = up(a), up(b)
     v = v.to(a.dtype)
-    # the product is a fresh tensor: multiply in place, and let the reduction accumulate
-    # in float64 without a float64 copy of the (B, T, ·) product
+    # the product is a fresh tensor: multiplied in place, then summed in float64
     if b.shape[-1] > a.shape[-1]:
         prod = (b @ v).mul_(a)
     else:
         prod = (a @ v.t()).mul_(b)
-    return prod.sum((1, 2), dtype=torch.float64)
+    return sum64(prod, (1, 2))
 
 
 class Factors:
@@ -137,7 +137,8 @@ class Tokens(Factors):
     Parameters
     ----------
     a : Tensor or None
-        ``(B, T, P)`` inputs (None when only a bias is served).
+        ``(B, T, P)`` inputs (None when only a bias is served: then only
+        ``Σ_t b_{jt}`` is kept, ``(B, Q)``, and :attr:`b` is None).
     b : Tensor
         ``(B, T, Q)`` output gradients.
     weight, bias : str or None
@@ -169,6 +170,10 @@ class Tokens(Factors):
         self.names = tuple(n for n in (weight, bias) if n is not None)
         self._per_bias = per_bias
         self._shared = shared
+        if self.a is None and weight is None:
+            # a bias alone needs Σ_t b_t only: the (B, T, Q) gradients are not kept alive
+            self.per_bias  # noqa: B018 - formed now
+            self.b = None
 
     @property
     def per_bias(self) -> torch.Tensor:
@@ -179,7 +184,7 @@ class Tokens(Factors):
 
     @property
     def nbytes(self) -> int:  # noqa: D102
-        return storage_bytes([self.a, self.b, self._per_bias if self.bias else None])
+        return storage_bytes(tensors_of(self))
 
     def sq(self, name):  # noqa: D102
         if name == self.weight:
@@ -192,7 +197,8 @@ class Tokens(Factors):
         return dirs.of_vector(self.per_bias.double())
 
     def dots(self, vectors):  # noqa: D102
-        out = torch.zeros(self.b.shape[0], dtype=torch.float64, device=self.b.device)
+        first = self.per_bias if self.b is None else self.b
+        out = torch.zeros(first.shape[0], dtype=torch.float64, device=first.device)
         if self.weight in vectors:
             v = vectors[self.weight]
             out += token_dots(self.a, self.b, v.reshape(v.shape[0], -1))
@@ -201,9 +207,10 @@ class Tokens(Factors):
         return out
 
     def weighted(self, name, weights):  # noqa: D102
-        w = weights.to(device=self.b.device)
         if name == self.bias:
-            return w.double() @ self.per_bias.double()
+            per_bias = self.per_bias
+            return weights.to(device=per_bias.device).double() @ per_bias.double()
+        w = weights.to(device=self.b.device)
         B, T, Q = self.b.shape
         P = self.a.shape[-1]
         # the weights are per sample: scale the narrower factor, for several rows of weights
@@ -230,11 +237,15 @@ _BLOCK = 1 << 18  # elements of the rows cast to float64 at a time (2 MiB)
 class Rows(Factors):
     """Materialized per-sample gradients: ``{name: (B, *shape)}`` in the work dtype.
 
-    Norms, dots and weighted sums are formed in float64, a block of rows at a time.
+    Norms, dots and weighted sums are formed in float64, a block of rows at a
+    time; the structural check's projection reads the rows once in the work
+    dtype (:meth:`Directions.of_rows`). A view that holds less than half of its
+    storage (a class token's slice of a ``(B, T, D)`` gradient) is kept as a
+    copy of its own: the storage is not kept alive for it.
     """
 
     def __init__(self, rows: Mapping[str, torch.Tensor]) -> None:
-        self.rows = {n: up(r.detach()) for n, r in rows.items()}
+        self.rows = {n: _compact(up(r.detach())) for n, r in rows.items()}
         self.names = tuple(self.rows)
 
     @property
@@ -257,14 +268,14 @@ class Rows(Factors):
 
     def sq(self, name):  # noqa: D102
         flat = self._flat(name)
+        copy = flat.dtype != torch.float64  # then each block is a float64 copy: squared in place
         out = torch.empty(flat.shape[0], dtype=torch.float64, device=flat.device)
         for rows, block in self._blocks(name):
-            out[rows] = block.square().sum(1)
+            out[rows] = (block.square_() if copy else block.square()).sum(1)
         return out
 
     def proj(self, name, dirs):  # noqa: D102
-        total = self._flat(name).sum(0, dtype=torch.float64)
-        return dirs.of_tensor(total.reshape(dirs.Q, dirs.P))
+        return dirs.of_rows(self._flat(name))
 
     def dots(self, vectors):  # noqa: D102
         first = next(iter(self.rows.values()))
@@ -354,6 +365,13 @@ class Joined(Factors):
             if mine:
                 out.update(p.ghost(mine, dirs))
         return out
+
+
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a copy of it when it is a view holding less than half of its storage."""
+    if 2 * t.numel() * t.element_size() < t.untyped_storage().nbytes():
+        return t.clone(memory_format=torch.contiguous_format)
+    return t
 
 
 def tensors_of(f: Factors) -> list[torch.Tensor | None]:

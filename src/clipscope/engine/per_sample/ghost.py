@@ -212,6 +212,10 @@ def _forward_backward(model, loss_fn, x, y, plan, active, batch, scale, retain, 
             losses = per_sample_from_output(loss_fn, out, y, batch)
     finally:
         outputs = rec.remove() + (uses.outputs if uses is not None else [])
+        # the two recorders point at each other (is_data, owned) during the forward only:
+        # unlinked, the chunk's recorded calls are freed with the last reference to them,
+        # not at the garbage collector's next run
+        rec.is_data = None
     if not bool(torch.isfinite(losses).all()):
         bad = torch.nonzero(~torch.isfinite(losses)).flatten().tolist()
         raise NonFiniteError(

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from clipscope.engine.per_sample._common import CHUNK_ELEMENTS, cat_tokens, up
+from clipscope.engine.per_sample._common import cat_tokens, per_sample_matrices, up
 from clipscope.engine.per_sample.factors import Joined, Rows, Tokens, Zero
 from clipscope.engine.per_sample.family import Call, LayerFamily, grads_of
 from clipscope.engine.per_sample.registry import register_module_rule
@@ -82,16 +82,9 @@ class HFConv1DFamily(LayerFamily):
         if "weight" in names:
             if T == 1 or T * (nx + nf) <= nx * nf:
                 parts.append(Tokens(b, x, weight="weight", shape=shapes["weight"]))
-            else:
-                step = max(1, CHUNK_ELEMENTS // max(1, nx * nf))
-                G = torch.cat(
-                    [
-                        torch.bmm(x[s : s + step].transpose(1, 2), b[s : s + step])
-                        for s in range(0, batch, step)
-                    ]
-                )
-                parts.append(Rows({"weight": G}))
-        if "bias" in names:
+            else:  # W is (nx, nf): the per-sample matrices Σ_t x_t b_tᵀ
+                parts.append(Rows({"weight": per_sample_matrices(b, x)}))
+        if "bias" in names:  # (keeps Σ_t b_t only)
             parts.append(Tokens(None, b, bias="bias"))
         return Joined(parts)
 

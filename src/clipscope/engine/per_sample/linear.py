@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from clipscope.engine.per_sample._common import CHUNK_ELEMENTS, cat_tokens, up
+from clipscope.engine.per_sample._common import cat_tokens, per_sample_matrices, up
 from clipscope.engine.per_sample.factors import Joined, Rows, Tokens, Zero
 from clipscope.engine.per_sample.family import Call, LayerFamily, grads_of
 from clipscope.engine.per_sample.registry import register_module_rule
@@ -66,15 +66,8 @@ class LinearFamily(LayerFamily):
         bias = "bias" if "bias" in names else None
         if weight is None or T == 1 or T * (P + Q) <= P * Q:
             return Tokens(a, b, weight=weight, bias=bias, shape=shapes.get("weight"))
-        step = max(1, CHUNK_ELEMENTS // max(1, P * Q))
-        G = torch.cat(
-            [
-                torch.bmm(b[s : s + step].transpose(1, 2), a[s : s + step])
-                for s in range(0, batch, step)
-            ]
-        )
-        parts = [Rows({"weight": G})]
-        if bias is not None:
+        parts = [Rows({"weight": per_sample_matrices(a, b)})]
+        if bias is not None:  # (keeps Σ_t b_t only)
             parts.append(Tokens(None, b, bias="bias"))
         return Joined(parts)
 

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 
 import torch
 
-from clipscope.engine.per_sample._common import CHUNK_ELEMENTS, Directions, up
+from clipscope.engine.per_sample._common import CHUNK_ELEMENTS, Directions, sum64, up
 from clipscope.engine.per_sample.embedding import EmbeddingFactors
 from clipscope.engine.per_sample.factors import (
     Factors,
@@ -76,7 +76,7 @@ def _tokens_tokens(f: Tokens, g: Tokens) -> torch.Tensor:
     for s in _chunks(B, T * T2):
         ga = _gram_cross(f.a[s], g.a[s])
         gb = _gram_cross(f.b[s], g.b[s])
-        out[s] = (ga * gb).sum((1, 2), dtype=torch.float64)
+        out[s] = sum64(ga.mul_(gb), (1, 2))
     return out
 
 
@@ -88,7 +88,7 @@ def _tokens_embedding(f: Tokens, e: EmbeddingFactors) -> torch.Tensor:
     for s in _chunks(B, S * T):
         picked = torch.gather(f.b[s], 2, e.idx[s].unsqueeze(1).expand(-1, S, -1))  # (n, S, T)
         dots = _gram_cross(f.a[s], e.b[s])  # (n, S, T)
-        out[s] = (picked.to(dots.dtype) * dots).sum((1, 2), dtype=torch.float64)
+        out[s] = sum64(dots.mul_(picked.to(dots.dtype)), (1, 2))
     return out
 
 
@@ -98,7 +98,7 @@ def _embedding_embedding(e: EmbeddingFactors, h: EmbeddingFactors) -> torch.Tens
     out = torch.empty(B, dtype=torch.float64, device=e.b.device)
     for s in _chunks(B, T * T2):
         same = e.idx[s].unsqueeze(2) == h.idx[s].unsqueeze(1)
-        out[s] = (_gram_cross(e.b[s], h.b[s]) * same).sum((1, 2), dtype=torch.float64)
+        out[s] = sum64(_gram_cross(e.b[s], h.b[s]).mul_(same), (1, 2))
     return out
 
 
@@ -115,19 +115,19 @@ def dots_rows(f: Factors, name: str, rows: torch.Tensor) -> torch.Tensor | None:
     if isinstance(f, Rows):
         mine = f.rows[name].reshape(B, -1)
         dtype = torch.promote_types(mine.dtype, rows.dtype)
-        return (mine.to(dtype) * rows.reshape(B, -1).to(dtype)).sum(1, dtype=torch.float64)
+        return sum64(mine.to(dtype) * rows.reshape(B, -1).to(dtype), (1,))
     if _tokens_weight(f, name):
         R = up(rows).reshape(B, f.b.shape[-1], -1)
         dtype = torch.promote_types(R.dtype, f.b.dtype)
         bR = torch.bmm(f.b.to(dtype), R.to(dtype))  # (B, T, P)
-        return (bR * f.a.to(dtype)).sum((1, 2), dtype=torch.float64)
+        return sum64(bR.mul_(f.a.to(dtype)), (1, 2))
     if _tokens_bias(f, name):
         return (f.per_bias.double() * rows.reshape(B, -1).double()).sum(1)
     if isinstance(f, EmbeddingFactors):
         R = up(rows).reshape(B, -1, f.b.shape[-1])  # (B, V, D)
         picked = torch.gather(R, 1, f.idx.unsqueeze(-1).expand(-1, -1, R.shape[-1]))  # (B, T, D)
         dtype = torch.promote_types(picked.dtype, f.b.dtype)
-        return (picked.to(dtype) * f.b.to(dtype)).sum((1, 2), dtype=torch.float64)
+        return sum64(picked.to(dtype) * f.b.to(dtype), (1, 2))
     return None
 
 
