@@ -200,7 +200,11 @@ def test_train_mode_attention_dropout_runs_one_kernel_throughout():
         comps = Components.from_tensors(x, y, batch_size=4)
         res = probe(model, F.cross_entropy, comps, [0.5], route=route, dropout="fixed", seed=3)
         assert res.route == route  # no fallback, no dots fallback
-        assert not any(model.flash_enabled[2:])
+        # the checks at probe entry (repeatability, autograd, sample independence) run the
+        # default kernel, each self-consistent; every forward of the attempt after them, math
+        flags = model.flash_enabled
+        first = flags.index(False)
+        assert not any(flags[first:]) and len(flags) - first >= 2 * len(comps), flags
         results[route] = res
     kept, two = results["per-sample-kept"], results["per-sample"]
     np.testing.assert_allclose(two.norms, kept.norms, rtol=1e-10)
