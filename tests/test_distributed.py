@@ -147,6 +147,32 @@ def _lm():
     return model, SequentialComponents.from_tokens(tokens, batch_size=3, bptt=6)  # m = 5
 
 
+class TinyTransformerLM(nn.Module):
+    """A causal ``nn.TransformerEncoderLayer`` LM: position table, tied head (issue 21)."""
+
+    def __init__(self, vocab=11, d=8, T=6):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(0.1 * torch.randn(T, d))
+        self.block = nn.TransformerEncoderLayer(d, 2, 16, dropout=0.0, batch_first=True)
+        self.norm = nn.LayerNorm(d)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(T))
+
+    def forward(self, x):
+        h = self.block(self.emb(x) + self.pos, src_mask=self.mask, is_causal=True)
+        return F.linear(self.norm(h), self.emb.weight)
+
+
+def _transformer():
+    gen = torch.Generator().manual_seed(6)
+    X, Y = (
+        torch.randint(0, 11, (10, 6), generator=gen),
+        torch.randint(0, 11, (10, 6), generator=gen),
+    )
+    return TinyTransformerLM().double(), lm_loss, Components.from_tensors(X, Y, batch_size=3)
+
+
 class _Head(torch.autograd.Function):
     """``F.linear`` behind a custom autograd.Function: a use the use recorder cannot follow."""
 
@@ -252,6 +278,8 @@ def _probe_cases():
         ("per-sample-adamw", mlp, {"batch_sizes": [1], "preconditioner": _adamw}),
         ("per-sample-two-pass-adamw", mlp, {"route": "per-sample", "preconditioner": _adamw}),
         ("lm-two-pass-adamw", lm, {"route": "two-pass", "preconditioner": _adamw}),
+        ("transformer-per-sample-kept", _transformer, {"batch_sizes": [1]}),
+        ("transformer-per-sample-two-pass", _transformer, {"route": "per-sample"}),
     ]
 
 
@@ -408,6 +436,14 @@ def test_two_ranks_return_the_one_process_result(probed, name, build, kwargs):
     for rank in (0, 1):
         assert_same_result(probed[rank][name], want)
     assert all(r.info["processes"] == 2 for r in _levels(probed[0][name]).values())
+
+
+def test_the_transformer_cases_ran_their_rules_without_a_fallback(probed):
+    for name, route in (("transformer-per-sample-kept", "per-sample-kept"),
+                        ("transformer-per-sample-two-pass", "per-sample")):  # fmt: skip
+        result = _levels(probed[0][name])[1]
+        assert result.route == route and not result.verification["fallback"], name
+        assert result.verification["rules"], name
 
 
 def test_the_per_sample_fallback_cases_did_fall_back(probed):
