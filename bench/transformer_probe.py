@@ -154,8 +154,12 @@ def opacus_norms(model: nn.Module, loss_fn, batches) -> None:
         model.get_norm_sample()
 
 
-def opacus_model(name: str, model: nn.Module):
-    """Opacus' ghost-clipping module for ``model``, or ``(None, why not)``."""
+def opacus_model(name: str, model: nn.Module, loss_fn, batch, device):
+    """Opacus' ghost-clipping module for ``model``, or ``(None, why not)``.
+
+    Tried on ``batch`` first: Opacus raises only in the backward for some models
+    (GPT-2's tied head: "Parameter tying is not supported with Ghost Clipping").
+    """
     try:
         from opacus.grad_sample import GradSampleModuleFastGradientClipping
         from opacus.validators import ModuleValidator
@@ -174,6 +178,9 @@ def opacus_model(name: str, model: nn.Module):
             gsm = GradSampleModuleFastGradientClipping(
                 twin, batch_first=True, loss_reduction="mean", use_ghost_clipping=True
             )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opacus_norms(gsm.to(device), loss_fn, [batch])
     except Exception as exc:
         return None, f"Opacus does not run on it: {type(exc).__name__}: {str(exc)[:120]}"
     note = "Opacus on the same model" + (
@@ -240,7 +247,7 @@ def tables(args) -> list:
                 harness.vmap_norms_dots, model, loss_fn, batches, params, v
             ),
         }
-        gsm, note = opacus_model(name, model)
+        gsm, note = opacus_model(name, model, loss_fn, batches[0], args.device)
         if gsm is not None:
             methods["Opacus ghost clipping, norms only"] = partial(
                 opacus_norms, gsm.to(args.device), loss_fn, batches
