@@ -205,7 +205,7 @@ def test_the_writer_keeps_counts_integer_whatever_the_row_holds(tmp_path):
     assert cells["loss"] == "1.0" and cells["lr"] == "3.0"  # other columns keep their floats
 
 
-# -- a run written by clipscope.fit(run_dir=...) ----------------------------------------------------
+# -- a run written by clipscope.fit(run_dir=...) ------------------------------------------------
 
 
 def test_a_fit_run_directory_is_read_reported_and_checked(tmp_path, capsys):
