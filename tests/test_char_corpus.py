@@ -168,3 +168,28 @@ def test_the_shipped_config_reads_tinyshakespeare():
     assert [b for _, _, b, _ in grid] == list(spec.batch_sizes)
     cfg = grid[0][3]
     assert cfg.optimizer == "adamw" and cfg.threads == 1 and cfg.data == "chars"
+
+
+@pytest.mark.slow
+@needs_shakespeare
+def test_reproduce_runs_the_task_end_to_end(tmp_path):
+    """One epoch at one batch size: the run, its rho_P columns, the per-sample section."""
+    import csv
+    import json
+
+    from clipscope.reproduce import reproduce
+
+    out = tmp_path / "study"
+    report = reproduce(
+        ["tinyshakespeare-gpt"], out, epochs=1, batch_sizes=[32], data_dir=str(SHAKESPEARE),
+        progress=False, echo=lambda s: None,
+    )  # fmt: skip
+    assert report.is_file()
+    with open(out / "runs" / "tinyshakespeare-gpt" / "igc-B32" / "epochs.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 2 and all(r["rho_p"] and r["c1_p"] for r in rows)
+    assert float(rows[0]["p_unset_share"]) == 1.0  # x_0: AdamW has no state, P = 1
+    assert float(rows[1]["p_unset_share"]) == 0.0
+    section = out / "cross_section" / "tinyshakespeare-gpt-per-sample.json"
+    section = json.loads(section.read_text())
+    assert section["m"] == 65536 // 64 and len(section["dots"]) == section["m"]
