@@ -16,11 +16,12 @@ own: the model attends only within its ``T ≤ context`` tokens, never to an
 earlier window, so consecutive components are independent given the
 parameters (unlike an LSTM's carried state).
 
-Why scaled-dot-product attention and not ``nn.MultiheadAttention``: both are
-served by the per-sample route without a fallback; the functional call keeps
-the projections as two ordinary ``nn.Linear`` (``qkv``, ``proj``) as nanoGPT
-writes them (``tests/test_gpt.py`` checks ``probe(..., batch_sizes=[1])``
-reports no fallback on :attr:`GPTLM.transformer`).
+Why scaled-dot-product attention and not ``nn.MultiheadAttention``: the
+functional call keeps the projections as two ordinary ``nn.Linear`` (``qkv``,
+``proj``) as nanoGPT writes them, which the per-sample route's Linear rule
+serves (``nn.MultiheadAttention`` has a rule of its own, ``docs/engine.md``);
+``tests/test_gpt.py`` checks that ``probe(..., batch_sizes=[1])`` on
+``GPTLM.transformer`` reports no fallback.
 
 >>> m = GPTLM(vocab=11, n_layer=1, n_head=2, d_model=8, context=6)
 >>> logits, state = m(torch.zeros(5, 3, dtype=torch.long), None)
