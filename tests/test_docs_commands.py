@@ -36,6 +36,9 @@ COVERED = {
     "clipscope train configs/least_squares_igc.toml --out runs/ls-igc": "test_train_and_report",
     "clipscope report runs/ls-igc": "test_train_and_report",
     "clipscope train configs/least_squares_adamw.toml --out runs/ls-adamw": "test_train_adamw",
+    "clipscope train configs/tinyshakespeare_gpt_adamw.toml --out runs/shakespeare": NOT_RUN
+    + "needs tinyshakespeare's input.txt in data_dir; tests/test_char_corpus.py plans the task "
+    "on it and tests/test_gpt.py builds the same model and data on a text the test writes",
     # docs/engine.md
     "clipscope probe --config configs/least_squares_igc.toml --out x0.csv": "test_probe_commands",
     "clipscope probe --checkpoint runs/ls-igc/checkpoints/ckpt_0000000016.pt --out last.csv": (
@@ -66,6 +69,15 @@ COVERED = {
     "clipscope reproduce --task ptb-awdlstm-small --data-dir DIR --out clipscope-out/ptb-small": (
         NOT_RUN + "PTB and about 75 minutes (docs/results.md)"
     ),
+    "clipscope reproduce --task tinyshakespeare-gpt --data-dir DIR": NOT_RUN
+    + "needs tinyshakespeare's input.txt (tests/test_char_corpus.py plans the task on it)",
+    "clipscope advise OUT/runs/etainf-s0": NOT_RUN
+    + "needs that study's run; the same command on a run: test_reproduce_quick's advise",
+    **{
+        cmd: NOT_RUN + "the AdamW study of docs/results.md: tinyshakespeare and about 20 minutes"
+        for cmd in documented_commands()
+        if cmd.startswith(".venv/bin/python docs/results/adamw_shakespeare.py")
+    },
     "clipscope advise clipscope-out/ptb-small": NOT_RUN
     + "needs that study; the same command on a study: test_reproduce_quick",
     "clipscope reproduce --task digits-cnn --epochs 1 --batch-sizes 64,128 --out /tmp/quick": (

@@ -55,7 +55,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 
 import torch
 
-from clipscope.data.splits import WORD_CORPORA
+from clipscope.data.splits import NAMED_FILE_DATASETS, WORD_CORPORA
 from clipscope.engine.guard import DROPOUT_POLICIES
 from clipscope.errors import ConfigError
 from clipscope.math.stats import check_eta
@@ -404,10 +404,10 @@ class TrainConfig(FitConfig):
     data: str = "synthetic"  # classification / LM: clipscope.data.load_splits name
     data_dir: str = "data"  # classification / LM: folder of loaders that read files
     train_file: str = (
-        ""  # LM on ptb / mikolov: the file in data_dir to train on ("" = ptb.train.txt)
+        ""  # LM on ptb / mikolov / chars: the file in data_dir to train on ("" = ptb.train.txt)
     )
     heldout_file: str = (
-        ""  # LM on ptb / mikolov: the held-out file in data_dir ("" = ptb.valid.txt)
+        ""  # LM on ptb / mikolov: the held-out file ("" = ptb.valid.txt; chars: last 10 %)
     )
     n_samples: int = 256  # first N training samples (tokens for LMs); 0 = all
     dim: int = 8  # least_squares: number of features
@@ -434,14 +434,17 @@ class TrainConfig(FitConfig):
         task = self.task
         _check_scopes(self, _TASK_SCOPE)
         for key in ("train_file", "heldout_file"):
-            if getattr(self, key) and self.data not in WORD_CORPORA:
+            if getattr(self, key) and self.data not in NAMED_FILE_DATASETS:
                 raise _bad(
                     key,
                     getattr(self, key),
-                    f"names a file of a word-level corpus (data = {' or '.join(WORD_CORPORA)})",
+                    f"names a file of a word-level corpus (data = {' or '.join(WORD_CORPORA)}) "
+                    "or of a character-level one (data = 'chars')",
                 )
             if self.data == "mikolov" and not getattr(self, key):
                 raise _bad(key, "", "data = 'mikolov' reads the two files the config names")
+        if self.data == "chars" and not self.train_file:
+            raise _bad("train_file", "", "data = 'chars' reads the text file the config names")
         if self.optimizer_switch == "nt-asgd":
             why = ""
             if task == "classification":

@@ -18,6 +18,11 @@ Tasks:
   width on two word-level files named in its config (``ptb.valid.txt``
   trained on, ``ptb.test.txt`` held out), IGC-clip at 4 batch sizes: about
   half an hour on 2 CPU cores (``docs/results.md``).
+* ``tinyshakespeare-gpt`` (needs ``--data-dir``, the folder of
+  tinyshakespeare's ``input.txt``): a small GPT-2-style model
+  (:class:`clipscope.models.GPTLM`, 108,352 parameters) on the
+  character-level text (first 90 % trained on, last 10 % held out), IGC-clip
+  under AdamW at 3 batch sizes, ρ_P recorded beside ρ at every probe.
 
 Besides the runs: a dyadic cross-section and a batch-size-1 cross-section at
 the final point of the smallest-batch IGC run where the task asks for them,

@@ -6,7 +6,8 @@ A *task* is ``(model, loss_fn, components, heldout)`` (:class:`Task`): what
 * :func:`build_task` -- from a :class:`~clipscope.config.TrainConfig`:
   ``least_squares`` (synthetic, built in), ``classification`` and
   ``language_model`` (:func:`clipscope.models.build_model` and
-  :func:`clipscope.data.load_splits`). Bad values raise
+  :func:`clipscope.data.load_splits`; e.g. ``model = "gpt"`` on
+  ``data = "chars"``, the ``tinyshakespeare-gpt`` study task). Bad values raise
   :class:`~clipscope.errors.ConfigError` naming the key (``data``, ``model``,
   ``model_kwargs``, ``ar_alpha``/``tar_beta``) before any file is written.
 * :func:`builtin_task` -- the tiny synthetic tasks of ``clipscope probe --task``
@@ -207,12 +208,19 @@ def _library_task(cfg: TrainConfig, dtype: torch.dtype):
     if cfg.task == "language_model":
         if cfg.n_samples:  # samples are tokens here
             train = train[: cfg.n_samples]
-        comps = SequentialComponents.from_tokens(
-            train, cfg.batch_size, cfg.bptt, drop_last=cfg.last_batch == "drop"
-        )
+        try:
+            comps = SequentialComponents.from_tokens(
+                train, cfg.batch_size, cfg.bptt, drop_last=cfg.last_batch == "drop"
+            )
+        except ValueError as exc:  # e.g. a text too short for one batch
+            raise ConfigError(
+                f"config: bad value for 'batch_size': {cfg.batch_size} (training split of "
+                f"{len(train)} tokens: {exc})"
+            ) from None
         vocab = splits.vocab_size or int(train.max()) + 1
         extra = {} if "vocab" in dict(cfg.model_kwargs) else {"vocab": vocab}
         model = _model(cfg, dtype, **extra)
+        _check_context(cfg, model)
         loss_fn = _lm_loss(cfg, model)
         heldout = None
         if test is not None:
@@ -239,6 +247,21 @@ def _library_task(cfg: TrainConfig, dtype: torch.dtype):
 
     comps.data_description = description
     return model, F.cross_entropy, comps, heldout
+
+
+def _check_context(cfg: TrainConfig, model: nn.Module) -> None:
+    """ConfigError naming ``bptt`` when a model with a fixed context cannot read a window.
+
+    Models that attend over a bounded window (:class:`clipscope.models.GPTLM`:
+    ``model.context`` rows of position embedding) need ``bptt ≤ context``.
+    """
+    context = getattr(model, "context", None)
+    if isinstance(context, int) and cfg.bptt > context:
+        raise ConfigError(
+            f"config: bad value for 'bptt': {cfg.bptt} (model {cfg.model!r} reads windows of "
+            f"at most {context} tokens; set bptt <= {context} or model_kwargs.context >= "
+            f"{cfg.bptt})"
+        )
 
 
 def _lm_loss(cfg: TrainConfig, model: nn.Module) -> Callable:

@@ -10,11 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-DATASETS = ("digits", "text", "cifar10", "ptb", "mikolov")
+DATASETS = ("digits", "text", "cifar10", "ptb", "mikolov", "chars")
 #: The datasets read from files in ``data_dir`` (the others ship with the installed packages).
-FILE_DATASETS = ("cifar10", "ptb", "mikolov")
+FILE_DATASETS = ("cifar10", "ptb", "mikolov", "chars")
 #: The word-level corpora whose training and held-out files a config may name.
 WORD_CORPORA = ("ptb", "mikolov")
+#: The datasets whose files a config names (``train_file`` / ``heldout_file``).
+NAMED_FILE_DATASETS = (*WORD_CORPORA, "chars")
 
 
 @dataclass(frozen=True)
@@ -42,16 +44,21 @@ def load_splits(
     ``mikolov`` is any word-level corpus in Mikolov's format: ``train_file`` and
     ``heldout_file`` (names in ``data_dir``) are required; for ``ptb`` they
     default to ``ptb.train.txt`` and ``ptb.valid.txt`` (a user with only
-    ``ptb.valid.txt`` and ``ptb.test.txt`` names those two).
+    ``ptb.valid.txt`` and ``ptb.test.txt`` names those two). ``chars`` is a
+    character-level corpus from the plain-text ``train_file`` (required; e.g.
+    tinyshakespeare's ``input.txt``): its first 90 % trained on, the last 10 %
+    held out, or all of ``heldout_file`` held out when that is named
+    (:func:`clipscope.data.chars.load_char_corpus`).
 
     >>> s = load_splits("digits")
     >>> tuple(s.train[0].shape), s.vocab_size
     ((1536, 1, 8, 8), None)
     """
-    if (train_file or heldout_file) and name not in WORD_CORPORA:
+    if (train_file or heldout_file) and name not in NAMED_FILE_DATASETS:
         raise ValueError(
             f"train_file / heldout_file name the files of a word-level corpus "
-            f"({', '.join(WORD_CORPORA)}), not of dataset {name!r}"
+            f"({', '.join(WORD_CORPORA)}) or a character-level one (chars), "
+            f"not of dataset {name!r}"
         )
     if name == "digits":
         from clipscope.data.embedded import load_digits_tensors
@@ -72,6 +79,13 @@ def load_splits(
         xte, yte = load_cifar10(data_dir, train=False)
         meta = Cifar10Transform(augment=False).describe()
         return Splits((normalize(xtr), ytr), (normalize(xte), yte), meta)
+    if name == "chars":
+        from clipscope.data.chars import load_char_corpus
+
+        if not train_file:
+            raise ValueError("dataset 'chars' needs train_file (a text file in data_dir)")
+        corpus = load_char_corpus(data_dir, train_file, heldout_file)
+        return Splits(corpus["train"], corpus["valid"], corpus.describe(), len(corpus.vocab))
     if name == "ptb" and not (train_file or heldout_file):
         from clipscope.data.ptb import load_ptb
 

@@ -1,4 +1,4 @@
-"""Reference models (ResNet18-CIFAR, AWD-LSTM) and small models for the embedded defaults.
+"""Reference models (ResNet18-CIFAR, AWD-LSTM), a small GPT and small models for the defaults.
 
 Classifiers map ``(N, ...)`` inputs to ``(N, classes)`` logits. Language
 models use the sequential interface ``model(inp, state) -> (logits, new_state)``
@@ -6,7 +6,7 @@ with ``inp`` a ``(T, B)`` int64 tensor, ``logits`` of shape ``(T, B, V)`` and
 ``state=None`` meaning zeros.
 
 >>> sorted(MODEL_NAMES)
-['awd-lstm', 'mlp', 'resnet18-cifar', 'small-cnn', 'small-lstm-lm']
+['awd-lstm', 'gpt', 'mlp', 'resnet18-cifar', 'small-cnn', 'small-lstm-lm']
 >>> type(build_model("mlp")).__name__
 'MLP'
 """
@@ -26,11 +26,14 @@ from clipscope.models.awd_lstm import (
     WeightDropLSTM,
     awd_lstm_loss,
 )
+from clipscope.models.gpt import GPT, GPTLM
 from clipscope.models.resnet import BasicBlock, ResNetCIFAR, resnet18_cifar
 from clipscope.models.small import MLP, SmallCNN, SmallLSTMLM
 
 __all__ = [
     "AWDLSTM",
+    "GPT",
+    "GPTLM",
     "MLP",
     "MODEL_NAMES",
     "BasicBlock",
@@ -70,6 +73,7 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "awd-lstm": _awd_lstm,
     "small-cnn": SmallCNN,
     "small-lstm-lm": SmallLSTMLM,
+    "gpt": GPTLM,
     "mlp": MLP,
 }
 MODEL_NAMES = tuple(_REGISTRY)
@@ -79,7 +83,8 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
     """Construct the model registered as ``name`` with ``kwargs``.
 
     Names: ``"resnet18-cifar"``, ``"awd-lstm"``, ``"small-cnn"``,
-    ``"small-lstm-lm"`` (needs ``vocab=``), ``"mlp"``; ``"awd-lstm"`` takes
+    ``"small-lstm-lm"`` and ``"gpt"`` (:class:`~clipscope.models.gpt.GPTLM`;
+    both need ``vocab=``), ``"mlp"``; ``"awd-lstm"`` takes
     ``vocab=`` as another name for ``AWDLSTM(ntoken=...)``. Unknown names raise
     ``ValueError`` listing the valid ones; keyword arguments the constructor does
     not take raise ``ValueError`` naming them and the ones it takes (checked
