@@ -18,7 +18,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``reproduce``."""
     from clipscope.reproduce import EMBEDDED, TASKS
 
-    tasks = "\n".join(f"  {name:18s} {spec.description}" for name, spec in TASKS.items())
+    width = max(len(name) for name in TASKS) + 1
+    tasks = "\n".join(f"  {name:{width}s} {spec.description}" for name, spec in TASKS.items())
     parser = subparsers.add_parser(
         "reproduce",
         help="reproduce and extend the paper's Figure 1 (default: embedded data, a few minutes)",
