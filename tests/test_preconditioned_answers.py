@@ -397,6 +397,16 @@ def test_advise_json_carries_the_preconditioned_answers(tmp_path):
     )
     assert "igc-adamw-B4 ρ_P" in words.stdout
     assert "reverses the preconditioned descent below 1.487 (igc-adamw-B4 epoch 0)" in words.stdout
+    # all ⟨g_i, u⟩ > 0 (1-D, g = (1, 2, 3)): no η reverses the preconditioned descent
+    write_run(tmp_path / "kept", [(np.array([[1.0], [2.0], [3.0]]), np.array([5.0]))], eta=0.5)
+    done = subprocess.run(
+        [sys.executable, "-m", "clipscope", "advise", str(tmp_path / "kept"), "--json"],
+        capture_output=True,
+        text=True,
+    )
+    pre = json.loads(done.stdout)["tasks"]["kept"]["runs"]["igc-adamw-B4"]["preconditioned"]
+    assert pre["reversed"] is False and pre["eta_reversal"] == 0.0
+    assert pre["min_rho_p"] == pytest.approx(0.25, rel=1e-12)  # ρ_P(η) = η/2 below 1
 
 
 def test_advise_help_says_what_the_preconditioned_fields_mean():
