@@ -973,11 +973,12 @@ def test_clipscope_reproduce_under_torchrun(tmp_path):
     args = ["reproduce", "--task", "digits-cnn", "--epochs", "0", "--batch-sizes", "256"]
     proc = launch(*args, "--out", str(out), "--no-progress", module="clipscope")
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.count("report: ") == 1 and proc.stdout.count("[2/2]") == 1
+    # IGC, SGD and the AdamW-clip run ([[study.extra]] of the config)
+    assert proc.stdout.count("report: ") == 1 and proc.stdout.count("[3/3]") == 1
     assert (out / "report.html").is_file()
     meta = json.loads((out / "study.json").read_text())
     task = meta["tasks"]["digits-cnn"]
-    assert len(task["runs"]) == 2
+    assert len(task["runs"]) == 3
     for entry in task["runs"]:
         summary = json.loads((out / entry["dir"] / "summary.json").read_text())
         assert summary["status"] == "completed"

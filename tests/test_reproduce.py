@@ -27,9 +27,14 @@ def test_study_layout_and_report(study):
     assert report == out / "report.html" and report.is_file()
     meta = json.loads((out / "study.json").read_text())
     runs = meta["tasks"]["digits-cnn"]["runs"]
-    assert {(r["method"], r["batch_size"]) for r in runs} == {
+    plain = [r for r in runs if "optimizer" not in r]
+    assert sorted((r["method"], r["batch_size"]) for r in plain) == sorted(
         (m, b) for m in ("igc", "sgd") for b in (128, 256)
-    }
+    )
+    # the AdamW-clip run ([[study.extra]]): at the smallest of the --batch-sizes
+    (adamw,) = [r for r in runs if "optimizer" in r]
+    assert (adamw["method"], adamw["batch_size"], adamw["optimizer"]) == ("igc", 128, "adamw")
+    assert adamw["dir"] == "runs/digits-cnn/igc-adamw-B128"
     for r in runs:
         rows = (out / r["dir"] / "epochs.csv").read_text().splitlines()
         assert len(rows) == 3  # header + epoch 0 + epoch 1
@@ -53,6 +58,29 @@ def test_per_sample_section_and_findings(study):
     assert found["fig1_trend"]["mean_cos_vs_batch_size"]["batch_sizes"] == [128, 256]
     assert found["eta_advice"]["target"] == 0.9 and found["eta_advice"]["eta_max"] > 0
     assert "Findings" in report.read_text()
+
+
+def test_the_adamw_run_is_answered_under_its_preconditioner(study):
+    out, report = study
+    found = json.loads((out / "findings.json").read_text())["tasks"]["digits-cnn"]
+    item = found["preconditioned"]["runs"]["igc-adamw-B128"]
+    assert item["optimizer"] == "adamw" and item["eta"] == 1.0  # the config's [[study.extra]]
+    assert len(item["probes"]["rho_p"]) == 2  # x_0 and x_1
+    assert item["p_unset"]["shares"][0] == 1.0  # no step before the first probe: P = 1
+    assert item["probes"]["rho_p"][0] == pytest.approx(item["probes"]["rho"][0], rel=1e-9)
+    assert item["eta_advice"]["eta_max"] > 0 and item["reversed"] in (True, False)
+    assert found["preconditioned"]["without_p"] == ["igc-B128", "igc-B256", "sgd-B128", "sgd-B256"]
+    assert found["fig1_trend"]["left_out"] == ["igc-adamw-B128"]
+    verdict = {t["run"]: t for t in found["theorems"]}["igc-adamw-B128"]
+    assert verdict["verdict"] == "not applicable" and verdict["measured"]["probes"] == 2
+    text = report.read_text()
+    assert "IGC-AdamW B=128" in text and "igc-adamw-B128: η advice under P" in text
+    assert (out / "figures" / "digits-cnn-rho_p_profile.png").is_file()
+    # the cross-sections stay at the plain IGC run's final point
+    assert (
+        json.loads((out / "cross_section/digits-cnn-per-sample.json").read_text())["point"]
+        == "igc-B128"
+    )
 
 
 def test_theorem_runs_record_converged_lanczos_and_get_a_verdict(study):

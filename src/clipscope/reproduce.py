@@ -8,10 +8,10 @@ naming them, and the HTML report built from those records.
 Tasks:
 
 * ``digits-cnn`` (embedded): a small CNN on scikit-learn's 8×8 digits,
-  IGC-clip and SGD-clip at batch sizes 8, 16, 32, 64.
+  IGC-clip and SGD-clip at batch sizes 8, 16, 32, 64, and one AdamW-clip run.
 * ``text-lstm`` (embedded): a small LSTM language model on Python's own
   language reference text (``pydoc_data.topics``), IGC-clip in corpus order at
-  4, 8, 16, 32 columns.
+  4, 8, 16, 32 columns, and one AdamW-clip run.
 * ``cifar10-resnet18`` / ``ptb-awdlstm`` (paper scale, need ``--data-dir``):
   ResNet18 on CIFAR-10 and AWD-LSTM on PTB. A GPU is recommended.
 * ``ptb-awdlstm-small`` (needs ``--data-dir``): AWD-LSTM at a quarter of its
@@ -97,6 +97,11 @@ class TaskSpec:
         Conventions stated in the report.
     config_file : Path
         Where it comes from.
+    extra : tuple of dict
+        Runs besides the grid (``[[study.extra]]``), each the config keys it
+        changes (e.g. ``optimizer = "adamw"``, ``lr``, ``eta``, ``batch_size``):
+        the default study's AdamW-clip run. Named ``METHOD-OPTIMIZER-BB``; with
+        ``--batch-sizes`` it runs at the smallest of them.
     """
 
     name: str
@@ -111,6 +116,7 @@ class TaskSpec:
     per_method: dict[str, dict[str, Any]] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
     config_file: Path | None = None
+    extra: tuple[dict[str, Any], ...] = ()
 
 
 def load_tasks(directory: str | Path = CONFIGS) -> dict[str, TaskSpec]:
@@ -119,7 +125,8 @@ def load_tasks(directory: str | Path = CONFIGS) -> dict[str, TaskSpec]:
     The file's other keys are the task's base config (validated when a study
     is planned); ``[study]`` holds ``name``, ``description``, ``batch_sizes``,
     ``methods``, ``cross_section``, and optionally ``per_sample``,
-    ``per_method.<method>`` and ``theorem.<method>`` (config keys) and ``notes``.
+    ``per_method.<method>`` and ``theorem.<method>`` (config keys), ``notes``
+    and ``extra`` (an array of tables: one run each, the config keys it changes).
     """
     from clipscope.data import FILE_DATASETS
 
@@ -144,6 +151,7 @@ def load_tasks(directory: str | Path = CONFIGS) -> dict[str, TaskSpec]:
             per_method={k: dict(v) for k, v in study.get("per_method", {}).items()},
             notes={str(k): str(v) for k, v in study.get("notes", {}).items()},
             config_file=path,
+            extra=tuple(dict(run) for run in study.get("extra", [])),
         )
     # the embedded tasks first (the default study), then the paper-scale ones
     return dict(sorted(tasks.items(), key=lambda kv: (kv[1].needs_data_dir, kv[0])))
@@ -153,7 +161,10 @@ TASKS: dict[str, TaskSpec] = load_tasks()
 EMBEDDED = tuple(name for name, spec in TASKS.items() if not spec.needs_data_dir)
 
 
-def _run_name(method: str, batch_size: int) -> str:
+def _run_name(method: str, batch_size: int, optimizer: str = "sgd") -> str:
+    """``igc-B16``; another optimizer than SGD is named: ``igc-adamw-B16`` (as the report does)."""
+    if optimizer != "sgd":
+        return f"{method}-{optimizer}-B{batch_size}"
     return f"{method}-B{batch_size}"
 
 
@@ -222,21 +233,28 @@ def plan(
         if spec.needs_data_dir and not data_dir:
             raise ValueError(f"task {name!r} reads a dataset: pass --data-dir DIR")
         sizes = tuple(batch_sizes or spec.batch_sizes)
+        runs = []
         for method in spec.methods:
             for b in sizes:
                 raw = dict(spec.base, **spec.per_method.get(method, {}))
                 if b == max(sizes):
                     raw.update(spec.theorem.get(method, {}))
-                raw.update(method=method, batch_size=b, device=device, progress=progress)
-                if threads is not None:
-                    raw["threads"] = threads
-                if epochs is not None:
-                    raw["epochs"] = epochs
-                if data_dir:
-                    raw["data_dir"] = str(data_dir)
-                cfg = parse_config(raw)
-                check_resources(cfg)
-                grid.append((spec, method, b, cfg))
+                runs.append((method, b, raw))
+        for extra in spec.extra:  # e.g. the AdamW-clip run: its own keys, one batch size
+            b = min(batch_sizes) if batch_sizes else int(extra.get("batch_size", min(sizes)))
+            raw = dict(spec.base, **extra)
+            runs.append((str(raw.get("method", "igc")), b, raw))
+        for method, b, raw in runs:
+            raw.update(method=method, batch_size=b, device=device, progress=progress)
+            if threads is not None:
+                raw["threads"] = threads
+            if epochs is not None:
+                raw["epochs"] = epochs
+            if data_dir:
+                raw["data_dir"] = str(data_dir)
+            cfg = parse_config(raw)
+            check_resources(cfg)
+            grid.append((spec, method, b, cfg))
     if check_data:
         from clipscope.data import load_splits
 
@@ -427,9 +445,10 @@ def reproduce(
 
     failures = []
     for k, (spec, method, b, cfg) in enumerate(grid, 1):
-        rel = Path("runs") / spec.name / _run_name(method, b)
+        run_name = _run_name(method, b, cfg.optimizer)
+        rel = Path("runs") / spec.name / run_name
         run_dir = out / rel
-        config_path = out / "configs" / spec.name / f"{_run_name(method, b)}.toml"
+        config_path = out / "configs" / spec.name / f"{run_name}.toml"
         on_writer(partial(_write_text, config_path, dump_config(cfg)))
         entry = {
             "method": method,
@@ -439,22 +458,28 @@ def reproduce(
         }
         if cfg.smoothness_every:
             entry["theorem"] = True  # records what Theorem 3.1 / 3.2 needs
-        echo(f"[{k}/{len(grid)}] {spec.name}: {method.upper()}-clip, batch size {b} -> {run_dir}")
+        how = f"{method.upper()}-clip"
+        if cfg.optimizer != "sgd":
+            entry["optimizer"] = cfg.optimizer
+            how += f" with {dict(adam='Adam', adamw='AdamW').get(cfg.optimizer, cfg.optimizer)}"
+        echo(f"[{k}/{len(grid)}] {spec.name}: {how}, batch size {b} -> {run_dir}")
         if on_writer(partial(_status, run_dir)) == "completed":
             echo("  already completed; kept")
             code = 0
         else:
             code = train(config_path, run_dir, resume=run_dir.exists())
         if code != 0:
-            failures.append(f"{spec.name} {_run_name(method, b)} (exit {code})")
+            failures.append(f"{spec.name} {run_name} (exit {code})")
             entry["exit_code"] = code
         if on_writer((run_dir / "epochs.csv").is_file):
             study["tasks"][spec.name]["runs"].append(entry)
         save_study()
     for name in tasks:
         spec = TASKS[name]
-        runs = [
-            e for e in study["tasks"][name]["runs"] if e["method"] == "igc" and "exit_code" not in e
+        runs = [  # the plain IGC runs (not an AdamW one)
+            e
+            for e in study["tasks"][name]["runs"]
+            if e["method"] == "igc" and "exit_code" not in e and "optimizer" not in e
         ]
         if spec.cross_section and runs:
             first = min(runs, key=lambda e: e["batch_size"])

@@ -9,8 +9,14 @@ For every probe of a run (or of every run of a study) the stored ``n_i``,
 * ``eta_reversal``: every ``η > eta_reversal`` keeps ``D_k(η) ≥ 0`` at every
   probe (0: clipping reverses descent at no η).
 
+For a run with an Adam or AdamW optimizer (its component files hold the
+preconditioned dots ``dots_p = ⟨g_i, u⟩``, ``u = P⁻¹∇f``) the same two
+thresholds for the preconditioned descent ratio ρ_P (``preconditioned``),
+beside the ρ ones (the descent of plain SGD steps at the same points).
+
 Writes one figure per run (``ρ_k(η)`` of every probe, their minimum, the
-advice marked) into ``--out`` (default ``DIR/advice``) and prints the advice.
+advice marked; and one of ρ_P per such run) into ``--out`` (default
+``DIR/advice``) and prints the advice.
 """
 
 from __future__ import annotations
@@ -36,7 +42,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "study), the exact η-profile at every probe gives: eta_max, the threshold from "
             "which on every larger η keeps rho(η) = D(η)/D(∞) >= target at every probe, and "
             "eta_reversal, below which clipping reverses descent (D < 0) at some probe. "
-            "Nothing is recomputed. Writes a figure of rho(η) per run."
+            "For a run with an Adam or AdamW optimizer (component files with dots_p) the "
+            "same two thresholds for the preconditioned descent ratio rho_P(η) = "
+            "Σ_i min(1, η/n_i)<g_i, u> / Σ_i <g_i, u>, u = P^-1 ∇f with the optimizer's "
+            "preconditioner P frozen at the probe: 'preconditioned' in --json (eta_max, "
+            "eta_reversal, reversed: whether some η > 0 reverses the preconditioned descent at "
+            "some probe, min_rho_p: the smallest rho_P at the run's η, p_unset_max: the largest "
+            "share of coordinates without optimizer state (P = 1 there)), beside the rho "
+            "answers. Nothing is recomputed. Writes a figure of rho(η) per run, and of "
+            "rho_P(η) per such run (NAME-rho_p.png)."
         ),
     )
     parser.add_argument("directory", help="a run directory (clipscope train) or a study directory")
@@ -55,7 +69,9 @@ def advice_of(directory: str | Path, target: float = DEFAULT_TARGET) -> dict[str
     """Return the advice of every run and task of ``directory`` and the records for the figures.
 
     Returns ``{"target", "tasks": {task: {"eta_advice": {...}, "runs": {label: {...}}}},
-    "_figures": [(name, title, points, EtaAdvice, η)]}``.
+    "_figures": [(name, title, points, EtaAdvice, η)]}``. A task with a run that
+    recorded the preconditioned dots adds ``"preconditioned_advice"`` (over those
+    runs) and each such run ``"preconditioned"`` (:func:`_preconditioned`).
 
     Raises
     ------
@@ -65,7 +81,13 @@ def advice_of(directory: str | Path, target: float = DEFAULT_TARGET) -> dict[str
     FileNotFoundError
         ``directory`` is neither a run nor a study directory.
     """
-    from clipscope.report.findings import eta_advice, run_label, run_points
+    from clipscope.report.findings import (
+        eta_advice,
+        preconditioned,
+        run_label,
+        run_points,
+        run_points_p,
+    )
     from clipscope.run.study import load_study
 
     target = check_target(target)
@@ -101,8 +123,35 @@ def advice_of(directory: str | Path, target: float = DEFAULT_TARGET) -> dict[str
             title = f"{name}: ρ(η) at {len(points)} probes, target {target:g}"
             named = [(run.point_name(epoch), stats) for epoch, stats in points]
             out["_figures"].append((name, title, named, result, run.eta))
+            points_p = run_points_p(run)
+            if points_p:
+                names = [f"{label} {run.point_name(epoch)}" for epoch, _ in points_p]
+                result_p = advise([s for _, s in points_p], target, names)
+                named_p = [(run.point_name(epoch), stats) for epoch, stats in points_p]
+                runs[label]["preconditioned"] = _preconditioned(result_p, named_p, run)
+                title = f"{name}: ρ_P(η) (u = P⁻¹∇f) at {len(points_p)} probes, target {target:g}"
+                out["_figures"].append((f"{name}-rho_p", title, named_p, result_p, run.eta))
         overall.pop("per_run", None)
         out["tasks"][task.name] = {"eta_advice": overall, "runs": runs}
+        under_p = preconditioned(task, target)
+        if under_p is not None:
+            out["tasks"][task.name]["preconditioned_advice"] = under_p["eta_advice"]
+    return out
+
+
+def _preconditioned(advice, points: list, run) -> dict[str, Any]:
+    """Return the ρ_P advice of one run with ``reversed``, ``min_rho_p``, ``p_unset_max``."""
+    import numpy as np
+
+    out = advice.to_dict(points=True)
+    rev = advice.eta_reversal
+    out["reversed"] = None if math.isnan(rev) else bool(rev > 0)
+    values = [float(s.ratio(run.eta)) for _, s in points]
+    values = [v for v in values if math.isfinite(v)]
+    out["min_rho_p"] = min(values) if values else None
+    shares = run.column("p_unset_share")
+    shares = shares[np.isfinite(shares)]
+    out["p_unset_max"] = float(shares.max()) if shares.size else None
     return out
 
 
@@ -110,15 +159,16 @@ def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _line(label: str, advice: dict) -> str:
+def _line(label: str, advice: dict, p: bool = False) -> str:
     rev = advice["eta_reversal"]
+    descent = "the preconditioned descent" if p else "descent"
     eta_max = "–" if advice["eta_max"] is None else f"{advice['eta_max']:.4g}"
     if rev is None:
         reversal = "ρ undefined (‖∇f‖ = 0 at every probe)"
     elif rev == 0:
-        reversal = "no η reverses descent"
+        reversal = f"no η reverses {descent}"
     else:
-        reversal = f"reverses descent below {rev:.4g} ({advice['reversal_at']})"
+        reversal = f"reverses {descent} below {rev:.4g} ({advice['reversal_at']})"
     return (
         f"  {label:24s} eta_max = {eta_max:>10s} (set by {advice['decided_by']}); {reversal}; "
         f"{advice['n_points']} probes"
@@ -148,10 +198,17 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"η advice: eta_max keeps ρ(η) = D(η)/D(∞) ≥ {target:g} for every η ≥ it at every "
         "probe; below eta_reversal clipping reverses descent (D < 0) at some probe"
+        + (
+            "; 'ρ_P' lines: the same for the preconditioned descent ratio of an Adam/AdamW run"
+            if any("preconditioned_advice" in t for t in result["tasks"].values())
+            else ""
+        )
     )
     for name, task in result["tasks"].items():
         print(_line(f"{name} (all runs)", task["eta_advice"]))
         for label, advice in task["runs"].items():
             print(_line(label, advice))
+            if "preconditioned" in advice:
+                print(_line(f"{label} ρ_P", advice["preconditioned"], p=True))
     print(f"figures: {folder}")
     return 0

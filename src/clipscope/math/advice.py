@@ -61,7 +61,7 @@ from typing import Any
 
 import numpy as np
 
-from clipscope.math.stats import ComponentStats, EtaProfile
+from clipscope.math.stats import ComponentStats, DirectionStats, EtaProfile
 
 __all__ = [
     "DEFAULT_TARGET",
@@ -259,7 +259,7 @@ def _labels(n: int, labels: Sequence[str] | None) -> list[str]:
 def _profile(point: Any) -> EtaProfile:
     if isinstance(point, EtaProfile):
         return point
-    if isinstance(point, ComponentStats):
+    if isinstance(point, DirectionStats):  # ComponentStats too (the case u = ∇f)
         return point.profile()
     norms, dots, grad_norm = point
     return EtaProfile(norms, dots, grad_norm)
@@ -273,8 +273,9 @@ def advise(
     Parameters
     ----------
     points : iterable
-        :class:`EtaProfile`, :class:`ComponentStats` or ``(norms, dots, grad_norm)``
-        triples, one per probed point.
+        :class:`EtaProfile`, :class:`ComponentStats`, :class:`DirectionStats`
+        (the preconditioned dots ``d^P_i = ⟨g_i, P⁻¹∇f⟩``: then ρ is ρ_P) or
+        ``(norms, dots, grad_norm)`` triples, one per probed point.
     target : float
         ``τ ∈ (0, 1]``, the share of the unclipped descent to keep.
     labels : sequence of str, optional
@@ -325,12 +326,12 @@ def advice_grid(norms_list: Iterable[Any], per_decade: int = 2000) -> np.ndarray
     return np.unique(np.concatenate([grid, positive]))
 
 
-def _grid_ratio(stats: ComponentStats, grid: np.ndarray) -> np.ndarray:
+def _grid_ratio(stats: DirectionStats, grid: np.ndarray) -> np.ndarray:
     total = float(stats.descent(math.inf))
     return np.asarray(stats.descent(grid)) / total
 
 
-def grid_safe_threshold(stats: ComponentStats, target: float, grid: np.ndarray) -> float:
+def grid_safe_threshold(stats: DirectionStats, target: float, grid: np.ndarray) -> float:
     """Return the smallest grid η from which on every grid η keeps ``ρ ≥ τ`` (direct evaluation).
 
     ``grid`` must be sorted and reach past ``max n_i``. NaN when ``D(∞) ≤ 0``.
@@ -346,7 +347,7 @@ def grid_safe_threshold(stats: ComponentStats, target: float, grid: np.ndarray) 
     return float(grid[bad[-1] + 1])
 
 
-def grid_reversal_threshold(stats: ComponentStats, grid: np.ndarray) -> float:
+def grid_reversal_threshold(stats: DirectionStats, grid: np.ndarray) -> float:
     """Return the largest grid η with ``D(η) < 0`` (direct evaluation); 0.0 when there is none."""
     if not float(stats.descent(math.inf)) > 0:
         return math.nan
@@ -362,14 +363,14 @@ def advise_on_grid(
 ) -> EtaAdvice:
     """Advise as :func:`advise` does, from ρ evaluated directly on a fine grid of η.
 
-    ``points`` are :class:`ComponentStats` or ``(norms, dots, grad_norm)``
-    triples; ``grid`` defaults to :func:`advice_grid` of their norms. On a grid
-    that holds every norm, the grid answers bracket the exact ones:
+    ``points`` are :class:`ComponentStats`, :class:`DirectionStats` or
+    ``(norms, dots, grad_norm)`` triples; ``grid`` defaults to :func:`advice_grid`
+    of their norms. On a grid that holds every norm, the grid answers bracket the exact ones:
     ``η(τ) ≤ grid safe ≤ the next grid point`` and ``the previous grid point ≤
     grid reversal ≤ r`` (each linear piece of ``D`` has its ends on the grid).
     """
     target = check_target(target)
-    stats = [p if isinstance(p, ComponentStats) else ComponentStats(*p) for p in points]
+    stats = [p if isinstance(p, DirectionStats) else ComponentStats(*p) for p in points]
     if not stats:
         raise ValueError("no probed points to advise on")
     if grid is None:

@@ -127,8 +127,11 @@ def theorem_scope(
     schedule = cosine (the theorems take a constant step α)
     >>> theorem_scope("sgd", 0.5, optimizer="adam")
     "not covered by the paper's theorems (adaptive method)"
+    >>> theorem_scope("igc", 0.5, optimizer="AdamW") == theorem_scope("igc", 0.5, optimizer="adamw")
+    True
     """
     reasons = []
+    optimizer = str(optimizer).lower()  # a Monitor records the class name ("AdamW")
     if optimizer in ADAPTIVE_OPTIMIZERS:
         reasons.append(ADAPTIVE_REASON)
     elif optimizer != "sgd":

@@ -32,6 +32,14 @@ the study's cross-sections. The keys (``docs/reproduce.md`` documents them):
     task: ``target``, ``eta_max`` (every ``η ≥ eta_max`` keeps ``ρ ≥ target`` at
     every probe), ``eta_reversal`` (every ``η > eta_reversal`` keeps ``D ≥ 0``
     at every probe), and the same per run.
+``preconditioned``
+    Only when a run recorded the preconditioned dots (Adam / AdamW: the
+    component files' ``dots_p``, ``u_norm``, ``grad_u_inner``):
+    :func:`preconditioned` -- per such run the same answers for
+    ``ρ_P(η) = Σ_i γ_i(η)⟨g_i, u⟩ / (m⟨∇f, u⟩)``, ``u = P⁻¹∇f``: the smallest
+    ρ_P at the run's η, the η advice on ρ_P (exact, from the stored dots), whether
+    any η reverses the preconditioned descent, the probes where P was unset,
+    and ρ beside ρ_P at every probe.
 ``theorems``
     One entry per run: :func:`clipscope.report.theorem.check_theorem` on the
     records, reduced to ``verdict`` (``satisfied`` / ``violated`` / ``not
@@ -61,9 +69,15 @@ from scipy import stats as scipy_stats
 from clipscope import __version__
 from clipscope.atomic import atomic_write_text
 from clipscope.math.advice import DEFAULT_TARGET, EtaAdvice, advise, check_target
-from clipscope.math.stats import ComponentStats
-from clipscope.math.theory import THEOREMS
-from clipscope.report.labels import descent_label, trend_label
+from clipscope.math.stats import ComponentStats, DirectionStats
+from clipscope.math.theory import ADAPTIVE_OPTIMIZERS, THEOREMS
+from clipscope.report.labels import (
+    descent_label,
+    preconditioned_label,
+    reversal_label,
+    trend_label,
+    unset_label,
+)
 from clipscope.report.theorem import check_theorem, run_scope
 from clipscope.run.directory import RunRecord
 from clipscope.run.study import TaskRecord, load_study
@@ -76,9 +90,12 @@ __all__ = [
     "fig1_trend",
     "min_rho",
     "positive_cos_share_b1",
+    "preconditioned",
     "rank_trend",
     "run_label",
+    "run_optimizer",
     "run_points",
+    "run_points_p",
     "study_findings",
     "task_findings",
     "theorem_verdicts",
@@ -97,11 +114,20 @@ PAPER = {
 }
 
 
+def run_optimizer(entry: dict, run: RunRecord) -> str:
+    """Return the run's optimizer: the study entry's, else its config's (absent: ``sgd``)."""
+    return str(entry.get("optimizer") or run.setting("optimizer", default="sgd")).lower()
+
+
 def run_label(entry: dict, run: RunRecord) -> str:
-    """``METHOD-BB`` of a run, as in the study's folder names (``igc-B16``)."""
+    """``METHOD-BB`` of a run, as in the study's folder names (``igc-B16``).
+
+    A run with another optimizer than SGD names it: ``igc-adamw-B16``.
+    """
     method = "monitor" if run.kind == "monitor" else entry.get("method") or run.method
     batch = entry.get("batch_size") or run.batch_size
-    return f"{method}-B{batch}"
+    optimizer = run_optimizer(entry, run)
+    return f"{method}-B{batch}" if optimizer == "sgd" else f"{method}-{optimizer}-B{batch}"
 
 
 def _json(value: Any) -> Any:
@@ -134,6 +160,27 @@ def run_points(run: RunRecord) -> list[tuple[int, ComponentStats]]:
         if not math.isfinite(grad_norm):
             continue
         out.append((epoch, ComponentStats(arrays["norms"], arrays["dots"], grad_norm)))
+    return out
+
+
+def run_points_p(run: RunRecord) -> list[tuple[int, DirectionStats]]:
+    """``(epoch, DirectionStats)`` of every probe that stored the preconditioned dots.
+
+    From ``components/epoch_XXXX.npz``: ``norms``, ``dots_p`` (``⟨g_i, u⟩``),
+    ``u_norm`` (``‖u‖``) and ``grad_u_inner`` (``⟨∇f, u⟩``), ``u = P⁻¹∇f``
+    (written by runs with an Adam or AdamW optimizer). Probes without them, or
+    with a non-finite ``‖u‖`` or ``⟨∇f, u⟩``, are left out; empty for an SGD run.
+    """
+    out = []
+    for epoch in sorted(run.component_files):
+        arrays = run.components(epoch) or {}
+        if not {"norms", "dots_p", "u_norm", "grad_u_inner"} <= set(arrays):
+            continue
+        u_norm = float(np.asarray(arrays["u_norm"]).reshape(-1)[0])
+        inner = float(np.asarray(arrays["grad_u_inner"]).reshape(-1)[0])
+        if not (math.isfinite(u_norm) and math.isfinite(inner)):
+            continue
+        out.append((epoch, DirectionStats(arrays["norms"], arrays["dots_p"], u_norm, inner)))
     return out
 
 
@@ -235,16 +282,25 @@ def _trend(runs: list[tuple[dict, RunRecord]], field: str) -> dict[str, Any]:
 def fig1_trend(task: TaskRecord) -> dict[str, Any]:
     """Figure 1's trend per method: Spearman over batch sizes of the run-averaged c1 and c2."""
     methods: dict[str, list] = {}
+    adaptive = []
     for entry, run in task.runs:
         if "exit_code" in entry:
+            continue
+        if run_optimizer(entry, run) in ADAPTIVE_OPTIMIZERS:
+            adaptive.append(run_label(entry, run))  # Figure 1 compares plain (SGD) steps
             continue
         methods.setdefault(str(entry.get("method") or run.method), []).append((entry, run))
     by_method = {
         m: {"mean_cos_vs_batch_size": _trend(r, "c1"), "c2_vs_batch_size": _trend(r, "c2")}
         for m, r in methods.items()
     }
+    left_out = (
+        {"left_out": adaptive, "left_out_why": "adaptive optimizer: Figure 1 compares plain steps"}
+        if adaptive
+        else {}
+    )
     if not by_method:
-        return {"method": None, "reason": "no completed runs", "by_method": {}}
+        return {"method": None, "reason": "no completed runs", "by_method": {}} | left_out
     first = "igc" if "igc" in by_method else next(iter(by_method))
     paper = {
         name: by_method[first][name]["label"]["label"] == "grows"
@@ -256,7 +312,7 @@ def fig1_trend(task: TaskRecord) -> dict[str, Any]:
         "agrees_with_paper": paper,
         "paper": PAPER["fig1_trend"],
         "by_method": by_method,
-    }
+    } | left_out
 
 
 # -- the per-sample claim --------------------------------------------------------------
@@ -359,6 +415,106 @@ def eta_advice(
     return overall, result, per_run
 
 
+#: What ρ_P is, in findings.json.
+RHO_P = (
+    "ρ_P(η) = Σ_i min(1, η/n_i)⟨g_i, u⟩ / Σ_i ⟨g_i, u⟩ with u = P⁻¹∇f, P the optimizer's "
+    "preconditioner (Adam: diag(√v̂) + ε, bias-corrected) read at the probe and frozen; "
+    "Σ_i ⟨g_i, u⟩ = m⟨∇f, u⟩"
+)
+
+
+def _unset_shares(run: RunRecord, epochs: Sequence[int]) -> list[tuple[str, float]]:
+    """``(probe, p_unset_share)`` of each probe epoch, from the rows (NaN when not recorded)."""
+    column, share = run.column("epoch"), run.column("p_unset_share")
+    out = []
+    for epoch in epochs:
+        hit = np.flatnonzero(column == epoch)
+        out.append((run.point_name(epoch), float(share[hit[0]]) if hit.size else math.nan))
+    return out
+
+
+def _run_preconditioned(
+    entry: dict, run: RunRecord, target: float
+) -> tuple[dict[str, Any], EtaAdvice | None, list]:
+    label, eta = run_label(entry, run), run.eta
+    pts = run_points_p(run)
+    out: dict[str, Any] = {"optimizer": run_optimizer(entry, run), "eta": eta}
+    if not pts:
+        return out | {"reason": "no preconditioned dots recorded (dots_p)"}, None, []
+    names = [f"{label} {run.point_name(epoch)}" for epoch, _ in pts]
+    advice = advise([s for _, s in pts], target, names)
+    plain = dict(run_points(run))
+    at = [run.point_name(epoch) for epoch, _ in pts]
+    rho_p = [float(s.ratio(eta)) for _, s in pts]
+    rho = [float(plain[e].ratio(eta)) if e in plain else math.nan for e, _ in pts]
+    finite = [(v, k) for k, v in enumerate(rho_p) if math.isfinite(v)]
+    low: dict[str, Any] = {"value": None, "label": preconditioned_label(None)}
+    if finite:
+        value, k = min(finite)
+        low = {"value": value, "epoch": pts[k][0], "at": at[k]}
+        low["label"] = preconditioned_label(value)
+        low["rho_there"] = rho[k]
+    plain_advice = advise(list(plain.values()), target) if plain else None
+    shares = _unset_shares(run, [e for e, _ in pts])
+    out |= {
+        "min_rho_p": low,
+        "eta_advice": advice.to_dict(),
+        "reversed": None if math.isnan(advice.eta_reversal) else bool(advice.eta_reversal > 0),
+        "reversal": reversal_label(_finite(advice.eta_reversal), advice.reversal_at),
+        "sgd_eta_advice": None
+        if plain_advice is None
+        else {"eta_max": plain_advice.eta_max, "eta_reversal": plain_advice.eta_reversal},
+        "p_unset": {
+            "shares": [s for _, s in shares],
+            "max_share": max((s for _, s in shares if math.isfinite(s)), default=None),
+            "label": unset_label(shares),
+        },
+        "probes": {"at": at, "rho": rho, "rho_p": rho_p},
+    }
+    return out, advice, list(zip(names, (s for _, s in pts), strict=True))
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def preconditioned(task: TaskRecord, target: float = DEFAULT_TARGET) -> dict[str, Any] | None:
+    """Return the answers under the optimizer's preconditioner per run that recorded it, or None.
+
+    For every run whose component files hold ``dots_p`` (:func:`run_points_p`),
+    from those stored dots only: ``min_rho_p`` (the smallest ρ_P at the run's η
+    over its probes, with :func:`~clipscope.report.labels.preconditioned_label`
+    and ρ at the same probe), ``eta_advice``
+    (:func:`clipscope.math.advice.advise` on the ρ_P profiles: ``eta_max`` keeps
+    ``ρ_P ≥ target`` at every probe, ``eta_reversal`` below which some probe's
+    preconditioned descent is reversed), ``reversed`` (``eta_reversal > 0``)
+    with its :func:`~clipscope.report.labels.reversal_label`, ``sgd_eta_advice``
+    (the ρ answers of the same probes, side by side), ``p_unset`` (the
+    ``p_unset_share`` of each probe, :func:`~clipscope.report.labels.unset_label`)
+    and ``probes`` (ρ and ρ_P at the run's η at every probe). Over every such
+    run of the task: ``eta_advice``. Runs without P (SGD: ρ_P = ρ) are named
+    in ``without_p``; an adaptive run without recorded dots gets a ``reason``.
+    """
+    target = check_target(target)
+    runs, names, points, without = {}, [], [], []
+    for entry, run in task.runs:
+        label = run_label(entry, run)
+        adaptive = run_optimizer(entry, run) in ADAPTIVE_OPTIMIZERS
+        if not adaptive and not run_points_p(run):
+            without.append(label)
+            continue
+        item, _, named = _run_preconditioned(entry, run, target)
+        runs[label] = item
+        names += [n for n, _ in named]
+        points += [s for _, s in named]
+    if not runs:
+        return None
+    overall: dict[str, Any] = {"target": target, "eta_max": None, "eta_reversal": None}
+    if points:
+        overall = advise(points, target, names).to_dict()
+    return {"rho_p": RHO_P, "eta_advice": overall, "runs": runs, "without_p": without}
+
+
 # -- the theorems -------------------------------------------------------------------------
 
 
@@ -451,6 +607,29 @@ def _verdict_of(res: dict[str, Any], run: RunRecord) -> dict[str, Any]:
     return out
 
 
+def _measured_rho_p(entry: dict, run: RunRecord) -> dict[str, Any] | None:
+    """For an adaptive run (no theorem covers it): the smallest ρ_P at its η, measured."""
+    if run_optimizer(entry, run) not in ADAPTIVE_OPTIMIZERS:
+        return None
+    values = [(float(s.ratio(run.eta)), e) for e, s in run_points_p(run)]
+    values = [(v, e) for v, e in values if math.isfinite(v)]
+    if not values:
+        return {
+            "quantity": "min over the probes of ρ_P(η) at the run's η",
+            "value": None,
+            "label": preconditioned_label(None),
+        }
+    value, epoch = min(values)
+    return {
+        "quantity": "min over the probes of ρ_P(η) at the run's η",
+        "value": value,
+        "eta": run.eta,
+        "at": run.point_name(epoch),
+        "probes": len(values),
+        "label": preconditioned_label(value),
+    }
+
+
 def theorem_verdicts(task: TaskRecord) -> list[dict[str, Any]]:
     """One entry per run: Theorem 3.1 (SGD-clip) or 3.2 (IGC-clip) checked on the records."""
     out = []
@@ -471,9 +650,13 @@ def theorem_verdicts(task: TaskRecord) -> list[dict[str, Any]]:
                     else {"quantity": "the theorem's scope", "value": reason},
                 }
                 | ({} if reason is None else {"reason": reason})
+                | ({} if (m := _measured_rho_p(entry, run)) is None else {"measured": m})
             )
             continue
         item = {"run": label, "theorem": res["theorem"], **_verdict_of(res, run)}
+        measured = _measured_rho_p(entry, run)
+        if measured is not None:
+            item["measured"] = measured
         item["constants"] = {
             "estimate": res["estimate"],
             "L0": res["L0"],
@@ -543,7 +726,11 @@ def task_findings(task: TaskRecord, target: float = DEFAULT_TARGET) -> dict[str,
     if task.kind == "study":
         out["fig1_trend"] = fig1_trend(task)
         out["positive_cos_share_b1"] = positive_cos_share_b1(task)
-    out |= {"min_rho": min_rho(task), "eta_advice": advice, "theorems": theorem_verdicts(task)}
+    out |= {"min_rho": min_rho(task), "eta_advice": advice}
+    under_p = preconditioned(task, target)
+    if under_p is not None:
+        out["preconditioned"] = under_p
+    out["theorems"] = theorem_verdicts(task)
     steps = {run_label(e, r): monitor_steps(r) for e, r in task.runs if r.kind == "monitor"}
     if steps:
         out["steps"] = steps

@@ -22,9 +22,10 @@ from clipscope.atomic import atomic_write_bytes
 from clipscope.math.advice import DEFAULT_TARGET, check_target
 from clipscope.math.stats import ComponentStats
 from clipscope.report import plots
+from clipscope.report import preconditioned as plots_p
 from clipscope.report.findings import FINDINGS_FILE, eta_advice, study_findings, write_findings
 from clipscope.report.labels import BAD, NA, OK, WARN, descent_label, verdict_class
-from clipscope.report.theorem import ESTIMATES, check_theorem
+from clipscope.report.theorem import ESTIMATES, check_theorem, measured_text
 from clipscope.run.directory import RunRecord
 from clipscope.run.study import TaskRecord, load_study
 
@@ -291,9 +292,11 @@ def render_theory(entry: dict, run: RunRecord) -> str:
             f'<p class="note">Theory check of {label}: not possible ({html.escape(str(exc))}).</p>'
         )
     if res.get("not_applicable"):
+        measured = res.get("measured") or {}
         return (
             f'<p class="note">Theory check of {label}: '
             + _span(NA, "not applicable: " + html.escape(res["not_applicable"]))
+            + ("" if measured.get("value") is None else "; " + html.escape(measured_text(measured)))
             + "</p>"
         )
     if res["estimate"] is None:
@@ -331,6 +334,9 @@ def render_task(
     _, advice, per_run = eta_advice(task, target)
     if advice is not None:
         figures["eta_advice"] = plots.eta_advice_task(task, advice, per_run)
+    if plots_p.has_preconditioned(task):  # an Adam/AdamW run: ρ and ρ_P side by side
+        figures["rho_p_profile"] = plots_p.rho_p_profile(task)
+        figures["rho_p_per_epoch"] = plots_p.rho_p_per_epoch(task)
     for stem, fig in figures.items():
         png = plots.figure_png(fig)
         if figure_dir is not None:
@@ -425,6 +431,7 @@ def _fmt_theorems(items: list[dict]) -> str:
         notes.append(
             f'<p class="note">{html.escape(t["run"])}: '
             + _span(NA, "not applicable: " + html.escape(str(t.get("reason"))))
+            + _fmt_measured(t.get("measured"))
             + "</p>"
         )
     others = [t["run"] for t in items if t["verdict"] == "not checked"]
@@ -434,6 +441,73 @@ def _fmt_theorems(items: list[dict]) -> str:
             f"could not be fitted): {html.escape(', '.join(others))}.</p>"
         )
     return table + "".join(notes)
+
+
+def _fmt_measured(measured: dict | None) -> str:
+    """``; measured instead: smallest ρ_P(η = 0.5) = 0.93 (epoch 3 of 7 probes): <label>``."""
+    if not measured:
+        return ""
+    label = measured["label"]
+    if measured.get("value") is None:
+        return "; measured instead: " + _span(label["class"], html.escape(label["text"]))
+    return (
+        f"; measured instead: smallest ρ_P(η = {_num(measured['eta'])}) = "
+        f"{measured['value']:.4g} ({html.escape(measured['at'])}, {measured['probes']} probes): "
+        + _span(label["class"], html.escape(label["text"]))
+    )
+
+
+def _fmt_rho_p(item: dict) -> str:
+    """Render the smallest ρ_P at the run's η, its label, and ρ at the same probe."""
+    if "reason" in item:
+        return _na() + " " + html.escape(item["reason"])
+    low = item["min_rho_p"]
+    label = low["label"]
+    if low.get("value") is None:
+        return _span(label["class"], html.escape(label["text"]))
+    return _span(label["class"], html.escape(label["text"])) + (
+        f": ρ_P = {low['value']:.4g} at {html.escape(low['at'])} (η = {_num(item['eta'])}); "
+        f"ρ = {_num(_opt(low.get('rho_there')))} there"
+    )
+
+
+def _fmt_advice_p(item: dict) -> str:
+    """Render the advice on ρ_P with the reversal label, and the ρ answers of the same probes."""
+    if "reason" in item:
+        return _na()
+    advice = item["eta_advice"]
+    if advice.get("eta_max") is None:
+        text = _na() + " ρ_P is undefined at every probe"
+    else:
+        text = (
+            f"every η ≥ {advice['eta_max']:.4g} keeps ≥ {100 * advice['target']:g}% of the "
+            "preconditioned descent at every probe (set by "
+            f"{html.escape(str(advice['decided_by']))})"
+        )
+    rev = item["reversal"]
+    text += "; " + _span(rev["class"], html.escape(rev["text"]))
+    plain = item.get("sgd_eta_advice")
+    if plain and plain.get("eta_max") is not None:
+        text += f" — ρ at the same probes: η ≥ {plain['eta_max']:.4g} keeps the target, " + (
+            f"reversal below {plain['eta_reversal']:.4g}"
+            if plain.get("eta_reversal")
+            else "no η reverses descent"
+        )
+    return text + f" — {advice['n_points']} probes"
+
+
+def _preconditioned_rows(under_p: dict | None, target: float) -> list[tuple[str, str]]:
+    """Return the findings rows of the runs with an Adam/AdamW P (``findings.preconditioned``)."""
+    rows: list[tuple[str, str]] = []
+    for label, item in ((under_p or {}).get("runs") or {}).items():
+        rows += [
+            (f"{label}: smallest ρ_P(η) at the run's η", _fmt_rho_p(item)),
+            (f"{label}: η advice under P (target {target:g})", _fmt_advice_p(item)),
+        ]
+        unset = (item.get("p_unset") or {}).get("label")
+        if unset:
+            rows.append((f"{label}: P at the probes", _span(NA, html.escape(unset["text"]))))
+    return rows
 
 
 def _fmt_rho(low: dict) -> str:
@@ -501,6 +575,7 @@ def findings_section(findings: dict) -> str:
                 _fmt_advice(task["eta_advice"]),
             ),
         ]
+        rows += _preconditioned_rows(task.get("preconditioned"), task["eta_advice"]["target"])
         body = "".join(
             f'<tr><td class="l">{html.escape(k)}</td><td class="l">{v}</td></tr>' for k, v in rows
         )
@@ -578,6 +653,8 @@ Mean cos θ_ki is c1: assumption (A3) of the theorems is c1 &gt; 0 at every prob
 m_g/M_g is c2 (A4). Bound (33): D(η) ≥ m·min(η c1, c2‖∇f‖)·‖∇f‖, checked at every probe
 where every cos θ_ki ≥ 0 (the stricter form (33) needs).
 ρ(η) = D(η)/(m‖∇f‖²): 1 without clipping, negative when clipping reverses descent.
+For a run with Adam or AdamW, ρ_P(η) = D_P(η)/(m⟨∇f, u⟩) with u = P⁻¹∇f (the optimizer's
+preconditioner P read at the probe) is the same share of the preconditioned descent.
 B_noise = tr(Σ)/‖∇f‖² is the gradient-noise-scale heuristic.
 The theory checks (Theorem 3.1/3.2) use only smoothness values the runs recorded, and only
 for runs inside a theorem's scope. Every label follows a rule of docs/reproduce.md ("Labels").</p>

@@ -13,6 +13,14 @@ each function is the rule written in the docs, with its thresholds named:
 * :func:`descent_label`: the smallest ρ(η) = D(η)/(m‖∇f‖²) at the run's η:
   ``ρ < 0`` reversed, ``ρ = 0`` cancelled (both bad), ``0 < ρ < KEPT_WARN``
   a warning ("kept only …"), ``ρ ≥ KEPT_WARN`` kept (good).
+* :func:`preconditioned_label`: the same rule for the smallest ρ_P(η) =
+  D_P(η)/(m⟨∇f, u⟩), u = P⁻¹∇f (Adam, AdamW), at the run's η, in words about
+  the *preconditioned* descent.
+* :func:`reversal_label`: whether any η > 0 reverses the preconditioned
+  descent at some probe (``eta_reversal`` of the advice on ρ_P): none is good,
+  one is a warning naming the threshold below which it happens.
+* :func:`unset_label`: probes where parameters had no optimizer state yet
+  (P = 1 there): information, no judgement.
 * :func:`verdict_class`: a theorem verdict's colour: ``satisfied`` good,
   ``violated`` bad, ``not checked`` / ``not applicable`` neutral.
 
@@ -37,7 +45,10 @@ __all__ = [
     "WARN",
     "descent_label",
     "drops",
+    "preconditioned_label",
+    "reversal_label",
     "trend_label",
+    "unset_label",
     "verdict_class",
 ]
 
@@ -135,6 +146,87 @@ def descent_label(rho: float | None) -> dict[str, str]:
     if rho >= 1:
         return _label("kept", OK, "clipping kept all of the unclipped descent (ρ ≥ 1)")
     return _label("kept", OK, f"clipping kept at least {100 * rho:.3g}% of the unclipped descent")
+
+
+def preconditioned_label(rho_p: float | None) -> dict[str, str]:
+    """Label a smallest ρ_P(η) = D_P(η)/(m⟨∇f, u⟩) at the run's η (Adam/AdamW, u = P⁻¹∇f).
+
+    The rule of :func:`descent_label` (the thresholds are the same), in words
+    about the preconditioned descent.
+
+    >>> preconditioned_label(1e-5)["text"]
+    'clipping kept only 0.001% of the preconditioned descent (never reversed it)'
+    >>> preconditioned_label(-0.2)["text"]
+    'clipping reversed the preconditioned descent (ρ_P < 0)'
+    >>> preconditioned_label(0.9999999999999999)["text"]
+    'clipping kept at least 99.9% of the preconditioned descent'
+    """
+    if rho_p is None or not math.isfinite(rho_p):
+        return _label("undecided", NA, "no finite ρ_P(η) recorded")
+    if rho_p < 0:
+        return _label("reversed", BAD, "clipping reversed the preconditioned descent (ρ_P < 0)")
+    if rho_p == 0:
+        return _label("cancelled", BAD, "clipping cancelled the preconditioned descent (ρ_P = 0)")
+    if rho_p < KEPT_WARN:
+        return _label(
+            "kept_little",
+            WARN,
+            f"clipping kept only {100 * rho_p:.2g}% of the preconditioned descent "
+            "(never reversed it)",
+        )
+    if rho_p >= 1:
+        return _label("kept", OK, "clipping kept all of the preconditioned descent (ρ_P ≥ 1)")
+    shown = math.floor(1000 * rho_p) / 10  # rounded down: "at least" stays true (never 100%)
+    return _label("kept", OK, f"clipping kept at least {shown:g}% of the preconditioned descent")
+
+
+def reversal_label(eta_reversal: float | None, at: str | None = None) -> dict[str, str]:
+    """Label whether some η > 0 reverses the preconditioned descent at some probe.
+
+    ``eta_reversal = max_k sup{η : D_P,k(η) < 0}`` (:mod:`clipscope.math.advice`
+    on ρ_P); ``at`` names the probe that sets it.
+
+    >>> reversal_label(0.0)["text"]
+    'no η > 0 reverses the preconditioned descent at any probe'
+    >>> reversal_label(0.12, "igc-adamw-B16 epoch 3")["text"]
+    'clipping reverses the preconditioned descent for η just below 0.12 (igc-adamw-B16 epoch 3); every η > 0.12 keeps it ≥ 0 at every probe'
+    """  # noqa: E501
+    if eta_reversal is None or not math.isfinite(eta_reversal):
+        return _label("undecided", NA, "ρ_P is undefined at every probe (⟨∇f, u⟩ = 0)")
+    if eta_reversal == 0:
+        return _label("never", OK, "no η > 0 reverses the preconditioned descent at any probe")
+    where = f" ({at})" if at else ""
+    return _label(
+        "below",
+        WARN,
+        f"clipping reverses the preconditioned descent for η just below {eta_reversal:.4g}"
+        f"{where}; every η > {eta_reversal:.4g} keeps it ≥ 0 at every probe",
+    )
+
+
+def unset_label(shares: Sequence[tuple[str, float]]) -> dict[str, str]:
+    """Name the probes where some parameters had no optimizer state (P = 1 for them).
+
+    ``shares``: ``(probe, share of the coordinates without state)`` for every
+    probe. A share of 1 (no step taken yet) makes ρ_P = ρ there.
+
+    >>> unset_label([("epoch 0", 1.0), ("epoch 1", 0.0)])["text"]
+    'P = 1 (no optimizer state yet) for 100% of the coordinates at epoch 0: ρ_P = ρ there'
+    >>> unset_label([("epoch 0", 0.0)])["label"]
+    'set'
+    """
+    unset = [(name, s) for name, s in shares if math.isfinite(s) and s > 0]
+    if not any(math.isfinite(s) for _, s in shares):
+        return _label(
+            "undecided", NA, "the share of coordinates without optimizer state was not recorded"
+        )
+    if not unset:
+        return _label("set", NA, "P was read from the optimizer's state at every probe")
+    parts = [
+        f"{100 * s:.3g}% of the coordinates at {name}" + (": ρ_P = ρ there" if s == 1 else "")
+        for name, s in unset
+    ]
+    return _label("unset", NA, "P = 1 (no optimizer state yet) for " + "; ".join(parts))
 
 
 def verdict_class(verdict: str) -> str:

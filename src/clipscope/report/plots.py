@@ -20,11 +20,12 @@ from matplotlib.ticker import MaxNLocator
 from clipscope.math.advice import EtaAdvice, advice_grid
 from clipscope.math.smoothness import fit_components, fit_l0_l1
 from clipscope.math.stats import ComponentStats
-from clipscope.report.findings import run_label, run_points
+from clipscope.report.findings import run_label, run_optimizer, run_points
 from clipscope.run.directory import RunRecord
 from clipscope.run.study import TaskRecord
 
 _STYLES = {"igc": "-", "rr": "-.", "sgd": "--", "shuffle_once": ":"}
+_OPTIMIZER_NAMES = {"adam": "Adam", "adamw": "AdamW"}
 
 
 def finite(values) -> np.ndarray:
@@ -38,14 +39,21 @@ def _run_style(task: TaskRecord, entry: dict, run: RunRecord) -> dict:
     sizes = sorted({int(e.get("batch_size") or r.batch_size or 0) for e, r in task.runs})
     batch = int(entry.get("batch_size") or run.batch_size or 0)
     method = (entry.get("method") or run.method).lower()
+    if run_optimizer(entry, run) != "sgd":  # an AdamW run beside the SGD grid: black, dash-dot
+        return {"color": "k", "linestyle": (0, (5, 1, 1, 1))}
     return {"color": f"C{sizes.index(batch) % 10}", "linestyle": _STYLES.get(method, "-")}
 
 
 def run_title(entry: dict, run: RunRecord) -> str:
-    """``IGC B=16`` for a run of ``clipscope train``; ``Monitor B=32`` for a Monitor's run."""
+    """``IGC B=16`` for a run of ``clipscope train`` (``IGC-AdamW B=16`` with AdamW).
+
+    ``Monitor B=32`` for a Monitor's run.
+    """
     method = "Monitor" if run.kind == "monitor" else (entry.get("method") or run.method).upper()
     batch = entry.get("batch_size") or run.batch_size
-    return f"{method} B={batch}"
+    optimizer = run_optimizer(entry, run)  # "IGC-AdamW B=16" beside the SGD runs
+    optimizer = "" if optimizer == "sgd" else "-" + _OPTIMIZER_NAMES.get(optimizer, optimizer)
+    return f"{method}{optimizer} B={batch}"
 
 
 def _empty_note(ax, text: str) -> None:

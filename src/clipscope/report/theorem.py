@@ -40,6 +40,10 @@ the report hands it none. The dict holds:
   inside): a run outside gets the verdict ``"not applicable: <reason>"`` and no
   bound (a momentum, weight-decay or scheduled run, an adaptive optimizer, a
   method without a theorem, η = ∞);
+* ``measured`` (Adam / AdamW runs only, :func:`measured_rho_p`): what the
+  run measured instead of a bound, the smallest recorded ρ_P(η) at its η
+  (``epochs.csv`` column ``rho_p``) with the probe where it occurred; the
+  verdict sentence ends with it when one was recorded;
 * ``verdict``: the outcome in plain words.
 
 Without ``measure`` nothing is computed from a model: a run without
@@ -57,10 +61,10 @@ import numpy as np
 
 from clipscope.math import theory
 from clipscope.math.smoothness import FIT_METHODS, fit_components, fit_l0_l1
-from clipscope.math.theory import THEOREM_SCOPE, THEOREMS
+from clipscope.math.theory import ADAPTIVE_OPTIMIZERS, THEOREM_SCOPE, THEOREMS
 from clipscope.run.directory import RunRecord
 
-__all__ = ["ESTIMATES", "Measure", "check_theorem", "run_scope"]
+__all__ = ["ESTIMATES", "Measure", "check_theorem", "measured_rho_p", "measured_text", "run_scope"]
 
 #: ``measure(components) -> {"points": [...], "skipped_checkpoints": [...], "m": m}``:
 #: Lanczos pairs at the run's points (see :func:`clipscope.theory_check.measure_points`).
@@ -120,6 +124,38 @@ def run_scope(record: RunRecord) -> str | None:
         schedule=str(record.setting("schedule", default="constant")),
         milestones=tuple(record.setting("milestones", default=())),
         schedule_gamma=float(record.setting("schedule_gamma", default=0.1)),
+    )
+
+
+def measured_rho_p(record: RunRecord) -> dict[str, Any] | None:
+    """Return the smallest recorded ρ_P(η) at the run's η for an Adam / AdamW run, else None.
+
+    Read from the ``rho_p`` column of ``epochs.csv`` (ρ_P at the run's η at each
+    probe, ``docs/training.md``): ``{"value", "epoch", "at", "probes", "eta"}``,
+    ``value`` None when no probe recorded a finite one (a run written before the
+    column existed). No theorem of the paper covers these runs; this is what
+    was measured instead of a bound.
+    """
+    if str(record.setting("optimizer", default="sgd")).lower() not in ADAPTIVE_OPTIMIZERS:
+        return None
+    rho_p, epochs = record.column("rho_p"), record.column("epoch")
+    keep = np.isfinite(rho_p)
+    out: dict[str, Any] = {"value": None, "probes": int(keep.sum()), "eta": record.eta}
+    if keep.any():
+        k = int(np.flatnonzero(keep)[np.argmin(rho_p[keep])])
+        epoch = int(epochs[k]) if np.isfinite(epochs[k]) else k
+        out |= {"value": float(rho_p[k]), "epoch": epoch, "at": record.point_name(epoch)}
+    return out
+
+
+def measured_text(measured: dict[str, Any]) -> str:
+    """``measured instead: min ρ_P(η = 0.5) over 7 probes = 0.93 (epoch 3)``."""
+    eta = measured["eta"]
+    if measured["value"] is None:
+        return f"measured instead: no ρ_P(η = {eta:g}) recorded"
+    return (
+        f"measured instead: min ρ_P(η = {eta:g}) over {measured['probes']} probes = "
+        f"{measured['value']:.4g} ({measured['at']})"
     )
 
 
@@ -195,6 +231,7 @@ def check_theorem(
         "skipped_checkpoints": [],
         "all_converged": True,
         "notes": list(record.notes),  # e.g. a half-written last row of epochs.csv left out
+        "measured": measured_rho_p(record),
     }
     hess = record.column("hess_norm")
     traj = record.column("traj_smoothness")
@@ -266,7 +303,10 @@ def _verdict(out: dict, record: RunRecord) -> tuple[str, dict | None, dict | Non
     """Return the plain-words verdict, both sides of (38)/(45) with the condition, and the drift."""
     method, eta, c1, c2 = out["method"], out["eta"], out["c1"], out["c2"]
     if out["not_applicable"]:
-        return f"not applicable: {out['not_applicable']}", None, None
+        measured = out.get("measured")
+        recorded = measured is not None and measured["value"] is not None
+        tail = "; " + measured_text(measured) if recorded else ""
+        return f"not applicable: {out['not_applicable']}{tail}", None, None
     if not (c1 > 0):
         return (
             f"(A3) fails: min over the run of c1 = {c1:.4g} ≤ 0, the theorem does not apply",

@@ -16,8 +16,9 @@ Written by ``clipscope reproduce`` (:func:`write_study`), read by the report
     findings.json               the answers, per task (:mod:`clipscope.report.findings`)
 
 Each run entry is ``{"method", "batch_size", "dir", "config"}`` (relative
-paths), plus ``"exit_code"`` when the run stopped early and ``"theorem": true``
-for a run that records what Theorem 3.1 / 3.2 needs. Each task also records
+paths), plus ``"exit_code"`` when the run stopped early, ``"theorem": true``
+for a run that records what Theorem 3.1 / 3.2 needs and ``"optimizer"`` for a
+run with another optimizer than SGD (the AdamW-clip run). Each task also records
 ``"threads"``: the torch thread counts its runs and cross-sections used
 (:func:`clipscope.reproduce.study_threads`; each run's ``env.json`` has its own).
 """
