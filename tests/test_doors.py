@@ -186,3 +186,43 @@ def test_a_documented_monitor_example_clips(page, tmp_path, monkeypatch):
     assert all(0 < r["rho"] < 1 for r in rows), [r["rho"] for r in rows]
     assert any(r["clipped_fraction"] > 0 for r in rows)
     assert all(math.isfinite(r["rho"]) for r in rows)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="needs os.mkfifo")
+@pytest.mark.parametrize("kind", ["fifo", "symlink", "device"])
+def test_an_out_that_is_not_a_plain_file_is_refused_even_with_force(tmp_path, kind):
+    """An atomic write would replace a FIFO, a link or a device by a plain file: exit 2."""
+    import os
+
+    if kind == "fifo":
+        out = tmp_path / "fifo"
+        os.mkfifo(out)
+    elif kind == "symlink":
+        (tmp_path / "target.csv").write_text("kept\n")
+        out = tmp_path / "link.csv"
+        out.symlink_to(tmp_path / "target.csv")
+    else:
+        out = Path("/dev/null")
+        if not out.exists():
+            pytest.skip("no /dev/null")
+    before = out.lstat()
+    done = clipscope("probe", "--task", "mlp", "--samples", "64", "--out", str(out), "--force")
+    assert done.returncode == 2, done.stderr
+    assert f"--out {out} is " in done.stderr and "name a plain file" in done.stderr
+    after = out.lstat()
+    assert (after.st_mode, after.st_ino) == (before.st_mode, before.st_ino)
+    if kind == "symlink":
+        assert (tmp_path / "target.csv").read_text() == "kept\n"
+    write_run(tmp_path / "run", epochs=2, eta=0.5, batch=4, seed=1)
+    done = clipscope("report", str(tmp_path / "run"), "--out", str(out))
+    assert done.returncode == 2 and "name a plain file" in done.stderr, done.stderr
+    assert not (tmp_path / "run" / "findings.json").exists()
+
+
+def test_report_and_advise_out_with_a_file_in_its_path_are_named(tmp_path):
+    write_run(tmp_path / "run", epochs=2, eta=0.5, batch=4, seed=1)
+    (tmp_path / "afile").write_text("x")
+    done = clipscope("report", str(tmp_path / "run"), "--out", str(tmp_path / "afile/r.html"))
+    assert done.returncode == 2 and "has a file in its path" in done.stderr, done.stderr
+    done = clipscope("advise", str(tmp_path / "run"), "--out", str(tmp_path / "afile"))
+    assert done.returncode == 2 and "is a file, not a folder" in done.stderr, done.stderr

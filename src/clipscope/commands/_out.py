@@ -6,7 +6,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-__all__ = ["check_creatable", "make_parent"]
+__all__ = ["check_creatable", "check_output_file", "make_parent"]
 
 
 def check_creatable(path: str | Path, flag: str = "--out") -> None:
@@ -56,4 +56,35 @@ def make_parent(path: str | Path, flag: str = "--out") -> Path:
         raise ValueError(
             f"{flag} {path}: cannot create its folder {path.parent} ({exc.strerror or exc})"
         ) from None
+    return path
+
+
+def check_output_file(path: str | Path, flag: str = "--out") -> Path:
+    """Refuse an output file that is not a plain file, or with a file in its path.
+
+    Outputs are written atomically: a new file replaces ``path`` by a rename, so
+    a device, a FIFO, a symbolic link or a folder standing at ``path`` would be
+    replaced by a plain file (``--force`` included). Nothing is created here.
+
+    Raises
+    ------
+    ValueError
+        Naming ``flag``, the path and what stands there (or in its path).
+    """
+    path = Path(path)
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        what = (
+            "a symbolic link" if path.is_symlink()
+            else "a folder" if path.is_dir()
+            else "not a regular file (a device, a FIFO or a socket)"
+        )  # fmt: skip
+        raise ValueError(
+            f"{flag} {path} is {what}: the output is written as a new file that replaces "
+            "it, so name a plain file"
+        )
+    base = path.parent
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if base.exists() and not base.is_dir():
+        raise ValueError(f"{flag} {path} has a file in its path: {base}")
     return path

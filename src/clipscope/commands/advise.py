@@ -183,6 +183,8 @@ def run(args: argparse.Namespace) -> int:
 
     result = advice_of(args.directory, args.target)
     folder = Path(args.out) if args.out else Path(args.directory) / "advice"
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--out {folder} is a file, not a folder for the figures")
     check_creatable(folder, "--out")  # a folder that cannot be made: exit 2, nothing written
     written = []
     for name, title, points, advice, eta in result.pop("_figures"):

@@ -34,7 +34,7 @@ from typing import Any
 from torch import nn
 
 from clipscope.atomic import atomic_write_text, load_checkpoint
-from clipscope.commands._out import make_parent
+from clipscope.commands._out import check_output_file, make_parent
 from clipscope.config import check_resources, load_config
 from clipscope.engine import DROPOUT_POLICIES, ROUTES, MultiProbeResult, probe
 from clipscope.tasks import BUILTIN_TASKS, build_task, builtin_task
@@ -208,10 +208,11 @@ def run(args: argparse.Namespace) -> int:
             f"got --route {args.route}"
         )
     out = Path(args.out)
+    if out.is_dir() and not out.is_symlink():
+        raise ValueError(f"--out {out} is a directory; name the CSV file to write")
+    check_output_file(out)  # a device, FIFO or link would be replaced: refused, --force or not
     if out.exists() and not args.force:
         raise FileExistsError(f"{out} exists (use --force to overwrite)")
-    if out.is_dir():
-        raise ValueError(f"--out {out} is a directory; name the CSV file to write")
     model, loss_fn, comps, settings = load_task(args)
     make_parent(out)  # before the probe: a folder that cannot be made is named, not a .tmp file
     result = probe(

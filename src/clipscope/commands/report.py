@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from clipscope.math.advice import DEFAULT_TARGET
 
@@ -34,12 +33,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Build the report and say where it is."""
-    from clipscope.commands._out import check_creatable
+    from clipscope.commands._out import check_creatable, check_output_file
     from clipscope.report import build_report  # matplotlib and scipy: only when it runs
     from clipscope.report.findings import FINDINGS_FILE
 
     if args.out is not None:  # its folder is made by build_report; one that cannot be: exit 2
-        check_creatable(Path(args.out).parent, "--out")
+        check_creatable(check_output_file(args.out, "--out").parent, "--out")
     path = build_report(args.directory, args.out, target=args.target)
     print(f"report: {path}")
     print(f"findings: {path.parent / FINDINGS_FILE}")
