@@ -46,6 +46,7 @@ def test_failed_write_keeps_old_content(tmp_path, monkeypatch, where):
     with pytest.raises(OSError) as info:
         atomic_write_text(target, "a,b\n1,2\n3,4\n")
     assert info.value.errno == errno.ENOSPC
+    assert info.value.filename == str(target)  # the file meant, for the one-line message
     monkeypatch.undo()
     assert target.read_text() == "a,b\n1,2\n"
     assert [p.name for p in tmp_path.iterdir()] == ["rows.csv"]

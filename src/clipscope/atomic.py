@@ -79,7 +79,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (tmp in the same dir, fsync, rename, fsync dir).
 
     On any error the temporary file is removed, the previous content of ``path``
-    (if any) is left intact, and the error is re-raised.
+    (if any) is left intact, and the error is re-raised; an ``OSError`` that names
+    no file (a write or fsync on a full disk) is re-raised naming ``path``.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
@@ -89,11 +90,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             tmp.unlink()
         except OSError:
             pass
+        if isinstance(exc, OSError) and not exc.filename and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
     _fsync_dir(path.parent)
 
