@@ -618,3 +618,35 @@ def test_the_coupling_check_leaves_fixed_dropout_and_independent_samples_alone()
                 dropout="fixed")  # fmt: skip
     record = res.info["independent_samples"]
     assert record["checked"] and record["samples"] == 8 and record["max_error"] <= 1e-12
+
+
+class _NanBackward(torch.autograd.Function):
+    """Identity forward; a NaN gradient for sample 1 of each batch (the losses stay finite)."""
+
+    @staticmethod
+    def forward(ctx, h):
+        return h.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.clone()
+        g[1] = float("nan")
+        return g
+
+
+class _NanModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.b(_NanBackward.apply(self.a(x)))
+
+
+@pytest.mark.parametrize("route", ["per-sample-kept", "per-sample"])
+def test_a_non_finite_per_sample_gradient_names_the_chunk(route):
+    torch.manual_seed(0)
+    X, Y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,))
+    comps = Components.from_tensors(X, Y, batch_size=4)
+    with pytest.raises(NonFiniteError, match=r"^chunk 0\b.*nothing was changed"):
+        probe(_NanModel().double(), F.cross_entropy, comps, [1.0], route=route, batch_sizes=[1])

@@ -251,9 +251,12 @@ class _Attempt:
                     self.model, self.loss_fn, x, y, flat, plan, self.reduced
                 )
             else:
-                ghost = per_sample.ghost_pass(
-                    self.model, self.loss_fn, x, y, plan=plan, keep=bool(self.keep_factors)
-                )
+                try:
+                    ghost = per_sample.ghost_pass(
+                        self.model, self.loss_fn, x, y, plan=plan, keep=bool(self.keep_factors)
+                    )
+                except NonFiniteError as exc:  # name the chunk and its samples, as below
+                    raise NonFiniteError(f"chunk {c} (samples {a}..{b - 1}): {exc}") from exc
                 ell, grad_sum = ghost.losses, ghost.grad_sum
                 self.sq_norms[a:b] = ghost.sq_norms.detach().double().cpu().numpy()
         self.losses[a:b] = ell.detach().double().cpu().numpy()
