@@ -68,11 +68,13 @@ from clipscope.atomic import (
     save_checkpoint,
 )
 from clipscope.errors import ConfigError, CorruptCheckpointError, UnloadableCheckpointError
+from clipscope.math.thresholds import RULES as ETA_RULES
 from clipscope.run.env import environment_changes
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "COLUMNS",
+    "ETA_RULES",
     "PRECONDITIONED_COLUMNS",
     "RunDirectory",
     "RunRecord",
@@ -125,6 +127,11 @@ PRECONDITIONED_COLUMNS = (
     "p_unset_share",
     "decay_ratio",
 )
+
+#: ETA_RULES: the values of ``eta`` that name a threshold rule rather than a number
+#: (:data:`clipscope.math.thresholds.RULES`). Their runs have an ``eta`` column after
+#: :data:`COLUMNS`: the η in force from each probe on (descent-safe: the η decided
+#: there; AutoClip: the percentile of the norms seen before it, NaN at x_0).
 
 #: ``format`` of the checkpoints written now. Checkpoints without it were written
 #: before the loop's units existed; :func:`clipscope.loop.state.upgrade_checkpoint`
@@ -499,9 +506,22 @@ class RunRecord:
 
     @property
     def eta(self) -> float:
-        """The run's clipping threshold (``inf`` for an unclipped run)."""
+        """The run's clipping threshold (``inf`` for an unclipped run; NaN for a rule).
+
+        A run whose η is set by a rule (``eta = "descent-safe"`` or ``"autoclip"``:
+        :attr:`eta_rule`) has no single η: NaN here, the η in force per probe in
+        the ``eta`` column.
+        """
         value = self.setting("eta", "method.eta", "train.eta", default=math.inf)
+        if isinstance(value, str) and value in ETA_RULES:
+            return math.nan
         return float(value)
+
+    @property
+    def eta_rule(self) -> str | None:
+        """``"descent-safe"`` or ``"autoclip"`` when a rule set the run's η, else None."""
+        value = self.setting("eta", "method.eta", "train.eta")
+        return value if isinstance(value, str) and value in ETA_RULES else None
 
     @property
     def lr(self) -> float:
