@@ -336,3 +336,63 @@ def test_rule_settings_round_trip_through_config_toml(tmp_path):
     assert parse_config(tomllib.loads(dump_config(cfg))) == cfg
     cfg = parse_config({"eta": "autoclip", "autoclip_percentile": 25})
     assert parse_config(tomllib.loads(dump_config(cfg))) == cfg
+
+
+# -- the report: η over training, recomputed from the stored profiles -------------------
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_report_recomputes_every_eta_and_draws_it(tmp_path, optimizer):
+    from clipscope.report.html import build_report
+    from clipscope.report.plots import eta_trajectory
+    from clipscope.run.study import load_study
+
+    run = tmp_path / "run"
+    h = fit(_model(), _loss, _problem(), "igc", optimizer=optimizer, lr=0.05,
+            eta="descent-safe", rho_target=0.7, eta_max=50.0, epochs=3, progress=False,
+            run_dir=run)  # fmt: skip
+    record = load_run(run)
+    replayed = record.replay_etas()
+    assert [d.eta for d in replayed] == [r["eta"] for r in h.rows]
+    assert all(d.reason in ("target", "eta_max") for d in replayed)
+    out = tmp_path / "report.html"
+    build_report(run, out)
+    assert (tmp_path / "figures").is_dir() or out.is_file()
+    assert "eta_rule" in out.read_text()
+    fig = eta_trajectory(load_study(run)[0])
+    assert "DIFFERS" not in fig.axes[0].get_title()
+
+
+def test_report_names_a_recorded_eta_that_the_profiles_do_not_give(tmp_path):
+    """Tamper with one recorded η: the figure's title names the run (the check can fail)."""
+    import csv
+
+    from clipscope.report.plots import eta_trajectory
+    from clipscope.run.study import load_study
+
+    run = tmp_path / "run"
+    fit(_model(), _loss, _problem(), "rr", lr=0.05, eta="descent-safe", epochs=2,
+        progress=False, run_dir=run)  # fmt: skip
+    path = run / "epochs.csv"
+    rows = list(csv.DictReader(path.open()))
+    rows[1]["eta"] = str(float(rows[1]["eta"]) * 1.001)
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    fig = eta_trajectory(load_study(run)[0])
+    assert "DIFFERS" in fig.axes[0].get_title()
+
+
+def test_report_of_an_autoclip_run(tmp_path):
+    """AutoClip has no η at x_0 (NaN): the report still renders, ρ from the η column."""
+    from clipscope.report.html import build_report
+
+    run = tmp_path / "run"
+    fit(_model(), _loss, _problem(), "sgd", lr=0.05, eta="autoclip", autoclip_percentile=50,
+        epochs=2, progress=False, run_dir=run)  # fmt: skip
+    record = load_run(run)
+    assert record.eta_rule == "autoclip" and record.replay_etas() is None
+    etas = record.column("eta")
+    assert math.isnan(etas[0]) and np.isfinite(etas[1:]).all()
+    assert "eta_rule" in build_report(run, tmp_path / "report.html").read_text()

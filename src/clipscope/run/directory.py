@@ -69,6 +69,7 @@ from clipscope.atomic import (
 )
 from clipscope.errors import ConfigError, CorruptCheckpointError, UnloadableCheckpointError
 from clipscope.math.thresholds import RULES as ETA_RULES
+from clipscope.math.thresholds import replay_descent_safe
 from clipscope.run.env import environment_changes
 
 __all__ = [
@@ -522,6 +523,30 @@ class RunRecord:
         """``"descent-safe"`` or ``"autoclip"`` when a rule set the run's η, else None."""
         value = self.setting("eta", "method.eta", "train.eta")
         return value if isinstance(value, str) and value in ETA_RULES else None
+
+    def replay_etas(self) -> list | None:
+        """Recompute a descent-safe run's η at every probe from its component files alone.
+
+        One :class:`~clipscope.math.thresholds.EtaDecision` per row, in row order, from
+        ``components/epoch_XXXX.npz`` and the stored ``rho_target``, ``eta_min``,
+        ``eta_max`` (ρ_P where the files hold ``dots_p``: an Adam/AdamW run):
+        :func:`~clipscope.math.thresholds.replay_descent_safe`, the function the run
+        itself decided with, so the result equals the ``eta`` column. None for a run
+        that is not descent-safe (AutoClip's η depends on every step's norm, which a
+        ``fit`` run does not store); None also when a row's component file is missing.
+        """
+        if self.eta_rule != "descent-safe":
+            return None
+        files = [self.components(int(k)) for k in self.column("epoch")]
+        if any(f is None for f in files):
+            return None
+        bounds = [self.setting(k) for k in ("eta_min", "eta_max")]
+        return replay_descent_safe(
+            files,
+            float(self.setting("rho_target", default=0.9)),
+            *(None if b is None else float(b) for b in bounds),
+            preconditioned=all("dots_p" in f for f in files),
+        )
 
     @property
     def lr(self) -> float:
