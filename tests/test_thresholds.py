@@ -396,3 +396,124 @@ def test_report_of_an_autoclip_run(tmp_path):
     etas = record.column("eta")
     assert math.isnan(etas[0]) and np.isfinite(etas[1:]).all()
     assert "eta_rule" in build_report(run, tmp_path / "report.html").read_text()
+
+
+@pytest.mark.parametrize(
+    "line,key",
+    [
+        ('eta = "descent-safe"\nrho_target = 1.5', "rho_target"),
+        ("eta = 1.0\nautoclip_percentile = 50", "autoclip_percentile"),
+        ('eta = "autoclip"\nautoclip_percentile = 0', "autoclip_percentile"),
+    ],
+)
+def test_cli_train_refuses_bad_rule_settings_with_exit_2(tmp_path, line, key):
+    import subprocess
+    import sys
+
+    config = tmp_path / "run.toml"
+    config.write_text(f"task = 'least_squares'\nlr = 0.1\nepochs = 1\n{line}\n")
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "clipscope", "train", str(config), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert f"'{key}'" in proc.stderr
+    assert not out.exists()
+
+
+# -- the Monitor's opt-in: it sets the threshold of the user's own loop -----------------
+
+
+def _monitor_problem():
+    from torch import nn
+
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(24, 3, generator=gen, dtype=torch.float64)
+    Y = X @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) + 0.5 * torch.randn(
+        24, generator=gen, dtype=torch.float64
+    )
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    return (
+        model,
+        (lambda out, y: 0.5 * ((out.squeeze(-1) - y) ** 2).mean()),
+        Components.from_tensors(X, Y, batch_size=6, seed=0),
+    )
+
+
+def test_monitor_descent_safe_sets_the_loops_threshold_as_fit_does(tmp_path):
+    """A loop that clips at monitor.eta is fit(eta="descent-safe") step for step."""
+    import copy
+
+    from clipscope import Monitor
+    from clipscope.clipping import clip_grads_
+
+    model, loss_fn, comps = _monitor_problem()
+    reference = copy.deepcopy(model)
+    h = fit(reference, loss_fn, comps, "igc", lr=0.1, eta="descent-safe", rho_target=0.8,
+            epochs=3, progress=False)  # fmt: skip
+    lines: list[str] = []
+    m = comps.m
+    monitor = Monitor(
+        model, loss_fn, comps, eta="descent-safe", rho_target=0.8, every=m,
+        smoothness_every=None, run_dir=tmp_path / "mon", log=lines.append,
+    )  # fmt: skip
+    assert monitor.eta == math.inf  # before the first probe
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    used = []
+    for step in range(3 * m):
+        monitor.step(step, lr=0.1)
+        x, y = comps.batch(step % m)
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        used.append(monitor.eta)
+        norm = clip_grads_(list(model.parameters()), monitor.eta)
+        monitor.gradient(norm, loss=loss)
+        opt.step()
+    monitor.step(3 * m, lr=0.1)
+    monitor.close()
+    for got, want in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(got, want)
+    assert [r["eta"] for r in monitor.rows] == [r["eta"] for r in h.rows]
+    assert used == [h.rows[s // m]["eta"] for s in range(3 * m)]
+    assert sum("descent-safe: η" in t for t in lines) == len({r["eta"] for r in h.rows})
+    record = load_run(tmp_path / "mon")
+    assert [d.eta for d in record.replay_etas()] == [r["eta"] for r in monitor.rows]
+
+
+def test_monitor_descent_safe_resumes_with_its_eta(tmp_path):
+    from clipscope import Monitor
+
+    model, loss_fn, comps = _monitor_problem()
+    first = Monitor(model, loss_fn, comps, eta="descent-safe", every=2, smoothness_every=None)
+    first.step(0)
+    state = first.state_dict()
+    again = Monitor(model, loss_fn, comps, eta="descent-safe", every=2, smoothness_every=None)
+    again.load_state_dict(state)
+    assert again.eta == first.eta < math.inf
+    other = Monitor(model, loss_fn, comps, eta="descent-safe", rho_target=0.5, every=2,
+                    smoothness_every=None)  # fmt: skip
+    with pytest.raises(ValueError, match="rho_target"):
+        other.load_state_dict(state)
+
+
+@pytest.mark.parametrize(
+    "kwargs,key",
+    [
+        ({"eta": "autoclip"}, "eta"),
+        ({"eta": 1.0, "rho_target": 0.5}, "rho_target"),
+        ({"eta": "descent-safe", "rho_target": 2.0}, "rho_target"),
+        ({"eta": "descent-safe", "eta_min": -1.0}, "eta_min"),
+    ],
+)
+def test_monitor_refuses_bad_rule_settings(kwargs, key):
+    from clipscope import Monitor
+
+    model, loss_fn, comps = _monitor_problem()
+    with pytest.raises(ValueError, match=f"'{key}'"):
+        Monitor(model, loss_fn, comps, every=2, **kwargs)

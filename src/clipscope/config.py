@@ -19,8 +19,11 @@ default. :func:`load_config` validates the whole file before
 anything runs: an unknown key, a wrong type or a bad value raises
 :class:`~clipscope.errors.ConfigError` (a ``ValueError``) naming the key. η may
 be written ``eta = inf`` (a TOML float) or ``eta = "inf"``; ``eta``, every entry
-of ``etas`` and ``zhang_gamma`` go through
-:func:`~clipscope.math.stats.check_eta`. A TOML file may carry a ``[study]``
+of ``etas``, ``zhang_gamma``, ``eta_min`` and ``eta_max`` go through
+:func:`~clipscope.math.stats.check_eta`. ``eta`` may instead name a rule that
+sets η while training (:data:`clipscope.math.thresholds.RULES`:
+``"descent-safe"`` with ``rho_target``, ``eta_min``, ``eta_max``; ``"autoclip"``
+with ``autoclip_percentile``; :mod:`clipscope.loop.thresholds`). A TOML file may carry a ``[study]``
 table for ``clipscope reproduce`` (:mod:`clipscope.reproduce`); training ignores it.
 
 :func:`check_resources` checks what depends on the machine (the device exists,

@@ -241,7 +241,9 @@ def fit(
 
     The keyword form of :func:`fit_loop`: ``method`` and ``settings`` become a
     :class:`~clipscope.config.FitConfig` (``lr`` is required; every other key
-    and its default are listed there: ``eta``, ``epochs``, ``seed``,
+    and its default are listed there: ``eta`` (a number, or ``"descent-safe"``
+    with ``rho_target``, ``eta_min``, ``eta_max``, or ``"autoclip"`` with
+    ``autoclip_percentile``: :mod:`clipscope.loop.thresholds`), ``epochs``, ``seed``,
     ``probe_every``, ``etas``, ``momentum``, ``weight_decay``, ``schedule``,
     ``milestones``, ``schedule_gamma``, ``zhang_gamma``, ``dropout``,
     ``route``, ``checkpoint_every``, ``keep_checkpoints``, ``smoothness_every``
