@@ -495,6 +495,14 @@ def eta_trajectory(task: TaskRecord) -> plt.Figure:
     top.set_title(title + (f" -- RECOMPUTED η DIFFERS: {', '.join(mismatched)}" if mismatched
                            else ""), fontsize=9)  # fmt: skip
     bottom.set_ylabel("ρ(η) kept (ρ_P with Adam/AdamW)")
+    shares = finite(
+        v
+        for _, run in task.runs
+        if run.eta_rule
+        for v in [*run.column("rho"), *run.column("rho_p")]
+    )
+    low = min(0.0, float(shares.min()) - 0.05) if shares.size else 0.0
+    bottom.set_ylim(low, max(1.05, float(shares.max()) + 0.05) if shares.size else 1.05)
     bottom.set_xlabel("epoch k")
     _integer_ticks(bottom.xaxis)
     for ax in (top, bottom):
