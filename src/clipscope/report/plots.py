@@ -34,7 +34,17 @@ def finite(values) -> np.ndarray:
 
 
 def _run_style(task: TaskRecord, entry: dict, run: RunRecord) -> dict:
-    """Colour by batch size, line style by method, so IGC B=8 and SGD B=8 share a colour."""
+    """Colour by batch size, line style by method, so IGC B=8 and SGD B=8 share a colour.
+
+    The runs of an arms study (``entry["arm"]``, ``clipscope reproduce --task
+    ptb-thresholds``) share method and batch size: colour by arm, style by seed.
+    """
+    if entry.get("arm"):
+        arms = list(dict.fromkeys(str(e.get("arm")).rsplit("-seed", 1)[0] for e, _ in task.runs))
+        arm = str(entry["arm"]).rsplit("-seed", 1)[0]
+        styles = ("-", "--", ":", "-.")
+        return {"color": f"C{arms.index(arm) % 10}",
+                "linestyle": styles[int(entry.get("seed") or 0) % len(styles)]}  # fmt: skip
     sizes = sorted({int(e.get("batch_size") or r.batch_size or 0) for e, r in task.runs})
     batch = int(entry.get("batch_size") or run.batch_size or 0)
     method = (entry.get("method") or run.method).lower()
@@ -43,6 +53,8 @@ def _run_style(task: TaskRecord, entry: dict, run: RunRecord) -> dict:
 
 def run_title(entry: dict, run: RunRecord) -> str:
     """``IGC B=16`` for a run of ``clipscope train``; ``Monitor B=32`` for a Monitor's run."""
+    if entry.get("arm"):  # an arms study: the arm and seed name the run
+        return str(entry["arm"])
     method = "Monitor" if run.kind == "monitor" else (entry.get("method") or run.method).upper()
     batch = entry.get("batch_size") or run.batch_size
     return f"{method} B={batch}"
