@@ -200,6 +200,11 @@ BAD_CONFIGS = [
     ({"nonmono": True}, "nonmono"),
     ({"task": "classification", "optimizer_switch": "nt-asgd"}, "optimizer_switch"),
     ({"optimizer_switch": "nt-asgd", "heldout": False}, "optimizer_switch"),
+    # threshold rules (issue 23); more in tests/test_thresholds.py
+    ({"eta": "descent-safe", "rho_target": 0.0}, "rho_target"),
+    ({"eta": "descent-safe", "eta_min": 0.0}, "eta_min"),
+    ({"eta": "descent-safe", "eta_max": -1.0}, "eta_max"),
+    ({"eta": "autoclip", "autoclip_percentile": 0}, "autoclip_percentile"),
 ]
 
 

@@ -517,3 +517,21 @@ def test_monitor_refuses_bad_rule_settings(kwargs, key):
     model, loss_fn, comps = _monitor_problem()
     with pytest.raises(ValueError, match=f"'{key}'"):
         Monitor(model, loss_fn, comps, every=2, **kwargs)
+
+
+def test_the_largest_descent_safe_eta_of_a_run_is_the_advice_over_it(tmp_path):
+    """The advice's eta_max at τ over a run's probes is the largest descent-safe η at ρ* = τ."""
+    from clipscope.commands.theory import check_run
+    from clipscope.math.advice import advise
+
+    run = tmp_path / "run"
+    h = fit(_model(), _loss, _problem(), "igc", lr=0.1, eta="descent-safe", rho_target=0.85,
+            epochs=3, progress=False, run_dir=run)  # fmt: skip
+    record = load_run(run)
+    points = [
+        (a["norms"], a["dots"], float(a["grad_norm"]))
+        for a in (record.components(k) for k in sorted(record.component_files))
+    ]
+    assert advise(points, 0.85).eta_max == max(r["eta"] for r in h.rows)
+    # the theorems are about one fixed η: a rule's run is outside their scope
+    assert "set while training" in check_run(run, measure=False)["not_applicable"]
