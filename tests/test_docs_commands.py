@@ -78,6 +78,10 @@ COVERED = {
         for cmd in documented_commands()
         if cmd.startswith(".venv/bin/python docs/results/adamw_shakespeare.py")
     },
+    "clipscope reproduce --task ptb-thresholds --data-dir DIR --out clipscope-out/ptb-thresholds": (
+        NOT_RUN + "PTB and about 40 minutes; the arms mechanism runs on least squares in "
+        "tests/test_reproduce_arms.py"
+    ),
     "clipscope advise clipscope-out/ptb-small": NOT_RUN
     + "needs that study; the same command on a study: test_reproduce_quick",
     "clipscope reproduce --task digits-cnn --epochs 1 --batch-sizes 64,128 --out /tmp/quick": (

@@ -60,6 +60,10 @@ VARIANTS = {
     # AdamW: its moments and step count are in the checkpoint (issue 22)
     "adamw-igc": ({"method": "igc", **ADAMW}, None),
     "adamw-rr": ({"method": "rr", **ADAMW}, None),
+    # threshold rules (issue 23): η in force, AutoClip's history of norms in the checkpoint
+    "descent-safe-igc": ({"method": "igc", "eta": '"descent-safe"', "rho_target": 0.8}, None),
+    "descent-safe-adamw-rr": ({"method": "rr", "eta": '"descent-safe"', **ADAMW}, None),
+    "autoclip-sgd": ({"method": "sgd", "eta": '"autoclip"', "autoclip_percentile": 25}, None),
 }
 
 
@@ -196,6 +200,11 @@ BAD_CONFIGS = [
     ({"nonmono": True}, "nonmono"),
     ({"task": "classification", "optimizer_switch": "nt-asgd"}, "optimizer_switch"),
     ({"optimizer_switch": "nt-asgd", "heldout": False}, "optimizer_switch"),
+    # threshold rules (issue 23); more in tests/test_thresholds.py
+    ({"eta": "descent-safe", "rho_target": 0.0}, "rho_target"),
+    ({"eta": "descent-safe", "eta_min": 0.0}, "eta_min"),
+    ({"eta": "descent-safe", "eta_max": -1.0}, "eta_max"),
+    ({"eta": "autoclip", "autoclip_percentile": 0}, "autoclip_percentile"),
 ]
 
 
@@ -399,6 +408,14 @@ def test_sigkill_at_random_step_then_resume_is_bitwise_equal(golden, killed, tmp
         rows = read_rows(gold)
         assert [r["p_unset_share"] for r in rows][:2] == ["1.0", "0.0"]
         assert all(r["rho_p"] not in ("", "nan") for r in rows)
+    if "descent-safe" in method or "autoclip" in method:  # η moved, and crossed the kill
+        etas = [float(r["eta"]) for r in read_rows(gold)]
+        assert len(set(etas)) > 2
+        _, state = latest_checkpoint(killed_run / "checkpoints")
+        if "autoclip" in method:
+            assert len(state["units"]["autoclip"]["history"]) == state["loop"]["step"] > 0
+        else:
+            assert math.isfinite(state["units"]["descent_safe"]["eta"])
 
 
 def test_sigterm_checkpoints_at_component_boundary_and_exits_143(golden, tmp_path):

@@ -19,8 +19,11 @@ default. :func:`load_config` validates the whole file before
 anything runs: an unknown key, a wrong type or a bad value raises
 :class:`~clipscope.errors.ConfigError` (a ``ValueError``) naming the key. η may
 be written ``eta = inf`` (a TOML float) or ``eta = "inf"``; ``eta``, every entry
-of ``etas`` and ``zhang_gamma`` go through
-:func:`~clipscope.math.stats.check_eta`. A TOML file may carry a ``[study]``
+of ``etas``, ``zhang_gamma``, ``eta_min`` and ``eta_max`` go through
+:func:`~clipscope.math.stats.check_eta`. ``eta`` may instead name a rule that
+sets η while training (:data:`clipscope.math.thresholds.RULES`:
+``"descent-safe"`` with ``rho_target``, ``eta_min``, ``eta_max``; ``"autoclip"``
+with ``autoclip_percentile``; :mod:`clipscope.loop.thresholds`). A TOML file may carry a ``[study]``
 table for ``clipscope reproduce`` (:mod:`clipscope.reproduce`); training ignores it.
 
 :func:`check_resources` checks what depends on the machine (the device exists,
@@ -59,6 +62,7 @@ from clipscope.data.splits import NAMED_FILE_DATASETS, WORD_CORPORA
 from clipscope.engine.guard import DROPOUT_POLICIES
 from clipscope.errors import ConfigError
 from clipscope.math.stats import check_eta
+from clipscope.math.thresholds import RULES, check_percentile
 from clipscope.methods import ADAPTIVE_OPTIMIZERS, METHODS, OPTIMIZERS, SCHEDULES
 from clipscope.run.directory import setting_diff
 
@@ -148,6 +152,10 @@ _NEWER_KEYS: dict[str, Any] = {
     "betas": [0.9, 0.999],
     "eps": 1e-8,
     "zhang_gamma": None,
+    "rho_target": 0.9,
+    "eta_min": None,
+    "eta_max": None,
+    "autoclip_percentile": 10.0,
 }
 
 
@@ -220,8 +228,21 @@ def check_setting(key: str, value: Any) -> Any:
     >>> check_setting("milestones", [3, 1])
     (1, 3)
     """
-    if key in ("eta", "zhang_gamma"):
-        return None if key == "zhang_gamma" and value is None else _eta(key, value)
+    if key == "eta" and isinstance(value, str) and value in RULES:
+        return value  # a threshold rule (clipscope.math.thresholds)
+    if key in ("eta", "zhang_gamma", "eta_min", "eta_max"):
+        return None if key != "eta" and value is None else _eta(key, value)
+    if key == "rho_target":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _bad(key, value, "expected a number in (0, 1]")
+        if not 0.0 < float(value) <= 1.0:  # also NaN
+            raise _bad(key, value, "the share of the unclipped descent to keep, in (0, 1]")
+        return float(value)
+    if key == "autoclip_percentile":
+        try:
+            return check_percentile(value)
+        except ValueError as exc:
+            raise _bad(key, value, str(exc)) from None
     if key == "etas":
         if not isinstance(value, (list, tuple)):
             raise _bad(key, value, "expected a list of thresholds")
@@ -318,7 +339,11 @@ class FitConfig:
     # -- method ---------------------------------------------------------------
     method: str = "igc"  # sgd | igc | rr | shuffle_once | zhang (clipscope.methods)
     lr: float  # step size α > 0 (constant unless a schedule is set)
-    eta: float = math.inf  # clipping threshold η > 0; inf = no clipping
+    eta: float | str = math.inf  # threshold η > 0; inf = no clipping; "descent-safe" | "autoclip"
+    rho_target: float = 0.9  # eta = "descent-safe": keep ρ(η) >= this share, in (0, 1]
+    eta_min: float | None = None  # eta = "descent-safe": lower bound of η (default none)
+    eta_max: float | None = None  # eta = "descent-safe": upper bound of η (default inf)
+    autoclip_percentile: float = 10.0  # eta = "autoclip": the percentile p, in (0, 100]
     epochs: int = 1  # epochs of m steps each; 0 = only the diagnostics at x_0
     seed: int = 0  # seed of the order's generator (clipscope train: also of the model init)
     # -- optimizer: it steps on C(∇f_i; η); the paper's methods are sgd without options -----
@@ -352,6 +377,7 @@ class FitConfig:
     def __post_init__(self) -> None:
         _validate_fields(self)
         _check_scopes(self, _LOOP_SCOPE)
+        _check_rule(self)
         if self.optimizer in ADAPTIVE_OPTIMIZERS:
             if self.method == "zhang":
                 raise _bad(
@@ -478,6 +504,10 @@ _LOOP_SCOPE: dict[str, tuple[str, tuple[Any, ...]]] = {
     "betas": ("optimizer", ("adam", "adamw")),
     "eps": ("optimizer", ("adam", "adamw")),
     "zhang_gamma": ("method", ("zhang",)),
+    "rho_target": ("eta", ("descent-safe",)),
+    "eta_min": ("eta", ("descent-safe",)),
+    "eta_max": ("eta", ("descent-safe",)),
+    "autoclip_percentile": ("eta", ("autoclip",)),
     "milestones": ("schedule", ("step",)),
     "schedule_gamma": ("schedule", ("step",)),
 }
@@ -500,6 +530,29 @@ _HINTS = {
     ("momentum", "adam"): "; Adam's momentum is betas[0]",
     ("momentum", "adamw"): "; AdamW's momentum is betas[0]",
 }
+
+
+def _check_rule(config: FitConfig) -> None:
+    """ConfigError for a threshold rule where it cannot work (or bounds in the wrong order)."""
+    eta = config.eta
+    if eta not in RULES:
+        return
+    if config.method == "zhang":
+        raise _bad(
+            "eta",
+            eta,
+            "method = 'zhang' caps the step length at γ (default η), a number: give a number",
+        )
+    if eta == "descent-safe":
+        if config.probe_every == 0:
+            raise _bad(
+                "probe_every",
+                0,
+                "eta = 'descent-safe' sets η at each probe from its η-profile: probe_every >= 1",
+            )
+        lo, hi = config.eta_min, config.eta_max
+        if lo is not None and hi is not None and lo > hi:
+            raise _bad("eta_min", lo, f"must be <= eta_max = {hi!r}")
 
 
 def _check_scopes(config: Any, scope: dict[str, tuple[str, tuple[Any, ...]]]) -> None:

@@ -339,7 +339,7 @@ def _params_of(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
 def clipped_step(
     optimizer: torch.optim.Optimizer,
     closure: Callable[[], torch.Tensor],
-    eta: float,
+    eta: float | Callable[[float], float],
     *,
     params: Sequence[torch.Tensor] | None = None,
     before_step: Callable[[float], None] | None = None,
@@ -362,6 +362,12 @@ def clipped_step(
     ``torch.distributed``), so C(·; η) is applied to the all-reduced gradient.
     The loss is then checked after the reduction, on every process alike.
 
+    ``eta`` may be a function ``eta(norm) -> η`` of the step gradient's norm
+    ‖∇f_i(x)‖ (before clipping, float64; AutoClip,
+    :class:`clipscope.loop.thresholds.AutoClip`): it is called once per step,
+    after the backward (and ``reduce``) and only when the norm is finite, and
+    the gradient is clipped at the η it returns.
+
     Raises
     ------
     NonFiniteError
@@ -378,7 +384,8 @@ def clipped_step(
     >>> w.detach()
     tensor([2.4000, 3.2000])
     """
-    eta = check_eta(eta)
+    rule = eta if callable(eta) else None
+    eta = math.inf if rule is not None else check_eta(eta)
     params = _params_of(optimizer) if params is None else list(params)
     _check_step_sizes(optimizer)
     optimizer.zero_grad(set_to_none=True)
@@ -390,6 +397,13 @@ def clipped_step(
         value = reduce(params, loss)
         if not math.isfinite(value):
             raise NonFiniteError(f"the component loss is {value}")
+    if rule is not None:
+        unique = {id(p): p for p in params}.values()  # tied weights once, as clip_grads_
+        grads = [p.grad for p in unique if p.grad is not None]
+        seen = float(grad_norm(grads)) if grads else math.nan
+        if not math.isfinite(seen):
+            raise NonFiniteError(f"the gradient norm is {seen}")
+        eta = check_eta(rule(seen))
     try:
         norm = clip_grads_(params, eta)
     except ValueError as exc:

@@ -23,6 +23,13 @@ Tasks:
   (:class:`clipscope.models.GPTLM`, 108,352 parameters) on the
   character-level text (first 90 % trained on, last 10 % held out), IGC-clip
   under AdamW at 3 batch sizes, ρ_P recorded beside ρ at every probe.
+* ``ptb-thresholds`` (needs ``--data-dir``; issue 23): *arms* instead of a
+  grid -- unclipped, the config's fixed η, the advised η, AutoClip and
+  descent-safe clipping, each at every seed of the task (``[study] arms`` and
+  ``seeds``; the ``advised`` arm takes ``eta_max`` of
+  :func:`clipscope.math.advice.advise` over the same seed's ``unclipped`` run,
+  which must come before it). Any config with such a table is a task of this
+  kind (another task name, another model).
 
 Besides the runs: a dyadic cross-section and a batch-size-1 cross-section at
 the final point of the smallest-batch IGC run where the task asks for them,
@@ -47,7 +54,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -117,6 +124,9 @@ class TaskSpec:
     notes: dict[str, str] = field(default_factory=dict)
     config_file: Path | None = None
     extra: tuple[dict[str, Any], ...] = ()
+    arms: tuple[dict[str, Any], ...] = ()
+    seeds: tuple[int, ...] = ()
+    advise_target: float = 0.9
 
 
 def load_tasks(directory: str | Path = CONFIGS) -> dict[str, TaskSpec]:
@@ -152,6 +162,9 @@ def load_tasks(directory: str | Path = CONFIGS) -> dict[str, TaskSpec]:
             notes={str(k): str(v) for k, v in study.get("notes", {}).items()},
             config_file=path,
             extra=tuple(dict(run) for run in study.get("extra", [])),
+            arms=tuple(dict(a) for a in study.get("arms", ())),
+            seeds=tuple(study.get("seeds", ())),
+            advise_target=float(study.get("advise_target", 0.9)),
         )
     # the embedded tasks first (the default study), then the paper-scale ones
     return dict(sorted(tasks.items(), key=lambda kv: (kv[1].needs_data_dir, kv[0])))
@@ -159,6 +172,10 @@ def load_tasks(directory: str | Path = CONFIGS) -> dict[str, TaskSpec]:
 
 TASKS: dict[str, TaskSpec] = load_tasks()
 EMBEDDED = tuple(name for name, spec in TASKS.items() if not spec.needs_data_dir)
+
+
+def _arm_of(spec: TaskSpec, label: str) -> dict[str, Any]:
+    return next(a for a in spec.arms if label.startswith(f"{a['name']}-seed"))
 
 
 def _run_name(method: str, batch_size: int, optimizer: str = "sgd") -> str:
@@ -232,6 +249,16 @@ def plan(
         spec = TASKS[name]
         if spec.needs_data_dir and not data_dir:
             raise ValueError(f"task {name!r} reads a dataset: pass --data-dir DIR")
+        if spec.arms:  # issue 23: arms × seeds, η and its rule's keys per arm
+            common = {"device": device, "progress": progress}
+            common |= {} if threads is None else {"threads": threads}
+            common |= {} if epochs is None else {"epochs": epochs}
+            common |= {"data_dir": str(data_dir)} if data_dir else {}
+            for arm, seed, raw in arm_configs(spec, common):
+                cfg = parse_config(raw)
+                check_resources(cfg)
+                grid.append((spec, arm_label(arm, seed), cfg.batch_size, cfg))
+            continue
         sizes = tuple(batch_sizes or spec.batch_sizes)
         runs = []
         for method in spec.methods:
@@ -266,6 +293,69 @@ def plan(
         for data, where, train, held in dict.fromkeys(wanted):  # each dataset once, in order
             load_splits(data, where, train_file=train, heldout_file=held)
     return grid
+
+
+def arm_label(arm: str, seed: int) -> str:
+    """Return the run name of one arm at one seed: ``autoclip-10-seed0``."""
+    return f"{arm}-seed{seed}"
+
+
+def arm_configs(spec: TaskSpec, common: dict[str, Any]):
+    """Yield ``(arm name, seed, raw config)`` of an arms task, in order.
+
+    Each arm is a table with ``name`` and the config keys it changes (``eta`` and
+    its rule's keys); ``eta = "advised"`` stands for the advice over the same
+    seed's ``unclipped`` arm, resolved when that run is done (here the base η
+    stands in, so the rest of the config is validated now).
+
+    Raises
+    ------
+    ValueError
+        An arm without a name, two arms of one name, an ``advised`` arm without
+        an earlier ``unclipped`` arm, an arms task without seeds.
+    """
+    if not spec.seeds:
+        raise ValueError(f"task {spec.name!r}: an arms study needs [study] seeds")
+    names = [a.get("name") for a in spec.arms]
+    if any(not isinstance(n, str) or not n for n in names) or len(set(names)) != len(names):
+        raise ValueError(f"task {spec.name!r}: every arm needs a distinct name, got {names}")
+    for k, arm in enumerate(spec.arms):
+        if arm.get("eta") == "advised" and "unclipped" not in names[:k]:
+            raise ValueError(
+                f"task {spec.name!r}: arm {arm['name']!r} is advised from the 'unclipped' arm, "
+                "which must come before it"
+            )
+    for arm in spec.arms:
+        keys = {k: v for k, v in arm.items() if k != "name"}
+        if keys.get("eta") == "advised":
+            keys["eta"] = spec.base.get("eta", math.inf)
+        for seed in spec.seeds:
+            yield arm["name"], seed, {**spec.base, **keys, "seed": seed, **common}
+
+
+def advised_eta(run_dir: Path, target: float) -> float:
+    """``eta_max`` of :func:`~clipscope.math.advice.advise` over every probe of a run.
+
+    The threshold from which on every η keeps ρ ≥ ``target`` at every probe of
+    that run (exact, from its component files).
+
+    Raises
+    ------
+    ValueError
+        The run has no component files, or ρ is undefined at every probe.
+    """
+    from clipscope.math.advice import advise
+    from clipscope.run.directory import load_run
+
+    record = load_run(run_dir)
+    points = []
+    for k in sorted(record.component_files):
+        a = record.components(k)
+        points.append((a["norms"], a["dots"], float(a["grad_norm"])))
+    value = float(advise(points, target).eta_max)
+    if not value > 0:
+        raise ValueError(f"no advice from {run_dir}: ρ is undefined at its probes")
+    return value
 
 
 def study_threads(configs: Sequence[TrainConfig]) -> dict[str, Any]:
@@ -445,10 +535,15 @@ def reproduce(
 
     failures = []
     for k, (spec, method, b, cfg) in enumerate(grid, 1):
-        run_name = _run_name(method, b, cfg.optimizer)
+        run_name = method if spec.arms else _run_name(method, b, cfg.optimizer)
         rel = Path("runs") / spec.name / run_name
         run_dir = out / rel
         config_path = out / "configs" / spec.name / f"{run_name}.toml"
+        if spec.arms and _arm_of(spec, method).get("eta") == "advised":
+            source = out / "runs" / spec.name / arm_label("unclipped", cfg.seed)
+            eta = on_writer(partial(advised_eta, source, spec.advise_target))
+            echo(f"  advised η from {source.name} (target {spec.advise_target:g}): {eta:.6g}")
+            cfg = replace(cfg, eta=eta)
         on_writer(partial(_write_text, config_path, dump_config(cfg)))
         entry = {
             "method": method,
@@ -462,6 +557,8 @@ def reproduce(
         if cfg.optimizer != "sgd":
             entry["optimizer"] = cfg.optimizer
             how += f" with {dict(adam='Adam', adamw='AdamW').get(cfg.optimizer, cfg.optimizer)}"
+        if spec.arms:
+            entry.update(method=cfg.method, arm=method, seed=cfg.seed)
         echo(f"[{k}/{len(grid)}] {spec.name}: {how}, batch size {b} -> {run_dir}")
         if on_writer(partial(_status, run_dir)) == "completed":
             echo("  already completed; kept")

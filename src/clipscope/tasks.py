@@ -319,7 +319,8 @@ def _lm_perplexity(
             )
             total += float(ce.double())
             count += target.numel()
-        return math.exp(total / count)
+        mean = total / count
+        return math.exp(mean) if mean < 709.0 else math.inf  # exp overflows a float past 709.78
 
     return heldout
 

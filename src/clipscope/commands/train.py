@@ -20,7 +20,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="train with a clipped incremental method, probing every epoch, into a run directory",
         description=(
             "Train with SGD-/IGC-/RR-clip (or shuffle-once, Zhang et al.) as the TOML config says "
-            "(each component gradient clipped exactly, then an SGD, Adam or AdamW step: "
+            "(each component gradient clipped exactly at eta, a number or set while training "
+            "by eta = descent-safe | autoclip, then an SGD, Adam or AdamW step: "
             "optimizer = sgd | adam | adamw), probing the clipping statistics at the start of "
             "every epoch. Exit codes: 0 done, "
             "2 bad config or refused directory, 3 non-finite loss, gradient or step (last good "

@@ -19,11 +19,14 @@ from clipscope.loop.measures import (
 )
 from clipscope.loop.monitor import Monitor
 from clipscope.loop.state import History, LoopState, upgrade_checkpoint
+from clipscope.loop.thresholds import AutoClip, DescentSafe, ThresholdRule
 from clipscope.loop.units import Finish, IntervalEnd, Needs, Point, Step, Unit, Units
 
 __all__ = [
     "NTASGD",
+    "AutoClip",
     "Checkpointing",
+    "DescentSafe",
     "Finish",
     "HeldOutMetric",
     "History",
@@ -41,6 +44,7 @@ __all__ = [
     "Step",
     "StepGradient",
     "StepStatistics",
+    "ThresholdRule",
     "Unit",
     "Units",
     "check_batch_coupling",

@@ -52,6 +52,7 @@ from clipscope.loop.measures import (
     StepStatistics,
 )
 from clipscope.loop.state import History, LoopState, upgrade_checkpoint
+from clipscope.loop.thresholds import ThresholdRule, make_rule
 from clipscope.loop.units import Finish, IntervalEnd, Point, Step, Unit, Units
 from clipscope.methods import (
     clipped_step,
@@ -98,8 +99,16 @@ def standard_units(
     extra: Sequence[Unit] = (),
     on_step: Callable[[int, int, float], None] | None = None,
 ) -> list[Unit]:
-    """Return the units :func:`fit_loop` drives for ``config``, in order (persisting last)."""
-    units: list[Unit] = [ProbeStatistics(config.eta, config.etas, config.probe_every)]
+    """Return the units :func:`fit_loop` drives for ``config``, in order (persisting last).
+
+    A threshold rule (``eta = "descent-safe"`` or ``"autoclip"``,
+    :func:`clipscope.loop.thresholds.make_rule`) comes first: the units that
+    read η at a point read the rule's η in force.
+    """
+    rule = make_rule(config)
+    eta = config.eta if rule is None else rule
+    units: list[Unit] = [] if rule is None else [rule]
+    units.append(ProbeStatistics(eta, config.etas, config.probe_every))
     if heldout is not None:
         units.append(HeldOutMetric(heldout))
     if config.smoothness_every:
@@ -114,7 +123,7 @@ def standard_units(
     if config.optimizer_switch == "nt-asgd":
         units.append(NTASGD(heldout, config.nonmono))
     if config.method == "igc":
-        units.append(IGCDrift(config.eta))
+        units.append(IGCDrift(eta))
     units += [StepStatistics(), *extra]
     if on_step is not None:
         units.append(OnStep(on_step))
@@ -148,6 +157,8 @@ class Loop:
             gamma=config.schedule_gamma,
         )
         self.state = LoopState()
+        #: the unit that sets η (``eta = "descent-safe"`` / ``"autoclip"``), else None
+        self.rule = next((u for u in units if isinstance(u, ThresholdRule)), None)
 
     @property
     def lr(self) -> float:
@@ -230,7 +241,9 @@ def fit(
 
     The keyword form of :func:`fit_loop`: ``method`` and ``settings`` become a
     :class:`~clipscope.config.FitConfig` (``lr`` is required; every other key
-    and its default are listed there: ``eta``, ``epochs``, ``seed``,
+    and its default are listed there: ``eta`` (a number, or ``"descent-safe"``
+    with ``rho_target``, ``eta_min``, ``eta_max``, or ``"autoclip"`` with
+    ``autoclip_percentile``: :mod:`clipscope.loop.thresholds`), ``epochs``, ``seed``,
     ``probe_every``, ``etas``, ``momentum``, ``weight_decay``, ``schedule``,
     ``milestones``, ``schedule_gamma``, ``zhang_gamma``, ``dropout``,
     ``route``, ``checkpoint_every``, ``keep_checkpoints``, ``smoothness_every``
@@ -494,10 +507,19 @@ def _step(loop: Loop, i: int, carry_state: bool, stop: _StopFlag) -> Step:
     batch and ``loop.reducer`` all-reduces the gradient before the clip.
     """
     st, config, model, reducer = loop.state, loop.config, loop.model, loop.reducer
-    eta = config.eta
+    box: dict[str, Any] = {"state": None}
+    rule = loop.rule
+    if rule is None:
+        eta = config.eta
+    elif rule.per_step:  # AutoClip: η from this step's norm (clipped_step calls it once)
+
+        def eta(norm: float) -> float:
+            box["eta"] = rule.step_eta(norm)
+            return box["eta"]
+    else:  # descent-safe: the η decided at the last probe
+        eta = rule.eta
     if config.method == "zhang":  # the step-length cap γ: threshold γ/α for this α
         eta = (config.eta if config.zhang_gamma is None else config.zhang_gamma) / loop.lr
-    box: dict[str, Any] = {"state": None}
     sequential = loop.components.sequential
     batch = loop.components.batch(i)
     if reducer is not None:
@@ -525,7 +547,7 @@ def _step(loop: Loop, i: int, carry_state: bool, stop: _StopFlag) -> Step:
 
     def make(norm: float) -> Step:
         return Step(
-            st.step + 1, i, eta, norm, box["loss"], loop.params,
+            st.step + 1, i, box.get("eta", eta), norm, box["loss"], loop.params,
             closes_interval=st.pos + 1 == len(loop.components), log=loop.log, loop=loop,
             stop_requested=stop.requested,
         )  # fmt: skip

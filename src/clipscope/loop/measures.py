@@ -35,6 +35,7 @@ from torch import nn
 from clipscope.config import check_setting
 from clipscope.engine import model_guard
 from clipscope.errors import NonFiniteError
+from clipscope.loop.thresholds import ThresholdRule
 from clipscope.loop.units import IntervalEnd, Needs, Point, Step, Unit
 from clipscope.math.smoothness import trajectory_smoothness
 from clipscope.run.directory import eta_column
@@ -74,8 +75,11 @@ class ProbeStatistics(Unit):
 
     Parameters
     ----------
-    eta : float
-        The run's threshold η (> 0, ``inf`` allowed).
+    eta : float or ThresholdRule
+        The run's threshold η (> 0, ``inf`` allowed), or the rule that sets it
+        (:mod:`clipscope.loop.thresholds`; it must have decided at the point
+        already: it comes first in the units). A NaN η (AutoClip at x_0) leaves
+        the η columns NaN.
     etas : sequence of float
         Extra thresholds for the ``rho@η`` columns.
     every : int
@@ -84,8 +88,10 @@ class ProbeStatistics(Unit):
 
     name = "probe_statistics"
 
-    def __init__(self, eta: float, etas: Sequence[float] = (), every: int = 1) -> None:
-        self.eta = check_setting("eta", eta)
+    def __init__(
+        self, eta: float | ThresholdRule, etas: Sequence[float] = (), every: int = 1
+    ) -> None:
+        self.eta = _eta_of(eta)
         self.etas = check_setting("etas", tuple(etas))
         self.every = check_setting("probe_every", every)
 
@@ -100,7 +106,8 @@ class ProbeStatistics(Unit):
         if result is None or point.row is None:
             return
         stats = result.stats
-        descent = float(stats.descent(self.eta))
+        eta = self.eta()
+        descent = float(stats.descent(eta)) if eta > 0 else math.nan
         point.row.update(
             loss=float(np.mean(result.losses)),
             grad_norm=float(result.grad_norm),
@@ -109,10 +116,10 @@ class ProbeStatistics(Unit):
             min_cos=stats.min_cos,
             neg_cos_share=stats.negative_cos_share,
             a3_holds=float(bool(stats.a3_holds)),
-            rho=float(stats.ratio(self.eta)),
-            clipped_fraction=float(stats.clipped_fraction(self.eta)),
+            rho=float(stats.ratio(eta)) if eta > 0 else math.nan,
+            clipped_fraction=float(stats.clipped_fraction(eta)) if eta > 0 else math.nan,
             bound33_lhs=descent,
-            bound33_rhs=float(stats.bound33(self.eta)),
+            bound33_rhs=float(stats.bound33(eta)) if eta > 0 else math.nan,
             b_noise=float(result.noise["B_noise"]),
         )
         for e in self.etas:
@@ -129,7 +136,7 @@ class ProbeStatistics(Unit):
             return
         pstats = pre.stats
         point.row.update(
-            rho_p=float(pstats.ratio(self.eta)),
+            rho_p=float(pstats.ratio(eta)) if eta > 0 else math.nan,
             c1_p=float(pstats.c1),
             min_cos_p=pstats.min_cos,
             neg_cos_p_share=pstats.negative_cos_share,
@@ -357,8 +364,8 @@ class IGCDrift(Unit):
 
     name = "igc_drift"
 
-    def __init__(self, eta: float) -> None:
-        self.eta = check_setting("eta", eta)
+    def __init__(self, eta: float | ThresholdRule) -> None:
+        self.eta = _eta_of(eta)  # with a rule: D_k at the η in force at x_k
         self.sum = math.nan
         self.full_grad: list[torch.Tensor] | None = None
         self.descent = math.nan
@@ -373,7 +380,8 @@ class IGCDrift(Unit):
         if point.last or result is None or result.full_grad is None:
             return
         self.full_grad = [g.detach().double().clone() for g in result.full_grad]
-        self.descent = float(result.stats.descent(self.eta))
+        eta = self.eta()
+        self.descent = float(result.stats.descent(eta)) if eta > 0 else math.nan
         self.sum = 0.0
 
     def before_update(self, step: Step) -> None:
@@ -459,6 +467,16 @@ class StepStatistics(Unit):
         self.norms = state.get("norms", 0.0)
         self.losses = state.get("losses", 0.0)
         self.clipped = state.get("clipped", 0)
+
+
+def _eta_of(eta: float | ThresholdRule) -> Callable[[], float]:
+    """Return a function giving the η in force: a fixed, validated number, or the rule's."""
+    if isinstance(eta, ThresholdRule):
+        return lambda: eta.eta
+    value = check_setting("eta", eta)
+    if not isinstance(value, float):
+        raise ValueError(f"eta {value!r} is a rule: pass the rule's unit (make_rule)")
+    return lambda: value
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -79,6 +79,7 @@ from clipscope.loop.measures import (
     StepStatistics,
     gradient_products,
 )
+from clipscope.loop.thresholds import DescentSafe
 from clipscope.loop.units import Finish, IntervalEnd, Point, Step, Unit, Units
 from clipscope.run.directory import RunDirectory, setting_diff
 
@@ -144,9 +145,15 @@ class Monitor:
         (:meth:`clipscope.Components.from_dataset` for any map-style dataset).
         Typically a fixed subset of your training data: a probe costs about
         two passes over it (``route="keep"``: one, when m·n fits in memory).
-    eta : float
+    eta : float or "descent-safe"
         The clipping threshold η > 0 of the statistics (``inf``: none); use
-        your loop's own clipping threshold.
+        your loop's own clipping threshold. ``"descent-safe"`` (opt-in): the
+        Monitor sets η at every probe and your loop clips at :attr:`eta`
+        (every change logged, the ``eta`` column recorded; the Hugging Face and
+        Lightning callbacks set the trainer's threshold themselves).
+    rho_target, eta_min, eta_max
+        ``eta="descent-safe"`` only: the share ρ* of the unclipped descent to
+        keep, in (0, 1], and bounds of η (None: none).
     every : int
         Probe at every step with ``step % every == 0`` (>= 1).
     etas : sequence of float
@@ -239,7 +246,7 @@ class Monitor:
         loss: Callable[..., torch.Tensor],
         components: Any,
         *,
-        eta: float,
+        eta: float | str,
         every: int,
         etas: Sequence[float] = (),
         route: str = "auto",
@@ -252,11 +259,34 @@ class Monitor:
         log: Callable[[str], None] | None = None,
         progress: bool = False,
         optimizer: torch.optim.Optimizer | None = None,
+        rho_target: float = 0.9,
+        eta_min: float | None = None,
+        eta_max: float | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model)!r}")
         model = _dist.unwrap(model)  # DistributedDataParallel: probed through its module
-        self.eta = float(check_setting("eta", eta))
+        eta = check_setting("eta", eta)
+        self._rule: DescentSafe | None = None
+        if eta == "autoclip":
+            raise ConfigError(
+                "config: bad value for 'eta': 'autoclip' (the Monitor sets η at its probes: "
+                "eta = 'descent-safe'; AutoClip's η is one line of your loop, "
+                "numpy.percentile of the norms clip_grad_norm_ returned)"
+            )
+        if eta == "descent-safe":
+            self._rule = DescentSafe(rho_target, eta_min, eta_max)
+        else:
+            for key, value, default in (
+                ("rho_target", rho_target, 0.9), ("eta_min", eta_min, None),
+                ("eta_max", eta_max, None),
+            ):  # fmt: skip
+                if value != default:
+                    raise ConfigError(
+                        f"config: bad value for '{key}': {value!r} (read only with "
+                        "eta = 'descent-safe')"
+                    )
+        self._eta = math.nan if self._rule is not None else float(eta)
         self.etas = check_setting("etas", tuple(etas))
         self.every = _int_at_least("every", every, 1)
         self.route = check_setting("route", route)
@@ -290,7 +320,8 @@ class Monitor:
             model, loss, components, form=self.loss_form, dropout=self.dropout, seed=self.seed,
             device=self.params[0].device,
         )  # fmt: skip
-        standard: list[Unit] = [ProbeStatistics(self.eta, self.etas, every=1)]
+        rule = [] if self._rule is None else [self._rule]  # decides before η is read
+        standard: list[Unit] = [*rule, ProbeStatistics(self._rule or self._eta, self.etas, every=1)]
         if heldout is not None:
             standard.append(HeldOutMetric(heldout))
         if smoothness_every is not None:
@@ -311,7 +342,16 @@ class Monitor:
             "kind": "monitor",
             "run_id": run_id,
             "method": "external",  # the user's loop: no theorem of the paper is checked
-            "eta": self.eta,
+            "eta": self._eta if self._rule is None else "descent-safe",
+            **(
+                {}
+                if self._rule is None
+                else {
+                    "rho_target": self._rule.target,
+                    "eta_min": self._rule.eta_min,
+                    "eta_max": self._rule.eta_max,
+                }
+            ),
             "etas": list(self.etas),
             "every": self.every,
             "route": self.route,
@@ -344,6 +384,24 @@ class Monitor:
         self._elapsed = 0.0
         self._t0 = time.perf_counter()
         self.last_probe: ProbeResult | None = None
+
+    @property
+    def eta(self) -> float:
+        """The clipping threshold η in force: the one given, or descent-safe's (opt-in).
+
+        With ``eta="descent-safe"`` it is set at every probe from the exact
+        η-profile (:class:`~clipscope.loop.thresholds.DescentSafe`: the smallest η
+        keeping ``ρ ≥ rho_target`` from there on, ρ_P with an Adam/AdamW
+        ``optimizer``, clamped into ``[eta_min, eta_max]``) and fixed until the
+        next probe; before the first probe it is ``eta_max`` (``inf``). Pass it to
+        your clip: ``torch.nn.utils.clip_grad_norm_(model.parameters(), monitor.eta)``.
+        """
+        return self._eta if self._rule is None else self._rule.eta
+
+    @property
+    def sets_eta(self) -> bool:
+        """Whether the Monitor sets the loop's η (``eta="descent-safe"``)."""
+        return self._rule is not None
 
     @property
     def preconditioner(self) -> torch.optim.Optimizer | None:
@@ -781,6 +839,8 @@ class Monitor:
 
     def _say(self, row: dict[str, float]) -> None:
         extra = f"  ρ_P(η)={row['rho_p']:.4g}" if "rho_p" in row else ""
+        if self._rule is not None:
+            extra += f"  η={self.eta:.4g} (descent-safe)"
         self.log(
             f"probe {int(row['epoch'])} at step {int(row['step'])}: f={row['loss']:.6g}  "
             f"‖∇f‖={row['grad_norm']:.4g}  c1={row['c1']:.3g}  ρ(η)={row['rho']:.4g}{extra}  "

@@ -358,7 +358,13 @@ def min_rho(task: TaskRecord) -> dict[str, Any]:
     best: tuple[float, str, int, float, str] | None = None
     for entry, run in task.runs:
         label, eta = run_label(entry, run), run.eta
-        values = [(float(s.ratio(eta)), epoch) for epoch, s in run_points(run)]
+        # a rule's run (descent-safe, AutoClip): the η in force at each probe (its column)
+        at_point = dict(zip(run.column("epoch"), run.column("eta"), strict=True))
+        values = [
+            (float(s.ratio(e)), epoch)
+            for epoch, s in run_points(run)
+            if (e := at_point.get(epoch, math.nan) if run.eta_rule else eta) > 0
+        ]
         values = [(v, e) for v, e in values if math.isfinite(v)]
         if not values:
             continue

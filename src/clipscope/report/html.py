@@ -151,7 +151,10 @@ def summarize_run(entry: dict, run: RunRecord) -> RunSummary:
     eta = run.eta
     a3, c1, c2, rho, clipped = [], [], [], [], []
     checked = held = 0
+    # a rule's run (descent-safe, AutoClip): the η in force at each probe (its column)
+    at_point = dict(zip(run.column("epoch"), run.column("eta"), strict=True))
     for epoch in sorted(run.component_files):
+        eta = at_point.get(epoch, math.nan) if run.eta_rule else run.eta
         arrays = run.components(epoch)
         grad_norm = float(np.asarray(arrays.get("grad_norm", math.nan)).reshape(-1)[0])
         if not math.isfinite(grad_norm):
@@ -160,6 +163,10 @@ def summarize_run(entry: dict, run: RunRecord) -> RunSummary:
         a3.append(bool(stats.a3_holds))
         c1.append(stats.c1)
         c2.append(stats.c2)
+        if not eta > 0:  # AutoClip at x_0: no η yet
+            rho.append(math.nan)
+            clipped.append(math.nan)
+            continue
         rho.append(float(stats.ratio(eta)))
         clipped.append(float(stats.clipped_fraction(eta)))
         if stats.a3_holds:
@@ -172,7 +179,7 @@ def summarize_run(entry: dict, run: RunRecord) -> RunSummary:
     return RunSummary(
         label=plots.run_title(entry, run),
         epochs=run.n_rows,
-        eta=eta,
+        eta=run.eta,
         a3_share=float(np.mean(a3)) if a3 else math.nan,
         c1_min=_nanmin(c1),
         c2_min=_nanmin(c2),

@@ -35,7 +35,17 @@ def finite(values) -> np.ndarray:
 
 
 def _run_style(task: TaskRecord, entry: dict, run: RunRecord) -> dict:
-    """Colour by batch size, line style by method, so IGC B=8 and SGD B=8 share a colour."""
+    """Colour by batch size, line style by method, so IGC B=8 and SGD B=8 share a colour.
+
+    The runs of an arms study (``entry["arm"]``, ``clipscope reproduce --task
+    ptb-thresholds``) share method and batch size: colour by arm, style by seed.
+    """
+    if entry.get("arm"):
+        arms = list(dict.fromkeys(str(e.get("arm")).rsplit("-seed", 1)[0] for e, _ in task.runs))
+        arm = str(entry["arm"]).rsplit("-seed", 1)[0]
+        styles = ("-", "--", ":", "-.")
+        return {"color": f"C{arms.index(arm) % 10}",
+                "linestyle": styles[int(entry.get("seed") or 0) % len(styles)]}  # fmt: skip
     sizes = sorted({int(e.get("batch_size") or r.batch_size or 0) for e, r in task.runs})
     batch = int(entry.get("batch_size") or run.batch_size or 0)
     method = (entry.get("method") or run.method).lower()
@@ -47,8 +57,10 @@ def _run_style(task: TaskRecord, entry: dict, run: RunRecord) -> dict:
 def run_title(entry: dict, run: RunRecord) -> str:
     """``IGC B=16`` for a run of ``clipscope train`` (``IGC-AdamW B=16`` with AdamW).
 
-    ``Monitor B=32`` for a Monitor's run.
+    ``Monitor B=32`` for a Monitor's run; the arm for a run of an arms study.
     """
+    if entry.get("arm"):  # an arms study: the arm and seed name the run
+        return str(entry["arm"])
     method = "Monitor" if run.kind == "monitor" else (entry.get("method") or run.method).upper()
     batch = entry.get("batch_size") or run.batch_size
     optimizer = run_optimizer(entry, run)  # "IGC-AdamW B=16" beside the SGD runs
@@ -461,6 +473,65 @@ def eta_advice_task(task: TaskRecord, advice: EtaAdvice, per_run: dict) -> plt.F
     return _finish(fig, ax, drawn, "no per-component arrays recorded", fontsize=6, ncol=1)
 
 
+def has_eta_rule(task: TaskRecord) -> bool:
+    """Whether a run of the task set η by a rule (``eta = "descent-safe"`` or ``"autoclip"``)."""
+    return any(run.eta_rule is not None for _, run in task.runs)
+
+
+def eta_trajectory(task: TaskRecord) -> plt.Figure:
+    """Plot the η in force over training beside ρ, for the runs whose η a rule set.
+
+    Reads: ``epoch``, ``eta`` (the η in force from each probe on), ``rho`` (or
+    ``rho_p`` with Adam/AdamW: the share the rule keeps) and, for descent-safe
+    runs, the component files, from which every η is recomputed
+    (:meth:`~clipscope.run.directory.RunRecord.replay_etas`) and drawn as a line
+    under the recorded markers; a recomputed η that differs from the recorded one
+    is named in the title. Runs with a fixed η are drawn as a dotted level.
+    """
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 5.2), sharex=True)
+    drawn, mismatched = False, []
+    for entry, run in task.runs:
+        x = run.column("epoch")
+        style = _run_style(task, entry, run)
+        label = f"{run_title(entry, run)} {run.eta_rule or f'η = {run.eta:g}'}"
+        if run.eta_rule is None:
+            if math.isfinite(run.eta):
+                top.axhline(run.eta, color=style["color"], ls=":", lw=1, label=label)
+            continue
+        eta = run.column("eta")
+        top.plot(x, eta, marker="o", markersize=4, ls="none", color=style["color"], label=label)
+        replayed = run.replay_etas()
+        if replayed is not None:
+            again = np.array([d.eta for d in replayed])
+            top.plot(x, again, color=style["color"], lw=1, alpha=0.6)
+            if not np.array_equal(again, eta, equal_nan=True):
+                mismatched.append(run_title(entry, run))
+        share = run.column("rho_p") if np.isfinite(run.column("rho_p")).any() else run.column("rho")
+        bottom.plot(x, share, marker="o", markersize=3, label=label, **style)
+        drawn = True
+    top.set_yscale("log")
+    top.set_ylabel("η in force (markers: recorded,\nline: recomputed from the profiles)")
+    title = f"{task.name}: η over training"
+    top.set_title(title + (f" -- RECOMPUTED η DIFFERS: {', '.join(mismatched)}" if mismatched
+                           else ""), fontsize=9)  # fmt: skip
+    bottom.set_ylabel("ρ(η) kept (ρ_P with Adam/AdamW)")
+    shares = finite(
+        v
+        for _, run in task.runs
+        if run.eta_rule
+        for v in [*run.column("rho"), *run.column("rho_p")]
+    )
+    low = min(0.0, float(shares.min()) - 0.05) if shares.size else 0.0
+    bottom.set_ylim(low, max(1.05, float(shares.max()) + 0.05) if shares.size else 1.05)
+    bottom.set_xlabel("epoch k")
+    _integer_ticks(bottom.xaxis)
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+    if drawn:
+        top.legend(fontsize=7)
+    return _finish(fig, bottom, drawn, "no run set η by a rule", fontsize=7, ncol=1)
+
+
 def figure_png(fig: plt.Figure) -> bytes:
     """Render a figure to PNG bytes and close it."""
     buffer = io.BytesIO()
@@ -474,7 +545,7 @@ def task_figures(task: TaskRecord) -> dict[str, plt.Figure]:
 
     ``steps`` (first) only for a Monitor's run, ``noise`` only when the task has a
     cross-section, ``smoothness`` only when a run of the task recorded smoothness
-    columns.
+    columns, ``eta_rule`` only when a run's η was set by a rule (:func:`eta_trajectory`).
     """
     per = "per probe" if task_clock(task) == "step" else "per epoch"
     monitor = any(run.kind == "monitor" for _, run in task.runs)
@@ -490,4 +561,5 @@ def task_figures(task: TaskRecord) -> dict[str, plt.Figure]:
         }
         | ({"noise": noise_prediction(task)} if task.cross_section else {})
         | ({"smoothness": smoothness(task)} if has_smoothness(task) else {})
+        | ({"eta_rule": eta_trajectory(task)} if has_eta_rule(task) else {})
     )

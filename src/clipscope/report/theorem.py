@@ -113,8 +113,15 @@ def run_scope(record: RunRecord) -> str | None:
 
     Read from its ``config.toml``: ``method``, ``eta``, ``optimizer`` (absent in
     older runs: ``"sgd"``), ``momentum``, ``weight_decay``, ``schedule``,
-    ``milestones``, ``schedule_gamma``. None when the run is inside it.
+    ``milestones``, ``schedule_gamma``. None when the run is inside it. A run
+    whose η a rule set (``eta = "descent-safe"`` or ``"autoclip"``) is outside:
+    the theorems are statements about one fixed η.
     """
+    if record.eta_rule is not None:
+        return (
+            f"η was set while training (eta = {record.eta_rule!r}); Theorems 3.1 and 3.2 "
+            "are about one fixed threshold η"
+        )
     return theory.theorem_scope(
         record.method,
         record.eta,

@@ -68,11 +68,14 @@ from clipscope.atomic import (
     save_checkpoint,
 )
 from clipscope.errors import ConfigError, CorruptCheckpointError, UnloadableCheckpointError
+from clipscope.math.thresholds import RULES as ETA_RULES
+from clipscope.math.thresholds import replay_descent_safe
 from clipscope.run.env import environment_changes
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "COLUMNS",
+    "ETA_RULES",
     "PRECONDITIONED_COLUMNS",
     "RunDirectory",
     "RunRecord",
@@ -125,6 +128,11 @@ PRECONDITIONED_COLUMNS = (
     "p_unset_share",
     "decay_ratio",
 )
+
+#: ETA_RULES: the values of ``eta`` that name a threshold rule rather than a number
+#: (:data:`clipscope.math.thresholds.RULES`). Their runs have an ``eta`` column after
+#: :data:`COLUMNS`: the η in force from each probe on (descent-safe: the η decided
+#: there; AutoClip: the percentile of the norms seen before it, NaN at x_0).
 
 #: ``format`` of the checkpoints written now. Checkpoints without it were written
 #: before the loop's units existed; :func:`clipscope.loop.state.upgrade_checkpoint`
@@ -499,9 +507,46 @@ class RunRecord:
 
     @property
     def eta(self) -> float:
-        """The run's clipping threshold (``inf`` for an unclipped run)."""
+        """The run's clipping threshold (``inf`` for an unclipped run; NaN for a rule).
+
+        A run whose η is set by a rule (``eta = "descent-safe"`` or ``"autoclip"``:
+        :attr:`eta_rule`) has no single η: NaN here, the η in force per probe in
+        the ``eta`` column.
+        """
         value = self.setting("eta", "method.eta", "train.eta", default=math.inf)
+        if isinstance(value, str) and value in ETA_RULES:
+            return math.nan
         return float(value)
+
+    @property
+    def eta_rule(self) -> str | None:
+        """``"descent-safe"`` or ``"autoclip"`` when a rule set the run's η, else None."""
+        value = self.setting("eta", "method.eta", "train.eta")
+        return value if isinstance(value, str) and value in ETA_RULES else None
+
+    def replay_etas(self) -> list | None:
+        """Recompute a descent-safe run's η at every probe from its component files alone.
+
+        One :class:`~clipscope.math.thresholds.EtaDecision` per row, in row order, from
+        ``components/epoch_XXXX.npz`` and the stored ``rho_target``, ``eta_min``,
+        ``eta_max`` (ρ_P where the files hold ``dots_p``: an Adam/AdamW run):
+        :func:`~clipscope.math.thresholds.replay_descent_safe`, the function the run
+        itself decided with, so the result equals the ``eta`` column. None for a run
+        that is not descent-safe (AutoClip's η depends on every step's norm, which a
+        ``fit`` run does not store); None also when a row's component file is missing.
+        """
+        if self.eta_rule != "descent-safe":
+            return None
+        files = [self.components(int(k)) for k in self.column("epoch")]
+        if any(f is None for f in files):
+            return None
+        bounds = [self.setting(k) for k in ("eta_min", "eta_max")]
+        return replay_descent_safe(
+            files,
+            float(self.setting("rho_target", default=0.9)),
+            *(None if b is None else float(b) for b in bounds),
+            preconditioned=all("dots_p" in f for f in files),
+        )
 
     @property
     def lr(self) -> float:

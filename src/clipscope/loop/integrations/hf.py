@@ -36,6 +36,15 @@ The Trainer's order in an optimizer step, and what the callback does:
 The Monitor's η must equal the Trainer's ``max_grad_norm`` when the Trainer
 clips (else the per-step ``clipped`` flags would describe two thresholds):
 ``on_train_begin`` refuses a mismatch.
+
+**Descent-safe clipping** (``Monitor(..., eta="descent-safe")``, issue 23): the
+Monitor sets η at every probe, and the callback sets the Trainer's threshold
+to it: ``args.max_grad_norm = monitor.eta`` in ``on_step_begin``, right after
+``monitor.step`` (the Trainer reads ``args.max_grad_norm`` at every step; η =
+∞ is written 0, the Trainer's "no clipping"). The ``max_grad_norm`` given in
+the ``TrainingArguments`` is replaced (a log line says so); every change of η
+is a line of the Monitor's log and its ``eta`` column. The Trainer's clip is
+torch's ``clip_grad_norm_`` (``+1e-6``), as above.
 """
 
 from __future__ import annotations
@@ -89,7 +98,13 @@ class MonitorCallback(TrainerCallback):
         """Check η against ``max_grad_norm``, take the optimizer, load the state on resume."""
         self.monitor.use_optimizer(kwargs.get("optimizer"))
         clip_at = args.max_grad_norm or 0.0
-        if clip_at > 0 and not math.isclose(clip_at, self.monitor.eta, rel_tol=1e-12):
+        if self.monitor.sets_eta:  # descent-safe: the Monitor sets the Trainer's threshold
+            if clip_at > 0:
+                self.monitor.log(
+                    f"descent-safe: the Trainer's max_grad_norm={clip_at} is replaced by the "
+                    "Monitor's η at every probe"
+                )
+        elif clip_at > 0 and not math.isclose(clip_at, self.monitor.eta, rel_tol=1e-12):
             raise ConfigError(
                 f"the Trainer clips at max_grad_norm={clip_at} but the Monitor's eta is "
                 f"{self.monitor.eta}: give both the same threshold (or max_grad_norm=0 to let "
@@ -103,8 +118,11 @@ class MonitorCallback(TrainerCallback):
     def on_step_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
     ) -> None:
-        """``monitor.step(state.global_step)``."""
+        """``monitor.step(state.global_step)``; descent-safe: ``max_grad_norm`` = η."""
         self.monitor.step(state.global_step, lr=_lr(kwargs))
+        if self.monitor.sets_eta:
+            eta = self.monitor.eta
+            args.max_grad_norm = eta if math.isfinite(eta) else 0.0
 
     def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs

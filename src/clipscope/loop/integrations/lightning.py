@@ -22,6 +22,16 @@ Lightning's order of hooks in an optimizer step, and what the callback does in e
   summary says ``failed`` / ``interrupted``;
 * ``state_dict`` / ``load_state_dict``: the Monitor's state travels in
   Lightning's checkpoints (``trainer.fit(..., ckpt_path=...)`` resumes it).
+
+**Descent-safe clipping** (``Monitor(..., eta="descent-safe")``, issue 23): the
+Monitor sets η at every probe and the callback sets the trainer's threshold to
+it, ``trainer.gradient_clip_val = monitor.eta``, in ``on_train_batch_start``
+right after ``monitor.step`` (Lightning reads ``trainer.gradient_clip_val`` at
+every optimizer step; η = ∞ is written 0.0, Lightning's "no clipping"). A
+``gradient_clip_val`` given to the ``Trainer`` is replaced (a log line says
+so); ``gradient_clip_algorithm = "value"`` is refused (the rule sets a norm
+threshold). Every change of η is a line of the Monitor's log and its ``eta``
+column.
 """
 
 from __future__ import annotations
@@ -63,7 +73,18 @@ class MonitorCallback(Callback):
         """Hand the trainer's optimizer to the Monitor; check ``gradient_clip_val`` against η."""
         clip_at = trainer.gradient_clip_val or 0.0
         algorithm = getattr(trainer, "gradient_clip_algorithm", None) or "norm"
-        if (
+        if self.monitor.sets_eta:  # descent-safe: the Monitor sets the trainer's threshold
+            if str(getattr(algorithm, "value", algorithm)) != "norm":
+                raise ConfigError(
+                    "the Monitor's eta = 'descent-safe' sets a norm threshold, but the trainer "
+                    f"clips with gradient_clip_algorithm={algorithm!r}: use 'norm' (the default)"
+                )
+            if clip_at > 0:
+                self.monitor.log(
+                    f"descent-safe: the trainer's gradient_clip_val={clip_at} is replaced by the "
+                    "Monitor's η at every probe"
+                )
+        elif (
             clip_at > 0
             and algorithm == "norm"
             and not math.isclose(float(clip_at), self.monitor.eta, rel_tol=1e-12)
@@ -80,8 +101,11 @@ class MonitorCallback(Callback):
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        """``monitor.step(trainer.global_step)``."""
+        """``monitor.step(trainer.global_step)``; descent-safe: ``gradient_clip_val`` = η."""
         self.monitor.step(trainer.global_step, lr=_lr(trainer))
+        if self.monitor.sets_eta:
+            eta = self.monitor.eta
+            trainer.gradient_clip_val = eta if math.isfinite(eta) else 0.0
 
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: Any
