@@ -389,7 +389,8 @@ def test_min_eta_for_ratio_matches_grid(params, target):
         before = grid < eta_star * (1 - 1e-9)
         assert (rho[before] < target + tol).all()
     else:  # arbitrarily small thresholds reach the target: ρ(0+) = 0 ≥ target
-        assert target <= 0
+        # (or a positive target so small that its η underflows to 0: 5e-324 was found)
+        assert target <= 0 or target < 1e-300
         if target == 0:
             assert b.ratio(b.n[b.n > 0].min() * 1e-6) >= -tol
 

@@ -361,6 +361,14 @@ def test_report_recomputes_every_eta_and_draws_it(tmp_path, optimizer):
     assert "eta_rule" in out.read_text()
     fig = eta_trajectory(load_study(run)[0])
     assert "DIFFERS" not in fig.axes[0].get_title()
+    if optimizer == "adamw":  # the answers under P read each probe's own η (the eta column)
+        import json
+
+        found = json.loads((tmp_path / "findings.json").read_text())
+        runs = next(iter(found["tasks"].values()))["preconditioned"]["runs"]
+        (item,) = runs.values()
+        want = min(r["rho_p"] for r in h.rows)  # the run's own rho_p at the η in force
+        assert item["min_rho_p"]["value"] == pytest.approx(want, rel=1e-12)
 
 
 def test_report_names_a_recorded_eta_that_the_profiles_do_not_give(tmp_path):

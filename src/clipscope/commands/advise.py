@@ -128,7 +128,7 @@ def advice_of(directory: str | Path, target: float = DEFAULT_TARGET) -> dict[str
                 names = [f"{label} {run.point_name(epoch)}" for epoch, _ in points_p]
                 result_p = advise([s for _, s in points_p], target, names)
                 named_p = [(run.point_name(epoch), stats) for epoch, stats in points_p]
-                runs[label]["preconditioned"] = _preconditioned(result_p, named_p, run)
+                runs[label]["preconditioned"] = _preconditioned(result_p, points_p, run)
                 title = f"{name}: ρ_P(η) (u = P⁻¹∇f) at {len(points_p)} probes, target {target:g}"
                 out["_figures"].append((f"{name}-rho_p", title, named_p, result_p, run.eta))
         overall.pop("per_run", None)
@@ -140,13 +140,16 @@ def advice_of(directory: str | Path, target: float = DEFAULT_TARGET) -> dict[str
 
 
 def _preconditioned(advice, points: list, run) -> dict[str, Any]:
-    """Return the ρ_P advice of one run with ``reversed``, ``min_rho_p``, ``p_unset_max``."""
+    """Return the ρ_P advice of one run with ``reversed``, ``min_rho_p``, ``p_unset_max``.
+
+    ``points``: ``(epoch, DirectionStats)`` of its probes (:func:`run_points_p`).
+    """
     import numpy as np
 
     out = advice.to_dict(points=True)
     rev = advice.eta_reversal
     out["reversed"] = None if math.isnan(rev) else bool(rev > 0)
-    values = [float(s.ratio(run.eta)) for _, s in points]
+    values = [run.ratio_at(e, s) for e, s in points]  # at the η in force at each probe
     values = [v for v in values if math.isfinite(v)]
     out["min_rho_p"] = min(values) if values else None
     shares = run.column("p_unset_share")

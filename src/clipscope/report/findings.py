@@ -451,8 +451,8 @@ def _run_preconditioned(
     advice = advise([s for _, s in pts], target, names)
     plain = dict(run_points(run))
     at = [run.point_name(epoch) for epoch, _ in pts]
-    rho_p = [float(s.ratio(eta)) for _, s in pts]
-    rho = [float(plain[e].ratio(eta)) if e in plain else math.nan for e, _ in pts]
+    rho_p = [run.ratio_at(e, s) for e, s in pts]  # at the η in force (a rule's per probe)
+    rho = [run.ratio_at(e, plain[e]) if e in plain else math.nan for e, _ in pts]
     finite = [(v, k) for k, v in enumerate(rho_p) if math.isfinite(v)]
     low: dict[str, Any] = {"value": None, "label": preconditioned_label(None)}
     if finite:
@@ -617,7 +617,7 @@ def _measured_rho_p(entry: dict, run: RunRecord) -> dict[str, Any] | None:
     """For an adaptive run (no theorem covers it): the smallest ρ_P at its η, measured."""
     if run_optimizer(entry, run) not in ADAPTIVE_OPTIMIZERS:
         return None
-    values = [(float(s.ratio(run.eta)), e) for e, s in run_points_p(run)]
+    values = [(run.ratio_at(e, s), e) for e, s in run_points_p(run)]
     values = [(v, e) for v, e in values if math.isfinite(v)]
     if not values:
         return {

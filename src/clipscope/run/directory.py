@@ -524,6 +524,22 @@ class RunRecord:
         value = self.setting("eta", "method.eta", "train.eta")
         return value if isinstance(value, str) and value in ETA_RULES else None
 
+    def eta_at(self, epoch: int) -> float:
+        """Return the η in force at the probe of ``epoch``: :attr:`eta`, or the ``eta`` column.
+
+        NaN where a rule had no η yet (AutoClip before its first step) or the row
+        is missing.
+        """
+        if not self.eta_rule:
+            return self.eta
+        hit = np.flatnonzero(self.column("epoch") == epoch)
+        return float(self.column("eta")[hit[0]]) if hit.size else math.nan
+
+    def ratio_at(self, epoch: int, stats: Any) -> float:
+        """``stats.ratio(η)`` at the η in force at ``epoch`` (:meth:`eta_at`); NaN without one."""
+        eta = self.eta_at(epoch)
+        return float(stats.ratio(eta)) if eta > 0 else math.nan
+
     def replay_etas(self) -> list | None:
         """Recompute a descent-safe run's η at every probe from its component files alone.
 
