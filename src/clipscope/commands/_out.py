@@ -24,9 +24,7 @@ def check_creatable(path: str | Path, flag: str = "--out") -> None:
         Naming ``flag``, the path and the reason.
     """
     path = Path(path)
-    base = path
-    while not base.exists() and base != base.parent:
-        base = base.parent
+    base = _existing_base(path)
     if base.exists() and not base.is_dir():
         what = "is a file" if base == path else f"has a file in its path: {base}"
         if base == path:
@@ -82,9 +80,14 @@ def check_output_file(path: str | Path, flag: str = "--out") -> Path:
             f"{flag} {path} is {what}: the output is written as a new file that replaces "
             "it, so name a plain file"
         )
-    base = path.parent
-    while not base.exists() and base != base.parent:
-        base = base.parent
+    base = _existing_base(path.parent)
     if base.exists() and not base.is_dir():
         raise ValueError(f"{flag} {path} has a file in its path: {base}")
+    return path
+
+
+def _existing_base(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists (the root when none does)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
     return path

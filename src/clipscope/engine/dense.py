@@ -20,7 +20,6 @@ module docstring of :mod:`clipscope.engine.probe`.
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 from typing import Any
 
@@ -331,10 +330,7 @@ def check_merge(model, loss_fn, components, n_levels, flat, seed, shard) -> dict
                 merged = sum(w * f for w, (f, _) in zip(ws, values, strict=True)) / total
                 scale = max(abs(f_p), sum(w * abs(f) for w, (f, _) in zip(ws, values, strict=True))
                             / total)  # fmt: skip
-                diff = abs(f_p - merged)
-                error = 0.0 if diff == 0 else (diff / scale if scale > 0 else math.inf)
-                if not math.isfinite(f_p) or not math.isfinite(merged):
-                    error = math.inf
+                error = verify.merge_error(f_p, merged, scale)
                 noise = False
                 if not error <= tol:  # random numbers outside the dropout modules?
                     again, _ = evaluate(parents, p, salt=1)

@@ -706,11 +706,7 @@ def check_split_loss(
             kinds.add("declared" if all(declared) else "samples")
             weights = [w if w is not None else share for _, w, share in parts]
             merged = sum(w * f for (f, _, _), w in zip(parts, weights, strict=True)) / sum(weights)
-            scale = max(abs(whole), abs(merged))
-            diff = abs(whole - merged)
-            error = 0.0 if diff == 0 else (diff / scale if scale > 0 else math.inf)
-            if not (math.isfinite(whole) and math.isfinite(merged)):
-                error = math.inf
+            error = verify.merge_error(whole, merged, max(abs(whole), abs(merged)))
             if not error <= worst:
                 worst, where = error, (i, whole, merged, all(declared))
     record = {"components": chosen, "max_error": worst, "tolerance": tol,

@@ -82,6 +82,7 @@ __all__ = [
     "check_consistency",
     "check_pass_mismatch",
     "losses_differ",
+    "merge_error",
     "spot_samples",
     "tolerance",
 ]
@@ -146,6 +147,24 @@ def structural_error(accounted: torch.Tensor, actual: torch.Tensor, scale: float
     if err == 0.0:
         return 0.0
     return err / scale if scale > 0 else math.inf
+
+
+def merge_error(value: float, merged: float, scale: float) -> float:
+    """``|value − merged| / scale`` of a loss against its parts' weighted mean.
+
+    0 when they are equal, inf when either is not finite or ``scale`` is 0 with
+    a difference. What :func:`~clipscope.engine.dense.check_merge` and
+    :func:`~clipscope.engine.distributed.check_split_loss` compare with τ.
+
+    >>> merge_error(2.0, 2.0, 0.0), merge_error(1.0, 1.5, 2.0), merge_error(math.nan, 1.0, 1.0)
+    (0.0, 0.25, inf)
+    """
+    if not (math.isfinite(value) and math.isfinite(merged)):
+        return math.inf
+    diff = abs(value - merged)
+    if diff == 0:
+        return 0.0
+    return diff / scale if scale > 0 else math.inf
 
 
 def check_pass_mismatch(mismatch: float, dtype: torch.dtype, batch_size: int) -> None:
