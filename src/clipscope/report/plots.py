@@ -68,6 +68,16 @@ def run_title(entry: dict, run: RunRecord) -> str:
     return f"{method}{optimizer} B={batch}"
 
 
+def eta_grid(norms: np.ndarray, points: int = 400) -> np.ndarray:
+    """Return the η axis of a ρ(η) figure: log-spaced, from below the typical norm past the largest.
+
+    Starts at a tenth of the 5 % quantile of the positive norms (not the smallest,
+    which may be about 0) and ends at 3× the largest; ``norms`` must hold a positive one.
+    """
+    positive = norms[norms > 0]
+    return np.geomspace(np.quantile(positive, 0.05) / 10, positive.max() * 3, points)
+
+
 def _empty_note(ax, text: str) -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="gray")
 
@@ -229,9 +239,7 @@ def eta_profile(task: TaskRecord) -> plt.Figure:
         stats = _last_stats(run)
         if stats is None or not np.any(stats.norms > 0):
             continue
-        positive = stats.norms[stats.norms > 0]
-        # from well below the typical norm (not the smallest, which may be ~0) to past the largest
-        etas = np.geomspace(np.quantile(positive, 0.05) / 10, positive.max() * 3, 400)
+        etas = eta_grid(stats.norms)
         (line,) = ax.plot(
             etas, stats.ratio(etas), label=run_title(entry, run), **_run_style(task, entry, run)
         )

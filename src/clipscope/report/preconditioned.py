@@ -21,7 +21,7 @@ import numpy as np
 from matplotlib.ticker import MaxNLocator
 
 from clipscope.report.findings import run_points, run_points_p
-from clipscope.report.plots import run_title
+from clipscope.report.plots import eta_grid, run_title
 from clipscope.run.study import TaskRecord
 
 __all__ = ["has_preconditioned", "rho_p_per_epoch", "rho_p_profile"]
@@ -63,10 +63,9 @@ def rho_p_profile(task: TaskRecord) -> plt.Figure:
     for k, (entry, run, plain, points_p) in enumerate(_runs(task)):
         epoch, stats_p = points_p[-1]
         stats = dict(plain).get(epoch)
-        positive = stats_p.norms[stats_p.norms > 0]
-        if positive.size == 0:
+        if not np.any(stats_p.norms > 0):
             continue
-        etas = np.geomspace(np.quantile(positive, 0.05) / 10, positive.max() * 3, 400)
+        etas = eta_grid(stats_p.norms)
         color, name = f"C{k % 10}", f"{run_title(entry, run)}, {run.point_name(epoch)}"
         if stats is not None:
             ax.plot(etas, stats.ratio(etas), color=color, label=f"ρ(η)  {name}")
