@@ -655,6 +655,8 @@ def preconditioned_tables(args) -> list[Table]:
             "per-sample-kept": {"route": "per-sample-kept", "batch_sizes": [1]},
             "per-sample (two passes)": {"route": "per-sample", "batch_sizes": [1]},
         }
+        if args.routes:
+            routes = {k: v for k, v in routes.items() if v["route"] in args.routes}
         methods = {}
         for name, kw in routes.items():
             for label, extra in (("", {}), (" + P", {"preconditioner": opt})):
@@ -845,6 +847,12 @@ def main(argv: list[str] | None = None) -> int:
         help="time by the wall clock (default) or by this process's CPU time",
     )
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N)")
+    ap.add_argument(
+        "--routes",
+        type=lambda s: s.split(","),
+        default=None,
+        help="--only preconditioned: these routes only (comma list, e.g. dyadic,keep)",
+    )
     ap.add_argument(
         "--etas",
         type=lambda text: [float(v) for v in text.split(",") if v],
