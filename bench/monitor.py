@@ -23,6 +23,11 @@ No probe runs inside the timed steps (the Monitor probed x_0 before them, with
 ``every`` larger than the run). A probe's own cost is printed separately, in plain
 steps and in epochs E over the probe's components (m forward+backward passes).
 
+The last two columns are the floor: the time to read the step gradient g and
+∇f_k once each (with P also u_k), a streaming ``sum`` over each tensor, as a share
+of the plain step -- what any exact implementation of the per-step numbers must
+spend at least (:func:`read_floor`).
+
 The default clock is the process CPU time (``time.process_time``), which a shared
 machine disturbs less than the wall clock; ``--clock wall`` uses
 ``time.perf_counter``. Never a test.
@@ -195,6 +200,7 @@ def bench(task: Task, steps: int, repeats: int, clock: Callable[[], float]) -> d
     for monitor in monitors.values():
         monitor.close()
     plain = statistics.median(times["plain"])
+    floors = read_floor(task.model, clock)
     out: dict[str, float] = {"params": n, "plain step (ms)": 1e3 * plain}
     for name in variants:
         out[name] = statistics.median(times[name]) / plain
@@ -202,6 +208,32 @@ def bench(task: Task, steps: int, repeats: int, clock: Callable[[], float]) -> d
     out["probe / plain step"] = probe_time / plain
     out["probe / E"] = probe_time / (8 * plain)
     out["probe + P / probe"] = probe_p_time / probe_time
+    out["floor"] = floors[0] / plain
+    out["floor + P"] = floors[1] / plain
+    return out
+
+
+def read_floor(model: nn.Module, clock: Callable[[], float], repeats: int = 21):
+    """Time the memory-read floor of the Monitor's per-step numbers, in seconds (medians).
+
+    ``‖g‖²`` and ``⟨g, ∇f_k⟩`` need the gradient g and ∇f_k read at least once each;
+    with P also ``u_k``. Timed here as one ``sum`` over each tensor (a pure streaming
+    read, no product): ``(g and ∇f_k once, g, ∇f_k and u_k once)``. No exact
+    implementation of the per-step statistics can take less time than this.
+    """
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+    full = [torch.randn_like(g) for g in grads]
+    u = [torch.randn_like(g) for g in grads]
+    out = []
+    for vectors in ((grads, full), (grads, full, u)):
+        times = []
+        for _ in range(repeats):
+            t = clock()
+            for group in zip(*vectors, strict=True):
+                for tensor in group:
+                    tensor.sum()
+            times.append(clock() - t)
+        out.append(statistics.median(times))
     return out
 
 
@@ -226,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.repeats} repeats x {args.steps} steps per variant; eta = {ETA}")  # fmt: skip
     default_batch = {"cnn": 64, "gpt": 16, "mlp": 64}
     header = ("model", "params", "plain step", *(f"{v} | (its calls)" for v in VARIANTS[1:]),
-              "probe / step", "probe / E", "probe + P / probe")  # fmt: skip
+              "probe / step", "probe / E", "probe + P / probe",
+              "read floor / step (g, ∇f_k)", "read floor + P / step (g, ∇f_k, u_k)")  # fmt: skip
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * (len(header) + len(VARIANTS) - 1))
     for name in args.models.split(","):
@@ -238,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"| {name} | {r['params'] / 1e6:.2f}M | {r['plain step (ms)']:.1f} ms | {cells} | "
             f"{r['probe / plain step']:.1f} | {r['probe / E']:.2f} | "
-            f"{r['probe + P / probe']:.2f} |"
+            f"{r['probe + P / probe']:.2f} | {r['floor']:.3f} | {r['floor + P']:.3f} |"
         )
         print(f"|   ({task.describe}) |", file=sys.stderr)
     return 0
