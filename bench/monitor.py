@@ -218,8 +218,10 @@ def read_floor(model: nn.Module, clock: Callable[[], float], repeats: int = 21):
 
     ``‖g‖²`` and ``⟨g, ∇f_k⟩`` need the gradient g and ∇f_k read at least once each;
     with P also ``u_k``. Timed here as one ``sum`` over each tensor (a pure streaming
-    read, no product): ``(g and ∇f_k once, g, ∇f_k and u_k once)``. No exact
-    implementation of the per-step statistics can take less time than this.
+    read, no product): ``(g and ∇f_k once, g, ∇f_k and u_k once)``. An exact
+    implementation that reads them after the backward (as ``Monitor.gradient``
+    does) cannot take less; one inside the backward, while g is still in cache,
+    would still read ∇f_k and u_k (two thirds of the second number).
     """
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
     full = [torch.randn_like(g) for g in grads]
