@@ -33,6 +33,14 @@ The Trainer's order in an optimizer step, and what the callback does:
   ``clipscope_monitor.pt`` in each checkpoint folder (by the main process)
   and loaded back when training resumes from that checkpoint.
 
+**Per-sample components** (``Monitor(..., per_sample=True)``): the per-sample
+route needs ``loss(output, target)`` on ``(x, y)`` batches; :class:`PerSampleLM`
+gives a causal LM that form on the same parameters (build the Monitor on
+``PerSampleLM(model)``, its ``loss`` and its ``components``; the Trainer trains
+``model``). Each sample is then a component with its own token-mean loss; the
+steps are still the Trainer's mini-batch gradients (``docs/integrations.md``,
+"Per-sample components").
+
 The Monitor's η must equal the Trainer's ``max_grad_norm`` when the Trainer
 clips (else the per-step ``clipped`` flags would describe two thresholds):
 ``on_train_begin`` refuses a mismatch.
