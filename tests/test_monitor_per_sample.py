@@ -217,6 +217,8 @@ def test_per_sample_components_are_refused_before_anything_is_written(tmp_path):
         Monitor(model, loss_fn, comps, per_sample=1, **kw)
     with pytest.raises(ConfigError, match="Hessian norm"):
         Monitor(model, loss_fn, comps, per_sample=True, smoothness_every=1, **kw)
+    with pytest.raises(ConfigError, match="each sample's gradient"):
+        Monitor(model, loss_fn, comps, per_sample=True, **{**kw, "eta": "descent-safe"})
     dict_comps = Components.from_dataset(
         [{"x": X[j], "y": Y[j]} for j in range(len(X))], batch_size=6
     )
@@ -388,3 +390,63 @@ def test_the_trainer_callback_records_each_samples_own_float64_gradient(tmp_path
         full = ref["full"]
         want = [float(g @ full / (g.norm() * full.norm())) for g in grads.seen[2 * k : 2 * k + 2]]
         assert close(steps["step_cos"], want, tol(dtype) * 10, scale=1.0)
+
+
+# ----------------------------------------------------------------------------- torchrun
+
+
+def _ddp_loop(run_dir, rank=0, world=1):
+    """Run a per-sample Monitor in a (DistributedDataParallel) loop; return its rows, last probe."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    model, loss_fn, X, Y, comps = regression(F64, n=20, batch=6)  # chunks 6, 6, 6, 2
+    net = DistributedDataParallel(model) if world > 1 else model
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(1)
+    monitor = Monitor(net, loss_fn, comps, eta=ETA, every=2, per_sample=True, run_dir=run_dir)
+    with monitor:
+        for step in range(4):
+            monitor.step(step)
+            idx = torch.randint(0, len(X), (8,), generator=gen)
+            part = idx[rank * 8 // world : (rank + 1) * 8 // world]
+            opt.zero_grad()
+            loss_fn(net(X[part]), Y[part]).backward()  # DDP averages the equal halves
+            monitor.gradient()
+            opt.step()
+    last = monitor.last_probe
+    return {"rows": monitor.rows, "route": last.route, "norms": last.norms, "dots": last.dots}
+
+
+@pytest.mark.slow
+def test_the_per_sample_monitor_under_torchrun_equals_one_process(tmp_path):
+    from test_distributed import launch
+
+    proc = launch(str(tmp_path), module="test_monitor_per_sample")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    want = _ddp_loop(tmp_path / "one")
+    assert want["route"] == "per-sample-kept" and len(want["norms"]) == 20
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        assert got["route"] == want["route"]
+        np.testing.assert_allclose(got["norms"], want["norms"], rtol=1e-12)
+        np.testing.assert_allclose(got["dots"], want["dots"], rtol=1e-12, atol=1e-15)
+        assert len(got["rows"]) == len(want["rows"]) == 2
+        for a, b in zip(got["rows"], want["rows"], strict=True):
+            for key in b:
+                if key != "wall_time":
+                    assert a[key] == pytest.approx(b[key], rel=1e-12, abs=1e-14, nan_ok=True), key
+
+
+if __name__ == "__main__":  # the torchrun worker of the test above
+    import datetime
+    import sys
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    torch.set_num_threads(1)
+    out = Path(sys.argv[1])
+    result = _ddp_loop(out / "run", dist.get_rank(), dist.get_world_size())
+    torch.save(result, out / f"rank{dist.get_rank()}.pt")
+    dist.destroy_process_group()

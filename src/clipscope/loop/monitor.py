@@ -287,8 +287,9 @@ class Monitor:
     ConfigError
         A bad ``eta``, ``etas``, ``every`` (<= 0), ``route``, ``dropout``, seed;
         ``per_sample`` with sequential components, with a train-mode BatchNorm,
-        or with ``smoothness_every >= 1`` (the Hessian norm is measured over
-        mini-batch components only).
+        with ``smoothness_every >= 1`` (the Hessian norm is measured over
+        mini-batch components only) or with ``eta="descent-safe"`` (it would set
+        the loop's mini-batch threshold from per-sample clipping).
     TypeError
         A model that is not an ``nn.Module``; a ``loss`` whose form does not fit
         the components' batches (:func:`~clipscope.engine.losses.check_loss_fn`).
@@ -384,6 +385,12 @@ class Monitor:
         self.every = _int_at_least("every", every, 1)
         if not isinstance(per_sample, bool):
             raise ConfigError(f"per_sample must be True or False, got {per_sample!r}")
+        if per_sample and self._rule is not None:
+            raise ConfigError(
+                "config: bad value for 'eta': 'descent-safe' with per_sample=True would set "
+                "the threshold of your loop's (the Trainer's) mini-batch clip from the ρ of "
+                "clipping each sample's gradient; give a fixed eta (etas= for more thresholds)"
+            )
         self.per_sample = per_sample
         self.route = _route(route, per_sample)
         self.dropout = check_setting("dropout", dropout)
