@@ -242,6 +242,53 @@ def test_per_sample_components_are_refused_before_anything_is_written(tmp_path):
     assert not run.exists()
 
 
+def test_a_per_sample_state_is_not_loaded_into_a_mini_batch_monitor():
+    model, loss_fn, X, Y, comps = regression(F64)
+    monitor = Monitor(model, loss_fn, comps, eta=ETA, every=2, per_sample=True)
+    train(model, loss_fn, monitor, X, Y, 2, torch.optim.SGD(model.parameters(), lr=0.1))
+    other = Monitor(model, loss_fn, comps, eta=ETA, every=2)
+    with pytest.raises(ConfigError, match="per_sample"):
+        other.load_state_dict(monitor.state_dict())
+    again = Monitor(model, loss_fn, comps, eta=ETA, every=2, per_sample=True)
+    again.load_state_dict(monitor.state_dict())  # the same setting: accepted
+
+
+def test_the_lightning_callback_records_each_samples_own_float64_gradient():
+    pl = pytest.importorskip("lightning.pytorch")
+    from clipscope.loop.integrations.lightning import MonitorCallback
+
+    model, loss_fn, X, Y, comps = regression(F64, n=16, batch=5)  # chunks 5, 5, 5, 1
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            return loss_fn(self(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    module = Module()
+    check = Check(loss_fn, comps, ETA)
+    monitor = Monitor(module, loss_fn, comps, eta=ETA, every=2, per_sample=True, units=[check])
+    trainer = pl.Trainer(
+        max_steps=4, accelerator="cpu", gradient_clip_val=ETA, callbacks=[MonitorCallback(monitor)],
+        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False,
+    )  # fmt: skip
+    data = torch.utils.data.TensorDataset(X, Y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PerSampleFallbackWarning)
+        trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))
+    assert [int(r["step"]) for r in monitor.rows] == [0, 2]
+    assert_probes_match(check, F64, 16)
+
+
 # ----------------------------------------------------------------------------- Hugging Face
 
 transformers = pytest.importorskip("transformers")
