@@ -114,6 +114,7 @@ def assert_probes_match(check, dtype, n):
     assert check.seen
     for result, row, ref in check.seen:
         assert result.route in ("per-sample", "per-sample-kept"), result.route
+        assert result.verification["fallback"] == {}  # every parameter by a layer rule
         assert result.m == n and list(result.sizes) == [1] * n
         scale_d = ref["grad_norm"] * ref["norms"].max()  # |d_i| <= n_i‖∇f‖
         assert close(result.norms, ref["norms"], rtol)
