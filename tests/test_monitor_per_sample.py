@@ -372,6 +372,31 @@ def test_a_samples_loss_and_gradient_do_not_depend_on_right_padding(family):
     assert abs(float(lm.loss(lm(x), y)) - float(per.mean())) <= 1e-12 * float(per.mean())
 
 
+def test_per_sample_lm_runs_the_trainers_forward_with_the_mask():
+    """``lm(x)`` is ``model(**batch).logits`` (mask included); left padding moves GPT-2's rows."""
+    torch.manual_seed(0)
+    model = _gpt2(F64)
+    lm = hf.PerSampleLM(model)
+    items = texts(4)
+    left = pad_right(items)
+    for key, fill in (("input_ids", 0), ("attention_mask", 0), ("labels", -100)):  # to the left
+        for i, it in enumerate(items):
+            n = len(it["input_ids"])
+            row = left[key][i, :n].clone()
+            left[key][i] = fill
+            left[key][i, -n:] = row
+    x, y = hf._pack(left)
+    batch = {k: v for k, v in left.items() if k != "labels"}
+    assert torch.equal(lm(x), model(**batch).logits)
+    assert not torch.allclose(lm(x), model(left["input_ids"]).logits)  # the mask matters here
+    # GPT-2 counts positions from 0 whatever the mask: a left-padded row is not the sample alone
+    j = min(range(len(items)), key=lambda i: len(items[i]["input_ids"]))
+    assert x[j, 1, 0] == 0  # padded on the left
+    alone = lm.loss(lm(lm.collate()([items[j]])[0]), lm.collate()([items[j]])[1])
+    padded = lm.loss(lm(x[j : j + 1]), y[j : j + 1])
+    assert abs(float(padded.detach()) - float(alone.detach())) > 1e-6
+
+
 def test_per_sample_lm_collate_refuses_what_it_cannot_pass_on():
     lm = hf.PerSampleLM(_gpt2(torch.float32))
     ids = torch.tensor([1, 2, 3])
