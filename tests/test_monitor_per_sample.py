@@ -412,6 +412,12 @@ def test_per_sample_lm_collate_refuses_what_it_cannot_pass_on():
         lm.collate(lambda items: items)([{"input_ids": ids, "labels": ids}])
     with pytest.raises(ValueError, match=r"\(B, 2, T\)"):
         lm(ids[None])
+    x, y = lm.collate()([{"input_ids": ids, "labels": ids}] * 2)
+    comps = lm.components([{"input_ids": ids, "labels": ids}] * 4, batch_size=2)
+    with pytest.raises(TypeError, match=r"on PerSampleLM\(model\)"):  # the model itself
+        Monitor(lm.model, lm.loss, comps, eta=1.0, every=1, per_sample=True)
+    with pytest.raises(ValueError, match=r"logits \(B, T, V\)"):
+        lm.loss(lm(x)[0], y)
 
 
 class Grads(transformers.TrainerCallback):

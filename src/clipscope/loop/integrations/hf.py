@@ -264,7 +264,26 @@ class PerSampleLM(nn.Module):
         ``labels[j, t + 1]`` averaged over its ``n_j`` non-ignored targets (float16
         and bfloat16 logits are upcast to float32, as Hugging Face's loss does).
         A sample without a target gives NaN (:meth:`collate` refuses it first).
+
+        Raises
+        ------
+        TypeError
+            ``logits`` is not a tensor (the model's output object: the Monitor was
+            built on the Hugging Face model instead of ``PerSampleLM(model)``).
+        ValueError
+            ``logits`` is not ``(B, T, V)`` with ``labels`` ``(B, T)``.
         """
+        if not isinstance(logits, torch.Tensor):
+            raise TypeError(
+                f"PerSampleLM.loss takes logits (B, T, V), got {type(logits).__name__}: build the "
+                "Monitor (or the probe) on PerSampleLM(model), not on the model itself"
+            )
+        if logits.dim() != 3 or labels.dim() != 2 or logits.shape[:2] != labels.shape:
+            raise ValueError(
+                f"PerSampleLM.loss takes logits (B, T, V) and labels (B, T), got "
+                f"{tuple(logits.shape)} and {tuple(labels.shape)}: build the Monitor (or the "
+                "probe) on PerSampleLM(model), not on the model itself"
+            )
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()
         targets = labels[:, 1:]
