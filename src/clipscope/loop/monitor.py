@@ -22,6 +22,11 @@ driven from outside. The Monitor's clock:
   :meth:`Monitor.step` or :meth:`Monitor.close`, once the update is applied);
 * :meth:`Monitor.close` ends the last interval and finishes the directory.
 
+With ``per_sample=True`` every sample of the components is a component (the
+engine's per-sample route; m = N); the steps are still your loop's mini-batch
+gradients (``docs/integrations.md``, "Per-sample components"; a Hugging Face
+causal LM through :class:`~clipscope.loop.integrations.hf.PerSampleLM`).
+
 Under ``torch.distributed`` (``torchrun``; your loop may wrap the model in
 ``DistributedDataParallel``) every rank makes the same calls: the probes split
 the components over the ranks (every rank gets the whole result), only rank 0
