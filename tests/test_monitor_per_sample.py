@@ -14,6 +14,7 @@ real ``transformers.Trainer`` with the callback records the same exact numbers.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import warnings
 
@@ -192,6 +193,23 @@ def test_a_plain_loop_records_each_samples_own_float64_gradient(tmp_path, dtype,
         assert close(steps["step_cos"], want, tol(dtype) * 10, scale=1.0)
         want_norms = [float(g.norm()) for g in grads[3 * k : 3 * k + 3]]
         assert close(steps["step_grad_norm"], want_norms, tol(dtype) * 10)
+
+
+@pytest.mark.slow
+def test_the_report_reads_a_per_sample_monitor_run_as_batch_size_1(tmp_path):
+    from clipscope.report import build_report
+
+    model, loss_fn, X, Y, comps = regression(F64)
+    check = Check(loss_fn, comps, ETA)
+    monitor = Monitor(model, loss_fn, comps, eta=ETA, every=3, per_sample=True,
+                      run_dir=tmp_path / "run", units=[check])  # fmt: skip
+    train(model, loss_fn, monitor, X, Y, 6, torch.optim.SGD(model.parameters(), lr=0.1))
+    build_report(tmp_path / "run")
+    found = json.loads((tmp_path / "run" / "findings.json").read_text())["tasks"]["run"]
+    assert found["runs"] == ["monitor-B1"]
+    rhos = [row["rho"] for _, row, _ in check.seen]
+    assert found["min_rho"]["value"] == pytest.approx(min(rhos), rel=1e-12)
+    assert found["steps"]["monitor-B1"]["steps"] == 6
 
 
 def test_an_adam_monitor_records_rho_p_of_the_samples():
