@@ -22,6 +22,11 @@ driven from outside. The Monitor's clock:
   :meth:`Monitor.step` or :meth:`Monitor.close`, once the update is applied);
 * :meth:`Monitor.close` ends the last interval and finishes the directory.
 
+With ``per_sample=True`` every sample of the components is a component (the
+engine's per-sample route; m = N); the steps are still your loop's mini-batch
+gradients (``docs/integrations.md``, "Per-sample components"; a Hugging Face
+causal LM through :class:`~clipscope.loop.integrations.hf.PerSampleLM`).
+
 Under ``torch.distributed`` (``torchrun``; your loop may wrap the model in
 ``DistributedDataParallel``) every rank makes the same calls: the probes split
 the components over the ranks (every rank gets the whole result), only rank 0
@@ -65,9 +70,17 @@ from clipscope.engine import (
     trainable_params,
 )
 from clipscope.engine import distributed as _dist
-from clipscope.engine.losses import check_grad_compatible, check_loss_fn, check_repeatable
+from clipscope.engine.guard import batch_coupled_modules
+from clipscope.engine.losses import (
+    check_grad_compatible,
+    check_loss_fn,
+    check_repeatable,
+    loss_form,
+    mean_loss,
+)
 from clipscope.engine.preconditioner import is_adam
 from clipscope.engine.preconditioner import unwrap as _unwrap_optimizer
+from clipscope.engine.probe import REPEAT_ROWS
 from clipscope.errors import ConfigError, Interrupted, NonFiniteError
 from clipscope.loop.duties import Records
 from clipscope.loop.fit import check_batch_coupling
@@ -83,10 +96,14 @@ from clipscope.loop.thresholds import DescentSafe
 from clipscope.loop.units import Finish, IntervalEnd, Point, Step, Unit, Units
 from clipscope.run.directory import RunDirectory, setting_diff
 
-__all__ = ["STATE_FORMAT", "Monitor", "RepeatedGradientWarning"]
+__all__ = ["PER_SAMPLE_ROUTES", "STATE_FORMAT", "Monitor", "RepeatedGradientWarning"]
 
 #: ``format`` of :meth:`Monitor.state_dict`.
 STATE_FORMAT = 1
+
+#: The probe routes of ``Monitor(..., per_sample=True)`` (:func:`clipscope.probe` with
+#: ``batch_sizes=[1]``): ``"auto"`` keeps the per-sample factors while they fit.
+PER_SAMPLE_ROUTES = ("auto", "per-sample", "per-sample-kept")
 
 
 def _signature(params: Sequence[torch.Tensor]) -> list[tuple[int, torch.Size]]:
@@ -115,6 +132,66 @@ def _counts_as_int(row: dict[str, Any]) -> dict[str, Any]:
     """Return a row of :meth:`Monitor.state_dict` (floats) with ``epoch`` and ``step`` as ints."""
     return {k: int(v) if k in ("epoch", "step") and float(v).is_integer() else v
             for k, v in row.items()}  # fmt: skip
+
+
+def _route(route: Any, per_sample: bool) -> str:
+    """Return the probe route; with ``per_sample`` one of :data:`PER_SAMPLE_ROUTES`."""
+    if not per_sample:
+        if route in PER_SAMPLE_ROUTES[1:]:
+            raise ConfigError(
+                f"config: bad value for 'route': {route!r} gives per-sample components: "
+                "Monitor(..., per_sample=True)"
+            )
+        return check_setting("route", route)
+    if route not in PER_SAMPLE_ROUTES:
+        raise ConfigError(
+            f"config: bad value for 'route': {route!r} (per_sample=True runs one of "
+            f"{', '.join(PER_SAMPLE_ROUTES)})"
+        )
+    return route
+
+
+def _check_loss(loss: Any, components: Any, route: str, per_sample: bool) -> str:
+    """:func:`~clipscope.engine.losses.check_loss_fn`, with the Hugging Face way out named."""
+    try:
+        return check_loss_fn(loss, components, route, [1] if per_sample else None)
+    except ValueError as exc:
+        if per_sample and loss_form(loss) == "model_batch":
+            raise ValueError(
+                f"{exc}. A Hugging Face causal LM: build the Monitor on "
+                "clipscope.loop.integrations.hf.PerSampleLM(model), with its loss and "
+                "components (docs/integrations.md, 'Per-sample components')"
+            ) from None
+        raise
+
+
+def _check_samples(model, loss, components, params, seed) -> None:
+    """Refuse, before anything runs, what the per-sample route would refuse at every probe.
+
+    Sequential components and train-mode BatchNorm (``ConfigError``); samples
+    that interact in the forward (``ValueError``, from
+    :func:`~clipscope.engine.per_sample.batch.check_independent_samples` on the
+    first rows of component 0, as the probe checks them).
+    """
+    # imported here: a Monitor of mini-batch components does not load the per-sample machinery
+    from clipscope.engine.per_sample.batch import check_independent_samples
+    from clipscope.engine.verify import tolerance
+
+    if getattr(components, "sequential", False):
+        raise ConfigError(
+            "per_sample=True needs independent samples; sequential (language-model stream) "
+            "components carry a state between windows"
+        )
+    coupled = batch_coupled_modules(model)
+    if coupled:
+        raise ConfigError(
+            f"per_sample=True: module(s) {coupled[:3]} normalize with batch statistics "
+            "(train-mode BatchNorm couples the samples of a batch); use mini-batch components "
+            "or put BatchNorm in eval mode"
+        )
+    x, y = components.batch(0, params[0].device)
+    tol = tolerance(params[0].dtype)
+    check_independent_samples(model, mean_loss(loss), x[:REPEAT_ROWS], y[:REPEAT_ROWS], tol, seed)
 
 
 def _scalar(value: Any, name: str) -> float:
@@ -158,8 +235,22 @@ class Monitor:
         Probe at every step with ``step % every == 0`` (>= 1).
     etas : sequence of float
         More thresholds for ``rho@η`` columns.
-    route : {"auto", "two-pass", "keep"}
-        The probe's engine route (:func:`clipscope.probe`).
+    route : str
+        The probe's engine route (:func:`clipscope.probe`): ``"auto"``,
+        ``"two-pass"``, ``"keep"``; with ``per_sample``: ``"auto"`` (keeps the
+        per-sample factors while they fit), ``"per-sample"`` (two passes, bounded
+        memory), ``"per-sample-kept"`` (refused where the factors do not fit).
+    per_sample : bool
+        Every **sample** of the components is a component (batch size 1; the
+        given components are the probe's chunks): the probe runs the engine's
+        per-sample route (:func:`clipscope.probe` with ``batch_sizes=[1]``:
+        ghost norms, kept factors, no per-sample gradient where a layer rule
+        exists), so m = N (the samples the components hold), ``sizes`` are all 1,
+        f = (1/N) Σ_j ℓ_j and ∇f = (1/N) Σ_j ∇ℓ_j, with ℓ_j = ``loss(model(x_j),
+        y_j)`` sample j's own mean loss. Needs a ``loss(output, target)`` on
+        ``(x, y)`` batches of independent samples (a Hugging Face causal LM:
+        :class:`~clipscope.loop.integrations.hf.PerSampleLM`). The step gradient
+        :meth:`gradient` reads is still your loop's mini-batch's.
     dropout : {"off", "fixed"}
         The probe's dropout policy (:mod:`clipscope.engine.guard`).
     run_dir : str or Path, optional
@@ -199,7 +290,11 @@ class Monitor:
     Raises
     ------
     ConfigError
-        A bad ``eta``, ``etas``, ``every`` (<= 0), ``route``, ``dropout``, seed.
+        A bad ``eta``, ``etas``, ``every`` (<= 0), ``route``, ``dropout``, seed;
+        ``per_sample`` with sequential components, with a train-mode BatchNorm,
+        with ``smoothness_every >= 1`` (the Hessian norm is measured over
+        mini-batch components only) or with ``eta="descent-safe"`` (it would set
+        the loop's mini-batch threshold from per-sample clipping).
     TypeError
         A model that is not an ``nn.Module``; a ``loss`` whose form does not fit
         the components' batches (:func:`~clipscope.engine.losses.check_loss_fn`).
@@ -208,7 +303,10 @@ class Monitor:
         evaluations of the same component (dropout the policy cannot turn off);
         a size-1 component under train-mode BatchNorm; a model with reentrant
         activation checkpointing (``use_reentrant=True``:
-        :func:`~clipscope.engine.losses.check_grad_compatible`).
+        :func:`~clipscope.engine.losses.check_grad_compatible`); ``per_sample``
+        with a ``loss(model, batch)``, or with samples that interact in the
+        forward (a sample's loss alone differs from its loss in the batch:
+        :func:`~clipscope.engine.per_sample.batch.check_independent_samples`).
     NonFiniteError
         The loss of the first component is NaN/inf now.
     FileExistsError
@@ -262,6 +360,7 @@ class Monitor:
         rho_target: float = 0.9,
         eta_min: float | None = None,
         eta_max: float | None = None,
+        per_sample: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model)!r}")
@@ -289,11 +388,26 @@ class Monitor:
         self._eta = math.nan if self._rule is not None else float(eta)
         self.etas = check_setting("etas", tuple(etas))
         self.every = _int_at_least("every", every, 1)
-        self.route = check_setting("route", route)
+        if not isinstance(per_sample, bool):
+            raise ConfigError(f"per_sample must be True or False, got {per_sample!r}")
+        if per_sample and self._rule is not None:
+            raise ConfigError(
+                "config: bad value for 'eta': 'descent-safe' with per_sample=True would set "
+                "the threshold of your loop's (the Trainer's) mini-batch clip from the ρ of "
+                "clipping each sample's gradient; give a fixed eta (etas= for more thresholds)"
+            )
+        self.per_sample = per_sample
+        self.route = _route(route, per_sample)
         self.dropout = check_setting("dropout", dropout)
         self.seed = check_setting("seed", seed)
         if smoothness_every is not None:
             smoothness_every = _int_at_least("smoothness_every", smoothness_every, 0)
+            if per_sample and smoothness_every > 0:
+                raise ConfigError(
+                    "config: bad value for 'smoothness_every': the Hessian norm ‖∇²f‖ is "
+                    "measured over mini-batch components only, not with per_sample=True; "
+                    "smoothness_every=0 records the secants of the per-sample ∇f"
+                )
         for unit in units:
             if not isinstance(unit, Unit):
                 raise TypeError(f"units must be clipscope.loop.Unit objects, got {unit!r}")
@@ -304,7 +418,7 @@ class Monitor:
                 f"{type(components).__name__}"
             )
         self.model, self.loss, self.components = model, loss, components
-        self.loss_form = check_loss_fn(loss, components, self.route)
+        self.loss_form = _check_loss(loss, components, self.route, per_sample)
         self.params = trainable_params(model)
         self._signature = _signature(self.params)
         check_batch_coupling(model, components)
@@ -315,6 +429,8 @@ class Monitor:
             if self.directory.path.exists() and not self.directory.path.is_dir():
                 raise FileExistsError(f"run_dir {self.directory.path} is a file, not a directory")
         self._preflight()
+        if per_sample:
+            _check_samples(model, loss, components, self.params, self.seed)
         # every probe differentiates with torch.autograd.grad: refuse now, not in the user's loop
         check_grad_compatible(
             model, loss, components, form=self.loss_form, dropout=self.dropout, seed=self.seed,
@@ -333,7 +449,7 @@ class Monitor:
             standard.append(Records(self.directory))
         self._units = Units(
             standard, route=self.route, dropout=self.dropout, seed=self.seed,
-            progress=progress and _dist.is_writer(),
+            progress=progress and _dist.is_writer(), batch_sizes=[1] if per_sample else None,
         )  # fmt: skip
         d = components.describe()
         group = _dist.ranks()
@@ -360,13 +476,17 @@ class Monitor:
             "loss_form": self.loss_form,
             "secants": smoothness_every is not None,
             "smoothness_every": smoothness_every or 0,
-            "batch_size": int(components.batch_size),
-            "m": len(components),
+            # per-sample: every kept sample is a component (m = N, batch size 1)
+            "batch_size": 1 if per_sample else int(components.batch_size),
+            "m": int(sum(components.sizes)) if per_sample else len(components),
             "n_samples": int(d.get("N", sum(components.sizes))),
             "data_seed": d.get("seed"),
             "last_batch": d.get("last_batch"),
             "optimizer": None,
         }
+        if per_sample:  # only then: a state saved before these keys existed still matches
+            self.setting["per_sample"] = True
+            self.setting["chunk_size"] = int(components.batch_size)
         self.optimizer: Any = None
         self.use_optimizer(optimizer)
         self.rows: list[dict[str, float]] = []
@@ -849,6 +969,6 @@ class Monitor:
 
     def __repr__(self) -> str:
         return (
-            f"Monitor(eta={self.eta:g}, every={self.every}, m={len(self.components)}, "
+            f"Monitor(eta={self.eta:g}, every={self.every}, m={self.setting['m']}, "
             f"probes={len(self.rows)}, run_dir={self.run_dir})"
         )

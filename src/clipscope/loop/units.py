@@ -322,9 +322,10 @@ class Units(Sequence[Unit]):
     ----------
     units : sequence of Unit
         In the order their hooks run. Names must be distinct.
-    route, dropout, seed, progress
+    route, dropout, seed, progress, batch_sizes
         How the probe runs (:func:`clipscope.engine.probe`): the engine route,
-        the dropout policy, the mask seed, a progress bar.
+        the dropout policy, the mask seed, a progress bar, the batch sizes
+        (``[1]``: per-sample components; None: the components themselves).
 
     :meth:`plan` (part of :meth:`visit`; on its own when a resumed loop
     continues inside an interval) records each unit's needs at a point;
@@ -340,6 +341,7 @@ class Units(Sequence[Unit]):
         dropout: str = "off",
         seed: int = 0,
         progress: bool = False,
+        batch_sizes: Sequence[int] | None = None,
     ) -> None:
         self._units = list(units)
         names = [u.name for u in self._units]
@@ -347,6 +349,7 @@ class Units(Sequence[Unit]):
         if twice:
             raise ValueError(f"two units share a name: {', '.join(twice)}")
         self.route, self.dropout, self.seed, self.progress = route, dropout, seed, progress
+        self.batch_sizes = batch_sizes
         self._step_units: list[Unit] = []
 
     def __getitem__(self, index):
@@ -399,6 +402,7 @@ class Units(Sequence[Unit]):
                         params=point.params,
                         etas=(),
                         route=self.route,
+                        batch_sizes=self.batch_sizes,
                         dropout=self.dropout,
                         seed=self.seed,
                         keep_full_grad=Needs.FULL_GRADIENT in needs,

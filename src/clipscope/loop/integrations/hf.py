@@ -33,6 +33,14 @@ The Trainer's order in an optimizer step, and what the callback does:
   ``clipscope_monitor.pt`` in each checkpoint folder (by the main process)
   and loaded back when training resumes from that checkpoint.
 
+**Per-sample components** (``Monitor(..., per_sample=True)``): the per-sample
+route needs ``loss(output, target)`` on ``(x, y)`` batches; :class:`PerSampleLM`
+gives a causal LM that form on the same parameters (build the Monitor on
+``PerSampleLM(model)``, its ``loss`` and its ``components``; the Trainer trains
+``model``). Each sample is then a component with its own token-mean loss; the
+steps are still the Trainer's mini-batch gradients (``docs/integrations.md``,
+"Per-sample components").
+
 The Monitor's η must equal the Trainer's ``max_grad_norm`` when the Trainer
 clips (else the per-step ``clipped`` flags would describe two thresholds):
 ``on_train_begin`` refuses a mismatch.
@@ -52,20 +60,31 @@ from __future__ import annotations
 import io
 import math
 import os
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import default_collate
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from clipscope.atomic import atomic_write_bytes
+from clipscope.components import Components
 from clipscope.errors import ConfigError
 from clipscope.loop.measures import gradient_products
 from clipscope.loop.monitor import Monitor
 
-__all__ = ["STATE_FILE", "MonitorCallback"]
+__all__ = ["IGNORE_INDEX", "STATE_FILE", "MonitorCallback", "PerSampleLM"]
 
 #: The Monitor's state in each of the Trainer's checkpoint folders.
 STATE_FILE = "clipscope_monitor.pt"
+
+#: The label Hugging Face's losses ignore (padding, prompt tokens).
+IGNORE_INDEX = -100
+
+#: The keys of a causal LM's batch that :class:`PerSampleLM` passes on.
+LM_KEYS = ("input_ids", "attention_mask", "labels")
 
 _SLACK = 1e-5  # relative: float32 rounding of the Trainer's norm against ours
 
@@ -170,3 +189,197 @@ class MonitorCallback(TrainerCallback):
     ) -> None:
         """``monitor.close()``."""
         self.monitor.close()
+
+
+class PerSampleLM(nn.Module):
+    r"""A Hugging Face causal LM as ``model(x) -> logits``: per-sample components of its batches.
+
+    The per-sample route (``Monitor(..., per_sample=True)``, ``clipscope.probe(...,
+    batch_sizes=[1])``) needs ``loss(model(x), y)`` on ``(x, y)`` batches with the
+    samples along dim 0; a Hugging Face batch is a dict and its loss is
+    ``model(**batch).loss``, the token mean over the whole batch. This module
+    gives the same model that form:
+
+    * ``x`` is ``(B, 2, T)`` int64, ``input_ids`` and ``attention_mask`` stacked
+      (:meth:`collate`; an absent mask is all ones), ``y`` the ``labels``
+      ``(B, T)``; ``forward(x)`` is ``model(input_ids=x[:, 0],
+      attention_mask=x[:, 1]).logits``, ``(B, T, V)`` -- the forward the
+      Trainer runs on that batch (``model(**batch)``, less the loss);
+    * :meth:`loss` is sample j's **own** mean loss over its non-ignored tokens
+      with Hugging Face's causal shift (token t predicts label t + 1; labels
+      ``-100`` ignored), ``ℓ_j = Σ_t ce(z_{j,t}, y_{j,t+1}) / n_j``, and on a batch
+      the mean of the samples' ``ℓ_j``.
+
+    The Monitor's f is then ``(1/N) Σ_j ℓ_j``, the mean of per-sample means. The
+    Trainer's batch loss is the token mean ``Σ_j n_j ℓ_j / Σ_j n_j``: the two
+    are equal where every sample has the same number of label tokens (no
+    padding, no ignored prompt), else they weight the samples differently
+    (the step gradient the Monitor reads is the Trainer's).
+
+    ``ℓ_j`` is row j's loss as the model computes it in its padded batch. With
+    right padding and the attention mask (Hugging Face's default for GPT-2 and
+    Llama tokenizers) a causal model's row j does not depend on the padding:
+    ``ℓ_j`` and its gradient equal those of sample j alone, unpadded (tested to
+    1e-10 in float64 on GPT-2 and Llama). Left padding shifts the positions of
+    models that count them from 0 (GPT-2 without ``position_ids``): ``ℓ_j`` is then
+    the padded row's, as the Trainer computes it.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A causal LM whose ``forward(input_ids=..., attention_mask=...)`` returns
+        ``.logits`` ``(B, T, V)`` (``GPT2LMHeadModel``, ``LlamaForCausalLM``, ...),
+        the one the Trainer trains: its parameters are this module's.
+
+    >>> from transformers import GPT2Config, GPT2LMHeadModel
+    >>> lm = PerSampleLM(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2,
+    ...                                             vocab_size=11, n_positions=8)))
+    >>> x, y = lm.collate()([{"input_ids": torch.tensor([1, 2, 3]),
+    ...                       "labels": torch.tensor([1, 2, 3])}] * 2)
+    >>> x.shape, y.shape, lm(x).shape, lm.loss(lm(x), y).dim()
+    (torch.Size([2, 2, 3]), torch.Size([2, 3]), torch.Size([2, 3, 11]), 0)
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model)!r}")
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the logits ``(B, T, V)`` of ``x`` = ``(B, 2, T)`` (input ids, attention mask)."""
+        if x.dim() != 3 or x.shape[1] != 2:
+            raise ValueError(
+                f"PerSampleLM takes x of shape (B, 2, T) (input_ids and attention_mask stacked "
+                f"by PerSampleLM.collate), got {tuple(x.shape)}"
+            )
+        return self.model(input_ids=x[:, 0], attention_mask=x[:, 1]).logits
+
+    @staticmethod
+    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Return the mean over the samples of each sample's mean causal-LM loss.
+
+        ``logits`` ``(B, T, V)``, ``labels`` ``(B, T)`` (``-100``: ignored).
+        Sample j's loss is the cross-entropy of ``logits[j, t]`` against
+        ``labels[j, t + 1]`` averaged over its ``n_j`` non-ignored targets (float16
+        and bfloat16 logits are upcast to float32, as Hugging Face's loss does).
+        A sample without a target gives NaN (:meth:`collate` refuses it first).
+
+        Raises
+        ------
+        TypeError
+            ``logits`` is not a tensor (the model's output object: the Monitor was
+            built on the Hugging Face model instead of ``PerSampleLM(model)``).
+        ValueError
+            ``logits`` is not ``(B, T, V)`` with ``labels`` ``(B, T)``.
+        """
+        if not isinstance(logits, torch.Tensor):
+            raise TypeError(
+                f"PerSampleLM.loss takes logits (B, T, V), got {type(logits).__name__}: build the "
+                "Monitor (or the probe) on PerSampleLM(model), not on the model itself"
+            )
+        if logits.dim() != 3 or labels.dim() != 2 or logits.shape[:2] != labels.shape:
+            raise ValueError(
+                f"PerSampleLM.loss takes logits (B, T, V) and labels (B, T), got "
+                f"{tuple(logits.shape)} and {tuple(labels.shape)}: build the Monitor (or the "
+                "probe) on PerSampleLM(model), not on the model itself"
+            )
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
+        targets = labels[:, 1:]
+        tokens = F.cross_entropy(
+            logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
+        )
+        counts = (targets != IGNORE_INDEX).sum(1).to(tokens.dtype)
+        return (tokens.sum(1) / counts).mean()
+
+    @staticmethod
+    def collate(
+        collate_fn: Callable[[list], Any] | None = None,
+    ) -> Callable[[list], tuple[torch.Tensor, torch.Tensor]]:
+        """Return ``items -> (x, y)``: a Hugging Face batch in this module's ``(x, y)`` form.
+
+        ``collate_fn(items)`` (default torch's ``default_collate``: equal lengths;
+        give your padding collator, e.g. ``DataCollatorForLanguageModeling(tok,
+        mlm=False)``) must give a dict with ``input_ids`` and ``labels`` ``(B, T)``
+        and optionally ``attention_mask`` (0/1). The checks below run on every
+        batch made (``Components.from_dataset`` makes the first one at once).
+
+        Raises
+        ------
+        TypeError
+            The batch is not a dict.
+        ValueError
+            A key other than ``input_ids``, ``attention_mask``, ``labels`` (the
+            model would get it from the Trainer, not from this module); a missing
+            ``input_ids`` or ``labels``; shapes that differ; an attention mask with
+            values other than 0 and 1; a sample without a label to predict after
+            the shift (its mean loss would be 0/0).
+        """
+        inner = default_collate if collate_fn is None else collate_fn
+        if not callable(inner):
+            raise TypeError(f"collate_fn must be callable or None, got {collate_fn!r}")
+
+        def collate(items: list) -> tuple[torch.Tensor, torch.Tensor]:
+            return _pack(inner(items))
+
+        collate.__qualname__ = f"PerSampleLM.collate({getattr(inner, '__qualname__', inner)})"
+        return collate
+
+    def components(
+        self,
+        dataset: Any,
+        batch_size: int,
+        *,
+        seed: int | None = None,
+        drop_last: bool = False,
+        collate_fn: Callable[[list], Any] | None = None,
+    ) -> Components:
+        """Return the components of ``dataset`` in this module's ``(x, y)`` form.
+
+        ``Components.from_dataset(dataset, batch_size, seed=, drop_last=,
+        collate_fn=self.collate(collate_fn))``. With ``Monitor(...,
+        per_sample=True)`` each sample is a component and ``batch_size`` the size
+        of the chunks the probe evaluates together.
+        """
+        return Components.from_dataset(
+            dataset, batch_size, seed=seed, drop_last=drop_last,
+            collate_fn=self.collate(collate_fn),
+        )  # fmt: skip
+
+
+def _pack(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, y)`` of a causal LM's dict batch (:meth:`PerSampleLM.collate`)."""
+    if not isinstance(batch, Mapping):
+        raise TypeError(
+            f"PerSampleLM.collate: the collate function gave {type(batch).__name__}, not a dict "
+            "of input_ids, labels (and attention_mask)"
+        )
+    extra = sorted(set(batch) - set(LM_KEYS))
+    if extra:
+        raise ValueError(
+            f"PerSampleLM.collate: the batch holds {extra} beside {list(LM_KEYS)}; the model "
+            "would get them from the Trainer but not from PerSampleLM, so its per-sample "
+            "losses would not be the Trainer's: drop them from the data"
+        )
+    missing = [k for k in ("input_ids", "labels") if k not in batch]
+    if missing:
+        raise ValueError(f"PerSampleLM.collate: the batch has no {missing}")
+    ids, labels = batch["input_ids"], batch["labels"]
+    mask = batch.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask)
+    if not (ids.dim() == 2 and ids.shape == labels.shape == mask.shape):
+        raise ValueError(
+            "PerSampleLM.collate: input_ids, labels and attention_mask must share one shape "
+            f"(B, T), got {tuple(ids.shape)}, {tuple(labels.shape)}, {tuple(mask.shape)}"
+        )
+    if bool(((mask != 0) & (mask != 1)).any()):
+        raise ValueError("PerSampleLM.collate: the attention_mask must hold 0 and 1 only")
+    empty = ((labels[:, 1:] != IGNORE_INDEX).sum(1) == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(
+            f"PerSampleLM.collate: sample(s) {empty[:5]} of a batch have no label to predict "
+            "after the causal shift (all -100): a per-sample mean loss needs one; leave them "
+            "out of the data"
+        )
+    return torch.stack([ids, mask.to(ids.dtype)], 1), labels
