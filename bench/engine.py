@@ -11,6 +11,13 @@ Peak memory: the resident set size (``/proc/self/statm``) sampled every
 ``gc.collect()`` and glibc ``malloc_trim(0)``; glibc's mmap threshold is pinned
 at 128 KiB so that freed tensors go back to the OS between methods. It counts
 everything the process touches (autograd graph, activations, kept gradients).
+**Times measured with memory are not for comparison**: with the threshold
+pinned every allocation above 128 KiB is a fresh ``mmap`` whose pages fault
+and are zeroed on first touch (and the sampling thread's CPU time counts under
+``--clock cpu``), a cost a normal process does not pay and that differs from
+method to method (2026-12-06, HF GPT-2: the plain epoch 6.5 s with memory, 2.8 s
+without). Take the time ratios from a ``--no-memory`` run, the memory ratios
+from a run with memory.
 
 Usage::
 
@@ -885,7 +892,8 @@ def main(argv: list[str] | None = None) -> int:
     print("ratios: median over interleaved repeats of (method / plain epoch in that repeat)")
     print(f"clock: {'process CPU time' if args.clock == 'cpu' else 'wall clock'}")
     print(
-        "memory: sampled peak RSS increment (see the module docstring)"
+        "memory: sampled peak RSS increment (see the module docstring); the times of this "
+        "run include the pinned mmap threshold's page faults: time ratios from --no-memory"
         if MEMORY
         else "memory: not measured (--no-memory)"
     )

@@ -38,6 +38,11 @@ Usage::
     python bench/transformer_probe.py --models gpt2 --clock cpu --threads 1
     python bench/transformer_probe.py --device cuda     # on a GPU (names it)
 
+Time and memory come from separate runs: with memory measured (the default)
+the times include the page faults of the pinned mmap threshold and the
+sampling thread (``bench/engine.py``'s module docstring), so the time ratios are
+taken from a ``--no-memory`` run and the memory ratios from a default one.
+
 Opacus is optional (``pip install -c constraints.txt opacus``); without it its
 rows say so. Never a test.
 """
@@ -301,6 +306,11 @@ def main(argv: list[str] | None = None) -> int:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device_name}, "
         f"clock {args.clock}, command: {' '.join(sys.argv)}"
     )
+    if harness.MEMORY:
+        print(
+            "memory measured: the times below include the pinned mmap threshold's page faults "
+            "and the sampling thread; take time ratios from a --no-memory run"
+        )
     for t in tables(args):
         print(t.render())
     return 0
