@@ -210,6 +210,9 @@ def test_the_report_reads_a_per_sample_monitor_run_as_batch_size_1(tmp_path):
     rhos = [row["rho"] for _, row, _ in check.seen]
     assert found["min_rho"]["value"] == pytest.approx(min(rhos), rel=1e-12)
     assert found["steps"]["monitor-B1"]["steps"] == 6
+    # the figures and the advice name the components, not a loop of batch size 1
+    text = (tmp_path / "run" / "report.html").read_text()
+    assert "Monitor per-sample" in text and "Monitor B=1" not in text
 
 
 def test_an_adam_monitor_records_rho_p_of_the_samples():

@@ -119,3 +119,23 @@ def test_the_step_figure_and_the_probe_axes(monitor_run):
     assert fig.axes[0].get_xlabel().startswith("step")
     np.testing.assert_array_equal(fig.axes[0].get_lines()[0].get_xdata(), [0, 4, 8, 12, 13])
     plots.figure_png(fig)
+
+
+def test_a_per_sample_monitor_run_is_titled_by_its_components():
+    """``Monitor per-sample``, not ``Monitor B=1``: the loop's steps are its mini-batches."""
+    from clipscope.report.plots import run_title
+
+    class Run:
+        kind, method, batch_size = "monitor", "monitor", 1
+
+        def __init__(self, config):
+            self.config = config
+
+        def setting(self, key, default=None):
+            return self.config.get(key, default)
+
+    assert run_title({}, Run({"per_sample": True})) == "Monitor per-sample"
+    assert run_title({}, Run({"per_sample": True, "optimizer": "adamw"})) == (
+        "Monitor-AdamW per-sample"
+    )
+    assert run_title({}, Run({})) == "Monitor B=1"
