@@ -13,6 +13,8 @@ import re
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from clipscope.report import html as report_html
 from clipscope.report import plots
@@ -248,3 +250,13 @@ def test_epoch_ticks_of_a_short_run_stay_integer(tmp_path):
     ticks = np.asarray(fig.axes[0].get_xticks())
     assert np.all(ticks == np.round(ticks))
     plots.figure_png(fig)
+
+
+@given(st.floats(min_value=KEPT_WARN, max_value=1.0, exclude_max=True))
+def test_at_least_never_overstates_the_share_kept(rho):
+    """'at least X%' of ρ and ρ_P: X ≤ 100ρ, within 0.1 below it (rounded down, not to nearest)."""
+    from clipscope.report.labels import preconditioned_label
+
+    for label in (descent_label(rho), preconditioned_label(rho)):
+        shown = float(label["text"].split("at least ")[1].split("%")[0])
+        assert shown <= 100 * rho and shown > 100 * rho - 0.1 - 1e-9

@@ -145,7 +145,16 @@ def descent_label(rho: float | None) -> dict[str, str]:
         )
     if rho >= 1:
         return _label("kept", OK, "clipping kept all of the unclipped descent (ρ ≥ 1)")
-    return _label("kept", OK, f"clipping kept at least {100 * rho:.3g}% of the unclipped descent")
+    return _label("kept", OK, f"clipping kept at least {_at_least(rho)} of the unclipped descent")
+
+
+def _at_least(share: float) -> str:
+    """``share`` in (0, 1) as a percentage rounded **down** to 0.1 %: "at least" stays true.
+
+    >>> _at_least(0.5275), _at_least(0.99996), _at_least(0.9)
+    ('52.7%', '99.9%', '90%')
+    """
+    return f"{math.floor(1000 * share) / 10:g}%"
 
 
 def preconditioned_label(rho_p: float | None) -> dict[str, str]:
@@ -176,8 +185,9 @@ def preconditioned_label(rho_p: float | None) -> dict[str, str]:
         )
     if rho_p >= 1:
         return _label("kept", OK, "clipping kept all of the preconditioned descent (ρ_P ≥ 1)")
-    shown = math.floor(1000 * rho_p) / 10  # rounded down: "at least" stays true (never 100%)
-    return _label("kept", OK, f"clipping kept at least {shown:g}% of the preconditioned descent")
+    return _label(
+        "kept", OK, f"clipping kept at least {_at_least(rho_p)} of the preconditioned descent"
+    )
 
 
 def reversal_label(eta_reversal: float | None, at: str | None = None) -> dict[str, str]:
