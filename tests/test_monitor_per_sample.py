@@ -213,6 +213,13 @@ def test_the_report_reads_a_per_sample_monitor_run_as_batch_size_1(tmp_path):
     # the figures and the advice name the components, not a loop of batch size 1
     text = (tmp_path / "run" / "report.html").read_text()
     assert "Monitor per-sample" in text and "Monitor B=1" not in text
+    # the answers say they are about per-sample clipping, in the report, findings and advise
+    assert "per-sample clipping" in text and "no threshold" in text
+    assert found["per_sample_components"]["runs"] == ["monitor-B1"]
+    from clipscope.commands.advise import advice_of
+
+    advice = advice_of(tmp_path / "run")
+    assert "no threshold" in advice["tasks"]["run"]["runs"]["monitor-B1"]["per_sample_components"]
 
 
 def test_an_adam_monitor_records_rho_p_of_the_samples():

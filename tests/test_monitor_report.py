@@ -108,7 +108,7 @@ def test_the_step_figure_and_the_probe_axes(monitor_run):
     top, bottom = fig.axes
     lines = {line.get_label(): line for line in top.get_lines() + bottom.get_lines()}
     arrays = load_run(monitor_run).step_arrays()
-    norm_line = next(v for k, v in lines.items() if k.endswith("‖g‖ per step"))
+    norm_line = next(v for k, v in lines.items() if k.endswith("‖g‖ of each loop step"))
     np.testing.assert_array_equal(norm_line.get_xdata(), arrays["step"])
     np.testing.assert_array_equal(norm_line.get_ydata(), arrays["step_grad_norm"])
     probe_line = lines["mean cos θ_ki at each probe"]
@@ -139,3 +139,23 @@ def test_a_per_sample_monitor_run_is_titled_by_its_components():
         "Monitor-AdamW per-sample"
     )
     assert run_title({}, Run({})) == "Monitor B=1"
+
+
+def test_per_sample_answers_say_what_they_are_about():
+    """findings.json's per_sample_components note reaches the report's headline."""
+    from clipscope.report.findings import PER_SAMPLE_NOTE
+    from clipscope.report.html import findings_section
+
+    task = {
+        "kind": "run",
+        "runs": ["monitor-B1"],
+        "per_sample_components": {"runs": ["monitor-B1"], "note": PER_SAMPLE_NOTE},
+        "min_rho": {"value": None},
+        "eta_advice": {"target": 0.9, "eta_max": None},
+        "theorems": [],
+        "threads": {},
+    }
+    text = findings_section({"tasks": {"run": task}})
+    assert "monitor-B1: per-sample components" in text and "no threshold" in text
+    del task["per_sample_components"]
+    assert "per-sample" not in findings_section({"tasks": {"run": task}})

@@ -82,7 +82,9 @@ def advice_of(directory: str | Path, target: float = DEFAULT_TARGET) -> dict[str
         ``directory`` is neither a run nor a study directory.
     """
     from clipscope.report.findings import (
+        PER_SAMPLE_NOTE,
         eta_advice,
+        is_per_sample_monitor,
         preconditioned,
         run_label,
         run_points,
@@ -119,6 +121,8 @@ def advice_of(directory: str | Path, target: float = DEFAULT_TARGET) -> dict[str
             names = [f"{label} {run.point_name(epoch)}" for epoch, _ in points]
             result = advise([s for _, s in points], target, names)
             runs[label] = result.to_dict(points=True) | {"eta": _finite(run.eta)}
+            if is_per_sample_monitor(run):  # per-sample clipping: not the loop's threshold
+                runs[label]["per_sample_components"] = PER_SAMPLE_NOTE
             name = label if single else f"{task.name}-{label}"
             title = f"{name}: ρ(η) at {len(points)} probes, target {target:g}"
             named = [(run.point_name(epoch), stats) for epoch, stats in points]
@@ -215,5 +219,7 @@ def run(args: argparse.Namespace) -> int:
             print(_line(label, advice))
             if "preconditioned" in advice:
                 print(_line(f"{label} ρ_P", advice["preconditioned"], p=True))
+            if "per_sample_components" in advice:
+                print(f"    ({label}: {advice['per_sample_components']})")
     print(f"figures: {folder}")
     return 0

@@ -589,6 +589,13 @@ def findings_section(findings: dict) -> str:
         notes = "".join(
             f'<p class="note">{_span(WARN, html.escape(n))}</p>' for n in task.get("notes", [])
         )
+        per_sample = task.get("per_sample_components")
+        if per_sample:  # the answers are about per-sample clipping, not the loop's clip
+            runs = ", ".join(per_sample["runs"])
+            notes = (
+                f'<p class="note">{_span(WARN, html.escape(f"{runs}: " + per_sample["note"]))}</p>'
+                + notes
+            )
         threads = html.escape(_threads_text(task.get("threads")))
         parts.append(
             f"<h3>{html.escape(name)}</h3><table><tbody>{body}</tbody></table>"

@@ -155,7 +155,7 @@ def monitor_steps(task: TaskRecord) -> plt.Figure:
         steps = arrays.get("step", np.empty(0))
         if steps.size:
             norms, clipped = arrays["step_grad_norm"], arrays["step_clipped"] > 0
-            (line,) = top.plot(steps, norms, lw=0.8, label=f"{title} ‖g‖ per step")
+            (line,) = top.plot(steps, norms, lw=0.8, label=f"{title}: ‖g‖ of each loop step")
             if clipped.any():
                 top.plot(steps[clipped], norms[clipped], "x", ms=4, color="C3",
                          label="clipped at η")  # fmt: skip
