@@ -355,7 +355,7 @@ def positive_cos_share_b1(task: TaskRecord) -> dict[str, Any]:
 def min_rho(task: TaskRecord) -> dict[str, Any]:
     """Return the smallest ρ_k(η) at each run's own η over all probes; ``reversed`` if < 0."""
     per_run = {}
-    best: tuple[float, str, int, float, str] | None = None
+    best: tuple[float, str, int, float, str, str | None] | None = None
     for entry, run in task.runs:
         label, eta = run_label(entry, run), run.eta
         # a rule's run (descent-safe, AutoClip): the η in force at each probe (its column)
@@ -370,10 +370,11 @@ def min_rho(task: TaskRecord) -> dict[str, Any]:
             continue
         value, epoch = min(values)
         at = run.point_name(epoch)
-        per_run[label] = {"value": value, "epoch": epoch, "at": at, "eta": eta}
-        per_run[label]["label"] = descent_label(value)
+        there = run.eta_at(epoch)  # a rule's run: the η in force at that probe
+        per_run[label] = {"value": value, "epoch": epoch, "at": at, "eta": there}
+        per_run[label] |= {"eta_rule": run.eta_rule, "label": descent_label(value)}
         if best is None or value < best[0]:
-            best = (value, label, epoch, eta, at)
+            best = (value, label, epoch, there, at, run.eta_rule)
     if best is None:
         return {
             "value": None,
@@ -387,6 +388,7 @@ def min_rho(task: TaskRecord) -> dict[str, Any]:
         "epoch": best[2],
         "at": best[4],
         "eta": best[3],
+        "eta_rule": best[5],
         "reversed": bool(best[0] < 0),
         "label": descent_label(best[0]),
         "per_run": per_run,
@@ -457,8 +459,8 @@ def _run_preconditioned(
     low: dict[str, Any] = {"value": None, "label": preconditioned_label(None)}
     if finite:
         value, k = min(finite)
-        low = {"value": value, "epoch": pts[k][0], "at": at[k]}
-        low["label"] = preconditioned_label(value)
+        low = {"value": value, "epoch": pts[k][0], "at": at[k], "eta": run.eta_at(pts[k][0])}
+        low |= {"eta_rule": run.eta_rule, "label": preconditioned_label(value)}
         low["rho_there"] = rho[k]
     plain_advice = advise(list(plain.values()), target) if plain else None
     shares = _unset_shares(run, [e for e, _ in pts])
@@ -629,7 +631,8 @@ def _measured_rho_p(entry: dict, run: RunRecord) -> dict[str, Any] | None:
     return {
         "quantity": "min over the probes of ρ_P(η) at the run's η",
         "value": value,
-        "eta": run.eta,
+        "eta": run.eta_at(epoch),
+        "eta_rule": run.eta_rule,
         "at": run.point_name(epoch),
         "probes": len(values),
         "label": preconditioned_label(value),
@@ -706,6 +709,7 @@ def monitor_steps(run: RunRecord) -> dict[str, Any]:
         "first_step": int(steps.min()) if steps.size else None,
         "last_step": int(steps.max()) if steps.size else None,
         "eta": run.eta,
+        "eta_rule": run.eta_rule,  # a rule's run: each step clipped at the η then in force
         "clipped_share": stat(clipped, np.mean),
         "grad_norm_median": stat(norms, np.median),
         "grad_norm_max": stat(norms, np.max),

@@ -25,7 +25,7 @@ from clipscope.report import plots
 from clipscope.report import preconditioned as plots_p
 from clipscope.report.findings import FINDINGS_FILE, eta_advice, study_findings, write_findings
 from clipscope.report.labels import BAD, NA, OK, WARN, descent_label, verdict_class
-from clipscope.report.theorem import ESTIMATES, check_theorem, measured_text
+from clipscope.report.theorem import ESTIMATES, check_theorem, eta_phrase, measured_text
 from clipscope.run.directory import RunRecord
 from clipscope.run.study import TaskRecord, load_study
 
@@ -119,6 +119,13 @@ def _num(value: float) -> str:
     if value is None or not math.isfinite(value):
         return "∞" if value == math.inf else _na()
     return f"{value:.4g}"
+
+
+def _eta_text(eta: float | None, rule: str | None) -> str:
+    """``η = 0.5`` (``η = ∞`` unclipped), or a rule's ``the η in force (descent-safe: …)``."""
+    if rule:
+        return html.escape(eta_phrase(_opt(eta), rule))
+    return f"η = {_num(_opt(eta))}"
 
 
 def _pct(value: float) -> str:
@@ -457,8 +464,14 @@ def _fmt_measured(measured: dict | None) -> str:
     label = measured["label"]
     if measured.get("value") is None:
         return "; measured instead: " + _span(label["class"], html.escape(label["text"]))
+    rule = measured.get("eta_rule")
+    rho_p = (
+        f"ρ_P at {_eta_text(measured['eta'], rule)}"
+        if rule
+        else f"ρ_P(η = {_num(_opt(measured['eta']))})"
+    )
     return (
-        f"; measured instead: smallest ρ_P(η = {_num(measured['eta'])}) = "
+        f"; measured instead: smallest {rho_p} = "
         f"{measured['value']:.4g} ({html.escape(measured['at'])}, {measured['probes']} probes): "
         + _span(label["class"], html.escape(label["text"]))
     )
@@ -473,7 +486,8 @@ def _fmt_rho_p(item: dict) -> str:
     if low.get("value") is None:
         return _span(label["class"], html.escape(label["text"]))
     return _span(label["class"], html.escape(label["text"])) + (
-        f": ρ_P = {low['value']:.4g} at {html.escape(low['at'])} (η = {_num(item['eta'])}); "
+        f": ρ_P = {low['value']:.4g} at {html.escape(low['at'])} "
+        f"({_eta_text(low.get('eta', item['eta']), low.get('eta_rule'))}); "
         f"ρ = {_num(_opt(low.get('rho_there')))} there"
     )
 
@@ -525,7 +539,7 @@ def _fmt_rho(low: dict) -> str:
     where = low.get("at") or f"epoch {low['epoch']}"
     return _span(label["class"], html.escape(label["text"])) + (
         f": ρ = {low['value']:.4g} ({html.escape(str(low['run']))}, {html.escape(where)}, "
-        f"η = {_num(low['eta'])})"
+        f"{_eta_text(low['eta'], low.get('eta_rule'))})"
     )
 
 
@@ -535,8 +549,13 @@ def _fmt_steps(label: str, steps: dict) -> str:
         return _na() + " no per-step records (Monitor.gradient() was not called)"
     return (
         f"{steps['steps']:,} steps ({steps['first_step']} … {steps['last_step']}): "
-        f"{_pct(_opt(steps['clipped_share']))} clipped at η = {_num(_opt(steps['eta']))}; "
-        f"‖g‖ median {_num(_opt(steps['grad_norm_median']))}, max "
+        f"{_pct(_opt(steps['clipped_share']))} clipped at "
+        + (
+            f"the η in force ({html.escape(steps['eta_rule'])}); "
+            if steps.get("eta_rule")
+            else f"η = {_num(_opt(steps['eta']))}; "
+        )
+        + f"‖g‖ median {_num(_opt(steps['grad_norm_median']))}, max "
         f"{_num(_opt(steps['grad_norm_max']))}; cos∠(g, ∇f_k) mean "
         f"{_num(_opt(steps['cos_mean']))}, min {_num(_opt(steps['cos_min']))}"
     )

@@ -164,6 +164,13 @@ def monitor_steps(task: TaskRecord) -> plt.Figure:
             drawn = True
         if math.isfinite(run.eta):
             top.axhline(run.eta, color="k", ls="--", lw=1, label=f"η = {run.eta:g}")
+        elif run.eta_rule == "descent-safe":  # η set at each probe, fixed until the next
+            at, etas = run.column("step"), run.column("eta")
+            ok = np.isfinite(at) & np.isfinite(etas)
+            if ok.any():
+                end = max(float(at[ok][-1]), float(steps.max()) if steps.size else 0.0)
+                top.step(np.append(at[ok], end), np.append(etas[ok], etas[ok][-1]), where="post",
+                         color="k", ls="--", lw=1, label="η in force (descent-safe)")  # fmt: skip
         at, c1 = run.column("step"), run.column("c1")
         ok = np.isfinite(at) & np.isfinite(c1)
         if ok.any():

@@ -148,20 +148,37 @@ def measured_rho_p(record: RunRecord) -> dict[str, Any] | None:
     rho_p, epochs = record.column("rho_p"), record.column("epoch")
     keep = np.isfinite(rho_p)
     out: dict[str, Any] = {"value": None, "probes": int(keep.sum()), "eta": record.eta}
+    out["eta_rule"] = record.eta_rule  # a rule's run: ρ_P at the η in force at each probe
     if keep.any():
         k = int(np.flatnonzero(keep)[np.argmin(rho_p[keep])])
         epoch = int(epochs[k]) if np.isfinite(epochs[k]) else k
         out |= {"value": float(rho_p[k]), "epoch": epoch, "at": record.point_name(epoch)}
+        if record.eta_rule:
+            out["eta"] = record.eta_at(epoch)
     return out
+
+
+def eta_phrase(eta: float, rule: str | None = None) -> str:
+    """``η = 0.5``, or for a rule's run ``the η in force (descent-safe)`` (and its value there).
+
+    >>> eta_phrase(0.5), eta_phrase(float("nan"), "autoclip"), eta_phrase(1.25, "descent-safe")
+    ('η = 0.5', 'the η in force (autoclip)', 'the η in force (descent-safe: 1.25 there)')
+    """
+    if rule:
+        known = eta is not None and math.isfinite(eta)  # NaN: none yet (AutoClip at x_0)
+        return f"the η in force ({rule}{f': {eta:.4g} there' if known else ''})"
+    return f"η = {eta:g}"
 
 
 def measured_text(measured: dict[str, Any]) -> str:
     """``measured instead: min ρ_P(η = 0.5) over 7 probes = 0.93 (epoch 3)``."""
+    rule = measured.get("eta_rule")
     eta = measured["eta"]
+    rho_p = f"ρ_P at {eta_phrase(eta, rule)}" if rule else f"ρ_P(η = {eta:g})"
     if measured["value"] is None:
-        return f"measured instead: no ρ_P(η = {eta:g}) recorded"
+        return f"measured instead: no {rho_p} recorded"
     return (
-        f"measured instead: min ρ_P(η = {eta:g}) over {measured['probes']} probes = "
+        f"measured instead: min {rho_p} over {measured['probes']} probes = "
         f"{measured['value']:.4g} ({measured['at']})"
     )
 
