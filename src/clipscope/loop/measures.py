@@ -457,7 +457,7 @@ class StepStatistics(Unit):
         else:
             end.log(
                 f"epoch {end.epoch:4d}  (no probe)  mean step loss={mean(self.losses):.6g}  "
-                f"clipped steps={mean(self.clipped):.2f}"
+                f"clipped steps={self.clipped:g} of {m}"
             )
         self.norms, self.losses, self.clipped = 0.0, 0.0, 0
 
