@@ -17,10 +17,8 @@ held-out metric at each probe (mean and spread over seeds), the share of clipped
 that ``train.log`` gives for the epochs without a probe), the η in force from each probe
 on, the wall time of each run and the share of it that the probes took, measured (the
 ``probe_seconds`` of its rows over the run's wall time): all of them, and the ones that a
-threshold rule needs -- every probe but the last point's, which only records. The
-share outside the steps (probes, held-out evaluation, checkpoints, start-up) is an
-estimate from the time between steps (``on_step``): the steps' time is the median gap
-between two steps of one epoch times the number of steps.
+threshold rule needs -- every probe but the last point's, which only records -- and the
+held-out evaluation's share (``heldout_seconds``).
 
 ``--epochs`` and ``--probe-every`` override the config's ``epochs`` and ``probe_every``
 for every arm (the probes' share falls as 1/``probe_every``). ``--merge OLD/study.json``
@@ -36,11 +34,9 @@ import argparse
 import json
 import math
 import re
-import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -79,40 +75,19 @@ def write_arm_config(base: Path, out: Path, seed: int, data_dir: str | None, **o
 
 
 def run_arm(config: str, run_dir: str) -> dict:
-    """Train one arm (a fresh process: one torch thread); return its times."""
+    """Train one arm (a fresh process: one torch thread); return its exit code and wall time.
+
+    The wall time is of ``clipscope.train.train`` (building the task, training, probing,
+    writing the run directory), after the imports.
+    """
     import torch
 
     from clipscope.train import train
 
     torch.set_num_threads(1)
-    stamps: list[float] = []
     start = time.perf_counter()
-    code = train(config, run_dir, on_step=lambda s, i, n: stamps.append(time.perf_counter()),
-                 echo=lambda text: None)  # fmt: skip
-    total = time.perf_counter() - start
-    return {"code": code, "wall": total, "stamps": stamps, "start": start}
-
-
-def step_time(stamps: list[float], start: float, m: int) -> float:
-    """Return the steps' time: median gap between steps of one epoch, times the number of steps."""
-    gaps = [b - a for k, (a, b) in enumerate(pairwise(stamps)) if (k + 1) % m]
-    return statistics.median(gaps) * len(stamps) if gaps else math.nan
-
-
-def probe_time(stamps: list[float], m: int, points: int) -> float:
-    """Return the time at the points (probe, held-out evaluation, checkpoints), estimated.
-
-    Between the last step of an epoch and the first of the next lie the point's work
-    and one step: each interior gap minus the median in-epoch gap, averaged, times the
-    number of points (x_0 and the last point cost about the same, start-up aside).
-    """
-    gaps = [b - a for a, b in pairwise(stamps)]
-    inner = [g for k, g in enumerate(gaps) if (k + 1) % m]
-    boundary = [g for k, g in enumerate(gaps) if (k + 1) % m == 0]
-    if not inner or not boundary:
-        return math.nan
-    step = statistics.median(inner)
-    return statistics.mean(g - step for g in boundary) * points
+    code = train(config, run_dir, echo=lambda text: None)
+    return {"code": code, "wall": time.perf_counter() - start}
 
 
 COLUMNS = ("epoch", "heldout", "train_clipped_share", "eta", "rho", "rho_p", "train_loss",
@@ -232,7 +207,6 @@ def summarize(results: dict, seeds: list[int]) -> dict:
                 f"seed {s}: {t}" for s, t in zip(seeds, settings, strict=True)),
             "wall": _spread(walls),
             "wall_per_seed": dict(zip(seeds, walls, strict=True)),
-            "outside_steps_share": _spread([1 - r["steps_time"] / r["wall"] for r in runs]),
         } | {k: _spread_finite([r["times"][k] for r in runs]) for k in TIMES}  # fmt: skip
     return out
 
@@ -272,11 +246,10 @@ def markdown(summary: dict, meta: dict) -> str:
             lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     lines += ["", "Wall time per run (s); the probes' seconds and shares of it, measured "
               "(`probe_seconds`; needed: all but the last point's); the held-out "
-              "evaluation's share (`heldout_seconds`); the share outside the steps, "
-              "estimated from the gaps between steps:", ""]  # fmt: skip
+              "evaluation's share (`heldout_seconds`):", ""]  # fmt: skip
     lines.append("| arm | wall (s) | probes (s) | probes' share | needed probes' share "
-                 "| held-out share | outside the steps (est.) |")  # fmt: skip
-    lines.append("|---|---|---|---|---|---|---|")
+                 "| held-out share |")  # fmt: skip
+    lines.append("|---|---|---|---|---|---|")
 
     def pct(v: list[float]) -> str:
         return "–" if v[2] == 0 else f"{v[0]:.1%} ± {v[1]:.1%}" + (
@@ -284,11 +257,10 @@ def markdown(summary: dict, meta: dict) -> str:
 
     for arm in arms:
         s = summary[arm]
-        w, o, t = s["wall"], s["outside_steps_share"], s["probe_s"]
+        w, t = s["wall"], s["probe_s"]
         probes = "–" if t[2] == 0 else f"{t[0]:.1f} ± {t[1]:.1f}"
         lines.append(f"| {arm} | {w[0]:.0f} ± {w[1]:.0f} | {probes} | {pct(s['probe_share'])} | "
-                     f"{pct(s['needed_probe_share'])} | {pct(s['heldout_share'])} | "
-                     f"{o[0]:.0%} ± {o[1]:.0%} |")  # fmt: skip
+                     f"{pct(s['needed_probe_share'])} | {pct(s['heldout_share'])} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -313,7 +285,8 @@ def merge_old(path: Path, results: dict, advised: dict, seeds: list[int]) -> dic
             if m is None or epochs is None:  # written before these were kept: every epoch probed
                 epochs = max(int(e) for e in run["rows"]["epoch"])
                 m = run.get("m", old["meta"].get("m"))
-            run = {**run, "m": m, "epochs": epochs}
+            run = {k: v for k, v in run.items() if k not in ("stamps", "steps_time", "probe_time")}
+            run |= {"m": m, "epochs": epochs}
             run.setdefault("clipped_share", clipped_share(run["rows"], m or 1, epochs))
             run.setdefault("times", time_shares(run["rows"], run["wall"], epochs))
             results.setdefault(arm, {})[seed] = run
@@ -397,9 +370,6 @@ def main(argv: list[str] | None = None) -> int:
                     rows["epoch"] = [float(e) for e in want]
                 results.setdefault(arm, {})[seed] = run | {
                     "rows": rows, "wall": res["wall"], "eta_setting": _setting(over),
-                    "steps_time": step_time(res["stamps"], res["start"], m),
-                    "probe_time": probe_time(res["stamps"], m, len(rows["epoch"])),
-                    "stamps": [t - res["start"] for t in res["stamps"]],
                 }  # fmt: skip
                 print(f"{arm} seed {seed}: {res['wall']:.0f} s, heldout {rows['heldout'][-1]:.5g}, "
                       f"probes {run['times']['probe_share']:.1%} of the run "

@@ -18,7 +18,7 @@ from torch import nn
 from clipscope import Components, fit
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import threshold_study as study  # noqa: E402
+import threshold_study as study
 
 ETA = 0.6
 
