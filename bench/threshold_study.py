@@ -258,7 +258,8 @@ def markdown(summary: dict, meta: dict) -> str:
     for arm in arms:
         s = summary[arm]
         w, t = s["wall"], s["probe_s"]
-        probes = "–" if t[2] == 0 else f"{t[0]:.1f} ± {t[1]:.1f}"
+        probes = "–" if t[2] == 0 else f"{t[0]:.1f} ± {t[1]:.1f}" + (
+            f" (n = {t[2]})" if t[2] != len(meta["seeds"]) else "")  # fmt: skip
         lines.append(f"| {arm} | {w[0]:.0f} ± {w[1]:.0f} | {probes} | {pct(s['probe_share'])} | "
                      f"{pct(s['needed_probe_share'])} | {pct(s['heldout_share'])} |")  # fmt: skip
     return "\n".join(lines) + "\n"
