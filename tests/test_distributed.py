@@ -36,6 +36,7 @@ from clipscope.engine.distributed import (
 )
 from clipscope.engine.result import MultiProbeResult
 from clipscope.errors import NonFiniteError
+from clipscope.run.directory import TIMING_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve()
@@ -620,7 +621,7 @@ def assert_same_training(got, want, rtol=FIT_RTOL):
     for a, b in zip(got["rows"], want["rows"], strict=True):
         assert a.keys() == b.keys()
         for key in b:
-            if key != "wall_time":
+            if key not in TIMING_COLUMNS:
                 np.testing.assert_allclose(a[key], b[key], rtol=rtol, atol=1e-13, err_msg=key)
     for key, value in want["model"].items():
         torch.testing.assert_close(got["model"][key], value, rtol=rtol, atol=1e-13)
@@ -702,8 +703,8 @@ def test_dropout_run_resumed_after_a_crash_equals_the_uninterrupted_run(trained)
     a, b = ranks[0]["dropout-uninterrupted"], ranks[0]["dropout-resumed"]
     assert a.steps == b.steps == 14 and len(a.rows) == len(b.rows) == 3
     for x, y in zip(a.rows, b.rows, strict=True):
-        assert {k: v for k, v in x.items() if k != "wall_time"} == pytest.approx(
-            {k: v for k, v in y.items() if k != "wall_time"}, rel=0, abs=0, nan_ok=True
+        assert {k: v for k, v in x.items() if k not in TIMING_COLUMNS} == pytest.approx(
+            {k: v for k, v in y.items() if k not in TIMING_COLUMNS}, rel=0, abs=0, nan_ok=True
         )
     assert (out / "dropout-b" / "epochs.csv").read_text().count("\n") == 4
 
@@ -869,7 +870,8 @@ def _rows(run: Path) -> list[dict[str, str]]:
     with open(run / "epochs.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     for row in rows:
-        row.pop("wall_time")
+        for column in TIMING_COLUMNS:
+            row.pop(column, None)
     return rows
 
 
@@ -1023,7 +1025,7 @@ def test_the_monitor_under_torchrun_with_ddp(trained, tmp_path):
         assert len(got["rows"]) == len(want["rows"]) == 3
         for a, b in zip(got["rows"], want["rows"], strict=True):
             for key in b:
-                if key != "wall_time":
+                if key not in TIMING_COLUMNS:
                     assert a[key] == pytest.approx(b[key], rel=FIT_RTOL, abs=1e-13, nan_ok=True)
         for key, value in want["model"].items():
             torch.testing.assert_close(got["model"][key], value, rtol=FIT_RTOL, atol=1e-13)

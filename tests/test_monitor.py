@@ -25,7 +25,7 @@ from clipscope import Components, Monitor, fit
 from clipscope.clipping import clip_grads_
 from clipscope.engine import reference_probe
 from clipscope.errors import ConfigError
-from clipscope.run.directory import load_run, read_rows
+from clipscope.run.directory import TIMING_COLUMNS, load_run, read_rows
 
 F64 = torch.float64
 
@@ -84,7 +84,7 @@ def test_the_monitor_over_an_igc_loop_gives_fits_rows():
     assert len(monitor.rows) == len(history.rows) == 4
     for mine, theirs in zip(monitor.rows, history.rows, strict=True):
         for key, value in theirs.items():
-            if key not in ("wall_time", "igc_drift"):
+            if key not in (*TIMING_COLUMNS, "igc_drift"):
                 assert same(mine[key], value), key
     assert all(np.isfinite(r["train_cos"]) for r in monitor.rows[:-1])
     assert math.isnan(monitor.rows[-1]["train_norm"])  # no interval after the last point
@@ -197,7 +197,7 @@ def _states_equal(run_a: Path, run_b: Path):
     rows_a, rows_b = read_rows(run_a / "epochs.csv"), read_rows(run_b / "epochs.csv")
     assert set(rows_a) == set(rows_b)
     for key in rows_a:
-        if key != "wall_time":
+        if key not in TIMING_COLUMNS:
             np.testing.assert_array_equal(rows_a[key], rows_b[key], err_msg=key)
     names = sorted(p.name for p in (run_a / "components").iterdir())
     assert names == sorted(p.name for p in (run_b / "components").iterdir())
@@ -236,7 +236,7 @@ def test_a_resumed_monitor_ends_with_the_records_of_an_uninterrupted_one(tmp_pat
         run_loop(model, loss_fn, comps, 14, [second], start=stop, opt=opt)
     _states_equal(tmp_path / "whole", tmp_path / "resumed")
     for mine, theirs in zip(second.rows, whole.rows, strict=True):
-        assert all(same(mine[k], v) for k, v in theirs.items() if k != "wall_time")
+        assert all(same(mine[k], v) for k, v in theirs.items() if k not in TIMING_COLUMNS)
 
 
 def test_bad_input_is_refused_before_anything_is_written(tmp_path):
@@ -630,7 +630,7 @@ def test_a_resumed_adamw_monitor_ends_with_the_records_of_an_uninterrupted_one(t
         run_loop(model, loss_fn, comps, 12, [second], start=6, opt=opt)
     _states_equal(tmp_path / "whole", tmp_path / "resumed")
     for mine, theirs in zip(second.rows, whole.rows, strict=True):
-        assert all(same(mine[k], v) for k, v in theirs.items() if k != "wall_time")
+        assert all(same(mine[k], v) for k, v in theirs.items() if k not in TIMING_COLUMNS)
     assert "train_cos_p" in whole.rows[0]
     third = Monitor(model, loss_fn, comps, **kw)
     third.load_state_dict(state["monitor"])

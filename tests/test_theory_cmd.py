@@ -13,7 +13,7 @@ from clipscope.cli import main as cli_main
 from clipscope.commands.theory import check_run
 from clipscope.config import load_config
 from clipscope.math import theory
-from clipscope.run.directory import read_rows
+from clipscope.run.directory import TIMING_COLUMNS, read_rows
 from clipscope.tasks import build_task
 from clipscope.train import train
 
@@ -230,8 +230,8 @@ def test_smoothness_probe_leaves_training_bitwise_unchanged(smooth_runs):
     a, b = _final_model(on), _final_model(off)
     assert all(torch.equal(a[k], b[k]) for k in a)
     for x, y in zip(_csv(on), _csv(off), strict=True):
-        assert {k: v for k, v in x.items() if k in y and k != "wall_time"} == {
-            k: v for k, v in y.items() if k != "wall_time"
+        assert {k: v for k, v in x.items() if k in y and k not in TIMING_COLUMNS} == {
+            k: v for k, v in y.items() if k not in TIMING_COLUMNS
         }
     assert "hess_norm" not in _csv(off)[0] and "hess_norm" in _csv(on)[0]
     with (
@@ -269,7 +269,8 @@ def test_sigkill_then_resume_with_smoothness_is_bitwise_equal(smooth_runs, tmp_p
     a, b = _final_model(gold), _final_model(run)
     assert all(torch.equal(a[k], b[k]) for k in a)
     for x, y in zip(_csv(gold), _csv(run), strict=True):
-        x.pop("wall_time"), y.pop("wall_time")
+        for column in TIMING_COLUMNS:
+            x.pop(column, None), y.pop(column, None)
         assert x == y
     for k in range(4):
         name = f"components/epoch_{k:04d}.npz"

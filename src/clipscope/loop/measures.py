@@ -5,7 +5,7 @@ unit                   needs                       fills                        
 =====================  ==========================  ==================================  =========
 :class:`ProbeStatistics`  PROBE at its points       §2 statistics, ``rho@η``, arrays;   --
                                                    with Adam/AdamW ``rho_p``, ...
-:class:`HeldOutMetric`  nothing (a probed point)   ``heldout``                         --
+:class:`HeldOutMetric`  nothing (a probed point)   ``heldout``, ``heldout_seconds``    --
 :class:`Smoothness`    FULL_GRADIENT               ``hess_norm``, ``hess_converged``,  previous
                                                    ``hess_iterations``,                point
                                                    ``traj_smoothness``, ``hess_norms``
@@ -25,6 +25,7 @@ loop write into it. The statistics themselves are :mod:`clipscope.math.stats`'s
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -174,9 +175,11 @@ class HeldOutMetric(Unit):
             return float(self.metric(model))
 
     def at_point(self, point: Point) -> None:
-        """Fill ``heldout`` of a probed point's row."""
+        """Fill ``heldout`` of a probed point's row, and ``heldout_seconds`` (its wall time)."""
         if point.row is not None:
+            start = time.perf_counter()
             point.row["heldout"] = self(point.model)
+            point.row["heldout_seconds"] = time.perf_counter() - start
 
 
 class Smoothness(Unit):
@@ -454,7 +457,7 @@ class StepStatistics(Unit):
         else:
             end.log(
                 f"epoch {end.epoch:4d}  (no probe)  mean step loss={mean(self.losses):.6g}  "
-                f"clipped steps={mean(self.clipped):.2f}"
+                f"clipped steps={self.clipped:g} of {m}"
             )
         self.norms, self.losses, self.clipped = 0.0, 0.0, 0
 

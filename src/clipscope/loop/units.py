@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import enum
 import math
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -381,8 +382,10 @@ class Units(Sequence[Unit]):
         """Visit x_k: ask every unit's needs, probe once if needed, then every ``at_point``.
 
         A probed point gets a record: :func:`new_row` with ``fields`` (the loop's
-        columns: ``epoch``, ``step``, ``lr``, ``wall_time``), appended to
-        ``point.rows`` before the units run.
+        columns: ``epoch``, ``step``, ``lr``, ``wall_time``) and ``probe_seconds``
+        (the probe's wall-clock seconds, ``time.perf_counter``: the engine's probe
+        only, not the units' work after it), appended to ``point.rows`` before the
+        units run.
 
         Raises
         ------
@@ -391,6 +394,7 @@ class Units(Sequence[Unit]):
         """
         needs = self.plan(point)
         if Needs.PROBE in needs:
+            start = time.perf_counter()
             try:
                 # with an adaptive optimizer (Adam, AdamW) its state gives P, read at the
                 # probe (never changed): the probe also measures the dots with u = P⁻¹∇f
@@ -413,6 +417,7 @@ class Units(Sequence[Unit]):
                 raise NonFiniteError(f"probe at x_{point.epoch}: {exc}") from exc
             point.index = len(point.rows)
             point.row = new_row(fields)
+            point.row["probe_seconds"] = time.perf_counter() - start
             point.rows.append(point.row)
         for unit in self._units:
             unit.at_point(point)

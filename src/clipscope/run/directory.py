@@ -18,10 +18,11 @@ Layout (every file written atomically, :mod:`clipscope.atomic`)::
     train.log                   what was printed (``clipscope train``)
     averaged_model.pt           NT-ASGD only: state dict with the averaged iterate x̄
 
-``epochs.csv`` columns: :data:`COLUMNS`, then ``rho@η`` for each extra η
+``epochs.csv`` columns: :data:`COLUMNS`, ``probe_seconds``, then ``rho@η`` for each extra η
 (:func:`eta_column`), with an adaptive optimizer :data:`PRECONDITIONED_COLUMNS` and
 ``rho_p@η``, then the columns of optional units in the order they ran
-(``hess_norm``, ``hess_converged``, ``traj_smoothness`` of
+(``heldout_seconds`` of :class:`clipscope.loop.HeldOutMetric`;
+``hess_norm``, ``hess_converged``, ``traj_smoothness`` of
 :class:`clipscope.loop.Smoothness`; ``asgd_active``, ``heldout_avg`` of
 :class:`clipscope.loop.NTASGD`). What each column means: ``docs/training.md``.
 
@@ -77,6 +78,7 @@ __all__ = [
     "COLUMNS",
     "ETA_RULES",
     "PRECONDITIONED_COLUMNS",
+    "TIMING_COLUMNS",
     "RunDirectory",
     "RunRecord",
     "eta_column",
@@ -110,6 +112,13 @@ COLUMNS = (
     "lr",
     "wall_time",
 )
+
+#: The columns that time the run (seconds, ``time.perf_counter``), measured anew by every
+#: run: ``wall_time`` (since the loop started, at the point, before its probe),
+#: ``probe_seconds`` (the engine's probe at the point) and ``heldout_seconds`` (the held-out
+#: metric there). A resumed run repeats every other column bitwise, not these; runs written
+#: before ``probe_seconds`` and ``heldout_seconds`` existed have neither.
+TIMING_COLUMNS = ("wall_time", "probe_seconds", "heldout_seconds")
 
 #: The columns of a probe with an adaptive optimizer's preconditioner P (Adam, AdamW), after
 #: :data:`COLUMNS` in the rows that have them (runs without one, and older runs, have none):
