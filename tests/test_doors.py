@@ -226,3 +226,16 @@ def test_report_and_advise_out_with_a_file_in_its_path_are_named(tmp_path):
     assert done.returncode == 2 and "has a file in its path" in done.stderr, done.stderr
     done = clipscope("advise", str(tmp_path / "run"), "--out", str(tmp_path / "afile"))
     assert done.returncode == 2 and "is a file, not a folder" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("command", [["reproduce", "--epochs", "1"], ["example1"]])
+@pytest.mark.parametrize("where", ["afile/x", "afile"])
+def test_reproduce_and_example1_refuse_a_file_for_their_folder(tmp_path, command, where):
+    """A file at --out or in its path: exit 2 with the path named, before any work."""
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / where
+    done = clipscope(*command, "--out", str(out))
+    assert done.returncode == 2, done.stderr
+    assert f"--out {out}" in done.stderr and "Traceback" not in done.stderr
+    assert (tmp_path / "afile").read_text() == "x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]

@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+from clipscope.commands._out import check_creatable
 from clipscope.example1 import METHODS, plot, simulate
 from clipscope.math import theory
 from clipscope.math.stats import check_eta
@@ -63,6 +64,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
     if args.epochs < 0:
         raise ValueError(f"--epochs must be >= 0, got {args.epochs}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder for example1.png")
+    check_creatable(out, "--out")  # a file in its path, a read-only place: exit 2, before the work
     watershed = theory.example1_watershed(eta)
     inside = args.x0_inside
     if inside is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def _sizes(text: str) -> list[int]:
@@ -56,8 +57,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the study and print where the report is."""
+    from clipscope.commands._out import check_creatable
     from clipscope.reproduce import EMBEDDED, reproduce
 
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a study directory")
+    check_creatable(out, "--out")  # a file in its path, a read-only place: exit 2, before the work
     report = reproduce(
         args.task or EMBEDDED,
         args.out,
