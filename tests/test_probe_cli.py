@@ -114,7 +114,22 @@ def bad_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
         (["--config", str(LS_CONFIG), "--checkpoint", str(loose)], "checksum"),
         (["--per-sample", "--levels", "3"], "--per-sample and --levels exclude each other"),
         (["--per-sample", "--route", "keep"], "--per-sample needs --route per-sample or"),
+        (
+            ["--config", str(small_config(tmp_path, "ds.toml", eta='"descent-safe"', etas="[]"))],
+            "sets η while training (no single threshold); give the thresholds to probe at with",
+        ),
     ]
+
+
+def test_a_rule_configs_etas_or_the_given_eta_are_probed(tmp_path, capsys):
+    """A rule (eta = "descent-safe") has no single η: the config's etas, or --eta, are probed."""
+    config = small_config(tmp_path, "ds.toml", eta='"descent-safe"', etas="[0.5, 2.0]")
+    out = tmp_path / "p.csv"
+    assert cli_main(["probe", "--config", str(config), "--out", str(out), "--json"]) == 0
+    (result,) = json.loads(capsys.readouterr().out)["results"].values()
+    assert sorted(float(e) for e in result["clipped"]) == [0.5, 2.0]
+    out.unlink()
+    assert cli_main(["probe", "--config", str(config), "--eta", "1", "--out", str(out)]) == 0
 
 
 def test_per_sample_json_says_what_was_checked_and_kept(tmp_path, capsys):

@@ -158,7 +158,18 @@ def load_task(args: argparse.Namespace) -> tuple[nn.Module, Any, Any, dict[str, 
         )
     cfg = load_config(config)
     check_resources(cfg)
-    etas = args.eta if args.eta else [*cfg.etas, cfg.eta]
+    if args.eta:
+        etas = args.eta
+    elif isinstance(cfg.eta, str):  # a rule sets η while training: no single η to probe at
+        if not cfg.etas:
+            raise ValueError(
+                f"config {config}: eta = {cfg.eta!r} sets η while training (no single "
+                "threshold); give the thresholds to probe at with --eta E (repeatable) or "
+                "etas in the config"
+            )
+        etas = list(cfg.etas)
+    else:
+        etas = [*cfg.etas, cfg.eta]
     state = None
     if checkpoint is not None:  # checksum and contents checked before the task is built
         state = load_checkpoint(checkpoint)
