@@ -239,3 +239,19 @@ def test_reproduce_and_example1_refuse_a_file_for_their_folder(tmp_path, command
     assert f"--out {out}" in done.stderr and "Traceback" not in done.stderr
     assert (tmp_path / "afile").read_text() == "x"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_report_out_never_overwrites_a_file_it_did_not_write(tmp_path):
+    """An existing --out that is no clipscope report: exit 2, untouched; --force overwrites."""
+    write_run(tmp_path / "run", epochs=2, eta=0.5, batch=4, seed=1)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    done = clipscope("report", str(tmp_path / "run"), "--out", str(notes))
+    assert done.returncode == 2 and "is not a clipscope report" in done.stderr, done.stderr
+    assert notes.read_text() == "my notes\n" and not (tmp_path / "findings.json").exists()
+    out = tmp_path / "r.html"
+    for extra in ([], []):  # the second rebuilds its own report in place, without --force
+        done = clipscope("report", str(tmp_path / "run"), "--out", str(out), *extra)
+        assert done.returncode == 0, done.stderr
+    done = clipscope("report", str(tmp_path / "run"), "--out", str(notes), "--force")
+    assert done.returncode == 0 and notes.read_text().startswith("<!DOCTYPE html>")

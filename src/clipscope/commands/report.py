@@ -20,7 +20,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("directory", help="run or study directory")
-    parser.add_argument("--out", default=None, help="report path (default: DIRECTORY/report.html)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="report path (default: DIRECTORY/report.html); findings.json and figures/ are "
+        "written beside it",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite an existing --out that is not a clipscope report",
+    )
     parser.add_argument(
         "--target",
         type=float,
@@ -38,9 +48,25 @@ def run(args: argparse.Namespace) -> int:
     from clipscope.report.findings import FINDINGS_FILE
 
     if args.out is not None:  # its folder is made by build_report; one that cannot be: exit 2
-        check_creatable(check_output_file(args.out, "--out").parent, "--out")
+        out = check_output_file(args.out, "--out")
+        if out.is_file() and not args.force and not _is_report(out):
+            raise ValueError(
+                f"--out {out} exists and is not a clipscope report: not overwritten (--force "
+                "overwrites it; findings.json and figures/ go beside it)"
+            )
+        check_creatable(out.parent, "--out")
     path = build_report(args.directory, args.out, target=args.target)
     print(f"report: {path}")
     print(f"findings: {path.parent / FINDINGS_FILE}")
     print(f"figures: {path.parent / 'figures'}")
     return 0
+
+
+def _is_report(path) -> bool:
+    """Whether ``path`` holds a report this command wrote (rebuilt in place without --force)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    return head.startswith(b"<!DOCTYPE html>") and b"<title>clipscope report</title>" in head
