@@ -113,6 +113,9 @@ def test_the_step_figure_and_the_probe_axes(monitor_run):
     np.testing.assert_array_equal(norm_line.get_ydata(), arrays["step_grad_norm"])
     probe_line = lines["mean cos θ_ki at each probe"]
     np.testing.assert_array_equal(probe_line.get_xdata(), [0, 4, 8, 12, 13])
+    # the last interval's clipped share is drawn up to the last step, not cut at its probe
+    share_line = lines["share of the interval's steps clipped"]
+    assert share_line.get_xdata()[-1] == arrays["step"].max()
     assert bottom.get_xlabel() == "step (optimizer updates)"
     plots.figure_png(fig)
     fig = plots.per_epoch(task, "c1", "c1", "t")

@@ -178,8 +178,10 @@ def monitor_steps(task: TaskRecord) -> plt.Figure:
             drawn = True
         share = run.column("train_clipped_share")
         ok = np.isfinite(at) & np.isfinite(share)
-        if ok.any():
-            bottom.step(at[ok], share[ok], where="post", color="C3", lw=1.2,
+        if ok.any():  # each value holds from its probe to the next (the last: to the last step)
+            end = max(float(at[ok][-1]), float(steps.max()) if steps.size else 0.0)
+            x, y = np.append(at[ok], end), np.append(share[ok], share[ok][-1])
+            bottom.step(x, y, where="post", color="C3", lw=1.2,
                         label="share of the interval's steps clipped")  # fmt: skip
     top.set_ylabel("‖g‖ before clipping")
     top.set_title(f"{task.name}: the steps of your loop", fontsize=9)
