@@ -179,3 +179,16 @@ def test_randomness_outside_the_global_generator_is_refused_without_suggesting_f
     with pytest.raises(ValueError, match=r"changed between two evaluations") as err:
         probe(OwnGenerator(), F.cross_entropy, comps, route="keep", dropout=dropout)
     assert "dropout='fixed' (" not in str(err.value)
+
+
+@pytest.mark.parametrize("route", list(ROUTES))
+def test_a_forward_drawing_only_with_gradients_on_is_refused_too(route):
+    """check_repeatable runs without gradients; the autograd-compatibility forward sees this."""
+
+    def noisy(out, y):
+        scale = torch.rand(()) if torch.is_grad_enabled() else 0.0
+        return F.cross_entropy(out * (1 + scale), y)
+
+    comps = Components.from_tensors(torch.randn(16, 3), torch.randint(0, 2, (16,)), batch_size=4)
+    with pytest.raises(ValueError, match=r"drew random numbers.*with gradients on"):
+        probe(nn.Linear(3, 2), noisy, comps, **ROUTES[route])

@@ -586,7 +586,7 @@ def check_repeatable(
     return a, b
 
 
-def _random_forward_message(model: nn.Module, a: float, b: float) -> str:
+def _random_forward_message(model: nn.Module, a: float, b: float, grad: bool = False) -> str:
     """Word the refusal of a forward that draws random numbers under ``dropout="off"``."""
     suspects = [
         name or type(m).__name__
@@ -599,11 +599,14 @@ def _random_forward_message(model: nn.Module, a: float, b: float) -> str:
         if suspects
         else ""
     )
-    seen = (
-        f"its loss changed between two evaluations under two random states ({a!r} then {b!r})"
-        if a != b
-        else f"its loss was {a!r} both times under two random states, by chance or rounding"
-    )
+    if grad:
+        seen = f"with gradients on (its loss {a!r}; without them it drew none)"
+    elif a != b:
+        seen = (
+            f"its loss changed between two evaluations under two random states ({a!r} then {b!r})"
+        )
+    else:
+        seen = f"its loss was {a!r} both times under two random states, by chance or rounding"
     return (
         f"under dropout='off' the forward of component 0 drew random numbers from torch's "
         f"generator, though the policy put its {len(dropout_modules(model))} dropout modules "
@@ -646,11 +649,16 @@ def check_grad_compatible(
     a ``CheckpointFunctionBackward`` node in the graph, or torch's warning that
     none of a reentrant region's inputs requires grad. Costs one forward.
 
+    Under ``"off"`` the same forward must draw no random number from torch's
+    generators (as in :func:`check_repeatable`, whose forwards run without
+    gradients: a model drawing only under autograd is caught here).
+
     Raises
     ------
     ValueError
         A reentrant checkpoint region ran; the message names the fix
-        (``use_reentrant=False``).
+        (``use_reentrant=False``). Or, under ``"off"``, the forward drew random
+        numbers.
     """
     sequential = bool(getattr(components, "sequential", False))
     with model_guard(model), torch.enable_grad(), dropout_policy(model, dropout):
@@ -660,9 +668,15 @@ def check_grad_compatible(
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             with rng_for_component(dropout, seed, 0):
+                before = rng_states()
                 loss, _ = component_loss(
                     model, loss_fn, batch, form=form, sequential=sequential, index=0
                 )
+                drew = any(not torch.equal(u, v) for u, v in zip(before, rng_states(), strict=True))
+        if dropout == "off" and drew:  # random numbers drawn only with gradients on
+            value = float(loss.detach())
+            del loss
+            raise ValueError(_random_forward_message(model, value, value, grad=True))
         # torch's reentrant checkpoint warns when none of a region's inputs requires grad
         # (the region then has no graph node and its parameters get no gradient)
         silent = any(
