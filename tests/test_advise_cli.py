@@ -60,6 +60,7 @@ def _nothing_written(path: Path, before: set) -> bool:
     [
         ("empty", [], "holds no runs"),
         ("missing", [], "no such directory"),
+        ("file", [], "is a file, not a run directory"),
         ("study-without-runs", [], "names no runs"),
         ("run-without-profiles", [], "no η-profiles"),
         ("study", ["--target", "0"], "target must be in (0, 1]"),
@@ -80,11 +81,14 @@ def test_bad_input_exits_2_before_writing(tmp_path, make, args, message):
             item.unlink()
     elif make == "study":
         write_study(root)
-    before = set(root.rglob("*")) if root.exists() else set()
+    elif make == "file":
+        root.write_text("eta = 1.0\n")
+    before = set(root.rglob("*")) if root.is_dir() else set()
     done = clipscope(str(root), *args)
     assert done.returncode == 2
     assert message in done.stderr and "Traceback" not in done.stderr
-    assert not root.exists() or _nothing_written(root, before)
+    assert not root.is_dir() or _nothing_written(root, before)
+    assert [p.name for p in tmp_path.iterdir()] == (["d"] if root.exists() else [])
 
 
 def test_help_names_the_outputs():

@@ -169,7 +169,23 @@ def _eta(key: str, value: Any) -> float:
     try:
         return check_eta(value)
     except (TypeError, ValueError) as exc:
-        raise _bad(key, value, str(exc)) from None
+        raise _bad(key, value, _eta_why(key, value, str(exc))) from None
+
+
+def _eta_why(key: str, value: Any, why: str) -> str:
+    """``check_eta``'s reason, about ``key`` and readable from TOML and from Python alike."""
+    if not why.startswith("eta must be a positive number"):  # a tensor's shape, an overflow
+        return f"{key}{why[3:]}" if why.startswith("eta ") else why
+    number = "a number > 0 or inf (TOML: inf; Python: math.inf or 'inf')"
+    if key != "eta":
+        return f"{'each of ' if key == 'etas' else ''}{key} must be {number}"
+    why = f"eta must be {number}, or a threshold rule: {' or '.join(map(repr, RULES))}"
+    if isinstance(value, str):
+        close = [r for r in RULES if r == value.strip().lower()]
+        close = close or difflib.get_close_matches(value.strip().lower(), RULES, n=1)
+        if close:
+            why += f"; did you mean {close[0]!r}? (the rules are lower case)"
+    return why
 
 
 def _int(key: str, value: Any) -> int:

@@ -94,6 +94,12 @@ def advice_of(directory: str | Path, target: float = DEFAULT_TARGET) -> dict[str
 
     target = check_target(target)
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise FileNotFoundError(
+            f"{directory} is a file, not a run directory (epochs.csv, from 'clipscope train') "
+            "or a study directory (study.json, from 'clipscope reproduce'): give the directory "
+            "that holds it"
+        )
     if not directory.is_dir():
         raise FileNotFoundError(f"no such directory: {directory}")
     if not (directory / "study.json").is_file() and not (directory / "epochs.csv").is_file():

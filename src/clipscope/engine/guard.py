@@ -22,7 +22,11 @@ Dropout policy (DESIGN §4: a component must give the same gradient every time
 it is evaluated at the same parameters):
 
 * ``"off"``: dropout modules are put in eval mode during the probe (BatchNorm
-  and every other module keep their mode);
+  and every other module keep their mode). Dropout a module in train mode
+  applies itself (Hugging Face attention: ``dropout_p`` to
+  ``scaled_dot_product_attention``, or ``F.dropout(..., training=self.training)``)
+  is out of its reach: :func:`~clipscope.engine.losses.check_repeatable` refuses
+  a forward that draws from torch's generators (:func:`rng_states`) under "off";
 * ``"fixed"``: dropout stays as the model has it, and component ``i`` runs
   under ``torch.random.fork_rng`` seeded from ``(seed, i)``: the same masks for
   the same component at every evaluation, different masks across components.
@@ -60,6 +64,8 @@ __all__ = [
     "dropout_policy",
     "model_guard",
     "rng_for_component",
+    "rng_seeded",
+    "rng_states",
 ]
 
 DROPOUT_POLICIES = ("off", "fixed")
@@ -324,7 +330,34 @@ def rng_for_component(dropout: str, seed: int, i: int) -> Iterator[None]:
     if dropout != "fixed":
         yield
         return
+    with rng_seeded(component_seed(seed, i)):
+        yield
+
+
+@contextlib.contextmanager
+def rng_seeded(seed: int) -> Iterator[None]:
+    """Fork torch's global RNG (CPU, and the current CUDA device when in use) and seed it.
+
+    The caller's RNG stream is untouched (``fork_rng`` restores it on exit).
+    """
     devices = [torch.cuda.current_device()] if _cuda_in_use() else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(component_seed(seed, i))
+        torch.manual_seed(seed)
         yield
+
+
+def rng_states() -> list[torch.Tensor]:
+    """Return the states of torch's global generators: CPU, and every CUDA device when in use.
+
+    Two snapshots differ exactly when something drew random numbers from them in
+    between (a dropout mask, ``torch.rand``, SDPA with ``dropout_p > 0``: a CUDA
+    state holds the Philox offset, which every draw advances).
+
+    >>> before = rng_states(); _ = torch.rand(1)
+    >>> [torch.equal(a, b) for a, b in zip(before, rng_states())][0]
+    False
+    """
+    states = [torch.random.get_rng_state()]
+    if _cuda_in_use():
+        states.extend(torch.cuda.get_rng_state_all())
+    return states

@@ -59,9 +59,13 @@ from clipscope.components import detach_state
 from clipscope.engine.guard import (
     BufferHold,
     check_dropout_policy,
+    component_seed,
+    dropout_modules,
     dropout_policy,
     model_guard,
     rng_for_component,
+    rng_seeded,
+    rng_states,
 )
 
 __all__ = [
@@ -489,18 +493,34 @@ def check_repeatable(
     rows: int | None = None,
     hold: BufferHold | None = None,
 ) -> tuple[float, float]:
-    """Evaluate component 0 twice at the current parameters; refuse a loss that changes.
+    """Evaluate component 0 twice at the current parameters; refuse a loss that is random.
 
     A component's gradient is only defined when f_0 is a function of the
     parameters (DESIGN §4): the dropout policy must control every random
     number the forward draws. Both evaluations run without gradients, under
-    the policy and component 0's RNG (``"fixed"``), from the same buffers
-    (``hold``, a :class:`~clipscope.engine.guard.BufferHold` made here if not
-    given: what the first forward wrote is put back before the second, as every
-    route does, and ``hold.written`` names it), inside
-    :func:`~clipscope.engine.guard.model_guard` (the model, its buffers and the
-    caller's RNG stream are left as found). Costs two forward passes of one
-    component.
+    the policy, from the same buffers (``hold``, a
+    :class:`~clipscope.engine.guard.BufferHold` made here if not given: what the
+    first forward wrote is put back before the second, as every route does, and
+    ``hold.written`` names it), inside :func:`~clipscope.engine.guard.model_guard`
+    (the model, its buffers and the caller's RNG stream are left as found).
+    Costs two forward passes of one component.
+
+    Two checks, neither depending on the caller's RNG state:
+
+    * ``"off"``: the forward must draw **no** random number from torch's global
+      generators (:func:`~clipscope.engine.guard.rng_states` compared before and
+      after each forward; exact, no tolerance). A dropout module is in eval mode
+      then, but a module in train mode that applies attention dropout itself
+      (``F.dropout(..., training=self.training)``, or
+      ``scaled_dot_product_attention(..., dropout_p=p)``, as Hugging Face
+      attention does, eager or SDPA) still draws: its effect on the loss can be
+      far below any tolerance (a random-init BERT: ~1e-5 relative), so comparing
+      losses alone passes or fails by chance. The two evaluations run under two
+      different seeds.
+    * both policies: the two values of f_0 (``"fixed"``: both under component
+      0's seed, the same masks) may differ by at most :data:`REPEAT_TOLERANCE`
+      (relative): randomness outside torch's global generators (a generator of
+      the model's own, numpy) or a non-deterministic kernel.
 
     ``rows``: evaluate only the first ``rows`` samples of the first batch: the
     per-sample route, whose components are single samples (its first ``rows``
@@ -518,13 +538,12 @@ def check_repeatable(
     Raises
     ------
     ValueError
-        Both values are finite and differ by more than :data:`REPEAT_TOLERANCE`
-        (relative): the model draws random numbers the policy does not control,
-        e.g. attention dropout passed to ``scaled_dot_product_attention`` while
-        the module is in train mode, as Hugging Face models do.
+        Under ``"off"`` a forward drew random numbers (the message names what to
+        do: ``model.eval()``, attention dropout 0, or ``dropout="fixed"``); or
+        both values are finite and differ by more than :data:`REPEAT_TOLERANCE`.
     """
     sequential = bool(getattr(components, "sequential", False))
-    values = []
+    values, drew = [], False
     with model_guard(model), torch.no_grad(), dropout_policy(model, dropout):
         hold = BufferHold(model) if hold is None else hold
         for k in range(2):
@@ -532,23 +551,73 @@ def check_repeatable(
             batch = components.batch(0, device)
             if rows is not None:
                 batch = _first_rows(batch, rows)
-            with rng_for_component(dropout, seed, 0):
+            # "fixed": component 0's masks both times; "off": two different random states
+            rng = (
+                rng_for_component(dropout, seed, 0)
+                if dropout == "fixed"
+                else rng_seeded(component_seed(seed, 0) ^ (k + 1))
+            )
+            with rng:
+                before = rng_states()
                 loss, _ = component_loss(
                     model, loss_fn, batch, form=form, sequential=sequential, index=0,
                 )  # fmt: skip
+                after = rng_states()
+            drew = drew or any(not torch.equal(u, v) for u, v in zip(before, after, strict=True))
             values.append(float(loss))
     a, b = values
+    if dropout == "off" and drew:
+        raise ValueError(_random_forward_message(model, a, b))
     finite = math.isfinite(a) and math.isfinite(b)
     if finite and abs(a - b) > REPEAT_TOLERANCE * max(abs(a), abs(b), 1e-30):
         raise ValueError(
             f"component 0's loss changed between two evaluations at the same parameters "
-            f"({a!r} then {b!r}) under dropout={dropout!r}: the model draws random "
-            "numbers the policy does not control (e.g. attention dropout passed to "
-            "scaled_dot_product_attention while the module is in train mode, as Hugging "
-            "Face models do). Use dropout='fixed' (fixed masks per component), or set the "
-            "model's dropout probabilities to 0"
+            f"({a!r} then {b!r}) under dropout={dropout!r}, "
+            + (
+                "with the same seeded masks both times"
+                if dropout == "fixed"
+                else "though the forward drew no random number from torch's generators"
+            )
+            + ": randomness no dropout policy controls (a torch.Generator of the model's "
+            "own, numpy or Python random numbers) or a non-deterministic kernel. Make the "
+            "forward deterministic (draw masks from torch's global RNG, only in train mode; "
+            "torch.use_deterministic_algorithms(True))"
         )
     return a, b
+
+
+def _random_forward_message(model: nn.Module, a: float, b: float, grad: bool = False) -> str:
+    """Word the refusal of a forward that draws random numbers under ``dropout="off"``."""
+    suspects = [
+        name or type(m).__name__
+        for name, m in model.named_modules()
+        if m.training and "attention" in type(m).__name__.lower()
+    ]
+    named = (
+        f" (modules in train mode that may apply attention dropout themselves: "
+        f"{suspects[:3]}{' …' if len(suspects) > 3 else ''})"
+        if suspects
+        else ""
+    )
+    if grad:
+        seen = f"with gradients on (its loss {a!r}; without them it drew none)"
+    elif a != b:
+        seen = (
+            f"its loss changed between two evaluations under two random states ({a!r} then {b!r})"
+        )
+    else:
+        seen = f"its loss was {a!r} both times under two random states, by chance or rounding"
+    return (
+        f"under dropout='off' the forward of component 0 drew random numbers from torch's "
+        f"generator, though the policy put its {len(dropout_modules(model))} dropout modules "
+        f"in eval mode: {seen}. Something else draws{named}, e.g. attention dropout applied "
+        "functionally by a module in train mode (F.dropout(..., training=self.training) or "
+        "scaled_dot_product_attention(..., dropout_p=p), as Hugging Face attention does, "
+        "eager or SDPA), so every statistic would be one of a random-mask objective. Put the "
+        "model in eval mode (model.eval()), or set that dropout to 0 (Hugging Face: the "
+        "config's attention_probs_dropout_prob / attention_dropout = 0), or use "
+        "dropout='fixed' (one fixed mask per component, the same at every evaluation)"
+    )
 
 
 #: The grad_fn of a reentrant ``torch.utils.checkpoint`` region in an autograd graph.
@@ -580,11 +649,16 @@ def check_grad_compatible(
     a ``CheckpointFunctionBackward`` node in the graph, or torch's warning that
     none of a reentrant region's inputs requires grad. Costs one forward.
 
+    Under ``"off"`` the same forward must draw no random number from torch's
+    generators (as in :func:`check_repeatable`, whose forwards run without
+    gradients: a model drawing only under autograd is caught here).
+
     Raises
     ------
     ValueError
         A reentrant checkpoint region ran; the message names the fix
-        (``use_reentrant=False``).
+        (``use_reentrant=False``). Or, under ``"off"``, the forward drew random
+        numbers.
     """
     sequential = bool(getattr(components, "sequential", False))
     with model_guard(model), torch.enable_grad(), dropout_policy(model, dropout):
@@ -594,9 +668,15 @@ def check_grad_compatible(
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             with rng_for_component(dropout, seed, 0):
+                before = rng_states()
                 loss, _ = component_loss(
                     model, loss_fn, batch, form=form, sequential=sequential, index=0
                 )
+                drew = any(not torch.equal(u, v) for u, v in zip(before, rng_states(), strict=True))
+        if dropout == "off" and drew:  # random numbers drawn only with gradients on
+            value = float(loss.detach())
+            del loss
+            raise ValueError(_random_forward_message(model, value, value, grad=True))
         # torch's reentrant checkpoint warns when none of a region's inputs requires grad
         # (the region then has no graph node and its parameters get no gradient)
         silent = any(

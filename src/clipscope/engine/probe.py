@@ -224,7 +224,9 @@ def probe(
     ValueError
         Before anything runs, for what no route can serve exactly (each named in
         the table of ``docs/engine.md``, "What clipscope checks at run time"): a
-        loss that changes between two evaluations, reentrant activation
+        loss that changes between two evaluations, a forward that draws random
+        numbers under ``dropout="off"`` (attention dropout applied functionally
+        by a module in train mode), reentrant activation
         checkpointing, a declared weight that is not a positive constant;
         train-mode BatchNorm on the dyadic and per-sample routes; on the
         per-sample route buffers a forward rewrites and samples that interact
@@ -492,8 +494,9 @@ def _dyadic_sizes(b: int, batch_sizes: Sequence[int] | None, levels: int | None)
     expected = [b << k for k in range(len(sizes))]
     if sorted(sizes) != expected:
         raise ValueError(
-            f"batch_sizes must be the components' batch size times powers of two, "
-            f"{expected}, got {list(batch_sizes)}"
+            f"batch_sizes must be [1] (per-sample components: the per-sample route) or the "
+            f"components' batch size {b} times powers of two, [b, 2b, 4b, …] ({expected} "
+            f"for {len(sizes)} sizes), got {list(batch_sizes)}"
         )
     return expected
 
