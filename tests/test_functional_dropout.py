@@ -192,3 +192,26 @@ def test_a_forward_drawing_only_with_gradients_on_is_refused_too(route):
     comps = Components.from_tensors(torch.randn(16, 3), torch.randint(0, 2, (16,)), batch_size=4)
     with pytest.raises(ValueError, match=r"drew random numbers.*with gradients on"):
         probe(nn.Linear(3, 2), noisy, comps, **ROUTES[route])
+
+
+def test_the_hessian_routes_refuse_functional_dropout_under_off():
+    """hvp, full_gradient, hessian_norm (of f and of f_i) and the secant: the probe's checks."""
+    from clipscope.engine.hvp import full_gradient, hvp
+    from clipscope.smoothness import hessian_norm, trajectory_smoothness_from_states
+
+    model, comps = SDPADropout(), sequences()
+    v = [torch.ones_like(p) for p in model.parameters()]
+    state = {k: t.clone() for k, t in model.state_dict().items()}
+    calls = [
+        lambda: hvp(model, F.cross_entropy, comps, v),
+        lambda: full_gradient(model, F.cross_entropy, comps),
+        lambda: hessian_norm(model, F.cross_entropy, comps, max_iter=3),
+        lambda: hessian_norm(model, F.cross_entropy, comps, max_iter=3, component=1),
+        lambda: trajectory_smoothness_from_states(model, F.cross_entropy, comps, state, state),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"drew random numbers"):
+            call()
+    model.eval()  # no draw: the same calls run
+    assert torch.isfinite(hvp(model, F.cross_entropy, comps, v)).all()
+    assert hessian_norm(model, F.cross_entropy, comps, max_iter=3).hess_norm >= 0

@@ -30,6 +30,7 @@ from torch import nn
 from clipscope.engine.hvp import (
     HessianOperator,
     check_component_index,
+    check_function,
     check_model,
     component_hessians,
     full_gradient_pass,
@@ -146,6 +147,7 @@ def hessian_norm(
     """
     _check(model, method, tol, dropout)
     params, n, _ = prepare(model, components, params)
+    check_function(model, loss_fn, components, params, dropout, seed)
     if component is not None:
         i = check_component_index(component, len(components))
         return component_hessian_norms(
@@ -195,6 +197,7 @@ def component_hessian_norms(
     """
     _check(model, method, tol, dropout)
     params, n, _ = prepare(model, components, params)
+    check_function(model, loss_fn, components, params, dropout, seed)
     wanted = None
     if only is not None:
         wanted = sorted({check_component_index(i, len(components)) for i in only})
@@ -273,6 +276,7 @@ def trajectory_smoothness_from_states(
     check_model(model, dropout)
     sa, sb = _model_state(state_a), _model_state(state_b)
     params, _, _ = prepare(model, components, params)
+    check_function(model, loss_fn, components, params, dropout, seed)
     points = []
     with hessian_context(model):
         for st in (sa, sb):

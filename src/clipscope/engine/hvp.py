@@ -47,12 +47,20 @@ from torch import nn
 
 from clipscope.engine.distributed import Shard, ranks
 from clipscope.engine.guard import check_dropout_policy, model_guard
-from clipscope.engine.losses import component_losses, param_names, trainable_params
+from clipscope.engine.losses import (
+    check_grad_compatible,
+    check_repeatable,
+    component_losses,
+    loss_form,
+    param_names,
+    trainable_params,
+)
 from clipscope.errors import NonFiniteError
 
 __all__ = [
     "HessianOperator",
     "check_component_index",
+    "check_function",
     "check_model",
     "component_hessians",
     "double_backward_backend",
@@ -130,6 +138,23 @@ def check_model(model: Any, dropout: Any = "off") -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model)!r}")
     check_dropout_policy(dropout)
+
+
+def check_function(model, loss_fn, components, params: list, dropout: str, seed: int) -> None:
+    """Run the probe's entry checks before Hessian-vector products: f must be a function of x.
+
+    :func:`~clipscope.engine.losses.check_repeatable` (component 0 twice; under
+    ``"off"`` no random draw at all, so a train-mode attention that applies its
+    own dropout is refused) and
+    :func:`~clipscope.engine.losses.check_grad_compatible` (the same with
+    gradients on; no reentrant checkpointing). Costs three forwards of one
+    component. Raises ValueError as they do.
+    """
+    kw = {"form": loss_form(loss_fn), "dropout": dropout, "seed": seed}
+    device = params[0].device if params else torch.device("cpu")
+    with hessian_context(model):  # the forwards the products will run (cuDNN off for RNNs)
+        check_repeatable(model, loss_fn, components, device=device, **kw)
+        check_grad_compatible(model, loss_fn, components, device=device, **kw)
 
 
 def check_component_index(component: Any, m: int) -> int:
@@ -254,6 +279,7 @@ def hvp(
     """
     check_model(model, dropout)
     params, _, vec = prepare(model, components, params, vector)
+    check_function(model, loss_fn, components, params, dropout, seed)
     if component is not None:
         component = check_component_index(component, len(components))
     with hessian_context(model):
@@ -281,6 +307,7 @@ def full_gradient(
     """``∇f(x) = (1/m) Σ_i ∇f_i(x)`` as one float64 vector (one pass; the model untouched)."""
     check_model(model, dropout)
     params, _, _ = prepare(model, components, params)
+    check_function(model, loss_fn, components, params, dropout, seed)
     with hessian_context(model):
         return full_gradient_pass(model, loss_fn, components, params, dropout, seed)
 
