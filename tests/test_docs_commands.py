@@ -79,7 +79,7 @@ COVERED = {
         if cmd.startswith(".venv/bin/python docs/results/adamw_shakespeare.py")
     },
     "clipscope reproduce --task ptb-thresholds --data-dir DIR --out clipscope-out/ptb-thresholds": (
-        NOT_RUN + "PTB and about 40 minutes; the arms mechanism runs on least squares in "
+        NOT_RUN + "PTB and about an hour; the arms mechanism runs on least squares in "
         "tests/test_reproduce_arms.py"
     ),
     "clipscope advise clipscope-out/ptb-small": NOT_RUN
