@@ -185,7 +185,7 @@ def test_reproduce_runs_the_task_end_to_end(tmp_path):
         progress=False, echo=lambda s: None,
     )  # fmt: skip
     assert report.is_file()
-    with open(out / "runs" / "tinyshakespeare-gpt" / "igc-B32" / "epochs.csv") as handle:
+    with open(out / "runs" / "tinyshakespeare-gpt" / "igc-adamw-B32" / "epochs.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 2 and all(r["rho_p"] and r["c1_p"] for r in rows)
     assert float(rows[0]["p_unset_share"]) == 1.0  # x_0: AdamW has no state, P = 1
