@@ -6,7 +6,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-__all__ = ["check_creatable", "check_output_file", "make_parent"]
+__all__ = ["check_creatable", "check_output_dir", "check_output_file", "make_parent"]
 
 
 def check_creatable(path: str | Path, flag: str = "--out") -> None:
@@ -37,6 +37,24 @@ def check_creatable(path: str | Path, flag: str = "--out") -> None:
             f"{flag} {path}: cannot create a directory in {base} ({exc.strerror or exc})"
         ) from None
     shutil.rmtree(made, ignore_errors=True)
+
+
+def check_output_dir(path: str | Path, what: str, flag: str = "--out") -> Path:
+    """Refuse an output folder that is a file or cannot be created; return it as a Path.
+
+    A file at ``path`` is named with ``what`` the folder is for; the rest is
+    :func:`check_creatable`'s (a file in the path, a read-only place).
+
+    Raises
+    ------
+    ValueError
+        Naming ``flag``, the path and the reason.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path} is a file, not {what}")
+    check_creatable(path, flag)
+    return path
 
 
 def make_parent(path: str | Path, flag: str = "--out") -> Path:

@@ -191,14 +191,12 @@ def _line(label: str, advice: dict, p: bool = False) -> str:
 def run(args: argparse.Namespace) -> int:
     """Compute the advice, write the figures, print the advice."""
     from clipscope.atomic import atomic_write_bytes
-    from clipscope.commands._out import check_creatable
+    from clipscope.commands._out import check_output_dir
     from clipscope.report import plots
 
     result = advice_of(args.directory, args.target)
     folder = Path(args.out) if args.out else Path(args.directory) / "advice"
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"--out {folder} is a file, not a folder for the figures")
-    check_creatable(folder, "--out")  # a folder that cannot be made: exit 2, nothing written
+    check_output_dir(folder, "a folder for the figures")  # exit 2, nothing written
     written = []
     for name, title, points, advice, eta in result.pop("_figures"):
         path = folder / f"{name}.png"

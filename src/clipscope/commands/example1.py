@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from pathlib import Path
 
-from clipscope.commands._out import check_creatable
+from clipscope.commands._out import check_output_dir
 from clipscope.example1 import METHODS, plot, simulate
 from clipscope.math import theory
 from clipscope.math.stats import check_eta
@@ -64,10 +63,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
     if args.epochs < 0:
         raise ValueError(f"--epochs must be >= 0, got {args.epochs}")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a folder for example1.png")
-    check_creatable(out, "--out")  # a file in its path, a read-only place: exit 2, before the work
+    out = check_output_dir(args.out, "a folder for example1.png")  # exit 2, before the work
     watershed = theory.example1_watershed(eta)
     inside = args.x0_inside
     if inside is None:
@@ -90,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         for start in starts
         for method in METHODS
     ]
-    path = plot(results, eta, Path(args.out) / "example1.png")
+    path = plot(results, eta, out / "example1.png")
 
     summaries = [r.summary() for r in results]
     if args.json:

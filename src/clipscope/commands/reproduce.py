@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 
 def _sizes(text: str) -> list[int]:
@@ -60,10 +59,9 @@ def run(args: argparse.Namespace) -> int:
     from clipscope.commands._out import check_creatable
     from clipscope.reproduce import EMBEDDED, reproduce
 
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a study directory")
-    check_creatable(out, "--out")  # a file in its path, a read-only place: exit 2, before the work
+    # a file in its path, a read-only place: exit 2 before the work (reproduce() itself
+    # refuses a file at --out)
+    check_creatable(args.out, "--out")
     report = reproduce(
         args.task or EMBEDDED,
         args.out,
