@@ -69,4 +69,6 @@ def _is_report(path) -> bool:
             head = f.read(4096)
     except OSError:
         return False
-    return head.startswith(b"<!DOCTYPE html>") and b"<title>clipscope report</title>" in head
+    from clipscope.report.html import REPORT_HEAD
+
+    return head.startswith(REPORT_HEAD.encode())

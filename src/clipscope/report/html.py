@@ -29,6 +29,11 @@ from clipscope.report.theorem import ESTIMATES, check_theorem, eta_phrase, measu
 from clipscope.run.directory import RunRecord
 from clipscope.run.study import TaskRecord, load_study
 
+#: How every report begins: ``clipscope report --out`` rebuilds a file that starts so.
+REPORT_HEAD = (
+    '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>clipscope report</title>'
+)
+
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
 h1 { font-size: 1.6em; }
@@ -676,8 +681,7 @@ def build_report(
         render_task(task, out.parent / "figures", target) for task in tasks
     )
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>clipscope report</title>
+    page = f"""{REPORT_HEAD}
 <style>{_CSS}</style></head>
 <body><h1>clipscope report</h1>
 <p class="note">Built {stamp} by clipscope {__version__} from the records in
