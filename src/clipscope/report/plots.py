@@ -72,6 +72,14 @@ def run_title(entry: dict, run: RunRecord) -> str:
     return f"{method}{optimizer} B={batch}"
 
 
+def eta_axes(ax, drawn: bool) -> None:
+    """Dress a ρ(η) axis: the line ρ = 0, the reversal zone below it shaded, η on a log scale."""
+    ax.axhline(0, color="k", lw=0.8)
+    ax.axhspan(ax.get_ylim()[0] if drawn else -1, 0, color="red", alpha=0.06)
+    ax.set_xscale("log")
+    ax.set_xlabel("clipping threshold η (dotted: the run's η)")
+
+
 def eta_grid(norms: np.ndarray, points: int = 400) -> np.ndarray:
     """Return the η axis of a ρ(η) figure: log-spaced, from below the typical norm past the largest.
 
@@ -259,10 +267,7 @@ def eta_profile(task: TaskRecord) -> plt.Figure:
         if math.isfinite(run.eta):
             ax.axvline(run.eta, color=line.get_color(), ls=":", lw=1)
         drawn = True
-    ax.axhline(0, color="k", lw=0.8)
-    ax.axhspan(ax.get_ylim()[0] if drawn else -1, 0, color="red", alpha=0.06)
-    ax.set_xscale("log")
-    ax.set_xlabel("clipping threshold η (dotted: the run's η)")
+    eta_axes(ax, drawn)
     ax.set_ylabel("ρ(η) = D(η) / (m‖∇f‖²)")
     ax.set_title("Descent ratio of the clipped sum (1 = unclipped)")
     ax.grid(alpha=0.3)

@@ -21,7 +21,7 @@ import numpy as np
 from matplotlib.ticker import MaxNLocator
 
 from clipscope.report.findings import run_points, run_points_p
-from clipscope.report.plots import eta_grid, run_title
+from clipscope.report.plots import eta_axes, eta_grid, run_title
 from clipscope.run.study import TaskRecord
 
 __all__ = ["has_preconditioned", "rho_p_per_epoch", "rho_p_profile"]
@@ -73,10 +73,7 @@ def rho_p_profile(task: TaskRecord) -> plt.Figure:
         if math.isfinite(run.eta):
             ax.axvline(run.eta, color=color, ls=":", lw=1)
         drawn = True
-    ax.axhline(0, color="k", lw=0.8)
-    ax.axhspan(ax.get_ylim()[0] if drawn else -1, 0, color="red", alpha=0.06)
-    ax.set_xscale("log")
-    ax.set_xlabel("clipping threshold η (dotted: the run's η)")
+    eta_axes(ax, drawn)
     ax.set_ylabel("share of the unclipped descent")
     ax.set_title(f"{task.name}: ρ(η) (solid) and ρ_P(η) (dashed) at the last probe", fontsize=9)
     return _finish(fig, ax, drawn, "no preconditioned dots recorded")
