@@ -131,21 +131,38 @@ def descent_label(rho: float | None) -> dict[str, str]:
     >>> descent_label(-0.1)["class"], descent_label(0.7)["class"]
     ('bad', 'ok')
     """
-    if rho is None or not math.isfinite(rho):
-        return _label("undecided", NA, "no finite ρ(η) recorded")
-    if rho < 0:
-        return _label("reversed", BAD, "clipping reversed descent")
-    if rho == 0:
-        return _label("cancelled", BAD, "clipping cancelled descent (ρ = 0)")
-    if rho < KEPT_WARN:
-        return _label(
-            "kept_little",
-            WARN,
-            f"clipping kept only {100 * rho:.2g}% of the unclipped descent (never reversed it)",
-        )
-    if rho >= 1:
-        return _label("kept", OK, "clipping kept all of the unclipped descent (ρ ≥ 1)")
-    return _label("kept", OK, f"clipping kept at least {_at_least(rho)} of the unclipped descent")
+    return _kept(
+        rho,
+        undecided="no finite ρ(η) recorded",
+        reversed_="clipping reversed descent",
+        cancelled="clipping cancelled descent (ρ = 0)",
+        descent="the unclipped descent",
+        all_kept="(ρ ≥ 1)",
+    )
+
+
+def _kept(
+    share: float | None,
+    *,
+    undecided: str,
+    reversed_: str,
+    cancelled: str,
+    descent: str,
+    all_kept: str,
+) -> dict[str, str]:
+    """Apply the rule of :func:`descent_label` and :func:`preconditioned_label` in their words."""
+    if share is None or not math.isfinite(share):
+        return _label("undecided", NA, undecided)
+    if share < 0:
+        return _label("reversed", BAD, reversed_)
+    if share == 0:
+        return _label("cancelled", BAD, cancelled)
+    if share < KEPT_WARN:
+        text = f"clipping kept only {100 * share:.2g}% of {descent} (never reversed it)"
+        return _label("kept_little", WARN, text)
+    if share >= 1:
+        return _label("kept", OK, f"clipping kept all of {descent} {all_kept}")
+    return _label("kept", OK, f"clipping kept at least {_at_least(share)} of {descent}")
 
 
 def _at_least(share: float) -> str:
@@ -170,23 +187,13 @@ def preconditioned_label(rho_p: float | None) -> dict[str, str]:
     >>> preconditioned_label(0.9999999999999999)["text"]
     'clipping kept at least 99.9% of the preconditioned descent'
     """
-    if rho_p is None or not math.isfinite(rho_p):
-        return _label("undecided", NA, "no finite ρ_P(η) recorded")
-    if rho_p < 0:
-        return _label("reversed", BAD, "clipping reversed the preconditioned descent (ρ_P < 0)")
-    if rho_p == 0:
-        return _label("cancelled", BAD, "clipping cancelled the preconditioned descent (ρ_P = 0)")
-    if rho_p < KEPT_WARN:
-        return _label(
-            "kept_little",
-            WARN,
-            f"clipping kept only {100 * rho_p:.2g}% of the preconditioned descent "
-            "(never reversed it)",
-        )
-    if rho_p >= 1:
-        return _label("kept", OK, "clipping kept all of the preconditioned descent (ρ_P ≥ 1)")
-    return _label(
-        "kept", OK, f"clipping kept at least {_at_least(rho_p)} of the preconditioned descent"
+    return _kept(
+        rho_p,
+        undecided="no finite ρ_P(η) recorded",
+        reversed_="clipping reversed the preconditioned descent (ρ_P < 0)",
+        cancelled="clipping cancelled the preconditioned descent (ρ_P = 0)",
+        descent="the preconditioned descent",
+        all_kept="(ρ_P ≥ 1)",
     )
 
 
