@@ -20,14 +20,7 @@ from clipscope.errors import ConfigError, NonFiniteError
 from clipscope.loop import Needs, Unit, fit, nt_asgd_switch
 from clipscope.methods import METHODS, clipped_step, make_optimizer, make_order
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny float64 problems: intra-op threads only add contention on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 # -- problems (test cases are data) --------------------------------------------

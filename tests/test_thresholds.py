@@ -25,13 +25,7 @@ from clipscope.math.thresholds import (
 from clipscope.methods import make_order
 from clipscope.run.directory import load_run
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 # -- the math: a float64 brute force over a fine grid --------------------------------
