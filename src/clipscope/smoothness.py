@@ -147,8 +147,7 @@ def hessian_norm(
     """
     _check(model, method, tol, dropout)
     params, n, _ = prepare(model, components, params)
-    check_function(model, loss_fn, components, params, dropout, seed)
-    if component is not None:
+    if component is not None:  # (component_hessian_norms runs the entry checks)
         i = check_component_index(component, len(components))
         return component_hessian_norms(
             model,
@@ -163,6 +162,7 @@ def hessian_norm(
             seed=seed,
             params=params,
         )[0]
+    check_function(model, loss_fn, components, params, dropout, seed)
     device = params[0].device
     with hessian_context(model):
         op = HessianOperator(model, loss_fn, components, params, dropout, seed)
