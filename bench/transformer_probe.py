@@ -43,6 +43,15 @@ the times include the page faults of the pinned mmap threshold and the
 sampling thread (``bench/engine.py``'s module docstring), so the time ratios are
 taken from a ``--no-memory`` run and the memory ratios from a default one.
 
+``--phases`` prints, instead of the tables, where the per-sample route's time
+goes on each model: the steps of :mod:`clipscope.engine.per_sample_route`
+(pass 1, the dot step, the spot step, the clipped-sum step) and, inside the
+ghost pass (pass 1 of the kept route, pass 2 of the two-pass route), the hooked
+forward and backward, the layer rules' norms (the per-sample matrices, the
+ghost Gram products) and the structural check's projections,
+each as a share of the plain epoch timed in the same repeat (medians). It
+wraps private functions of the engine for the timing; a profiling aid only.
+
 Opacus is optional (``pip install -c constraints.txt opacus``); without it its
 rows say so. Never a test.
 """
@@ -226,6 +235,75 @@ def exactness(model, loss_fn, X, Y, n_check: int = 32) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------- phases
+
+
+def _timed(owner, attr: str, label: str, acc: dict, undo: list) -> None:
+    """Wrap ``owner.attr`` so that its process time adds to ``acc[label]``."""
+    f = getattr(owner, attr)
+
+    def timed(*a, **k):
+        t = harness.CLOCK()
+        try:
+            return f(*a, **k)
+        finally:
+            acc[label] = acc.get(label, 0.0) + harness.CLOCK() - t
+
+    setattr(owner, attr, timed)
+    undo.append((owner, attr, f))
+
+
+def phases(args) -> None:
+    """Print each route step's time / E per model (``--phases``: the module docstring)."""
+    from clipscope.engine import per_sample_route as route_mod
+    from clipscope.engine.per_sample import _common, factors, ghost, linear
+
+    steps = [
+        (route_mod._Attempt, "pass1_chunk", "pass 1"),
+        (route_mod._Attempt, "light_factors", "pass 2: factors formed again (two passes)"),
+        (ghost, "_forward_backward", "ghost pass: hooked forward and backward"),
+        (linear, "per_sample_matrices", "ghost pass: per-sample matrices (T(P+Q) > PQ)"),
+        (factors, "gram_sq_norm", "ghost pass: ghost Gram norms"),
+        (_common.Directions, "of_factors", "ghost pass: structural check (factors)"),
+        (_common.Directions, "of_rows", "ghost pass: structural check (rows)"),
+        (route_mod._Attempt, "dots_step", "pass 2: dot step"),
+        (route_mod._Attempt, "spot_step", "pass 2: spot step"),
+        (route_mod._Attempt, "clipped_step", "pass 2: clipped-sum step"),
+    ]
+    gen = torch.Generator().manual_seed(0)
+    for name in args.models:
+        model, loss_fn, X, Y, what = build(name, args.n, gen)
+        model, X, Y = model.to(args.device), X.to(args.device), Y.to(args.device)
+        comps = Components.from_tensors(X, Y, batch_size=64)
+        batches = list(comps)
+        params = [p for p in model.parameters() if p.requires_grad]
+        for route in ("per-sample-kept", "per-sample"):
+            ratios: dict[str, list[float]] = {}
+            for _ in range(args.repeats):
+                t = harness.CLOCK()
+                harness.plain_epoch(model, loss_fn, batches, params)
+                e = harness.CLOCK() - t
+                acc: dict[str, float] = {}
+                undo: list = []
+                for owner, attr, label in steps:
+                    _timed(owner, attr, label, acc, undo)
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        t = harness.CLOCK()
+                        probe(model, loss_fn, comps, ETAS, route=route)
+                        acc["the whole probe"] = harness.CLOCK() - t
+                finally:
+                    for owner, attr, f in reversed(undo):
+                        setattr(owner, attr, f)
+                for label, v in acc.items():
+                    ratios.setdefault(label, []).append(v / e)
+            print(f"\n{what}, route={route!r}, N = {args.n}, chunks of 64 (time / E, medians):")
+            for label in ["the whole probe"] + [s[2] for s in steps]:
+                if label in ratios:
+                    print(f"  {label:48s} {float(np.median(ratios[label])):.3f}")
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -290,11 +368,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-check", dest="check", action="store_false", help="skip exactness")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--phases", action="store_true", help="time each step of the route")
     args = ap.parse_args(argv)
     args.n = args.n or (128 if args.quick else 256)
     args.repeats = args.repeats or (2 if args.quick else 3)
     harness.CLOCK = harness.time.process_time if args.clock == "cpu" else harness.time.perf_counter
-    harness.MEMORY = not args.no_memory and args.device == "cpu"
+    harness.MEMORY = not (args.no_memory or args.phases) and args.device == "cpu"
     if harness.MEMORY and harness._LIBC is not None:
         harness._LIBC.mallopt(-3, 128 * 1024)
     if args.threads is not None:
@@ -311,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
             "memory measured: the times below include the pinned mmap threshold's page faults "
             "and the sampling thread; take time ratios from a --no-memory run"
         )
+    if args.phases:
+        phases(args)
+        return 0
     for t in tables(args):
         print(t.render())
     return 0
