@@ -164,8 +164,11 @@ def _demote_after(plan, failures, from_factors, attempt) -> None:
     # passes that saw other random numbers say nothing about the rules: the dots go
     # to per-sample gradients (the classic order), the parameters stay
     differ = failures.get("passes_differ", False)
-    if failures["params"] and not differ:  # one event: the first sample's reason
-        plan.demote(list(failures["params"]), "spot-norm", next(iter(failures["params"].values())))
+    if failures["params"] and not differ:  # one event; each parameter keeps its own reason
+        failed = failures["params"]
+        first = next(iter(failed.values()))
+        reason = first if len(failed) == 1 else f"{len(failed)} parameters, the first: {first}"
+        plan.demote(list(failed), "spot-norm", reason, own=failed)
     # dots from factors (kept or rebuilt): a parameter's wrong split makes its dots
     # wrong too; rerun with it on the fallback before blaming the dots (a second dot
     # failure demotes them)

@@ -233,13 +233,19 @@ class Plan:
         """Parameters not on the fallback: the use recorder follows them outside module rules."""
         return {k for k in range(len(self.params)) if k not in self.fallback}
 
-    def demote(self, indices: Iterable[int], stage: str, reason: str) -> None:
-        """Move parameters to the fallback after a failed check (raises under ``strict``)."""
+    def demote(
+        self, indices: Iterable[int], stage: str, reason: str, own: dict[int, str] | None = None
+    ) -> None:
+        """Move parameters to the fallback after a failed check (raises under ``strict``).
+
+        One event with ``reason``; each parameter's recorded reason is its own
+        entry of ``own`` where given, else ``reason``.
+        """
         new = [k for k in indices if k not in self.fallback]
         if not new:
             return
         for k in new:
-            self.fallback[k] = reason
+            self.fallback[k] = (own or {}).get(k, reason)
         self._event(Event(stage, tuple(self.names[k] for k in new), reason))
 
     def demote_dots(self, stage: str, reason: str) -> None:
