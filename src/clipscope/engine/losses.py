@@ -615,7 +615,8 @@ def _random_forward_message(model: nn.Module, a: float, b: float, grad: bool = F
         "scaled_dot_product_attention(..., dropout_p=p), as Hugging Face attention does, "
         "eager or SDPA), so every statistic would be one of a random-mask objective. Put the "
         "model in eval mode (model.eval()), or set that dropout to 0 (Hugging Face: the "
-        "config's attention_probs_dropout_prob / attention_dropout = 0), or use "
+        "config's attention dropout, e.g. attn_pdrop for GPT-2, attention_probs_dropout_prob "
+        "for BERT and ViT, attention_dropout for Llama), or use "
         "dropout='fixed' (one fixed mask per component, the same at every evaluation)"
     )
 
@@ -639,8 +640,9 @@ def check_grad_compatible(
 
     The engine differentiates with ``torch.autograd.grad`` (it never writes
     ``.grad``). Activation checkpointing with ``use_reentrant=True`` (the
-    default of ``torch.utils.checkpoint`` before torch 2.4, and of Hugging Face's
-    ``gradient_checkpointing_enable()``) supports only ``.backward()``: torch
+    default of ``torch.utils.checkpoint`` before torch 2.4, and what Hugging Face's
+    ``gradient_checkpointing_enable()`` runs when given ``use_reentrant=True``;
+    its default is ``False`` in the pinned transformers) supports only ``.backward()``: torch
     raises "incompatible with .grad()" at the first gradient, and a region whose
     inputs do not require grad silently gives its parameters no gradient at all.
     One forward of component 0 (its first ``rows`` samples, as
@@ -691,8 +693,8 @@ def check_grad_compatible(
     if found:
         raise ValueError(
             "the model uses reentrant activation checkpointing (torch.utils.checkpoint with "
-            "use_reentrant=True, as Hugging Face's gradient_checkpointing_enable() does by "
-            "default), which supports only .backward(): clipscope differentiates each component "
+            "use_reentrant=True, e.g. Hugging Face's gradient_checkpointing_enable() given "
+            "gradient_checkpointing_kwargs={'use_reentrant': True}), which supports only .backward(): clipscope differentiates each component "
             "with torch.autograd.grad, which it cannot serve (torch raises 'incompatible with "
             ".grad()', or gives the region's parameters no gradient at all). Use "
             "use_reentrant=False (torch.utils.checkpoint.checkpoint(..., use_reentrant=False); "
