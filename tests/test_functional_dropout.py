@@ -23,6 +23,7 @@ from torch.nn import functional as F
 from clipscope import Components
 from clipscope.engine import probe, reference_probe
 from clipscope.engine.losses import REPEAT_TOLERANCE, check_repeatable
+from clipscope.engine.per_sample.batch import check_independent_samples
 
 transformers = pytest.importorskip("transformers")
 
@@ -215,3 +216,44 @@ def test_the_hessian_routes_refuse_functional_dropout_under_off():
     model.eval()  # no draw: the same calls run
     assert torch.isfinite(hvp(model, F.cross_entropy, comps, v)).all()
     assert hessian_norm(model, F.cross_entropy, comps, max_iter=3).hess_norm >= 0
+
+
+# ----------------------------------------------------------------------------- coupling
+
+
+class CoupledSDPA(SDPADropout):
+    """:class:`SDPADropout` whose features are centred over the batch: samples interact."""
+
+    def __init__(self, coupled: bool) -> None:
+        super().__init__()
+        self.coupled = coupled
+
+    def forward(self, x):
+        if self.coupled:
+            x = x - 0.5 * x.mean(0, keepdim=True)
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("coupled", [True, False])
+def test_functional_dropout_does_not_hide_coupled_samples(coupled):
+    """Under "fixed", train-mode attention dropout made the independence check unable to tell.
+
+    It then returned ``checked: False`` and a per-sample result of a model whose samples
+    interact (a finding of a new user's trial on GPT-2). The check now looks again with
+    every module in eval mode: the coupling is refused, and an uncoupled model passes
+    with ``checked: "eval mode"``.
+    """
+    torch.manual_seed(0)
+    model = CoupledSDPA(coupled).train()
+    comps = sequences()
+    if coupled:
+        with pytest.raises(ValueError, match=r"interact.*compared with every module in eval mode"):
+            probe(model, F.cross_entropy, comps, batch_sizes=[1], dropout="fixed")
+        return
+    # an uncoupled model passes, checked in eval mode (probing it per sample under "fixed"
+    # is another matter: a sample's mask in the batch is not its mask alone, and the route
+    # refuses after its spot checks)
+    x, y = comps.batch(0)
+    record = check_independent_samples(model, F.cross_entropy, x, y, 1e-5)
+    assert record["checked"] == "eval mode" and record["max_error"] <= 1e-5
+    assert model.training  # the eval-mode comparison left the modes as they were

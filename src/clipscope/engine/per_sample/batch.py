@@ -84,12 +84,17 @@ def check_independent_samples(
     must be at most ``tol`` times the largest ``|ℓ_j|``. Costs one forward of
     ``B`` samples and ``B`` of one.
 
-    Randomness outside the dropout modules (attention dropout of a module in
-    train mode under ``dropout="fixed"``) makes the two evaluations differ by
-    itself: when a second batch forward under another seed differs from the
-    first, the check cannot tell and says so in its record (``checked`` False).
+    Randomness outside the dropout modules (attention dropout applied
+    functionally by a module in train mode, under ``dropout="fixed"``) makes the
+    two evaluations differ by itself: when a second batch forward under another
+    seed differs from the first, the comparison is made again with every module
+    in eval mode (where Hugging Face attention draws no mask), and a coupling it
+    finds there is refused as well. Its record then says ``checked: "eval
+    mode"``; a coupling that exists only in train mode outside BatchNorm cannot
+    be seen. When even eval mode draws random numbers, nothing can be compared:
+    ``checked`` is False and a :class:`UserWarning` says so.
 
-    Returns ``{"samples": B, "max_error": float, "checked": bool}``.
+    Returns ``{"samples": B, "max_error": float, "checked": True | "eval mode" | False}``.
 
     Raises
     ------
@@ -103,45 +108,78 @@ def check_independent_samples(
     if batch < 2:
         return record
     with model_guard(model), torch.no_grad(), dropout_policy(model, "off"):
-        with rng_for_component("fixed", seed, 0):
-            together = per_sample_losses(model, loss_fn, x, y).double()
-        alone = []
-        for j in range(batch):
-            try:
-                with rng_for_component("fixed", seed, 0):
-                    alone.append(per_sample_losses(model, loss_fn, x[j : j + 1], y[j : j + 1]))
-            except (RuntimeError, ValueError) as exc:
-                raise ValueError(
-                    f"per-sample components need samples that do not interact in the forward, "
-                    f"but sample {j} alone cannot be evaluated ({exc}): the model computes "
-                    "statistics over the batch (train-mode batch normalization, e.g. through "
-                    "F.batch_norm). Use mini-batch components (route='two-pass' or 'keep'), or "
-                    "make the model normalize per sample (eval-mode BatchNorm, GroupNorm, "
-                    "LayerNorm)"
-                ) from exc
-        alone = torch.cat(alone).double()
-        scale = float(torch.maximum(together.abs(), alone.abs()).max())
-        diff = (together - alone).abs()
-        worst = int(diff.argmax())
-        error = float(diff[worst]) / scale if scale > 0 else float(diff[worst] > 0)
-        record["max_error"] = error
-        if error <= tol:
+        found = _coupling(model, loss_fn, x, y, tol, seed)
+        record["max_error"] = found["error"]
+        if found["error"] <= tol:
             return record
-        with rng_for_component("fixed", seed + 1, 0):
-            again = per_sample_losses(model, loss_fn, x, y).double()
-        if float((again - together).abs().max()) > tol * max(scale, 1e-300):
-            record["checked"] = False  # random numbers outside the dropout modules
-            return record
+        if found["random"]:  # functional dropout in train mode: look again in eval mode
+            model.eval()  # (model_guard restores every module's mode)
+            found = _coupling(model, loss_fn, x, y, tol, seed)
+            record.update(max_error=found["error"], checked="eval mode")
+            if found["error"] <= tol:
+                return record
+            if found["random"]:
+                record["checked"] = False
+                warnings.warn(
+                    "per-sample components: whether the samples interact in the forward could "
+                    "not be checked: the model draws random numbers outside its dropout modules "
+                    "even in eval mode, so a batch forward and each sample alone differ by "
+                    "themselves (record: result.info['independent_samples'])",
+                    UserWarning,
+                    stacklevel=3,
+                )
+                return record
+    where = " (compared with every module in eval mode)" if record["checked"] == "eval mode" else ""
+    worst, error = found["worst"], found["error"]
     raise ValueError(
         f"per-sample components need samples that do not interact in the forward, but sample "
-        f"{worst}'s loss is {float(together[worst]):.9g} in a batch of {batch} and "
-        f"{float(alone[worst]):.9g} alone (relative difference {error:.3g} > {tol:g}): the "
-        "model couples the samples of a batch (statistics over the batch, such as "
+        f"{worst}'s loss is {float(found['together'][worst]):.9g} in a batch of {batch} and "
+        f"{float(found['alone'][worst]):.9g} alone (relative difference {error:.3g} > {tol:g})"
+        f"{where}: the model couples the samples of a batch (statistics over the batch, such as "
         "F.batch_norm in training mode or centring x - x.mean(0); an in-batch similarity or "
         "contrastive head). Its per-sample gradients would mix batch-1 gradients with "
         "batch-forward losses. Use mini-batch components (route='two-pass' or 'keep'), where "
         "each component is a batch with its own statistics"
     )
+
+
+def _coupling(model, loss_fn, x, y, tol: float, seed: int) -> dict[str, Any]:
+    """One comparison of the batch's losses with each sample's alone (no gradients).
+
+    Returns ``together``, ``alone`` (float64 ``(B,)``), the largest relative
+    difference ``error`` at sample ``worst``, and ``random``: whether a second
+    batch forward under another seed differs from the first by more than
+    ``tol`` (only evaluated when ``error > tol``).
+    """
+    batch = int(x.shape[0])
+    with rng_for_component("fixed", seed, 0):
+        together = per_sample_losses(model, loss_fn, x, y).double()
+    alone = []
+    for j in range(batch):
+        try:
+            with rng_for_component("fixed", seed, 0):
+                alone.append(per_sample_losses(model, loss_fn, x[j : j + 1], y[j : j + 1]))
+        except (RuntimeError, ValueError) as exc:
+            raise ValueError(
+                f"per-sample components need samples that do not interact in the forward, "
+                f"but sample {j} alone cannot be evaluated ({exc}): the model computes "
+                "statistics over the batch (train-mode batch normalization, e.g. through "
+                "F.batch_norm). Use mini-batch components (route='two-pass' or 'keep'), or "
+                "make the model normalize per sample (eval-mode BatchNorm, GroupNorm, "
+                "LayerNorm)"
+            ) from exc
+    alone_t = torch.cat(alone).double()
+    scale = float(torch.maximum(together.abs(), alone_t.abs()).max())
+    diff = (together - alone_t).abs()
+    worst = int(diff.argmax())
+    error = float(diff[worst]) / scale if scale > 0 else float(diff[worst] > 0)
+    random = False
+    if error > tol:
+        with rng_for_component("fixed", seed + 1, 0):
+            again = per_sample_losses(model, loss_fn, x, y).double()
+        random = float((again - together).abs().max()) > tol * max(scale, 1e-300)
+    return {"together": together, "alone": alone_t, "error": error, "worst": worst,
+            "random": random}  # fmt: skip
 
 
 def per_sample_from_output(
