@@ -694,7 +694,8 @@ def check_grad_compatible(
         raise ValueError(
             "the model uses reentrant activation checkpointing (torch.utils.checkpoint with "
             "use_reentrant=True, e.g. Hugging Face's gradient_checkpointing_enable() given "
-            "gradient_checkpointing_kwargs={'use_reentrant': True}), which supports only .backward(): clipscope differentiates each component "
+            "gradient_checkpointing_kwargs={'use_reentrant': True}), which supports only "
+            ".backward(): clipscope differentiates each component "
             "with torch.autograd.grad, which it cannot serve (torch raises 'incompatible with "
             ".grad()', or gives the region's parameters no gradient at all). Use "
             "use_reentrant=False (torch.utils.checkpoint.checkpoint(..., use_reentrant=False); "
