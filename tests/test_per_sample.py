@@ -890,3 +890,46 @@ def test_a_use_inside_a_custom_function_fails_the_structural_check(route):
     np.testing.assert_allclose(res.norms, ref.norms, rtol=1e-10)
     np.testing.assert_allclose(res.dots, ref.dots, rtol=1e-10, atol=1e-14)
     assert set(res.verification["fallback"]) == {"w"}
+
+
+def test_the_fallback_hides_torchs_batching_rule_notes_and_names_each_parameter():
+    """A new user's trial: ``nn.TransformerEncoder(batch_first=False)`` with T = chunk size.
+
+    The rules cannot tell the sample axis; the spot check moves the parameters to the
+    exact fallback. Its ``vmap(grad)`` leaked torch's "performance drop ... batching
+    rule" UserWarnings (CPU flash attention), and every parameter's recorded reason
+    named the first parameter.
+    """
+    torch.manual_seed(0)
+
+    class SeqFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(16, 8)
+            layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0)
+            self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+            self.out = nn.Linear(8, 16)
+
+        def forward(self, x):
+            h = self.emb(x).transpose(0, 1)
+            mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1])
+            return self.out(self.enc(h, mask=mask, is_causal=True).transpose(0, 1))
+
+    def lm(out, y):
+        return F.cross_entropy(out[:, :-1].flatten(0, 1), y[:, 1:].flatten())
+
+    X = torch.randint(0, 16, (8, 4))
+    comps = Components.from_tensors(X, X, batch_size=4)
+    model = SeqFirst().double().eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = probe(model, lm, comps, batch_sizes=[1])
+    assert [w for w in caught if issubclass(w.category, PerSampleFallbackWarning)]
+    assert not [w for w in caught if "performance drop" in str(w.message)]
+    ref = reference_probe(model, lm, singles(X, X))
+    np.testing.assert_allclose(res.norms, ref.norms, rtol=1e-10)
+    fallback = res.verification["fallback"]
+    assert fallback
+    for name, why in fallback.items():
+        if why.startswith("sample"):
+            assert f"g_j({name})" in why, (name, why)

@@ -23,6 +23,7 @@ The slowest part of a per-sample probe when it runs; every use is reported.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,9 @@ from clipscope.engine.per_sample._common import CHUNK_ELEMENTS, dense_grad
 from clipscope.engine.per_sample.batch import per_sample_from_output
 
 __all__ = ["MODES", "FallbackStats", "choose_mode", "fallback_stats", "per_sample_grads"]
+
+#: The start of torch's UserWarning for an op that ``vmap`` runs one sample at a time.
+_NO_BATCHING_RULE = "There is a performance drop because we have not yet implemented"
 
 MODES = ("vmap", "loop", "graph")
 
@@ -131,7 +135,11 @@ def per_sample_grads(
     primals = {n: p.detach() for n, p in zip(names, params, strict=True)}
     step = max(1, CHUNK_ELEMENTS // max(1, sum(p.numel() for p in params)))
     for s in range(0, batch, step):
-        g = per(primals, x[s : s + step], y[s : s + step])
+        with warnings.catch_warnings():
+            # torch's note that an op (CPU flash attention) runs without a batching rule:
+            # the result is exact, the route's cost is in the fallback's record already
+            warnings.filterwarnings("ignore", message=_NO_BATCHING_RULE, category=UserWarning)
+            g = per(primals, x[s : s + step], y[s : s + step])
         yield slice(s, min(batch, s + step)), [g[n] for n in names]
 
 
