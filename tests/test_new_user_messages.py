@@ -54,3 +54,20 @@ def test_the_toml_config_gets_the_same_message(tmp_path):
     path.write_text('task = "toy"\neta = "descent-safe"\neta_min = -1.0\n')
     with pytest.raises(ConfigError, match=r"\(eta_min must be a number > 0 or inf \(TOML: inf"):
         load_config(path)
+
+
+def test_per_sample_on_a_token_stream_says_how_a_stateless_model_is_served():
+    """A new user's trial: ``probe --config <gpt config> --per-sample`` said the components
+    "carry a state", while docs/training.md says the GPT keeps none. The refusal now says
+    what the stream is and how a stateless model is probed per sample."""
+    from clipscope.components import SequentialComponents
+    from clipscope.models import GPTLM
+
+    comps = SequentialComponents.from_tokens(torch.arange(64) % 11, batch_size=2, bptt=4)
+    model = GPTLM(vocab=11, n_layer=1, n_head=1, d_model=8, context=4)
+
+    def loss(out, y):
+        return F.cross_entropy(out[0].reshape(-1, 11), y.reshape(-1))
+
+    with pytest.raises(ValueError, match=r"windows of a token stream.*model\.transformer"):
+        probe(model, loss, comps, batch_sizes=[1])

@@ -444,7 +444,11 @@ def _check_independent(route: str, model: nn.Module, components: Any) -> None:
     if getattr(components, "sequential", False):
         raise ValueError(
             f"route={route!r} needs independent samples; sequential (language-model) "
-            "components carry a state between windows and cannot be merged or split"
+            "components are windows of a token stream read in order, through which a "
+            "recurrent model carries its state, and cannot be merged or split. A model that "
+            "keeps no state (clipscope's model='gpt') is probed per sample from Python: its "
+            "batch-first core (model.transformer) on windows as samples, "
+            "Components.from_tensors(windows, targets) (docs/training.md)"
         )
     coupled = batch_coupled_modules(model)
     if coupled:
