@@ -57,7 +57,9 @@ def test_the_toml_config_gets_the_same_message(tmp_path):
 
 
 def test_per_sample_on_a_token_stream_says_how_a_stateless_model_is_served():
-    """A new user's trial: ``probe --config <gpt config> --per-sample`` said the components
+    """Per-sample components of a token stream: the refusal says how a GPT is served.
+
+    A new user's trial: ``probe --config <gpt config> --per-sample`` said the components
     "carry a state", while docs/training.md says the GPT keeps none. The refusal now says
     what the stream is and how a stateless model is probed per sample.
     """
