@@ -111,7 +111,6 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer": OPTIMIZERS,
     "schedule": SCHEDULES,
     "last_batch": LAST_BATCH,
-    "route": RUN_ROUTES + PER_SAMPLE_ROUTES[1:],  # which of them: check_route
     "dropout": DROPOUT_POLICIES,
     "dtype": DTYPES,
     "optimizer_switch": OPTIMIZER_SWITCHES,
@@ -294,6 +293,15 @@ def check_setting(key: str, value: Any) -> Any:
         return tuple(
             sorted((str(k), tuple(v) if isinstance(v, list) else v) for k, v in value.items())
         )
+    if key == "route":  # which of them, by per_sample: check_route
+        if value not in RUN_ROUTES + PER_SAMPLE_ROUTES[1:]:
+            raise _bad(
+                key,
+                value,
+                f"valid choices: {', '.join(RUN_ROUTES)}; with per_sample = true: "
+                f"{', '.join(PER_SAMPLE_ROUTES)}",
+            )
+        return value
     if key == "device":
         return _device(value)
     if key in _INT_RANGE:
