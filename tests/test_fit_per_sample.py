@@ -32,8 +32,10 @@ from clipscope.components import SequentialComponents
 from clipscope.config import FitConfig, parse_config
 from clipscope.engine.verify import PerSampleFallbackWarning
 from clipscope.errors import ConfigError
-from clipscope.loop.units import Needs, Unit
+from clipscope.loop.units import Unit
 from clipscope.run.directory import load_checkpoint, load_run
+from test_monitor_per_sample import Check as MonitorCheck
+from test_monitor_per_sample import close
 
 F64 = torch.float64
 ETA = 0.5
@@ -41,93 +43,38 @@ ETAS = (0.2, 2.0)
 RTOL = 1e-10
 
 
-def close(a, b, rtol=RTOL, scale=None):
-    """Return whether |a - b| <= rtol·max(|b|, scale) elementwise (scale: the quantity's size)."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    ref = np.maximum(np.abs(b), np.abs(b).max() if scale is None else scale)
-    return bool(np.all(np.abs(a - b) <= rtol * np.maximum(ref, 1e-300)))
-
-
-def brute_force(model, loss_fn, components):
-    """Each sample's own float64 gradient ``(G (N, n), losses (N,))``, in component order.
-
-    One autograd call per sample (``loss_fn(model(x_j), y_j)``) on a float64 copy
-    of the model at its current parameters, in eval mode (the probes' dropout policy
-    ``"off"``).
-    """
-    m64 = copy.deepcopy(model).double().eval()
-    params = [p for p in m64.parameters() if p.requires_grad]
-    rows, losses = [], []
-    for c in range(len(components)):
-        x, y = components.batch(c)
-        x = x.double() if x.is_floating_point() else x
-        y = y.double() if y.is_floating_point() else y
-        for j in range(x.shape[0]):
-            loss = loss_fn(m64(x[j : j + 1]), y[j : j + 1])
-            grads = torch.autograd.grad(loss, params)
-            rows.append(torch.cat([g.reshape(-1) for g in grads]))
-            losses.append(float(loss.detach()))
-    return torch.stack(rows), np.array(losses)
-
-
-def expected(G, losses, eta, etas):
-    """Return the probe's statistics from the per-sample gradients, by their definitions (§2)."""
-    full = G.mean(0)
-    norms = G.norm(dim=1).numpy()
-    dots = (G @ full).numpy()
-    gn = float(full.norm())
-
-    def rho(e):
-        return float((np.minimum(1.0, e / norms) * dots).sum() / dots.sum())
-
-    return {
-        "norms": norms,
-        "dots": dots,
-        "losses": losses,
-        "grad_norm": gn,
-        "loss": float(losses.mean()),
-        "rho": rho(eta),
-        "rho_etas": [rho(e) for e in etas],
-        "c1": float(np.mean(dots / (norms * gn))),
-        "clipped_fraction": float(np.mean(norms > eta)),
-    }
-
-
-class Check(Unit):
-    """At every probed point: the float64 brute force at the same parameters, kept for the test."""
-
-    name = "check"
+class Check(MonitorCheck):
+    """The Monitor tests' float64 brute force at every probe, with ρ at ETAS and the arrays."""
 
     def __init__(self, loss_fn, components):
-        self.loss_fn, self.components = loss_fn, components
-        self.seen: list[tuple] = []
-
-    def needs(self, point):
-        return Needs.NOTHING
+        super().__init__(loss_fn, components, ETA)
+        self.arrays: list[dict] = []
 
     def at_point(self, point):
+        super().at_point(point)
         if point.probe is None:
             return
-        G, losses = brute_force(point.model, self.loss_fn, self.components)
-        ref = expected(G, losses, ETA, ETAS)
-        self.seen.append((point.probe, dict(point.row), dict(point.arrays), ref))
+        ref = self.seen[-1][2]
+        gam = [np.minimum(1.0, e / ref["norms"]) for e in ETAS]
+        ref["rho_etas"] = [float((g * ref["dots"]).sum() / ref["dots"].sum()) for g in gam]
+        self.arrays.append(dict(point.arrays))
 
 
 def assert_probes_match(check, n, epochs):
     assert len(check.seen) == epochs + 1  # x_0 ... x_E
-    for result, row, arrays, ref in check.seen:
+    for (result, row, ref), arrays in zip(check.seen, check.arrays, strict=True):
         assert result.route in ("per-sample", "per-sample-kept"), result.route
         assert result.verification["fallback"] == {}  # every parameter by a layer rule
         assert result.m == n and result.batch_size == 1 and list(result.sizes) == [1] * n
         assert len(arrays["norms"]) == n and (arrays["sizes"] == 1).all()
         scale_d = ref["grad_norm"] * ref["norms"].max()  # |d_i| <= n_i‖∇f‖
-        assert close(arrays["norms"], ref["norms"])
-        assert close(arrays["dots"], ref["dots"], scale=scale_d)
-        assert close(arrays["losses"], ref["losses"])
+        assert close(arrays["norms"], ref["norms"], RTOL)
+        assert close(arrays["dots"], ref["dots"], RTOL, scale=scale_d)
+        assert close(arrays["losses"], ref["losses"], RTOL)
         for key in ("grad_norm", "loss", "rho", "c1", "clipped_fraction"):
-            assert close(row[key], ref[key]), (key, row[key], ref[key])
+            assert close(row[key], ref[key], RTOL), (key, row[key], ref[key])
         for e, want in zip(ETAS, ref["rho_etas"], strict=True):
-            assert close(row[f"rho@{e:g}"], want), (e, row[f"rho@{e:g}"], want)
+            assert close(row[f"rho@{e:g}"], want, RTOL), (e, row[f"rho@{e:g}"], want)
 
 
 def mlp_problem(n=20, batch=6, seed=0, dropout=0.0):
@@ -186,7 +133,7 @@ def test_every_probe_records_each_samples_own_float64_gradient(tmp_path, name):
     for k in range(epochs + 1):
         arrays = np.load(tmp_path / "run" / "components" / f"epoch_{k:04d}.npz")
         assert len(arrays["norms"]) == n and (arrays["sizes"] == 1).all()
-        assert close(arrays["norms"], check.seen[k][3]["norms"])
+        assert close(arrays["norms"], check.seen[k][2]["norms"], RTOL)
 
 
 def trajectory(per_sample, method, dropout):
@@ -234,8 +181,8 @@ def test_adam_probes_record_rho_p_of_the_samples():
         per_sample=True, progress=False, units=[Keep()])  # fmt: skip
     assert len(seen) == 3
     for row, ref in seen:
-        assert close(row["rho_p"], ref.preconditioned.stats.ratio(ETA))
-        assert close(row["rho"], ref.stats.ratio(ETA))
+        assert close(row["rho_p"], ref.preconditioned.stats.ratio(ETA), RTOL)
+        assert close(row["rho"], ref.stats.ratio(ETA), RTOL)
     assert seen[-1][0]["p_unset_share"] == 0.0  # P from Adam's state, not the identity
 
 
@@ -330,7 +277,7 @@ def test_the_report_labels_a_per_sample_fit_run_and_says_what_its_answers_are_ab
     assert "no threshold" in advice["per_sample_components"]
 
 
-def test_the_config_file_key_reaches_clipscope_train(tmp_path):
+def test_the_config_file_key_reaches_clipscope_train(tmp_path, capsys):
     """``per_sample = true`` in a TOML file: the probes of ``clipscope train`` are per-sample."""
     cfg = parse_config({"per_sample": True, "route": "per-sample", "lr": 0.05})
     assert cfg.fit_config().per_sample is True and cfg.setting()["per_sample"] is True
@@ -351,16 +298,35 @@ def test_the_config_file_key_reaches_clipscope_train(tmp_path):
     arrays = np.load(tmp_path / "run" / "components" / "epoch_0001.npz")
     assert len(arrays["norms"]) == 20 and (arrays["sizes"] == 1).all()
     assert load_run(tmp_path / "run").setting("per_sample") is True
-    refused = subprocess.run([*cli, str(bad), "--out", str(tmp_path / "bad")], capture_output=True,
-                             text=True, timeout=300)  # fmt: skip
-    assert refused.returncode == 2 and "per_sample=True runs one of" in refused.stderr
+    # the refusals in process (the same entry, cli.main): exit 2, nothing written
+    from clipscope.cli import main
+
+    assert main(["train", str(bad), "--out", str(tmp_path / "bad")]) == 2
+    assert "per_sample=True runs one of" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
     # a resume with another per_sample: exit 2, the run untouched
     before = (tmp_path / "run" / "epochs.csv").read_text()
     off = tmp_path / "off.toml"
     off.write_text(good.read_text().replace("per_sample = true", "per_sample = false"))
-    again = subprocess.run([*cli, str(off), "--out", str(tmp_path / "run"), "--resume"],
-                           capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert again.returncode == 2 and "per_sample" in again.stderr
+    assert main(["train", str(off), "--out", str(tmp_path / "run"), "--resume"]) == 2
+    assert "per_sample: True -> None" in capsys.readouterr().err
     assert (tmp_path / "run" / "epochs.csv").read_text() == before
-    json.loads((tmp_path / "run" / "summary.json").read_text())  # still the finished run's
+
+
+def test_probe_with_the_config_probes_per_sample_components(tmp_path, capsys):
+    """``clipscope probe --config``: the config's ``per_sample`` is a default, as ``route`` is."""
+    from clipscope.cli import main
+
+    config = tmp_path / "ps.toml"
+    config.write_text(
+        'task = "least_squares"\nn_samples = 20\nbatch_size = 6\nlr = 0.05\neta = 0.5\n'
+        "per_sample = true\nprogress = false\n"
+    )
+    out = tmp_path / "probe.csv"
+    assert main(["probe", "--config", str(config), "--out", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)["results"]
+    assert list(result) == ["1"] and result["1"]["m"] == 20
+    other = tmp_path / "keep.csv"
+    assert main(["probe", "--config", str(config), "--out", str(other), "--route", "keep"]) == 2
+    assert "the config's per_sample = true needs --route" in capsys.readouterr().err
+    assert not other.exists()

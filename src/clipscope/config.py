@@ -355,13 +355,16 @@ def check_route(route: Any, per_sample: bool) -> str:
     return route
 
 
-def check_per_sample_settings(eta: Any, smoothness_every: int | None, *, loop: str) -> None:
+def check_per_sample_settings(
+    eta: Any, smoothness_every: int | None, *, loop: str, secants: bool = False
+) -> None:
     """Refuse the settings that per-sample components (``per_sample=True``) cannot serve.
 
     ``eta = "descent-safe"`` would set ``loop``'s mini-batch clipping threshold
     from the ρ of clipping each sample's gradient; ``smoothness_every >= 1``
     asks for Lanczos ``‖∇²f‖``, which is measured over mini-batch components
-    only. ``loop`` names the clip in the message (``"your loop's"``).
+    only. ``loop`` names the clip in the message (``"your loop's"``); ``secants``
+    says that ``smoothness_every = 0`` still records the secants (the Monitor's).
 
     Raises
     ------
@@ -381,7 +384,8 @@ def check_per_sample_settings(eta: Any, smoothness_every: int | None, *, loop: s
             "smoothness_every",
             smoothness_every,
             "the Hessian norm ‖∇²f‖ is measured over mini-batch components only, not with "
-            "per_sample=True",
+            "per_sample=True"
+            + ("; smoothness_every=0 records the secants of the per-sample ∇f" if secants else ""),
         )
 
 

@@ -329,10 +329,10 @@ class Monitor:
         self.seed = check_setting("seed", seed)
         if smoothness_every is not None:
             smoothness_every = _int_at_least("smoothness_every", smoothness_every, 0)
-        if per_sample:  # smoothness_every=0 records the secants of the per-sample ∇f
+        if per_sample:
             check_per_sample_settings(
                 "descent-safe" if self._rule is not None else self._eta, smoothness_every,
-                loop="your loop's (the Trainer's)",
+                loop="your loop's (the Trainer's)", secants=True,
             )  # fmt: skip
         for unit in units:
             if not isinstance(unit, Unit):
