@@ -144,6 +144,8 @@ BAD_SETTINGS = {
     "data_dir-empty": (DIGITS + 'data_dir = ""\n', "data_dir", "non-empty"),
     "route-dyadic": (BASE + 'route = "dyadic"\n', "route", "auto, two-pass, keep"),
     "probe_every-negative": (BASE + "probe_every = -1\n", "probe_every", ">= 0"),
+    "per_sample-int": (BASE + "per_sample = 1\n", "per_sample", "true or false"),
+    "per_sample-route": (BASE + 'per_sample = true\nroute = "keep"\n', "route", "runs one of"),
     "checkpoint_every-float": (BASE + "checkpoint_every = 0.5\n", "checkpoint_every", "integer"),
     "deterministic-string": (BASE + 'deterministic = "yes"\n', "deterministic", "true or false"),
     "dtype-float16": (BASE + 'dtype = "float16"\n', "dtype", "float32, float64"),

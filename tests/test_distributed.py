@@ -598,6 +598,7 @@ def _fit_cases():
         ("dict-batches", dicts, {**base, "method": "igc"}),
         ("declared-weights", declared, {**base, "method": "rr", "seed": 7}),
         ("smoothness", mlp, {**base, "method": "igc", "smoothness_every": 1}),
+        ("per-sample-probes", size_one, {**base, "method": "igc", "per_sample": True}),
     ]
 
 

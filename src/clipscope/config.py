@@ -72,13 +72,16 @@ __all__ = [
     "LAST_BATCH",
     "MAX_SEED",
     "OPTIMIZER_SWITCHES",
+    "PER_SAMPLE_ROUTES",
     "RUN_ROUTES",
     "TASKS",
     "FitConfig",
     "TrainConfig",
     "available_memory",
     "check_device",
+    "check_per_sample_settings",
     "check_resources",
+    "check_route",
     "check_setting",
     "config_diff",
     "dump_config",
@@ -96,6 +99,9 @@ OPTIMIZER_SWITCHES = ("none", "nt-asgd")
 #: Engine routes whose rows describe the run's own components (dyadic and per-sample
 #: probe other batch sizes: no per-run rows).
 RUN_ROUTES = ("auto", "two-pass", "keep")
+#: The probe routes of per-sample components (``per_sample``: :func:`clipscope.probe` with
+#: ``batch_sizes=[1]``): ``"auto"`` keeps the per-sample factors while they fit.
+PER_SAMPLE_ROUTES = ("auto", "per-sample", "per-sample-kept")
 #: Seeds are non-negative 64-bit signed integers (what torch and numpy both accept).
 MAX_SEED = 2**63 - 1
 
@@ -105,7 +111,6 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer": OPTIMIZERS,
     "schedule": SCHEDULES,
     "last_batch": LAST_BATCH,
-    "route": RUN_ROUTES,
     "dropout": DROPOUT_POLICIES,
     "dtype": DTYPES,
     "optimizer_switch": OPTIMIZER_SWITCHES,
@@ -139,7 +144,7 @@ _FLOAT_RANGE: dict[str, tuple[float, bool, float, bool]] = {
     "smoothness_tol": (0.0, False, 1.0, False),
     "eps": (0.0, False, math.inf, False),
 }
-_BOOL = {"heldout", "deterministic", "progress", "smoothness_components"}
+_BOOL = {"heldout", "deterministic", "progress", "smoothness_components", "per_sample"}
 _STRING = {"model", "data", "data_dir"}
 #: Strings that may be empty ("" = the dataset's default).
 _OPTIONAL_STRING = {"train_file", "heldout_file"}
@@ -156,6 +161,7 @@ _NEWER_KEYS: dict[str, Any] = {
     "eta_min": None,
     "eta_max": None,
     "autoclip_percentile": 10.0,
+    "per_sample": False,
 }
 
 
@@ -287,6 +293,15 @@ def check_setting(key: str, value: Any) -> Any:
         return tuple(
             sorted((str(k), tuple(v) if isinstance(v, list) else v) for k, v in value.items())
         )
+    if key == "route":  # which of them, by per_sample: check_route
+        if value not in RUN_ROUTES + PER_SAMPLE_ROUTES[1:]:
+            raise _bad(
+                key,
+                value,
+                f"valid choices: {', '.join(RUN_ROUTES)}; with per_sample = true: "
+                f"{', '.join(PER_SAMPLE_ROUTES)}",
+            )
+        return value
     if key == "device":
         return _device(value)
     if key in _INT_RANGE:
@@ -310,6 +325,68 @@ def check_setting(key: str, value: Any) -> Any:
             raise _bad(key, value, "expected a file name in data_dir (a string)")
         return value
     raise ConfigError(f"config: unknown key '{key}'")  # pragma: no cover - a field without a rule
+
+
+def check_route(route: Any, per_sample: bool) -> str:
+    """Return the probe's engine route; with ``per_sample`` one of :data:`PER_SAMPLE_ROUTES`.
+
+    Without ``per_sample`` one of :data:`RUN_ROUTES` (the routes whose rows
+    describe the run's own components). The one check of ``route`` against
+    ``per_sample`` for :class:`FitConfig` and :class:`clipscope.Monitor`.
+
+    Raises
+    ------
+    ConfigError
+        A per-sample route without ``per_sample``, another route with it.
+
+    >>> check_route("auto", True), check_route("keep", False)
+    ('auto', 'keep')
+    """
+    if not per_sample:
+        if route in PER_SAMPLE_ROUTES[1:]:
+            raise _bad(
+                "route", route, "it gives per-sample components: set per_sample=True as well"
+            )
+        if route not in RUN_ROUTES:
+            raise _bad("route", route, f"valid choices: {', '.join(RUN_ROUTES)}")
+        return route
+    if route not in PER_SAMPLE_ROUTES:
+        raise _bad("route", route, f"per_sample=True runs one of {', '.join(PER_SAMPLE_ROUTES)}")
+    return route
+
+
+def check_per_sample_settings(
+    eta: Any, smoothness_every: int | None, *, loop: str, secants: bool = False
+) -> None:
+    """Refuse the settings that per-sample components (``per_sample=True``) cannot serve.
+
+    ``eta = "descent-safe"`` would set ``loop``'s mini-batch clipping threshold
+    from the ρ of clipping each sample's gradient; ``smoothness_every >= 1``
+    asks for Lanczos ``‖∇²f‖``, which is measured over mini-batch components
+    only. ``loop`` names the clip in the message (``"your loop's"``); ``secants``
+    says that ``smoothness_every = 0`` still records the secants (the Monitor's).
+
+    Raises
+    ------
+    ConfigError
+        Naming the key.
+    """
+    if eta == "descent-safe":
+        raise _bad(
+            "eta",
+            eta,
+            f"with per_sample=True it would set the threshold of {loop} mini-batch clip from "
+            "the ρ of clipping each sample's gradient; give a fixed eta (etas for more "
+            "thresholds)",
+        )
+    if smoothness_every:
+        raise _bad(
+            "smoothness_every",
+            smoothness_every,
+            "the Hessian norm ‖∇²f‖ is measured over mini-batch components only, not with "
+            "per_sample=True"
+            + ("; smoothness_every=0 records the secants of the per-sample ∇f" if secants else ""),
+        )
 
 
 def resume_setting(values: dict[str, Any]) -> dict[str, Any]:
@@ -379,7 +456,8 @@ class FitConfig:
     # -- probes ---------------------------------------------------------------
     probe_every: int = 1  # probe at the start of every k-th epoch (and at the end); 0 = never
     etas: tuple[float, ...] = ()  # extra thresholds for the rho@η columns
-    route: str = "auto"  # engine route for the run's own components: auto | two-pass | keep
+    route: str = "auto"  # probes: auto | two-pass | keep; per_sample: auto | per-sample[-kept]
+    per_sample: bool = False  # probes only: every sample a component (m = N); the steps unchanged
     dropout: str = "off"  # dropout policy of the probes: off | fixed masks
     smoothness_every: int = 0  # Lanczos ‖∇²f(x_k)‖ at every k-th probe (and the last); 0 = off
     smoothness_components: bool = False  # also ‖∇²f_i(x_k)‖ per component (A5), in the .npz
@@ -394,6 +472,9 @@ class FitConfig:
         _validate_fields(self)
         _check_scopes(self, _LOOP_SCOPE)
         _check_rule(self)
+        check_route(self.route, self.per_sample)
+        if self.per_sample:
+            check_per_sample_settings(self.eta, self.smoothness_every, loop="the loop's")
         if self.optimizer in ADAPTIVE_OPTIMIZERS:
             if self.method == "zhang":
                 raise _bad(

@@ -84,7 +84,7 @@ def advice_of(directory: str | Path, target: float = DEFAULT_TARGET) -> dict[str
     from clipscope.report.findings import (
         PER_SAMPLE_NOTE,
         eta_advice,
-        is_per_sample_monitor,
+        is_per_sample_run,
         preconditioned,
         run_label,
         run_points,
@@ -127,7 +127,7 @@ def advice_of(directory: str | Path, target: float = DEFAULT_TARGET) -> dict[str
             names = [f"{label} {run.point_name(epoch)}" for epoch, _ in points]
             result = advise([s for _, s in points], target, names)
             runs[label] = result.to_dict(points=True) | {"eta": _finite(run.eta)}
-            if is_per_sample_monitor(run):  # per-sample clipping: not the loop's threshold
+            if is_per_sample_run(run):  # per-sample clipping: not the loop's threshold
                 runs[label]["per_sample_components"] = PER_SAMPLE_NOTE
             name = label if single else f"{task.name}-{label}"
             title = f"{name}: ρ(η) at {len(points)} probes, target {target:g}"

@@ -7,7 +7,7 @@ JSON summary). The point is one of:
 * a ``clipscope train`` config (``--config CONFIG.toml``): the config's task,
   data, partition and model at its initial point x_0 (the same
   :func:`clipscope.runner.build_task` that training uses); the config's
-  ``eta``/``etas``, ``dropout``, ``route`` and ``seed`` are the defaults;
+  ``eta``/``etas``, ``dropout``, ``route``, ``per_sample`` and ``seed`` are the defaults;
 * a checkpoint of a run (``--checkpoint RUN/checkpoints/ckpt_N.pt``): the model
   weights saved there, with the task of ``--config`` or, when that is not given,
   of the run's own ``RUN/config.toml``;
@@ -83,7 +83,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--levels", type=int, default=None, help="dyadic: batch sizes B, 2B, ..., 2^(L-1)B"
     )
     parser.add_argument(
-        "--per-sample", action="store_true", help="components of batch size 1 (per-sample route)"
+        "--per-sample",
+        action="store_true",
+        help="components of batch size 1 (per-sample route; default the config's per_sample)",
     )
     parser.add_argument(
         "--eta",
@@ -200,6 +202,7 @@ def load_task(args: argparse.Namespace) -> tuple[nn.Module, Any, Any, dict[str, 
         "etas": etas,
         "dropout": args.dropout or cfg.dropout,
         "route": args.route or cfg.route,
+        "per_sample": cfg.per_sample,
         "seed": cfg.seed if args.seed is None else args.seed,
     }
     return model, loss_fn, comps, settings
@@ -209,15 +212,21 @@ def load_task(args: argparse.Namespace) -> tuple[nn.Module, Any, Any, dict[str, 
 PER_SAMPLE_ROUTES = ("per-sample", "per-sample-kept")
 
 
-def run(args: argparse.Namespace) -> int:
-    """Probe the task, write the CSV, print the summary."""
-    if args.per_sample and args.levels is not None:
-        raise ValueError("--per-sample and --levels exclude each other (one batch size: 1)")
-    if args.per_sample and args.route not in (None, "auto", *PER_SAMPLE_ROUTES):
+def _check_per_sample(args: argparse.Namespace, who: str) -> None:
+    """ValueError for flags that contradict per-sample components (``who`` asked for them)."""
+    if args.levels is not None:
+        raise ValueError(f"{who} and --levels exclude each other (one batch size: 1)")
+    if args.route not in (None, "auto", *PER_SAMPLE_ROUTES):
         raise ValueError(
-            f"--per-sample needs --route {' or '.join(PER_SAMPLE_ROUTES)} (or auto), "
+            f"{who} needs --route {' or '.join(PER_SAMPLE_ROUTES)} (or auto), "
             f"got --route {args.route}"
         )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Probe the task, write the CSV, print the summary."""
+    if args.per_sample:
+        _check_per_sample(args, "--per-sample")
     out = Path(args.out)
     if out.is_dir() and not out.is_symlink():
         raise ValueError(f"--out {out} is a directory; name the CSV file to write")
@@ -225,6 +234,9 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not args.force:
         raise FileExistsError(f"{out} exists (use --force to overwrite)")
     model, loss_fn, comps, settings = load_task(args)
+    per_sample = args.per_sample or settings.get("per_sample", False)
+    if per_sample and not args.per_sample:
+        _check_per_sample(args, "the config's per_sample = true")
     make_parent(out)  # before the probe: a folder that cannot be made is named, not a .tmp file
     result = probe(
         model,
@@ -235,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
         dropout=settings["dropout"],
         seed=settings["seed"],
         levels=args.levels,
-        batch_sizes=[1] if args.per_sample else None,
+        batch_sizes=[1] if per_sample else None,
     )
     results = dict(result) if isinstance(result, MultiProbeResult) else {result.batch_size: result}
     buffer = io.StringIO()

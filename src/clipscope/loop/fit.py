@@ -15,6 +15,23 @@ each epoch; under the other orders consecutive steps are not neighbouring
 windows, so the state restarts from zeros at every step. The model trains in
 the mode the caller left it in (``fit`` never calls ``model.train()``).
 
+``per_sample = True`` (:class:`~clipscope.config.FitConfig`) changes the
+measurements only: every probe (the epoch-start probes at ``probe_every`` and
+the final point) makes every **sample** of the components a component of its
+own, on the engine's per-sample route (:func:`clipscope.probe` with
+``batch_sizes=[1]``): m = N, sizes 1, f = (1/N) Σ_j ℓ_j with ℓ_j =
+``loss_fn(model(x_j), y_j)`` sample j's own mean loss, and ρ(η), c1, ... describe
+clipping each sample's gradient at η. The training loop is unchanged: it
+still steps on the loop's components in the method's order with the clip it
+was given (the same trajectory, bitwise, as without ``per_sample``); ``igc_drift``
+(39), a statement about the loop's own components, is not recorded. Refused
+before anything is written, as by ``Monitor(..., per_sample=True)``
+(:func:`check_loss_form`, :func:`check_per_sample`,
+:func:`~clipscope.config.check_per_sample_settings`): a ``loss(model, batch)``,
+sequential components, train-mode BatchNorm, samples that interact in the
+forward, ``eta = "descent-safe"``, ``smoothness_every >= 1``, a route that is
+not a per-sample route.
+
 Under an initialised ``torch.distributed`` process group (``torchrun``) every
 rank runs the same loop on the same config, data and model (checked: an
 all-gathered fingerprint): each step splits the component's batch over the
@@ -41,7 +58,12 @@ from torch import nn
 from clipscope.config import FitConfig, resume_setting
 from clipscope.engine import batch_coupled_modules, trainable_params
 from clipscope.engine import distributed as _dist
-from clipscope.engine.losses import check_loss_fn, loss_form, weighted_component_loss
+from clipscope.engine.losses import (
+    check_loss_fn,
+    loss_form,
+    mean_loss,
+    weighted_component_loss,
+)
 from clipscope.errors import ConfigError, Interrupted, NonFiniteError
 from clipscope.loop.duties import NTASGD, Checkpointing, OnStep, _toml_text
 from clipscope.loop.measures import (
@@ -63,7 +85,15 @@ from clipscope.methods import (
 )
 from clipscope.run.directory import CHECKPOINT_FORMAT, RunDirectory
 
-__all__ = ["Loop", "check_batch_coupling", "fit", "fit_loop", "standard_units"]
+__all__ = [
+    "Loop",
+    "check_batch_coupling",
+    "check_loss_form",
+    "check_per_sample",
+    "fit",
+    "fit_loop",
+    "standard_units",
+]
 
 
 def _quiet(text: str) -> None:
@@ -87,6 +117,68 @@ def check_batch_coupling(model: nn.Module, components: Any) -> None:
             'with batch statistics in train mode; use batch_size >= 2, last_batch = "drop" '
             "for a size-1 last batch, or a model without train-mode BatchNorm"
         )
+
+
+def check_loss_form(
+    loss_fn: Any, components: Any, route: str = "auto", per_sample: bool = False
+) -> str:
+    """Return the loss form (:func:`~clipscope.engine.losses.check_loss_fn`) the probes will use.
+
+    With ``per_sample`` the form the per-sample route needs: ``loss(output,
+    target)`` on ``(x, y)`` batches; a ``loss(model, batch)`` is refused with
+    the Hugging Face way out named
+    (:class:`~clipscope.loop.integrations.hf.PerSampleLM`).
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`~clipscope.engine.losses.check_loss_fn`.
+    """
+    try:
+        return check_loss_fn(loss_fn, components, route, [1] if per_sample else None)
+    except ValueError as exc:
+        if per_sample and loss_form(loss_fn) == "model_batch":
+            raise ValueError(
+                f"{exc}. A Hugging Face causal LM: use "
+                "clipscope.loop.integrations.hf.PerSampleLM(model), with its loss and "
+                "components (docs/integrations.md, 'Per-sample components')"
+            ) from None
+        raise
+
+
+def check_per_sample(
+    model: nn.Module, loss_fn: Any, components: Any, params: Sequence[torch.Tensor], seed: int
+) -> None:
+    """Refuse, before anything runs, what the per-sample route would refuse at every probe.
+
+    The one check of per-sample components (``per_sample=True``) for
+    :func:`fit_loop` and :class:`~clipscope.loop.monitor.Monitor`: sequential
+    components and train-mode BatchNorm (``ConfigError``); samples that
+    interact in the forward (``ValueError``, from
+    :func:`~clipscope.engine.per_sample.batch.check_independent_samples` on the
+    first rows of component 0, as the probe checks them).
+    """
+    # imported here: a loop of mini-batch components does not load the per-sample machinery
+    from clipscope.engine.per_sample.batch import check_independent_samples
+    from clipscope.engine.probe import REPEAT_ROWS
+    from clipscope.engine.verify import tolerance
+
+    if getattr(components, "sequential", False):
+        raise ConfigError(
+            "per_sample=True needs independent samples; sequential (language-model stream) "
+            "components carry a state between windows"
+        )
+    coupled = batch_coupled_modules(model)
+    if coupled:
+        raise ConfigError(
+            f"per_sample=True: module(s) {coupled[:3]} normalize with batch statistics "
+            "(train-mode BatchNorm couples the samples of a batch); use mini-batch components "
+            "or put BatchNorm in eval mode"
+        )
+    x, y = components.batch(0, params[0].device)
+    tol = tolerance(params[0].dtype)
+    rows = slice(0, REPEAT_ROWS)
+    check_independent_samples(model, mean_loss(loss_fn), x[rows], y[rows], tol, seed)
 
 
 def standard_units(
@@ -122,7 +214,7 @@ def standard_units(
         )
     if config.optimizer_switch == "nt-asgd":
         units.append(NTASGD(heldout, config.nonmono))
-    if config.method == "igc":
+    if config.method == "igc" and not config.per_sample:  # (39) is over the loop's components
         units.append(IGCDrift(eta))
     units += [StepStatistics(), *extra]
     if on_step is not None:
@@ -246,7 +338,8 @@ def fit(
     ``autoclip_percentile``: :mod:`clipscope.loop.thresholds`), ``epochs``, ``seed``,
     ``probe_every``, ``etas``, ``momentum``, ``weight_decay``, ``schedule``,
     ``milestones``, ``schedule_gamma``, ``zhang_gamma``, ``dropout``,
-    ``route``, ``checkpoint_every``, ``keep_checkpoints``, ``smoothness_every``
+    ``route``, ``per_sample`` (per-sample probes, the steps unchanged: the
+    module docstring), ``checkpoint_every``, ``keep_checkpoints``, ``smoothness_every``
     and its options, ``optimizer_switch``, ``nonmono``, ``progress``).
     ``optimizer`` is either a setting (``"sgd"``, ``"adam"``, ``"adamw"``, with
     ``betas``, ``eps``, ``weight_decay``, and ``momentum`` for SGD) or an
@@ -324,7 +417,12 @@ def fit_loop(
     ConfigError
         NT-ASGD without ``heldout``; a size-1 component under train-mode
         BatchNorm; an ``optimizer`` object whose settings contradict the
-        config's (nothing has run).
+        config's; ``per_sample`` with sequential components or train-mode
+        BatchNorm (nothing has run).
+    TypeError, ValueError
+        ``per_sample`` with a ``loss(model, batch)`` or with samples that
+        interact in the forward (:func:`check_loss_form`,
+        :func:`check_per_sample`; nothing has run).
     NonFiniteError
         A non-finite loss, gradient or step (the last good checkpoint is kept).
     Interrupted
@@ -350,6 +448,9 @@ def fit_loop(
     setting = {**(config.setting() if directory is None or directory.setting is None
                   else directory.setting), "m": m}  # fmt: skip
     params = trainable_params(model)
+    if config.per_sample:  # the probes' checks; the steps' loss is checked by Loop
+        check_loss_form(loss_fn, components, config.route, per_sample=True)
+        check_per_sample(model, loss_fn, components, params, config.seed)
     if optimizer is None:
         optimizer = make_optimizer(
             params, config.lr, config.momentum, config.weight_decay, optimizer=config.optimizer,
@@ -370,7 +471,7 @@ def fit_loop(
         standard_units(config, heldout=heldout, directory=directory, resume=resume, force=force,
                        extra=units, on_step=on_step),
         route=config.route, dropout=config.dropout, seed=config.seed,
-        progress=config.progress and writer,
+        progress=config.progress and writer, batch_sizes=[1] if config.per_sample else None,
     )  # fmt: skip
     loop = Loop(model, loss_fn, components, config, optimizer, all_units, setting, say, reducer)
     st, order, epochs = loop.state, loop.order, config.epochs

@@ -64,26 +64,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from clipscope.config import check_setting
+from clipscope.config import (
+    PER_SAMPLE_ROUTES,
+    check_per_sample_settings,
+    check_route,
+    check_setting,
+)
 from clipscope.engine import (
     ProbeResult,
     trainable_params,
 )
 from clipscope.engine import distributed as _dist
-from clipscope.engine.guard import batch_coupled_modules
-from clipscope.engine.losses import (
-    check_grad_compatible,
-    check_loss_fn,
-    check_repeatable,
-    loss_form,
-    mean_loss,
-)
+from clipscope.engine.losses import check_grad_compatible, check_repeatable
 from clipscope.engine.preconditioner import is_adam
 from clipscope.engine.preconditioner import unwrap as _unwrap_optimizer
-from clipscope.engine.probe import REPEAT_ROWS
 from clipscope.errors import ConfigError, Interrupted, NonFiniteError
 from clipscope.loop.duties import Records
-from clipscope.loop.fit import check_batch_coupling
+from clipscope.loop.fit import check_batch_coupling, check_loss_form, check_per_sample
 from clipscope.loop.measures import (
     HeldOutMetric,
     ProbeStatistics,
@@ -100,10 +97,6 @@ __all__ = ["PER_SAMPLE_ROUTES", "STATE_FORMAT", "Monitor", "RepeatedGradientWarn
 
 #: ``format`` of :meth:`Monitor.state_dict`.
 STATE_FORMAT = 1
-
-#: The probe routes of ``Monitor(..., per_sample=True)`` (:func:`clipscope.probe` with
-#: ``batch_sizes=[1]``): ``"auto"`` keeps the per-sample factors while they fit.
-PER_SAMPLE_ROUTES = ("auto", "per-sample", "per-sample-kept")
 
 
 def _signature(params: Sequence[torch.Tensor]) -> list[tuple[int, torch.Size]]:
@@ -132,66 +125,6 @@ def _counts_as_int(row: dict[str, Any]) -> dict[str, Any]:
     """Return a row of :meth:`Monitor.state_dict` (floats) with ``epoch`` and ``step`` as ints."""
     return {k: int(v) if k in ("epoch", "step") and float(v).is_integer() else v
             for k, v in row.items()}  # fmt: skip
-
-
-def _route(route: Any, per_sample: bool) -> str:
-    """Return the probe route; with ``per_sample`` one of :data:`PER_SAMPLE_ROUTES`."""
-    if not per_sample:
-        if route in PER_SAMPLE_ROUTES[1:]:
-            raise ConfigError(
-                f"config: bad value for 'route': {route!r} gives per-sample components: "
-                "Monitor(..., per_sample=True)"
-            )
-        return check_setting("route", route)
-    if route not in PER_SAMPLE_ROUTES:
-        raise ConfigError(
-            f"config: bad value for 'route': {route!r} (per_sample=True runs one of "
-            f"{', '.join(PER_SAMPLE_ROUTES)})"
-        )
-    return route
-
-
-def _check_loss(loss: Any, components: Any, route: str, per_sample: bool) -> str:
-    """:func:`~clipscope.engine.losses.check_loss_fn`, with the Hugging Face way out named."""
-    try:
-        return check_loss_fn(loss, components, route, [1] if per_sample else None)
-    except ValueError as exc:
-        if per_sample and loss_form(loss) == "model_batch":
-            raise ValueError(
-                f"{exc}. A Hugging Face causal LM: build the Monitor on "
-                "clipscope.loop.integrations.hf.PerSampleLM(model), with its loss and "
-                "components (docs/integrations.md, 'Per-sample components')"
-            ) from None
-        raise
-
-
-def _check_samples(model, loss, components, params, seed) -> None:
-    """Refuse, before anything runs, what the per-sample route would refuse at every probe.
-
-    Sequential components and train-mode BatchNorm (``ConfigError``); samples
-    that interact in the forward (``ValueError``, from
-    :func:`~clipscope.engine.per_sample.batch.check_independent_samples` on the
-    first rows of component 0, as the probe checks them).
-    """
-    # imported here: a Monitor of mini-batch components does not load the per-sample machinery
-    from clipscope.engine.per_sample.batch import check_independent_samples
-    from clipscope.engine.verify import tolerance
-
-    if getattr(components, "sequential", False):
-        raise ConfigError(
-            "per_sample=True needs independent samples; sequential (language-model stream) "
-            "components carry a state between windows"
-        )
-    coupled = batch_coupled_modules(model)
-    if coupled:
-        raise ConfigError(
-            f"per_sample=True: module(s) {coupled[:3]} normalize with batch statistics "
-            "(train-mode BatchNorm couples the samples of a batch); use mini-batch components "
-            "or put BatchNorm in eval mode"
-        )
-    x, y = components.batch(0, params[0].device)
-    tol = tolerance(params[0].dtype)
-    check_independent_samples(model, mean_loss(loss), x[:REPEAT_ROWS], y[:REPEAT_ROWS], tol, seed)
 
 
 def _scalar(value: Any, name: str) -> float:
@@ -390,24 +323,17 @@ class Monitor:
         self.every = _int_at_least("every", every, 1)
         if not isinstance(per_sample, bool):
             raise ConfigError(f"per_sample must be True or False, got {per_sample!r}")
-        if per_sample and self._rule is not None:
-            raise ConfigError(
-                "config: bad value for 'eta': 'descent-safe' with per_sample=True would set "
-                "the threshold of your loop's (the Trainer's) mini-batch clip from the ρ of "
-                "clipping each sample's gradient; give a fixed eta (etas= for more thresholds)"
-            )
         self.per_sample = per_sample
-        self.route = _route(route, per_sample)
+        self.route = check_route(route, per_sample)
         self.dropout = check_setting("dropout", dropout)
         self.seed = check_setting("seed", seed)
         if smoothness_every is not None:
             smoothness_every = _int_at_least("smoothness_every", smoothness_every, 0)
-            if per_sample and smoothness_every > 0:
-                raise ConfigError(
-                    "config: bad value for 'smoothness_every': the Hessian norm ‖∇²f‖ is "
-                    "measured over mini-batch components only, not with per_sample=True; "
-                    "smoothness_every=0 records the secants of the per-sample ∇f"
-                )
+        if per_sample:
+            check_per_sample_settings(
+                "descent-safe" if self._rule is not None else self._eta, smoothness_every,
+                loop="your loop's (the Trainer's)", secants=True,
+            )  # fmt: skip
         for unit in units:
             if not isinstance(unit, Unit):
                 raise TypeError(f"units must be clipscope.loop.Unit objects, got {unit!r}")
@@ -418,7 +344,7 @@ class Monitor:
                 f"{type(components).__name__}"
             )
         self.model, self.loss, self.components = model, loss, components
-        self.loss_form = _check_loss(loss, components, self.route, per_sample)
+        self.loss_form = check_loss_form(loss, components, self.route, per_sample)
         self.params = trainable_params(model)
         self._signature = _signature(self.params)
         check_batch_coupling(model, components)
@@ -430,7 +356,7 @@ class Monitor:
                 raise FileExistsError(f"run_dir {self.directory.path} is a file, not a directory")
         self._preflight()
         if per_sample:
-            _check_samples(model, loss, components, self.params, self.seed)
+            check_per_sample(model, loss, components, self.params, self.seed)
         # every probe differentiates with torch.autograd.grad: refuse now, not in the user's loop
         check_grad_compatible(
             model, loss, components, form=self.loss_form, dropout=self.dropout, seed=self.seed,

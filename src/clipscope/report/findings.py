@@ -723,19 +723,19 @@ def monitor_steps(run: RunRecord) -> dict[str, Any]:
     }
 
 
-#: What the answers of a Monitor run with per-sample components are about.
+#: What the answers of a run with per-sample components (a Monitor's, a fit's) are about.
 PER_SAMPLE_NOTE = (
     "per-sample components (per_sample = true): every sample is a component, so ρ(η), ρ_P(η) "
     "and the η advice describe clipping each sample's gradient at η (per-sample clipping, as "
     "in DP-SGD), not the loop's clip of its mini-batch gradient; an η from them is no threshold "
-    "for the loop's clip_grad_norm_ / max_grad_norm. The steps' norms, cosines and clipped "
-    "share are the loop's own mini-batch steps."
+    "for the loop's clip (clip_grad_norm_, max_grad_norm, fit's eta). The steps' norms, "
+    "cosines and clipped share are the loop's own mini-batch steps."
 )
 
 
-def is_per_sample_monitor(run: RunRecord) -> bool:
-    """Whether ``run`` is a Monitor's run with per-sample components (``per_sample = true``)."""
-    return run.kind == "monitor" and bool(run.setting("per_sample", default=False))
+def is_per_sample_run(run: RunRecord) -> bool:
+    """Whether ``run`` probed per-sample components (``per_sample = true``: Monitor or fit)."""
+    return bool(run.setting("per_sample", default=False))
 
 
 def task_findings(task: TaskRecord, target: float = DEFAULT_TARGET) -> dict[str, Any]:
@@ -748,7 +748,7 @@ def task_findings(task: TaskRecord, target: float = DEFAULT_TARGET) -> dict[str,
     """
     advice, _, _ = eta_advice(task, target)
     out: dict[str, Any] = {"kind": task.kind, "runs": [run_label(e, r) for e, r in task.runs]}
-    per_sample = [run_label(e, r) for e, r in task.runs if is_per_sample_monitor(r)]
+    per_sample = [run_label(e, r) for e, r in task.runs if is_per_sample_run(r)]
     if per_sample:
         out["per_sample_components"] = {"runs": per_sample, "note": PER_SAMPLE_NOTE}
     if task.kind == "study":

@@ -59,7 +59,9 @@ def run_title(entry: dict, run: RunRecord) -> str:
 
     ``Monitor B=32`` for a Monitor's run; ``Monitor per-sample`` for one with
     per-sample components (``per_sample = true``: every sample a component, while
-    the loop's own steps use its mini-batches); the arm for a run of an arms study.
+    the loop's own steps use its mini-batches), ``IGC B=16 per-sample`` for a
+    ``fit`` run with per-sample probes (its steps use B = 16); the arm for a run
+    of an arms study.
     """
     if entry.get("arm"):  # an arms study: the arm and seed name the run
         return str(entry["arm"])
@@ -67,8 +69,8 @@ def run_title(entry: dict, run: RunRecord) -> str:
     batch = entry.get("batch_size") or run.batch_size
     optimizer = run_optimizer(entry, run)  # "IGC-AdamW B=16" beside the SGD runs
     optimizer = "" if optimizer == "sgd" else "-" + _OPTIMIZER_NAMES.get(optimizer, optimizer)
-    if run.kind == "monitor" and run.setting("per_sample", default=False):
-        return f"{method}{optimizer} per-sample"
+    if run.setting("per_sample", default=False):
+        return f"{method}{optimizer}{'' if run.kind == 'monitor' else f' B={batch}'} per-sample"
     return f"{method}{optimizer} B={batch}"
 
 

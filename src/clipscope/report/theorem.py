@@ -115,8 +115,15 @@ def run_scope(record: RunRecord) -> str | None:
     older runs: ``"sgd"``), ``momentum``, ``weight_decay``, ``schedule``,
     ``milestones``, ``schedule_gamma``. None when the run is inside it. A run
     whose η a rule set (``eta = "descent-safe"`` or ``"autoclip"``) is outside:
-    the theorems are statements about one fixed η.
+    the theorems are statements about one fixed η. So is a run whose probes
+    measured per-sample components (``per_sample = true``): its c1, c2 and ρ are
+    of another partition than the components the method stepped on.
     """
+    if record.kind != "monitor" and record.setting("per_sample", default=False):
+        return (
+            "the probes measured per-sample components (per_sample = true), not the "
+            "components the method stepped on; the theorems' c1, c2 and m are the latter's"
+        )
     if record.eta_rule is not None:
         return (
             f"η was set while training (eta = {record.eta_rule!r}); Theorems 3.1 and 3.2 "
