@@ -162,3 +162,34 @@ def test_per_sample_answers_say_what_they_are_about():
     assert "monitor-B1: per-sample components" in text and "no threshold" in text
     del task["per_sample_components"]
     assert "per-sample" not in findings_section({"tasks": {"run": task}})
+
+
+def test_steps_without_a_recorded_norm_are_counted_not_hidden(monitor_run, tmp_path):
+    """A new user's trial: a step the Trainer clipped without a logged norm (NaN) was dropped.
+
+    The report then gave a max ‖g‖ below η while saying that a step was clipped at η. Now
+    the unknown norms are counted, and a clipped one is said to lie above η.
+    """
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(monitor_run, run)
+    paths = sorted((run / "components").glob("epoch_*_steps.npz"))
+    every = np.concatenate([np.load(p)["step_grad_norm"] for p in paths])
+    for path in paths:  # the largest norm of the run: clipped (it is above η)
+        arrays = dict(np.load(path))
+        norms, clipped = arrays["step_grad_norm"], arrays["step_clipped"]
+        if norms.size and float(np.max(norms)) == float(every.max()):
+            top = int(np.argmax(norms))
+            assert clipped[top] == 1
+            norms[top] = np.nan
+            np.savez(path, **arrays)
+    every[int(np.argmax(every))] = np.nan
+    build_report(run)
+    found = json.loads((run / "findings.json").read_text())["tasks"]["run"]
+    (steps,) = found["steps"].values()
+    assert steps["grad_norm_unknown"] == 1 and steps["grad_norm_unknown_clipped"] == 1
+    assert steps["grad_norm_max"] == pytest.approx(float(np.nanmax(every)))
+    text = (run / "report.html").read_text()
+    assert "over the 12 steps with a recorded ‖g‖ (1 unknown" in text
+    assert f"1 of them clipped, so their ‖g‖ was above η = {LOOP_ETA:g}" in text

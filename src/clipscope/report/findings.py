@@ -704,6 +704,10 @@ def monitor_steps(run: RunRecord) -> dict[str, Any]:
         values = values[np.isfinite(values)]
         return float(how(values)) if values.size else math.nan
 
+    # a step whose norm was not recorded (NaN) is left out of the median and the max, and
+    # counted: a clipped one had ‖g‖ above the η then in force, whatever the known max is
+    unknown = ~np.isfinite(norms)
+    clipped_unknown = int(np.sum(unknown & (clipped == 1))) if clipped.shape == norms.shape else 0
     return {
         "steps": int(steps.size),
         "first_step": int(steps.min()) if steps.size else None,
@@ -713,6 +717,8 @@ def monitor_steps(run: RunRecord) -> dict[str, Any]:
         "clipped_share": stat(clipped, np.mean),
         "grad_norm_median": stat(norms, np.median),
         "grad_norm_max": stat(norms, np.max),
+        "grad_norm_unknown": int(unknown.sum()),  # steps without a recorded ‖g‖
+        "grad_norm_unknown_clipped": clipped_unknown,  # of them clipped: ‖g‖ > η there
         "cos_mean": stat(cos, np.mean),
         "cos_min": stat(cos, np.min),
         "probes": {

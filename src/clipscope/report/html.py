@@ -561,9 +561,22 @@ def _fmt_steps(label: str, steps: dict) -> str:
             else f"η = {_num(_opt(steps['eta']))}; "
         )
         + f"‖g‖ median {_num(_opt(steps['grad_norm_median']))}, max "
-        f"{_num(_opt(steps['grad_norm_max']))}; cos∠(g, ∇f_k) mean "
+        f"{_num(_opt(steps['grad_norm_max']))}{_unknown_norms(steps)}; cos∠(g, ∇f_k) mean "
         f"{_num(_opt(steps['cos_mean']))}, min {_num(_opt(steps['cos_min']))}"
     )
+
+
+def _unknown_norms(steps: dict) -> str:
+    """`` (of the steps with a recorded ‖g‖: …)`` when some steps' norms are unknown, else ''."""
+    unknown = int(steps.get("grad_norm_unknown") or 0)
+    if not unknown:
+        return ""
+    clipped = int(steps.get("grad_norm_unknown_clipped") or 0)
+    text = f" over the {steps['steps'] - unknown:,} steps with a recorded ‖g‖ ({unknown:,} unknown"
+    if clipped:
+        above = "the η in force" if steps.get("eta_rule") else f"η = {_num(_opt(steps['eta']))}"
+        text += f"; {clipped:,} of them clipped, so their ‖g‖ was above {above}"
+    return text + ")"
 
 
 def findings_section(findings: dict) -> str:
