@@ -397,6 +397,13 @@ def test_advise_json_carries_the_preconditioned_answers(tmp_path):
     )
     assert "igc-adamw-B4 ρ_P" in words.stdout
     assert "reverses the preconditioned descent below 1.487 (igc-adamw-B4 epoch 0)" in words.stdout
+    # the probes without optimizer state are named, as the report names them (a new user
+    # read an eta_max "set by step 0", where P was still 1, as preconditioned advice)
+    assert (
+        pre["p_unset"]
+        == unset_label([("epoch 0", 0.0), ("epoch 1", 0.5), ("epoch 2", 0.0)])["text"]
+    )
+    assert f"(igc-adamw-B4 ρ_P: {pre['p_unset']})" in words.stdout
     # all ⟨g_i, u⟩ > 0 (1-D, g = (1, 2, 3)): no η reverses the preconditioned descent
     write_run(tmp_path / "kept", [(np.array([[1.0], [2.0], [3.0]]), np.array([5.0]))], eta=0.5)
     done = subprocess.run(
@@ -420,5 +427,6 @@ def test_advise_help_says_what_the_preconditioned_fields_mean():
         "eta_reversal, reversed",
         "min_rho_p",
         "p_unset_max",
+        "p_unset:",
     ):
         assert words in text

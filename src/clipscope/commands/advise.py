@@ -48,7 +48,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "preconditioner P frozen at the probe: 'preconditioned' in --json (eta_max, "
             "eta_reversal, reversed: whether some η > 0 reverses the preconditioned descent at "
             "some probe, min_rho_p: the smallest rho_P at the run's η, p_unset_max: the largest "
-            "share of coordinates without optimizer state (P = 1 there)), beside the rho "
+            "share of coordinates without optimizer state (P = 1 there), p_unset: the probes "
+            "where some coordinates had none, in words (all of them: rho_P = rho there; also "
+            "printed under the rho_P line)), beside the rho "
             "answers. Nothing is recomputed. Writes a figure of rho(η) per run, and of "
             "rho_P(η) per such run (NAME-rho_p.png)."
         ),
@@ -153,8 +155,13 @@ def _preconditioned(advice, points: list, run) -> dict[str, Any]:
     """Return the ρ_P advice of one run with ``reversed``, ``min_rho_p``, ``p_unset_max``.
 
     ``points``: ``(epoch, DirectionStats)`` of its probes (:func:`run_points_p`).
+    ``p_unset``: the report's words for the probes where some coordinates had no
+    optimizer state (:func:`~clipscope.report.labels.unset_label`), else None.
     """
     import numpy as np
+
+    from clipscope.report.findings import unset_shares
+    from clipscope.report.labels import unset_label
 
     out = advice.to_dict(points=True)
     rev = advice.eta_reversal
@@ -165,6 +172,10 @@ def _preconditioned(advice, points: list, run) -> dict[str, Any]:
     shares = run.column("p_unset_share")
     shares = shares[np.isfinite(shares)]
     out["p_unset_max"] = float(shares.max()) if shares.size else None
+    # the probes where some coordinates had no optimizer state (P = 1 there; all of them:
+    # ρ_P = ρ), said in the text as the report says it
+    label = unset_label(unset_shares(run, [e for e, _ in points]))
+    out["p_unset"] = label["text"] if label["label"] == "unset" else None
     return out
 
 
@@ -223,6 +234,8 @@ def run(args: argparse.Namespace) -> int:
             print(_line(label, advice))
             if "preconditioned" in advice:
                 print(_line(f"{label} ρ_P", advice["preconditioned"], p=True))
+                if advice["preconditioned"].get("p_unset"):
+                    print(f"    ({label} ρ_P: {advice['preconditioned']['p_unset']})")
             if "per_sample_components" in advice:
                 print(f"    ({label}: {advice['per_sample_components']})")
     print(f"figures: {folder}")

@@ -431,7 +431,7 @@ RHO_P = (
 )
 
 
-def _unset_shares(run: RunRecord, epochs: Sequence[int]) -> list[tuple[str, float]]:
+def unset_shares(run: RunRecord, epochs: Sequence[int]) -> list[tuple[str, float]]:
     """``(probe, p_unset_share)`` of each probe epoch, from the rows (NaN when not recorded)."""
     column, share = run.column("epoch"), run.column("p_unset_share")
     out = []
@@ -463,7 +463,7 @@ def _run_preconditioned(
         low |= {"eta_rule": run.eta_rule, "label": preconditioned_label(value)}
         low["rho_there"] = rho[k]
     plain_advice = advise(list(plain.values()), target) if plain else None
-    shares = _unset_shares(run, [e for e, _ in pts])
+    shares = unset_shares(run, [e for e, _ in pts])
     out |= {
         "min_rho_p": low,
         "eta_advice": advice.to_dict(),
