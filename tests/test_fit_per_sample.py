@@ -330,3 +330,55 @@ def test_probe_with_the_config_probes_per_sample_components(tmp_path, capsys):
     assert main(["probe", "--config", str(config), "--out", str(other), "--route", "keep"]) == 2
     assert "the config's per_sample = true needs --route" in capsys.readouterr().err
     assert not other.exists()
+
+
+def test_the_run_directory_names_the_route_and_the_fallback_of_every_probe(tmp_path):
+    """A new user's trial: a probe on the fallback left no trace in the run directory.
+
+    ``nn.TransformerEncoder(batch_first=False)`` with T = the chunk size: the rules cannot
+    tell the sample axis, the spot check moves the parameters to the exact fallback. Each
+    component file now names the route and those parameters; findings.json and the report
+    say which probes used the fallback. A run without fallback says nothing.
+    """
+    from clipscope.report import build_report
+
+    torch.manual_seed(0)
+
+    class SeqFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(16, 8)
+            layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0)
+            self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+            self.out = nn.Linear(8, 16)
+
+        def forward(self, x):
+            h = self.emb(x).transpose(0, 1)
+            mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1])
+            return self.out(self.enc(h, mask=mask, is_causal=True).transpose(0, 1))
+
+    def lm(out, y):
+        return nn.functional.cross_entropy(out[:, :-1].flatten(0, 1), y[:, 1:].flatten())
+
+    X = torch.randint(0, 16, (8, 4))
+    comps = Components.from_tensors(X, X, batch_size=4)
+    for per_sample in (True, False):
+        run = tmp_path / f"run-{per_sample}"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PerSampleFallbackWarning)
+            fit(SeqFirst().double().eval(), lm, comps, "igc", lr=0.01, eta=ETA, epochs=1,
+                per_sample=per_sample, progress=False, run_dir=run)  # fmt: skip
+        arrays = np.load(run / "components" / "epoch_0000.npz")
+        build_report(run)
+        (found,) = json.loads((run / "findings.json").read_text())["tasks"].values()
+        text = (run / "report.html").read_text()
+        if not per_sample:  # mini-batch components: no fallback to name
+            assert str(arrays["route"]) in ("keep", "two-pass") and arrays["fallback"].size == 0
+            assert "probe_fallbacks" not in found and "exact per-sample fallback" not in text
+            continue
+        assert str(arrays["route"]).endswith("+fallback")
+        assert "enc.layers.0.linear1.weight" in arrays["fallback"].tolist()
+        (label, used) = next(iter(found["probe_fallbacks"].items()))
+        assert used["probes"] == ["epoch 0", "epoch 1"] and used["of"] == 2
+        assert used["params"] == sorted(arrays["fallback"].tolist())
+        assert f"{label}: the per-sample route took {len(used['params'])} parameter(s)" in text

@@ -62,7 +62,9 @@ class ProbeStatistics(Unit):
     ``clipped_fraction``, ``bound33_lhs`` = D_k(η), ``bound33_rhs`` (33),
     ``b_noise`` (the noise-scale heuristic) and ``rho@η`` for each η of
     ``etas``; the component arrays ``norms``, ``dots``, ``losses``,
-    ``grad_norm`` and ``sizes`` (from which every statistic can be recomputed).
+    ``grad_norm`` and ``sizes`` (from which every statistic can be recomputed),
+    ``route`` (the route that ran, a string) and ``fallback`` (the names of the
+    parameters the per-sample route took from its exact fallback; empty else).
 
     When the probe measured the dots with ``u = P⁻¹∇f_k`` (the loop's optimizer is
     an Adam or AdamW: ``point.probe.preconditioned``), also the preconditioned
@@ -125,12 +127,17 @@ class ProbeStatistics(Unit):
         )
         for e in self.etas:
             point.row[eta_column(e)] = float(stats.ratio(e))
+        # which route ran, and the parameters the per-sample route took from its exact
+        # fallback (slower, still exact): provenance the report names
+        fallback = sorted((result.verification or {}).get("fallback") or {})
         point.arrays.update(
             norms=result.norms,
             dots=result.dots,
             losses=result.losses,
             grad_norm=np.float64(result.grad_norm),
             sizes=result.sizes,
+            route=np.array(str(result.route)),
+            fallback=np.array(fallback, dtype=str),
         )
         pre = result.preconditioned
         if pre is None:

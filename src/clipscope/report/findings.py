@@ -739,6 +739,29 @@ PER_SAMPLE_NOTE = (
 )
 
 
+def probe_fallbacks(run: RunRecord) -> dict[str, Any] | None:
+    """Return the probes of ``run`` whose per-sample route used its exact fallback.
+
+    From each component file's ``route`` and ``fallback`` (the names; written
+    since the columns exist): ``{"probes": [probe names], "of": probes with a
+    record, "params": [the names, sorted]}``, or None when no probe used the
+    fallback (or none recorded it). The fallback is exact; it is slower.
+    """
+    probes, names, recorded = [], set(), 0
+    for epoch in sorted(run.component_files):
+        arrays = run.components(epoch) or {}
+        if "route" not in arrays:
+            continue
+        recorded += 1
+        used = [str(n) for n in np.asarray(arrays.get("fallback", [])).reshape(-1)]
+        if used:
+            probes.append(run.point_name(epoch))
+            names.update(used)
+    if not probes:
+        return None
+    return {"probes": probes, "of": recorded, "params": sorted(names)}
+
+
 def is_per_sample_run(run: RunRecord) -> bool:
     """Whether ``run`` probed per-sample components (``per_sample = true``: Monitor or fit)."""
     return bool(run.setting("per_sample", default=False))
@@ -765,6 +788,9 @@ def task_findings(task: TaskRecord, target: float = DEFAULT_TARGET) -> dict[str,
     if under_p is not None:
         out["preconditioned"] = under_p
     out["theorems"] = theorem_verdicts(task)
+    fallbacks = {run_label(e, r): f for e, r in task.runs if (f := probe_fallbacks(r))}
+    if fallbacks:
+        out["probe_fallbacks"] = fallbacks
     steps = {run_label(e, r): monitor_steps(r) for e, r in task.runs if r.kind == "monitor"}
     if steps:
         out["steps"] = steps

@@ -633,6 +633,14 @@ def findings_section(findings: dict) -> str:
                 f'<p class="note">{_span(WARN, html.escape(f"{runs}: " + per_sample["note"]))}</p>'
                 + notes
             )
+        for label, used in (task.get("probe_fallbacks") or {}).items():
+            names = ", ".join(used["params"][:6]) + (" …" if len(used["params"]) > 6 else "")
+            text = (
+                f"{label}: the per-sample route took {len(used['params'])} parameter(s) from its "
+                f"exact per-sample fallback (exact, slower) at {len(used['probes'])} of "
+                f"{used['of']} probes: {names}"
+            )
+            notes += f'<p class="note">{html.escape(text)}</p>'
         threads = html.escape(_threads_text(task.get("threads")))
         parts.append(
             f"<h3>{html.escape(name)}</h3><table><tbody>{body}</tbody></table>"
