@@ -140,21 +140,27 @@ def _check_in_train_mode(monitor: Monitor) -> None:
     except ValueError as exc:
         found = _attention_dropout(model)
         fix = (
-            "build the Monitor with dropout='fixed' (one fixed mask per component, the same "
-            "at every evaluation), or set the config's attention dropout to 0 before building "
-            f"the model ({', '.join(found) or 'none found > 0 in this model'} here; GPT-2: "
+            "where the loss changed between two evaluations (random draws in train mode), "
+            "build the Monitor with dropout='fixed' (one fixed mask per component, the same at "
+            "every evaluation), or set the config's attention dropout to 0 before building the "
+            f"model ({', '.join(found) or 'none found > 0 in this model'} here; GPT-2: "
             "attn_pdrop, BERT: attention_probs_dropout_prob, Llama: attention_dropout); "
             "model.eval() before the Monitor does not help, the Trainer undoes it"
         )
         # a loss that changes between evaluations is a plain ValueError (ConfigError: a
         # train-mode BatchNorm; NonFiniteError: a NaN loss -- dropout is not their cause)
         tail = f". With the Trainer: {fix}" if type(exc) is ValueError else ""
-        raise type(exc)(
+        text = (
             f"MonitorCallback.on_train_begin: the Trainer trains the model in train mode "
             f"(model.train() before every step), so the Monitor's probes after step 0 see it in "
             f"train mode; the Monitor's checks, run again in train mode before any step, refuse "
             f"it: {exc}{tail}"
-        ) from exc
+        )
+        try:
+            refusal = type(exc)(text)
+        except Exception:  # an exception class that takes other arguments
+            refusal = ValueError(text)
+        raise refusal from exc
     finally:
         for module, training in modes:
             module.training = training
