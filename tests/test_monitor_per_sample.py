@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from clipscope import Components, Monitor
-from clipscope.engine import reference_probe
+from clipscope.engine import probe, reference_probe
 from clipscope.engine.verify import PerSampleFallbackWarning
 from clipscope.errors import ConfigError
 from clipscope.loop.units import Needs, Unit
@@ -448,6 +448,61 @@ def test_per_sample_lm_collate_refuses_what_it_cannot_pass_on():
         lm.loss(lm(x)[0], y)
 
 
+def _equal_items(n=8, length=6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (n, length), generator=gen)
+    return [{"input_ids": ids[j], "labels": ids[j].clone()} for j in range(n)]
+
+
+def _component_of(comps, j):
+    """Return the component holding dataset item ``j`` (from the partition, not a message)."""
+    return next(c for c, ix in enumerate(comps.indices) if j in ix.tolist())
+
+
+def test_per_sample_lm_refusals_name_the_dataset_items():
+    """A refused batch names the dataset indices of its culprits (ValueError, not TypeError)."""
+    lm = hf.PerSampleLM(_gpt2(torch.float32))
+    data = _equal_items()
+    first = int(Components.from_dataset(data, batch_size=4, seed=0).indices[0][0])
+    # a wrong value in every item: the first item collated is named, as a ValueError
+    twos = [dict(it, attention_mask=torch.full((6,), 2)) for it in data]
+    with pytest.raises(
+        ValueError, match=rf"attention_mask of dataset item\(s\) \[{first}\] holds \[2\]"
+    ):
+        lm.components(twos, batch_size=4, seed=0)
+    typed = [dict(it, token_type_ids=torch.zeros(6, dtype=torch.long)) for it in data]
+    with pytest.raises(
+        ValueError, match=rf"batch of dataset item\(s\) \[{first}\] holds \['token_type"
+    ):
+        lm.components(typed, batch_size=4, seed=0)
+    # one item without a label (not the first): named by its dataset index, at any batch size
+    for j in (k for k in range(len(data)) if k != first):
+        bad = [dict(it) for it in data]
+        bad[j] = dict(bad[j], labels=torch.full((6,), -100))
+        comps = lm.components(bad, batch_size=4, seed=0)
+        with pytest.raises(ValueError, match=rf"dataset item\(s\) \[{j}\] have no label"):
+            comps.batch(_component_of(comps, j))
+        with pytest.raises(ValueError, match=rf"dataset item\(s\) \[{j}\] have no label"):
+            comps.with_batch_size(8).batch(0)  # the dyadic route's parents
+        masked = [dict(it, attention_mask=torch.ones(6, dtype=torch.long)) for it in data]
+        masked[j]["attention_mask"] = torch.tensor([1, 1, 3, 1, 0, 0])
+        comps = lm.components(masked, batch_size=4, seed=0)
+        with pytest.raises(
+            ValueError, match=rf"attention_mask of dataset item\(s\) \[{j}\] holds \[3\]"
+        ):
+            comps.batch(_component_of(comps, j))
+    # a 1-token sample (no label after the shift), padded by the user's collate, in a probe
+    short = [dict(it) for it in data]
+    short[1] = {"input_ids": data[1]["input_ids"][:1], "labels": data[1]["labels"][:1]}
+    comps = lm.components(short, batch_size=4, seed=0, collate_fn=pad_right)
+    assert first != 1
+    with pytest.raises(ValueError, match=r"dataset item\(s\) \[1\] have no label"):
+        probe(lm, lm.loss, comps, batch_sizes=[1])
+    # the collate called directly knows rows only
+    with pytest.raises(ValueError, match=r"row\(s\) \[1\] of the batch.* have no label"):
+        lm.collate(pad_right)(short[:2])
+
+
 class Grads(transformers.TrainerCallback):
     """Keep the gradient the optimizer is about to apply (before the Monitor's callback)."""
 
@@ -497,6 +552,87 @@ def test_the_trainer_callback_records_each_samples_own_float64_gradient(tmp_path
         full = ref["full"]
         want = [float(g @ full / (g.norm() * full.norm())) for g in grads.seen[2 * k : 2 * k + 2]]
         assert close(steps["step_cos"], want, tol(dtype) * 10, scale=1.0)
+
+
+def _trainer(tmp_path, model, monitor, data, callbacks=()):
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=4,
+        max_grad_norm=0.0, logging_steps=1, use_cpu=True, report_to=[], save_strategy="no",
+        disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    return transformers.Trainer(
+        model=model, args=args, train_dataset=data,
+        callbacks=[*callbacks, hf.MonitorCallback(monitor)],
+    )  # fmt: skip
+
+
+def test_the_trainer_callback_refuses_attention_dropout_before_any_step(tmp_path):
+    """model.eval() passes the Monitor's checks; the Trainer trains in train mode: refused first."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB, n_positions=12, n_embd=8, n_layer=1, n_head=2, resid_pdrop=0.0,
+        embd_pdrop=0.0, attn_pdrop=0.1,
+    )  # fmt: skip
+    model = transformers.GPT2LMHeadModel(config).eval()
+    lm = hf.PerSampleLM(model)
+    data = _equal_items(16)
+    comps = lm.components(data[:8], batch_size=4, seed=0)
+    # in eval mode the Monitor's checks accept it
+    monitor = Monitor(
+        lm, lm.loss, comps, eta=1.0, every=2, per_sample=True, run_dir=tmp_path / "run"
+    )
+    before = copy.deepcopy(model.state_dict())
+    trainer = _trainer(tmp_path, model, monitor, data)
+    with pytest.raises(ValueError, match=r"trains the model in train mode.*changed between two "
+                       r"evaluations.*dropout='fixed'.*attn_pdrop=0\.1") as caught:  # fmt: skip
+        trainer.train()
+    assert "GPT-2: attn_pdrop, BERT: attention_probs_dropout_prob, Llama: attention_dropout" in str(
+        caught.value
+    )
+    assert trainer.state.global_step == 0  # no optimizer step
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert monitor.rows == [] and not (tmp_path / "run").exists()  # nothing written
+    assert not model.training  # the modes it was given back
+    # the fix the message names: dropout="fixed" trains
+    fixed = Monitor(lm, lm.loss, comps, eta=1.0, every=2, per_sample=True, dropout="fixed")
+    _trainer(tmp_path, model, fixed, data).train()
+    assert [int(r["step"]) for r in fixed.rows] == [0, 2]
+
+
+class Grow(transformers.TrainerCallback):
+    """Append an item to ``pool`` after step ``at``: the next probe finds its dataset changed."""
+
+    def __init__(self, pool, at):
+        self.pool, self.at = pool, at
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.at:
+            self.pool.append(self.pool[0])
+
+
+def test_a_probe_error_inside_the_trainer_leaves_the_run_stopped(tmp_path, capsys):
+    """The Trainer has no exception hook: the callback finishes the run directory as failed."""
+    from clipscope.cli import main
+
+    torch.manual_seed(0)
+    model = _gpt2(torch.float32)
+    lm = hf.PerSampleLM(model)
+    data = _equal_items(16)
+    pool = data[:8]
+    comps = lm.components(pool, batch_size=4, seed=0)
+    run = tmp_path / "run"
+    monitor = Monitor(lm, lm.loss, comps, eta=1.0, every=2, per_sample=True, run_dir=run)
+    trainer = _trainer(tmp_path, model, monitor, data, callbacks=[Grow(pool, 1)])
+    with pytest.raises(ValueError, match="the dataset has 9 items now"):
+        trainer.train()
+    assert trainer.state.global_step == 2  # the probe at step 2 raised
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["step"] == 1  # the last step recorded
+    assert summary["message"].startswith("ValueError: the dataset has 9 items now")
+    assert main(["report", str(run)]) == 0, capsys.readouterr().err
+    notes = json.loads((run / "findings.json").read_text())["tasks"]["run"]["notes"]
+    assert len(notes) == 1 and notes[0].startswith("stopped: failed: ValueError: the dataset has 9")
+    assert "stopped: failed: ValueError" in (run / "report.html").read_text()
 
 
 # ----------------------------------------------------------------------------- torchrun

@@ -497,6 +497,33 @@ class Monitor:
         if not math.isfinite(a):
             raise NonFiniteError(f"component 0's loss is {a} at the current parameters")
 
+    def check_model(self) -> None:
+        """Run the constructor's checks of the model again, in the mode it is in now.
+
+        For a loop that changes the model after the Monitor was built (a
+        Hugging Face ``Trainer`` puts it in train mode: its callback calls this
+        at ``on_train_begin``): train-mode BatchNorm against the components'
+        batch size, component 0 evaluated twice under the dropout policy
+        (finite and the same both times), with ``per_sample`` the samples'
+        independence, and the ``torch.autograd.grad`` compatibility. Nothing is
+        written; the RNG stream, the gradients and the Monitor's state are as
+        before.
+
+        Raises
+        ------
+        ConfigError, ValueError, NonFiniteError
+            As the constructor (its "Raises"): e.g. ``ValueError`` when the model
+            now draws random numbers the dropout policy cannot fix.
+        """
+        check_batch_coupling(self.model, self.components)
+        self._preflight()
+        if self.per_sample:
+            _check_samples(self.model, self.loss, self.components, self.params, self.seed)
+        check_grad_compatible(
+            self.model, self.loss, self.components, form=self.loss_form, dropout=self.dropout,
+            seed=self.seed, device=self.params[0].device,
+        )  # fmt: skip
+
     # -- the clock ------------------------------------------------------------
     def step(self, step: int, *, lr: float | None = None) -> dict[str, float] | None:
         """Tell the Monitor the parameters are x_step (``step`` updates applied); probe when due.

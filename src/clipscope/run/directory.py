@@ -13,7 +13,7 @@ Layout (every file written atomically, :mod:`clipscope.atomic`)::
                                 order, RNG, position, rows, every unit's state)
                                 + ckpt_N.pt.sha256 (N counts checkpoints; the newest
                                 ``keep`` kept)
-    summary.json                status (completed / interrupted / nonfinite),
+    summary.json                status (completed / interrupted / nonfinite / failed),
                                 position, last row, component draw counts, message
     train.log                   what was printed (``clipscope train``)
     averaged_model.pt           NT-ASGD only: state dict with the averaged iterate x̄
@@ -656,11 +656,30 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
         ) from None
 
 
+def _stopped_note(path: Path, notes: list[str]) -> None:
+    """Append to ``notes`` the stop of a run whose ``summary.json`` status is not completed."""
+    try:
+        summary = json.loads((path / "summary.json").read_text())
+    except (OSError, ValueError):
+        return  # still running, killed, or written before summaries: nothing recorded
+    status = summary.get("status") if isinstance(summary, dict) else None
+    if status is None or status == "completed":
+        return
+    message, step = summary.get("message"), summary.get("step")
+    at = "" if step is None else f"; it stopped at step {step}"
+    notes.append(
+        f"stopped: {status}{f': {message}' if message else ''} (summary.json; the run did "
+        f"not complete{at})"
+    )
+
+
 def load_run(path: str | Path) -> RunRecord:
     """Load a run directory's stored records (config, rows, component arrays, ``env.json``).
 
     A half-written last row of ``epochs.csv`` is left out with a note in
-    :attr:`RunRecord.notes` (:func:`read_rows`).
+    :attr:`RunRecord.notes` (:func:`read_rows`); a run whose ``summary.json``
+    says it stopped (status ``failed``, ``interrupted``, ``nonfinite``) gets a
+    note ``"stopped: <status>: <message>"``.
 
     Raises
     ------
@@ -699,6 +718,7 @@ def load_run(path: str | Path) -> RunRecord:
             match = _STEPS_FILE.search(item.name)
             if match:
                 steps[int(match.group(1))] = item
+    _stopped_note(path, notes)
     env: dict = {}
     try:
         env = json.loads((path / "env.json").read_text())

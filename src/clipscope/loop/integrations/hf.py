@@ -20,7 +20,17 @@ The Trainer's order in an optimizer step, and what the callback does:
 * ``on_log``: where the Trainer logged ``grad_norm`` (its pre-clip norm, at
   every ``logging_steps``-th step), the step gets that exact value and
   ``step_clipped = grad_norm > η``. With ``logging_steps=1`` every step is exact;
-* ``on_train_end``: ``monitor.close()``;
+* ``on_train_end``: ``monitor.close()``; an exception of the Monitor in any
+  hook (a probe that fails at step 2) first finishes the run directory as
+  stopped (``summary.json``: ``"status": "failed"`` and the error; the Trainer
+  has no exception hook) and then goes on to the caller;
+* ``on_train_begin``: the Monitor's checks run again
+  (:meth:`~clipscope.loop.monitor.Monitor.check_model`) with the model in
+  train mode, the mode the Trainer trains it in (it calls ``model.train()``
+  before every step, so a ``model.eval()`` before the Monitor is undone): a
+  model the probes would refuse (attention dropout under ``dropout="off"``) is
+  refused before the first step, with the Trainer's way out
+  (``dropout="fixed"``, or the config's attention dropout 0);
 * ``on_train_begin``: the Trainer's optimizer is handed to the Monitor
   (:meth:`~clipscope.loop.monitor.Monitor.use_optimizer`). With an Adam or AdamW
   (the Trainer's default ``adamw_torch``, inside accelerate's wrapper) every
@@ -57,10 +67,11 @@ torch's ``clip_grad_norm_`` (``+1e-6``), as above.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -96,6 +107,65 @@ def _lr(kwargs: dict[str, Any]) -> float:
     return float(optimizer.param_groups[0]["lr"])
 
 
+#: The config keys of Hugging Face attention dropout (GPT-2, BERT, Llama and most others).
+ATTENTION_DROPOUT_KEYS = ("attn_pdrop", "attention_probs_dropout_prob", "attention_dropout")
+
+
+def _attention_dropout(model: nn.Module) -> list[str]:
+    """``key=value`` of each attention-dropout probability > 0 in the configs of ``model``."""
+    found: list[str] = []
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        for key in ATTENTION_DROPOUT_KEYS:
+            value = getattr(config, key, None)
+            text = f"{key}={value}"
+            if isinstance(value, (int, float)) and value > 0 and text not in found:
+                found.append(text)
+    return found
+
+
+def _check_in_train_mode(monitor: Monitor) -> None:
+    """:meth:`Monitor.check_model` with the model in train mode, each module's mode restored.
+
+    The Trainer calls ``model.train()`` before every training step (after
+    ``on_step_begin``): every probe after step 0 sees the model in train mode,
+    whatever mode it was in when the Monitor was built. A refusal names the
+    Trainer's way out (``dropout="fixed"`` or the config's attention dropout 0).
+    """
+    model = monitor.model
+    modes = [(module, module.training) for module in model.modules()]
+    model.train()
+    try:
+        monitor.check_model()
+    except ValueError as exc:
+        found = _attention_dropout(model)
+        fix = (
+            "where the loss changed between two evaluations (random draws in train mode), "
+            "build the Monitor with dropout='fixed' (one fixed mask per component, the same at "
+            "every evaluation), or set the config's attention dropout to 0 before building the "
+            f"model ({', '.join(found) or 'none found > 0 in this model'} here; GPT-2: "
+            "attn_pdrop, BERT: attention_probs_dropout_prob, Llama: attention_dropout); "
+            "model.eval() before the Monitor does not help, the Trainer undoes it"
+        )
+        # a loss that changes between evaluations is a plain ValueError (ConfigError: a
+        # train-mode BatchNorm; NonFiniteError: a NaN loss -- dropout is not their cause)
+        tail = f". With the Trainer: {fix}" if type(exc) is ValueError else ""
+        text = (
+            f"MonitorCallback.on_train_begin: the Trainer trains the model in train mode "
+            f"(model.train() before every step), so the Monitor's probes after step 0 see it in "
+            f"train mode; the Monitor's checks, run again in train mode before any step, refuse "
+            f"it: {exc}{tail}"
+        )
+        try:
+            refusal = type(exc)(text)
+        except Exception:  # an exception class that takes other arguments
+            refusal = ValueError(text)
+        raise refusal from exc
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 class MonitorCallback(TrainerCallback):
     """Drive ``monitor`` from a Hugging Face ``Trainer`` (see the module docstring).
 
@@ -114,8 +184,18 @@ class MonitorCallback(TrainerCallback):
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
     ) -> None:
-        """Check η against ``max_grad_norm``, take the optimizer, load the state on resume."""
-        self.monitor.use_optimizer(kwargs.get("optimizer"))
+        """Check η and the model in train mode, take the optimizer, load the state on resume.
+
+        Raises
+        ------
+        ConfigError
+            ``max_grad_norm`` > 0 differs from the Monitor's η.
+        ValueError
+            The Monitor's checks (:meth:`~clipscope.loop.monitor.Monitor.check_model`)
+            refuse the model in train mode, the mode the Trainer trains it in
+            (e.g. attention dropout that ``dropout="off"`` cannot switch off):
+            raised before any training step, nothing written.
+        """
         clip_at = args.max_grad_norm or 0.0
         if self.monitor.sets_eta:  # descent-safe: the Monitor sets the Trainer's threshold
             if clip_at > 0:
@@ -129,16 +209,39 @@ class MonitorCallback(TrainerCallback):
                 f"{self.monitor.eta}: give both the same threshold (or max_grad_norm=0 to let "
                 "the Monitor only observe)"
             )
-        if state.global_step > 0:
-            path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", STATE_FILE)
-            if os.path.isfile(path):
-                self.monitor.load_state_dict(torch.load(path, weights_only=True))
+        _check_in_train_mode(self.monitor)
+        with self._stopping():
+            self.monitor.use_optimizer(kwargs.get("optimizer"))
+            if state.global_step > 0:
+                path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", STATE_FILE)
+                if os.path.isfile(path):
+                    self.monitor.load_state_dict(torch.load(path, weights_only=True))
+
+    @contextlib.contextmanager
+    def _stopping(self) -> Iterator[None]:
+        """On an exception of the Monitor: finish its run directory as stopped, then re-raise.
+
+        A Hugging Face ``Trainer`` has no exception hook: an exception raised in a
+        callback ends ``trainer.train()`` without ``on_train_end``. The run
+        directory's ``summary.json`` then says ``status`` ``"failed"`` (or
+        ``"nonfinite"``, ``"interrupted"``) with the error as ``message``
+        (:meth:`Monitor.__exit__ <clipscope.loop.monitor.Monitor.__exit__>`), and
+        ``clipscope report`` shows the run as stopped. A Monitor that has written
+        nothing yet is left as it is.
+        """
+        try:
+            yield
+        except BaseException as exc:
+            if self.monitor._started:  # nothing written: nothing to finish
+                self.monitor.__exit__(type(exc), exc, exc.__traceback__)
+            raise
 
     def on_step_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
     ) -> None:
         """``monitor.step(state.global_step)``; descent-safe: ``max_grad_norm`` = η."""
-        self.monitor.step(state.global_step, lr=_lr(kwargs))
+        with self._stopping():
+            self.monitor.step(state.global_step, lr=_lr(kwargs))
         if self.monitor.sets_eta:
             eta = self.monitor.eta
             args.max_grad_norm = eta if math.isfinite(eta) else 0.0
@@ -151,13 +254,14 @@ class MonitorCallback(TrainerCallback):
         if monitor._open is None:  # before the first probe: nothing is recorded
             return
         clip_at = args.max_grad_norm or 0.0
-        now = math.sqrt(gradient_products(monitor.params)[0])
-        if clip_at > 0 and not now < (clip_at - 1e-6) * (1 - _SLACK):
-            monitor.gradient(math.nan, clipped=True)  # the Trainer clipped: ‖g‖ unknown here
-        elif args.fp16 and clip_at <= 0:
-            monitor.gradient(math.nan)  # still loss-scaled: neither ‖g‖ nor ‖g‖ > η is known
-        else:
-            monitor.gradient(now)  # not clipped: the gradient is the step's own
+        with self._stopping():
+            now = math.sqrt(gradient_products(monitor.params)[0])
+            if clip_at > 0 and not now < (clip_at - 1e-6) * (1 - _SLACK):
+                monitor.gradient(math.nan, clipped=True)  # the Trainer clipped: ‖g‖ unknown
+            elif args.fp16 and clip_at <= 0:
+                monitor.gradient(math.nan)  # still loss-scaled: neither ‖g‖ nor ‖g‖ > η known
+            else:
+                monitor.gradient(now)  # not clipped: the gradient is the step's own
 
     def on_log(
         self,
@@ -170,7 +274,8 @@ class MonitorCallback(TrainerCallback):
         """Give the step just taken the Trainer's own pre-clip ``grad_norm``, where logged."""
         value = (logs or {}).get("grad_norm")
         if value is not None and math.isfinite(float(value)):
-            self.monitor._amend_pending(state.global_step, float(value))
+            with self._stopping():
+                self.monitor._amend_pending(state.global_step, float(value))
 
     def on_save(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
@@ -180,15 +285,17 @@ class MonitorCallback(TrainerCallback):
             return
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if os.path.isdir(folder):
-            buffer = io.BytesIO()
-            torch.save(self.monitor.state_dict(), buffer)
-            atomic_write_bytes(os.path.join(folder, STATE_FILE), buffer.getvalue())
+            with self._stopping():
+                buffer = io.BytesIO()
+                torch.save(self.monitor.state_dict(), buffer)
+                atomic_write_bytes(os.path.join(folder, STATE_FILE), buffer.getvalue())
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
     ) -> None:
         """``monitor.close()``."""
-        self.monitor.close()
+        with self._stopping():
+            self.monitor.close()
 
 
 class PerSampleLM(nn.Module):
@@ -314,7 +421,9 @@ class PerSampleLM(nn.Module):
             model would get it from the Trainer, not from this module); a missing
             ``input_ids`` or ``labels``; shapes that differ; an attention mask with
             values other than 0 and 1; a sample without a label to predict after
-            the shift (its mean loss would be 0/0).
+            the shift (its mean loss would be 0/0). Called directly, the message
+            names the offending rows of the batch; through :meth:`components`, the
+            dataset indices of the offending items.
         """
         inner = default_collate if collate_fn is None else collate_fn
         if not callable(inner):
@@ -341,11 +450,94 @@ class PerSampleLM(nn.Module):
         collate_fn=self.collate(collate_fn))``. With ``Monitor(...,
         per_sample=True)`` each sample is a component and ``batch_size`` the size
         of the chunks the probe evaluates together.
+
+        Raises
+        ------
+        ValueError
+            :meth:`collate` refuses a batch (the first item's when the components
+            are made, a component's when it is evaluated): the message names the
+            dataset indices of the offending items (for a refusal of the whole
+            batch, e.g. an extra key, the batch's items).
+        TypeError
+            As :meth:`Components.from_dataset
+            <clipscope.components.Components.from_dataset>`.
         """
-        return Components.from_dataset(
-            dataset, batch_size, seed=seed, drop_last=drop_last,
-            collate_fn=self.collate(collate_fn),
-        )  # fmt: skip
+        collate = self.collate(collate_fn)
+        try:
+            return _LMComponents.from_dataset(
+                dataset, batch_size, seed=seed, drop_last=drop_last, collate_fn=collate
+            )
+        except TypeError as exc:  # from_dataset's wrapping of the first item's refusal
+            if not isinstance(exc.__cause__, _BatchRefused):
+                raise
+            # the same partition (no collate run): its first item is the one refused
+            first = Components(
+                dataset, len(dataset), batch_size=batch_size, seed=seed, drop_last=drop_last,
+                kind="dataset", collate_fn=collate,
+            ).indices[0][:1]  # fmt: skip
+            raise exc.__cause__.at(first.tolist()) from None
+
+
+class _BatchRefused(ValueError):
+    """A batch :meth:`PerSampleLM.collate` refuses; ``rows`` the offending rows (None: all).
+
+    The collate sees the items, not their dataset indices: :class:`_LMComponents`
+    (which knows the component's indices) re-raises it as a ``ValueError`` that
+    names the dataset items (:meth:`at`).
+    """
+
+    def __init__(self, template: str, rows: Sequence[int] | None = None) -> None:
+        self.template, self.rows = template, None if rows is None else list(rows)
+        super().__init__(self._text(None))
+
+    def _text(self, indices: Sequence[int] | None) -> str:
+        if indices is None:
+            where = (
+                "the batch"
+                if self.rows is None
+                else f"row(s) {_few(self.rows)} of the batch "
+                "(positions in the list of items given to the collate)"
+            )
+        elif self.rows is None:
+            where = f"the batch of dataset item(s) {_few(list(indices))}"
+        else:
+            where = f"dataset item(s) {_few([indices[r] for r in self.rows])}"
+        return "PerSampleLM.collate: " + self.template.replace("{where}", where)
+
+    def at(self, indices: Sequence[int]) -> ValueError:
+        """Return the same refusal naming dataset items (``indices``: the batch's, in row order)."""
+        return ValueError(self._text([int(j) for j in indices]))
+
+
+def _few(values: list[int], shown: int = 8) -> str:
+    """Return ``[a, b, c]``, or the first ``shown`` values and how many in all."""
+    if len(values) <= shown:
+        return str(values)
+    return "[" + ", ".join(map(str, values[:shown])) + f", … ({len(values)} in all)]"
+
+
+class _LMComponents(Components):
+    """:class:`~clipscope.components.Components` whose collate refusals name dataset items."""
+
+    def batch(self, i: int, device: torch.device | str | None = None) -> Any:
+        """Component ``i``'s batch (:meth:`Components.batch`).
+
+        Raises
+        ------
+        ValueError
+            :meth:`PerSampleLM.collate` refuses the batch: the message names the
+            dataset indices of the offending items.
+        """
+        try:
+            return super().batch(i, device)
+        except _BatchRefused as exc:
+            raise exc.at(self.indices[i].tolist()) from None
+
+    def with_batch_size(self, batch_size: int) -> _LMComponents:
+        """Return the same samples at ``batch_size`` (:meth:`Components.with_batch_size`)."""
+        out = super().with_batch_size(batch_size)
+        out.__class__ = _LMComponents  # no state of its own: the same object, these messages
+        return out
 
 
 def _pack(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -357,29 +549,36 @@ def _pack(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         )
     extra = sorted(set(batch) - set(LM_KEYS))
     if extra:
-        raise ValueError(
-            f"PerSampleLM.collate: the batch holds {extra} beside {list(LM_KEYS)}; the model "
-            "would get them from the Trainer but not from PerSampleLM, so its per-sample "
-            "losses would not be the Trainer's: drop them from the data"
+        raise _BatchRefused(
+            f"{{where}} holds {extra} beside {list(LM_KEYS)}; the model would "
+            "get them from the Trainer but not from PerSampleLM, so its per-sample losses "
+            "would not be the Trainer's: drop them from the data"
         )
     missing = [k for k in ("input_ids", "labels") if k not in batch]
     if missing:
-        raise ValueError(f"PerSampleLM.collate: the batch has no {missing}")
+        raise _BatchRefused(f"{{where}} has no {missing}")
     ids, labels = batch["input_ids"], batch["labels"]
     mask = batch.get("attention_mask")
     mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask)
     if not (ids.dim() == 2 and ids.shape == labels.shape == mask.shape):
-        raise ValueError(
-            "PerSampleLM.collate: input_ids, labels and attention_mask must share one shape "
-            f"(B, T), got {tuple(ids.shape)}, {tuple(labels.shape)}, {tuple(mask.shape)}"
+        raise _BatchRefused(
+            "input_ids, labels and attention_mask must share one shape (B, T), got "
+            f"{tuple(ids.shape)}, {tuple(labels.shape)}, {tuple(mask.shape)} in "
+            "{where}"
         )
-    if bool(((mask != 0) & (mask != 1)).any()):
-        raise ValueError("PerSampleLM.collate: the attention_mask must hold 0 and 1 only")
+    bad = ((mask != 0) & (mask != 1)).any(1).nonzero().flatten().tolist()
+    if bad:
+        values = sorted({v for v in mask[bad].unique().tolist() if v not in (0, 1)})
+        raise _BatchRefused(
+            f"the attention_mask of {{where}} holds {_few(values)}: it must hold 0 and 1 only "
+            "(1: a token to attend to, 0: padding)",
+            bad,
+        )
     empty = ((labels[:, 1:] != IGNORE_INDEX).sum(1) == 0).nonzero().flatten().tolist()
     if empty:
-        raise ValueError(
-            f"PerSampleLM.collate: sample(s) {empty[:5]} of a batch have no label to predict "
-            "after the causal shift (all -100): a per-sample mean loss needs one; leave them "
-            "out of the data"
+        raise _BatchRefused(
+            "{where} have no label to predict after the causal shift (all -100): a per-sample "
+            "mean loss needs one; leave them out of the data",
+            empty,
         )
     return torch.stack([ids, mask.to(ids.dtype)], 1), labels
