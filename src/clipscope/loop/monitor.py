@@ -518,7 +518,7 @@ class Monitor:
         check_batch_coupling(self.model, self.components)
         self._preflight()
         if self.per_sample:
-            _check_samples(self.model, self.loss, self.components, self.params, self.seed)
+            check_per_sample(self.model, self.loss, self.components, self.params, self.seed)
         check_grad_compatible(
             self.model, self.loss, self.components, form=self.loss_form, dropout=self.dropout,
             seed=self.seed, device=self.params[0].device,
