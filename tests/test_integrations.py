@@ -18,6 +18,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 
@@ -391,3 +392,31 @@ def test_tensorboard_scalars_read_back_from_the_event_file(tmp_path):
     scalars = events.Scalars("clipscope/step/cos_p")
     np.testing.assert_allclose([s.value for s in scalars], steps["step_cos_p"], rtol=1e-6)
     assert not any(math.isnan(s.value) for s in events.Scalars("clipscope/train_norm"))
+
+
+class FunctionalDropoutRegression(Regression):
+    """Dropout applied functionally in train mode (no nn.Dropout the policy could turn off)."""
+
+    def forward(self, x):
+        return self.net(F.dropout(x, 0.5, training=self.training)).squeeze(-1)
+
+
+def test_lightning_refuses_train_mode_randomness_before_any_step(tmp_path):
+    """Built on an eval-mode module the Monitor's checks pass; Lightning trains in train mode.
+
+    The callback runs them again in train mode at on_train_start: the refusal comes before
+    any step, says why, and leaves the module's modes and weights as they were; with
+    dropout="fixed" the same fit runs.
+    """
+    torch.manual_seed(0)
+    module = FunctionalDropoutRegression().eval()
+    before = copy.deepcopy(module.state_dict())
+    comps = Components.from_dataset(regression_data(), batch_size=8, seed=0)
+    monitor = Monitor(module, mse, comps, eta=1.0, every=2, run_dir=tmp_path / "run")
+    with pytest.raises(ValueError, match=r"on_train_start: Lightning trains the model in train "):
+        lightning_fit(module, [LightningCallback(monitor)], max_steps=4)
+    assert all(torch.equal(v, module.state_dict()[k]) for k, v in before.items())
+    fixed = Monitor(module, mse, comps, eta=1.0, every=2, run_dir=tmp_path / "fixed",
+                    dropout="fixed")  # fmt: skip
+    lightning_fit(module, [LightningCallback(fixed)], max_steps=4)
+    np.testing.assert_array_equal(read_rows(tmp_path / "fixed" / "epochs.csv")["step"], [0, 2])

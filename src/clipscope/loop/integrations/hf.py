@@ -83,6 +83,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from clipscope.atomic import atomic_write_bytes
 from clipscope.components import Components
 from clipscope.errors import ConfigError
+from clipscope.loop.integrations import check_in_train_mode
 from clipscope.loop.measures import gradient_products
 from clipscope.loop.monitor import Monitor
 
@@ -125,45 +126,26 @@ def _attention_dropout(model: nn.Module) -> list[str]:
 
 
 def _check_in_train_mode(monitor: Monitor) -> None:
-    """:meth:`Monitor.check_model` with the model in train mode, each module's mode restored.
+    """:func:`~clipscope.loop.integrations.check_in_train_mode` with the Trainer's way out.
 
     The Trainer calls ``model.train()`` before every training step (after
     ``on_step_begin``): every probe after step 0 sees the model in train mode,
     whatever mode it was in when the Monitor was built. A refusal names the
     Trainer's way out (``dropout="fixed"`` or the config's attention dropout 0).
     """
-    model = monitor.model
-    modes = [(module, module.training) for module in model.modules()]
-    model.train()
-    try:
-        monitor.check_model()
-    except ValueError as exc:
-        found = _attention_dropout(model)
-        fix = (
-            "where the loss changed between two evaluations (random draws in train mode), "
-            "build the Monitor with dropout='fixed' (one fixed mask per component, the same at "
-            "every evaluation), or set the config's attention dropout to 0 before building the "
-            f"model ({', '.join(found) or 'none found > 0 in this model'} here; GPT-2: "
-            "attn_pdrop, BERT: attention_probs_dropout_prob, Llama: attention_dropout); "
-            "model.eval() before the Monitor does not help, the Trainer undoes it"
-        )
-        # a loss that changes between evaluations is a plain ValueError (ConfigError: a
-        # train-mode BatchNorm; NonFiniteError: a NaN loss -- dropout is not their cause)
-        tail = f". With the Trainer: {fix}" if type(exc) is ValueError else ""
-        text = (
-            f"MonitorCallback.on_train_begin: the Trainer trains the model in train mode "
-            f"(model.train() before every step), so the Monitor's probes after step 0 see it in "
-            f"train mode; the Monitor's checks, run again in train mode before any step, refuse "
-            f"it: {exc}{tail}"
-        )
-        try:
-            refusal = type(exc)(text)
-        except Exception:  # an exception class that takes other arguments
-            refusal = ValueError(text)
-        raise refusal from exc
-    finally:
-        for module, training in modes:
-            module.training = training
+    found = _attention_dropout(monitor.model)
+    fix = (
+        "where the loss changed between two evaluations (random draws in train mode), "
+        "build the Monitor with dropout='fixed' (one fixed mask per component, the same at "
+        "every evaluation), or set the config's attention dropout to 0 before building the "
+        f"model ({', '.join(found) or 'none found > 0 in this model'} here; GPT-2: "
+        "attn_pdrop, BERT: attention_probs_dropout_prob, Llama: attention_dropout); "
+        "model.eval() before the Monitor does not help, the Trainer undoes it"
+    )
+    check_in_train_mode(
+        monitor, "MonitorCallback.on_train_begin",
+        "the Trainer (model.train() before every step)", fix,
+    )  # fmt: skip
 
 
 class MonitorCallback(TrainerCallback):

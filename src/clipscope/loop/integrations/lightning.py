@@ -43,6 +43,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 
 from clipscope.errors import ConfigError
+from clipscope.loop.integrations import check_in_train_mode
 from clipscope.loop.monitor import Monitor
 
 __all__ = ["MonitorCallback"]
@@ -70,7 +71,13 @@ class MonitorCallback(Callback):
         self.monitor = monitor
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Hand the trainer's optimizer to the Monitor; check ``gradient_clip_val`` against η."""
+        """Check ``gradient_clip_val`` and the model in train mode; hand over the optimizer.
+
+        The Monitor's checks run again with the module in train mode (each module's
+        mode restored after): a refusal, e.g. of attention dropout applied
+        functionally, comes before any step
+        (:func:`~clipscope.loop.integrations.check_in_train_mode`).
+        """
         clip_at = trainer.gradient_clip_val or 0.0
         algorithm = getattr(trainer, "gradient_clip_algorithm", None) or "norm"
         if self.monitor.sets_eta:  # descent-safe: the Monitor sets the trainer's threshold
@@ -94,6 +101,14 @@ class MonitorCallback(Callback):
                 f"{self.monitor.eta}: give both the same threshold (or no gradient_clip_val to "
                 "let the Monitor only observe)"
             )
+        # Lightning trains the module in train mode: the Monitor's checks again, in that
+        # mode, before any step (built on an eval-mode module, they may have passed)
+        check_in_train_mode(
+            self.monitor, "MonitorCallback.on_train_start", "Lightning",
+            "build the Monitor with dropout='fixed' (one fixed mask per component, the same at "
+            "every evaluation), or set the dropout applied functionally to 0; module.eval() "
+            "before the Monitor does not help, Lightning undoes it",
+        )  # fmt: skip
         optimizers = getattr(trainer, "optimizers", None) or []
         if optimizers:
             self.monitor.use_optimizer(optimizers[0])
