@@ -34,8 +34,9 @@ from clipscope.engine.verify import PerSampleFallbackWarning
 from clipscope.errors import ConfigError
 from clipscope.loop.units import Unit
 from clipscope.run.directory import load_checkpoint, load_run
+from test_monitor_per_sample import Centred, close
 from test_monitor_per_sample import Check as MonitorCheck
-from test_monitor_per_sample import close
+from test_per_sample import SequenceFirstLM, next_token_loss
 
 F64 = torch.float64
 ETA = 0.5
@@ -187,14 +188,6 @@ def test_adam_probes_record_rho_p_of_the_samples():
 
 
 def _centred():
-    class Centred(nn.Module):  # couples the samples: x - x.mean(0)
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(3, 1).double()
-
-        def forward(self, x):
-            return self.lin(x - x.mean(0))
-
     return Centred()
 
 
@@ -344,29 +337,14 @@ def test_the_run_directory_names_the_route_and_the_fallback_of_every_probe(tmp_p
 
     torch.manual_seed(0)
 
-    class SeqFirst(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = nn.Embedding(16, 8)
-            layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0)
-            self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
-            self.out = nn.Linear(8, 16)
-
-        def forward(self, x):
-            h = self.emb(x).transpose(0, 1)
-            mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1])
-            return self.out(self.enc(h, mask=mask, is_causal=True).transpose(0, 1))
-
-    def lm(out, y):
-        return nn.functional.cross_entropy(out[:, :-1].flatten(0, 1), y[:, 1:].flatten())
-
     X = torch.randint(0, 16, (8, 4))
     comps = Components.from_tensors(X, X, batch_size=4)
     for per_sample in (True, False):
         run = tmp_path / f"run-{per_sample}"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", PerSampleFallbackWarning)
-            fit(SeqFirst().double().eval(), lm, comps, "igc", lr=0.01, eta=ETA, epochs=1,
+            model = SequenceFirstLM().double().eval()
+            fit(model, next_token_loss, comps, "igc", lr=0.01, eta=ETA, epochs=1,
                 per_sample=per_sample, progress=False, run_dir=run)  # fmt: skip
         arrays = np.load(run / "components" / "epoch_0000.npz")
         build_report(run)

@@ -159,6 +159,17 @@ def train(model, loss_fn, monitor, X, Y, steps, opt, *, batch=4, eta=ETA, grads=
     monitor.close(probe=True)
 
 
+class Centred(nn.Module):
+    """Couples the samples of a batch: ``lin(x - x.mean(0))`` (float64)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 1).double()
+
+    def forward(self, x):
+        return self.lin(x - x.mean(0))
+
+
 @pytest.mark.parametrize("dtype", [F64, torch.float32], ids=str)
 @pytest.mark.parametrize("route", ["auto", "per-sample"])
 def test_a_plain_loop_records_each_samples_own_float64_gradient(tmp_path, dtype, route):
@@ -254,14 +265,6 @@ def test_per_sample_components_are_refused_before_anything_is_written(tmp_path):
     with pytest.raises(ValueError, match="PerSampleLM"):
         Monitor(model, lambda model, batch: loss_fn(model(batch["x"]), batch["y"]), dict_comps,
                 per_sample=True, **kw)  # fmt: skip
-
-    class Centred(nn.Module):  # couples the samples: x - x.mean(0)
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(3, 1).double()
-
-        def forward(self, x):
-            return self.lin(x - x.mean(0))
 
     with pytest.raises(ValueError, match="do not interact"):
         Monitor(Centred(), loss_fn, comps, per_sample=True, **kw)

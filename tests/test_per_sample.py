@@ -892,6 +892,27 @@ def test_a_use_inside_a_custom_function_fails_the_structural_check(route):
     assert set(res.verification["fallback"]) == {"w"}
 
 
+class SequenceFirstLM(nn.Module):
+    """``nn.TransformerEncoder(batch_first=False)``: the rules cannot tell T = B from B."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(16, 8)
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0)
+        self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.out = nn.Linear(8, 16)
+
+    def forward(self, x):
+        h = self.emb(x).transpose(0, 1)
+        mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1])
+        return self.out(self.enc(h, mask=mask, is_causal=True).transpose(0, 1))
+
+
+def next_token_loss(out, y):
+    """Mean next-token cross-entropy of ``(B, T, V)`` logits against ``(B, T)`` tokens."""
+    return F.cross_entropy(out[:, :-1].flatten(0, 1), y[:, 1:].flatten())
+
+
 def test_the_fallback_hides_torchs_batching_rule_notes_and_names_each_parameter():
     """A new user's trial: ``nn.TransformerEncoder(batch_first=False)`` with T = chunk size.
 
@@ -902,31 +923,15 @@ def test_the_fallback_hides_torchs_batching_rule_notes_and_names_each_parameter(
     """
     torch.manual_seed(0)
 
-    class SeqFirst(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = nn.Embedding(16, 8)
-            layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0)
-            self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
-            self.out = nn.Linear(8, 16)
-
-        def forward(self, x):
-            h = self.emb(x).transpose(0, 1)
-            mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1])
-            return self.out(self.enc(h, mask=mask, is_causal=True).transpose(0, 1))
-
-    def lm(out, y):
-        return F.cross_entropy(out[:, :-1].flatten(0, 1), y[:, 1:].flatten())
-
     X = torch.randint(0, 16, (8, 4))
     comps = Components.from_tensors(X, X, batch_size=4)
-    model = SeqFirst().double().eval()
+    model = SequenceFirstLM().double().eval()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        res = probe(model, lm, comps, batch_sizes=[1])
+        res = probe(model, next_token_loss, comps, batch_sizes=[1])
     assert [w for w in caught if issubclass(w.category, PerSampleFallbackWarning)]
     assert not [w for w in caught if "performance drop" in str(w.message)]
-    ref = reference_probe(model, lm, singles(X, X))
+    ref = reference_probe(model, next_token_loss, singles(X, X))
     np.testing.assert_allclose(res.norms, ref.norms, rtol=1e-10)
     fallback = res.verification["fallback"]
     assert fallback
