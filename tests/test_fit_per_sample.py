@@ -245,6 +245,12 @@ def test_a_resume_with_another_per_sample_is_another_setting(tmp_path):
     with pytest.raises(ConfigError, match=r"per_sample: None -> True"):
         fit(model, loss_fn, comps, "igc", resume=True, per_sample=True, **{**kw, "run_dir": other})
     fit(model, loss_fn, comps, "igc", resume=True, **{**kw, "run_dir": other})
+    # not even with force: the rows would mix per-sample and mini-batch probes (a new user's
+    # trial found the report then labelled the run by its last setting)
+    for per_sample, where in ((True, other), (False, run)):
+        with pytest.raises(ConfigError, match=r"cannot change per_sample, even with --force"):
+            fit(model, loss_fn, comps, "igc", resume=True, force=True, per_sample=per_sample,
+                **{**kw, "run_dir": where})  # fmt: skip
 
 
 def test_the_report_labels_a_per_sample_fit_run_and_says_what_its_answers_are_about(tmp_path):

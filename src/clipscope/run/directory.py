@@ -220,6 +220,11 @@ def _legacy_setting(setting: Mapping[str, Any], config: Mapping[str, Any]) -> di
     return out
 
 
+#: Settings a resume cannot change even with ``--force``: what the probes measure
+#: (``per_sample``: each sample a component, or the loop's components).
+UNCHANGEABLE = ("per_sample",)
+
+
 class RunDirectory:
     """The files of one run: created and checked by :meth:`open`, then written piece by piece.
 
@@ -356,6 +361,13 @@ class RunDirectory:
         if not diff:
             return None
         shown = "\n  ".join(diff)
+        fixed = [k for k in UNCHANGEABLE if bool(stored.get(k)) != bool(current.get(k))]
+        if fixed:
+            raise ConfigError(
+                f"--resume cannot change {', '.join(fixed)}, even with --force: the run's "
+                "probes would mix per-sample and mini-batch components in one epochs.csv, "
+                f"which its report reads as one kind:\n  {shown}\nStart a new run directory"
+            )
         if not force:
             raise ConfigError(
                 f"--resume with other settings than the run in {self.path} was started with:\n"
