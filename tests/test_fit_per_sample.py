@@ -232,7 +232,7 @@ def test_a_resume_with_another_per_sample_is_another_setting(tmp_path):
     model, loss_fn, comps = mlp_problem()
     kw = {"lr": 0.05, "eta": ETA, "epochs": 1, "progress": False, "run_dir": run}
     fit(model, loss_fn, comps, "igc", per_sample=True, **kw)
-    with pytest.raises(ConfigError, match=r"per_sample: True -> None"):
+    with pytest.raises(ConfigError, match=r"cannot change per_sample: True -> False"):
         fit(model, loss_fn, comps, "igc", resume=True, **kw)
     fit(model, loss_fn, comps, "igc", resume=True, per_sample=True, **kw)  # the same: accepted
 
@@ -242,13 +242,13 @@ def test_a_resume_with_another_per_sample_is_another_setting(tmp_path):
     assert "per_sample" not in FitConfig(lr=0.05).setting()
     newest = sorted((other / "checkpoints").glob("ckpt_*.pt"))[-1]
     assert "per_sample" not in load_checkpoint(newest)["setting"]
-    with pytest.raises(ConfigError, match=r"per_sample: None -> True"):
+    with pytest.raises(ConfigError, match=r"cannot change per_sample: False -> True"):
         fit(model, loss_fn, comps, "igc", resume=True, per_sample=True, **{**kw, "run_dir": other})
     fit(model, loss_fn, comps, "igc", resume=True, **{**kw, "run_dir": other})
     # not even with force: the rows would mix per-sample and mini-batch probes (a new user's
     # trial found the report then labelled the run by its last setting)
     for per_sample, where in ((True, other), (False, run)):
-        with pytest.raises(ConfigError, match=r"cannot change per_sample, even with --force"):
+        with pytest.raises(ConfigError, match=r"cannot change per_sample: .* even with --force"):
             fit(model, loss_fn, comps, "igc", resume=True, force=True, per_sample=per_sample,
                 **{**kw, "run_dir": where})  # fmt: skip
 
@@ -308,7 +308,7 @@ def test_the_config_file_key_reaches_clipscope_train(tmp_path, capsys):
     off = tmp_path / "off.toml"
     off.write_text(good.read_text().replace("per_sample = true", "per_sample = false"))
     assert main(["train", str(off), "--out", str(tmp_path / "run"), "--resume"]) == 2
-    assert "per_sample: True -> None" in capsys.readouterr().err
+    assert "cannot change per_sample: True -> False" in capsys.readouterr().err
     assert (tmp_path / "run" / "epochs.csv").read_text() == before
 
 
@@ -366,3 +366,44 @@ def test_the_run_directory_names_the_route_and_the_fallback_of_every_probe(tmp_p
         assert used["probes"] == ["epoch 0", "epoch 1"] and used["of"] == 2
         assert used["params"] == sorted(arrays["fallback"].tolist())
         assert f"{label}: the per-sample route took {len(used['params'])} parameter(s)" in text
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_a_run_stopped_by_an_error_says_so_in_its_directory(tmp_path, error):
+    """A new user's trial: a fit stopped by an error left no summary.json.
+
+    Its report then read like a normal short run. The run now ends with summary.json
+    saying failed (interrupted for KeyboardInterrupt) and the error; the report names it.
+    """
+    from clipscope.report import build_report
+
+    model, loss_fn, comps = mlp_problem()
+    run = tmp_path / "run"
+
+    def on_step(step, index, norm):
+        if step == 6:
+            raise error("stopped by the caller's callback")
+
+    with pytest.raises(error):
+        fit(model, loss_fn, comps, "igc", lr=0.05, eta=ETA, epochs=3, per_sample=True,
+            progress=False, run_dir=run, on_step=on_step)  # fmt: skip
+    summary = json.loads((run / "summary.json").read_text())
+    status = "failed" if error is RuntimeError else "interrupted"
+    assert summary["status"] == status and summary["step"] == 6
+    build_report(run)
+    text = (run / "report.html").read_text()
+    assert f"stopped: {status}" in text and "the run did not complete" in text
+
+
+def test_a_killed_run_without_summary_is_said_not_to_have_finished(tmp_path):
+    """A run killed with -9 writes nothing at its end: the report says it did not finish."""
+    from clipscope.report import build_report
+
+    model, loss_fn, comps = mlp_problem()
+    run = tmp_path / "run"
+    fit(model, loss_fn, comps, "igc", lr=0.05, eta=ETA, epochs=1, progress=False, run_dir=run)
+    build_report(run)
+    assert "did not finish" not in (run / "report.html").read_text()
+    (run / "summary.json").unlink()  # what kill -9 leaves: checkpoints, rows, no summary
+    build_report(run)
+    assert "no summary.json: the run did not finish" in (run / "report.html").read_text()

@@ -166,7 +166,11 @@ def check_per_sample(
     if getattr(components, "sequential", False):
         raise ConfigError(
             "per_sample=True needs independent samples; sequential (language-model stream) "
-            "components carry a state between windows"
+            "components are windows of a token stream read in order, through which a "
+            "recurrent model carries its state. A model that keeps no state (clipscope's "
+            "model='gpt') is probed per sample from Python: its batch-first core "
+            "(model.transformer) on windows as samples, Components.from_tensors(windows, "
+            "targets) (docs/training.md)"
         )
     coupled = batch_coupled_modules(model)
     if coupled:
@@ -532,6 +536,13 @@ def fit_loop(
         raise NonFiniteError(message) from exc
     except Interrupted as exc:
         _finish(all_units, loop, history, "interrupted", str(exc))
+        raise
+    except KeyboardInterrupt:  # raised by the caller's code, not by the signal handler
+        _finish(all_units, loop, history, "interrupted", "KeyboardInterrupt")
+        raise
+    except Exception as exc:  # a unit's, a callback's or the model's error: the run failed
+        # summary.json says so (nothing else is written: the last checkpoint stands)
+        _finish(all_units, loop, history, "failed", f"{type(exc).__name__}: {exc}")
         raise
     finally:
         bar.close()

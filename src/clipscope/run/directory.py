@@ -363,10 +363,13 @@ class RunDirectory:
         shown = "\n  ".join(diff)
         fixed = [k for k in UNCHANGEABLE if bool(stored.get(k)) != bool(current.get(k))]
         if fixed:
+            changes = ", ".join(
+                f"{k}: {bool(stored.get(k))} -> {bool(current.get(k))}" for k in fixed
+            )
             raise ConfigError(
-                f"--resume cannot change {', '.join(fixed)}, even with --force: the run's "
-                "probes would mix per-sample and mini-batch components in one epochs.csv, "
-                f"which its report reads as one kind:\n  {shown}\nStart a new run directory"
+                f"--resume cannot change {changes}, even with --force: the run's probes would "
+                "mix per-sample and mini-batch components in one epochs.csv, which its report "
+                "reads as one kind. Start a new run directory"
             )
         if not force:
             raise ConfigError(
@@ -670,10 +673,18 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
 
 def _stopped_note(path: Path, notes: list[str]) -> None:
     """Append to ``notes`` the stop of a run whose ``summary.json`` status is not completed."""
+    if not (path / "summary.json").exists() and (path / "checkpoints").is_dir():
+        # a loop writes summary.json however it ends, unless killed: a run directory with
+        # checkpoints and none was killed (kill -9, out of memory) or is still running
+        notes.append(
+            "no summary.json: the run did not finish (it was killed, or it is still "
+            "running); its records end at the last row of epochs.csv"
+        )
+        return
     try:
         summary = json.loads((path / "summary.json").read_text())
     except (OSError, ValueError):
-        return  # still running, killed, or written before summaries: nothing recorded
+        return  # unreadable: nothing recorded
     status = summary.get("status") if isinstance(summary, dict) else None
     if status is None or status == "completed":
         return

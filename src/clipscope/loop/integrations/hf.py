@@ -140,7 +140,7 @@ def _check_in_train_mode(monitor: Monitor) -> None:
         "every evaluation), or set the config's attention dropout to 0 before building the "
         f"model ({', '.join(found) or 'none found > 0 in this model'} here; GPT-2: "
         "attn_pdrop, BERT: attention_probs_dropout_prob, Llama: attention_dropout); "
-        "model.eval() before the Monitor does not help, the Trainer undoes it"
+        "the model.eval() named above does not help here: the Trainer undoes it"
     )
     check_in_train_mode(
         monitor, "MonitorCallback.on_train_begin",
