@@ -538,11 +538,16 @@ def fit_loop(
         _finish(all_units, loop, history, "interrupted", str(exc))
         raise
     except KeyboardInterrupt:  # raised by the caller's code, not by the signal handler
-        _finish(all_units, loop, history, "interrupted", "KeyboardInterrupt")
+        if group is None:  # (under torch.distributed: as below)
+            _finish(all_units, loop, history, "interrupted", "KeyboardInterrupt")
         raise
     except Exception as exc:  # a unit's, a callback's or the model's error: the run failed
-        # summary.json says so (nothing else is written: the last checkpoint stands)
-        _finish(all_units, loop, history, "failed", f"{type(exc).__name__}: {exc}")
+        # summary.json says so (nothing else is written: the last checkpoint stands). Not
+        # under torch.distributed: a rank that died or hung leaves the others nothing to
+        # agree on; the run directory then has no summary.json, which the report reads as
+        # a run that did not finish
+        if group is None:
+            _finish(all_units, loop, history, "failed", f"{type(exc).__name__}: {exc}")
         raise
     finally:
         bar.close()
