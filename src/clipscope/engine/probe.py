@@ -439,16 +439,24 @@ def _check_route(route, model, components, batch_sizes, sizes_dyadic, flat, rank
             )
 
 
+#: Why sequential components have no independent samples, and how a stateless model is
+#: probed per sample: the refusals of the per-sample route, the dyadic merge, fit and the
+#: Monitor with ``per_sample=True`` say it in these words.
+SEQUENTIAL_NOT_SAMPLES = (
+    "sequential (language-model) components are windows of a token stream read in order, "
+    "through which a recurrent model carries its state. A model that keeps no state "
+    "(clipscope's model='gpt') is probed per sample from Python: its batch-first core "
+    "(model.transformer) on windows as samples, Components.from_tensors(windows, targets) "
+    "(docs/training.md)"
+)
+
+
 def _check_independent(route: str, model: nn.Module, components: Any) -> None:
     """Routes that merge or split components need independent samples."""
     if getattr(components, "sequential", False):
         raise ValueError(
-            f"route={route!r} needs independent samples; sequential (language-model) "
-            "components are windows of a token stream read in order, through which a "
-            "recurrent model carries its state, and cannot be merged or split. A model that "
-            "keeps no state (clipscope's model='gpt') is probed per sample from Python: its "
-            "batch-first core (model.transformer) on windows as samples, "
-            "Components.from_tensors(windows, targets) (docs/training.md)"
+            f"route={route!r} needs independent samples and cannot merge or split "
+            f"components; {SEQUENTIAL_NOT_SAMPLES}"
         )
     coupled = batch_coupled_modules(model)
     if coupled:

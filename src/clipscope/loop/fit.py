@@ -160,18 +160,11 @@ def check_per_sample(
     """
     # imported here: a loop of mini-batch components does not load the per-sample machinery
     from clipscope.engine.per_sample.batch import check_independent_samples
-    from clipscope.engine.probe import REPEAT_ROWS
+    from clipscope.engine.probe import REPEAT_ROWS, SEQUENTIAL_NOT_SAMPLES
     from clipscope.engine.verify import tolerance
 
     if getattr(components, "sequential", False):
-        raise ConfigError(
-            "per_sample=True needs independent samples; sequential (language-model stream) "
-            "components are windows of a token stream read in order, through which a "
-            "recurrent model carries its state. A model that keeps no state (clipscope's "
-            "model='gpt') is probed per sample from Python: its batch-first core "
-            "(model.transformer) on windows as samples, Components.from_tensors(windows, "
-            "targets) (docs/training.md)"
-        )
+        raise ConfigError(f"per_sample=True needs independent samples; {SEQUENTIAL_NOT_SAMPLES}")
     coupled = batch_coupled_modules(model)
     if coupled:
         raise ConfigError(

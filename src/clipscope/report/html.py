@@ -567,7 +567,7 @@ def _fmt_steps(label: str, steps: dict) -> str:
 
 
 def _unknown_norms(steps: dict) -> str:
-    """`` (of the steps with a recorded ‖g‖: …)`` when some steps' norms are unknown, else ''."""
+    """`` over the N steps with a recorded ‖g‖ (k unknown; …)`` when some are unknown, else ''."""
     unknown = int(steps.get("grad_norm_unknown") or 0)
     if not unknown:
         return ""
